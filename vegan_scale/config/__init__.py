@@ -1,0 +1,1 @@
+"""Configuration: the typed schema's building blocks and the YAML/override loader."""

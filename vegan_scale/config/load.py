@@ -1,0 +1,130 @@
+"""Compose an experiment from YAML files and command-line overrides onto the typed schema.
+
+Precedence, lowest first: schema defaults < parent files (``inherit:``, in order, recursively) < the experiment
+file < ``key.sub=value`` overrides. Each source is merged on its own so that an error names the file or override it
+came from, the dotted key, and a close match for a misspelt key. The result is a typed, read-only dataclass tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from vegan_scale.config.fields import describe
+from vegan_scale.config.schema import SCHEMA_VERSION
+from vegan_scale.errors import ConfigError
+
+INHERIT_KEY = "inherit"
+
+
+def load_config(schema: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
+    """The experiment at ``path`` (or the schema defaults when None) with ``overrides`` applied, validated."""
+    cfg = OmegaConf.structured(schema)
+    sources = _file_chain(Path(path), ()) if path is not None else []
+    for source, data in sources:
+        cfg = _merge(schema, cfg, data, source)
+    for item in overrides:
+        cfg = _merge(schema, cfg, _parse_override(item), f"command-line override {item!r}")
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot resolve the configuration: {_first_line(e)}") from None
+    _check_choices(schema, obj)
+    if obj.schema_version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"schema_version {obj.schema_version} is newer than this vegan_scale understands ({SCHEMA_VERSION}); "
+            "upgrade vegan_scale"
+        )
+    return obj
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved configuration as YAML, as saved in the run directory."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _file_chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[str, dict]]:
+    """(name, data) of the file's ancestors, parents first, then the file itself."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"circular inherit: {chain}")
+    if not path.is_file():
+        where = f" (inherited by {seen[-1]})" if seen else ""
+        raise ConfigError(
+            f"config file not found: {path}{where}; configs live under configs/, e.g. configs/mnist/wae_mmd.yaml"
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
+    parents = data.pop(INHERIT_KEY, [])
+    parents = [parents] if isinstance(parents, str) else parents
+    chain: list[tuple[str, dict]] = []
+    for parent in parents:
+        chain += _file_chain(path.parent / parent, (*seen, path))
+    return [*chain, (str(path), data)]
+
+
+def _parse_override(item: str) -> dict:
+    key, sep, _ = item.partition("=")
+    if not sep or not key or key.startswith("-"):
+        raise ConfigError(
+            f"override {item!r} is not of the form key.sub=value (no leading dashes), e.g. train.max_steps=200"
+        )
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"override {item!r}: {_first_line(e)}") from None
+
+
+def _merge(schema: type, cfg: DictConfig, data: dict, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, data)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        hint = _close_match(schema, key)
+        raise ConfigError(f"{source}: unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else "")) from None
+    except OmegaConfBaseException as e:
+        where = f"key '{e.full_key}': " if e.full_key else ""
+        raise ConfigError(f"{source}: {where}{_first_line(e)}") from None
+
+
+def _close_match(schema: type, key: str) -> str | None:
+    known = [row[0] for row in describe(schema)]
+    sections = {k.rsplit(".", 1)[0] for k in known if "." in k}
+    matches = difflib.get_close_matches(key, [*known, *sections], n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _check_choices(schema: type, obj: Any) -> None:
+    for key, _, _, _, choices in describe(schema):
+        if not choices:
+            continue
+        value = _lookup(obj, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def _lookup(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _first_line(e: Exception) -> str:
+    msg = getattr(e, "msg", None) or str(e)
+    return msg.strip().splitlines()[0]
+
+
+def as_dict(cfg: Any) -> dict:
+    """The configuration as nested plain dicts."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,152 @@
+"""The experiment schema: one documented dataclass per section.
+
+The sections that depend on what is registered (networks under ``model``, penalties under ``penalty``) are
+assembled by :func:`assemble` from the registry, which sits above this package; everything here is plain data.
+Topology (world size, ranks, nodes) is never part of an experiment: the config states the global batch and the
+launcher decides how many processes share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from vegan_scale.config.fields import param, section
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class RunConfig:
+    root: str = param("runs", "Directory holding run directories and the local MLflow store (mlflow.db).")
+    experiment: str = param("default", "Experiment name: MLflow experiment and the run directory's parent.")
+    name: str | None = param(None, "Run name; default '<penalty>-<network>-z<latent>-<timestamp>'.")
+    seed: int = param(0, "Seed of parameters, prior samples and data order.")
+
+
+@dataclass
+class DataConfig:
+    train: str = param(
+        ".data/shards/mnist/train",
+        "Training shards: a directory with sizes.json (as written by "
+        "'vegan-scale shards'), or a brace pattern such as data-{000000..000009}.tar.",
+    )
+    test: str = param(".data/shards/mnist/test", "Test shards, same forms as data.train; used for evaluation.")
+    image_size: int = param(28, "Side of the square images in the shards.")
+    channels: int = param(1, "Image channels in the shards (1 for MNIST, 3 for RGB).")
+    num_workers: int = param(1, "Loader processes per training process; 0 decodes in the training process.")
+    shuffle_buffer: int = param(2000, "Samples held by the shuffle buffer of each loader worker.")
+
+
+@dataclass
+class PriorConfig:
+    kind: str = param("gaussian", "Prior P_Z.", choices=("gaussian", "sphere", "box"))
+    scale: float = param(1.0, "gaussian: variance sigma^2 of each coordinate; sphere: radius; box: half-width.")
+
+
+@dataclass
+class CostConfig:
+    kind: str = param("l2sq", "Reconstruction cost c(x, G(z)).", choices=("l2sq", "l2", "l1", "bernoulli"))
+    scale: float | None = param(
+        None, "Factor on the per-image cost; null uses the WAE code's (0.05 l2sq, 0.2 l2, 0.02 l1, 1 bernoulli)."
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = param(1e-3, "Adam learning rate of the auto-encoder.")
+    betas: list[float] = param([0.5, 0.999], "Adam betas (the WAE recipes use beta1 = 0.5).")
+    weight_decay: float = param(0.0, "Decoupled weight decay (AdamW); 0 gives plain Adam.")
+    lr_milestones: list[float] = param([30.0, 50.0], "Epochs at which the learning rate changes (WAE recipe).")
+    lr_factors: list[float] = param(
+        [0.5, 0.2],
+        "Learning rate from each milestone on, as a fraction of optim.lr "
+        "(WAE recipe: halved at epoch 30, a fifth from epoch 50).",
+    )
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = param(100, "Samples per optimizer step, summed over all processes.")
+    epochs: float = param(100.0, "Length of the run in passes over the training set.")
+    max_steps: int | None = param(
+        None,
+        "Upper bound on optimizer steps; the run ends at whichever of train.epochs and train.max_steps comes first.",
+    )
+    mixed_precision: str = param(
+        "no", "Autocast precision of the networks; kernels and penalties stay float32.", choices=("no", "bf16", "fp16")
+    )
+    check_every: int = param(50, "Steps between the checks all processes agree on (stop, non-finite loss).")
+    deterministic: bool = param(False, "Use deterministic algorithms (slower; for exact reproduction).")
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = param(
+        500,
+        "Steps between evaluations (test reconstruction, sample and reconstruction "
+        "grids); the last step is always evaluated.",
+    )
+    num_samples: int = param(1000, "Test images used for the reconstruction error at each evaluation.")
+    grid_size: int = param(8, "Rows and columns of the sample and reconstruction grids.")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = param(1000, "Steps between checkpoints; the last step is always saved. 0 disables them.")
+    keep_last_k: int = param(2, "Complete checkpoints kept on disk; older ones are deleted.")
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = param("mlflow", "Where metrics and images go besides the run directory.", choices=("mlflow", "none"))
+    uri: str | None = param(
+        None, "MLflow tracking URI; null uses $MLFLOW_TRACKING_URI, else a sqlite file <run.root>/mlflow.db."
+    )
+    log_every: int = param(50, "Steps between metric flushes (means over the interval, one device sync each).")
+
+
+@dataclass
+class ModelBase:
+    latent_dim: int = param(8, "Dimension d of the latent space.")
+    encoder: str = param("deterministic", "Encoder Q(Z|X).", choices=("deterministic", "gaussian", "implicit"))
+    decoder: str = param("deterministic", "Decoder G(Z).", choices=("deterministic", "gaussian"))
+    noise_dim: int = param(8, "Noise inputs of the implicit encoder.")
+
+
+@dataclass
+class PenaltyBase:
+    weight: float = param(10.0, "Weight lambda of the latent penalty.")
+
+
+def assemble(networks: dict[str, type], penalties: dict[str, type]) -> type:
+    """The root schema, with one options section per registered network and penalty."""
+
+    def with_options(base: type, selector: str, doc: str, default: str, options: dict[str, type]) -> type:
+        prefix = base.__name__.removesuffix("Base").lower()
+        choose = (selector, str, param(default, doc, choices=tuple(options)))
+        extra = [
+            (key, cls, section(cls, f"Options used when {prefix}.{selector}={key}.")) for key, cls in options.items()
+        ]
+        return dataclasses.make_dataclass(
+            base.__name__.removesuffix("Base") + "Config", [choose, *extra], bases=(base,)
+        )
+
+    model = with_options(ModelBase, "network", "Network of the encoder and decoder.", "conv", networks)
+    penalty = with_options(PenaltyBase, "kind", "Latent penalty D_Z(Q_Z, P_Z).", "mmd", penalties)
+    fields: list[tuple[str, Any, Any]] = [
+        ("schema_version", int, param(SCHEMA_VERSION, "Version of this schema; configs from a newer one are refused.")),
+        ("run", RunConfig, section(RunConfig, "Naming, output location and seed.")),
+        ("data", DataConfig, section(DataConfig, "Training and test data.")),
+        ("model", model, section(model, "Encoder, decoder and latent space.")),
+        ("prior", PriorConfig, section(PriorConfig, "The prior P_Z.")),
+        ("cost", CostConfig, section(CostConfig, "The reconstruction cost c.")),
+        ("penalty", penalty, section(penalty, "The latent penalty and its weight.")),
+        ("optim", OptimConfig, section(OptimConfig, "Optimizer and learning-rate schedule.")),
+        ("train", TrainConfig, section(TrainConfig, "Length, batch and precision of training.")),
+        ("eval", EvalConfig, section(EvalConfig, "Periodic evaluation during training.")),
+        ("checkpoint", CheckpointConfig, section(CheckpointConfig, "Periodic checkpoints.")),
+        ("tracking", TrackingConfig, section(TrackingConfig, "Metric tracking.")),
+    ]
+    return dataclasses.make_dataclass("ExperimentConfig", fields)

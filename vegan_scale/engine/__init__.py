@@ -1,0 +1,1 @@
+"""The training engine: the POT objective, schedules, evaluation and the loop."""

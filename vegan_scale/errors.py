@@ -1,0 +1,41 @@
+"""Exit codes and the exceptions that carry them.
+
+Every way a run can end has its own code, so that a batch script can act on it (requeue, alert, stop). Because
+``accelerate launch`` and torchrun turn any non-zero worker code into 1, the trainer also writes the code and its
+reason to ``exit_status.json`` in the run directory; see docs/design.md.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0  # finished: step budget reached, final checkpoint written
+    CRASH = 1  # unexpected exception (traceback printed)
+    USAGE = 2  # bad command line or configuration, missing data
+    NONFINITE_LOSS = 65  # a loss became NaN/inf (sysexits EX_DATAERR); the last checkpoint is intact
+    LOST_RANK = 69  # another process of the job died or stopped answering (EX_UNAVAILABLE)
+    PREEMPTED = 75  # stopped on request after a checkpoint; requeue to continue (EX_TEMPFAIL)
+
+
+class VeganError(Exception):
+    """An error meant for a person: the message says what is wrong, where, and what to do."""
+
+    exit_code: ExitCode = ExitCode.CRASH
+
+
+class ConfigError(VeganError):
+    """A configuration or command-line problem; the message names the file or dotted key."""
+
+    exit_code = ExitCode.USAGE
+
+
+class DataError(VeganError):
+    """Missing or malformed data; the message names the path and how to get or fix it."""
+
+    exit_code = ExitCode.USAGE
+
+
+class NonFiniteLossError(VeganError):
+    exit_code = ExitCode.NONFINITE_LOSS

@@ -1,0 +1,1 @@
+"""Networks, encoders, decoders and the auto-encoder (pure torch)."""

@@ -1,0 +1,87 @@
+"""The WAE paper's DCGAN-style convolutional encoder and decoder.
+
+Architecture (WAE paper, Appendix; tolstikhin/wae ``models.py``): four stride-2 convolutions with
+``width * (1, 2, 4, 8)`` channels, batch norm and ReLU, then a linear layer; the decoder is a linear layer to a
+``8 * width`` feature map of side ``s``, stride-2 transposed convolutions halving the channels while doubling the
+side, and a last stride-1 convolution to the image channels. Filters are 4x4 for 28x28 images and 5x5 for 64x64
+(``kernel_size=0`` picks by image size). ``s`` is the image side divided by the largest power of two (at most 16)
+that keeps it an integer of at least 7: 7 for 28x28 (two up-sampling layers), 8 for 64x64 (three).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from vegan_scale.config.fields import param
+from vegan_scale.models.base import ImageShape, NetworkSpec
+
+
+@dataclass
+class ConvConfig:
+    width: int = param(
+        128,
+        "Channels of the first encoder convolution, doubled at each of the four layers "
+        "(the paper's 128-256-512-1024); reduce it for fast CPU runs.",
+    )
+    kernel_size: int = param(
+        0, "Filter size; 0 picks the paper's choice from the image size (4 for 28x28, 5 for 64x64, 4 otherwise)."
+    )
+    batch_norm: bool = param(True, "Batch norm after every hidden convolution, as in the paper.")
+
+
+def _kernel(cfg: ConvConfig, shape: ImageShape) -> int:
+    if cfg.kernel_size:
+        return cfg.kernel_size
+    return 5 if shape[1] == 64 else 4
+
+
+def _conv_block(conv: nn.Module, channels: int, batch_norm: bool) -> list[nn.Module]:
+    return [conv, nn.BatchNorm2d(channels)] if batch_norm else [conv]
+
+
+def conv_encoder_body(cfg: ConvConfig, shape: ImageShape) -> tuple[nn.Module, int]:
+    c, side, _ = shape
+    k = _kernel(cfg, shape)
+    pad = (k - 1) // 2
+    layers: list[nn.Module] = []
+    for i in range(4):
+        out = cfg.width * 2**i
+        layers += _conv_block(nn.Conv2d(c, out, k, stride=2, padding=pad, bias=not cfg.batch_norm), out, cfg.batch_norm)
+        layers.append(nn.ReLU(inplace=True))
+        c, side = out, (side + 2 * pad - k) // 2 + 1
+        if side < 1:
+            raise ValueError(f"image side {shape[1]} is too small for four stride-2 convolutions of size {k}")
+    return nn.Sequential(*layers, nn.Flatten()), c * side * side
+
+
+def decoder_grid(side: int) -> tuple[int, int]:
+    """(number of stride-2 up-sampling layers, side of the first feature map) for a square image of this side."""
+    ups = 0
+    while ups < 4 and side % 2 ** (ups + 1) == 0 and side // 2 ** (ups + 1) >= 7:
+        ups += 1
+    return ups, side // 2**ups
+
+
+def conv_decoder_body(cfg: ConvConfig, latent_dim: int, shape: ImageShape) -> nn.Module:
+    c_out, side, width = shape
+    if side != width:
+        raise ValueError(f"the convolutional decoder needs square images, got {side}x{width}")
+    k = _kernel(cfg, shape)
+    ups, s0 = decoder_grid(side)
+    c = cfg.width * 8
+    layers: list[nn.Module] = [nn.Linear(latent_dim, c * s0 * s0), nn.Unflatten(1, (c, s0, s0)), nn.ReLU(inplace=True)]
+    for _ in range(ups):
+        # padding and output_padding chosen so that every layer exactly doubles the side for k = 4 or 5
+        up = nn.ConvTranspose2d(
+            c, c // 2, k, stride=2, padding=(k - 1) // 2, output_padding=k % 2, bias=not cfg.batch_norm
+        )
+        layers += [*_conv_block(up, c // 2, cfg.batch_norm), nn.ReLU(inplace=True)]
+        c //= 2
+    # stride-1 output layer keeping the side; an even filter needs one more pixel of padding after than before
+    layers += [nn.ZeroPad2d(((k - 1) // 2, k // 2, (k - 1) // 2, k // 2)), nn.Conv2d(c, c_out, k)]
+    return nn.Sequential(*layers)
+
+
+SPEC = NetworkSpec(ConvConfig, conv_encoder_body, conv_decoder_body)

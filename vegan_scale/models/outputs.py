@@ -1,0 +1,40 @@
+"""Named outputs of the encoder and decoder, so that losses read ``codes.z`` rather than ``out[1]``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LatentCodes:
+    """Z ~ Q(Z|X) for a batch. ``mean``/``logvar`` are set by Gaussian encoders only (the KL penalty needs them)."""
+
+    z: Tensor
+    mean: Tensor | None = None
+    logvar: Tensor | None = None
+
+
+@dataclass
+class Reconstruction:
+    """G(Z) for a batch, kept as logits so that the Bernoulli cost stays numerically stable.
+
+    ``logvar`` is the log-variance of a Gaussian decoder (None for a deterministic one); the image is
+    ``sigmoid(logits)`` plus, for the Gaussian decoder, noise of that variance.
+    """
+
+    logits: Tensor
+    logvar: Tensor | None = None
+
+    @property
+    def mean(self) -> Tensor:
+        """The decoder's mean image in [0, 1]."""
+        return torch.sigmoid(self.logits)
+
+    def sample(self) -> Tensor:
+        """A reparameterised draw of the decoded image: the mean, plus Gaussian noise for a Gaussian decoder."""
+        if self.logvar is None:
+            return self.mean
+        return self.mean + torch.randn_like(self.logits) * torch.exp(0.5 * self.logvar)

@@ -1,0 +1,49 @@
+"""The one place where networks and penalties are listed, and where the typed schema is assembled from them.
+
+Adding a network or a penalty is one new file (its options dataclass, its builder and its math) and one line
+here. This module sits above the math and the config packages and imports down into both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vegan_scale.config.schema import assemble
+from vegan_scale.models import conv, mlp
+from vegan_scale.models.autoencoder import AutoEncoder, build_autoencoder
+from vegan_scale.models.base import NetworkSpec
+from vegan_scale.penalties import adversarial, kernel_mmd, kl, sliced
+from vegan_scale.penalties.base import LatentPenalty, PenaltySpec
+from vegan_scale.priors import Prior
+
+NETWORKS: dict[str, NetworkSpec] = {"conv": conv.SPEC, "mlp": mlp.SPEC}
+PENALTIES: dict[str, PenaltySpec] = {
+    "mmd": kernel_mmd.SPEC,
+    "adversarial": adversarial.SPEC,
+    "kl": kl.SPEC,
+    "sliced": sliced.SPEC,
+}
+
+ExperimentConfig = assemble(
+    {name: spec.config for name, spec in NETWORKS.items()},
+    {name: spec.config for name, spec in PENALTIES.items()},
+)
+
+
+def build_prior(cfg: Any) -> Prior:
+    return Prior(cfg.prior.kind, cfg.model.latent_dim, cfg.prior.scale)
+
+
+def build_model(cfg: Any) -> AutoEncoder:
+    """The auto-encoder an experiment describes (parameters drawn from the current torch RNG)."""
+    m = cfg.model
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    return build_autoencoder(
+        NETWORKS[m.network], getattr(m, m.network), shape, build_prior(cfg), m.encoder, m.decoder, m.noise_dim
+    )
+
+
+def build_penalty(cfg: Any) -> LatentPenalty:
+    """The latent penalty an experiment describes; its critic, if any, is freshly initialised."""
+    kind = cfg.penalty.kind
+    return PENALTIES[kind].build(getattr(cfg.penalty, kind), build_prior(cfg), cfg.model.encoder)

@@ -84,7 +84,7 @@ def commit(root: Path, step: int, keep_last_k: int) -> Path:
     os.replace(path, final)
     _atomic_text(root / LATEST, final.name + "\n")
     complete = complete_checkpoints(root)
-    for old in complete[: max(0, len(complete) - keep_last_k)]:
+    for old in complete[: max(0, len(complete) - max(1, keep_last_k))]:  # never the one just published
         shutil.rmtree(old)
     return final
 

@@ -2,7 +2,7 @@
 
 Precedence, lowest first: schema defaults < parent files (``inherit:``, in order, recursively) < the experiment
 file < ``key.sub=value`` overrides. Each source is merged on its own so that an error names the file or override it
-came from, the dotted key, and a close match for a misspelt key. The result is a typed, read-only dataclass tree.
+came from, the dotted key, and a close match for a misspelt key. The result is a tree of the typed dataclasses.
 """
 
 from __future__ import annotations
@@ -66,8 +66,10 @@ def _file_chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[str, dict]]:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
-    parents = data.pop(INHERIT_KEY, [])
-    parents = [parents] if isinstance(parents, str) else parents
+    parents = data.pop(INHERIT_KEY, None)
+    parents = [] if parents is None else [parents] if isinstance(parents, str) else parents
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"{path}: '{INHERIT_KEY}' must be a file name or a list of file names, got {parents!r}")
     chain: list[tuple[str, dict]] = []
     for parent in parents:
         chain += _file_chain(path.parent / parent, (*seen, path))
@@ -88,7 +90,7 @@ def _parse_override(item: str) -> dict:
 
 def _merge(schema: type, cfg: DictConfig, data: dict, source: str) -> DictConfig:
     try:
-        return OmegaConf.merge(cfg, data)
+        merged = OmegaConf.merge(cfg, data)
     except ConfigKeyError as e:
         key = e.full_key or str(e.key)
         hint = _close_match(schema, key)
@@ -96,6 +98,9 @@ def _merge(schema: type, cfg: DictConfig, data: dict, source: str) -> DictConfig
     except OmegaConfBaseException as e:
         where = f"key '{e.full_key}': " if e.full_key else ""
         raise ConfigError(f"{source}: {where}{_first_line(e)}") from None
+    # Every earlier source passed this check, so a value outside its choices now came from this one.
+    _check_choices(schema, merged, f"{source}: ")
+    return merged
 
 
 def _close_match(schema: type, key: str) -> str | None:
@@ -105,13 +110,13 @@ def _close_match(schema: type, key: str) -> str | None:
     return matches[0] if matches else None
 
 
-def _check_choices(schema: type, obj: Any) -> None:
+def _check_choices(schema: type, obj: Any, where: str = "") -> None:
     for key, _, _, _, choices in describe(schema):
         if not choices:
             continue
         value = _lookup(obj, key)
         if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"{where}{key}={value!r} is not one of {', '.join(choices)}")
 
 
 def _lookup(obj: Any, key: str) -> Any:

@@ -102,7 +102,9 @@ def read_index(spec: str) -> ShardIndex:
     """The shards named by ``spec``: a directory holding sizes.json, or a brace pattern of tar files whose
     directory holds a sizes.json that lists them."""
     path = Path(spec)
-    directory = path if path.is_dir() else path.parent
+    # A missing directory is reported as such, not as a missing sizes.json in its parent.
+    is_pattern = path.suffix == ".tar" and not path.is_dir()
+    directory = path.parent if is_pattern else path
     sizes_path = directory / SIZES_FILE
     if not sizes_path.exists():
         raise DataError(
@@ -113,7 +115,7 @@ def read_index(spec: str) -> ShardIndex:
         sizes = json.loads(sizes_path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{sizes_path} is not valid JSON ({e}); rewrite the shards") from None
-    names = sorted(sizes) if path.is_dir() else [Path(u).name for u in wds.shardlists.expand_urls(spec)]
+    names = [Path(u).name for u in wds.shardlists.expand_urls(spec)] if is_pattern else sorted(sizes)
     missing = [n for n in names if n not in sizes or not (directory / n).exists()]
     if missing:
         raise DataError(

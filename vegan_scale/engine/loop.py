@@ -8,6 +8,7 @@ flush metrics, evaluate, checkpoint. The run closes its tracker and writes its e
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,7 +59,9 @@ def train(cfg: Any) -> Path:
 def _fit(run: Run) -> int:
     cfg, acc = run.cfg, run.accelerator
     agreement, metrics = Agreement(acc), MetricBuffer()
-    progress = tqdm(total=run.total_steps, disable=not acc.is_main_process, dynamic_ncols=True, desc="train")
+    # A progress bar on a terminal; in a log file (SLURM, CI) one line per metric flush instead.
+    interactive = acc.is_main_process and sys.stderr.isatty()
+    progress = tqdm(total=run.total_steps, disable=not interactive, dynamic_ncols=True, desc="train")
     interval_start, data_time, step = time.perf_counter(), 0.0, 0
     batches = _batches(run)
     while step < run.total_steps:
@@ -84,7 +87,18 @@ def _fit(run: Run) -> int:
             values |= _perf_metrics(run, steps, elapsed, data_time, agreement, epoch, lr_scale)
             if run.tracker is not None:
                 run.tracker.log_metrics(step, values)
-            progress.set_postfix(loss=f"{values['train/loss']:.4f}", refresh=False)
+            if interactive:
+                progress.set_postfix(loss=f"{values['train/loss']:.4f}", refresh=False)
+            else:
+                log.info(
+                    "step %d/%d: loss %.4f, recon %.4f, penalty %.4f, %.0f samples/s",
+                    step,
+                    run.total_steps,
+                    values["train/loss"],
+                    values["train/recon"],
+                    values["train/penalty"],
+                    values["perf/samples_per_sec"],
+                )
             interval_start, data_time = time.perf_counter(), 0.0
         if step % cfg.eval.every_steps == 0 or last:
             _evaluate(run, step)

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,6 @@ def _adam(params: Any, lr: float, cfg: Any) -> torch.optim.Optimizer:
 
 
 def _tags(accelerator: Accelerator, cfg: Any) -> dict[str, str]:
-    import os
-
     tags = {
         "vegan_scale.version": vegan_scale.__version__,
         "dist.type": str(accelerator.distributed_type.value),
@@ -125,23 +124,12 @@ def _tags(accelerator: Accelerator, cfg: Any) -> dict[str, str]:
     return tags
 
 
-def build_run(cfg: Any) -> Run:
-    validate(cfg)
-    accelerator = build_accelerator(cfg.train.mixed_precision)
-    rundir.setup_console_logging(accelerator.is_main_process)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
-    layout = BatchLayout.derive(cfg.train.global_batch_size, accelerator.num_processes)
-    run_dir = _run_dir(cfg, accelerator)
-    if accelerator.is_main_process:
-        rundir.prepare(run_dir, to_yaml(cfg))
-    accelerator.wait_for_everyone()
-
-    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    train_index = _shards(cfg.data.train, "data.train", shape)
+def _train_stream(cfg: Any, accelerator: Accelerator, layout: BatchLayout) -> tuple[TrainStream, int, int]:
+    """This process's stream of batches, the steps per epoch, and the run's total steps."""
+    index = _shards(cfg.data.train, "data.train", _image_shape(cfg))
     stream = TrainStream(
-        train_index,
-        shape,
+        index,
+        _image_shape(cfg),
         layout.per_process,
         cfg.run.seed,
         accelerator.process_index,
@@ -149,10 +137,46 @@ def build_run(cfg: Any) -> Run:
         cfg.data.num_workers,
         cfg.data.shuffle_buffer,
     )
-    steps_per_epoch = max(1, train_index.num_samples // layout.global_batch)
+    steps_per_epoch = max(1, index.num_samples // layout.global_batch)
     total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
+    return stream, steps_per_epoch, total_steps
+
+
+def _image_shape(cfg: Any) -> tuple[int, int, int]:
+    return cfg.data.channels, cfg.data.image_size, cfg.data.image_size
+
+
+def _tracker(cfg: Any, accelerator: Accelerator, run_dir: Path) -> tuple[Tracker, str | None]:
+    uri = resolve_uri(cfg.tracking.uri, Path(cfg.run.root)) if cfg.tracking.backend == "mlflow" else None
+    # with a local store, keep artifacts beside mlflow.db rather than in ./mlruns of whatever the cwd is
+    artifact_root = Path(cfg.run.root).resolve() / "mlartifacts" if uri and uri.startswith("sqlite") else None
+    tracker = Tracker(
+        run_dir,
+        uri=uri,
+        experiment=cfg.run.experiment,
+        run_name=run_dir.name,
+        params=flatten(dataclasses.asdict(cfg)),
+        tags=_tags(accelerator, cfg),
+        artifact_root=artifact_root,
+    )
+    tracker.log_artifact(run_dir / "config.yaml")
+    return tracker, uri
+
+
+def build_run(cfg: Any) -> Run:
+    """Build every part; the run directory is created last, once nothing can fail on bad input any more."""
+    validate(cfg)
+    accelerator = build_accelerator(cfg.train.mixed_precision)
+    rundir.setup_console_logging(accelerator.is_main_process)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    layout = BatchLayout.derive(cfg.train.global_batch_size, accelerator.num_processes)
+    run_dir = _run_dir(cfg, accelerator)
+    if (run_dir / rundir.EXIT_STATUS).exists() or (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"run directory {run_dir} already holds a run; choose another run.name")
+    stream, steps_per_epoch, total_steps = _train_stream(cfg, accelerator, layout)
 
     torch.manual_seed(cfg.run.seed)  # identical initial parameters on every process
     model, penalty, prior = build_model(cfg), build_penalty(cfg), build_prior(cfg)
@@ -166,25 +190,14 @@ def build_run(cfg: Any) -> Run:
 
     eval_images = prior_noise = tracker = uri = None
     if accelerator.is_main_process:
-        test_index = _shards(cfg.data.test, "data.test", shape)
-        eval_images = load_images(test_index, shape, cfg.eval.num_samples)[0].to(accelerator.device).float() / 255
-        prior_noise = prior.sample(
-            cfg.eval.grid_size**2,
-            device=accelerator.device,
-            generator=torch.Generator(accelerator.device).manual_seed(cfg.run.seed),
-        )
-        if cfg.tracking.backend == "mlflow":
-            uri = resolve_uri(cfg.tracking.uri, Path(cfg.run.root))
-        artifact_root = Path(cfg.run.root).resolve() / "mlartifacts" if uri and uri.startswith("sqlite") else None
-        tracker = Tracker(
-            run_dir,
-            uri=uri,
-            experiment=cfg.run.experiment,
-            run_name=run_dir.name,
-            params=flatten(dataclasses.asdict(cfg)),
-            tags=_tags(accelerator, cfg),
-            artifact_root=artifact_root,
-        )
+        test_index = _shards(cfg.data.test, "data.test", _image_shape(cfg))
+        images = load_images(test_index, _image_shape(cfg), cfg.eval.num_samples)[0]
+        eval_images = images.to(accelerator.device).float() / 255
+        noise_rng = torch.Generator(accelerator.device).manual_seed(cfg.run.seed)
+        prior_noise = prior.sample(cfg.eval.grid_size**2, device=accelerator.device, generator=noise_rng)
+        rundir.prepare(run_dir, to_yaml(cfg))
+        tracker, uri = _tracker(cfg, accelerator, run_dir)
+    accelerator.wait_for_everyone()
     cost = functools.partial(reconstruction_cost, kind=cfg.cost.kind, scale=cfg.cost.scale)
     return Run(
         cfg,

@@ -100,9 +100,18 @@ class AutoEncoder(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n images G(z), z ~ P_Z: the decoder's mean images in [0, 1]."""
+        """n images G(z), z ~ P_Z: the decoder's mean images in [0, 1].
+
+        Decoded in eval mode, as evaluation does: in train mode batch norm would make each image depend on the
+        others in the batch and would update its running statistics with prior codes.
+        """
         device = next(self.parameters()).device
-        return self.decode(self.prior.sample(n, device=device, generator=generator)).mean
+        was_training = self.training
+        self.eval()
+        try:
+            return self.decode(self.prior.sample(n, device=device, generator=generator)).mean
+        finally:
+            self.train(was_training)
 
 
 def build_autoencoder(

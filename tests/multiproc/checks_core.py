@@ -1,0 +1,73 @@
+"""Multi-process checks of the foundation: agreement between ranks and the rank-equal data stream."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from tests.multiproc.harness import Context, check
+from vegan_scale.data.pipeline import TrainStream
+from vegan_scale.data.shards import read_index, write_shards
+from vegan_scale.dist import Agreement, Flag
+
+
+@check
+def agreement_sees_one_ranks_flag(ctx: Context) -> dict:
+    """Rank 1 alone raises NONFINITE; after one check every rank sees it, and STOP stays clear everywhere."""
+    agreement = Agreement(ctx.accelerator)
+    before = sorted(int(f) for f in agreement.check())
+    agreement.raise_if(Flag.NONFINITE, torch.tensor(ctx.rank == 1))
+    after = sorted(int(f) for f in agreement.check())
+    start = time.perf_counter()
+    for _ in range(20):
+        agreement.check()
+    return {"before": before, "after": after, "check_ms": (time.perf_counter() - start) / 20 * 1e3}
+
+
+@check
+def float64_all_reduce_is_exact(ctx: Context) -> dict:
+    """Sum of per-rank float64 values over gloo equals the sum computed locally from every rank's value."""
+    values = torch.arange(5, dtype=torch.float64) / 3 + ctx.rank * 1e-13
+    summed = values.clone()
+    torch.distributed.all_reduce(summed)
+    expected = sum(torch.arange(5, dtype=torch.float64) / 3 + r * 1e-13 for r in range(ctx.world_size))
+    return {"max_abs_diff": (summed - expected).abs().max().item()}
+
+
+@check
+def train_stream_ranks_equal_and_disjoint(ctx: Context) -> dict:
+    """Uneven shards read by real processes: equal batch counts, disjoint samples, every sample accounted for."""
+    root = ctx.shared_dir / "uneven_shards"
+    sizes = [100, 100, 100, 37, 3]
+    if ctx.rank == 0:
+        n = sum(sizes)
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        images[:, 0, 0], images[:, 0, 1] = np.arange(n) % 256, np.arange(n) // 256
+        start = 0
+        for i, size in enumerate(sizes):  # one directory per shard size, then merge the index by hand
+            write_shards(images[start : start + size], None, root / f"part{i}", prefix=f"s{i}")
+            start += size
+    ctx.accelerator.wait_for_everyone()
+    from vegan_scale.data.shards import ShardIndex
+
+    parts = [read_index(str(root / f"part{i}")) for i in range(len(sizes))]
+    index = ShardIndex([p.urls[0] for p in parts], [p.counts[0] for p in parts], (1, 28, 28))
+    stream = TrainStream(
+        index,
+        (1, 28, 28),
+        batch_size=16,
+        seed=3,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        num_workers=1,
+        shuffle_buffer=50,
+    )
+    ids = [
+        int(b[:, 0, 0, 0].long().add(b[:, 0, 0, 1].long() * 256).tolist()[i])
+        for b, _ in stream.epoch(0)
+        for i in range(len(b))
+    ]
+    plan = stream.plan(0)
+    return {"ids": ids, "batches": plan.batches, "dropped": plan.dropped, "total": sum(sizes)}

@@ -1,0 +1,166 @@
+"""Checkpoints: layout, exact round trips (against the tensors and optimizer that were saved) and refusal of code."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from vegan_scale import checkpoint
+from vegan_scale.checkpoint import CheckpointContent, commit, complete_checkpoints, read_optim, read_weights
+
+
+def save(root: Path, step: int, keep_last_k: int = 2, **content) -> Path:
+    fields = {"model": {"w": torch.full((2,), float(step))}, "critic": None, "optim": {}, "state": {"step": step}}
+    checkpoint.write_rank_state(root, step, 0)
+    checkpoint.write_main_state(root, step, CheckpointContent(**(fields | content)))
+    return commit(root, step, keep_last_k)
+
+
+class _TouchesMarker:
+    """Unpickling this runs a shell command that creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_layout_after_commit(tmp_path):
+    """Every process's part and the main state land in step_XXXXXXXX/ with COMPLETE, and `latest` names it."""
+    root = tmp_path / "checkpoints"
+    for rank in (0, 1):
+        checkpoint.write_rank_state(root, 1000, rank)
+    content = CheckpointContent({"w": torch.ones(3)}, {"c": torch.zeros(1)}, {"x": 1}, {"step": 1000, "epoch": 2})
+    checkpoint.write_main_state(root, 1000, content)
+    assert not complete_checkpoints(root)  # nothing counts before commit
+    final = commit(root, 1000, keep_last_k=2)
+    assert final == root / "step_00001000"
+    parts = ["model.safetensors", "critic.safetensors", "optim.pt", "rng_rank0.pt", "rng_rank1.pt", "state.json"]
+    assert sorted(p.name for p in final.iterdir()) == sorted(["COMPLETE", *parts])
+    assert (root / "latest").read_text().strip() == "step_00001000"
+    assert json.loads((final / "state.json").read_text()) == {"step": 1000, "epoch": 2}
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00001000"]  # no .tmp left
+    assert complete_checkpoints(root) == [final]
+
+
+def test_weights_round_trip_exactly(tmp_path):
+    """read_weights returns the saved tensors bit for bit: dtypes, non-contiguous views and tensors with grad."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 3, generator=gen, requires_grad=True)
+    model = {
+        "enc.weight": weight,
+        "enc.bias.T": torch.randn(3, 5, generator=gen).t(),  # non-contiguous
+        "half": torch.randn(7, generator=gen).to(torch.bfloat16),
+        "bn.num_batches_tracked": torch.tensor(12, dtype=torch.int64),
+    }
+    critic = {"fc.weight": torch.randn(2, 2, generator=gen, dtype=torch.float64)}
+    final = save(tmp_path, 5, model=model, critic=critic)
+    got_model, got_critic = read_weights(final)
+    assert set(got_model) == set(model) and set(got_critic) == set(critic)
+    for saved, got in [*((model[k], got_model[k]) for k in model), (critic["fc.weight"], got_critic["fc.weight"])]:
+        assert got.dtype == saved.dtype and torch.equal(got, saved.detach())
+    assert read_weights(save(tmp_path, 6))[1] is None  # no critic saved, none read
+
+
+def test_rng_state_restores_the_draws(tmp_path):
+    """The saved RNG state, loaded with weights_only=True, reproduces the random draws that followed the save."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        torch.rand(3)
+        checkpoint.write_rank_state(tmp_path, 1, rank=0)
+        expected = torch.rand(5)
+        state = torch.load(tmp_path / "step_00000001.tmp" / "rng_rank0.pt", weights_only=True)
+        torch.set_rng_state(state["torch"])
+        assert torch.equal(torch.rand(5), expected)
+
+
+def test_optimizer_state_continues_identically(tmp_path):
+    """An Adam restored from read_optim (and weights from read_weights) takes the same next step as the original."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.5, 0.999))
+    data = torch.randn(16, 4), torch.randn(16, 1)
+
+    def step(m, o):
+        o.zero_grad()
+        torch.nn.functional.mse_loss(m(data[0]), data[1]).backward()
+        o.step()
+
+    for _ in range(3):
+        step(model, opt)
+    final = save(tmp_path, 3, model=model.state_dict(), optim={"model": opt.state_dict(), "epoch": 1})
+
+    restored = copy.deepcopy(model)
+    for p in restored.parameters():  # make sure the weights really come from the checkpoint
+        p.data.zero_()
+    restored.load_state_dict(read_weights(final)[0])
+    restored_opt = torch.optim.Adam(restored.parameters(), lr=1.0)
+    saved_optim = read_optim(final)
+    assert saved_optim["epoch"] == 1
+    restored_opt.load_state_dict(saved_optim["model"])
+    assert restored_opt.param_groups[0]["lr"] == 1e-2 and restored_opt.param_groups[0]["betas"] == (0.5, 0.999)
+
+    step(model, opt)
+    step(restored, restored_opt)
+    for p, q in zip(model.parameters(), restored.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_keep_last_k_prunes_oldest(tmp_path):
+    """After five commits with keep_last_k=2 only the last two complete checkpoints remain, latest the newest."""
+    for step in range(1, 6):
+        save(tmp_path, step * 10, keep_last_k=2)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000040", "step_00000050"]
+    assert (tmp_path / "latest").read_text().strip() == "step_00000050"
+
+
+def test_keep_last_k_zero_keeps_the_newest(tmp_path):
+    """keep_last_k=0 still keeps the checkpoint just published, so `latest` never names a deleted directory."""
+    for step in (1, 2):
+        save(tmp_path, step, keep_last_k=0)
+    latest = (tmp_path / "latest").read_text().strip()
+    assert latest == "step_00000002" and (tmp_path / latest / "COMPLETE").exists()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000002"]
+
+
+def test_incomplete_checkpoints_not_listed(tmp_path):
+    """A .tmp directory, a step directory without COMPLETE and stray files are ignored; order is by step."""
+    assert complete_checkpoints(tmp_path / "absent") == []
+    for step in (9, 10, 100):
+        save(tmp_path, step, keep_last_k=10)
+    (tmp_path / "step_00000200.tmp").mkdir()
+    (tmp_path / "step_00000200.tmp" / "COMPLETE").write_text("")  # a crash between marker and rename
+    (tmp_path / "step_00000300").mkdir()  # no marker
+    (tmp_path / "step_00000400").write_text("a file")
+    checkpoint.write_main_state(tmp_path, 500, CheckpointContent({"w": torch.ones(1)}, None, {}, {}))  # uncommitted
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000009", "step_00000010", "step_00000100"]
+
+
+def test_recommit_same_step_replaces(tmp_path):
+    """Saving a step that already exists replaces it with the new content."""
+    save(tmp_path, 7, model={"w": torch.zeros(2)})
+    final = save(tmp_path, 7, model={"w": torch.ones(2)})
+    assert torch.equal(read_weights(final)[0]["w"], torch.ones(2))
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000007"]
+
+
+@pytest.mark.parametrize("fmt", ["torch.save", "raw pickle"])
+def test_malicious_optim_refused(tmp_path, fmt):
+    """An optim.pt replaced by a pickle that runs a shell command is refused by read_optim and runs nothing."""
+    final = save(tmp_path, 1)
+    marker = tmp_path / "pwned"
+    evil = {"state": _TouchesMarker(marker)}
+    if fmt == "torch.save":
+        torch.save(evil, final / "optim.pt")
+    else:
+        (final / "optim.pt").write_bytes(pickle.dumps(evil, protocol=2))
+    with pytest.raises(pickle.UnpicklingError):
+        read_optim(final)
+    assert not marker.exists()

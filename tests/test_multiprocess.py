@@ -1,0 +1,45 @@
+"""Checks that need several real processes (gloo, CPU), all run by one launch of the multi-process harness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.multiproc.harness import run_checks
+
+pytestmark = pytest.mark.distributed
+
+CHECKS = ["agreement_sees_one_ranks_flag", "float64_all_reduce_is_exact", "train_stream_ranks_equal_and_disjoint"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    records = run_checks(CHECKS, Path(tmp_path_factory.mktemp("multiproc")))
+    for name, per_rank in records.items():
+        for rank, record in enumerate(per_rank):
+            assert record["ok"], f"check {name} failed on rank {rank}:\n{record['error']}"
+    return {name: [r["result"] for r in per_rank] for name, per_rank in records.items()}
+
+
+def test_agreement_reaches_every_rank(results: dict) -> None:
+    """A flag raised on rank 1 only is seen by both ranks at the next check, and not before."""
+    for rank_result in results["agreement_sees_one_ranks_flag"]:
+        assert rank_result["before"] == []
+        assert rank_result["after"] == [0]  # Flag.NONFINITE
+
+
+def test_float64_collectives_are_exact(results: dict) -> None:
+    """gloo all-reduce of float64 values matches the local float64 sum of every rank's values."""
+    for rank_result in results["float64_all_reduce_is_exact"]:
+        assert rank_result["max_abs_diff"] < 1e-15
+
+
+def test_stream_equal_disjoint_complete_across_processes(results: dict) -> None:
+    """Two processes read uneven shards: same batch count, no sample twice, read + dropped = all samples."""
+    r0, r1 = results["train_stream_ranks_equal_and_disjoint"]
+    assert r0["batches"] == r1["batches"] > 0
+    assert len(r0["ids"]) == len(r1["ids"]) == 16 * r0["batches"]
+    assert not set(r0["ids"]) & set(r1["ids"])
+    assert len(set(r0["ids"])) == len(r0["ids"])
+    assert len(r0["ids"]) + r0["dropped"] + len(r1["ids"]) + r1["dropped"] == r0["total"]

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vegan_scale.data.shards import write_shards
+from vegan_scale.data.sources import ArraySource
+from vegan_scale.data.write import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_SHARDS = ROOT / ".data" / "shards" / "mnist"
@@ -46,5 +47,6 @@ def tiny_shards(tmp_path: Path) -> Path:
     """A train/ and test/ pair of small labelled shard directories (28x28 grey), 5 and 2 shards."""
     for split, n, per_shard in (("train", 500, 100), ("test", 200, 100)):
         images = synthetic_images(n, seed=len(split))
-        write_shards(images, np.arange(n) % 10, tmp_path / split, prefix=f"tiny-{split}", samples_per_shard=per_shard)
+        source = ArraySource(images, np.arange(n) % 10)
+        write_shards(source, tmp_path / split, prefix=f"tiny-{split}", samples_per_shard=per_shard)
     return tmp_path

@@ -1,21 +1,35 @@
-"""Dataset readers against published facts (MNIST label counts and IDX md5 sums) and hand-built IDX files."""
+"""Dataset readers against published facts (MNIST label counts, IDX md5 sums), hand-built files and PIL."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from vegan_scale.data import sources
-from vegan_scale.data.sources import _NumpyOnlyUnpickler, load_fashion_mnist, load_mnist, read_idx
+from vegan_scale.data.sources import (
+    ArraySource,
+    FolderSource,
+    _NumpyOnlyUnpickler,
+    load_fashion_mnist,
+    load_mnist,
+    load_npz,
+    read_idx,
+    train_test_split,
+)
 from vegan_scale.errors import DataError
 
 # Published facts about the official MNIST files (yann.lecun.com, and the md5 sums torchvision checks).
@@ -23,6 +37,7 @@ MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 TRAIN_IMAGES_IDX_MD5 = "6bbc9ace898e44ae57da46a324031adb"
 TEST_IMAGES_IDX_MD5 = "2646ac647ad5339dbf082846283269ea"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -169,3 +184,220 @@ def test_fashion_mnist_real():
     assert train.images.shape == (60000, 28, 28) and test.images.shape == (10000, 28, 28)
     assert np.bincount(train.labels).tolist() == [6000] * 10
     assert np.bincount(test.labels).tolist() == [1000] * 10
+
+
+# --- .npz arrays ---
+
+
+def test_load_npz_uint8_with_labels(tmp_path):
+    """uint8 [N, H, W] images and their labels come back unchanged; a file without labels gives None."""
+    images = np.random.default_rng(0).integers(0, 256, size=(6, 5, 4), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", images=images, labels=np.arange(6))
+    data = load_npz(tmp_path / "a.npz")
+    np.testing.assert_array_equal(data.images, images)
+    np.testing.assert_array_equal(data.labels, np.arange(6))
+    np.savez(tmp_path / "b.npz", pixels=images)
+    data = load_npz(tmp_path / "b.npz", images_key="pixels")
+    assert data.labels is None and len(data) == 6
+
+
+def test_load_npz_floats_and_channel_order(tmp_path):
+    """Floats in [0, 1] are rounded to bytes (x * 255); NCHW is transposed to NHWC, one channel dropped."""
+    x = np.random.default_rng(1).random((4, 3, 5, 6)).astype(np.float32)
+    np.savez(tmp_path / "rgb.npz", images=x)
+    np.testing.assert_array_equal(
+        load_npz(tmp_path / "rgb.npz").images, np.rint(x * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    )
+    grey = np.random.default_rng(2).integers(0, 256, size=(4, 1, 5, 6), dtype=np.uint8)
+    np.savez(tmp_path / "grey.npz", images=grey)
+    np.testing.assert_array_equal(load_npz(tmp_path / "grey.npz").images, grey[:, 0])
+    nhwc = np.random.default_rng(3).integers(0, 256, size=(4, 5, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "nhwc.npz", images=nhwc)
+    np.testing.assert_array_equal(load_npz(tmp_path / "nhwc.npz").images, nhwc)
+
+
+def test_load_npz_errors(tmp_path):
+    """A missing key (the error lists the keys there are), floats outside [0, 1], a label count that differs,
+    and a missing file are DataErrors."""
+    np.savez(tmp_path / "a.npz", x=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(DataError, match=r"no array 'images' \(it has \['x'\]\)"):
+        load_npz(tmp_path / "a.npz")
+    np.savez(tmp_path / "b.npz", images=np.full((2, 4, 4), 2.0))
+    with pytest.raises(DataError, match="floats in"):
+        load_npz(tmp_path / "b.npz")
+    np.savez(tmp_path / "c.npz", images=np.zeros((2, 4, 4), np.uint8), labels=np.zeros(3))
+    with pytest.raises(DataError, match="2 images but 3 labels"):
+        load_npz(tmp_path / "c.npz")
+    with pytest.raises(DataError, match="not found"):
+        load_npz(tmp_path / "none.npz")
+
+
+def test_load_npz_refuses_object_arrays_without_running_them(tmp_path):
+    """An object array (stored pickled) is a DataError, and the pickle in it never runs."""
+    marker = tmp_path / "pwned"
+    evil = np.empty(2, dtype=object)
+    evil[:] = [_RunsShell(marker), _RunsShell(marker)]
+    np.savez(tmp_path / "evil.npz", images=evil)
+    with pytest.raises(DataError, match="without pickle"):
+        load_npz(tmp_path / "evil.npz")
+    assert not marker.exists()
+
+
+# --- image folders and the train/test split ---
+
+FOLDER = {  # relative path: (width, height, PIL mode)
+    "cats/a.png": (40, 30, "RGB"),
+    "cats/sub/b.jpg": (30, 50, "RGB"),
+    "cats/z.PNG": (24, 24, "RGB"),
+    "dogs/c.png": (64, 64, "L"),
+    "dogs/d.bmp": (33, 21, "RGB"),
+    "loose.png": (20, 25, "RGB"),
+}
+
+
+def make_folder(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for rel, (w, h, mode) in FOLDER.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shape = (h, w) if mode == "L" else (h, w, 3)
+        Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode).save(path)
+    (root / "cats" / "notes.txt").write_text("not an image")
+
+
+def reference_image(path: Path, size: int, crop: int, channels: int) -> np.ndarray:
+    """Centre crop by array slicing, then PIL's bicubic resize, computed here."""
+    pixels = np.asarray(Image.open(path).convert("L" if channels == 1 else "RGB"))
+    h, w = pixels.shape[:2]
+    side = crop or min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    pixels = pixels[top : top + side, left : left + side]
+    if side == size:
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC))
+
+
+@pytest.mark.parametrize(("size", "crop", "channels"), [(16, 0, 3), (16, 20, 1), (20, 20, 3)])
+def test_folder_source_crops_and_resizes(tmp_path, size, crop, channels):
+    """Every image file (any case of suffix, nested), in sorted path order, centre-cropped and resized."""
+    make_folder(tmp_path)
+    source = FolderSource.scan(tmp_path, size=size, crop=crop, channels=channels)
+    order = ["cats/a.png", "cats/sub/b.jpg", "cats/z.PNG", "dogs/c.png", "dogs/d.bmp", "loose.png"]
+    assert [p.relative_to(tmp_path).as_posix() for p in source.paths] == order
+    assert source.labels is None and len(source) == 6
+    for i, rel in enumerate(order):
+        image, label = source[i]
+        assert label is None and image.dtype == np.uint8
+        assert image.shape == ((size, size) if channels == 1 else (size, size, 3))
+        np.testing.assert_array_equal(image, reference_image(tmp_path / rel, size, crop, channels))
+
+
+def test_folder_source_class_dirs_and_errors(tmp_path):
+    """--class-dirs labels images by first-level folder (sorted names) and leaves out loose files; a crop larger
+    than an image, a folder without class folders or images, and a missing folder are DataErrors."""
+    make_folder(tmp_path)
+    source = FolderSource.scan(tmp_path, size=8, class_dirs=True)
+    assert [p.relative_to(tmp_path).as_posix() for p in source.paths] == [
+        "cats/a.png",
+        "cats/sub/b.jpg",
+        "cats/z.PNG",
+        "dogs/c.png",
+        "dogs/d.bmp",
+    ]
+    assert source.labels == [0, 0, 0, 1, 1]
+    assert [source[i][1] for i in range(5)] == [0, 0, 0, 1, 1]
+    with pytest.raises(DataError, match=r"d\.bmp is 33x21, smaller than the crop 22x22"):
+        FolderSource.scan(tmp_path / "dogs", size=8, crop=22)[1]
+    with pytest.raises(DataError, match="class sub-folders"):
+        FolderSource.scan(tmp_path / "cats" / "sub", size=8, class_dirs=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        FolderSource.scan(tmp_path / "empty", size=8)
+    with pytest.raises(DataError, match="not found"):
+        FolderSource.scan(tmp_path / "absent", size=8)
+
+
+def test_train_test_split_disjoint_covering_seeded():
+    """The two parts are disjoint, cover the source, keep its order, hold round(n * fraction) test samples, and
+    depend on the seed only."""
+    source = ArraySource(np.zeros((101, 2, 2), np.uint8), np.arange(101))
+    train, test = train_test_split(source, 0.1, seed=5)
+    assert len(test) == 10 and len(train) == 91
+    assert not set(train.indices) & set(test.indices)
+    assert sorted([*train.indices, *test.indices]) == list(range(101))
+    assert list(train.indices) == sorted(train.indices) and list(test.indices) == sorted(test.indices)
+    assert [test[i][1] for i in range(10)] == list(test.indices)
+    again = train_test_split(source, 0.1, seed=5)[1]
+    assert list(again.indices) == list(test.indices)
+    assert list(train_test_split(source, 0.1, seed=6)[1].indices) != list(test.indices)
+    for bad in (0.0, 1.0):
+        with pytest.raises(DataError, match="test-fraction"):
+            train_test_split(source, bad, seed=0)
+
+
+# --- the command line, end to end (one subprocess each) ---
+
+
+def shard_samples(directory: Path) -> list[tuple[np.ndarray, int]]:
+    """(image, label) of every sample in a shard directory, read with tarfile, numpy and PIL."""
+    out = []
+    for shard in sorted(directory.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        for (name, data), (label_name, label) in zip(members[::2], members[1::2], strict=True):
+            assert label_name == name.rsplit(".", 1)[0] + ".cls"
+            if name.endswith(".npy"):
+                image = np.load(io.BytesIO(data), allow_pickle=False)
+            else:
+                image = np.asarray(Image.open(io.BytesIO(data)))
+            out.append((image, int(label)))
+    return out
+
+
+def cli(*args: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "vegan_scale", "shards", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_cli_shards_npz(tmp_path):
+    """`vegan-scale shards npz` writes train/ and test/ that together hold every image with its label, once."""
+    n = 50
+    images = np.random.default_rng(4).integers(0, 256, size=(n, 6, 6), dtype=np.uint8)
+    images[:, 0, 0] = np.arange(n)  # the image's index
+    np.savez(tmp_path / "d.npz", images=images, labels=np.arange(n) % 7)
+    cli("npz", "--source", str(tmp_path / "d.npz"), "--out", str(tmp_path / "out"), "--samples-per-shard", "20")
+    train, test = (shard_samples(tmp_path / "out" / split) for split in ("train", "test"))
+    assert (len(train), len(test)) == (45, 5)
+    assert sorted(p.name for p in (tmp_path / "out" / "train").glob("*.tar")) == [
+        "npz-train-000000.tar",
+        "npz-train-000001.tar",
+        "npz-train-000002.tar",
+    ]
+    seen = sorted(int(image[0, 0]) for image, _ in train + test)
+    assert seen == list(range(n))
+    for image, label in train + test:
+        np.testing.assert_array_equal(image, images[image[0, 0]])
+        assert label == image[0, 0] % 7
+
+
+def test_cli_shards_folder(tmp_path):
+    """`vegan-scale shards folder --class-dirs` writes png shards of the cropped, resized images with labels."""
+    make_folder(tmp_path / "img")
+    out = tmp_path / "out"
+    cli(
+        "folder",
+        *("--source", str(tmp_path / "img"), "--out", str(out), "--size", "12", "--class-dirs"),
+        *("--test-fraction", "0.4", "--workers", "2"),
+    )
+    train, test = shard_samples(out / "train"), shard_samples(out / "test")
+    assert (len(train), len(test)) == (3, 2)
+    assert json.loads((out / "train" / "dataset.json").read_text())["format"] == "png"
+    expected = {  # the cropped, resized pixels of each labelled image, and its class
+        reference_image(tmp_path / "img" / rel, 12, 0, 3).tobytes(): int(rel.startswith("dogs"))
+        for rel in FOLDER
+        if "/" in rel
+    }
+    got = {image.tobytes(): label for image, label in train + test}
+    assert got == expected

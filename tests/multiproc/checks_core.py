@@ -8,8 +8,10 @@ import numpy as np
 import torch
 
 from tests.multiproc.harness import Context, check
+from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import TrainStream
-from vegan_scale.data.shards import read_index, write_shards
+from vegan_scale.data.sources import ArraySource
+from vegan_scale.data.write import write_shards
 from vegan_scale.dist import Agreement, Flag
 
 
@@ -46,14 +48,11 @@ def train_stream_ranks_equal_and_disjoint(ctx: Context) -> dict:
         images = np.zeros((n, 28, 28), dtype=np.uint8)
         images[:, 0, 0], images[:, 0, 1] = np.arange(n) % 256, np.arange(n) // 256
         start = 0
-        for i, size in enumerate(sizes):  # one directory per shard size, then merge the index by hand
-            write_shards(images[start : start + size], None, root / f"part{i}", prefix=f"s{i}")
+        for i, size in enumerate(sizes):  # one directory per shard, joined below as '::' sources
+            write_shards(ArraySource(images[start : start + size]), root / f"part{i}", prefix=f"s{i}")
             start += size
     ctx.accelerator.wait_for_everyone()
-    from vegan_scale.data.shards import ShardIndex
-
-    parts = [read_index(str(root / f"part{i}")) for i in range(len(sizes))]
-    index = ShardIndex([p.urls[0] for p in parts], [p.counts[0] for p in parts], (1, 28, 28))
+    index = read_index("::".join(str(root / f"part{i}") for i in range(len(sizes))))
     stream = TrainStream(
         index,
         (1, 28, 28),
@@ -64,10 +63,6 @@ def train_stream_ranks_equal_and_disjoint(ctx: Context) -> dict:
         num_workers=1,
         shuffle_buffer=50,
     )
-    ids = [
-        int(b[:, 0, 0, 0].long().add(b[:, 0, 0, 1].long() * 256).tolist()[i])
-        for b, _ in stream.epoch(0)
-        for i in range(len(b))
-    ]
+    ids = [int(x[i, 0, 0, 0]) + 256 * int(x[i, 0, 0, 1]) for x, _, _ in stream.epoch(0) for i in range(len(x))]
     plan = stream.plan(0)
     return {"ids": ids, "batches": plan.batches, "dropped": plan.dropped, "total": sum(sizes)}

@@ -29,10 +29,29 @@ class RunConfig:
 class DataConfig:
     train: str = param(
         ".data/shards/mnist/train",
-        "Training shards: a directory with sizes.json (as written by "
-        "'vegan-scale shards'), or a brace pattern such as data-{000000..000009}.tar.",
+        "Training shards: a directory written by 'vegan-scale shards' (it holds sizes.json), or a brace pattern of "
+        "paths or URLs (data-{000000..000127}.tar, https://..., pipe:...); several sources joined by '::'.",
+    )
+    train_weights: list[float] | None = param(
+        None, "Sampling weight of each '::' source of data.train (resampled mode only); null weighs all equally."
     )
     test: str = param(".data/shards/mnist/test", "Test shards, same forms as data.train; used for evaluation.")
+    mode: str = param(
+        "epoch",
+        "epoch: every sample once per epoch, ranks and workers reading disjoint shard ranges; resampled: every "
+        "loader worker draws shards with replacement (for data too large or too remote to split exactly).",
+        choices=("epoch", "resampled"),
+    )
+    epoch_samples: int | None = param(
+        None, "Resampled mode: samples per epoch; null uses the data set's size from sizes.json."
+    )
+    on_error: str = param(
+        "raise",
+        "Bad data (truncated shard, undecodable image, wrong shape, missing shard): raise stops the run with a "
+        "message naming shard and sample; skip drops it, counts it by reason and logs the counts.",
+        choices=("raise", "skip"),
+    )
+    read_attempts: int = param(5, "Tries of a shard read that fails transiently (network, 5xx), with backoff.")
     image_size: int = param(28, "Side of the square images in the shards.")
     channels: int = param(1, "Image channels in the shards (1 for MNIST, 3 for RGB).")
     num_workers: int = param(1, "Loader processes per training process; 0 decodes in the training process.")

@@ -1,56 +1,82 @@
-"""The training input pipeline: webdataset shards to uint8 image batches, reproducible and equal across ranks.
+"""The training input pipeline: shards to uint8 image batches, equal on every rank and reproducible by step.
 
-Per epoch, every stage is a function of (seed, epoch, rank, worker):
+Per epoch and per reader (one loader worker of one rank), a webdataset pipeline of explicit stages:
 
-    shard list --permute(seed, epoch)--> split by rank --> split by worker      (same permutation on every rank)
-      --> tar members grouped into samples --> shuffle buffer(seed, epoch, rank, worker)
-      --> decode (PNG/JPEG images and integer labels only) --> batches of ``batch_size``, full batches only
+    shard ranges (epoch mode) or seeded shard draws (resampled mode)   raw samples; shard errors raise or are counted
+      -> shuffle buffer seeded by (seed, epoch, rank, worker)          raw samples
+      -> safe decode                                                    (uint8 image [C, H, W], label, skip counts)
+      -> window: drop the batches a resumed run has already seen, keep exactly this reader's quota
+      -> batches of ``batch_size``                                      (images, labels, skip counts) on the host
 
-Each rank knows every rank's shard share from ``sizes.json``, so all ranks agree without communicating on the
-number of batches of the epoch: the smallest rank's count. Every rank stops there, which is what keeps DDP from
-hanging on uneven shards; the samples left over are counted in :class:`EpochPlan`, never silently dropped. The
-loader is a plain DataLoader over the pipeline and is never passed to ``accelerator.prepare`` (which would shard
-it a second time); batches move to the device in the training loop.
+Epoch mode: the shard list is permuted by (seed, epoch), identically on every rank, and read as one sequence of
+samples. Every rank gets ``b = N // (batch * world)`` batches; rank r, worker k reads a contiguous range of that
+sequence (whole shards, plus at most a partial shard at each end, entered without decoding what it skips), so
+readers never read the same sample and each gets exactly its quota. The last ``N - b * batch * world`` samples of
+the permuted order, fewer than one global batch, are left for that epoch (``EpochPlan.dropped``, logged).
+
+Resampled mode: every reader draws shards with replacement (sources weighted) from a generator seeded by (seed,
+epoch, rank, worker) and reads until it has its quota; an epoch is ``epoch_samples`` samples (default: the data
+set's size).
+
+Worker k's quota is ``b // K`` batches, plus one for the first ``b % K`` workers, so the DataLoader's round robin
+over workers is exact and batch j of an epoch is a known batch of a known worker: ``epoch(e, start=j)`` rebuilds
+the epoch and skips what the first j batches consumed, so a resumed run sees the batches an uninterrupted run sees.
+
+Bad data (``on_error``): ``raise`` stops with a DataError naming the shard, sample and problem; ``skip`` drops the
+sample or the rest of the shard, counts it under a reason (attached to the batches, summed by the trainer) and,
+in epoch mode, tops the reader up with a second, differently shuffled pass over its range so that it still yields
+its full quota: ranks never fall out of step.
+
+The loader is a plain DataLoader; it is never passed to ``accelerator.prepare`` (which would shard it again).
 """
 
 from __future__ import annotations
 
-import io
+import logging
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import PurePath
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vegan_scale.data.shards import ShardIndex
+from vegan_scale.data.decode import SKIP_REASONS, SampleError, decode_sample
+from vegan_scale.data.index import ShardIndex
+from vegan_scale.data.shardio import RetryPolicy, Sample, ShardError, read_samples
 from vegan_scale.errors import DataError
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
-# Members whose only decoder is pickle. They are refused rather than skipped, because a shard that carries them
-# was not written for this pipeline and may be hostile.
-PICKLE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth", "pt", "mp", "msgpack")
+log = logging.getLogger("vegan_scale.data")
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images [B, C, H, W], int64 labels [B] (-1 when unlabelled)
+MODES = ("epoch", "resampled")
+ON_ERROR = ("raise", "skip")
+MAX_PASSES = 4  # epoch mode, on_error=skip: passes over a reader's range to fill its quota
+MAX_BAD_IN_A_ROW = 10_000  # on_error=skip: consecutive bad samples or shards before a reader gives up
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images uint8 [B, C, H, W], labels [B], skips [reasons]
+
+
+@dataclass(frozen=True)
+class ReaderPlan:
+    """What one reader (a loader worker of one rank) reads in one epoch."""
+
+    seed: tuple[int, ...]  # (seed, epoch, rank, worker)
+    quota: int  # batches it yields
+    ranges: tuple[tuple[str, int, int], ...] = ()  # epoch mode: (shard url, samples to skip, samples to take)
 
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """What one rank reads in one epoch."""
-
-    worker_shards: list[list[int]]  # shard indices per loader worker, in reading order
     batches: int  # batches every rank yields this epoch
-    dropped: int  # samples of this rank's shards left unread to keep the ranks equal
+    dropped: int  # epoch mode: samples of the epoch left unread by every rank together
+    readers: tuple[ReaderPlan, ...]  # this rank's readers, by worker id
 
 
 @dataclass(frozen=True)
 class TrainStream:
-    """The sequence of training batches of one rank: a deterministic function of the seed and the step."""
+    """One rank's training batches: a function of (seed, epoch, position) for a fixed world size and worker count."""
 
     index: ShardIndex
     image_shape: tuple[int, int, int]
@@ -60,147 +86,231 @@ class TrainStream:
     world_size: int = 1
     num_workers: int = 0
     shuffle_buffer: int = 2000
+    mode: str = "epoch"
+    epoch_samples: int | None = None
+    on_error: str = "raise"
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
-        readers = self.world_size * max(1, self.num_workers)
-        if len(self.index.urls) < readers:
+        if self.mode not in MODES or self.on_error not in ON_ERROR:
+            raise ValueError(f"mode must be one of {MODES} and on_error one of {ON_ERROR}")
+        readers = self.world_size * self.readers_per_rank
+        if self.mode == "epoch":
+            if any(s.weight != 1 for s in self.index.sources):
+                raise DataError(
+                    "source weights (data.train_weights) need data.mode=resampled; epoch mode reads every sample once"
+                )
+            shards = len(self.index.urls)
+            if shards < readers:
+                raise DataError(
+                    f"{shards} shard(s) for {self.world_size} process(es) x {self.readers_per_rank} loader worker(s) "
+                    f"= {readers} readers: in epoch mode every reader needs a shard of its own. Use "
+                    "data.mode=resampled, write more and smaller shards, or lower data.num_workers"
+                )
+        if self.batches_per_epoch == 0:
             raise DataError(
-                f"{len(self.index.urls)} shard(s) for {self.world_size} process(es) x {max(1, self.num_workers)} "
-                f"loader worker(s): every reader needs at least one shard. Write more, smaller shards "
-                "(vegan-scale shards ... --samples-per-shard N) or lower data.num_workers"
-            )
-        if self.plan(0).batches == 0:
-            raise DataError(
-                f"an epoch of {self.index.num_samples} samples gives no full batch of {self.batch_size} per process; "
-                "lower train.global_batch_size or use more data"
+                f"an epoch of {self.samples_per_epoch} samples holds no full batch of {self.batch_size} for each of "
+                f"{self.world_size} process(es); lower train.global_batch_size or use more data"
             )
 
-    def _shard_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.index.urls))
+    @property
+    def readers_per_rank(self) -> int:
+        return max(1, self.num_workers)
 
-    def _split(self, order: np.ndarray, rank: int) -> list[list[int]]:
-        mine = order[rank :: self.world_size]
-        workers = max(1, self.num_workers)
-        return [mine[w::workers].tolist() for w in range(workers)]
+    @property
+    def samples_per_epoch(self) -> int:
+        if self.mode == "resampled" and self.epoch_samples:
+            return self.epoch_samples
+        return self.index.num_samples
 
-    def _full_batches(self, worker_shards: list[list[int]]) -> tuple[int, int]:
-        samples = [sum(self.index.counts[i] for i in shards) for shards in worker_shards]
-        return sum(n // self.batch_size for n in samples), sum(samples)
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.samples_per_epoch // (self.batch_size * self.world_size)
+
+    def _quotas(self) -> list[int]:
+        b, k = self.batches_per_epoch, self.readers_per_rank
+        return [b // k + (w < b % k) for w in range(k)]
 
     def plan(self, epoch: int) -> EpochPlan:
-        order = self._shard_order(epoch)
-        batches = min(self._full_batches(self._split(order, r))[0] for r in range(self.world_size))
-        mine = self._split(order, self.rank)
-        _, samples = self._full_batches(mine)
-        return EpochPlan(mine, batches, samples - batches * self.batch_size)
+        quotas = self._quotas()
+        seeds = [(self.seed, epoch, self.rank, w) for w in range(len(quotas))]
+        b = self.batches_per_epoch
+        if self.mode == "resampled":
+            return EpochPlan(b, 0, tuple(ReaderPlan(s, q) for s, q in zip(seeds, quotas, strict=True)))
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.index.urls))
+        urls = [self.index.urls[i] for i in order]
+        counts = [self.index.counts[i] for i in order]
+        start = self.rank * b * self.batch_size
+        readers = []
+        for s, q in zip(seeds, quotas, strict=True):
+            readers.append(ReaderPlan(s, q, _ranges(urls, counts, start, q * self.batch_size)))
+            start += q * self.batch_size
+        return EpochPlan(b, self.index.num_samples - b * self.batch_size * self.world_size, tuple(readers))
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """This rank's batches of one epoch, exactly ``plan(epoch).batches`` of them."""
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """This rank's batches ``start``, ``start + 1``, ... of ``epoch``: ``plan(epoch).batches - start`` of them."""
         plan = self.plan(epoch)
+        k = self.readers_per_rank
+        consumed = [start // k + (w < start % k) for w in range(k)]  # batches each reader gave to the first `start`
+        # The DataLoader serves its workers round robin from worker 0; batch `start` belongs to reader start % k.
+        order = [(start + i) % k for i in range(k)]
         pipeline = wds.DataPipeline(
-            _WorkerShards([[self.index.urls[i] for i in shards] for shards in plan.worker_shards]),
-            wds.tarfile_to_samples(handler=_raise_data_error),
-            _SeededShuffle(self.shuffle_buffer, (self.seed, epoch, self.rank)),
-            wds.map(_ImageDecoder(self.image_shape)),
+            _ReaderSamples(self, tuple(plan.readers[o] for o in order), [consumed[o] for o in order]),
             wds.batched(self.batch_size, collation_fn=_collate, partial=False),
         )
         loader = DataLoader(
             pipeline, batch_size=None, num_workers=self.num_workers, prefetch_factor=4 if self.num_workers else None
         )
-        return islice(iter(loader), plan.batches)
+        return map(_as_batch, islice(iter(loader), plan.batches - start))
 
 
-class _WorkerShards(IterableDataset):
-    """Pipeline source: the shard URLs of the DataLoader worker that iterates it."""
+def _ranges(urls: list[str], counts: list[int], start: int, length: int) -> tuple[tuple[str, int, int], ...]:
+    """The (url, skip, take) pieces of samples [start, start + length) of the concatenated shards."""
+    pieces, offset = [], 0
+    for url, count in zip(urls, counts, strict=True):
+        lo, hi = max(start, offset), min(start + length, offset + count)
+        if lo < hi:
+            pieces.append((url, lo - offset, hi - lo))
+        offset += count
+    return tuple(pieces)
 
-    def __init__(self, per_worker: list[list[str]]) -> None:
+
+Item = tuple[torch.Tensor, int, dict[str, int]]  # image, label, samples skipped (by reason) since the previous item
+
+
+class _ReaderSamples(IterableDataset):
+    """The decoded samples of the loader worker that iterates it, windowed to its share of the epoch."""
+
+    def __init__(self, stream: TrainStream, readers: tuple[ReaderPlan, ...], consumed: list[int]) -> None:
         super().__init__()
-        self.per_worker = per_worker
+        self.stream, self.readers, self.consumed = stream, readers, consumed
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Item]:
         info = get_worker_info()
-        for url in self.per_worker[info.id if info else 0]:
-            yield {"url": url}
-
-
-class _SeededShuffle:
-    """A sample shuffle buffer whose random state depends on (seed, epoch, rank) and the loader worker."""
-
-    def __init__(self, buffer: int, seed: tuple[int, ...]) -> None:
-        self.buffer, self.seed = buffer, seed
-
-    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
-        if self.buffer <= 1:
-            return samples
-        info = get_worker_info()
-        rng = random.Random(repr((*self.seed, info.id if info else 0)))
-        return wds.filters.shuffle(self.buffer, initial=self.buffer, rng=rng)(samples)
-
-
-class _ImageDecoder:
-    """Sample dict -> (uint8 image [C, H, W], label); refuses members that would need pickle."""
-
-    def __init__(self, shape: tuple[int, int, int]) -> None:
-        self.shape = shape
-
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
-        where = f"shard {sample.get('__url__')}, sample {sample.get('__key__')!r}"
-        unsafe = [k for k in sample if k.rsplit(".", 1)[-1].lower() in PICKLE_EXTENSIONS]
-        if unsafe:
+        worker = info.id if info else 0
+        plan, s = self.readers[worker], self.stream
+        skip, take = self.consumed[worker] * s.batch_size, (plan.quota - self.consumed[worker]) * s.batch_size
+        if s.on_error == "raise":  # nothing is ever dropped, so the window can be cut before decoding
+            raw = islice(_shuffled(s, plan, 0), skip, skip + take)
+            items = (_decode(sample, s.image_shape, "raise", {}) for sample in raw)
+        else:  # decoding decides what counts, so the window is cut after it
+            items = islice(_decoded_passes(s, plan), skip, skip + take)
+        delivered = 0
+        for item in items:
+            delivered += 1
+            yield item
+        if delivered < take:
             raise DataError(
-                f"{where}: member(s) {unsafe} would need pickle to decode; refusing the shard. "
-                "Shards for vegan_scale hold images (png/jpg) and .cls labels only"
+                f"reader {plan.seed[2:]} of epoch {plan.seed[1]} got {skip + delivered} samples but needs "
+                f"{skip + take}: the shards hold fewer samples than sizes.json says; rewrite them"
             )
-        key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
-        if key is None:
-            raise DataError(f"{where}: no image member (expected one of {IMAGE_EXTENSIONS}, found {sorted(sample)})")
-        return decode_image(sample[key], self.shape, where), _label(sample, where)
 
 
-def decode_image(data: bytes, shape: tuple[int, int, int], where: str) -> torch.Tensor:
-    """Image bytes to a uint8 [C, H, W] tensor of the expected shape."""
-    channels = shape[0]
+def _shuffled(s: TrainStream, plan: ReaderPlan, pass_: int) -> Iterator[Sample]:
+    rng = random.Random(repr((*plan.seed, pass_)))
+    samples = _draws(s, plan, rng) if s.mode == "resampled" else _range_samples(s, plan)
+    if s.shuffle_buffer <= 1:
+        return samples
+    return wds.filters.shuffle(s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng)(samples)
+
+
+def _decoded_passes(s: TrainStream, plan: ReaderPlan) -> Iterator[Item]:
+    """Skip mode: decoded samples, dropping bad ones; epoch mode passes over the range again to fill the quota."""
+    skipped: dict[str, int] = {}  # bad samples since the last good one, reported with the next good one
+    for pass_ in range(MAX_PASSES if s.mode == "epoch" else 1):
+        good = bad = in_a_row = 0
+        for sample in _shuffled(s, plan, pass_):
+            # a later pass meets the first pass's bad samples again: they are counted once
+            item = _decode(sample, s.image_shape, "skip", skipped if pass_ == 0 else {})
+            if item is None:
+                bad, in_a_row = bad + 1, in_a_row + 1
+                if in_a_row >= MAX_BAD_IN_A_ROW:  # resampled mode draws for ever: give up on unusable data
+                    raise DataError(
+                        f"reader {plan.seed[2:]} met {in_a_row} bad samples or shards in a row; the "
+                        f"data of {s.index.urls[:2]}... looks unusable (see the warnings above)"
+                    )
+                continue
+            good, in_a_row = good + 1, 0
+            yield item[0], item[1], skipped
+            skipped = {}
+        if good == 0:
+            raise DataError(f"no decodable sample in the shard range {plan.ranges} (reader {plan.seed[2:]})")
+        log.warning("reader %s skipped %d bad samples; reading its range again to fill its quota", plan.seed[2:], bad)
+    raise DataError(f"reader {plan.seed[2:]}: too many bad samples to fill its quota in {MAX_PASSES} passes")
+
+
+def _range_samples(s: TrainStream, plan: ReaderPlan) -> Iterator[Sample]:
+    for url, skip, take in plan.ranges:
+        yield from _shard_samples(s, url, skip, take)
+
+
+def _draws(s: TrainStream, plan: ReaderPlan, rng: random.Random) -> Iterator[Sample]:
+    sources = [src for src in s.index.sources if src.urls]  # skip_missing may have left a source without shards
+    weights = [src.weight for src in sources]
+    while True:
+        source = rng.choices(sources, weights)[0]
+        yield from _shard_samples(s, rng.choice(source.urls), 0, None)
+
+
+def _shard_samples(s: TrainStream, url: str, skip: int, take: int | None) -> Iterator[Sample]:
+    """Samples of one shard; in skip mode a shard error ends the shard and is counted on the next sample."""
+    delivered = 0
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            array = np.asarray(img.convert("L" if channels == 1 else "RGB"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{where}: cannot decode image ({e})") from None
-    tensor = torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
-    if tuple(tensor.shape) != tuple(shape):
-        raise DataError(
-            f"{where}: image is {tuple(tensor.shape)} (C, H, W) but the config expects {tuple(shape)}; "
-            "set data.image_size and data.channels to match the shards"
-        )
-    return tensor
+        for sample in read_samples(url, s.retry, skip, take):
+            delivered += 1
+            yield sample
+        if take is not None and delivered < take:
+            raise ShortShard(
+                f"shard {url} holds {skip + delivered} samples but sizes.json promises at least "
+                f"{skip + take}; rewrite the shards or their sizes.json"
+            )
+    except ShardError as e:
+        if s.on_error == "raise":
+            raise
+        log.warning("skipping the rest of %s: %s", url, e)
+        yield {"__key__": None, "__url__": url, "__error__": e.reason}
 
 
-def _label(sample: dict, where: str) -> int:
-    if "cls" not in sample:
-        return -1
+class ShortShard(ShardError):
+    reason = "short_shard"
+
+
+def _decode(sample: Sample, shape: tuple[int, int, int], on_error: str, skipped: dict[str, int]) -> Item | None:
+    if "__error__" in sample:
+        skipped[sample["__error__"]] = skipped.get(sample["__error__"], 0) + 1
+        return None
     try:
-        return int(sample["cls"])
-    except ValueError:
-        raise DataError(f"{where}: label {sample['cls'][:20]!r} is not an integer") from None
+        image, label = decode_sample(sample, shape)
+    except SampleError as e:
+        if on_error == "raise":
+            raise
+        skipped[e.reason] = skipped.get(e.reason, 0) + 1
+        return None
+    return image, label, skipped
 
 
-def _collate(samples: list[tuple[torch.Tensor, int]]) -> Batch:
-    images, labels = zip(*samples, strict=True)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+def _collate(items: list[Item]) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Images as one tensor (one shared-memory transfer from the worker); labels and counts as plain lists, which
+    cross the process boundary inline: a tensor each would cost a shared-memory transfer of its own."""
+    skips = [0] * len(SKIP_REASONS)
+    for _, _, skipped in items:
+        for reason, n in skipped.items():
+            skips[SKIP_REASONS.index(reason)] += n
+    return torch.stack([i[0] for i in items]), [i[1] for i in items], skips
 
 
-def _raise_data_error(exn: Exception) -> bool:
-    url = next((a for a in reversed(exn.args) if isinstance(a, str) and PurePath(a).suffix == ".tar"), "?")
-    raise DataError(f"cannot read shard {url}: {exn.args[0] if exn.args else exn}") from exn
+def _as_batch(raw: tuple[torch.Tensor, list[int], list[int]]) -> Batch:
+    images, labels, skips = raw
+    return images, torch.tensor(labels, dtype=torch.int64), torch.tensor(skips, dtype=torch.int64)
 
 
-def load_images(index: ShardIndex, shape: tuple[int, int, int], limit: int) -> Batch:
-    """The first ``limit`` samples of the shards in order, in memory (for evaluation)."""
-    samples = wds.DataPipeline(
-        wds.SimpleShardList(index.urls),
-        wds.tarfile_to_samples(handler=_raise_data_error),
-        wds.map(_ImageDecoder(shape)),
-    )
-    picked = list(islice(iter(samples), limit))
-    if not picked:
+def load_images(
+    index: ShardIndex, shape: tuple[int, int, int], limit: int, retry: RetryPolicy | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` samples of the shards in order, decoded in this process (for evaluation)."""
+    retry = retry or RetryPolicy()
+    samples = (sample for url in index.urls for sample in read_samples(url, retry))
+    items = [decode_sample(sample, shape) for sample in islice(samples, limit)]
+    if not items:
         raise DataError(f"no samples in {index.urls[0]} ...")
-    return _collate(picked)
+    return torch.stack([i[0] for i in items]), torch.tensor([i[1] for i in items], dtype=torch.int64)

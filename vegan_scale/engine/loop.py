@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from vegan_scale import checkpoint
+from vegan_scale.data.decode import SKIP_REASONS
 from vegan_scale.data.pipeline import Batch
 from vegan_scale.dist import Agreement, Flag
 from vegan_scale.engine import rundir
@@ -25,7 +27,7 @@ from vegan_scale.engine.evaluate import evaluate
 from vegan_scale.engine.objective import ObjectiveTerms, pot_objective
 from vegan_scale.engine.schedule import lr_factor
 from vegan_scale.engine.setup import Run, build_run
-from vegan_scale.errors import ExitCode, NonFiniteLossError, VeganError
+from vegan_scale.errors import DataError, ExitCode, NonFiniteLossError, VeganError
 from vegan_scale.tracking import MetricBuffer, ui_command
 
 log = logging.getLogger("vegan_scale")
@@ -50,7 +52,6 @@ def train(cfg: Any) -> Path:
             run.tracker.close("FINISHED" if code == ExitCode.OK else "FAILED")
         if run.accelerator.is_main_process:
             rundir.write_exit_status(run.run_dir, int(code), reason, step)
-        run.accelerator.end_training()
     if run.accelerator.is_main_process:
         _farewell(run)
     return run.run_dir
@@ -59,18 +60,15 @@ def train(cfg: Any) -> Path:
 def _fit(run: Run) -> int:
     cfg, acc = run.cfg, run.accelerator
     agreement, metrics = Agreement(acc), MetricBuffer()
+    feed = DataFeed(run, agreement)
     # A progress bar on a terminal; in a log file (SLURM, CI) one line per metric flush instead.
     interactive = acc.is_main_process and sys.stderr.isatty()
     progress = tqdm(total=run.total_steps, disable=not interactive, dynamic_ncols=True, desc="train")
-    interval_start, data_time, step = time.perf_counter(), 0.0, 0
-    batches = _batches(run)
+    interval_start, step = time.perf_counter(), 0
     while step < run.total_steps:
-        fetch_start = time.perf_counter()
-        epoch, (images, _) = next(batches)
-        data_time += time.perf_counter() - fetch_start
+        x = feed.next()
         step += 1
-        x = images.to(acc.device, non_blocking=True).float().div_(255)
-        lr_scale = lr_factor((step - 1) / run.steps_per_epoch, cfg.optim.lr_milestones, cfg.optim.lr_factors)
+        lr_scale = lr_factor((step - 1) / run.stream.batches_per_epoch, cfg.optim.lr_milestones, cfg.optim.lr_factors)
 
         terms = _autoencoder_step(run, x, lr_scale)
         critic_loss = _critic_step(run, terms, lr_scale) if run.critic is not None else None
@@ -79,49 +77,109 @@ def _fit(run: Run) -> int:
         metrics.add(_step_metrics(terms, critic_loss))
         progress.update()
         last = step == run.total_steps
-        if (step % cfg.train.check_every == 0 or last) and Flag.NONFINITE in agreement.check():
-            raise NonFiniteLossError(_nonfinite_message(run, step))
+        saving = cfg.checkpoint.every_steps and (step % cfg.checkpoint.every_steps == 0 or last)
+        if step % cfg.train.check_every == 0 or last or saving:  # never checkpoint what a failure has touched
+            _act_on_flags(run, agreement.check(), feed, step)
         if step % cfg.tracking.log_every == 0 or last:
-            elapsed = time.perf_counter() - interval_start
             values, steps = metrics.flush()
-            values |= _perf_metrics(run, steps, elapsed, data_time, agreement, epoch, lr_scale)
-            if run.tracker is not None:
-                run.tracker.log_metrics(step, values)
-            if interactive:
-                progress.set_postfix(loss=f"{values['train/loss']:.4f}", refresh=False)
-            else:
-                log.info(
-                    "step %d/%d: loss %.4f, recon %.4f, penalty %.4f, %.0f samples/s",
-                    step,
-                    run.total_steps,
-                    values["train/loss"],
-                    values["train/recon"],
-                    values["train/penalty"],
-                    values["perf/samples_per_sec"],
-                )
-            interval_start, data_time = time.perf_counter(), 0.0
+            values |= _perf_metrics(run, steps, time.perf_counter() - interval_start, feed, agreement, lr_scale)
+            _report(run, step, values, progress if interactive else None)
+            interval_start = time.perf_counter()
         if step % cfg.eval.every_steps == 0 or last:
             _evaluate(run, step)
-        if cfg.checkpoint.every_steps and (step % cfg.checkpoint.every_steps == 0 or last):
-            _save_checkpoint(run, step, epoch)
+        if saving:
+            _save_checkpoint(run, step, feed.epoch)
     progress.close()
     return step
 
 
-def _batches(run: Run) -> Iterator[tuple[int, Batch]]:
-    """(epoch, batch) for ever; every rank yields the same number of batches per epoch."""
-    epoch = 0
-    while True:
-        plan = run.stream.plan(epoch)
-        if plan.dropped:
-            log.info(
-                "epoch %d: %d samples of this process's shards left unread to keep all processes equal",
-                epoch,
-                plan.dropped,
-            )
-        for batch in run.stream.epoch(epoch):
-            yield epoch, batch
-        epoch += 1
+class DataFeed:
+    """This rank's training batches on the device, epoch after epoch.
+
+    A loader failure (on_error=raise) must not leave the other ranks waiting in a collective: the failing rank
+    records the error, raises the DATA_ERROR flag and repeats its last batch until the next agreement check, where
+    every rank stops together with the error's message.
+    """
+
+    def __init__(self, run: Run, agreement: Agreement) -> None:
+        self.run, self.agreement = run, agreement
+        self.epoch, self.error = 0, None
+        self.data_time, self.skipped = 0.0, torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
+        self._batches = self._epochs()
+        self._last: torch.Tensor | None = None
+
+    def _epochs(self) -> Iterator[Batch]:
+        while True:
+            plan = self.run.stream.plan(self.epoch)
+            if plan.dropped and self.run.accelerator.is_main_process:
+                log.info(
+                    "epoch %d: %d samples left unread so that every process gets %d full batches",
+                    self.epoch,
+                    plan.dropped,
+                    plan.batches,
+                )
+            yield from self.run.stream.epoch(self.epoch)
+            self.epoch += 1
+
+    def next(self) -> torch.Tensor:
+        start = time.perf_counter()
+        device = self.run.accelerator.device
+        if self.error is None:
+            try:
+                images, _, skipped = next(self._batches)
+                self.skipped += skipped
+                self._last = images.to(device, non_blocking=True).float().div_(255)
+            except DataError as e:
+                self.error = _worker_message(e)
+                self.agreement.raise_if(Flag.DATA_ERROR, torch.ones((), device=device))
+        if self._last is None:  # failed before the first batch: any batch of the right shape keeps step
+            shape = (self.run.layout.per_process, *self.run.stream.image_shape)
+            self._last = torch.zeros(shape, device=device)
+        self.data_time += time.perf_counter() - start
+        return self._last
+
+    def take_counts(self) -> tuple[float, dict[str, float]]:
+        """(seconds spent waiting for data, samples skipped by reason over all ranks) since the last call."""
+        skipped = self.skipped.to(self.run.accelerator.device)
+        if self.run.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(skipped)
+        data_time, self.data_time, self.skipped = self.data_time, 0.0, torch.zeros_like(self.skipped)
+        counts = {f"data/skipped/{r}": float(n) for r, n in zip(SKIP_REASONS, skipped.tolist(), strict=True) if n}
+        return data_time, counts
+
+
+def _worker_message(error: DataError) -> str:
+    """The DataError's own message, without the traceback a DataLoader worker wraps around it."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def _act_on_flags(run: Run, raised: set[Flag], feed: DataFeed, step: int) -> None:
+    """Collective: every rank calls it at the same step and raises the same error."""
+    if Flag.DATA_ERROR in raised:
+        messages = gather_object([f"process {run.accelerator.process_index}: {feed.error}" if feed.error else ""])
+        raise DataError("; ".join(m for m in messages if m) + " (data.on_error=skip would skip bad samples)")
+    if Flag.NONFINITE in raised:
+        raise NonFiniteLossError(_nonfinite_message(run, step))
+
+
+def _report(run: Run, step: int, values: dict[str, float], progress: tqdm | None) -> None:
+    if run.tracker is not None:
+        run.tracker.log_metrics(step, values)
+    if progress is not None:
+        progress.set_postfix(loss=f"{values['train/loss']:.4f}", refresh=False)
+        return
+    log.info(
+        "step %d/%d: loss %.4f, recon %.4f, penalty %.4f, %.0f samples/s",
+        step,
+        run.total_steps,
+        values["train/loss"],
+        values["train/recon"],
+        values["train/penalty"],
+        values["perf/samples_per_sec"],
+    )
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -159,15 +217,17 @@ def _step_metrics(terms: ObjectiveTerms, critic_loss: torch.Tensor | None) -> di
 
 
 def _perf_metrics(
-    run: Run, steps: int, elapsed: float, data_time: float, agreement: Agreement, epoch: int, lr_scale: float
+    run: Run, steps: int, elapsed: float, feed: DataFeed, agreement: Agreement, lr_scale: float
 ) -> dict[str, float]:
+    data_time, skipped = feed.take_counts()
     return {
         "train/lr": run.cfg.optim.lr * lr_scale,
-        "train/epoch": float(epoch),
+        "train/epoch": float(feed.epoch),
         "perf/samples_per_sec": steps * run.layout.global_batch / elapsed,
         "perf/step_ms": 1e3 * elapsed / steps,
         "perf/data_ms": 1e3 * data_time / steps,
         "perf/agree_ms": agreement.last_check_ms,
+        **skipped,
     }
 
 
@@ -236,8 +296,15 @@ def _announce(run: Run) -> None:
         run.layout.per_process,
         run.layout.global_batch,
         run.total_steps,
-        run.steps_per_epoch,
+        run.stream.batches_per_epoch,
         cfg.train.mixed_precision,
+    )
+    log.info(
+        "data: %s mode, %d shards, %d loader worker(s) per process, on_error=%s",
+        cfg.data.mode,
+        len(run.stream.index.urls),
+        cfg.data.num_workers,
+        cfg.data.on_error,
     )
     log.info(
         "model: %s network, %s encoder, d=%d, %.2fM parameters; penalty %s (weight %g), cost %s",

@@ -22,8 +22,9 @@ from accelerate.utils import broadcast_object_list
 import vegan_scale
 from vegan_scale.config.load import to_yaml
 from vegan_scale.costs import reconstruction_cost
+from vegan_scale.data.index import ShardIndex, read_index
 from vegan_scale.data.pipeline import TrainStream, load_images
-from vegan_scale.data.shards import ShardIndex, read_index
+from vegan_scale.data.shardio import RetryPolicy
 from vegan_scale.dist import BatchLayout, build_accelerator
 from vegan_scale.engine import rundir
 from vegan_scale.engine.objective import Cost
@@ -46,7 +47,6 @@ class Run:
     layout: BatchLayout
     run_dir: Path
     stream: TrainStream
-    steps_per_epoch: int
     total_steps: int
     model: torch.nn.Module  # wrapped for distribution
     optimizer: torch.optim.Optimizer
@@ -90,8 +90,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError("cost.kind=bernoulli models pixels as Bernoulli; it cannot use model.decoder=gaussian")
 
 
-def _shards(spec: str, key: str, shape: tuple[int, int, int]) -> ShardIndex:
-    index = read_index(spec)
+def _shards(
+    spec: str, key: str, shape: tuple[int, int, int], weights: list[float] | None = None, skip_missing: bool = False
+) -> ShardIndex:
+    index = read_index(spec, weights, skip_missing=skip_missing)
     if index.image_shape is not None and tuple(index.image_shape) != shape:
         raise DataError(
             f"{key}={spec} holds images of shape {tuple(index.image_shape)} (C, H, W) but the config "
@@ -124,9 +126,10 @@ def _tags(accelerator: Accelerator, cfg: Any) -> dict[str, str]:
     return tags
 
 
-def _train_stream(cfg: Any, accelerator: Accelerator, layout: BatchLayout) -> tuple[TrainStream, int, int]:
-    """This process's stream of batches, the steps per epoch, and the run's total steps."""
-    index = _shards(cfg.data.train, "data.train", _image_shape(cfg))
+def _train_stream(cfg: Any, accelerator: Accelerator, layout: BatchLayout) -> tuple[TrainStream, int]:
+    """This process's stream of batches and the run's total steps."""
+    d = cfg.data
+    index = _shards(d.train, "data.train", _image_shape(cfg), d.train_weights, skip_missing=d.on_error == "skip")
     stream = TrainStream(
         index,
         _image_shape(cfg),
@@ -134,14 +137,17 @@ def _train_stream(cfg: Any, accelerator: Accelerator, layout: BatchLayout) -> tu
         cfg.run.seed,
         accelerator.process_index,
         accelerator.num_processes,
-        cfg.data.num_workers,
-        cfg.data.shuffle_buffer,
+        d.num_workers,
+        d.shuffle_buffer,
+        d.mode,
+        d.epoch_samples,
+        d.on_error,
+        RetryPolicy(attempts=d.read_attempts),
     )
-    steps_per_epoch = max(1, index.num_samples // layout.global_batch)
-    total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
+    total_steps = math.ceil(cfg.train.epochs * stream.batches_per_epoch)
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
-    return stream, steps_per_epoch, total_steps
+    return stream, total_steps
 
 
 def _image_shape(cfg: Any) -> tuple[int, int, int]:
@@ -176,7 +182,7 @@ def build_run(cfg: Any) -> Run:
     run_dir = _run_dir(cfg, accelerator)
     if (run_dir / rundir.EXIT_STATUS).exists() or (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run directory {run_dir} already holds a run; choose another run.name")
-    stream, steps_per_epoch, total_steps = _train_stream(cfg, accelerator, layout)
+    stream, total_steps = _train_stream(cfg, accelerator, layout)
 
     torch.manual_seed(cfg.run.seed)  # identical initial parameters on every process
     model, penalty, prior = build_model(cfg), build_penalty(cfg), build_prior(cfg)
@@ -205,7 +211,6 @@ def build_run(cfg: Any) -> Run:
         layout,
         run_dir,
         stream,
-        steps_per_epoch,
         total_steps,
         model,
         optimizer,

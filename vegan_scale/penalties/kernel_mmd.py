@@ -39,6 +39,42 @@ def mmd(z: Tensor, z_prior: Tensor, kernel: str = "imq", sigma2: float = 1.0) ->
     1/(n(n-1)) sum_{i!=j} k(z_i, z_j) + 1/(m(m-1)) sum_{i!=j} k(p_i, p_j) - 2/(nm) sum_{i,j} k(z_i, p_j).
     It can be slightly negative when the two samples come from the same distribution.
     """
+    _check(z, z_prior, kernel)
+    c = kernel_constants(kernel, z.shape[1], sigma2)
+    n, m = len(z), len(z_prior)
+    return (
+        kernel_sum(z, z, kernel, c, diagonal=0) / (n * (n - 1))
+        + kernel_sum(z_prior, z_prior, kernel, c, diagonal=0) / (m * (m - 1))
+        - 2 * kernel_sum(z, z_prior, kernel, c) / (n * m)
+    )
+
+
+def global_mmd(z: Tensor, z_prior: Tensor, kernel: str = "imq", sigma2: float = 1.0, group: object = None) -> Tensor:
+    """The unbiased MMD^2 of :func:`mmd` over the codes and prior samples of every process of ``group``.
+
+    Every process passes its own ``z`` and ``z_prior`` (equally many rows on every process) and gets the same value:
+    ``mmd`` of the concatenations, in rank order. Each process computes only the kernel rows of its own samples
+    against all gathered ones (cost O(n N d) instead of O(N^2 d)), and the partial sums are added across processes.
+    The gradient that reaches this process's ``z`` is exactly d MMD^2 / d z_local; the gathered copies of other
+    processes' rows are constants, and the symmetry of k(z_i, z_j) accounts for their side of each pair.
+    ``z_prior`` receives no gradient.
+    """
+    _check(z, z_prior, kernel)
+    world = torch.distributed.get_world_size(group)
+    rank = torch.distributed.get_rank(group)
+    codes, prior = _all_gather(z.detach(), group), _all_gather(z_prior.detach(), group)
+    c = kernel_constants(kernel, z.shape[1], sigma2)
+    n, m = len(z), len(z_prior)
+    big_n, big_m = n * world, m * world
+    partial = (
+        kernel_sum(z, codes, kernel, c, diagonal=rank * n, symmetric=True) / (big_n * (big_n - 1))
+        + kernel_sum(z_prior.detach(), prior, kernel, c, diagonal=rank * m) / (big_m * (big_m - 1))
+        - 2 * kernel_sum(z, prior, kernel, c) / (big_n * big_m)
+    )
+    return _SumOverProcesses.apply(partial, group)
+
+
+def _check(z: Tensor, z_prior: Tensor, kernel: str) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"unknown MMD kernel {kernel!r}; expected one of {KERNELS}")
     if z.dim() != 2 or z_prior.dim() != 2 or z.shape[1] != z_prior.shape[1]:
@@ -47,12 +83,27 @@ def mmd(z: Tensor, z_prior: Tensor, kernel: str = "imq", sigma2: float = 1.0) ->
         )
     if z.shape[0] < 2 or z_prior.shape[0] < 2:
         raise ValueError("the unbiased MMD estimate needs at least 2 samples on each side")
-    constants = kernel_constants(kernel, z.shape[1], sigma2)
-    return (
-        kernel_mean(z, z, kernel, constants, exclude_diagonal=True)
-        + kernel_mean(z_prior, z_prior, kernel, constants, exclude_diagonal=True)
-        - 2 * kernel_mean(z, z_prior, kernel, constants, exclude_diagonal=False)
-    )
+
+
+def _all_gather(t: Tensor, group: object) -> Tensor:
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """Sum of a scalar over processes; backward passes the gradient through, since each process's partial sum
+    depends only on its own rows."""
+
+    @staticmethod
+    def forward(ctx, partial: Tensor, group: object) -> Tensor:
+        total = partial.detach().clone()
+        torch.distributed.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
 
 
 def kernel_constants(kernel: str, dim: int, sigma2: float) -> tuple[float, ...]:
@@ -61,9 +112,21 @@ def kernel_constants(kernel: str, dim: int, sigma2: float) -> tuple[float, ...]:
     return tuple(base * s for s in IMQ_SCALES) if kernel == "imq" else (base,)
 
 
-def kernel_mean(x: Tensor, y: Tensor, kernel: str, constants: tuple[float, ...], *, exclude_diagonal: bool) -> Tensor:
-    """Mean of k(x_i, y_j) over all pairs (i, j), or over i != j when ``exclude_diagonal`` (x and y the same sample)."""
-    return _KernelMean.apply(x, y, kernel, constants, exclude_diagonal)
+def kernel_sum(
+    x: Tensor,
+    y: Tensor,
+    kernel: str,
+    constants: tuple[float, ...],
+    *,
+    diagonal: int | None = None,
+    symmetric: bool = False,
+) -> Tensor:
+    """sum_{i,j} k(x_i, y_j), leaving out the pairs (i, diagonal + i) when ``diagonal`` is given.
+
+    ``symmetric``: ``y`` holds ``x``'s rows (as a constant copy) among others, so each pair's other half,
+    k(y_j, x_i), also depends on x; the gradient to x counts both halves.
+    """
+    return _KernelSum.apply(x, y, kernel, constants, diagonal, symmetric)
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -91,25 +154,28 @@ def _kernel_and_slope(d: Tensor, kernel: str, constants: tuple[float, ...], slop
     return out
 
 
-def _pair_count(n: int, m: int, exclude_diagonal: bool) -> int:
-    return n * (n - 1) if exclude_diagonal else n * m
+def _kernel_matrix(
+    x: Tensor, y: Tensor, kernel: str, constants: tuple[float, ...], diagonal: int | None, slope: bool
+) -> Tensor:
+    k = _kernel_and_slope(_squared_distances(x, y), kernel, constants, slope)
+    if diagonal is not None:
+        k.diagonal(offset=diagonal).zero_()
+    return k
 
 
-class _KernelMean(torch.autograd.Function):
-    """mean_{i,j} k(|x_i - y_j|^2), recomputing the distances in backward instead of storing n x m buffers."""
+class _KernelSum(torch.autograd.Function):
+    """sum_{i,j} k(|x_i - y_j|^2), recomputing the distances in backward instead of storing n x m buffers."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, kernel: str, constants: tuple[float, ...], exclude_diagonal: bool):
+    def forward(
+        ctx, x: Tensor, y: Tensor, kernel: str, constants: tuple[float, ...], diagonal: int | None, symmetric: bool
+    ) -> Tensor:
         ctx.save_for_backward(x, y)
-        ctx.kernel, ctx.constants, ctx.exclude_diagonal = kernel, constants, exclude_diagonal
-        ctx.same = x is y
+        ctx.args = (kernel, constants, diagonal)
+        ctx.same, ctx.symmetric = x is y, symmetric
         dtype = _compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            xc, yc = x.detach().to(dtype), y.detach().to(dtype)
-            k = _kernel_and_slope(_squared_distances(xc, yc), kernel, constants, slope=False)
-            if exclude_diagonal:
-                k.diagonal().zero_()
-            return k.sum() / _pair_count(x.shape[0], y.shape[0], exclude_diagonal)
+            return _kernel_matrix(x.to(dtype), y.to(dtype), *ctx.args, slope=False).sum()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -117,23 +183,20 @@ class _KernelMean(torch.autograd.Function):
         dtype = _compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xc, yc = x.to(dtype), y.to(dtype)
-            g = _kernel_and_slope(_squared_distances(xc, yc), ctx.kernel, ctx.constants, slope=True)
-            if ctx.exclude_diagonal:
-                g.diagonal().zero_()
-            g.mul_(2.0 * grad_out.to(dtype) / _pair_count(x.shape[0], y.shape[0], ctx.exclude_diagonal))
-            # d|x_i - y_j|^2 / dx_i = 2 (x_i - y_j), and the negative of that for y_j. When x is y, g is symmetric
-            # and both contributions are equal: one matmul, counted twice.
+            g = _kernel_matrix(xc, yc, *ctx.args, slope=True).mul_(2.0 * grad_out.to(dtype))
+            # d|x_i - y_j|^2 / dx_i = 2 (x_i - y_j), and the negative of that for y_j. When x is y (or y holds a
+            # copy of x's rows), each pair's other half contributes as much again to x's gradient.
             grad_x = grad_y = None
-            if ctx.same:
-                grad_x = 2 * (g.sum(dim=1, keepdim=True) * xc - g @ xc)
-            else:
-                if ctx.needs_input_grad[0]:
-                    grad_x = g.sum(dim=1, keepdim=True) * xc - g @ yc
-                if ctx.needs_input_grad[1]:
-                    grad_y = g.sum(dim=0).unsqueeze(1) * yc - g.T @ xc
+            if ctx.needs_input_grad[0]:
+                grad_x = g.sum(dim=1, keepdim=True) * xc - g @ yc
+                if ctx.same or ctx.symmetric:
+                    grad_x = 2 * grad_x
+            if ctx.needs_input_grad[1] and not ctx.same:
+                grad_y = g.sum(dim=0).unsqueeze(1) * yc - g.T @ xc
         return (
             None if grad_x is None else grad_x.to(x.dtype),
             None if grad_y is None else grad_y.to(y.dtype),
+            None,
             None,
             None,
             None,
@@ -148,18 +211,41 @@ class MMDConfig:
         "come from the prior's variance.",
         choices=KERNELS,
     )
+    scope: str = param(
+        "global",
+        "global: the estimator over the codes of all processes (the paper's estimator at the global batch; each "
+        "process computes its rows against all, O(n N d)); local: each process's own batch only (O(n^2 d), a "
+        "noisier estimate). With gradient accumulation, global means across processes within one micro-step.",
+        choices=("global", "local"),
+    )
 
 
 class MMDPenalty(LatentPenalty):
-    def __init__(self, kernel: str, sigma2: float) -> None:
-        self.kernel, self.sigma2 = kernel, sigma2
+    def __init__(self, kernel: str, sigma2: float, scope: str) -> None:
+        self.kernel, self.sigma2, self.scope = kernel, sigma2, scope
 
     def __call__(self, codes: LatentCodes, z_prior: Tensor) -> Tensor:
-        return mmd(codes.z, z_prior, self.kernel, self.sigma2)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if self.scope == "local" or world == 1:
+            return mmd(codes.z, z_prior, self.kernel, self.sigma2)
+        # Data-parallel training averages gradients over processes; this process's gradient is its share of the
+        # global estimator's, so it is scaled by the world size for the average to be the exact gradient.
+        return _ScaleGradient.apply(global_mmd(codes.z, z_prior, self.kernel, self.sigma2), float(world))
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.factor, None
 
 
 def build(cfg: MMDConfig, prior: Prior, encoder: str) -> MMDPenalty:
-    return MMDPenalty(cfg.kernel, prior.variance)
+    return MMDPenalty(cfg.kernel, prior.variance, cfg.scope)
 
 
 SPEC = PenaltySpec(MMDConfig, build, "WAE-MMD: unbiased MMD^2 between the codes and a prior sample")

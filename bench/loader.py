@@ -1,0 +1,130 @@
+"""Loader throughput against what training consumes, measured in one run on this machine.
+
+    .venv/bin/python bench/loader.py            # about 3 minutes on 2 cores
+
+For 28x28 grey and 64x64 RGB shards in each storage format, the loader's samples/s with 0, 1 and 2 worker
+processes; then the samples/s one training process consumes at the default MNIST configs and the CelebA 64x64
+config (forward, backward and optimizer step on in-memory batches, after warm-up). The table ends with the ratio
+of 1-worker loader throughput to training consumption; the last line is the smallest such ratio (target: >= 5).
+28x28 shards are the real MNIST shards when `make data` has written them; 64x64 images are synthetic (smooth
+random fields: no photographs ship offline), which decode like photographs of that size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vegan_scale.config.load import load_config
+from vegan_scale.data.index import ShardIndex, read_index
+from vegan_scale.data.pipeline import TrainStream
+from vegan_scale.data.sources import ArraySource
+from vegan_scale.data.write import write_shards
+from vegan_scale.engine.objective import pot_objective
+from vegan_scale.registry import ExperimentConfig, build_model, build_penalty, build_prior
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = ROOT / ".data" / "shards" / "mnist" / "train"
+
+
+def smooth_images(n: int, side: int, channels: int, seed: int = 0) -> np.ndarray:
+    """Random images with photograph-like spatial correlation: 8x8 noise upsampled with bicubic filtering."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(n, 8, 8, channels), dtype=np.uint8)
+    mode = "L" if channels == 1 else "RGB"
+    out = np.empty((n, side, side, channels), dtype=np.uint8)
+    for i in range(n):
+        img = Image.fromarray(small[i, ..., 0] if channels == 1 else small[i], mode)
+        out[i] = np.asarray(img.resize((side, side), Image.Resampling.BICUBIC)).reshape(side, side, channels)
+    return out[..., 0] if channels == 1 else out
+
+
+def loader_rate(index: ShardIndex, shape: tuple[int, int, int], workers: int, max_batches: int) -> float:
+    stream = TrainStream(index, shape, batch_size=100, seed=0, num_workers=workers, shuffle_buffer=1000)
+    batches = min(max_batches, stream.batches_per_epoch)
+    it = stream.epoch(0)
+    next(it)  # worker start-up is not throughput
+    start = time.perf_counter()
+    n = sum(len(images) for images, _, _ in (next(it) for _ in range(batches - 1)))
+    return n / (time.perf_counter() - start)
+
+
+def train_rate(config: str, overrides: list[str], steps: int) -> float:
+    cfg = load_config(ExperimentConfig, ROOT / config, overrides)
+    torch.manual_seed(0)
+    model, penalty, prior = build_model(cfg), build_penalty(cfg), build_prior(cfg)
+    params = list(model.parameters()) + (list(penalty.critic.parameters()) if penalty.critic else [])
+    optimizer = torch.optim.Adam(params, lr=cfg.optim.lr)
+    x = torch.rand(cfg.train.global_batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+
+    def step() -> None:
+        terms = pot_objective(
+            model, prior, lambda a, r: (a - r.mean).pow(2).flatten(1).sum(1), penalty, cfg.penalty.weight, x
+        )
+        terms.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * len(x) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=6000, help="synthetic samples per shard set")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per config")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows: list[tuple[str, str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sets: dict[str, tuple[ShardIndex, tuple[int, int, int]]] = {}
+        grey = smooth_images(args.samples, 28, 1)
+        rgb = smooth_images(args.samples, 64, 3, seed=1)
+        for name, images, fmt, shape in [
+            ("28x28 npy", grey, "npy", (1, 28, 28)),
+            ("28x28 png", grey, "png", (1, 28, 28)),
+            ("64x64 npy", rgb, "npy", (3, 64, 64)),
+            ("64x64 png", rgb, "png", (3, 64, 64)),
+            ("64x64 jpg", rgb, "jpg", (3, 64, 64)),
+        ]:
+            out = Path(tmp) / name.replace(" ", "_")
+            write_shards(ArraySource(images), out, prefix="b", fmt=fmt, samples_per_shard=args.samples // 4)
+            sets[name] = (read_index(str(out)), shape)
+        if MNIST.exists():
+            sets["28x28 npy"] = (read_index(str(MNIST)), (1, 28, 28))  # the real data, as training reads it
+        max_batches = args.samples // 100
+        for name, (index, shape) in sets.items():
+            for workers in (0, 1, 2):
+                rows.append((f"loader {name}", f"{workers} worker(s)", loader_rate(index, shape, workers, max_batches)))
+    consumers = [
+        ("configs/mnist/quickstart.yaml", [], "28x28 npy"),
+        ("configs/mnist/wae_mmd.yaml", [], "28x28 npy"),
+        ("configs/celeba/wae_mmd.yaml", [], "64x64 png"),
+    ]
+    ratios = []
+    for config, overrides, data in consumers:
+        consumed = train_rate(config, overrides, args.steps)
+        supplied = next(r for n, w, r in rows if n == f"loader {data}" and w == "1 worker(s)")
+        rows.append((f"train {config}", "1 process", consumed))
+        ratios.append((f"{data} loader (1 worker) / {config}", supplied / consumed))
+    print(f"{'what':<42} {'setting':<12} {'samples/s':>10}")
+    for what, setting, rate in rows:
+        print(f"{what:<42} {setting:<12} {rate:>10.0f}")
+    for what, ratio in ratios:
+        print(f"ratio {what}: {ratio:.1f}x")
+    print(
+        f"headline: the 1-worker loader supplies {min(r for _, r in ratios):.1f}x what training consumes (worst case)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Hand-built shards and independent readers for the data tests (stdlib tarfile, numpy's npy format, PIL).
+
+Images carry their sample id in their first two pixels (id % 256, id // 256), so any batch can be traced back to
+the samples it holds. Shards are written here with :mod:`tarfile`, never with the code under test, and a small
+HTTP server serves a shard directory with scripted failures.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vegan_scale.errors import DataError
+
+Member = tuple[str, bytes]
+
+
+def id_images(ids: range | list[int], side: int = 8, channels: int = 1, seed: int = 0) -> np.ndarray:
+    """uint8 images [n, side, side] (or [..., channels]) of random pixels, a function of (seed, id), whose first
+    two pixels encode their id."""
+    ids = np.asarray(list(ids), dtype=np.int64)
+    shape = (side, side) if channels == 1 else (side, side, channels)
+    images = np.stack([np.random.default_rng([seed, int(i)]).integers(0, 256, size=shape, dtype=np.uint8) for i in ids])
+    index = ids if channels == 1 else ids[:, None]  # every channel
+    images[:, 0, 0] = index % 256
+    images[:, 0, 1] = index // 256
+    return images
+
+
+def ids_of(images: torch.Tensor) -> list[int]:
+    """The sample ids written by id_images, from a uint8 batch [B, C, H, W]."""
+    return (images[:, 0, 0, 0].long() + 256 * images[:, 0, 0, 1].long()).tolist()
+
+
+def batch_ids(batches: list) -> list[int]:
+    return [i for images, _, _ in batches for i in ids_of(images)]
+
+
+def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+def image_bytes(array: np.ndarray, fmt: str) -> bytes:
+    """PNG or JPEG bytes written by PIL."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format={"png": "PNG", "jpg": "JPEG"}[fmt])
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[Member], fmt: int = tarfile.USTAR_FORMAT) -> str:
+    """A tar file written by the standard library."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def read_tar(path: Path) -> list[Member]:
+    """(name, bytes) of every regular member, as tarfile reads them."""
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+
+
+def group_samples(members: list[Member]) -> list[dict[str, bytes]]:
+    """Consecutive members sharing a key (the name up to the first dot of its file name) as one sample."""
+    samples: list[dict[str, bytes]] = []
+    last = None
+    for name, data in members:
+        directory, _, base = name.rpartition("/")
+        stem, _, ext = base.partition(".")
+        key = f"{directory}/{stem}" if directory else stem
+        if key != last:
+            samples.append({"__key__": key})
+            last = key
+        samples[-1][ext] = data
+    return samples
+
+
+def sample_members(i: int, image: np.ndarray) -> list[Member]:
+    """The members of one good sample: ``<id>.npy`` and ``<id>.cls`` (label id % 10)."""
+    return [(f"{i:08d}.npy", npy_bytes(image)), (f"{i:08d}.cls", str(i % 10).encode())]
+
+
+def write_sizes(directory: Path, sizes: dict[str, int], shape: tuple[int, int, int] | None = None) -> None:
+    (directory / "sizes.json").write_text(json.dumps(sizes))
+    if shape is not None:
+        (directory / "dataset.json").write_text(json.dumps({"image_shape": list(shape)}))
+
+
+def make_shards(
+    directory: Path,
+    sizes: list[int],
+    side: int = 8,
+    prefix: str = "s",
+    first_id: int = 0,
+    replace: dict[int, list[Member]] | None = None,
+) -> list[str]:
+    """Shards ``<prefix>-NNNNNN.tar`` of the given sample counts (ids from ``first_id``) and their sizes.json.
+
+    ``replace`` maps a sample id to the members written instead of its good ones (to plant bad samples)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    replace = replace or {}
+    images = id_images(range(first_id, first_id + sum(sizes)), side)
+    paths, start = [], first_id
+    for shard, n in enumerate(sizes):
+        members = []
+        for i in range(start, start + n):
+            members += replace.get(i, sample_members(i, images[i - first_id]))
+        paths.append(write_tar(directory / f"{prefix}-{shard:06d}.tar", members))
+        start += n
+    write_sizes(directory, {Path(p).name: n for p, n in zip(paths, sizes, strict=True)}, (1, side, side))
+    return paths
+
+
+def truncate(path: Path, keep: int) -> None:
+    """Cut a file after its first ``keep`` bytes."""
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+class RunsShell:
+    """Unpickling this runs ``touch marker``: what a hostile member would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def epoch_error(batches: Iterator) -> str:
+    """The message of the DataError that iterating ``batches`` raises. The loader is released here, by reference
+    count: left to a garbage-collection pass, a DataLoader whose worker raised takes seconds to shut down."""
+    try:
+        for _ in batches:
+            pass
+    except DataError as e:
+        message = str(e)
+        e.__traceback__ = None  # its frames hold the loader in a reference cycle
+    else:
+        raise AssertionError("no DataError")
+    del batches
+    return message
+
+
+# --- a local HTTP server with scripted failures ---
+
+Fault = Callable[[SimpleHTTPRequestHandler], bool]  # handles the request itself and returns True, or passes
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    def __init__(self, *args, server_state: ShardServer, **kwargs) -> None:
+        self.state = server_state
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self) -> None:
+        name = self.path.rsplit("/", 1)[-1]
+        with self.state.lock:
+            self.state.requests.append(name)
+            faults = self.state.faults.get(name)
+            fault = faults.pop(0) if faults else None
+        if fault == "503":
+            self.send_error(503, "busy")
+        elif fault == "404":
+            self.send_error(404, "gone")
+        elif fault == "half":  # the whole length announced, half the bytes sent, then the connection dropped
+            body = Path(self.translate_path(self.path)).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+        else:
+            super().do_GET()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class ShardServer:
+    """Serves ``root`` on 127.0.0.1; ``faults[name]`` lists what the next requests of that file get: "503",
+    "404", "half" (half the body, then the connection drops) or None (served normally). Records every request."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.faults: dict[str, list[str | None]] = {}
+        self.requests: list[str] = []
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, server_state=self, directory=str(root)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def count(self, name: str) -> int:
+        return self.requests.count(name)
+
+
+@contextmanager
+def serve(root: Path) -> Iterator[ShardServer]:
+    server = ShardServer(root)
+    thread = threading.Thread(target=server.httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
+        thread.join(5)

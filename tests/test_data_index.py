@@ -1,0 +1,129 @@
+"""Shard lists: directories, brace patterns, weighted '::' sources, missing pieces, and HTTP sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.shardkit import make_shards, serve
+from vegan_scale.data.index import read_index
+from vegan_scale.data.pipeline import TrainStream
+from vegan_scale.errors import DataError
+
+GREY = (1, 28, 28)
+
+
+def names(urls: list[str]) -> list[str]:
+    return [u.rsplit("/", 1)[-1] for u in urls]
+
+
+def test_directory_and_brace_pattern(tiny_shards):
+    """A directory lists every shard in name order; a brace pattern lists just the shards it names."""
+    index = read_index(str(tiny_shards / "train"))
+    assert names(index.urls) == [f"tiny-train-{i:06d}.tar" for i in range(5)]
+    assert index.counts == [100] * 5 and index.num_samples == 500 and index.image_shape == GREY
+    part = read_index(str(tiny_shards / "train" / "tiny-train-{000001..000003}.tar"))
+    assert names(part.urls) == [f"tiny-train-{i:06d}.tar" for i in (1, 2, 3)]
+    assert part.counts == [100] * 3 and part.num_samples == 300 and part.image_shape == GREY
+
+
+def test_sources_joined_with_weights(tmp_path):
+    """'::' joins sources in order with one weight each; wrong weight counts or non-positive weights are refused."""
+    make_shards(tmp_path / "a", [3, 4])
+    make_shards(tmp_path / "b", [5])
+    spec = f"{tmp_path / 'a'}::{tmp_path / 'b' / 's-{000000..000000}.tar'}"
+    index = read_index(spec, [1.0, 3.0])
+    assert [s.weight for s in index.sources] == [1.0, 3.0]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert index.urls == [str(a / "s-000000.tar"), str(a / "s-000001.tar"), str(b / "s-000000.tar")]
+    assert index.counts == [3, 4, 5] and index.num_samples == 12
+    assert [s.weight for s in read_index(spec).sources] == [1.0, 1.0]
+    for weights in ([1.0], [1.0, 0.0], [1.0, -2.0, 1.0]):
+        with pytest.raises(DataError, match="one positive weight per source"):
+            read_index(spec, weights)
+
+
+def test_weights_need_resampled_mode(tmp_path):
+    """Weights other than 1 are refused in epoch mode (it reads every sample once) and accepted when resampled."""
+    for part in ("a", "b"):
+        make_shards(tmp_path / part, [10, 10], first_id=100 * (part == "b"))
+    index = read_index(f"{tmp_path / 'a'}::{tmp_path / 'b'}", [1.0, 3.0])
+    with pytest.raises(DataError, match=r"data\.mode=resampled"):
+        TrainStream(index, (1, 8, 8), 5, 0)
+    stream = TrainStream(index, (1, 8, 8), 5, 0, mode="resampled", shuffle_buffer=1)
+    assert len(list(stream.epoch(0))) == 40 // 5
+
+
+def test_missing_directory_and_empty_spec(tmp_path):
+    """A missing directory names its sizes.json and how to write shards; an empty list is a DataError."""
+    missing = tmp_path / "nope"
+    missing.mkdir()
+    with pytest.raises(DataError) as info:
+        read_index(str(missing))
+    assert str(missing / "sizes.json") in str(info.value) and "vegan-scale shards" in str(info.value)
+    with pytest.raises(DataError, match="does not exist"):
+        read_index(str(tmp_path / "absent"))
+    for spec in ("", "::", " :: "):
+        with pytest.raises(DataError, match="empty"):
+            read_index(spec)
+
+
+def test_missing_shard(tiny_shards):
+    """A shard listed in sizes.json but absent, or named by a pattern but absent, is named in the error; with
+    skip_missing it is left out (and its count with it). Unlisted shards and invalid JSON are refused."""
+    (tiny_shards / "train" / "tiny-train-000003.tar").unlink()
+    with pytest.raises(DataError, match=r"tiny-train-000003\.tar"):
+        read_index(str(tiny_shards / "train"))
+    pattern = str(tiny_shards / "train" / "tiny-train-{000002..000004}.tar")
+    with pytest.raises(DataError, match=r"tiny-train-000003\.tar"):
+        read_index(pattern)
+    for spec, expected in ((str(tiny_shards / "train"), [0, 1, 2, 4]), (pattern, [2, 4])):
+        index = read_index(spec, skip_missing=True)
+        assert names(index.urls) == [f"tiny-train-{i:06d}.tar" for i in expected]
+        assert index.counts == [100] * len(expected)
+    (tiny_shards / "test" / "tiny-test-000002.tar").write_bytes(b"")
+    with pytest.raises(DataError, match=r"does not list tiny-test-000002\.tar"):
+        read_index(str(tiny_shards / "test" / "tiny-test-{000000..000002}.tar"))
+    (tiny_shards / "test" / "sizes.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_index(str(tiny_shards / "test"))
+
+
+def test_no_sizes_json_needs_resampled(tmp_path):
+    """Without sizes.json a pattern's counts are unknown: epoch mode refuses (suggesting resampled), resampled mode
+    with epoch_samples reads exactly that many samples per epoch."""
+    make_shards(tmp_path, [7, 7, 7])
+    (tmp_path / "sizes.json").unlink()
+    index = read_index(str(tmp_path / "s-{000000..000002}.tar"))
+    assert len(index.urls) == 3 and not index.has_counts
+    with pytest.raises(DataError, match=r"sizes\.json"):
+        index.counts  # noqa: B018
+    with pytest.raises(DataError, match=r"data\.mode=resampled with data\.epoch_samples"):
+        TrainStream(index, (1, 8, 8), 4, 0)
+    stream = TrainStream(index, (1, 8, 8), 4, 0, mode="resampled", epoch_samples=30, shuffle_buffer=1)
+    batches = list(stream.epoch(0))
+    assert len(batches) == stream.plan(0).batches == 7
+    assert all(images.shape == (4, 1, 8, 8) for images, _, _ in batches)
+
+
+def test_http_source_counts_from_sizes_json(tmp_path):
+    """An http:// pattern fetches sizes.json and dataset.json from the shards' directory; without them on the
+    server, counts and shape are unknown."""
+    make_shards(tmp_path / "d", [4, 6, 5])
+    make_shards(tmp_path / "bare", [4, 6])
+    (tmp_path / "bare" / "sizes.json").unlink()
+    (tmp_path / "bare" / "dataset.json").unlink()
+    with serve(tmp_path) as server:
+        index = read_index(f"{server.url}/d/s-{{000000..000002}}.tar")
+        assert index.urls == [f"{server.url}/d/s-{i:06d}.tar" for i in range(3)]
+        assert index.counts == [4, 6, 5] and index.image_shape == (1, 8, 8)
+        assert set(server.requests) == {"sizes.json", "dataset.json"}  # no shard is opened to index
+        bare = read_index(f"{server.url}/bare/s-{{000000..000001}}.tar")
+        assert not bare.has_counts and bare.image_shape is None and len(bare.urls) == 2
+
+
+def test_local_paths_are_not_urls(tmp_path: Path):
+    """A local directory whose name has a colon is still a local source."""
+    make_shards(tmp_path / "a:b", [3])
+    assert read_index(str(tmp_path / "a:b")).counts == [3]

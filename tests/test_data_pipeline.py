@@ -1,0 +1,394 @@
+"""The training stream, on hand-built tar shards whose images carry their sample id: coverage, rank equality,
+determinism, resumption by step, and bad data in both error modes. Several ranks are simulated in one process."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_images
+
+from tests.shardkit import (
+    RunsShell,
+    batch_ids,
+    epoch_error,
+    id_images,
+    ids_of,
+    make_shards,
+    npy_bytes,
+    sample_members,
+    serve,
+    truncate,
+)
+from vegan_scale.data.decode import SKIP_REASONS
+from vegan_scale.data.index import ShardIndex, read_index
+from vegan_scale.data.pipeline import TrainStream, load_images
+from vegan_scale.errors import DataError
+
+SHAPE = (1, 8, 8)
+GREY28 = (1, 28, 28)
+
+
+def stream(index: ShardIndex, batch: int, **kwargs) -> TrainStream:
+    kwargs = {"seed": 0, "shuffle_buffer": 20, **kwargs}
+    return TrainStream(index, kwargs.pop("shape", SHAPE), batch, **kwargs)
+
+
+def check_pixels(batches: list, side: int = 8) -> None:
+    """Every image is the id_images image of the id it carries, and every label is that id % 10."""
+    for images, labels, _ in batches:
+        ids = ids_of(images)
+        np.testing.assert_array_equal(images[:, 0].numpy(), id_images(ids, side))
+        assert labels.tolist() == [i % 10 for i in ids]
+
+
+def skip_counts(batches: list) -> dict[str, int]:
+    total = sum((skips for _, _, skips in batches), torch.zeros(len(SKIP_REASONS), dtype=torch.int64))
+    return {reason: n for reason, n in zip(SKIP_REASONS, total.tolist(), strict=True) if n}
+
+
+# --- one rank ---
+
+
+@pytest.mark.data
+def test_real_mnist_shards_match_source(mnist_shards, mnist_wheel):
+    """The MNIST shards hold the hash-checked wheel's images and labels in order (first samples of each split)."""
+    from vegan_scale.data.sources import load_mnist
+
+    train, test = load_mnist(mnist_wheel)
+    for split, data, total in (("train", train, 60000), ("test", test, 10000)):
+        index = read_index(str(mnist_shards / split))
+        assert index.num_samples == total and index.image_shape == GREY28
+        images, labels = load_images(index, GREY28, limit=300)
+        np.testing.assert_array_equal(images[:, 0].numpy(), data.images[:300])
+        np.testing.assert_array_equal(labels.numpy(), data.labels[:300])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+def test_epoch_reads_every_sample_once(tiny_shards, num_workers):
+    """One epoch on one process yields all 500 samples exactly once, with their own pixels and labels."""
+    index = read_index(str(tiny_shards / "train"))
+    s = stream(index, 50, shape=GREY28, num_workers=num_workers, shuffle_buffer=100)
+    batches = list(s.epoch(0))
+    assert len(batches) == s.plan(0).batches == 10 and s.plan(0).dropped == 0
+    assert sorted(batch_ids(batches)) == list(range(500))
+    reference = synthetic_images(500, seed=len("train"))
+    for images, labels, skips in batches:
+        assert images.dtype == torch.uint8 and images.shape == (50, *GREY28)
+        ids = ids_of(images)
+        np.testing.assert_array_equal(images[:, 0].numpy(), reference[ids])
+        assert labels.tolist() == [i % 10 for i in ids]
+        assert skips.tolist() == [0] * len(SKIP_REASONS)
+
+
+def test_epoch_is_shuffled_across_shards(tiny_shards):
+    """The shuffle buffer mixes samples: the order is neither the stored order nor shard by shard."""
+    index = read_index(str(tiny_shards / "train"))
+    ids = batch_ids(list(stream(index, 50, shape=GREY28, shuffle_buffer=200).epoch(0)))
+    assert ids != sorted(ids)
+    assert len({i // 100 for i in ids[:50]}) > 1
+
+
+def test_too_few_shards_or_samples(tiny_shards):
+    """5 shards cannot feed 3 processes x 2 workers in epoch mode (DataError with the numbers), nor 2 ranks
+    batches of 300 in either mode."""
+    index = read_index(str(tiny_shards / "train"))
+    with pytest.raises(DataError) as info:
+        stream(index, 10, shape=GREY28, rank=0, world_size=3, num_workers=2)
+    msg = str(info.value)
+    assert "5 shard(s)" in msg and "3 process(es)" in msg and "2 loader worker(s)" in msg
+    stream(index, 10, shape=GREY28, rank=0, world_size=3, num_workers=2, mode="resampled")  # draws need no split
+    for mode in ("epoch", "resampled"):
+        with pytest.raises(DataError, match="no full batch"):
+            stream(index, 300, shape=GREY28, rank=0, world_size=2, mode=mode)
+
+
+# --- several ranks, simulated in one process ---
+
+
+def test_epoch_readers_disjoint_and_cover(tmp_path):
+    """2 ranks x 2 workers on uneven shards: the four readers' samples are disjoint, and with plan.dropped
+    (fewer than a global batch) make up the epoch; every rank yields plan.batches full, correct batches."""
+    sizes = [100, 100, 100, 37, 3]
+    make_shards(tmp_path / "even", sizes)
+    index = read_index(str(tmp_path / "even"))
+    for epoch in (0, 1):
+        readers: dict[tuple[int, int], list[int]] = {}
+        streams = [stream(index, 10, seed=7, rank=r, world_size=2, num_workers=2) for r in (0, 1)]
+        plans = [s.plan(epoch) for s in streams]
+        assert plans[0].batches == plans[1].batches == 340 // 20
+        assert plans[0].dropped == plans[1].dropped == 0
+        for rank, s in enumerate(streams):
+            batches = list(s.epoch(epoch))
+            assert len(batches) == plans[rank].batches
+            assert all(len(labels) == 10 for _, labels, _ in batches)
+            check_pixels(batches)
+            for j, (images, _, _) in enumerate(batches):  # the loader serves its workers round robin
+                readers.setdefault((rank, j % 2), []).extend(ids_of(images))
+        every = [i for ids in readers.values() for i in ids]
+        assert len(readers) == 4 and len(every) == len(set(every))
+        assert len(every) + plans[0].dropped == sum(sizes)
+    make_shards(tmp_path / "odd", [100, 100, 100, 37, 8])
+    odd = read_index(str(tmp_path / "odd"))
+    plans = [stream(odd, 10, rank=r, world_size=2, num_workers=2).plan(0) for r in (0, 1)]
+    assert plans[0].dropped == 345 - 17 * 20 == 5 and plans[0].batches == plans[1].batches == 17
+    ids = [batch_ids(list(stream(odd, 10, rank=r, world_size=2, num_workers=2).epoch(0))) for r in (0, 1)]
+    assert not set(ids[0]) & set(ids[1]) and len(set(ids[0] + ids[1])) + 5 == 345
+
+
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+@pytest.mark.parametrize("sizes", [[100, 100, 100, 37, 3], [500, 10, 10, 7]], ids=["tail", "one_big"])
+def test_uneven_shards_equal_batch_counts(tmp_path, mode, sizes):
+    """Both ranks yield N // (batch * world) full batches, however unevenly the shards are sized."""
+    make_shards(tmp_path, sizes)
+    index = read_index(str(tmp_path))
+    expected = sum(sizes) // 20
+    for rank in (0, 1):
+        s = stream(index, 10, rank=rank, world_size=2, num_workers=2, mode=mode)
+        batches = list(s.epoch(0))
+        assert len(batches) == s.plan(0).batches == s.batches_per_epoch == expected
+        assert all(images.shape == (10, *SHAPE) for images, _, _ in batches)
+        check_pixels(batches)
+
+
+def test_resampled_draws_follow_weights(tmp_path):
+    """Two sources weighted 1 and 3: about three quarters of the samples come from the second (1000 shard
+    draws: the share's standard deviation is 0.014, the tolerance 0.06)."""
+    make_shards(tmp_path / "a", [4] * 10)
+    make_shards(tmp_path / "b", [4] * 10, first_id=1000)
+    index = read_index(f"{tmp_path / 'a'}::{tmp_path / 'b'}", [1.0, 3.0])
+    s = stream(index, 50, mode="resampled", epoch_samples=4000, shuffle_buffer=1)
+    batches = list(s.epoch(0))
+    assert len(batches) == 80
+    ids = batch_ids(batches)
+    assert set(ids) <= set(range(40)) | set(range(1000, 1040))
+    share = sum(i >= 1000 for i in ids) / len(ids)
+    assert abs(share - 0.75) < 0.06, share
+
+
+def test_resampled_source_left_without_shards(tmp_path):
+    """A source whose shards are all gone (dropped by skip_missing) is not drawn from; the others still are."""
+    make_shards(tmp_path / "a", [10, 10])
+    make_shards(tmp_path / "b", [10, 10], first_id=100)
+    for path in (tmp_path / "b").glob("*.tar"):
+        path.unlink()
+    index = read_index(f"{tmp_path / 'a'}::{tmp_path / 'b'}", skip_missing=True)
+    assert [len(source.urls) for source in index.sources] == [2, 0]
+    batches = list(stream(index, 5, mode="resampled", on_error="skip", epoch_samples=100).epoch(0))
+    assert len(batches) == 20 and set(batch_ids(batches)) <= set(range(20))
+
+
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_order_depends_on_seed_and_epoch_only(tmp_path, mode, num_workers):
+    """Same seed and epoch: identical batches (also with loader processes); another epoch or seed: another order."""
+    make_shards(tmp_path, [30, 30, 30, 30])
+    index = read_index(str(tmp_path))
+
+    def run(seed: int, epoch: int) -> list:
+        return list(stream(index, 10, seed=seed, num_workers=num_workers, mode=mode).epoch(epoch))
+
+    first, again = run(0, 0), run(0, 0)
+    assert len(first) == len(again) == 12
+    for a, b in zip(first, again, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    reference = batch_ids(first)
+    assert batch_ids(run(0, 1)) != reference
+    assert batch_ids(run(1, 0)) != reference
+    if mode == "epoch":
+        assert sorted(batch_ids(run(0, 1))) == sorted(reference) == list(range(120))
+
+
+# --- resuming at a step ---
+
+
+def bad_npy(i: int) -> list:
+    return [(f"{i:08d}.npy", b"\x93NUMPY\x01\x00not an array"), (f"{i:08d}.cls", b"1")]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # more than this machine's cores
+@pytest.mark.parametrize("num_workers", [0, 1, 2, 3])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_resume_matches_uninterrupted(tmp_path, mode, on_error, num_workers):
+    """epoch(e, start=j) yields exactly batches j, j+1, ... of epoch(e): images, labels and skip counts. 7 batches
+    per epoch (not a multiple of 2 or 3 workers); in skip mode the shards hold bad samples."""
+    bad = {3: bad_npy(3), 31: [(f"{31:08d}.cls", b"1")], 47: bad_npy(47)} if on_error == "skip" else {}
+    make_shards(tmp_path, [10, 10, 10, 10, 10, 6], replace=bad)
+    index = read_index(str(tmp_path))
+    s = stream(index, 8, seed=3, num_workers=num_workers, mode=mode, on_error=on_error, shuffle_buffer=15)
+    assert s.batches_per_epoch == 7
+    for epoch in (0, 1):
+        full = list(s.epoch(epoch))
+        assert len(full) == 7
+        if mode == "epoch" and on_error == "skip":  # every sample is read: each bad one is counted once
+            assert skip_counts(full) == {"no_image": 1, "undecodable_image": 2}
+        for start in (1, 2, 5, 6) if epoch == 0 else (3,):
+            resumed = list(s.epoch(epoch, start=start))
+            assert len(resumed) == 7 - start
+            for j, (a, b) in enumerate(zip(full[start:], resumed, strict=True)):
+                assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), (epoch, start, j)
+
+
+# --- bad data ---
+
+GOOD = [20, 20, 20, 20]  # ids 0-79; a batch of 5, two ranks: 8 batches each, nothing dropped
+
+
+def plant(case: str, root: Path, marker: Path) -> tuple[set[int], str, dict[str, int]]:
+    """Write the shards with one defect; returns (ids that must not appear, words of the raise message, the
+    skip counts of one read of every sample)."""
+    bad25 = {
+        "undecodable": (bad_npy(25), "cannot decode its npy image", "undecodable_image"),
+        "no_image": ([("00000025.cls", b"5")], "no image member", "no_image"),
+        "wrong_size": (
+            [("00000025.npy", npy_bytes(id_images([25], side=9)[0, :8])), ("00000025.cls", b"5")],
+            "data.image_size",
+            "wrong_shape",
+        ),
+        "wrong_channels": (
+            [("00000025.npy", npy_bytes(id_images([25], channels=3)[0])), ("00000025.cls", b"5")],
+            "data.channels",
+            "wrong_shape",
+        ),
+        "pickle": (
+            [*sample_members(25, id_images([25])[0]), ("00000025.pyd", pickle.dumps(RunsShell(marker)))],
+            "pickle",
+            "unsafe_member",
+        ),
+    }
+    if case in bad25:
+        members, words, reason = bad25[case]
+        make_shards(root, GOOD, replace={25: members})
+        return {25}, words, {reason: 1}
+    paths = make_shards(root, GOOD)
+    if case == "truncated":  # cut inside the image of the shard's 9th sample (id 48): 8 samples of 2048 bytes
+        truncate(Path(paths[2]), 8 * 2048 + 512 + 100)
+        return set(range(48, 60)), "truncated", {"corrupt_shard": 1}
+    if case == "unreadable":  # after indexing, a directory takes the shard's place
+        return set(range(40, 60)), "cannot be read", {"unreadable_shard": 1}
+    return set(range(40, 60)), "does not exist", {"missing_shard": 1}  # deleted or remote: after indexing
+
+
+CASES = [
+    "truncated",
+    "undecodable",
+    "no_image",
+    "wrong_size",
+    "wrong_channels",
+    "pickle",
+    "deleted",
+    "unreadable",
+    "remote_404",
+]
+
+
+@pytest.fixture()
+def bad_data(tmp_path, request):
+    """(index, ids that must not appear, message words, expected skip counts, marker) for request.param."""
+    case, marker = request.param, tmp_path / "pwned"
+    lost, words, counts = plant(case, tmp_path / "d", marker)
+    if case != "remote_404":
+        index = read_index(str(tmp_path / "d"))
+        if case in ("deleted", "unreadable"):
+            (tmp_path / "d" / "s-000002.tar").unlink()
+        if case == "unreadable":
+            (tmp_path / "d" / "s-000002.tar").mkdir()
+        yield index, lost, words, counts, marker
+        return
+    with serve(tmp_path) as server:
+        index = read_index(f"{server.url}/d/s-{{000000..000003}}.tar")
+        (tmp_path / "d" / "s-000002.tar").unlink()
+        yield index, lost, "HTTP 404", counts, marker
+
+
+# resampled mode draws shards at random: 160 draws of 4 shards meet the bad one ((3/4)^160 ~ 1e-20 to miss)
+RESAMPLED = {"mode": "resampled", "epoch_samples": 3200}
+
+
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+@pytest.mark.parametrize("bad_data", CASES, indirect=True)
+def test_bad_data_raises(bad_data, mode):
+    """on_error=raise: reading the epoch is a DataError naming the shard and the problem; nothing is unpickled."""
+    index, _, words, _, marker = bad_data
+    extra = RESAMPLED if mode == "resampled" else {}
+    message = epoch_error(stream(index, 5, **extra).epoch(0))
+    assert words in message and "s-00000" in message, message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("bad_data", ["pickle", "truncated"], indirect=True)
+def test_bad_data_raises_through_loader_worker(bad_data):
+    """The DataError survives the DataLoader worker boundary (the default data.num_workers is 1)."""
+    index, _, words, _, marker = bad_data
+    message = epoch_error(stream(index, 5, num_workers=1).epoch(0))
+    assert words in message and "s-00000" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+@pytest.mark.parametrize("bad_data", CASES, indirect=True)
+def test_bad_data_skipped(bad_data, mode):
+    """on_error=skip: both ranks still yield plan.batches full batches; no bad sample appears; in epoch mode the
+    skip counts of the two ranks add up to the planted defects, in resampled mode they name only its reason
+    (a shard drawn several times is counted at each draw)."""
+    index, lost, _, counts, marker = bad_data
+    extra = RESAMPLED if mode == "resampled" else {}
+    total: dict[str, int] = {}
+    for rank in (0, 1):
+        s = stream(index, 5, rank=rank, world_size=2, on_error="skip", **extra)
+        batches = list(s.epoch(0))
+        assert len(batches) == s.plan(0).batches == (8 if mode == "epoch" else 320)
+        assert all(images.shape == (5, *SHAPE) for images, _, _ in batches)
+        check_pixels(batches)
+        assert not set(batch_ids(batches)) & lost
+        for reason, n in skip_counts(batches).items():
+            total[reason] = total.get(reason, 0) + n
+    if mode == "epoch":
+        assert total == counts
+    else:
+        assert set(total) == set(counts) and min(total.values()) >= 1
+    assert not marker.exists()
+
+
+def test_skip_gives_up_when_nothing_decodes(tmp_path):
+    """on_error=skip over shards that are all gone is a DataError, not an endless loop (epoch mode)."""
+    make_shards(tmp_path, [10, 10])
+    index = read_index(str(tmp_path))
+    for path in tmp_path.glob("*.tar"):
+        path.unlink()
+    assert "no decodable sample" in epoch_error(stream(index, 5, on_error="skip").epoch(0))
+
+
+def test_shard_shorter_than_sizes_json(tmp_path):
+    """A shard holding fewer samples than sizes.json says is a DataError that says so."""
+    make_shards(tmp_path, [10, 10])
+    (tmp_path / "sizes.json").write_text('{"s-000000.tar": 10, "s-000001.tar": 15}')
+    message = epoch_error(stream(read_index(str(tmp_path)), 5).epoch(0))
+    assert "s-000001.tar holds 10 samples but sizes.json promises at least 15" in message
+
+
+def test_short_shard_is_counted_when_skipping(tmp_path):
+    """on_error=skip: a shard shorter than sizes.json is counted once as short_shard and the quota still filled."""
+    make_shards(tmp_path, [10, 10])
+    (tmp_path / "sizes.json").write_text('{"s-000000.tar": 10, "s-000001.tar": 15}')
+    s = stream(read_index(str(tmp_path)), 5, on_error="skip")
+    batches = list(s.epoch(0))
+    assert len(batches) == s.plan(0).batches == 5
+    assert skip_counts(batches) == {"short_shard": 1}
+
+
+def test_resampled_skip_gives_up_on_unusable_data(tmp_path, monkeypatch):
+    """Resampled mode draws for ever; with every shard gone it stops with a DataError instead of looping."""
+    import vegan_scale.data.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "MAX_BAD_IN_A_ROW", 50)
+    make_shards(tmp_path, [10, 10])
+    index = read_index(str(tmp_path))
+    for path in tmp_path.glob("*.tar"):
+        path.unlink()
+    message = epoch_error(stream(index, 5, on_error="skip", mode="resampled").epoch(0))
+    assert "50 bad samples or shards in a row" in message

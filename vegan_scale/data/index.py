@@ -1,0 +1,176 @@
+"""Shard lists: which tar files make up a dataset, how many samples each holds, and how sources are weighted.
+
+A data spec is one or more sources separated by ``::`` (open_clip's convention), each one of:
+
+* a local directory written by ``vegan-scale shards`` (it holds ``sizes.json``);
+* a brace pattern of local paths or URLs, ``data/train-{000000..000127}.tar``, ``https://host/d/x-{0..9}.tar``,
+  ``pipe:aws s3 cp s3://bucket/x-{0..9}.tar -``. Sample counts come from a ``sizes.json`` beside the shards (read
+  from the same directory, or fetched from the same URL directory); without one, counts are unknown, which only
+  resampled mode accepts.
+
+Weights (one per source) set how often resampled mode draws from each source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from vegan_scale.errors import DataError
+
+log = logging.getLogger("vegan_scale.data")
+
+SIZES_FILE = "sizes.json"
+INFO_FILE = "dataset.json"
+SOURCE_SEPARATOR = "::"
+HOWTO = "write shards with `vegan-scale shards mnist --out DIR` (or `make data`) and point data.train/data.test at DIR"
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """One source: its shard URLs, their sample counts (None when unknown) and its sampling weight."""
+
+    spec: str
+    urls: tuple[str, ...]
+    counts: tuple[int, ...] | None
+    weight: float = 1.0
+    image_shape: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """All sources of one split."""
+
+    sources: tuple[ShardSource, ...]
+
+    @property
+    def urls(self) -> list[str]:
+        return [u for s in self.sources for u in s.urls]
+
+    @property
+    def counts(self) -> list[int]:
+        if not self.has_counts:
+            unknown = [s.spec for s in self.sources if s.counts is None]
+            raise DataError(
+                f"sample counts of {unknown} are unknown (no sizes.json beside the shards); write one "
+                '({"shard.tar": count, ...}) or use data.mode=resampled with data.epoch_samples set'
+            )
+        return [c for s in self.sources for c in s.counts]
+
+    @property
+    def has_counts(self) -> bool:
+        return all(s.counts is not None for s in self.sources)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        return next((s.image_shape for s in self.sources if s.image_shape is not None), None)
+
+
+def _expand(pattern: str) -> list[str]:
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def _is_url(spec: str) -> bool:
+    return spec.startswith("pipe:") or "://" in spec.split("{", 1)[0]
+
+
+def _fetch_json(url: str, attempts: int = 4) -> object | None:
+    """A small JSON file over HTTP(S): None if it does not exist, retried on transient failures."""
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            if e.code in (403, 404, 410):
+                return None
+            error = e
+        except (urllib.error.URLError, OSError) as e:
+            error = e
+        log.warning("fetching %s failed (%s); retrying", url, error)
+        time.sleep(2**attempt)
+    raise DataError(f"cannot fetch {url} after {attempts} attempts: {error}")
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); rewrite the shards") from None
+
+
+def _local_source(spec: str, weight: float, skip_missing: bool) -> ShardSource:
+    path = Path(spec)
+    pattern = not path.is_dir() and (path.suffix == ".tar" or "{" in spec)
+    directory = path.parent if pattern else path
+    if not directory.is_dir():
+        raise DataError(f"no shards at {spec}: {directory} does not exist; {HOWTO}")
+    sizes_path = directory / SIZES_FILE
+    sizes = _read_json(sizes_path) if sizes_path.exists() else None
+    if not pattern and sizes is None:
+        raise DataError(f"no shards at {spec}: {sizes_path} is missing; {HOWTO}")
+    names = [Path(u).name for u in _expand(spec)] if pattern else sorted(sizes)
+    missing = [n for n in names if not (directory / n).exists()]
+    if missing and not skip_missing:
+        raise DataError(
+            f"{len(missing)} shard(s) of {spec} do not exist: {', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}; rewrite the shards or set data.on_error=skip"
+        )
+    if missing:
+        log.warning("%d shard(s) of %s do not exist and are skipped: %s", len(missing), spec, ", ".join(missing[:3]))
+    names = [n for n in names if n not in missing]
+    if sizes is not None and any(n not in sizes for n in names):
+        unlisted = [n for n in names if n not in sizes]
+        raise DataError(f"{sizes_path} does not list {', '.join(unlisted[:3])}; rewrite the shards")
+    info_path = directory / INFO_FILE
+    shape = tuple(_read_json(info_path)["image_shape"]) if info_path.exists() else None
+    counts = tuple(int(sizes[n]) for n in names) if sizes is not None else None
+    return ShardSource(spec, tuple(str(directory / n) for n in names), counts, weight, shape)
+
+
+def _remote_source(spec: str, weight: float) -> ShardSource:
+    urls = tuple(_expand(spec))
+    counts = shape = None
+    if spec.startswith(("http://", "https://")):
+        base = posixpath.dirname(urls[0])
+        sizes = _fetch_json(f"{base}/{SIZES_FILE}")
+        if sizes is not None:
+            names = [posixpath.basename(u) for u in urls]
+            unlisted = [n for n in names if n not in sizes]
+            if unlisted:
+                raise DataError(f"{base}/{SIZES_FILE} does not list {', '.join(unlisted[:3])}")
+            counts = tuple(int(sizes[n]) for n in names)
+            info = _fetch_json(f"{base}/{INFO_FILE}")
+            shape = tuple(info["image_shape"]) if isinstance(info, dict) else None
+    return ShardSource(spec, urls, counts, weight, shape)
+
+
+def read_index(spec: str, weights: list[float] | None = None, *, skip_missing: bool = False) -> ShardIndex:
+    """The shards of ``spec`` (sources separated by ``::``), with one weight per source (default: all 1)."""
+    parts = [p for p in spec.split(SOURCE_SEPARATOR) if p.strip()]
+    if not parts:
+        raise DataError(f"the shard list {spec!r} is empty; {HOWTO}")
+    weights = list(weights) if weights else [1.0] * len(parts)
+    if len(weights) != len(parts) or any(w <= 0 for w in weights):
+        raise DataError(
+            f"{len(parts)} data source(s) in {spec!r} but weights {weights}: give one positive weight "
+            "per source (data.train_weights)"
+        )
+    sources = tuple(
+        _remote_source(p, w) if _is_url(p) else _local_source(p, w, skip_missing)
+        for p, w in zip(parts, weights, strict=True)
+    )
+    if not any(s.urls for s in sources):
+        raise DataError(f"no shards found for {spec!r}; {HOWTO}")
+    return ShardIndex(sources)

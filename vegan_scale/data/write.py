@@ -1,0 +1,202 @@
+"""Writing image datasets as tar shards: deterministic, parallel, bounded by sample count or bytes.
+
+A shard directory holds ``<prefix>-NNNNNN.tar``, ``sizes.json`` (shard name -> sample count, open_clip's
+convention) and ``dataset.json`` (image shape, sample count, format, source). Each sample is one image member
+(``<key>.npy``, ``.png`` or ``.jpg``) and, when labelled, ``<key>.cls`` with the decimal label.
+
+Formats: ``npy`` stores the raw uint8 array and needs no image decoding (the right choice for small images such as
+MNIST, where PNG decoding would cost more than training consumes); ``png`` is lossless and compact for photographs;
+``jpg`` is the smallest, lossy.
+
+Encoding (and, for image folders, reading, cropping and resizing) runs in ``workers`` processes; shards are
+assembled in order by the parent, so the bytes are identical whatever the worker count. Every file is written
+under a temporary name and renamed, and shards left from an earlier write with the same prefix are removed, so a
+directory never mixes two writes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import re
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from vegan_scale.data.index import INFO_FILE, SIZES_FILE
+
+FORMATS = ("npy", "png", "jpg")
+JPEG_QUALITY = 95
+
+
+class SampleSource(Protocol):
+    """An indexable, picklable collection of (uint8 image [H, W] or [H, W, C], label or None)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int | None]: ...
+
+
+@dataclass
+class ShardSummary:
+    directory: Path
+    shards: int
+    samples: int
+    bytes: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (
+            f"{self.directory}: {self.shards} shards, {self.samples} samples, {self.bytes / 1e6:.1f} MB "
+            f"({self.seconds:.1f} s)"
+        )
+
+
+def encode_image(image: np.ndarray, fmt: str) -> bytes:
+    """Bytes of a uint8 image in ``fmt``, with fixed encoder settings so that output is reproducible."""
+    buf = io.BytesIO()
+    if fmt == "npy":
+        np.save(buf, np.ascontiguousarray(image), allow_pickle=False)
+    else:
+        img = Image.fromarray(image)
+        if fmt == "png":
+            img.save(buf, format="PNG", compress_level=6)
+        else:
+            img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+_worker_state: dict[str, Any] = {}
+
+
+def _init_worker(source: SampleSource, fmt: str) -> None:
+    _worker_state["source"], _worker_state["fmt"] = source, fmt
+
+
+def _encode(i: int) -> list[tuple[str, bytes]]:
+    image, label = _worker_state["source"][i]
+    members = [(_worker_state["fmt"], encode_image(image, _worker_state["fmt"]))]
+    if label is not None:
+        members.append(("cls", str(int(label)).encode()))
+    return members
+
+
+def _encoded(source: SampleSource, fmt: str, workers: int) -> Iterator[list[tuple[str, bytes]]]:
+    """Encoded members of every sample, in order."""
+    if workers <= 1:
+        _init_worker(source, fmt)
+        yield from map(_encode, range(len(source)))
+        return
+    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (source, fmt)) as pool:
+        yield from pool.imap(_encode, range(len(source)), chunksize=256)
+
+
+def _member_bytes(data: bytes) -> int:
+    return tarfile.BLOCKSIZE + -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _file_bytes(member_bytes: int) -> int:
+    """The size of a tar file of members taking ``member_bytes``: two zero blocks end it, and tarfile pads it to
+    a whole record."""
+    return -(-(member_bytes + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+class _ShardFile:
+    """One shard being written under a temporary name."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed by close())
+        self.samples = self.bytes = 0
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        for ext, data in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            self.tar.addfile(info, io.BytesIO(data))
+            self.bytes += _member_bytes(data)
+        self.samples += 1
+
+    def close(self) -> int:
+        self.tar.close()
+        os.replace(self.tmp, self.path)
+        return self.path.stat().st_size
+
+
+def write_shards(
+    source: SampleSource,
+    out_dir: Path,
+    *,
+    prefix: str,
+    fmt: str = "npy",
+    samples_per_shard: int | None = 10_000,
+    max_shard_bytes: int | None = None,
+    workers: int = 1,
+    description: str = "",
+) -> ShardSummary:
+    """Write every sample of ``source`` as shards of at most ``samples_per_shard`` samples and ``max_shard_bytes``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown shard format {fmt!r}; expected one of {FORMATS}")
+    if len(source) == 0:
+        raise ValueError("no samples to write")
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (SIZES_FILE, INFO_FILE):  # a write that fails midway must not leave the old index over new shards
+        (out_dir / name).unlink(missing_ok=True)
+    sizes: dict[str, int] = {}
+    total_bytes, shape = 0, None
+    shard: _ShardFile | None = None
+    for i, members in enumerate(_encoded(source, fmt, workers)):
+        if shape is None:
+            shape = _chw(source[0][0])
+        new_bytes = sum(_member_bytes(data) for _, data in members)
+        full = shard is not None and (
+            (samples_per_shard is not None and shard.samples >= samples_per_shard)
+            or (
+                max_shard_bytes is not None and shard.samples and _file_bytes(shard.bytes + new_bytes) > max_shard_bytes
+            )
+        )
+        if shard is None or full:
+            if shard is not None:
+                total_bytes += shard.close()
+            shard = _ShardFile(out_dir / f"{prefix}-{len(sizes):06d}.tar")
+            sizes[shard.path.name] = 0
+        shard.add(f"{i:09d}", members)
+        sizes[shard.path.name] += 1
+    total_bytes += shard.close()
+    _remove_stale(out_dir, prefix, sizes)
+    info = {
+        "num_samples": len(source),
+        "image_shape": shape,
+        "format": fmt,
+        "labels": source[0][1] is not None,
+        "source": description,
+    }
+    _atomic_json(out_dir / SIZES_FILE, sizes)
+    _atomic_json(out_dir / INFO_FILE, info)
+    return ShardSummary(out_dir, len(sizes), len(source), total_bytes, time.perf_counter() - start)
+
+
+def _chw(image: np.ndarray) -> list[int]:
+    return [1, *image.shape] if image.ndim == 2 else [image.shape[2], *image.shape[:2]]
+
+
+def _remove_stale(out_dir: Path, prefix: str, keep: dict[str, int]) -> None:
+    ours = re.compile(re.escape(prefix) + r"-\d{6}\.tar")
+    for old in out_dir.glob(f"{prefix}-*.tar"):
+        if ours.fullmatch(old.name) and old.name not in keep:
+            old.unlink()
+
+
+def _atomic_json(path: Path, value: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)

@@ -12,13 +12,16 @@ import pytest
 import torch
 
 from vegan_scale import checkpoint
-from vegan_scale.checkpoint import CheckpointContent, commit, complete_checkpoints, read_optim, read_weights
+from vegan_scale.checkpoint import commit, complete_checkpoints, read_module, read_optimizer
 
 
-def save(root: Path, step: int, keep_last_k: int = 2, **content) -> Path:
-    fields = {"model": {"w": torch.full((2,), float(step))}, "critic": None, "optim": {}, "state": {"step": step}}
-    checkpoint.write_rank_state(root, step, 0)
-    checkpoint.write_main_state(root, step, CheckpointContent(**(fields | content)))
+def save(root: Path, step: int, keep_last_k: int = 2, modules: dict | None = None, state: dict | None = None) -> Path:
+    """Write a checkpoint of ``modules`` ({name: (state_dict, optimizer_state)}) the way training does, and commit."""
+    directory = checkpoint.tmp_dir(root, step)
+    checkpoint.write_rank_state(directory, 0)
+    for name, (weights, optim) in (modules or {"autoencoder": ({"w": torch.full((2,), float(step))}, {})}).items():
+        checkpoint.save_module(directory, name, weights, optim)
+    checkpoint.write_state(directory, state or {"step": step})
     return commit(root, step, keep_last_k)
 
 
@@ -35,14 +38,24 @@ class _TouchesMarker:
 def test_layout_after_commit(tmp_path):
     """Every process's part and the main state land in step_XXXXXXXX/ with COMPLETE, and `latest` names it."""
     root = tmp_path / "checkpoints"
+    directory = checkpoint.tmp_dir(root, 1000)
     for rank in (0, 1):
-        checkpoint.write_rank_state(root, 1000, rank)
-    content = CheckpointContent({"w": torch.ones(3)}, {"c": torch.zeros(1)}, {"x": 1}, {"step": 1000, "epoch": 2})
-    checkpoint.write_main_state(root, 1000, content)
+        checkpoint.write_rank_state(directory, rank)
+    checkpoint.save_module(directory, "autoencoder", {"w": torch.ones(3)}, {"x": 1})
+    checkpoint.save_module(directory, "critic", {"c": torch.zeros(1)}, {})
+    checkpoint.write_state(directory, {"step": 1000, "epoch": 2})
     assert not complete_checkpoints(root)  # nothing counts before commit
     final = commit(root, 1000, keep_last_k=2)
     assert final == root / "step_00001000"
-    parts = ["model.safetensors", "critic.safetensors", "optim.pt", "rng_rank0.pt", "rng_rank1.pt", "state.json"]
+    parts = [
+        "autoencoder.safetensors",
+        "autoencoder.optim.pt",
+        "critic.safetensors",
+        "critic.optim.pt",
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+        "state.json",
+    ]
     assert sorted(p.name for p in final.iterdir()) == sorted(["COMPLETE", *parts])
     assert (root / "latest").read_text().strip() == "step_00001000"
     assert json.loads((final / "state.json").read_text()) == {"step": 1000, "epoch": 2}
@@ -51,7 +64,7 @@ def test_layout_after_commit(tmp_path):
 
 
 def test_weights_round_trip_exactly(tmp_path):
-    """read_weights returns the saved tensors bit for bit: dtypes, non-contiguous views and tensors with grad."""
+    """read_module returns the saved tensors bit for bit: dtypes, non-contiguous views and tensors with grad."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(4, 3, generator=gen, requires_grad=True)
     model = {
@@ -61,12 +74,11 @@ def test_weights_round_trip_exactly(tmp_path):
         "bn.num_batches_tracked": torch.tensor(12, dtype=torch.int64),
     }
     critic = {"fc.weight": torch.randn(2, 2, generator=gen, dtype=torch.float64)}
-    final = save(tmp_path, 5, model=model, critic=critic)
-    got_model, got_critic = read_weights(final)
+    final = save(tmp_path, 5, modules={"autoencoder": (model, {}), "critic": (critic, {})})
+    got_model, got_critic = read_module(final, "autoencoder"), read_module(final, "critic")
     assert set(got_model) == set(model) and set(got_critic) == set(critic)
     for saved, got in [*((model[k], got_model[k]) for k in model), (critic["fc.weight"], got_critic["fc.weight"])]:
         assert got.dtype == saved.dtype and torch.equal(got, saved.detach())
-    assert read_weights(save(tmp_path, 6))[1] is None  # no critic saved, none read
 
 
 def test_rng_state_restores_the_draws(tmp_path):
@@ -74,15 +86,15 @@ def test_rng_state_restores_the_draws(tmp_path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(123)
         torch.rand(3)
-        checkpoint.write_rank_state(tmp_path, 1, rank=0)
+        checkpoint.write_rank_state(tmp_path, rank=0)
         expected = torch.rand(5)
-        state = torch.load(tmp_path / "step_00000001.tmp" / "rng_rank0.pt", weights_only=True)
+        state = torch.load(tmp_path / "rng_rank0.pt", weights_only=True)
         torch.set_rng_state(state["torch"])
         assert torch.equal(torch.rand(5), expected)
 
 
 def test_optimizer_state_continues_identically(tmp_path):
-    """An Adam restored from read_optim (and weights from read_weights) takes the same next step as the original."""
+    """An Adam restored from read_optimizer (and weights from read_module) takes the same next step as the original."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.5, 0.999))
@@ -95,16 +107,14 @@ def test_optimizer_state_continues_identically(tmp_path):
 
     for _ in range(3):
         step(model, opt)
-    final = save(tmp_path, 3, model=model.state_dict(), optim={"model": opt.state_dict(), "epoch": 1})
+    final = save(tmp_path, 3, modules={"autoencoder": (model.state_dict(), opt.state_dict())})
 
     restored = copy.deepcopy(model)
     for p in restored.parameters():  # make sure the weights really come from the checkpoint
         p.data.zero_()
-    restored.load_state_dict(read_weights(final)[0])
+    restored.load_state_dict(read_module(final, "autoencoder"))
     restored_opt = torch.optim.Adam(restored.parameters(), lr=1.0)
-    saved_optim = read_optim(final)
-    assert saved_optim["epoch"] == 1
-    restored_opt.load_state_dict(saved_optim["model"])
+    restored_opt.load_state_dict(read_optimizer(final, "autoencoder"))
     assert restored_opt.param_groups[0]["lr"] == 1e-2 and restored_opt.param_groups[0]["betas"] == (0.5, 0.999)
 
     step(model, opt)
@@ -139,28 +149,28 @@ def test_incomplete_checkpoints_not_listed(tmp_path):
     (tmp_path / "step_00000200.tmp" / "COMPLETE").write_text("")  # a crash between marker and rename
     (tmp_path / "step_00000300").mkdir()  # no marker
     (tmp_path / "step_00000400").write_text("a file")
-    checkpoint.write_main_state(tmp_path, 500, CheckpointContent({"w": torch.ones(1)}, None, {}, {}))  # uncommitted
+    checkpoint.save_module(checkpoint.tmp_dir(tmp_path, 500), "autoencoder", {"w": torch.ones(1)}, {})  # uncommitted
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000009", "step_00000010", "step_00000100"]
 
 
 def test_recommit_same_step_replaces(tmp_path):
     """Saving a step that already exists replaces it with the new content."""
-    save(tmp_path, 7, model={"w": torch.zeros(2)})
-    final = save(tmp_path, 7, model={"w": torch.ones(2)})
-    assert torch.equal(read_weights(final)[0]["w"], torch.ones(2))
+    save(tmp_path, 7, modules={"autoencoder": ({"w": torch.zeros(2)}, {})})
+    final = save(tmp_path, 7, modules={"autoencoder": ({"w": torch.ones(2)}, {})})
+    assert torch.equal(read_module(final, "autoencoder")["w"], torch.ones(2))
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000007"]
 
 
 @pytest.mark.parametrize("fmt", ["torch.save", "raw pickle"])
 def test_malicious_optim_refused(tmp_path, fmt):
-    """An optim.pt replaced by a pickle that runs a shell command is refused by read_optim and runs nothing."""
+    """An optimizer file replaced by a pickle that runs a shell command is refused by read_optimizer, runs nothing."""
     final = save(tmp_path, 1)
     marker = tmp_path / "pwned"
     evil = {"state": _TouchesMarker(marker)}
     if fmt == "torch.save":
-        torch.save(evil, final / "optim.pt")
+        torch.save(evil, final / "autoencoder.optim.pt")
     else:
-        (final / "optim.pt").write_bytes(pickle.dumps(evil, protocol=2))
+        (final / "autoencoder.optim.pt").write_bytes(pickle.dumps(evil, protocol=2))
     with pytest.raises(pickle.UnpicklingError):
-        read_optim(final)
+        read_optimizer(final, "autoencoder")
     assert not marker.exists()

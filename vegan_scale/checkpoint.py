@@ -2,14 +2,14 @@
 
 Layout under ``<run_dir>/checkpoints/``::
 
-    step_00001000/            one directory per saved step, zero-padded so names sort by step
-      model.safetensors       auto-encoder weights (unwrapped, uncompiled)
-      critic.safetensors      latent critic weights (adversarial penalties only)
-      optim.pt                optimizer and scheduler state dicts: tensors and plain Python values only
-      rng_rank<R>.pt          every process's torch RNG state
-      state.json              step, epoch, samples seen, world size, MLflow run id
-      COMPLETE                written last: a directory without it is ignored
-    latest                    name of the newest complete checkpoint, replaced atomically
+    step_00001000/              one directory per saved step, zero-padded so that names sort by step
+      <module>.safetensors      weights of each trained module (autoencoder, critic), unwrapped
+      <module>.optim.pt         its optimizer state: tensors and plain Python values only
+      <module>/                 instead of the two above under DeepSpeed: the engine's own (ZeRO-sharded) files
+      rng_rank<R>.pt            every process's torch RNG state
+      state.json                step, epoch, samples seen, world size, MLflow run id
+      COMPLETE                  written last: a directory without it is ignored
+    latest                      name of the newest complete checkpoint, replaced atomically
 
 A checkpoint is written under ``step_N.tmp`` and renamed when complete, so a crash mid-save leaves either the
 previous state or a ``.tmp`` directory that nothing reads. ``.pt`` files are read with
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,48 +29,41 @@ from safetensors.torch import load_file, save_file
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+STATE = "state.json"
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-@dataclass
-class CheckpointContent:
-    """What the main process saves; ``rng`` is saved by every process under its own rank."""
+def tmp_dir(root: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before it is complete."""
+    return root / (step_dir_name(step) + ".tmp")
 
-    model: dict[str, torch.Tensor]
-    critic: dict[str, torch.Tensor] | None
-    optim: dict[str, Any]
-    state: dict[str, Any]
+
+def write_rank_state(directory: Path, rank: int) -> None:
+    """Every process: its RNG state."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({"torch": torch.get_rng_state()}, directory / f"rng_rank{rank}.pt")
+
+
+def save_module(
+    directory: Path, name: str, state_dict: dict[str, torch.Tensor], optimizer_state: dict[str, Any]
+) -> None:
+    """A module's weights (safetensors) and its optimizer's state (tensors and plain values)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, directory / f"{name}.safetensors")
+    torch.save(optimizer_state, directory / f"{name}.optim.pt")
+
+
+def write_state(directory: Path, state: dict[str, Any]) -> None:
+    (directory / STATE).write_text(json.dumps(state, indent=1))
 
 
 def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def tmp_dir(root: Path, step: int) -> Path:
-    return root / (step_dir_name(step) + ".tmp")
-
-
-def write_rank_state(root: Path, step: int, rank: int) -> None:
-    """Every process: its RNG state into the checkpoint being written."""
-    path = tmp_dir(root, step)
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save({"torch": torch.get_rng_state()}, path / f"rng_rank{rank}.pt")
-
-
-def write_main_state(root: Path, step: int, content: CheckpointContent) -> None:
-    """Main process: weights, optimizer state and metadata into the checkpoint being written."""
-    path = tmp_dir(root, step)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in content.model.items()}, path / "model.safetensors")
-    if content.critic is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in content.critic.items()}, path / "critic.safetensors")
-    torch.save(content.optim, path / "optim.pt")
-    (path / "state.json").write_text(json.dumps(content.state, indent=1))
 
 
 def commit(root: Path, step: int, keep_last_k: int) -> Path:
@@ -98,11 +90,11 @@ def complete_checkpoints(root: Path) -> list[Path]:
     )
 
 
-def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """(auto-encoder, critic or None) weights of a checkpoint directory."""
-    critic = path / "critic.safetensors"
-    return load_file(path / "model.safetensors"), load_file(critic) if critic.exists() else None
+def read_module(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """A module's weights from a checkpoint directory."""
+    return load_file(path / f"{name}.safetensors")
 
 
-def read_optim(path: Path) -> dict[str, Any]:
-    return torch.load(path / "optim.pt", weights_only=True)
+def read_optimizer(path: Path, name: str) -> dict[str, Any]:
+    """A module's optimizer state; refuses anything but tensors and plain Python values."""
+    return torch.load(path / f"{name}.optim.pt", weights_only=True)

@@ -16,7 +16,7 @@ from vegan_scale.errors import ConfigError, ExitCode, VeganError
 
 def _train(args: argparse.Namespace) -> None:
     from vegan_scale.config.load import load_config
-    from vegan_scale.dist import shutdown
+    from vegan_scale.distributed.accelerator import shutdown
     from vegan_scale.engine.loop import train
     from vegan_scale.registry import ExperimentConfig
 

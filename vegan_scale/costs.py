@@ -24,10 +24,13 @@ def reconstruction_cost(x: Tensor, recon: Reconstruction, kind: str, scale: floa
     if kind not in COST_SCALES:
         raise ValueError(f"unknown cost {kind!r}; expected one of {COST_KINDS}")
     factor = COST_SCALES[kind] if scale is None else scale
+    # Sums over thousands of pixels: at least float32, even when the networks run in half precision.
+    dtype = torch.promote_types(torch.promote_types(x.dtype, recon.logits.dtype), torch.float32)
+    x = x.to(dtype)
     if kind == "bernoulli":
-        per_pixel = F.binary_cross_entropy_with_logits(recon.logits, x, reduction="none")
+        per_pixel = F.binary_cross_entropy_with_logits(recon.logits.to(dtype), x, reduction="none")
         return factor * per_pixel.flatten(1).sum(dim=1)
-    diff = (x - recon.sample()).flatten(1)
+    diff = (x - recon.sample().to(dtype)).flatten(1)
     if kind == "l2sq":
         return factor * diff.pow(2).sum(dim=1)
     if kind == "l2":

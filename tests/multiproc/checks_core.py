@@ -12,13 +12,13 @@ from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import TrainStream
 from vegan_scale.data.sources import ArraySource
 from vegan_scale.data.write import write_shards
-from vegan_scale.dist import Agreement, Flag
+from vegan_scale.distributed.agreement import Agreement, Flag
 
 
 @check
 def agreement_sees_one_ranks_flag(ctx: Context) -> dict:
     """Rank 1 alone raises NONFINITE; after one check every rank sees it, and STOP stays clear everywhere."""
-    agreement = Agreement(ctx.accelerator)
+    agreement = Agreement(ctx.accelerator.device, ctx.world_size)
     before = sorted(int(f) for f in agreement.check())
     agreement.raise_if(Flag.NONFINITE, torch.tensor(ctx.rank == 1))
     after = sorted(int(f) for f in agreement.check())

@@ -14,7 +14,7 @@ from tests.multiproc.harness import HERE, REGISTRY, Context
 def main(out_dir: Path, names: list[str]) -> None:
     for module in sorted(HERE.glob("checks_*.py")):
         importlib.import_module(f"tests.multiproc.{module.stem}")
-    from vegan_scale.dist import build_accelerator
+    from vegan_scale.distributed.accelerator import build_accelerator
 
     accelerator = build_accelerator("no")
     ctx = Context(accelerator.process_index, accelerator.num_processes, accelerator, out_dir / "shared")

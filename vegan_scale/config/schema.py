@@ -88,6 +88,11 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     global_batch_size: int = param(100, "Samples per optimizer step, summed over all processes.")
+    micro_batch_size: int | None = param(
+        None,
+        "Largest batch one process computes at once; its share of the global batch is then accumulated over "
+        "several micro-batches. null: no accumulation.",
+    )
     epochs: float = param(100.0, "Length of the run in passes over the training set.")
     max_steps: int | None = param(
         None,

@@ -1,7 +1,12 @@
-"""Evaluation during training: test reconstruction error and the sample and reconstruction grids."""
+"""Evaluation during training: test reconstruction error over every process's share, and the figures.
+
+Every process evaluates its own share of the evaluation images and the sums are added across processes, so that
+the whole set counts (not the main process's share) and ZeRO-3's collective forward passes run on every rank.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,28 +26,32 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(
-    model: AutoEncoder, cost: Cost, images: torch.Tensor, prior_noise: torch.Tensor, grid: int, batch_size: int
+    model: AutoEncoder,
+    cost: Cost,
+    images: torch.Tensor,
+    originals: torch.Tensor,
+    prior_noise: torch.Tensor,
+    grid: int,
+    batch_size: int,
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor],
 ) -> Evaluation:
-    """Metrics on ``images`` (float, [0, 1], on the model's device) and the two figures.
+    """Metrics over ``images`` (this process's share; floats in [0, 1]) and every process, and the two figures.
 
     ``prior_noise`` is a fixed prior sample, so that the sample grids of successive evaluations show the same
     codes decoded by an improving decoder.
     """
     was_training = model.training
     model.eval()
-    cost_sum = mse_sum = 0.0
+    dtype = next(model.parameters()).dtype
+    totals = torch.zeros(3, dtype=torch.float64, device=images.device)  # cost, squared error, count
     for chunk in images.split(batch_size):
-        out = model(chunk)
-        cost_sum += cost(chunk, out.recon).sum().item()
-        mse_sum += (out.recon.mean - chunk).pow(2).flatten(1).mean(dim=1).sum().item()
-    half = grid * grid // 2
-    originals = images[:half]
-    pairs = side_by_side(originals, model(originals).recon.mean)
-    samples = model.decode(prior_noise).mean
+        recon = model(chunk.to(dtype)).recon
+        totals[0] += cost(chunk, recon).double().sum()
+        totals[1] += (recon.mean.float() - chunk).pow(2).flatten(1).mean(dim=1).double().sum()
+        totals[2] += len(chunk)
+    totals = sum_over_processes(totals)
+    pairs = side_by_side(originals, model(originals.to(dtype)).recon.mean.float())
+    samples = model.decode(prior_noise.to(dtype)).mean.float()
     model.train(was_training)
-    n = len(images)
-    return Evaluation(
-        {"eval/recon": cost_sum / n, "eval/mse": mse_sum / n},
-        image_grid(samples, grid),
-        image_grid(pairs, grid),
-    )
+    metrics = {"eval/recon": (totals[0] / totals[2]).item(), "eval/mse": (totals[1] / totals[2]).item()}
+    return Evaluation(metrics, image_grid(samples, grid), image_grid(pairs, grid))

@@ -6,6 +6,7 @@ process and shared), the data, the model, penalty and optimizers, and finally th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 
 import vegan_scale
 from vegan_scale.config.load import to_yaml
@@ -25,14 +26,15 @@ from vegan_scale.costs import reconstruction_cost
 from vegan_scale.data.index import ShardIndex, read_index
 from vegan_scale.data.pipeline import TrainStream, load_images
 from vegan_scale.data.shardio import RetryPolicy
-from vegan_scale.dist import BatchLayout, build_accelerator
+from vegan_scale.distributed import deepspeed_support, trainable
+from vegan_scale.distributed.accelerator import BatchLayout, apply_layout, build_accelerator
+from vegan_scale.distributed.trainable import Trainable
 from vegan_scale.engine import rundir
 from vegan_scale.engine.objective import Cost
 from vegan_scale.errors import ConfigError, DataError
-from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.penalties.base import LatentPenalty
 from vegan_scale.priors import Prior
-from vegan_scale.registry import build_model, build_penalty, build_prior
+from vegan_scale.registry import PENALTIES, build_model, build_penalty, build_prior
 from vegan_scale.tracking import Tracker, flatten, resolve_uri
 
 log = logging.getLogger("vegan_scale")
@@ -46,23 +48,26 @@ class Run:
     accelerator: Accelerator
     layout: BatchLayout
     run_dir: Path
-    stream: TrainStream
-    total_steps: int
-    model: torch.nn.Module  # wrapped for distribution
-    optimizer: torch.optim.Optimizer
+    stream: TrainStream  # yields micro-batches
+    total_steps: int  # optimizer steps
+    autoencoder: Trainable
     penalty: LatentPenalty
-    critic: torch.nn.Module | None  # wrapped for distribution
-    critic_optimizer: torch.optim.Optimizer | None
+    critic: Trainable | None  # the latent critic of adversarial penalties
     prior: Prior
     cost: Cost
-    eval_images: torch.Tensor | None  # main process only
-    prior_noise: torch.Tensor | None  # fixed prior sample for the sample grids, main process only
+    eval_images: torch.Tensor  # this process's share of the evaluation images
+    originals: torch.Tensor  # test images shown beside their reconstructions
+    prior_noise: torch.Tensor  # fixed prior sample for the sample grids
     tracker: Tracker | None  # main process only
     tracking_uri: str | None
 
     @property
-    def unwrapped_model(self) -> AutoEncoder:
-        return self.accelerator.unwrap_model(self.model)
+    def micro_batches_per_epoch(self) -> int:
+        return self.stream.batches_per_epoch
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.stream.batches_per_epoch / self.layout.accumulation
 
 
 def validate(cfg: Any) -> None:
@@ -133,7 +138,7 @@ def _train_stream(cfg: Any, accelerator: Accelerator, layout: BatchLayout) -> tu
     stream = TrainStream(
         index,
         _image_shape(cfg),
-        layout.per_process,
+        layout.micro,
         cfg.run.seed,
         accelerator.process_index,
         accelerator.num_processes,
@@ -144,7 +149,7 @@ def _train_stream(cfg: Any, accelerator: Accelerator, layout: BatchLayout) -> tu
         d.on_error,
         RetryPolicy(attempts=d.read_attempts),
     )
-    total_steps = math.ceil(cfg.train.epochs * stream.batches_per_epoch)
+    total_steps = math.ceil(cfg.train.epochs * stream.batches_per_epoch / layout.accumulation)
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     return stream, total_steps
@@ -171,36 +176,63 @@ def _tracker(cfg: Any, accelerator: Accelerator, run_dir: Path) -> tuple[Tracker
     return tracker, uri
 
 
+def _trained_modules(cfg: Any, accelerator: Accelerator) -> tuple[Trainable, LatentPenalty, Trainable | None]:
+    """The auto-encoder and the penalty (with its critic, if any), built identically on every process and wrapped."""
+    torch.manual_seed(cfg.run.seed)  # identical initial parameters on every process
+    with _init_context(accelerator):  # under ZeRO-3 the auto-encoder is never whole on one process
+        model = build_model(cfg)
+    penalty = build_penalty(cfg)
+    wrap = functools.partial(trainable.prepare, accelerator)
+    autoencoder = wrap("autoencoder", model, _adam(model.parameters(), cfg.optim.lr, cfg))
+    critic = None
+    if penalty.critic is not None:
+        critic = wrap("critic", penalty.critic, _adam(penalty.critic.parameters(), cfg.penalty.adversarial.lr, cfg))
+        penalty.critic_parameters = critic.frozen_parameters
+    return autoencoder, penalty, critic
+
+
+def _init_context(accelerator: Accelerator) -> Any:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return contextlib.nullcontext()
+    trainable.select_plugin(accelerator, "autoencoder")
+    return deepspeed_support.init_context(accelerator.state.deepspeed_plugin)
+
+
+def _evaluation_data(
+    cfg: Any, accelerator: Accelerator, prior: Prior
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(this process's share of the evaluation images, the originals of the reconstruction grid, the fixed prior
+    sample of the sample grid); every process evaluates its share, so that ZeRO-3's collective forward works."""
+    world, shape = accelerator.num_processes, _image_shape(cfg)
+    images = load_images(_shards(cfg.data.test, "data.test", shape), shape, cfg.eval.num_samples)[0]
+    usable = len(images) - len(images) % world  # equal shares: every process runs the same forward passes
+    images = images[:usable].to(accelerator.device).float() / 255
+    noise_rng = torch.Generator(accelerator.device).manual_seed(cfg.run.seed)
+    prior_noise = prior.sample(cfg.eval.grid_size**2, device=accelerator.device, generator=noise_rng)
+    return images[accelerator.process_index :: world], images[: cfg.eval.grid_size**2 // 2], prior_noise
+
+
 def build_run(cfg: Any) -> Run:
     """Build every part; the run directory is created last, once nothing can fail on bad input any more."""
     validate(cfg)
-    accelerator = build_accelerator(cfg.train.mixed_precision)
+    models = ("autoencoder", "critic") if PENALTIES[cfg.penalty.kind].trains_critic else ("autoencoder",)
+    accelerator = build_accelerator(cfg.train.mixed_precision, models)
     rundir.setup_console_logging(accelerator.is_main_process)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    layout = BatchLayout.derive(cfg.train.global_batch_size, accelerator.num_processes)
+    layout = BatchLayout.derive(cfg.train.global_batch_size, accelerator.num_processes, cfg.train.micro_batch_size)
+    apply_layout(accelerator, layout, cfg.train.mixed_precision)
     run_dir = _run_dir(cfg, accelerator)
     if (run_dir / rundir.EXIT_STATUS).exists() or (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run directory {run_dir} already holds a run; choose another run.name")
     stream, total_steps = _train_stream(cfg, accelerator, layout)
-
-    torch.manual_seed(cfg.run.seed)  # identical initial parameters on every process
-    model, penalty, prior = build_model(cfg), build_penalty(cfg), build_prior(cfg)
-    optimizer = _adam(model.parameters(), cfg.optim.lr, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    critic = critic_optimizer = None
-    if penalty.critic is not None:
-        critic_optimizer = _adam(penalty.critic.parameters(), cfg.penalty.adversarial.lr, cfg)
-        critic, critic_optimizer = accelerator.prepare(penalty.critic, critic_optimizer)
+    autoencoder, penalty, critic = _trained_modules(cfg, accelerator)
+    prior = build_prior(cfg)
+    eval_images, originals, prior_noise = _evaluation_data(cfg, accelerator, prior)
     torch.manual_seed(cfg.run.seed + 1 + accelerator.process_index)  # per-process prior and encoder noise
 
-    eval_images = prior_noise = tracker = uri = None
+    tracker = uri = None
     if accelerator.is_main_process:
-        test_index = _shards(cfg.data.test, "data.test", _image_shape(cfg))
-        images = load_images(test_index, _image_shape(cfg), cfg.eval.num_samples)[0]
-        eval_images = images.to(accelerator.device).float() / 255
-        noise_rng = torch.Generator(accelerator.device).manual_seed(cfg.run.seed)
-        prior_noise = prior.sample(cfg.eval.grid_size**2, device=accelerator.device, generator=noise_rng)
         rundir.prepare(run_dir, to_yaml(cfg))
         tracker, uri = _tracker(cfg, accelerator, run_dir)
     accelerator.wait_for_everyone()
@@ -212,14 +244,13 @@ def build_run(cfg: Any) -> Run:
         run_dir,
         stream,
         total_steps,
-        model,
-        optimizer,
+        autoencoder,
         penalty,
         critic,
-        critic_optimizer,
         prior,
         cost,
         eval_images,
+        originals,
         prior_noise,
         tracker,
         uri,

@@ -13,7 +13,7 @@ log-variance, one per output channel). Codes are mapped onto the prior's support
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -71,8 +71,7 @@ class Decoder(nn.Module):
         return Reconstruction(logits=logits, logvar=logvar)
 
 
-@dataclass
-class AutoEncoderOutput:
+class AutoEncoderOutput(NamedTuple):
     """One pass of the auto-encoder: the codes Z ~ Q(Z|X) and the reconstruction G(Z)."""
 
     codes: LatentCodes
@@ -88,8 +87,7 @@ class AutoEncoder(nn.Module):
 
     def encode(self, x: Tensor) -> LatentCodes:
         codes = self.encoder(x)
-        codes.z = self.prior.to_support(codes.z)
-        return codes
+        return codes._replace(z=self.prior.to_support(codes.z))
 
     def decode(self, z: Tensor) -> Reconstruction:
         return self.decoder(z)

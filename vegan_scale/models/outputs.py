@@ -1,15 +1,18 @@
-"""Named outputs of the encoder and decoder, so that losses read ``codes.z`` rather than ``out[1]``."""
+"""Named outputs of the encoder and decoder, so that losses read ``codes.z`` rather than ``out[1]``.
+
+They are named tuples rather than dataclasses because distributed wrappers walk module outputs to attach their
+hooks and know tuples, not dataclasses: DeepSpeed ZeRO-3 fails in backward on a module returning a dataclass.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 
-@dataclass
-class LatentCodes:
+class LatentCodes(NamedTuple):
     """Z ~ Q(Z|X) for a batch. ``mean``/``logvar`` are set by Gaussian encoders only (the KL penalty needs them)."""
 
     z: Tensor
@@ -17,8 +20,7 @@ class LatentCodes:
     logvar: Tensor | None = None
 
 
-@dataclass
-class Reconstruction:
+class Reconstruction(NamedTuple):
     """G(Z) for a batch, kept as logits so that the Bernoulli cost stays numerically stable.
 
     ``logvar`` is the log-variance of a Gaussian decoder (None for a deterministic one); the image is

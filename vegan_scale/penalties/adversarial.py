@@ -9,6 +9,8 @@ constant factor does not change the updates, so the critic loss here is unscaled
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,18 +48,31 @@ class AdversarialConfig:
 
 
 class AdversarialPenalty(LatentPenalty):
+    """The encoder's adversarial term, computed with the critic's current parameters taken as constants.
+
+    The encoder's step must not touch the critic: no gradient accumulates for it and no distributed wrapper of it
+    takes part in this backward pass. So the critic's parameters (from ``critic_parameters``, which the trainer
+    points at the trained critic, gathering them first where they are sharded) are applied to a plain copy of its
+    architecture.
+    """
+
     def __init__(self, critic: nn.Module) -> None:
         self.critic = critic
+        self._shape = copy.deepcopy(critic)  # architecture only: its own parameters are never used
+        self.critic_parameters: Callable[[], dict[str, Tensor]] = lambda: {
+            name: p.detach() for name, p in self.critic.named_parameters()
+        }
 
     def __call__(self, codes: LatentCodes, z_prior: Tensor) -> Tensor:
-        # The encoder's step must not touch the critic: its parameters enter as constants, so no gradient is
-        # accumulated for them and no distributed wrapper of the critic is involved in this backward pass.
-        frozen = {name: p.detach() for name, p in self.critic.named_parameters()}
-        return non_saturating_loss(functional_call(self.critic, frozen, (codes.z,)))
+        params = self.critic_parameters()
+        dtype = next(iter(params.values())).dtype
+        logits = functional_call(self._shape, params, (codes.z.to(dtype),))
+        return non_saturating_loss(logits.float())
 
     def critic_loss(self, critic: nn.Module, z_q: Tensor, z_p: Tensor) -> Tensor:
         # One call on both samples: a distributed wrapper of the critic sees a single forward per backward.
-        logits = critic(torch.cat([z_p, z_q.detach()]))
+        x = torch.cat([z_p, z_q.detach()])
+        logits = critic(x.to(next(critic.parameters()).dtype)).float()
         return critic_log_loss(logits[: len(z_p)], logits[len(z_p) :])
 
 
@@ -65,4 +80,6 @@ def build(cfg: AdversarialConfig, prior: Prior, encoder: str) -> AdversarialPena
     return AdversarialPenalty(mlp(prior.dim, [cfg.hidden] * cfg.layers, 1))
 
 
-SPEC = PenaltySpec(AdversarialConfig, build, "WAE-GAN / AAE: a latent critic with the non-saturating encoder loss")
+SPEC = PenaltySpec(
+    AdversarialConfig, build, "WAE-GAN / AAE: a latent critic with the non-saturating encoder loss", trains_critic=True
+)

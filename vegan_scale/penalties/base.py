@@ -40,3 +40,4 @@ class PenaltySpec:
     config: type
     build: Callable[[Any, Prior, str], LatentPenalty]  # (options, prior, encoder kind) -> penalty
     summary: str
+    trains_critic: bool = False  # the penalty brings a model of its own, trained with its own optimizer

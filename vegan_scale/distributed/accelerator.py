@@ -1,0 +1,89 @@
+"""The one place that builds the Accelerator, and the batch layout it implies.
+
+Launch topology comes from the launcher (``accelerate launch``, torchrun, SLURM), never from the experiment: the
+config states the global batch, and each of the ``world_size`` processes takes an equal share, in one micro-batch
+or, when ``train.micro_batch_size`` caps it, in several accumulated micro-batches.
+
+Traps handled here (stack-on-cpu notes): without CUDA, accelerate must be told ``cpu=True`` or each process of a
+multi-process launch believes it is alone; under DeepSpeed that same flag silently turns the run into plain DDP,
+so DeepSpeed runs name the gloo backend instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from vegan_scale.distributed import deepspeed_support
+from vegan_scale.errors import ConfigError
+
+
+def deepspeed_requested() -> bool:
+    """Whether the launcher asked for DeepSpeed (``accelerate launch --use_deepspeed`` or a DEEPSPEED config)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def build_accelerator(mixed_precision: str, models: tuple[str, ...] = ("autoencoder",)) -> Accelerator:
+    """An Accelerator for whatever the launcher started: one process, DDP on CPU or GPU, or DeepSpeed.
+
+    ``models`` names the separately trained modules; under DeepSpeed each gets an engine of its own.
+    """
+    cuda = torch.cuda.is_available()
+    if deepspeed_requested():
+        kwargs = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
+        return Accelerator(
+            mixed_precision=mixed_precision, deepspeed_plugin=deepspeed_support.plugins(models), kwargs_handlers=kwargs
+        )
+    return Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
+
+
+def shutdown() -> None:
+    """End the process group, once training is over (not inside ``train``, so Python callers may train again)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the global batch is shared: each process runs ``accumulation`` micro-batches of ``micro`` samples."""
+
+    global_batch: int
+    world_size: int
+    micro: int
+
+    @property
+    def per_process(self) -> int:
+        return self.global_batch // self.world_size
+
+    @property
+    def accumulation(self) -> int:
+        return self.per_process // self.micro
+
+    @classmethod
+    def derive(cls, global_batch: int, world_size: int, micro_cap: int | None) -> BatchLayout:
+        if global_batch % world_size:
+            raise ConfigError(
+                f"train.global_batch_size={global_batch} cannot be split evenly over {world_size} processes; "
+                f"use a multiple of {world_size} (e.g. {world_size * max(1, round(global_batch / world_size))})"
+            )
+        per_process = global_batch // world_size
+        micro = per_process if micro_cap is None or micro_cap >= per_process else micro_cap
+        if per_process % micro:
+            divisors = [d for d in range(1, micro + 1) if per_process % d == 0]
+            raise ConfigError(
+                f"train.micro_batch_size={micro_cap} does not divide the {per_process} samples each of {world_size} "
+                f"process(es) takes of train.global_batch_size={global_batch}; use a divisor such as {divisors[-1]}"
+            )
+        return cls(global_batch, world_size, micro)
+
+
+def apply_layout(accelerator: Accelerator, layout: BatchLayout, mixed_precision: str) -> None:
+    """Give the Accelerator (and every DeepSpeed plugin) the accumulation and batch sizes the layout derived."""
+    accelerator.gradient_accumulation_steps = layout.accumulation
+    plugins = accelerator.state.deepspeed_plugins
+    for plugin in plugins.values() if isinstance(plugins, dict) else [plugins] if plugins else []:
+        deepspeed_support.configure(plugin, layout.micro, layout.accumulation, layout.world_size, mixed_precision)

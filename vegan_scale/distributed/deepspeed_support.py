@@ -1,0 +1,91 @@
+"""DeepSpeed specifics, kept beside the Accelerator builder and imported only when DeepSpeed runs.
+
+* One ``DeepSpeedPlugin`` (hence one engine) per trained module: WAE-GAN's latent critic has an optimizer of its
+  own, and accelerate's multi-plugin API gives each its engine (selected by name before ``prepare``).
+* The launch files' DeepSpeed JSON has no micro-batch: the loader is not prepared by accelerate, so the micro-batch
+  and accumulation are written into each plugin's config at run time.
+* accelerate 1.x calls into transformers for an integration vegan_scale does not use; without transformers
+  installed that call is replaced by a no-op.
+* Under ZeRO-3, parameters live in pieces across ranks: large models are built inside ``zero.Init`` (never whole
+  on one rank), and a module's full parameters are gathered only for a moment when needed (critic in the encoder's
+  step, export).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from accelerate.utils import DeepSpeedPlugin
+from torch import nn
+
+
+def plugins(models: tuple[str, ...]) -> DeepSpeedPlugin | dict[str, DeepSpeedPlugin]:
+    """DeepSpeed plugins from the launcher's config (environment), one per trained module."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ImportError("DeepSpeed was requested by the launcher but is not installed: pip install -e '.[deepspeed]'")
+    if importlib.util.find_spec("transformers") is None:
+        DeepSpeedPlugin.set_deepspeed_weakref = lambda self: None  # a transformers integration vegan_scale doesn't use
+    made = {name: DeepSpeedPlugin(zero3_init_flag=False) for name in models}
+    return made[models[0]] if len(models) == 1 else made
+
+
+def configure(plugin: DeepSpeedPlugin, micro: int, accumulation: int, world_size: int, mixed_precision: str) -> None:
+    """Write what the JSON leaves to run time into a plugin's config: the batch layout and the precision."""
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro
+    config["gradient_accumulation_steps"] = accumulation
+    config["train_batch_size"] = micro * accumulation * world_size
+    for precision in ("bf16", "fp16"):
+        if config.get(precision, {}).get("enabled") == "auto":
+            config[precision]["enabled"] = mixed_precision == precision
+
+
+def zero_stage(plugin: DeepSpeedPlugin) -> int:
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def init_context(plugin: DeepSpeedPlugin) -> contextlib.AbstractContextManager:
+    """Under ZeRO-3, build parameters partitioned from the start; otherwise nothing."""
+    if zero_stage(plugin) != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=plugin.deepspeed_config)
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """Inside the block, a ZeRO-3 module's parameters are whole on every rank (collective); otherwise a no-op."""
+    params = list(module.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def frozen_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's parameters as constants (gathered whole under ZeRO-3), for a functional call."""
+    with gathered(module):
+        zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
+        return {n: (p.detach().clone() if zero3 else p.detach()) for n, p in module.named_parameters()}
+
+
+def save_engine(engine: object, directory: Path) -> None:
+    """Collective: an engine's own checkpoint (module, ZeRO-sharded optimizer state) under ``directory``."""
+    engine.save_checkpoint(str(directory), tag="engine", save_latest=False)
+
+
+def match_buffers_to_parameters(module: nn.Module) -> None:
+    """DeepSpeed's half-precision modes convert a module's parameters but, below ZeRO-3, not its floating buffers
+    (batch-norm statistics), which then clash with the half-precision activations."""
+    dtype = next(module.parameters()).dtype
+    for buffer in module.buffers():
+        if buffer.is_floating_point() and buffer.dtype != dtype:
+            buffer.data = buffer.data.to(dtype)

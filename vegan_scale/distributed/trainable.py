@@ -1,0 +1,88 @@
+"""A trained module and its optimizer behind one interface, whatever wraps them (nothing, DDP, a DeepSpeed engine).
+
+The loop calls ``backward(loss)`` and ``step(lr)`` on each trained module (the auto-encoder; WAE-GAN's critic too),
+inside ``accelerator.accumulate``: off an accumulation boundary the optimizer step is skipped and, under DDP, the
+gradient all-reduce too. Under DeepSpeed each module has an engine of its own (accelerate's ``backward`` knows only
+one engine), so the engine is driven directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+
+from vegan_scale import checkpoint
+from vegan_scale.distributed import deepspeed_support
+
+
+@dataclass
+class Trainable:
+    name: str
+    module: nn.Module  # what the loop calls: the module, its DDP wrapper or its DeepSpeed engine
+    optimizer: torch.optim.Optimizer
+    accelerator: Accelerator
+
+    @property
+    def engine(self) -> object | None:
+        return self.module if self.accelerator.distributed_type == DistributedType.DEEPSPEED else None
+
+    @property
+    def raw(self) -> nn.Module:
+        """The unwrapped module (its parameters are partitioned under ZeRO-3)."""
+        return self.accelerator.unwrap_model(self.module)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """DeepSpeed's half-precision modes keep the module in that precision: inputs must match it."""
+        return next(self.raw.parameters()).dtype if self.engine is not None else torch.float32
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.engine is None:
+            self.accelerator.backward(loss)
+            return
+        self.engine.set_gradient_accumulation_boundary(self.accelerator.sync_gradients)
+        self.engine.backward(loss)
+
+    def step(self, lr: float) -> None:
+        """An optimizer step at ``lr`` when this micro-batch ends an accumulation; otherwise nothing."""
+        if not self.accelerator.sync_gradients:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.engine is not None:
+            self.engine.step()
+            return
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, directory: Path) -> None:
+        """Collective: write this module's checkpoint files (every process under DeepSpeed, the main one otherwise)."""
+        if self.engine is not None:
+            deepspeed_support.save_engine(self.engine, directory / self.name)
+        elif self.accelerator.is_main_process:
+            checkpoint.save_module(directory, self.name, self.raw.state_dict(), self.optimizer.state_dict())
+
+    def frozen_parameters(self) -> dict[str, torch.Tensor]:
+        """Current parameters as constants (whole, even under ZeRO-3), for calling a copy of the module."""
+        return deepspeed_support.frozen_parameters(self.raw)
+
+
+def prepare(accelerator: Accelerator, name: str, module: nn.Module, optimizer: torch.optim.Optimizer) -> Trainable:
+    """Wrap ``module`` and ``optimizer`` for the running distribution mode; under DeepSpeed with the plugin ``name``."""
+    select_plugin(accelerator, name)
+    wrapped, optimizer = accelerator.prepare(module, optimizer)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        deepspeed_support.match_buffers_to_parameters(accelerator.unwrap_model(wrapped))
+    return Trainable(name, wrapped, optimizer, accelerator)
+
+
+def select_plugin(accelerator: Accelerator, name: str) -> None:
+    """Under DeepSpeed with one engine per module, make ``name``'s plugin the current one."""
+    plugins = accelerator.state.deepspeed_plugins if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if isinstance(plugins, dict) and len(plugins) > 1:
+        accelerator.state.select_deepspeed_plugin(name)

@@ -1,0 +1,77 @@
+"""The training batches of this process, on the device, epoch after epoch, with loader failures made collective.
+
+A loader failure (``data.on_error=raise``) must not leave the other ranks waiting in a collective: the failing
+rank records the error, raises the DATA_ERROR flag and repeats its last batch until the next agreement check,
+where every rank stops together with the error's message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import torch
+
+from vegan_scale.data.decode import SKIP_REASONS
+from vegan_scale.data.pipeline import Batch, TrainStream
+from vegan_scale.distributed.agreement import Agreement, Flag
+from vegan_scale.errors import DataError
+
+log = logging.getLogger("vegan_scale")
+
+
+class DataFeed:
+    def __init__(self, stream: TrainStream, agreement: Agreement, device: torch.device, announce: bool) -> None:
+        self.stream, self.agreement, self.device, self.announce = stream, agreement, device, announce
+        self.epoch, self.error = 0, None
+        self.data_time, self.skipped = 0.0, torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
+        self._batches = self._epochs()
+        self._last: torch.Tensor | None = None
+
+    def _epochs(self) -> Iterator[Batch]:
+        while True:
+            plan = self.stream.plan(self.epoch)
+            if plan.dropped and self.announce:
+                log.info(
+                    "epoch %d: %d samples left unread so that every process gets %d full batches",
+                    self.epoch,
+                    plan.dropped,
+                    plan.batches,
+                )
+            yield from self.stream.epoch(self.epoch)
+            self.epoch += 1
+
+    def next(self) -> torch.Tensor:
+        """The next micro-batch as floats in [0, 1] on the device."""
+        start = time.perf_counter()
+        if self.error is None:
+            try:
+                images, _, skipped = next(self._batches)
+                self.skipped += skipped
+                self._last = images.to(self.device, non_blocking=True).float().div_(255)
+            except DataError as e:
+                self.error = worker_message(e)
+                self.agreement.raise_if(Flag.DATA_ERROR, torch.ones((), device=self.device))
+        if self._last is None:  # failed before the first batch: any batch of the right shape keeps step
+            self._last = torch.zeros((self.stream.batch_size, *self.stream.image_shape), device=self.device)
+        self.data_time += time.perf_counter() - start
+        return self._last
+
+    def take_counts(self, world_size: int) -> tuple[float, dict[str, float]]:
+        """Collective: (seconds spent waiting for data here, samples skipped by reason over all ranks) since the
+        last call."""
+        skipped = self.skipped.to(self.device)
+        if world_size > 1:
+            torch.distributed.all_reduce(skipped)
+        data_time, self.data_time, self.skipped = self.data_time, 0.0, torch.zeros_like(self.skipped)
+        counts = {f"data/skipped/{r}": float(n) for r, n in zip(SKIP_REASONS, skipped.tolist(), strict=True) if n}
+        return data_time, counts
+
+
+def worker_message(error: DataError) -> str:
+    """The DataError's own message, without the traceback a DataLoader worker wraps around it."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text

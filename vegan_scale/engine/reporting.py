@@ -1,0 +1,83 @@
+"""What the main process tells the person at the console, and the throughput metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from tqdm import tqdm
+
+from vegan_scale.engine.setup import Run
+from vegan_scale.tracking import ui_command
+
+log = logging.getLogger("vegan_scale")
+
+
+def announce(run: Run) -> None:
+    """The derived quantities of the run, before the first step."""
+    cfg, acc, layout = run.cfg, run.accelerator, run.layout
+    params = sum(p.numel() for p in run.autoencoder.raw.parameters())
+    if hasattr(next(run.autoencoder.raw.parameters()), "ds_numel"):  # ZeRO-3: the local tensors are shards
+        params = sum(p.ds_numel for p in run.autoencoder.raw.parameters())
+    log.info("run directory: %s", run.run_dir)
+    log.info(
+        "%d process(es) (%s) x %d micro-batch(es) of %d = global batch %d; %d steps (%.1f per epoch), %s precision",
+        acc.num_processes,
+        acc.distributed_type.value,
+        layout.accumulation,
+        layout.micro,
+        layout.global_batch,
+        run.total_steps,
+        run.steps_per_epoch,
+        cfg.train.mixed_precision,
+    )
+    log.info(
+        "data: %s mode, %d shards, %d loader worker(s) per process, on_error=%s",
+        cfg.data.mode,
+        len(run.stream.index.urls),
+        cfg.data.num_workers,
+        cfg.data.on_error,
+    )
+    scope = f", {cfg.penalty.mmd.scope} MMD" if cfg.penalty.kind == "mmd" else ""
+    log.info(
+        "model: %s network, %s encoder, d=%d, %.2fM parameters; penalty %s (weight %g%s), cost %s",
+        cfg.model.network,
+        cfg.model.encoder,
+        cfg.model.latent_dim,
+        params / 1e6,
+        cfg.penalty.kind,
+        cfg.penalty.weight,
+        scope,
+        cfg.cost.kind,
+    )
+
+
+def perf_metrics(run: Run, steps: int, elapsed: float, data_time: float, agree_ms: float) -> dict[str, float]:
+    return {
+        "perf/samples_per_sec": steps * run.layout.global_batch / elapsed,
+        "perf/step_ms": 1e3 * elapsed / steps,
+        "perf/data_ms": 1e3 * data_time / steps,
+        "perf/agree_ms": agree_ms,
+    }
+
+
+def report(run: Run, step: int, values: dict[str, float], progress: tqdm | None) -> None:
+    if run.tracker is not None:
+        run.tracker.log_metrics(step, values)
+    if progress is not None:
+        progress.set_postfix(loss=f"{values['train/loss']:.4f}", refresh=False)
+        return
+    log.info(
+        "step %d/%d: loss %.4f, recon %.4f, penalty %.4f, %.0f samples/s",
+        step,
+        run.total_steps,
+        values["train/loss"],
+        values["train/recon"],
+        values["train/penalty"],
+        values["perf/samples_per_sec"],
+    )
+
+
+def farewell(run: Run) -> None:
+    print(f"\nResults: {run.run_dir.resolve()}  (config.yaml, metrics.jsonl, figures/, checkpoints/)")
+    if run.tracking_uri:
+        print(f"MLflow:  {ui_command(run.tracking_uri)}")

@@ -1,0 +1,37 @@
+"""One optimizer step: the POT objective over this process's micro-batches, then the critic's step (WAE-GAN).
+
+Each micro-batch runs inside ``accelerator.accumulate``: gradients add up (without a DDP all-reduce) until the
+last micro-batch of the step, where the modules synchronise and step. The auto-encoder and the latent critic are
+separately wrapped modules with their own optimizers; each sees exactly one forward and one backward per
+micro-batch, and the encoder's adversarial term uses the critic's parameters as constants.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vegan_scale.engine.feed import DataFeed
+from vegan_scale.engine.objective import pot_objective
+from vegan_scale.engine.setup import Run
+
+
+def train_step(run: Run, feed: DataFeed, lr_scale: float) -> dict[str, torch.Tensor]:
+    """Run one optimizer step; returns its loss terms (means over the micro-batches, still on the device)."""
+    cfg, acc, ae, critic = run.cfg, run.accelerator, run.autoencoder, run.critic
+    modules = [ae.module] if critic is None else [ae.module, critic.module]
+    sums: dict[str, torch.Tensor] = {}
+    for _ in range(run.layout.accumulation):
+        x = feed.next().to(ae.input_dtype)
+        with acc.accumulate(*modules), acc.autocast():
+            terms = pot_objective(ae.module, run.prior, run.cost, run.penalty, cfg.penalty.weight, x)
+            ae.backward(terms.loss)
+            ae.step(cfg.optim.lr * lr_scale)
+            values = {"train/loss": terms.loss, "train/recon": terms.reconstruction, "train/penalty": terms.penalty}
+            if critic is not None:
+                critic_loss = run.penalty.critic_loss(critic.module, terms.out.codes.z.detach(), terms.z_prior)
+                critic.backward(critic_loss)
+                critic.step(cfg.penalty.adversarial.lr * lr_scale)
+                values["train/critic_loss"] = critic_loss
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0) + value.detach().float()
+    return {key: total / run.layout.accumulation for key, total in sums.items()}

@@ -108,7 +108,7 @@ def main() -> None:
     consumers = [
         ("configs/mnist/quickstart.yaml", [], "28x28 npy"),
         ("configs/mnist/wae_mmd.yaml", [], "28x28 npy"),
-        ("configs/celeba/wae_mmd.yaml", [], "64x64 png"),
+        ("configs/celeba64/wae_mmd.yaml", [], "64x64 png"),
     ]
     ratios = []
     for config, overrides, data in consumers:

@@ -10,7 +10,14 @@ from tests.multiproc.harness import run_checks
 
 pytestmark = pytest.mark.distributed
 
-CHECKS = ["global_mmd_float64", "global_mmd_float32", "global_mmd_parameter_grads_under_ddp"]
+CHECKS = [
+    "global_mmd_float64",
+    "global_mmd_float32",
+    "global_mmd_parameter_grads_under_ddp",
+    "one_step_wae_mmd_matches_one_process",
+    "one_step_wae_gan_matches_one_process",
+    "ranks_end_with_identical_parameters",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +50,19 @@ def test_global_penalty_parameter_gradients_survive_ddp_averaging(results: dict)
     """After DDP's gradient averaging, every parameter holds the one-process gradient of the global penalty."""
     for rank_result in results["global_mmd_parameter_grads_under_ddp"]:
         assert rank_result["value_rel"] < 1e-9 and rank_result["grad_rel"] < 1e-9
+
+
+@pytest.mark.parametrize("recipe", ["one_step_wae_mmd_matches_one_process", "one_step_wae_gan_matches_one_process"])
+def test_one_step_over_two_processes_equals_one_process(results: dict, recipe: str) -> None:
+    """A global batch split in halves over 2 processes gives the parameters of the same step on the whole batch
+    in 1 process (float64, SGD so that gradient scale errors show; a network without batch norm, whose statistics
+    are per process)."""
+    for rank_result in results[recipe]:
+        for module, rel in rank_result.items():
+            assert rel < 1e-9, f"{module} differs by {rel:g}"
+
+
+def test_ranks_end_with_identical_parameters(results: dict) -> None:
+    """After 20 WAE-GAN steps on different data, both ranks hold bit-identical auto-encoder and critic weights."""
+    for rank_result in results["ranks_end_with_identical_parameters"]:
+        assert rank_result["identical"] and rank_result["size"] > 100

@@ -97,3 +97,29 @@ def test_every_recipe_trains(recipe: str, tiny_shards: Path, tmp_path: Path) -> 
     if recipe in ("wae_gan", "aae"):
         assert "train/critic_loss" in metrics[0]
     assert len(list((run_dir / "figures").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(precision: str, tiny_shards: Path, tmp_path: Path) -> None:
+    """bf16 autocast and fp16 with a gradient scaler run a few WAE-MMD steps to finite losses."""
+    cfg = load_config(
+        ExperimentConfig,
+        ROOT / "configs/mnist/wae_mmd.yaml",
+        [
+            *SMALL,
+            f"data.train={tiny_shards / 'train'}",
+            f"data.test={tiny_shards / 'test'}",
+            f"run.root={tmp_path}",
+            "run.name=mp",
+            "train.max_steps=4",
+            "train.global_batch_size=20",
+            "tracking.backend=none",
+            "tracking.log_every=2",
+            "eval.every_steps=4",
+            "checkpoint.every_steps=0",
+            f"train.mixed_precision={precision}",
+        ],
+    )
+    metrics = _metrics(train(cfg))
+    losses = [m["train/loss"] for m in metrics if "train/loss" in m]
+    assert len(losses) == 2 and all(abs(v) < 1e6 for v in losses)

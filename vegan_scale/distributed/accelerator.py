@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import InitProcessGroupKwargs
 
 from vegan_scale.distributed import deepspeed_support
@@ -32,6 +33,10 @@ def build_accelerator(mixed_precision: str, models: tuple[str, ...] = ("autoenco
 
     ``models`` names the separately trained modules; under DeepSpeed each gets an engine of its own.
     """
+    # accelerate keeps its settings in process-wide singletons that refuse to change; a process that trains more
+    # than once (the Python API, the tests) starts each run afresh, keeping only the process group.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     cuda = torch.cuda.is_available()
     if deepspeed_requested():
         kwargs = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]

@@ -1,0 +1,129 @@
+"""Every CPU launch mode of launch/ started for real with `accelerate launch`, one short run each."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_args(shards: Path, root: Path, recipe: str, *extra: str) -> list[str]:
+    return [
+        "-m",
+        "vegan_scale",
+        "train",
+        str(ROOT / f"configs/mnist/{recipe}.yaml"),
+        f"data.train={shards / 'train'}",
+        f"data.test={shards / 'test'}",
+        f"run.root={root}",
+        "run.name=launch",
+        "model.network=mlp",
+        "model.mlp.hidden=[32]",
+        "train.max_steps=6",
+        "train.global_batch_size=20",
+        "tracking.backend=none",
+        "tracking.log_every=3",
+        "eval.every_steps=6",
+        "eval.num_samples=40",
+        "eval.grid_size=2",
+        "checkpoint.every_steps=6",
+        "data.num_workers=0",
+        *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(ROOT / ".data" / "torch_extensions")}
+
+
+def _launch(config: str, shards: Path, root: Path, recipe: str, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(ROOT / "launch/accelerate" / config),
+        "--main_process_port",
+        str(_port()),
+        *_train_args(shards, root, recipe, *extra),
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _finished(proc: subprocess.CompletedProcess, run_dir: Path, processes: int, kind: str) -> None:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert f"{processes} process(es) ({kind})" in output
+    assert json.loads((run_dir / "exit_status.json").read_text())["code"] == 0
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 6 in steps and (run_dir / "checkpoints" / "step_00000006" / "COMPLETE").exists()
+
+
+def test_cpu_ddp_two_processes(tiny_shards: Path, tmp_path: Path) -> None:
+    """launch/accelerate/cpu_ddp.yaml starts 2 DDP processes (not the single process --cpu would) for WAE-GAN."""
+    proc = _launch("cpu_ddp.yaml", tiny_shards, tmp_path, "wae_gan")
+    _finished(proc, tmp_path / "mnist" / "launch", 2, "MULTI_CPU")
+
+
+def test_global_batch_the_world_cannot_divide_is_refused(tiny_shards: Path, tmp_path: Path) -> None:
+    """A global batch of 21 over 2 processes stops every process with the numbers (exit code 2 in each worker)."""
+    proc = _launch("cpu_ddp.yaml", tiny_shards, tmp_path, "wae_mmd", "train.global_batch_size=21")
+    assert proc.returncode != 0
+    assert "train.global_batch_size=21 cannot be split evenly over 2 processes" in proc.stderr
+
+
+@pytest.mark.parametrize(("config", "recipe"), [("cpu_zero2.yaml", "wae_mmd"), ("cpu_zero3.yaml", "wae_gan")])
+def test_cpu_deepspeed(tiny_shards: Path, tmp_path: Path, config: str, recipe: str) -> None:
+    """DeepSpeed ZeRO-2 and ZeRO-3 with 2 processes over gloo; under ZeRO-3 WAE-GAN runs two engines."""
+    proc = _launch(config, tiny_shards, tmp_path, recipe)
+    _finished(proc, tmp_path / "mnist" / "launch", 2, "DEEPSPEED")
+    saved = tmp_path / "mnist" / "launch" / "checkpoints" / "step_00000006"
+    assert (saved / "autoencoder").is_dir()
+    assert (saved / "critic").is_dir() == (recipe == "wae_gan")
+
+
+def test_simulated_two_nodes(tiny_shards: Path, tmp_path: Path) -> None:
+    """Two 'machines' of one process each on 127.0.0.1 (launch/accelerate/ddp_multinode.yaml, c10d rendezvous)."""
+    port = _port()
+    procs = []
+    for machine in (0, 1):
+        cmd = [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            str(ROOT / "launch/accelerate/ddp_multinode.yaml"),
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(machine),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            *_train_args(tiny_shards, tmp_path, "wae_mmd"),
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-4000:]
+    assert "2 process(es) (MULTI_CPU)" in outputs[0]
+    assert json.loads((tmp_path / "mnist" / "launch" / "exit_status.json").read_text())["code"] == 0

@@ -21,7 +21,7 @@ def save(root: Path, step: int, keep_last_k: int = 2, modules: dict | None = Non
     checkpoint.write_rank_state(directory, 0)
     for name, (weights, optim) in (modules or {"autoencoder": ({"w": torch.full((2,), float(step))}, {})}).items():
         checkpoint.save_module(directory, name, weights, optim)
-    checkpoint.write_state(directory, state or {"step": step})
+    checkpoint.write_state(directory, state or {"step": step}, "schema_version: 1\n")
     return commit(root, step, keep_last_k)
 
 
@@ -43,7 +43,7 @@ def test_layout_after_commit(tmp_path):
         checkpoint.write_rank_state(directory, rank)
     checkpoint.save_module(directory, "autoencoder", {"w": torch.ones(3)}, {"x": 1})
     checkpoint.save_module(directory, "critic", {"c": torch.zeros(1)}, {})
-    checkpoint.write_state(directory, {"step": 1000, "epoch": 2})
+    checkpoint.write_state(directory, {"step": 1000, "epoch": 2}, "schema_version: 1\n")
     assert not complete_checkpoints(root)  # nothing counts before commit
     final = commit(root, 1000, keep_last_k=2)
     assert final == root / "step_00001000"
@@ -55,6 +55,7 @@ def test_layout_after_commit(tmp_path):
         "rng_rank0.pt",
         "rng_rank1.pt",
         "state.json",
+        "config.yaml",
     ]
     assert sorted(p.name for p in final.iterdir()) == sorted(["COMPLETE", *parts])
     assert (root / "latest").read_text().strip() == "step_00001000"

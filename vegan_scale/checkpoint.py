@@ -6,8 +6,10 @@ Layout under ``<run_dir>/checkpoints/``::
       <module>.safetensors      weights of each trained module (autoencoder, critic), unwrapped
       <module>.optim.pt         its optimizer state: tensors and plain Python values only
       <module>/                 instead of the two above under DeepSpeed: the engine's own (ZeRO-sharded) files
-      rng_rank<R>.pt            every process's torch RNG state
-      state.json                step, epoch, samples seen, world size, MLflow run id
+      rng_rank<R>.pt            every process's random generator states (torch, CUDA, Python, NumPy)
+      scaler.pt                 the fp16 gradient scaler's state (fp16 runs)
+      state.json                step, micro-batches consumed, epoch, world size, distribution mode, MLflow run id
+      config.yaml               the resolved configuration the run had when it saved
       COMPLETE                  written last: a directory without it is ignored
     latest                      name of the newest complete checkpoint, replaced atomically
 
@@ -20,16 +22,19 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE = "state.json"
+CONFIG = "config.yaml"
 
 
 def step_dir_name(step: int) -> str:
@@ -42,22 +47,67 @@ def tmp_dir(root: Path, step: int) -> Path:
 
 
 def write_rank_state(directory: Path, rank: int) -> None:
-    """Every process: its RNG state."""
+    """Every process: the state of every random generator it draws from."""
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save({"torch": torch.get_rng_state()}, directory / f"rng_rank{rank}.pt")
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": _numpy_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(state, directory / f"rng_rank{rank}.pt")
+
+
+def restore_rank_state(directory: Path, rank: int) -> None:
+    """Set this process's random generators to what ``write_rank_state`` saved for ``rank``."""
+    state = torch.load(directory / f"rng_rank{rank}.pt", weights_only=True)
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state() -> dict[str, Any]:
+    """NumPy's legacy generator state with its key as a tensor, so that a weights-only load can read it back."""
+    _, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    return {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
+
+
+def _as_tuples(value: Any) -> Any:
+    """random.setstate wants the nested tuples that a weights-only load may hand back as lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def save_module(
-    directory: Path, name: str, state_dict: dict[str, torch.Tensor], optimizer_state: dict[str, Any]
+    directory: Path, name: str, state_dict: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None
 ) -> None:
-    """A module's weights (safetensors) and its optimizer's state (tensors and plain values)."""
+    """A module's weights (safetensors) and, unless None, its optimizer's state (tensors and plain values)."""
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, directory / f"{name}.safetensors")
-    torch.save(optimizer_state, directory / f"{name}.optim.pt")
+    if optimizer_state is not None:
+        torch.save(optimizer_state, directory / f"{name}.optim.pt")
 
 
-def write_state(directory: Path, state: dict[str, Any]) -> None:
+def save_tensors(directory: Path, name: str, state: dict[str, Any]) -> None:
+    """A small state of tensors and plain values (the gradient scaler's), readable with weights_only."""
+    torch.save(state, directory / f"{name}.pt")
+
+
+def read_tensors(directory: Path, name: str) -> dict[str, Any]:
+    return torch.load(directory / f"{name}.pt", weights_only=True)
+
+
+def write_state(directory: Path, state: dict[str, Any], config_yaml: str) -> None:
+    """The step, data position and run identity, and the configuration the checkpoint was made under."""
     (directory / STATE).write_text(json.dumps(state, indent=1))
+    (directory / CONFIG).write_text(config_yaml)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE).read_text())
 
 
 def _atomic_text(path: Path, text: str) -> None:

@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     NONFINITE_LOSS = 65  # a loss became NaN/inf (sysexits EX_DATAERR); the last checkpoint is intact
     LOST_RANK = 69  # another process of the job died or stopped answering (EX_UNAVAILABLE)
     PREEMPTED = 75  # stopped on request after a checkpoint; requeue to continue (EX_TEMPFAIL)
+    INTERRUPTED = 130  # Ctrl-C, after a checkpoint (128 + SIGINT)
 
 
 class VeganError(Exception):
@@ -39,3 +40,21 @@ class DataError(VeganError):
 
 class NonFiniteLossError(VeganError):
     exit_code = ExitCode.NONFINITE_LOSS
+
+
+class PreemptedError(VeganError):
+    """The run stopped on request (flag file, SIGUSR1, SIGTERM) after writing a checkpoint."""
+
+    exit_code = ExitCode.PREEMPTED
+
+
+class InterruptedRunError(VeganError):
+    """The run stopped on Ctrl-C after writing a checkpoint."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
+class LostRankError(VeganError):
+    """Another process of the job died or stopped answering within the collective timeout."""
+
+    exit_code = ExitCode.LOST_RANK

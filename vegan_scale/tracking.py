@@ -2,10 +2,18 @@
 
 Training never waits for tracking. Per step, :class:`MetricBuffer` adds the loss terms to sums kept on the device
 (no sync). Every ``tracking.log_every`` steps the sums are read once (one sync), written as a line of
-``metrics.jsonl`` in the run directory, and queued for MLflow. A single background thread owns the MLflow client:
-it creates the run, logs the flattened config once, then metrics and images as they come. A slow or absent
-tracking server therefore delays only that thread; the run directory always has everything. Only the main process
-(global rank 0) creates a :class:`Tracker`. This is the only module that imports mlflow.
+``metrics.jsonl`` in the run directory, and queued for MLflow. A single background thread owns the MLflow client.
+
+Nothing is lost when the server goes away: a send that fails for a transient reason (connection refused, timeout,
+HTTP 5xx) is retried with backoff, in order, until it goes through; meanwhile training goes on and the queue
+grows. When the run ends with sends still pending, the warning says how to send them later
+(``vegan-scale sync RUN_DIR``), since ``metrics.jsonl`` holds everything.
+
+Nothing is logged twice: a run continued from a checkpoint reopens its MLflow run (its id is kept in the run
+directory) without re-logging params, first sends whatever of ``metrics.jsonl`` the server lacks (what was queued
+when the run was killed), and from then on skips, per metric, the steps the server already has: after an exact
+resume they carry the same values. Only the main process (global rank 0) tracks. This is the only module that
+imports mlflow.
 """
 
 from __future__ import annotations
@@ -17,10 +25,15 @@ import queue
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from vegan_scale.config.load import flat_keys
+from vegan_scale.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +41,9 @@ METRICS_FILE = "metrics.jsonl"
 RUN_ID_FILE = "mlflow_run_id"
 CLOSE_TIMEOUT_S = 60.0
 MAX_PARAM_LENGTH = 6000
+RETRY_MAX_WAIT_S = 30.0
+# Errors a retry cannot fix: the request itself is wrong.
+PERMANENT_ERRORS = ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE")
 
 
 class MetricBuffer:
@@ -54,20 +70,128 @@ class MetricBuffer:
         return dict(zip(keys, means, strict=True)), count
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    """Nested dict to {"a.b": "value"}, as MLflow params."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value)[:MAX_PARAM_LENGTH]
-    return flat
+def as_params(config: dict) -> dict[str, str]:
+    """A nested configuration as MLflow params: {"section.key": "value"}."""
+    return {key: str(value)[:MAX_PARAM_LENGTH] for key, value in flat_keys(config).items()}
 
 
 def resolve_uri(configured: str | None, root: Path) -> str:
     """The tracking URI: the configured one, else $MLFLOW_TRACKING_URI, else a sqlite file in the runs root."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, on_unreachable: str) -> None:
+    """A tracking server must answer at start, unless the user chose to train without it."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
+            response.read()
+        return
+    except (urllib.error.URLError, OSError) as e:
+        problem = f"the MLflow server at {uri} does not answer ({e})"
+    if on_unreachable == "error":
+        raise ConfigError(
+            f"{problem}; start it, fix tracking.uri, or set tracking.on_unreachable=continue to train "
+            "without it (metrics stay in the run directory; `vegan-scale sync RUN_DIR` sends them later)"
+        )
+    log.warning("%s; training anyway and retrying in the background", problem)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The lines of a run directory's metrics.jsonl (a line cut short by a kill is left out)."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep only the metrics of steps up to ``step`` (a continued run writes the later ones again)."""
+    kept = [m for m in read_metrics(run_dir) if m["step"] <= step]
+    tmp = run_dir / (METRICS_FILE + ".tmp")
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    os.replace(tmp, run_dir / METRICS_FILE)
+
+
+class _MlflowRun:
+    """One MLflow run, seen from this process: what it already holds, and how to add to it without repeats."""
+
+    def __init__(self, uri: str, run_id: str, new: bool) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(tracking_uri=uri), run_id
+        self._last: dict[str, int] = {}  # metric key (or figure key) -> last step the server has
+        self._new = new  # a new run holds nothing yet: no need to ask
+
+    @classmethod
+    def create(
+        cls,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        tags: dict[str, str],
+        params: dict[str, str],
+        artifact_root: Path | None,
+    ) -> _MlflowRun:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is not None:
+            experiment_id = found.experiment_id
+        else:
+            location = str(artifact_root / experiment) if artifact_root else None
+            experiment_id = client.create_experiment(experiment, artifact_location=location)
+        run = cls(uri, client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id, new=True)
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run.run_id, params=items[i : i + 100])
+        return run
+
+    def _last_metric_step(self, key: str) -> int:
+        if key not in self._last:
+            history = [] if self._new else self.client.get_metric_history(self.run_id, key)
+            self._last[key] = max((m.step for m in history), default=-1)
+        return self._last[key]
+
+    def _last_figure_step(self, key: str) -> int:
+        figure_key = f"figure:{key}"
+        if figure_key not in self._last:
+            names = [] if self._new else [a.path for a in self.client.list_artifacts(self.run_id, "images")]
+            steps = [int(n.split("+step+")[1].split("+")[0]) for n in names if f"/{key}+step+" in n]
+            self._last[figure_key] = max(steps, default=-1)
+        return self._last[figure_key]
+
+    def send_metrics(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        new = {k: v for k, v in values.items() if step > self._last_metric_step(k)}
+        if new:
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in new.items()])
+            self._last.update(dict.fromkeys(new, step))
+
+    def send_figure(self, step: int, key: str, path: Path) -> None:
+        from PIL import Image
+
+        if step <= self._last_figure_step(key):
+            return
+        with Image.open(path) as img:
+            self.client.log_image(self.run_id, img.copy(), key=key, step=step)
+        self._last[f"figure:{key}"] = step
+
+    def send_run_dir(self, run_dir: Path) -> None:
+        """Send the lines of a run directory's metrics.jsonl the server lacks."""
+        for line in read_metrics(run_dir):
+            self.send_metrics(line["step"], {k: v for k, v in line.items() if k != "step"})
 
 
 class Tracker:
@@ -83,100 +207,128 @@ class Tracker:
         params: dict[str, str],
         tags: dict[str, str],
         artifact_root: Path | None,
+        resume_notes: list[str] | None = None,
     ) -> None:
+        """``resume_notes`` is None for a new run, else the allowed setting changes of a continued one."""
         self.run_dir, self.uri = run_dir, uri
         self.metrics_file = (run_dir / METRICS_FILE).open("a")
-        self.run_id: str | None = None
-        self._failures = 0
+        self.mlflow: _MlflowRun | None = None
+        self.pending = 0
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         if uri is not None:
             self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
             self._thread.start()
-            self._submit(lambda: self._start_run(experiment, run_name, params, tags, artifact_root))
+            self._submit(lambda: self._open_run(experiment, run_name, params, tags, artifact_root, resume_notes))
 
-    def _start_run(
-        self, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str], artifact_root: Path | None
+    @property
+    def run_id(self) -> str | None:
+        return self.mlflow.run_id if self.mlflow else None
+
+    def _open_run(
+        self,
+        experiment: str,
+        run_name: str,
+        params: dict[str, str],
+        tags: dict[str, str],
+        artifact_root: Path | None,
+        resume_notes: list[str] | None,
     ) -> None:
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=self.uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is not None:
-            experiment_id = found.experiment_id
-        else:
-            location = str(artifact_root / experiment) if artifact_root else None
-            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
-        self.run_id = run.info.run_id
-        (self.run_dir / RUN_ID_FILE).write_text(self.run_id + "\n")
-        items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        _quiet_mlflow()
+        id_file = self.run_dir / RUN_ID_FILE
+        if resume_notes is not None and id_file.exists():
+            self.mlflow = _MlflowRun(self.uri, id_file.read_text().strip(), new=False)
+            client, run_id = self.mlflow.client, self.mlflow.run_id
+            count = int(client.get_run(run_id).data.tags.get("resume.count", "0")) + 1
+            client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, "resume.count", str(count))
+            if resume_notes:
+                client.set_tag(run_id, f"resume.{count}.changed", "; ".join(resume_notes)[:5000])
+            self.mlflow.send_run_dir(self.run_dir)  # what an earlier, killed run still had queued
+            return
+        self.mlflow = _MlflowRun.create(self.uri, experiment, run_name, tags, params, artifact_root)
+        id_file.write_text(self.mlflow.run_id + "\n")
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
         """Record metrics for ``step``: a line in metrics.jsonl now, MLflow later."""
         self.metrics_file.write(json.dumps({"step": step, **values}) + "\n")
         self.metrics_file.flush()
-        now = int(time.time() * 1000)
-
-        def send() -> None:
-            from mlflow.entities import Metric
-
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
-
-        self._submit(send)
+        self._submit(lambda: self.mlflow.send_metrics(step, values))
 
     def log_figure(self, step: int, key: str, path: Path) -> None:
         """Send an image already saved in the run directory (shown in MLflow's image view, with its step)."""
-
-        def send() -> None:
-            from PIL import Image
-
-            with Image.open(path) as img:
-                self.client.log_image(self.run_id, img.copy(), key=key, step=step)
-
-        self._submit(send)
+        self._submit(lambda: self.mlflow.send_figure(step, key, path))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._submit(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+        self._submit(lambda: self.mlflow.client.log_artifact(self.mlflow.run_id, str(path), artifact_path))
 
     def close(self, status: str) -> None:
         """Finish the MLflow run with ``status`` (FINISHED, FAILED, KILLED) and wait, boundedly, for the queue."""
         self.metrics_file.close()
         if self._thread is None:
             return
-        self._submit(lambda: self.client.set_terminated(self.run_id, status=status))
+        self._submit(lambda: self.mlflow.client.set_terminated(self.mlflow.run_id, status=status))
         self._queue.put(None)
         self._thread.join(CLOSE_TIMEOUT_S)
         if self._thread.is_alive():
             log.warning(
-                "MLflow at %s did not take all data within %.0f s; the run directory has everything",
+                "MLflow at %s has not taken %d pending update(s) after %.0f s; everything is in %s: send it "
+                "with `vegan-scale sync %s` once the server answers",
                 self.uri,
+                self.pending,
                 CLOSE_TIMEOUT_S,
+                self.run_dir / METRICS_FILE,
+                self.run_dir,
             )
 
     def _submit(self, task: Callable[[], None]) -> None:
         if self._thread is not None:
+            self.pending += 1
             self._queue.put(task)
 
     def _work(self) -> None:
         while (task := self._queue.get()) is not None:
-            if self.run_id is None and self._failures:
-                continue  # the run could not be created; nothing else can be sent
-            try:
-                task()
-            except Exception as e:  # tracking must never end training
-                self._failures += 1
-                if self._failures == 1:
-                    log.warning(
-                        "MLflow (%s) failed: %s; training goes on, metrics stay in %s",
-                        self.uri,
-                        e,
-                        self.run_dir / METRICS_FILE,
-                    )
+            _run_until_done(task, self.uri, self.run_dir)
+            self.pending -= 1
+
+
+def _quiet_mlflow() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # retries are ours: ordered, unbounded
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def _run_until_done(task: Callable[[], None], uri: str, run_dir: Path) -> None:
+    """Run a task, retrying transient failures with backoff; a request the server refuses is dropped."""
+    wait, warned = 1.0, False
+    while True:
+        try:
+            task()
+            if warned:
+                log.warning("MLflow at %s answers again; sending what waited", uri)
+            return
+        except Exception as e:  # tracking must never end training
+            if getattr(e, "error_code", None) in PERMANENT_ERRORS:
+                log.warning("MLflow refused an update (%s); it stays in %s", e, run_dir / METRICS_FILE)
+                return
+            if not warned:
+                log.warning(
+                    "MLflow at %s fails (%s); training goes on, updates wait and are retried",
+                    uri,
+                    str(e).splitlines()[0][:200],
+                )
+                warned = True
+            time.sleep(wait)
+            wait = min(2 * wait, RETRY_MAX_WAIT_S)
+
+
+def sync(run_dir: Path, uri: str) -> None:
+    """Send a run directory's metrics to its MLflow run: the steps the server lacks."""
+    id_file = run_dir / RUN_ID_FILE
+    if not id_file.exists():
+        raise ConfigError(f"{run_dir} has no {RUN_ID_FILE}: its MLflow run was never created; nothing to sync")
+    _quiet_mlflow()
+    _MlflowRun(uri, id_file.read_text().strip(), new=False).send_run_dir(run_dir)
 
 
 def ui_command(uri: str) -> str:

@@ -17,15 +17,22 @@ from vegan_scale.distributed.agreement import Agreement, Flag
 
 @check
 def agreement_sees_one_ranks_flag(ctx: Context) -> dict:
-    """Rank 1 alone raises NONFINITE; after one check every rank sees it, and STOP stays clear everywhere."""
+    """Rank 1 raises NONFINITE_PENALTY at step 7 and rank 0 at step 9: after one check every rank sees the flag
+    with the earliest step, and no other flag."""
     agreement = Agreement(ctx.accelerator.device, ctx.world_size)
-    before = sorted(int(f) for f in agreement.check())
-    agreement.raise_if(Flag.NONFINITE, torch.tensor(ctx.rank == 1))
-    after = sorted(int(f) for f in agreement.check())
+    before = agreement.check()
+    agreement.raise_if(Flag.NONFINITE_PENALTY, torch.tensor(True), 7 if ctx.rank == 1 else 9)
+    agreement.raise_if(Flag.NONFINITE_PENALTY, torch.tensor(True), 12)  # a later step does not replace the first
+    agreement.raise_if(Flag.DATA_ERROR, torch.tensor(False), 3)  # a false condition raises nothing
+    after = agreement.check()
     start = time.perf_counter()
     for _ in range(20):
         agreement.check()
-    return {"before": before, "after": after, "check_ms": (time.perf_counter() - start) / 20 * 1e3}
+    return {
+        "before": {int(k): v for k, v in before.items()},
+        "after": {int(k): v for k, v in after.items()},
+        "check_ms": (time.perf_counter() - start) / 20 * 1e3,
+    }
 
 
 @check

@@ -7,7 +7,6 @@ came from, the dotted key, and a close match for a misspelt key. The result is a
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from pathlib import Path
 from typing import Any
@@ -130,6 +129,12 @@ def _first_line(e: Exception) -> str:
     return msg.strip().splitlines()[0]
 
 
-def as_dict(cfg: Any) -> dict:
-    """The configuration as nested plain dicts."""
-    return dataclasses.asdict(cfg)
+def flat_keys(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {"section.key": value}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= flat_keys(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

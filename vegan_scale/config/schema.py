@@ -103,6 +103,19 @@ class TrainConfig:
     )
     check_every: int = param(50, "Steps between the checks all processes agree on (stop, non-finite loss).")
     deterministic: bool = param(False, "Use deterministic algorithms (slower; for exact reproduction).")
+    resume: str = param(
+        "auto",
+        "auto: continue from the newest complete checkpoint in the run directory, if there is one; never: refuse "
+        "an existing run directory; or the path of a checkpoint directory (…/checkpoints/step_N) to continue from.",
+    )
+    init_from: str | None = param(
+        None, "An exported model directory (model.safetensors + model.yaml) whose weights start a new run."
+    )
+    collective_timeout_s: float = param(
+        600.0,
+        "Seconds a process waits in a collective before deciding another process is lost (exit 69); bounds the "
+        "hang when a rank dies without a launcher that stops the others.",
+    )
 
 
 @dataclass
@@ -129,6 +142,12 @@ class TrackingConfig:
         None, "MLflow tracking URI; null uses $MLFLOW_TRACKING_URI, else a sqlite file <run.root>/mlflow.db."
     )
     log_every: int = param(50, "Steps between metric flushes (means over the interval, one device sync each).")
+    on_unreachable: str = param(
+        "error",
+        "A tracking server that does not answer at start: error stops with exit code 2; continue trains anyway, "
+        "keeping metrics in the run directory (send them later with `vegan-scale sync RUN_DIR`).",
+        choices=("error", "continue"),
+    )
 
 
 @dataclass

@@ -158,8 +158,16 @@ class TrainStream:
             _ReaderSamples(self, tuple(plan.readers[o] for o in order), [consumed[o] for o in order]),
             wds.batched(self.batch_size, collation_fn=_collate, partial=False),
         )
+        # A DataLoader draws its workers' base seed from the generator it is given, else from torch's global one:
+        # a private generator keeps the training process's random stream (prior samples, encoder noise) the same
+        # whenever the loader starts, which is what makes a resumed run exact.
+        seeds = torch.Generator().manual_seed(hash((self.seed, epoch, self.rank)) % 2**63)
         loader = DataLoader(
-            pipeline, batch_size=None, num_workers=self.num_workers, prefetch_factor=4 if self.num_workers else None
+            pipeline,
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=4 if self.num_workers else None,
+            generator=seeds,
         )
         return map(_as_batch, islice(iter(loader), plan.batches - start))
 

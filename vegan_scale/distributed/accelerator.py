@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
@@ -28,22 +29,26 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def build_accelerator(mixed_precision: str, models: tuple[str, ...] = ("autoencoder",)) -> Accelerator:
+def build_accelerator(
+    mixed_precision: str, models: tuple[str, ...] = ("autoencoder",), timeout_s: float = 600.0
+) -> Accelerator:
     """An Accelerator for whatever the launcher started: one process, DDP on CPU or GPU, or DeepSpeed.
 
     ``models`` names the separately trained modules; under DeepSpeed each gets an engine of its own.
+    ``timeout_s`` bounds how long a collective waits for a process that has died.
     """
     # accelerate keeps its settings in process-wide singletons that refuse to change; a process that trains more
     # than once (the Python API, the tests) starts each run afresh, keeping only the process group.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     cuda = torch.cuda.is_available()
+    timeout = timedelta(seconds=timeout_s)
     if deepspeed_requested():
-        kwargs = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
-        return Accelerator(
-            mixed_precision=mixed_precision, deepspeed_plugin=deepspeed_support.plugins(models), kwargs_handlers=kwargs
-        )
-    return Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
+        group = InitProcessGroupKwargs(timeout=timeout, **({} if cuda else {"backend": "gloo"}))
+        plugins = deepspeed_support.plugins(models)
+        return Accelerator(mixed_precision=mixed_precision, deepspeed_plugin=plugins, kwargs_handlers=[group])
+    group = InitProcessGroupKwargs(timeout=timeout)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not cuda, kwargs_handlers=[group])
 
 
 def shutdown() -> None:

@@ -1,13 +1,15 @@
 """Agreement between ranks: decisions every rank must take together, at the same step.
 
-Flags (a non-finite loss, a loader failure) are held in a small device tensor. A rank raises a flag with a
-device-side max (no sync); every ``train.check_every`` steps all ranks all-reduce the flags (max) at the same step
-and act on the result together. One collective of a few numbers and one device sync per check, its wall time
-reported as ``perf/agree_ms``.
+Each flag (a loss term went non-finite, a loader failed, a stop was requested) holds the first step at which a
+rank raised it, in a small device tensor (infinity when not raised). A rank raises a flag with device-side ops
+only, so no step waits for it; every ``train.check_every`` steps, and before every checkpoint, all ranks
+all-reduce the tensor (minimum) at the same step and act on the result together. One collective of a few numbers
+and one device sync per check, its wall time reported as ``perf/agree_ms``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from enum import IntEnum
 
@@ -15,28 +17,35 @@ import torch
 
 
 class Flag(IntEnum):
-    NONFINITE = 0  # a loss became NaN or infinite
-    DATA_ERROR = 1  # a rank's loader failed (data.on_error=raise)
+    NONFINITE_RECON = 0  # the reconstruction cost became NaN or infinite
+    NONFINITE_PENALTY = 1  # the latent penalty did
+    NONFINITE_CRITIC = 2  # the critic's loss did (adversarial penalties)
+    DATA_ERROR = 3  # a rank's loader failed (data.on_error=raise)
+    PREEMPT = 4  # a stop was requested (flag file, SIGUSR1, SIGTERM): checkpoint, exit 75
+    INTERRUPT = 5  # Ctrl-C: checkpoint, exit 130
+
+
+NONFINITE = (Flag.NONFINITE_RECON, Flag.NONFINITE_PENALTY, Flag.NONFINITE_CRITIC)
 
 
 class Agreement:
-    """Flags raised by any rank and seen by all ranks at the next check."""
+    """Flags raised by any rank, with the step they were first raised at, seen by all ranks at the next check."""
 
     def __init__(self, device: torch.device, world_size: int) -> None:
         self.world_size = world_size
-        self.flags = torch.zeros(len(Flag), device=device)
+        self.first = torch.full((len(Flag),), math.inf, dtype=torch.float64, device=device)
         self.last_check_ms = 0.0
 
-    def raise_if(self, flag: Flag, condition: torch.Tensor) -> None:
-        """Set ``flag`` when ``condition`` (a device bool tensor) holds, without a device sync."""
-        self.flags[flag] = torch.maximum(self.flags[flag], condition.to(self.flags.dtype))
+    def raise_if(self, flag: Flag, condition: torch.Tensor, step: int) -> None:
+        """Record ``step`` for ``flag`` where ``condition`` (a device bool tensor) holds; no device sync."""
+        self.first[flag] = torch.where(condition, torch.clamp(self.first[flag], max=step), self.first[flag])
 
-    def check(self) -> set[Flag]:
-        """The flags any rank has raised since the start; collective: every rank must call it at the same step."""
+    def check(self) -> dict[Flag, int]:
+        """{flag: first step any rank raised it}; collective: every rank must call it at the same step."""
         start = time.perf_counter()
-        flags = self.flags.clone()
+        first = self.first.clone()
         if self.world_size > 1:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        raised = {f for f in Flag if flags[f].item() > 0}
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        values = first.tolist()
         self.last_check_ms = (time.perf_counter() - start) * 1e3
-        return raised
+        return {f: int(values[f]) for f in Flag if values[f] != math.inf}

@@ -58,15 +58,16 @@ def init_context(plugin: DeepSpeedPlugin) -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def gathered(module: nn.Module) -> Iterator[None]:
-    """Inside the block, a ZeRO-3 module's parameters are whole on every rank (collective); otherwise a no-op."""
+def gathered(module: nn.Module, modify: bool = False) -> Iterator[None]:
+    """Inside the block, a ZeRO-3 module's parameters are whole on every rank (collective); otherwise a no-op.
+    With ``modify``, what rank 0 writes into them is partitioned back to every rank at the end."""
     params = list(module.parameters())
     if not any(hasattr(p, "ds_id") for p in params):
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
         yield
 
 
@@ -89,3 +90,39 @@ def match_buffers_to_parameters(module: nn.Module) -> None:
     for buffer in module.buffers():
         if buffer.is_floating_point() and buffer.dtype != dtype:
             buffer.data = buffer.data.to(dtype)
+
+
+def _allowed_globals() -> list[type]:
+    """The non-tensor objects DeepSpeed's checkpoint files hold (found by loading ZeRO-2 and ZeRO-3 checkpoints
+    with ``weights_only=True``): the loss scaler, ZeRO-3's stage enum and ZeRO-1/2's fragment addresses."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_engine(engine: object, directory: Path) -> None:
+    """Collective: restore an engine from ``save_engine``'s files without executing code from them.
+
+    DeepSpeed reads its files with ``torch.load(weights_only=False)``; for this load its checkpoint engine reads
+    them with ``weights_only=True`` and an allowlist of the three classes they contain instead, so a planted
+    pickle is refused (``pickle.UnpicklingError``) rather than run.
+    """
+    allowed = _allowed_globals()
+
+    def safe_load(path: str, map_location: object = None) -> object:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine = engine.checkpoint_engine
+    original = checkpoint_engine.load
+    checkpoint_engine.load = safe_load
+    try:
+        path, _ = engine.load_checkpoint(
+            str(directory), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+    finally:
+        checkpoint_engine.load = original
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")

@@ -60,12 +60,34 @@ class Trainable:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the module's whole weights (gathered under ZeRO-3), on every process."""
+        with deepspeed_support.gathered(self.raw):
+            return {k: v.detach().clone() for k, v in self.raw.state_dict().items()}
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Collective: set the module's whole weights (scattered back to the shards under ZeRO-3)."""
+        with deepspeed_support.gathered(self.raw, modify=True):
+            self.raw.load_state_dict(weights)
+
     def save(self, directory: Path) -> None:
-        """Collective: write this module's checkpoint files (every process under DeepSpeed, the main one otherwise)."""
+        """Collective: write this module's checkpoint files: its whole weights as safetensors (for export) and,
+        for continuing, its optimizer state, or under DeepSpeed the engine's own sharded files."""
+        weights = self.full_state_dict() if self.engine is not None else self.raw.state_dict()
         if self.engine is not None:
             deepspeed_support.save_engine(self.engine, directory / self.name)
+            if self.accelerator.is_main_process:
+                checkpoint.save_module(directory, self.name, weights, None)
         elif self.accelerator.is_main_process:
-            checkpoint.save_module(directory, self.name, self.raw.state_dict(), self.optimizer.state_dict())
+            checkpoint.save_module(directory, self.name, weights, self.optimizer.state_dict())
+
+    def load(self, directory: Path) -> None:
+        """Collective: restore weights and optimizer state from what ``save`` wrote into ``directory``."""
+        if self.engine is not None:
+            deepspeed_support.load_engine(self.engine, directory / self.name)
+            return
+        self.raw.load_state_dict(checkpoint.read_module(directory, self.name))
+        self.optimizer.load_state_dict(checkpoint.read_optimizer(directory, self.name))
 
     def frozen_parameters(self) -> dict[str, torch.Tensor]:
         """Current parameters as constants (whole, even under ZeRO-3), for calling a copy of the module."""

@@ -22,9 +22,13 @@ log = logging.getLogger("vegan_scale")
 
 
 class DataFeed:
-    def __init__(self, stream: TrainStream, agreement: Agreement, device: torch.device, announce: bool) -> None:
+    def __init__(
+        self, stream: TrainStream, agreement: Agreement, device: torch.device, announce: bool, start: int = 0
+    ) -> None:
+        """``start``: micro-batches already consumed (by the run this one continues)."""
         self.stream, self.agreement, self.device, self.announce = stream, agreement, device, announce
-        self.epoch, self.error = 0, None
+        self.epoch, self._offset = divmod(start, stream.batches_per_epoch)
+        self.error: str | None = None
         self.data_time, self.skipped = 0.0, torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
         self._batches = self._epochs()
         self._last: torch.Tensor | None = None
@@ -39,8 +43,8 @@ class DataFeed:
                     plan.dropped,
                     plan.batches,
                 )
-            yield from self.stream.epoch(self.epoch)
-            self.epoch += 1
+            yield from self.stream.epoch(self.epoch, start=self._offset)
+            self.epoch, self._offset = self.epoch + 1, 0
 
     def next(self) -> torch.Tensor:
         """The next micro-batch as floats in [0, 1] on the device."""
@@ -52,7 +56,7 @@ class DataFeed:
                 self._last = images.to(self.device, non_blocking=True).float().div_(255)
             except DataError as e:
                 self.error = worker_message(e)
-                self.agreement.raise_if(Flag.DATA_ERROR, torch.ones((), device=self.device))
+                self.agreement.raise_if(Flag.DATA_ERROR, torch.ones((), dtype=torch.bool, device=self.device), 0)
         if self._last is None:  # failed before the first batch: any batch of the right shape keeps step
             self._last = torch.zeros((self.stream.batch_size, *self.stream.image_shape), device=self.device)
         self.data_time += time.perf_counter() - start

@@ -8,6 +8,7 @@ in ``finally``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -15,18 +16,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from tqdm import tqdm
 
-from vegan_scale import checkpoint
+from vegan_scale import checkpoint, export
+from vegan_scale.config.load import to_yaml
 from vegan_scale.distributed.agreement import Agreement, Flag
 from vegan_scale.engine import reporting, rundir
 from vegan_scale.engine.evaluate import evaluate
 from vegan_scale.engine.feed import DataFeed
+from vegan_scale.engine.preemption import FLAG_FILE, StopRequests
 from vegan_scale.engine.schedule import lr_factor
 from vegan_scale.engine.setup import Run, build_run
 from vegan_scale.engine.step import train_step
-from vegan_scale.errors import DataError, ExitCode, NonFiniteLossError, VeganError
+from vegan_scale.errors import (
+    DataError,
+    ExitCode,
+    InterruptedRunError,
+    LostRankError,
+    NonFiniteLossError,
+    PreemptedError,
+    VeganError,
+)
 from vegan_scale.tracking import MetricBuffer
 
 log = logging.getLogger("vegan_scale")
@@ -35,7 +46,7 @@ log = logging.getLogger("vegan_scale")
 def train(cfg: Any) -> Path:
     """Train the experiment ``cfg`` describes; returns its run directory. Raises VeganError subclasses."""
     run = build_run(cfg)
-    code, reason, step = ExitCode.CRASH, "crashed", 0
+    code, reason, step = ExitCode.CRASH, "crashed", run.start_step
     try:
         reporting.announce(run)
         step = _fit(run)
@@ -44,11 +55,16 @@ def train(cfg: Any) -> Path:
         code, reason = e.exit_code, str(e)
         raise
     except KeyboardInterrupt:
-        code, reason = ExitCode.CRASH, "interrupted"
+        code, reason = ExitCode.INTERRUPTED, "interrupted at once (second Ctrl-C), without a checkpoint"
         raise
+    except (torch.distributed.DistError, RuntimeError) as e:
+        if run.accelerator.num_processes == 1 or not _lost_peer(e):
+            raise
+        code, reason = ExitCode.LOST_RANK, f"another process stopped answering: {str(e).splitlines()[0]}"
+        raise LostRankError(f"{reason}; the last complete checkpoint is intact") from e
     finally:
         if run.tracker is not None:
-            run.tracker.close("FINISHED" if code == ExitCode.OK else "FAILED")
+            run.tracker.close({ExitCode.OK: "FINISHED", ExitCode.PREEMPTED: "KILLED"}.get(code, "FAILED"))
         if run.accelerator.is_main_process:
             rundir.write_exit_status(run.run_dir, int(code), reason, step)
     if run.accelerator.is_main_process:
@@ -56,54 +72,91 @@ def train(cfg: Any) -> Path:
     return run.run_dir
 
 
+def _lost_peer(error: Exception) -> bool:
+    """Whether a collective failed because another process is gone (gloo and NCCL phrase it in several ways)."""
+    text = str(error).lower()
+    return isinstance(error, torch.distributed.DistError) or any(
+        phrase in text
+        for phrase in ("connection closed", "connection reset", "timed out", "timeout", "broken pipe", "peer", "nccl")
+    )
+
+
 def _fit(run: Run) -> int:
     cfg, acc = run.cfg, run.accelerator
     agreement, metrics = Agreement(acc.device, acc.num_processes), MetricBuffer()
-    feed = DataFeed(run.stream, agreement, acc.device, announce=acc.is_main_process)
+    feed = DataFeed(run.stream, agreement, acc.device, acc.is_main_process, run.start_step * run.layout.accumulation)
     # A progress bar on a terminal; in a log file (SLURM, CI) one line per metric flush instead.
     interactive = acc.is_main_process and sys.stderr.isatty()
-    progress = tqdm(total=run.total_steps, disable=not interactive, dynamic_ncols=True, desc="train")
-    interval_start, step = time.perf_counter(), 0
-    while step < run.total_steps:
-        lr_scale = lr_factor(step / run.steps_per_epoch, cfg.optim.lr_milestones, cfg.optim.lr_factors)
-        terms = train_step(run, feed, lr_scale)
-        step += 1
+    progress = tqdm(
+        total=run.total_steps, initial=run.start_step, disable=not interactive, dynamic_ncols=True, desc="train"
+    )
+    interval_start, step = time.perf_counter(), run.start_step
+    with StopRequests(run.run_dir / FLAG_FILE) as stops:
+        while step < run.total_steps:
+            lr_scale = lr_factor(step / run.steps_per_epoch, cfg.optim.lr_milestones, cfg.optim.lr_factors)
+            terms = train_step(run, feed, lr_scale)
+            step += 1
 
-        agreement.raise_if(Flag.NONFINITE, ~torch.isfinite(terms["train/loss"]))
-        metrics.add(terms)
-        progress.update()
-        last = step == run.total_steps
-        saving = cfg.checkpoint.every_steps and (step % cfg.checkpoint.every_steps == 0 or last)
-        if step % cfg.train.check_every == 0 or last or saving:  # never checkpoint what a failure has touched
-            _act_on_flags(run, agreement.check(), feed, step)
-        if step % cfg.tracking.log_every == 0 or last:
-            values, steps = metrics.flush()
-            data_time, skipped = feed.take_counts(acc.num_processes)
-            elapsed = time.perf_counter() - interval_start
-            values |= {"train/lr": cfg.optim.lr * lr_scale, "train/epoch": float(feed.epoch), **skipped}
-            values |= reporting.perf_metrics(run, steps, elapsed, data_time, agreement.last_check_ms)
-            reporting.report(run, step, values, progress if interactive else None)
-            interval_start = time.perf_counter()
-        if step % cfg.eval.every_steps == 0 or last:
-            _evaluate(run, step)
-        if saving:
-            _save_checkpoint(run, step, feed.epoch)
+            for flag, key in NONFINITE_TERMS.items():
+                if key in terms:
+                    agreement.raise_if(flag, ~torch.isfinite(terms[key]), step)
+            metrics.add(terms)
+            progress.update()
+            last = step == run.total_steps
+            saving = cfg.checkpoint.every_steps and (step % cfg.checkpoint.every_steps == 0 or last)
+            if step % cfg.train.check_every == 0 or last or saving:  # never checkpoint what a failure has touched
+                if (requested := stops.poll()) is not None:
+                    agreement.raise_if(requested, torch.ones((), dtype=torch.bool, device=acc.device), step)
+                _act_on_flags(run, agreement.check(), feed, step)
+            if step % cfg.tracking.log_every == 0 or last:
+                values, steps = metrics.flush()
+                data_time, skipped = feed.take_counts(acc.num_processes)
+                elapsed = time.perf_counter() - interval_start
+                values |= {"train/lr": cfg.optim.lr * lr_scale, "train/epoch": float(feed.epoch), **skipped}
+                values |= reporting.perf_metrics(run, steps, elapsed, data_time, agreement.last_check_ms)
+                reporting.report(run, step, values, progress if interactive else None)
+                interval_start = time.perf_counter()
+            if step % cfg.eval.every_steps == 0 or last:
+                _evaluate(run, step)
+            if saving:
+                _save_checkpoint(run, step, feed.epoch)
     progress.close()
+    _export(run)
     return step
 
 
-def _act_on_flags(run: Run, raised: set[Flag], feed: DataFeed, step: int) -> None:
+NONFINITE_TERMS = {
+    Flag.NONFINITE_RECON: "train/recon",
+    Flag.NONFINITE_PENALTY: "train/penalty",
+    Flag.NONFINITE_CRITIC: "train/critic_loss",
+}
+
+
+def _act_on_flags(run: Run, raised: dict[Flag, int], feed: DataFeed, step: int) -> None:
     """Collective: every rank calls it at the same step and raises the same error."""
     if Flag.DATA_ERROR in raised:
         messages = gather_object([f"process {run.accelerator.process_index}: {feed.error}" if feed.error else ""])
         raise DataError("; ".join(m for m in messages if m) + " (data.on_error=skip would skip bad samples)")
-    if Flag.NONFINITE in raised:
+    nonfinite = {flag: raised[flag] for flag in NONFINITE_TERMS if flag in raised}
+    if nonfinite:
+        first = min(nonfinite.values())
+        terms = ", ".join(NONFINITE_TERMS[f] for f, s in nonfinite.items() if s == first)
         saved = checkpoint.complete_checkpoints(run.run_dir / "checkpoints")
-        last = f"the last complete checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
+        last = f"the last complete checkpoint, {saved[-1]}, is intact" if saved else "no checkpoint was written yet"
         raise NonFiniteLossError(
-            f"the loss became NaN or infinite within the {run.cfg.train.check_every} steps before step {step}; "
-            f"{last}. Try a lower optim.lr or penalty.weight, or train.mixed_precision=no"
+            f"{terms} became NaN or infinite at step {first}; {last}. Try a lower optim.lr or "
+            "penalty.weight, or train.mixed_precision=no"
         )
+    for flag, error in ((Flag.INTERRUPT, InterruptedRunError), (Flag.PREEMPT, PreemptedError)):
+        if flag in raised:
+            saved = checkpoint.complete_checkpoints(run.run_dir / "checkpoints")
+            if not saved or saved[-1].name != checkpoint.step_dir_name(step):
+                _save_checkpoint(run, step, feed.epoch)
+            what = "Ctrl-C" if flag == Flag.INTERRUPT else "a stop request"
+            raise error(
+                f"stopped at step {step} on {what}, after writing its checkpoint; train.resume=auto with the "
+                "same run.name continues it"
+            )
 
 
 def _evaluate(run: Run, step: int) -> None:
@@ -142,16 +195,29 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
             module.save(directory)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        checkpoint.write_state(
-            directory,
-            {
-                "step": step,
-                "epoch": epoch,
-                "samples_seen": step * run.layout.global_batch,
-                "world_size": acc.num_processes,
-                "mlflow_run_id": run.tracker.run_id if run.tracker else None,
-            },
-        )
+        if acc.scaler is not None:
+            checkpoint.save_tensors(directory, "scaler", acc.scaler.state_dict())
+        state = {
+            "step": step,
+            "micro_batches": step * run.layout.accumulation,
+            "epoch": epoch,
+            "samples_seen": step * run.layout.global_batch,
+            "world_size": acc.num_processes,
+            "deepspeed": acc.distributed_type == DistributedType.DEEPSPEED,
+            "mlflow_run_id": run.tracker.run_id if run.tracker else None,
+        }
+        checkpoint.write_state(directory, state, to_yaml(run.cfg))
         path = checkpoint.commit(root, step, run.cfg.checkpoint.keep_last_k)
-        log.info("checkpoint %s written in %.2f s", path, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        log.info("checkpoint %s written in %.2f s", path, seconds)
+        if run.tracker is not None:
+            run.tracker.log_metrics(step, {"perf/checkpoint_s": seconds})
     acc.wait_for_everyone()
+
+
+def _export(run: Run) -> None:
+    """Collective: the final model, consolidated (gathered under ZeRO-3), as <run_dir>/export."""
+    weights = run.autoencoder.full_state_dict()
+    if run.accelerator.is_main_process:
+        path = export.write(run.run_dir / "export", weights, dataclasses.asdict(run.cfg))
+        log.info("model exported to %s", path)

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from vegan_scale.tracking import truncate_metrics
+
 log = logging.getLogger("vegan_scale")
 
 EXIT_STATUS = "exit_status.json"
@@ -29,10 +31,18 @@ def default_run_name(penalty: str, network: str, latent_dim: int) -> str:
     return f"{penalty}-{network}-z{latent_dim}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare(run_dir: Path, config_yaml: str) -> None:
-    """Main process: create the directory, save the resolved config, and tee the log into train.log."""
+def prepare(run_dir: Path, config_yaml: str, continue_after: int | None) -> None:
+    """Main process: create the directory, save the resolved config, and tee the log into train.log.
+
+    A continued run (``continue_after`` its start step) keeps the metrics of the steps up to where it starts;
+    those after it come again, identically, from the continuation.
+    """
     (run_dir / "figures").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_yaml)
+    if continue_after is not None:
+        truncate_metrics(run_dir, continue_after)
+    # a stop request is for the run it stopped, not for the one continuing it
+    (run_dir / "PREEMPT").unlink(missing_ok=True)
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s"))
     logging.getLogger("vegan_scale").addHandler(handler)

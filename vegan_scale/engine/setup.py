@@ -29,13 +29,13 @@ from vegan_scale.data.shardio import RetryPolicy
 from vegan_scale.distributed import deepspeed_support, trainable
 from vegan_scale.distributed.accelerator import BatchLayout, apply_layout, build_accelerator
 from vegan_scale.distributed.trainable import Trainable
-from vegan_scale.engine import rundir
+from vegan_scale.engine import resume, rundir
 from vegan_scale.engine.objective import Cost
 from vegan_scale.errors import ConfigError, DataError
 from vegan_scale.penalties.base import LatentPenalty
 from vegan_scale.priors import Prior
 from vegan_scale.registry import PENALTIES, build_model, build_penalty, build_prior
-from vegan_scale.tracking import Tracker, flatten, resolve_uri
+from vegan_scale.tracking import METRICS_FILE, Tracker, as_params, check_reachable, resolve_uri
 
 log = logging.getLogger("vegan_scale")
 
@@ -50,6 +50,7 @@ class Run:
     run_dir: Path
     stream: TrainStream  # yields micro-batches
     total_steps: int  # optimizer steps
+    start_step: int  # the step a continued run starts after (0 for a new run)
     autoencoder: Trainable
     penalty: LatentPenalty
     critic: Trainable | None  # the latent critic of adversarial penalties
@@ -159,8 +160,9 @@ def _image_shape(cfg: Any) -> tuple[int, int, int]:
     return cfg.data.channels, cfg.data.image_size, cfg.data.image_size
 
 
-def _tracker(cfg: Any, accelerator: Accelerator, run_dir: Path) -> tuple[Tracker, str | None]:
-    uri = resolve_uri(cfg.tracking.uri, Path(cfg.run.root)) if cfg.tracking.backend == "mlflow" else None
+def _tracker(
+    cfg: Any, accelerator: Accelerator, run_dir: Path, uri: str | None, resume_notes: list[str] | None
+) -> Tracker:
     # with a local store, keep artifacts beside mlflow.db rather than in ./mlruns of whatever the cwd is
     artifact_root = Path(cfg.run.root).resolve() / "mlartifacts" if uri and uri.startswith("sqlite") else None
     tracker = Tracker(
@@ -168,12 +170,13 @@ def _tracker(cfg: Any, accelerator: Accelerator, run_dir: Path) -> tuple[Tracker
         uri=uri,
         experiment=cfg.run.experiment,
         run_name=run_dir.name,
-        params=flatten(dataclasses.asdict(cfg)),
+        params=as_params(dataclasses.asdict(cfg)),
         tags=_tags(accelerator, cfg),
         artifact_root=artifact_root,
+        resume_notes=resume_notes,
     )
     tracker.log_artifact(run_dir / "config.yaml")
-    return tracker, uri
+    return tracker
 
 
 def _trained_modules(cfg: Any, accelerator: Accelerator) -> tuple[Trainable, LatentPenalty, Trainable | None]:
@@ -212,29 +215,49 @@ def _evaluation_data(
     return images[accelerator.process_index :: world], images[: cfg.eval.grid_size**2 // 2], prior_noise
 
 
+def _holds_run(run_dir: Path) -> bool:
+    return (run_dir / rundir.EXIT_STATUS).exists() or (run_dir / METRICS_FILE).exists()
+
+
 def build_run(cfg: Any) -> Run:
-    """Build every part; the run directory is created last, once nothing can fail on bad input any more."""
+    """Build every part; the run directory is written last, once nothing can fail on bad input any more."""
     validate(cfg)
     models = ("autoencoder", "critic") if PENALTIES[cfg.penalty.kind].trains_critic else ("autoencoder",)
-    accelerator = build_accelerator(cfg.train.mixed_precision, models)
+    accelerator = build_accelerator(cfg.train.mixed_precision, models, cfg.train.collective_timeout_s)
     rundir.setup_console_logging(accelerator.is_main_process)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     layout = BatchLayout.derive(cfg.train.global_batch_size, accelerator.num_processes, cfg.train.micro_batch_size)
     apply_layout(accelerator, layout, cfg.train.mixed_precision)
     run_dir = _run_dir(cfg, accelerator)
-    if (run_dir / rundir.EXIT_STATUS).exists() or (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"run directory {run_dir} already holds a run; choose another run.name")
+    resume_from = resume.locate(cfg.train.resume, run_dir, accelerator)
+    if cfg.train.resume == "never" and _holds_run(run_dir):
+        raise ConfigError(
+            f"run directory {run_dir} already holds a run; choose another run.name, or continue it "
+            "with train.resume=auto"
+        )
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    config = dataclasses.asdict(cfg)
+    notes = resume.check_policy(resume_from, config, accelerator.num_processes, deepspeed) if resume_from else None
+    continuing = resume_from is not None or _holds_run(run_dir)  # over an attempt that saved no checkpoint yet
     stream, total_steps = _train_stream(cfg, accelerator, layout)
     autoencoder, penalty, critic = _trained_modules(cfg, accelerator)
+    if cfg.train.init_from and resume_from is None:
+        resume.start_from_export(Path(cfg.train.init_from), autoencoder, config)
     prior = build_prior(cfg)
     eval_images, originals, prior_noise = _evaluation_data(cfg, accelerator, prior)
     torch.manual_seed(cfg.run.seed + 1 + accelerator.process_index)  # per-process prior and encoder noise
+    start_step = 0
+    if resume_from is not None:
+        start_step = resume.restore(resume_from, [m for m in (autoencoder, critic) if m], accelerator)
 
     tracker = uri = None
     if accelerator.is_main_process:
-        rundir.prepare(run_dir, to_yaml(cfg))
-        tracker, uri = _tracker(cfg, accelerator, run_dir)
+        rundir.prepare(run_dir, to_yaml(cfg), continue_after=start_step if continuing else None)
+        uri = resolve_uri(cfg.tracking.uri, Path(cfg.run.root)) if cfg.tracking.backend == "mlflow" else None
+        if uri:
+            check_reachable(uri, cfg.tracking.on_unreachable)
+        tracker = _tracker(cfg, accelerator, run_dir, uri, (notes or []) if continuing else None)
     accelerator.wait_for_everyone()
     cost = functools.partial(reconstruction_cost, kind=cfg.cost.kind, scale=cfg.cost.scale)
     return Run(
@@ -244,6 +267,7 @@ def build_run(cfg: Any) -> Run:
         run_dir,
         stream,
         total_steps,
+        start_step,
         autoencoder,
         penalty,
         critic,

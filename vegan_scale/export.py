@@ -1,0 +1,69 @@
+"""Exported models: consolidated weights (safetensors) and the configuration that rebuilds the network.
+
+An export directory holds ``model.safetensors`` (the auto-encoder's full weights, float32, whatever the run's
+precision and distribution mode) and ``model.yaml`` (the ``data``, ``model`` and ``prior`` sections of the run's
+configuration: a partial experiment file). Loading needs neither DeepSpeed nor accelerate and executes nothing
+from the files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from vegan_scale.config.load import flat_keys
+from vegan_scale.errors import ConfigError
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "model.yaml"
+SECTIONS = ("data", "model", "prior")
+
+
+def model_sections(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a resolved configuration (as nested dicts) that define the network and its prior."""
+    data = {k: config["data"][k] for k in ("image_size", "channels")}
+    return {"data": data, "model": config["model"], "prior": config["prior"]}
+
+
+def write(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    """Write an export atomically (both files under temporary names, then renamed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {
+        k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state_dict.items()
+    }
+    save_file(weights, directory / (MODEL_FILE + ".tmp"))
+    (directory / (CONFIG_FILE + ".tmp")).write_text(yaml.safe_dump(model_sections(config), sort_keys=False))
+    os.replace(directory / (MODEL_FILE + ".tmp"), directory / MODEL_FILE)
+    os.replace(directory / (CONFIG_FILE + ".tmp"), directory / CONFIG_FILE)
+    return directory
+
+
+def read(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """(weights, path of model.yaml) of an export directory; a clear error when it is not one."""
+    directory = Path(directory)
+    missing = [f for f in (MODEL_FILE, CONFIG_FILE) if not (directory / f).exists()]
+    if missing:
+        raise ConfigError(
+            f"{directory} is not an exported model (missing {', '.join(missing)}); export one with "
+            "`vegan-scale export CHECKPOINT --out DIR` or use a run's export/ directory"
+        )
+    return load_file(directory / MODEL_FILE), directory / CONFIG_FILE
+
+
+def check_compatible(directory: Path, config: dict[str, Any]) -> None:
+    """Refuse to start from an export whose network or prior differs from the configured one, naming the keys."""
+    saved = yaml.safe_load((Path(directory) / CONFIG_FILE).read_text())
+    wanted = model_sections(config)
+    diffs = [
+        f"{section}.{key}: export {saved[section].get(key)!r}, config {value!r}"
+        for section in SECTIONS
+        for key, value in flat_keys(wanted[section]).items()
+        if flat_keys(saved.get(section, {})).get(key) != value
+    ]
+    if diffs:
+        raise ConfigError(f"train.init_from={directory} was exported from a different network: " + "; ".join(diffs))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -30,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from vegan_scale.errors import CheckpointError
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -61,7 +64,7 @@ def write_rank_state(directory: Path, rank: int) -> None:
 
 def restore_rank_state(directory: Path, rank: int) -> None:
     """Set this process's random generators to what ``write_rank_state`` saved for ``rank``."""
-    state = torch.load(directory / f"rng_rank{rank}.pt", weights_only=True)
+    state = safe_load(directory / f"rng_rank{rank}.pt")
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuples(state["python"]))
     n = state["numpy"]
@@ -97,7 +100,7 @@ def save_tensors(directory: Path, name: str, state: dict[str, Any]) -> None:
 
 
 def read_tensors(directory: Path, name: str) -> dict[str, Any]:
-    return torch.load(directory / f"{name}.pt", weights_only=True)
+    return safe_load(directory / f"{name}.pt")
 
 
 def write_state(directory: Path, state: dict[str, Any], config_yaml: str) -> None:
@@ -147,4 +150,18 @@ def read_module(path: Path, name: str) -> dict[str, torch.Tensor]:
 
 def read_optimizer(path: Path, name: str) -> dict[str, Any]:
     """A module's optimizer state; refuses anything but tensors and plain Python values."""
-    return torch.load(path / f"{name}.optim.pt", weights_only=True)
+    return safe_load(path / f"{name}.optim.pt")
+
+
+def safe_load(path: Path, allowed: list[type] = (), map_location: Any = None) -> Any:
+    """``torch.load`` that unpickles only tensors, plain values and the ``allowed`` classes; anything else (code a
+    tampered file would run) is refused with a CheckpointError naming the file."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).split("WeightsUnpickler error: ")[-1].splitlines()[0]
+        raise CheckpointError(
+            f"refusing to load {path}: it holds more than tensors and plain values ({detail}); "
+            "the file is not what vegan_scale or DeepSpeed wrote"
+        ) from None

@@ -1,4 +1,4 @@
-"""Command line: ``vegan-scale train|shards|config`` (also ``python -m vegan_scale``).
+"""Command line: ``vegan-scale train|config|shards|export|sync`` (also ``python -m vegan_scale``).
 
 Overrides are OmegaConf dotlist items after the config path: ``vegan-scale train CONFIG train.max_steps=200``.
 Exit codes are those of :class:`vegan_scale.errors.ExitCode`.
@@ -73,6 +73,36 @@ def _shards(args: argparse.Namespace) -> None:
         print(summary)
 
 
+def _export(args: argparse.Namespace) -> None:
+    import yaml
+
+    from vegan_scale import checkpoint, export
+
+    path = args.checkpoint
+    if (path / "checkpoints").is_dir():  # a run directory: its newest complete checkpoint
+        complete = checkpoint.complete_checkpoints(path / "checkpoints")
+        if not complete:
+            raise ConfigError(f"{path} holds no complete checkpoint to export")
+        path = complete[-1]
+    if not (path / checkpoint.COMPLETE).exists():
+        raise ConfigError(
+            f"{path} is not a complete checkpoint directory (…/checkpoints/step_N with {checkpoint.COMPLETE})"
+        )
+    config = yaml.safe_load((path / checkpoint.CONFIG).read_text())
+    print(export.write(args.out, checkpoint.read_module(path, "autoencoder"), config))
+
+
+def _sync(args: argparse.Namespace) -> None:
+    import yaml
+
+    from vegan_scale.tracking import resolve_uri, sync
+
+    config = yaml.safe_load((args.run_dir / "config.yaml").read_text())
+    uri = args.uri or resolve_uri(config["tracking"]["uri"], Path(config["run"]["root"]))
+    sync(args.run_dir, uri)
+    print(f"{args.run_dir}: metrics sent to {uri}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vegan-scale", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -87,6 +117,21 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="key.sub=value items")
     c.add_argument("--describe", action="store_true", help="list every key with its type, default and meaning")
     c.set_defaults(run=_config)
+
+    e = sub.add_parser(
+        "export",
+        help="export a checkpoint's model (safetensors + model.yaml)",
+        description="Write the auto-encoder of a checkpoint (or of a run directory's newest one) as "
+        "model.safetensors + model.yaml, loadable with vegan_scale.load and without DeepSpeed.",
+    )
+    e.add_argument("checkpoint", type=Path, help="a checkpoint directory (…/checkpoints/step_N) or a run directory")
+    e.add_argument("--out", type=Path, required=True, help="output directory")
+    e.set_defaults(run=_export)
+
+    y = sub.add_parser("sync", help="send a run directory's metrics to its MLflow run (what the server lacks)")
+    y.add_argument("run_dir", type=Path)
+    y.add_argument("--uri", help="tracking URI (default: the run's tracking.uri, $MLFLOW_TRACKING_URI, or sqlite)")
+    y.set_defaults(run=_sync)
 
     s = sub.add_parser(
         "shards",

@@ -58,3 +58,9 @@ class LostRankError(VeganError):
     """Another process of the job died or stopped answering within the collective timeout."""
 
     exit_code = ExitCode.LOST_RANK
+
+
+class CheckpointError(VeganError):
+    """A checkpoint that cannot or must not be loaded (incomplete, or holding more than tensors)."""
+
+    exit_code = ExitCode.USAGE

@@ -18,6 +18,7 @@ imports mlflow.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 RUN_ID_FILE = "mlflow_run_id"
-CLOSE_TIMEOUT_S = 60.0
 MAX_PARAM_LENGTH = 6000
 RETRY_MAX_WAIT_S = 30.0
 # Errors a retry cannot fix: the request itself is wrong.
@@ -208,18 +208,31 @@ class Tracker:
         tags: dict[str, str],
         artifact_root: Path | None,
         resume_notes: list[str] | None = None,
+        close_timeout_s: float = 60.0,
     ) -> None:
         """``resume_notes`` is None for a new run, else the allowed setting changes of a continued one."""
-        self.run_dir, self.uri = run_dir, uri
+        self.run_dir, self.uri, self.close_timeout_s = run_dir, uri, close_timeout_s
         self.metrics_file = (run_dir / METRICS_FILE).open("a")
         self.mlflow: _MlflowRun | None = None
         self.pending = 0
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        if uri is not None:
-            self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
-            self._thread.start()
-            self._submit(lambda: self._open_run(experiment, run_name, params, tags, artifact_root, resume_notes))
+        if uri is None:
+            return
+        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+        # Opening the run (and, for a new sqlite store, creating its tables) happens before the first step: a
+        # process killed while MLflow migrates a sqlite file leaves it unusable, so that window stays out of training.
+        open_run = functools.partial(self._open_run, experiment, run_name, params, tags, artifact_root, resume_notes)
+        try:
+            open_run()
+        except Exception as e:
+            log.warning(
+                "MLflow at %s cannot open the run yet (%s); retrying in the background",
+                uri,
+                str(e).splitlines()[0][:200],
+            )
+            self._submit(open_run)
 
     @property
     def run_id(self) -> str | None:
@@ -269,14 +282,14 @@ class Tracker:
             return
         self._submit(lambda: self.mlflow.client.set_terminated(self.mlflow.run_id, status=status))
         self._queue.put(None)
-        self._thread.join(CLOSE_TIMEOUT_S)
+        self._thread.join(self.close_timeout_s)
         if self._thread.is_alive():
             log.warning(
                 "MLflow at %s has not taken %d pending update(s) after %.0f s; everything is in %s: send it "
                 "with `vegan-scale sync %s` once the server answers",
                 self.uri,
                 self.pending,
-                CLOSE_TIMEOUT_S,
+                self.close_timeout_s,
                 self.run_dir / METRICS_FILE,
                 self.run_dir,
             )

@@ -142,6 +142,9 @@ class TrackingConfig:
         None, "MLflow tracking URI; null uses $MLFLOW_TRACKING_URI, else a sqlite file <run.root>/mlflow.db."
     )
     log_every: int = param(50, "Steps between metric flushes (means over the interval, one device sync each).")
+    close_timeout_s: float = param(
+        60.0, "At the end of a run, seconds to wait for updates the tracking server has not taken yet."
+    )
     on_unreachable: str = param(
         "error",
         "A tracking server that does not answer at start: error stops with exit code 2; continue trains anyway, "

@@ -20,12 +20,13 @@ class Flag(IntEnum):
     NONFINITE_RECON = 0  # the reconstruction cost became NaN or infinite
     NONFINITE_PENALTY = 1  # the latent penalty did
     NONFINITE_CRITIC = 2  # the critic's loss did (adversarial penalties)
+    NONFINITE_PARAMS = 6  # a parameter did (checked before every checkpoint, so that none holds one)
     DATA_ERROR = 3  # a rank's loader failed (data.on_error=raise)
     PREEMPT = 4  # a stop was requested (flag file, SIGUSR1, SIGTERM): checkpoint, exit 75
     INTERRUPT = 5  # Ctrl-C: checkpoint, exit 130
 
 
-NONFINITE = (Flag.NONFINITE_RECON, Flag.NONFINITE_PENALTY, Flag.NONFINITE_CRITIC)
+NONFINITE = (Flag.NONFINITE_RECON, Flag.NONFINITE_PENALTY, Flag.NONFINITE_CRITIC, Flag.NONFINITE_PARAMS)
 
 
 class Agreement:

@@ -22,6 +22,8 @@ import torch
 from accelerate.utils import DeepSpeedPlugin
 from torch import nn
 
+from vegan_scale import checkpoint
+
 
 def plugins(models: tuple[str, ...]) -> DeepSpeedPlugin | dict[str, DeepSpeedPlugin]:
     """DeepSpeed plugins from the launcher's config (environment), one per trained module."""
@@ -71,6 +73,16 @@ def gathered(module: nn.Module, modify: bool = False) -> Iterator[None]:
         yield
 
 
+def local_values(param: torch.Tensor, rank: int) -> torch.Tensor:
+    """The values of a parameter this process holds: all of it, or under ZeRO-3 its shard without the padding that
+    makes shards equal (uninitialised memory)."""
+    shard = getattr(param, "ds_tensor", None)
+    if shard is None:
+        return param.detach()
+    valid = max(0, min(shard.numel(), param.ds_numel - rank * shard.numel()))
+    return shard.detach().flatten()[:valid]
+
+
 def frozen_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's parameters as constants (gathered whole under ZeRO-3), for a functional call."""
     with gathered(module):
@@ -112,8 +124,7 @@ def load_engine(engine: object, directory: Path) -> None:
     allowed = _allowed_globals()
 
     def safe_load(path: str, map_location: object = None) -> object:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        return checkpoint.safe_load(Path(path), allowed, map_location)
 
     checkpoint_engine = engine.checkpoint_engine
     original = checkpoint_engine.load

@@ -89,6 +89,11 @@ class Trainable:
         self.raw.load_state_dict(checkpoint.read_module(directory, self.name))
         self.optimizer.load_state_dict(checkpoint.read_optimizer(directory, self.name))
 
+    def parameters_finite(self) -> torch.Tensor:
+        """A device bool: whether every parameter (this process's shard under ZeRO-3) is finite; no sync."""
+        tensors = [deepspeed_support.local_values(p, self.accelerator.process_index) for p in self.raw.parameters()]
+        return torch.stack([t.isfinite().all() for t in tensors if t.numel()]).all()
+
     def frozen_parameters(self) -> dict[str, torch.Tensor]:
         """Current parameters as constants (whole, even under ZeRO-3), for calling a copy of the module."""
         return deepspeed_support.frozen_parameters(self.raw)

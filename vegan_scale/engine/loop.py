@@ -46,10 +46,10 @@ log = logging.getLogger("vegan_scale")
 def train(cfg: Any) -> Path:
     """Train the experiment ``cfg`` describes; returns its run directory. Raises VeganError subclasses."""
     run = build_run(cfg)
-    code, reason, step = ExitCode.CRASH, "crashed", run.start_step
+    code, reason = ExitCode.CRASH, "crashed"
     try:
         reporting.announce(run)
-        step = _fit(run)
+        _fit(run)
         code, reason = ExitCode.OK, "finished"
     except VeganError as e:
         code, reason = e.exit_code, str(e)
@@ -66,7 +66,7 @@ def train(cfg: Any) -> Path:
         if run.tracker is not None:
             run.tracker.close({ExitCode.OK: "FINISHED", ExitCode.PREEMPTED: "KILLED"}.get(code, "FAILED"))
         if run.accelerator.is_main_process:
-            rundir.write_exit_status(run.run_dir, int(code), reason, step)
+            rundir.write_exit_status(run.run_dir, int(code), reason, run.step)
     if run.accelerator.is_main_process:
         reporting.farewell(run)
     return run.run_dir
@@ -81,7 +81,7 @@ def _lost_peer(error: Exception) -> bool:
     )
 
 
-def _fit(run: Run) -> int:
+def _fit(run: Run) -> None:
     cfg, acc = run.cfg, run.accelerator
     agreement, metrics = Agreement(acc.device, acc.num_processes), MetricBuffer()
     feed = DataFeed(run.stream, agreement, acc.device, acc.is_main_process, run.start_step * run.layout.accumulation)
@@ -91,11 +91,13 @@ def _fit(run: Run) -> int:
         total=run.total_steps, initial=run.start_step, disable=not interactive, dynamic_ncols=True, desc="train"
     )
     interval_start, step = time.perf_counter(), run.start_step
+    run.step = step
     with StopRequests(run.run_dir / FLAG_FILE) as stops:
         while step < run.total_steps:
             lr_scale = lr_factor(step / run.steps_per_epoch, cfg.optim.lr_milestones, cfg.optim.lr_factors)
             terms = train_step(run, feed, lr_scale)
             step += 1
+            run.step = step
 
             for flag, key in NONFINITE_TERMS.items():
                 if key in terms:
@@ -105,6 +107,10 @@ def _fit(run: Run) -> int:
             last = step == run.total_steps
             saving = cfg.checkpoint.every_steps and (step % cfg.checkpoint.every_steps == 0 or last)
             if step % cfg.train.check_every == 0 or last or saving:  # never checkpoint what a failure has touched
+                if saving:
+                    for module in (run.autoencoder, run.critic):
+                        if module is not None:
+                            agreement.raise_if(Flag.NONFINITE_PARAMS, ~module.parameters_finite(), step)
                 if (requested := stops.poll()) is not None:
                     agreement.raise_if(requested, torch.ones((), dtype=torch.bool, device=acc.device), step)
                 _act_on_flags(run, agreement.check(), feed, step)
@@ -122,13 +128,13 @@ def _fit(run: Run) -> int:
                 _save_checkpoint(run, step, feed.epoch)
     progress.close()
     _export(run)
-    return step
 
 
 NONFINITE_TERMS = {
     Flag.NONFINITE_RECON: "train/recon",
     Flag.NONFINITE_PENALTY: "train/penalty",
     Flag.NONFINITE_CRITIC: "train/critic_loss",
+    Flag.NONFINITE_PARAMS: "the parameters",  # checked before each checkpoint, not per step (no key in the terms)
 }
 
 

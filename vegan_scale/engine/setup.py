@@ -62,6 +62,8 @@ class Run:
     tracker: Tracker | None  # main process only
     tracking_uri: str | None
 
+    step: int = 0  # the last step completed, kept current by the loop (for the exit status)
+
     @property
     def micro_batches_per_epoch(self) -> int:
         return self.stream.batches_per_epoch
@@ -174,6 +176,7 @@ def _tracker(
         tags=_tags(accelerator, cfg),
         artifact_root=artifact_root,
         resume_notes=resume_notes,
+        close_timeout_s=cfg.tracking.close_timeout_s,
     )
     tracker.log_artifact(run_dir / "config.yaml")
     return tracker

@@ -97,6 +97,11 @@ class AutoEncoder(nn.Module):
         return AutoEncoderOutput(codes=codes, recon=self.decode(codes.z))
 
     @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """G(E(x)): the decoder's mean images for a batch of images in [0, 1]."""
+        return self(x).recon.mean
+
+    @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n images G(z), z ~ P_Z: the decoder's mean images in [0, 1].
 

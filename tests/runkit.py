@@ -1,0 +1,125 @@
+"""Helpers for tests that run training as real processes: commands, waiting for steps, comparing results."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": str(ROOT / ".data" / "torch_extensions"),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+
+
+def train_args(shards: Path, root: Path, name: str, recipe: str = "wae_gan", *extra: str) -> list[str]:
+    """A small deterministic run: MLP on tiny shards, a checkpoint every 5 steps, checks every 2."""
+    return [
+        "-m",
+        "vegan_scale",
+        "train",
+        str(ROOT / f"configs/mnist/{recipe}.yaml"),
+        f"data.train={shards / 'train'}",
+        f"data.test={shards / 'test'}",
+        f"run.root={root}",
+        f"run.name={name}",
+        "model.network=mlp",
+        "model.mlp.hidden=[32]",
+        "train.global_batch_size=20",
+        "train.max_steps=40",
+        "train.deterministic=true",
+        "train.check_every=2",
+        "tracking.log_every=1",
+        "eval.every_steps=20",
+        "eval.num_samples=40",
+        "eval.grid_size=2",
+        "checkpoint.every_steps=5",
+        "checkpoint.keep_last_k=20",
+        "data.num_workers=0",
+        *extra,
+    ]
+
+
+def single(args: list[str]) -> list[str]:
+    return [sys.executable, *args]
+
+
+def ddp(args: list[str], config: str = "cpu_ddp.yaml") -> list[str]:
+    return [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(ROOT / "launch/accelerate" / config),
+        "--main_process_port",
+        str(free_port()),
+        *args,
+    ]
+
+
+def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    """A training process in its own process group (so that a launcher and its workers can be killed together)."""
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()[:-1] if '"train/loss"' in line]
+    return max(steps, default=0)
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while steps_logged(run_dir) < step:
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (code {proc.returncode}) before step {step}:\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"step {step} not reached within {timeout} s")
+        time.sleep(0.05)
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    os.killpg(proc.pid, sig)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def exit_status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "exit_status.json").read_text())
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two exports (or checkpoint weight files) hold bit-identical tensors."""
+    wa, wb = load_file(a), load_file(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

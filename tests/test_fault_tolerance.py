@@ -1,0 +1,286 @@
+"""Fault tolerance with real processes: exact resume after SIGKILL, stop requests, refused checkpoints, a dead
+rank, non-finite losses, and what MLflow sees across all of it."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.runkit import (
+    ROOT,
+    ddp,
+    env,
+    exit_status,
+    finish,
+    free_port,
+    kill_group,
+    run,
+    same_weights,
+    single,
+    start,
+    train_args,
+    wait_for_step,
+)
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_shards_module: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted single-process run of the small deterministic WAE-GAN configuration."""
+    root = tmp_path_factory.mktemp("reference")
+    proc = run(single(train_args(tiny_shards_module, root, "full")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "mnist" / "full"
+
+
+@pytest.fixture(scope="module")
+def tiny_shards_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny shards, shared by the module's runs (they must see the same data)."""
+    import numpy as np
+
+    from tests.conftest import synthetic_images
+    from vegan_scale.data.sources import ArraySource
+    from vegan_scale.data.write import write_shards
+
+    root = tmp_path_factory.mktemp("shards")
+    for split, n, per_shard in (("train", 500, 100), ("test", 200, 100)):
+        source = ArraySource(synthetic_images(n, seed=len(split)), np.arange(n) % 10)
+        write_shards(source, root / split, prefix=f"tiny-{split}", samples_per_shard=per_shard)
+    return root
+
+
+def _mlflow_history(run_dir: Path, key: str = "train/loss") -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir.parents[1] / 'mlflow.db'}")
+    return client.get_metric_history((run_dir / "mlflow_run_id").read_text().strip(), key)
+
+
+def test_sigkill_then_resume_is_bitwise_exact_one_process(
+    tiny_shards_module: Path, reference: Path, tmp_path: Path
+) -> None:
+    """A run killed with SIGKILL mid-way and started again ends with the uninterrupted run's weights, bit for bit,
+    and its MLflow run holds every step exactly once, with the uninterrupted run's values."""
+    run_dir = tmp_path / "mnist" / "killed"
+    proc = start(single(train_args(tiny_shards_module, tmp_path, "killed")))
+    wait_for_step(proc, run_dir, 17)
+    kill_group(proc)
+    finish(proc)
+    assert not (run_dir / "exit_status.json").exists()  # killed: nothing could be written
+    again = run(single(train_args(tiny_shards_module, tmp_path, "killed")))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing from" in again.stdout + again.stderr
+    assert same_weights(run_dir / "export" / "model.safetensors", reference / "export" / "model.safetensors")
+    history = _mlflow_history(run_dir)
+    assert sorted(m.step for m in history) == list(range(1, 41))  # none missing, none twice
+    expected = {m.step: m.value for m in _mlflow_history(reference)}
+    assert {m.step: m.value for m in history} == expected
+
+
+def test_sigkill_then_resume_is_bitwise_exact_ddp(tiny_shards_module: Path, tmp_path: Path) -> None:
+    """The same with 2 DDP processes: launcher and workers killed together, then launched again."""
+    run_dir = tmp_path / "mnist" / "ddp"
+    full = run(ddp(train_args(tiny_shards_module, tmp_path, "ddp_full")))
+    assert full.returncode == 0, full.stderr[-3000:]
+    proc = start(ddp(train_args(tiny_shards_module, tmp_path, "ddp")))
+    wait_for_step(proc, run_dir, 13)
+    kill_group(proc)
+    finish(proc)
+    again = run(ddp(train_args(tiny_shards_module, tmp_path, "ddp")))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert same_weights(
+        run_dir / "export" / "model.safetensors", tmp_path / "mnist" / "ddp_full" / "export" / "model.safetensors"
+    )
+
+
+@pytest.mark.parametrize("how", ["flag file", "SIGUSR1", "SIGTERM", "SIGINT"])
+def test_stop_request_checkpoints_and_exits(
+    tiny_shards_module: Path, reference: Path, tmp_path: Path, how: str
+) -> None:
+    """A stop request ends a single process after a checkpoint at the step where all ranks agreed: exit 75
+    (130 for Ctrl-C), the code in exit_status.json too; the continuation ends where the uninterrupted run did."""
+    run_dir = tmp_path / "mnist" / "stopped"
+    proc = start(single(train_args(tiny_shards_module, tmp_path, "stopped")))
+    wait_for_step(proc, run_dir, 7)
+    if how == "flag file":
+        (run_dir / "PREEMPT").touch()
+    else:
+        os.kill(proc.pid, getattr(signal, how))
+    code, out = finish(proc)
+    expected = 130 if how == "SIGINT" else 75
+    assert code == expected, out[-3000:]
+    status = exit_status(run_dir)
+    assert status["code"] == expected and (run_dir / "checkpoints" / f"step_{status['step']:08d}" / "COMPLETE").exists()
+    again = run(single(train_args(tiny_shards_module, tmp_path, "stopped")))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not (run_dir / "PREEMPT").exists()
+    assert same_weights(run_dir / "export" / "model.safetensors", reference / "export" / "model.safetensors")
+
+
+def test_stop_request_under_a_launcher(tiny_shards_module: Path, tmp_path: Path) -> None:
+    """Under accelerate launch the flag file stops both ranks after a checkpoint; the launcher reports 1, the
+    marker written after the checkpoint says 75."""
+    run_dir = tmp_path / "mnist" / "launched"
+    proc = start(ddp(train_args(tiny_shards_module, tmp_path, "launched")))
+    wait_for_step(proc, run_dir, 7)
+    (run_dir / "PREEMPT").touch()
+    code, out = finish(proc)
+    assert code != 0, out[-3000:]
+    status = exit_status(run_dir)
+    assert status["code"] == 75 and (run_dir / "checkpoints" / f"step_{status['step']:08d}" / "COMPLETE").exists()
+
+
+@pytest.mark.parametrize("config", ["cpu_zero2.yaml", "cpu_zero3.yaml"])
+def test_zero_checkpoints_resume(tiny_shards_module: Path, tmp_path: Path, config: str) -> None:
+    """ZeRO-2 and ZeRO-3 (WAE-GAN, two engines) stop on the flag file and continue from their sharded checkpoints
+    to the weights of an uninterrupted run of the same mode."""
+    args = lambda name: train_args(tiny_shards_module, tmp_path, name, "wae_gan", "train.max_steps=20")  # noqa: E731
+    full = run(ddp(args("full"), config))
+    assert full.returncode == 0, full.stderr[-3000:]
+    run_dir = tmp_path / "mnist" / "zero"
+    proc = start(ddp(args("zero"), config))
+    wait_for_step(proc, run_dir, 6)
+    (run_dir / "PREEMPT").touch()
+    finish(proc)
+    assert exit_status(run_dir)["code"] == 75
+    again = run(ddp(args("zero"), config))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert same_weights(
+        run_dir / "export" / "model.safetensors", tmp_path / "mnist" / "full" / "export" / "model.safetensors"
+    )
+
+
+class _Touch:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("config", [None, "cpu_zero2.yaml"])
+def test_planted_pickle_is_refused_on_resume(tiny_shards_module: Path, tmp_path: Path, config: str | None) -> None:
+    """A checkpoint file replaced by a pickle that runs a command is refused when continuing (plain optimizer state,
+    and DeepSpeed's own optimizer shard), and the command never runs."""
+    args = train_args(tiny_shards_module, tmp_path, "planted", "wae_mmd", "train.max_steps=5")
+    first = run(ddp(args, config) if config else single(args))
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = tmp_path / "mnist" / "planted" / "checkpoints" / "step_00000005"
+    target = next(saved.rglob("*optim_states.pt")) if config else saved / "autoencoder.optim.pt"
+    marker = tmp_path / "pwned"
+    target.write_bytes(pickle.dumps({"state": _Touch(marker)}))
+    longer = [*args, "train.max_steps=10"]
+    again = run(ddp(longer, config) if config else single(longer))
+    assert again.returncode != 0
+    assert "refusing" in again.stderr and target.name in again.stderr
+    assert not marker.exists()
+
+
+def test_resume_policy(tiny_shards_module: Path, tmp_path: Path) -> None:
+    """Continuing with another network is refused with the key named (exit 2); a longer run may continue."""
+    args = train_args(tiny_shards_module, tmp_path, "policy", "wae_mmd", "train.max_steps=5")
+    assert run(single(args)).returncode == 0
+    changed = run(single([*args, "model.mlp.hidden=[16]"]))
+    assert changed.returncode == 2 and "model.mlp.hidden" in changed.stderr
+    longer = run(single([*args, "train.max_steps=8"]))
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "continuing from" in longer.stdout + longer.stderr
+
+
+def test_nonfinite_loss_stops_all_ranks_and_keeps_the_checkpoint(tiny_shards_module: Path, tmp_path: Path) -> None:
+    """An exploding learning rate: both DDP ranks stop with the step and the loss term named, exit code 65 in the
+    marker, and the checkpoint written before it is untouched."""
+    args = train_args(
+        tiny_shards_module,
+        tmp_path,
+        "nan",
+        "wae_mmd",
+        "train.max_steps=40",
+        "optim.lr=1e12",
+        "checkpoint.every_steps=1",
+        "train.check_every=1",
+    )
+    proc = run(ddp(args))
+    run_dir = tmp_path / "mnist" / "nan"
+    status = exit_status(run_dir)
+    assert proc.returncode != 0 and status["code"] == 65
+    assert "became NaN or infinite at step" in status["reason"] and "train/" in status["reason"]
+    bad_step = int(status["reason"].split("at step ")[1].split(";")[0])
+    saved = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
+    assert saved and int(saved[-1].name.removeprefix("step_")) < bad_step
+    from safetensors.torch import load_file
+
+    assert all(t.isfinite().all() for t in load_file(saved[-1] / "autoencoder.safetensors").values())
+
+
+def test_a_dead_rank_ends_the_others_within_the_timeout(tiny_shards_module: Path, tmp_path: Path) -> None:
+    """Two processes started without a launcher (as srun starts them): rank 1 is killed; rank 0 stops with exit
+    code 69 well within train.collective_timeout_s instead of hanging."""
+    port = free_port()
+    args = train_args(
+        tiny_shards_module, tmp_path, "dead", "wae_mmd", "train.max_steps=100000", "train.collective_timeout_s=60"
+    )
+    procs = []
+    for rank in (0, 1):
+        rank_env = {
+            **env(),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "ACCELERATE_USE_CPU": "true",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *args],
+                cwd=ROOT,
+                env=rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    from tests.runkit import steps_logged
+
+    run_dir = tmp_path / "mnist" / "dead"
+    deadline = time.monotonic() + 120
+    while steps_logged(run_dir) < 5:
+        assert time.monotonic() < deadline and procs[0].poll() is None
+        time.sleep(0.1)
+    procs[1].kill()
+    start_wait = time.monotonic()
+    out, _ = procs[0].communicate(timeout=120)
+    assert procs[0].returncode == 69, out[-3000:]
+    assert time.monotonic() - start_wait < 90
+    assert exit_status(run_dir)["code"] == 69
+
+
+def test_init_from_export(tiny_shards_module: Path, tmp_path: Path) -> None:
+    """A new run with train.init_from starts from the exported weights (one step at learning rate 0 keeps them);
+    an export of another network is refused naming the difference."""
+    first = run(single(train_args(tiny_shards_module, tmp_path, "source", "wae_mmd", "train.max_steps=5")))
+    assert first.returncode == 0, first.stderr[-3000:]
+    exported = tmp_path / "mnist" / "source" / "export"
+    args = train_args(
+        tiny_shards_module,
+        tmp_path,
+        "warm",
+        "wae_mmd",
+        "train.max_steps=1",
+        "optim.lr=0",
+        f"train.init_from={exported}",
+    )
+    warm = run(single(args))
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert same_weights(tmp_path / "mnist" / "warm" / "export" / "model.safetensors", exported / "model.safetensors")
+    other = run(single([*args, "run.name=other", "model.mlp.hidden=[16]"]))
+    assert other.returncode == 2 and "model.mlp.hidden" in other.stderr

@@ -1,0 +1,144 @@
+"""A real MLflow tracking server (on 127.0.0.1) that goes away and comes back: training never stops for it and
+no metric is lost."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.runkit import ROOT, finish, free_port, run, single, start, train_args, wait_for_step
+
+pytestmark = pytest.mark.distributed
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+
+
+class Server:
+    """`mlflow server` with one worker on a sqlite store; stop() and start() again keep the store and the port."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        cmd = [
+            MLFLOW,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("mlflow server did not start within 60 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            self.proc.wait(timeout=30)
+
+    def steps(self, run_dir: Path, key: str = "train/loss") -> list[int]:
+        from mlflow.tracking import MlflowClient
+
+        history = MlflowClient(self.uri).get_metric_history((run_dir / "mlflow_run_id").read_text().strip(), key)
+        return sorted(m.step for m in history)
+
+
+@pytest.fixture()
+def server(tmp_path: Path):
+    s = Server(tmp_path / "server")
+    s.root.mkdir()
+    yield s
+    s.stop()
+
+
+def _args(shards: Path, root: Path, name: str, uri: str, *extra: str) -> list[str]:
+    return train_args(
+        shards,
+        root,
+        name,
+        "wae_mmd",
+        f"tracking.uri={uri}",
+        "tracking.backend=mlflow",
+        "train.max_steps=300",
+        "checkpoint.every_steps=0",
+        "eval.every_steps=1000",
+        "tracking.close_timeout_s=120",
+        *extra,
+    )
+
+
+def test_server_outage_mid_run_loses_nothing(tiny_shards: Path, tmp_path: Path, server: Server) -> None:
+    """The server stops at step 40 and returns later: training goes on (exit 0) and, at the end, the server holds
+    every step exactly once."""
+    server.start()
+    run_dir = tmp_path / "mnist" / "outage"
+    proc = start(single(_args(tiny_shards, tmp_path, "outage", server.uri)))
+    wait_for_step(proc, run_dir, 40)
+    server.stop()
+    wait_for_step(proc, run_dir, 150)  # training does not wait for the server
+    server.start()
+    code, out = finish(proc)
+    assert code == 0, out[-3000:]
+    assert "fails" in out and "answers again" in out
+    assert server.steps(run_dir) == list(range(1, 301))
+
+
+def test_unreachable_at_start(tiny_shards: Path, tmp_path: Path, server: Server) -> None:
+    """A server that does not answer at start stops the run with exit code 2 and a way out; with
+    tracking.on_unreachable=continue the run trains, and a server that appears later receives every step."""
+    refused = run(single(_args(tiny_shards, tmp_path, "refused", server.uri)))
+    assert refused.returncode == 2 and "tracking.on_unreachable=continue" in refused.stderr
+    run_dir = tmp_path / "mnist" / "late"
+    proc = start(single(_args(tiny_shards, tmp_path, "late", server.uri, "tracking.on_unreachable=continue")))
+    wait_for_step(proc, run_dir, 20)
+    server.start()
+    code, out = finish(proc)
+    assert code == 0, out[-3000:]
+    assert server.steps(run_dir) == list(range(1, 301))
+
+
+def test_sync_sends_what_the_server_missed(tiny_shards: Path, tmp_path: Path, server: Server) -> None:
+    """A run whose server left before the end (close timeout 1 s) says how to catch up; `vegan-scale sync` then
+    sends exactly the missing steps."""
+    server.start()
+    run_dir = tmp_path / "mnist" / "later"
+    proc = start(single(_args(tiny_shards, tmp_path, "later", server.uri, "tracking.close_timeout_s=1")))
+    wait_for_step(proc, run_dir, 30)
+    server.stop()
+    code, out = finish(proc)
+    assert code == 0 and f"vegan-scale sync {run_dir}" in out
+    server.start()
+    before = server.steps(run_dir)
+    assert before and before[-1] < 300
+    synced = subprocess.run(
+        [sys.executable, "-m", "vegan_scale", "sync", str(run_dir), "--uri", server.uri],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert synced.returncode == 0, synced.stderr[-2000:]
+    assert server.steps(run_dir) == list(range(1, 301))

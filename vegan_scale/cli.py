@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from vegan_scale.errors import ConfigError, ExitCode, VeganError
+from vegan_scale.errors import ConfigError, ExitCode, InterruptedRunError, PreemptedError, VeganError
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.run(args)
+    except (PreemptedError, InterruptedRunError) as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return int(e.exit_code)
     except VeganError as e:
         print(f"error: {e}", file=sys.stderr)
         return int(e.exit_code)

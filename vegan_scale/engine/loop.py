@@ -63,10 +63,11 @@ def train(cfg: Any) -> Path:
         code, reason = ExitCode.LOST_RANK, f"another process stopped answering: {str(e).splitlines()[0]}"
         raise LostRankError(f"{reason}; the last complete checkpoint is intact") from e
     finally:
-        if run.tracker is not None:
-            run.tracker.close({ExitCode.OK: "FINISHED", ExitCode.PREEMPTED: "KILLED"}.get(code, "FAILED"))
+        # the status first: under a launcher, other processes ending may get this one killed before long
         if run.accelerator.is_main_process:
             rundir.write_exit_status(run.run_dir, int(code), reason, run.step)
+        if run.tracker is not None:
+            run.tracker.close({ExitCode.OK: "FINISHED", ExitCode.PREEMPTED: "KILLED"}.get(code, "FAILED"))
     if run.accelerator.is_main_process:
         reporting.farewell(run)
     return run.run_dir

@@ -31,7 +31,7 @@ def default_run_name(penalty: str, network: str, latent_dim: int) -> str:
     return f"{penalty}-{network}-z{latent_dim}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare(run_dir: Path, config_yaml: str, continue_after: int | None) -> None:
+def prepare(run_dir: Path, config_yaml: str, continue_after: int | None, started_at: float) -> None:
     """Main process: create the directory, save the resolved config, and tee the log into train.log.
 
     A continued run (``continue_after`` its start step) keeps the metrics of the steps up to where it starts;
@@ -41,8 +41,11 @@ def prepare(run_dir: Path, config_yaml: str, continue_after: int | None) -> None
     (run_dir / "config.yaml").write_text(config_yaml)
     if continue_after is not None:
         truncate_metrics(run_dir, continue_after)
-    # a stop request is for the run it stopped, not for the one continuing it
-    (run_dir / "PREEMPT").unlink(missing_ok=True)
+    # A stop request older than this process was for the attempt it stopped, not for this one; a newer one (sent
+    # while this process was starting) stands.
+    flag = run_dir / "PREEMPT"
+    if flag.exists() and flag.stat().st_mtime < started_at:
+        flag.unlink(missing_ok=True)
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s"))
     logging.getLogger("vegan_scale").addHandler(handler)

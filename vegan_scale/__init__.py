@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load"]
+__all__ = ["load", "train"]
+
+# The functions below import their implementation on use, so that `import vegan_scale` stays light.
+
+
+def train(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> Path:
+    """Train an experiment (a YAML file or nested dicts, then ``key.sub=value`` overrides) and return its run
+    directory (see :func:`vegan_scale.api.train`)."""
+    from vegan_scale.api import train as _train
+
+    return _train(config, overrides)
 
 
 def load(directory: Any, device: str = "cpu") -> Any:
     """An exported auto-encoder, ready to ``encode``, ``decode``, ``reconstruct`` and ``sample``
-    (see :func:`vegan_scale.api.load`; imported on use, so that ``import vegan_scale`` stays light)."""
+    (see :func:`vegan_scale.api.load`)."""
     from vegan_scale.api import load as _load
 
     return _load(directory, device)

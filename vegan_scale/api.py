@@ -1,13 +1,34 @@
-"""The Python API: load an exported model and use it without DeepSpeed, accelerate or a configuration file."""
+"""The Python API: train an experiment, and load an exported model without DeepSpeed, accelerate or a config file."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from vegan_scale import export
 from vegan_scale.config.load import load_config
 from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.registry import ExperimentConfig, build_model
+
+
+def train(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> Path:
+    """Train an experiment, as ``vegan-scale train CONFIG [overrides]`` does, and return its run directory.
+
+    ``config`` is an experiment file or the experiment as nested dicts (``inherit`` included); ``overrides`` are
+    ``key.sub=value`` items applied last. Under ``accelerate launch`` every process calls it. Errors are
+    :class:`vegan_scale.errors.VeganError` subclasses whose ``exit_code`` is the CLI's. The process group is ended
+    afterwards, so a script may train again.
+    """
+    # imported here: the engine brings accelerate and the data pipeline, which loading a model does not need
+    from vegan_scale.distributed.accelerator import shutdown
+    from vegan_scale.engine.loop import train as train_loop
+
+    cfg = load_config(ExperimentConfig, config, overrides)
+    try:
+        return train_loop(cfg)
+    finally:
+        shutdown()
 
 
 def load(directory: str | Path, device: str = "cpu") -> AutoEncoder:

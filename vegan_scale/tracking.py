@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 RUN_ID_FILE = "mlflow_run_id"
+MODEL_ARTIFACTS = "model"  # where the exported model goes among the run's artifacts
 MAX_PARAM_LENGTH = 6000
 RETRY_MAX_WAIT_S = 30.0
 # Errors a retry cannot fix: the request itself is wrong.
@@ -78,6 +79,11 @@ def as_params(config: dict) -> dict[str, str]:
 def resolve_uri(configured: str | None, root: Path) -> str:
     """The tracking URI: the configured one, else $MLFLOW_TRACKING_URI, else a sqlite file in the runs root."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve() / 'mlflow.db'}"
+
+
+def resolve_experiment(configured: str | None, run_experiment: str) -> str:
+    """The MLflow experiment: the configured one, else $MLFLOW_EXPERIMENT_NAME, else the run's experiment."""
+    return configured or os.environ.get("MLFLOW_EXPERIMENT_NAME") or run_experiment
 
 
 def check_reachable(uri: str, on_unreachable: str) -> None:
@@ -209,9 +215,12 @@ class Tracker:
         artifact_root: Path | None,
         resume_notes: list[str] | None = None,
         close_timeout_s: float = 60.0,
+        system_metrics: bool = False,
     ) -> None:
-        """``resume_notes`` is None for a new run, else the allowed setting changes of a continued one."""
+        """``resume_notes`` is None for a new run, else the allowed setting changes of a continued one;
+        ``system_metrics`` adds MLflow's sampler of this node's CPU, memory, disk, network (and GPU) use."""
         self.run_dir, self.uri, self.close_timeout_s = run_dir, uri, close_timeout_s
+        self.system_metrics, self._monitor = system_metrics, None
         self.metrics_file = (run_dir / METRICS_FILE).open("a")
         self.mlflow: _MlflowRun | None = None
         self.pending = 0
@@ -247,6 +256,8 @@ class Tracker:
         artifact_root: Path | None,
         resume_notes: list[str] | None,
     ) -> None:
+        from mlflow.entities import RunTag
+
         _quiet_mlflow()
         id_file = self.run_dir / RUN_ID_FILE
         if resume_notes is not None and id_file.exists():
@@ -254,13 +265,33 @@ class Tracker:
             client, run_id = self.mlflow.client, self.mlflow.run_id
             count = int(client.get_run(run_id).data.tags.get("resume.count", "0")) + 1
             client.update_run(run_id, status="RUNNING")
-            client.set_tag(run_id, "resume.count", str(count))
+            tags = {**tags, "resume.count": str(count)}  # this attempt's launch, commit and restart count
             if resume_notes:
-                client.set_tag(run_id, f"resume.{count}.changed", "; ".join(resume_notes)[:5000])
+                tags[f"resume.{count}.changed"] = "; ".join(resume_notes)[:5000]
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self.mlflow.send_run_dir(self.run_dir)  # what an earlier, killed run still had queued
+        else:
+            self.mlflow = _MlflowRun.create(self.uri, experiment, run_name, tags, params, artifact_root)
+            id_file.write_text(self.mlflow.run_id + "\n")
+        if self.system_metrics:
+            self._start_system_metrics(resume=resume_notes is not None)
+
+    def _start_system_metrics(self, resume: bool) -> None:
+        """MLflow's system-metrics sampler for a run made through the client (``start_run(log_system_metrics=True)``
+        is for fluent runs only): a thread of its own, stopped in :meth:`close` before the run ends."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            self._monitor = SystemMetricsMonitor(self.mlflow.run_id, resume_logging=resume, tracking_uri=self.uri)
+        except Exception as e:  # optional: never worth failing (or re-opening) the run for
+            log.warning("MLflow system metrics are off: %s", e)
             return
-        self.mlflow = _MlflowRun.create(self.uri, experiment, run_name, tags, params, artifact_root)
-        id_file.write_text(self.mlflow.run_id + "\n")
+        self._monitor.start()
+
+    def _stop_system_metrics(self) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
         """Record metrics for ``step``: a line in metrics.jsonl now, MLflow later."""
@@ -275,11 +306,17 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._submit(lambda: self.mlflow.client.log_artifact(self.mlflow.run_id, str(path), artifact_path))
 
+    def log_export(self, directory: Path) -> None:
+        """The exported model (model.safetensors + model.yaml, no pickle) as the run's ``model/`` artifacts:
+        ``vegan_scale.load`` reads them once downloaded."""
+        self._submit(lambda: self.mlflow.client.log_artifacts(self.mlflow.run_id, str(directory), MODEL_ARTIFACTS))
+
     def close(self, status: str) -> None:
         """Finish the MLflow run with ``status`` (FINISHED, FAILED, KILLED) and wait, boundedly, for the queue."""
         self.metrics_file.close()
         if self._thread is None:
             return
+        self._submit(self._stop_system_metrics)  # its last samples, while the run still accepts them
         self._submit(lambda: self.mlflow.client.set_terminated(self.mlflow.run_id, status=status))
         self._queue.put(None)
         self._thread.join(self.close_timeout_s)
@@ -342,6 +379,24 @@ def sync(run_dir: Path, uri: str) -> None:
         raise ConfigError(f"{run_dir} has no {RUN_ID_FILE}: its MLflow run was never created; nothing to sync")
     _quiet_mlflow()
     _MlflowRun(uri, id_file.read_text().strip(), new=False).send_run_dir(run_dir)
+
+
+def log_to_run(run_dir: Path, uri: str, step: int, values: dict[str, float], artifact: Path | None = None) -> str:
+    """Add metrics at ``step`` (and a file among the artifacts) to a run directory's existing MLflow run, finished
+    or not, as ``vegan-scale eval`` does after training; returns the run id. Sent once, without retries: the caller
+    has the values in a file of its own."""
+    from mlflow.entities import Metric
+
+    id_file = run_dir / RUN_ID_FILE
+    if not id_file.exists():
+        raise ConfigError(f"{run_dir} has no {RUN_ID_FILE}: it was trained without MLflow (tracking.backend=none)")
+    _quiet_mlflow()
+    run = _MlflowRun(uri, id_file.read_text().strip(), new=False)
+    now = int(time.time() * 1000)
+    run.client.log_batch(run.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+    if artifact is not None:
+        run.client.log_artifact(run.run_id, str(artifact))
+    return run.run_id
 
 
 def ui_command(uri: str) -> str:

@@ -8,6 +8,7 @@ came from, the dotted key, and a close match for a misspelt key. The result is a
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,17 @@ from vegan_scale.errors import ConfigError
 INHERIT_KEY = "inherit"
 
 
-def load_config(schema: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
-    """The experiment at ``path`` (or the schema defaults when None) with ``overrides`` applied, validated."""
+def load_config(schema: type, path: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Any:
+    """The experiment at ``path`` (or the schema defaults when None) with ``overrides`` applied, validated.
+
+    ``path`` may also be the experiment itself, as nested mappings (the Python API's dict form); its ``inherit``
+    files are then found relative to the working directory.
+    """
     cfg = OmegaConf.structured(schema)
-    sources = _file_chain(Path(path), ()) if path is not None else []
+    if isinstance(path, Mapping):
+        sources = _with_parents(dict(path), "the configuration passed in", Path.cwd(), ())
+    else:
+        sources = _file_chain(Path(path), ()) if path is not None else []
     for source, data in sources:
         cfg = _merge(schema, cfg, data, source)
     for item in overrides:
@@ -65,14 +73,19 @@ def _file_chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[str, dict]]:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
+    return _with_parents(data, str(path), path.parent, (*seen, path))
+
+
+def _with_parents(data: dict, name: str, base: Path, seen: tuple[Path, ...]) -> list[tuple[str, dict]]:
+    """The sources of ``data`` (named ``name``): its ``inherit`` files (relative to ``base``), then itself."""
     parents = data.pop(INHERIT_KEY, None)
     parents = [] if parents is None else [parents] if isinstance(parents, str) else parents
     if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
-        raise ConfigError(f"{path}: '{INHERIT_KEY}' must be a file name or a list of file names, got {parents!r}")
+        raise ConfigError(f"{name}: '{INHERIT_KEY}' must be a file name or a list of file names, got {parents!r}")
     chain: list[tuple[str, dict]] = []
     for parent in parents:
-        chain += _file_chain(path.parent / parent, (*seen, path))
-    return [*chain, (str(path), data)]
+        chain += _file_chain(base / parent, seen)
+    return [*chain, (name, data)]
 
 
 def _parse_override(item: str) -> dict:

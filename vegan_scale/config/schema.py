@@ -20,8 +20,16 @@ SCHEMA_VERSION = 1
 @dataclass
 class RunConfig:
     root: str = param("runs", "Directory holding run directories and the local MLflow store (mlflow.db).")
-    experiment: str = param("default", "Experiment name: MLflow experiment and the run directory's parent.")
-    name: str | None = param(None, "Run name; default '<penalty>-<network>-z<latent>-<timestamp>'.")
+    experiment: str = param(
+        "default",
+        "Experiment name: the run directory's parent, and the MLflow experiment unless tracking.experiment or "
+        "$MLFLOW_EXPERIMENT_NAME names another.",
+    )
+    name: str | None = param(
+        None,
+        "Run name (run directory and MLflow run); default '<penalty>-<network>-z<latent>-gb<global batch>-lr<lr>-"
+        "<timestamp>', e.g. mmd-conv-z8-gb100-lr0.001-20250101-120000.",
+    )
     seed: int = param(0, "Seed of parameters, prior samples and data order.")
 
 
@@ -103,6 +111,16 @@ class TrainConfig:
     )
     check_every: int = param(50, "Steps between the checks all processes agree on (stop, non-finite loss).")
     deterministic: bool = param(False, "Use deterministic algorithms (slower; for exact reproduction).")
+    channels_last: bool = param(
+        False,
+        "Keep images and convolution activations in channels-last memory layout (faster convolutions on CPUs "
+        "with oneDNN and on GPUs with tensor cores; see docs/performance.md).",
+    )
+    compile: bool = param(
+        False,
+        "torch.compile the auto-encoder (a minute of compilation, then faster steps where the network is "
+        "small enough for Python overhead to matter; see docs/performance.md).",
+    )
     resume: str = param(
         "auto",
         "auto: continue from the newest complete checkpoint in the run directory, if there is one; never: refuse "
@@ -140,6 +158,12 @@ class TrackingConfig:
     backend: str = param("mlflow", "Where metrics and images go besides the run directory.", choices=("mlflow", "none"))
     uri: str | None = param(
         None, "MLflow tracking URI; null uses $MLFLOW_TRACKING_URI, else a sqlite file <run.root>/mlflow.db."
+    )
+    experiment: str | None = param(None, "MLflow experiment; null uses $MLFLOW_EXPERIMENT_NAME, else run.experiment.")
+    system_metrics: bool = param(
+        False,
+        "Also log MLflow system metrics (CPU, memory, disk, network; GPU with pynvml) of the main process's node "
+        "under system/, every 10 s ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL).",
     )
     log_every: int = param(50, "Steps between metric flushes (means over the interval, one device sync each).")
     close_timeout_s: float = param(

@@ -1,5 +1,8 @@
 """Evaluation during training: test reconstruction error over every process's share, and the figures.
 
+The full evaluation of a trained model (FID, KID, precision/recall, sharpness, latent MMD) is
+``vegan_scale.evaluation``; this one is cheap enough to run every ``eval.every_steps``.
+
 Every process evaluates its own share of the evaluation images and the sums are added across processes, so that
 the whole set counts (not the main process's share) and ZeRO-3's collective forward passes run on every rank.
 """
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from vegan_scale.engine.figures import image_grid, side_by_side
+from vegan_scale.engine.figures import image_grid, interpolations, side_by_side
 from vegan_scale.engine.objective import Cost
 from vegan_scale.models.autoencoder import AutoEncoder
 
@@ -22,6 +25,12 @@ class Evaluation:
     metrics: dict[str, float]
     samples: Image.Image
     reconstructions: Image.Image
+    interpolations: Image.Image
+
+    @property
+    def figures(self) -> dict[str, Image.Image]:
+        """Every figure by the key it is saved and logged under."""
+        return {"samples": self.samples, "reconstructions": self.reconstructions, "interpolations": self.interpolations}
 
 
 @torch.no_grad()
@@ -35,7 +44,7 @@ def evaluate(
     batch_size: int,
     sum_over_processes: Callable[[torch.Tensor], torch.Tensor],
 ) -> Evaluation:
-    """Metrics over ``images`` (this process's share; floats in [0, 1]) and every process, and the two figures.
+    """Metrics over ``images`` (this process's share; floats in [0, 1]) and every process, and the figures.
 
     ``prior_noise`` is a fixed prior sample, so that the sample grids of successive evaluations show the same
     codes decoded by an improving decoder.
@@ -52,6 +61,7 @@ def evaluate(
     totals = sum_over_processes(totals)
     pairs = side_by_side(originals, model(originals.to(dtype)).recon.mean.float())
     samples = model.decode(prior_noise.to(dtype)).mean.float()
+    lines = interpolations(model, originals[: 2 * grid].to(dtype), grid)  # grid // 2 lines for grids under 4
     model.train(was_training)
     metrics = {"eval/recon": (totals[0] / totals[2]).item(), "eval/mse": (totals[1] / totals[2]).item()}
-    return Evaluation(metrics, image_grid(samples, grid), image_grid(pairs, grid))
+    return Evaluation(metrics, image_grid(samples, grid), image_grid(pairs, grid), image_grid(lines, grid))

@@ -23,10 +23,17 @@ log = logging.getLogger("vegan_scale")
 
 class DataFeed:
     def __init__(
-        self, stream: TrainStream, agreement: Agreement, device: torch.device, announce: bool, start: int = 0
+        self,
+        stream: TrainStream,
+        agreement: Agreement,
+        device: torch.device,
+        announce: bool,
+        start: int = 0,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         """``start``: micro-batches already consumed (by the run this one continues)."""
         self.stream, self.agreement, self.device, self.announce = stream, agreement, device, announce
+        self.memory_format = memory_format
         self.epoch, self._offset = divmod(start, stream.batches_per_epoch)
         self.error: str | None = None
         self.data_time, self.skipped = 0.0, torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
@@ -53,7 +60,8 @@ class DataFeed:
             try:
                 images, _, skipped = next(self._batches)
                 self.skipped += skipped
-                self._last = images.to(self.device, non_blocking=True).float().div_(255)
+                images = images.to(self.device, non_blocking=True).float().div_(255)
+                self._last = images.contiguous(memory_format=self.memory_format)
             except DataError as e:
                 self.error = worker_message(e)
                 self.agreement.raise_if(Flag.DATA_ERROR, torch.ones((), dtype=torch.bool, device=self.device), 0)

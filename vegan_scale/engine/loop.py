@@ -85,7 +85,10 @@ def _lost_peer(error: Exception) -> bool:
 def _fit(run: Run) -> None:
     cfg, acc = run.cfg, run.accelerator
     agreement, metrics = Agreement(acc.device, acc.num_processes), MetricBuffer()
-    feed = DataFeed(run.stream, agreement, acc.device, acc.is_main_process, run.start_step * run.layout.accumulation)
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    feed = DataFeed(
+        run.stream, agreement, acc.device, acc.is_main_process, run.start_step * run.layout.accumulation, layout
+    )
     # A progress bar on a terminal; in a log file (SLURM, CI) one line per metric flush instead.
     interactive = acc.is_main_process and sys.stderr.isatty()
     progress = tqdm(
@@ -181,7 +184,7 @@ def _evaluate(run: Run, step: int) -> None:
     )
     if not acc.is_main_process:
         return
-    for key, image in {"samples": result.samples, "reconstructions": result.reconstructions}.items():
+    for key, image in result.figures.items():
         path = run.run_dir / "figures" / f"{key}_{step:08d}.png"
         image.save(path)
         if run.tracker is not None:
@@ -228,3 +231,4 @@ def _export(run: Run) -> None:
     if run.accelerator.is_main_process:
         path = export.write(run.run_dir / "export", weights, dataclasses.asdict(run.cfg))
         log.info("model exported to %s", path)
+        run.tracker.log_export(path)

@@ -60,21 +60,23 @@ def perf_metrics(run: Run, steps: int, elapsed: float, data_time: float, agree_m
     }
 
 
+# The loss terms a person watches, in this order, with their short names (the critic's only for adversarial ones).
+TERMS = {"train/loss": "loss", "train/recon": "recon", "train/penalty": "penalty", "train/critic_loss": "critic"}
+
+
 def report(run: Run, step: int, values: dict[str, float], progress: tqdm | None) -> None:
+    """Record a metric flush; show it on the progress bar (a terminal) or as a log line (a log file)."""
     if run.tracker is not None:
         run.tracker.log_metrics(step, values)
+    terms = {name: values[key] for key, name in TERMS.items() if key in values}
+    throughput = values["perf/samples_per_sec"]
     if progress is not None:
-        progress.set_postfix(loss=f"{values['train/loss']:.4f}", refresh=False)
+        progress.set_postfix(
+            {**{k: f"{v:.4f}" for k, v in terms.items()}, "samples/s": f"{throughput:.0f}"}, refresh=False
+        )
         return
-    log.info(
-        "step %d/%d: loss %.4f, recon %.4f, penalty %.4f, %.0f samples/s",
-        step,
-        run.total_steps,
-        values["train/loss"],
-        values["train/recon"],
-        values["train/penalty"],
-        values["perf/samples_per_sec"],
-    )
+    shown = ", ".join(f"{name} {value:.4f}" for name, value in terms.items())
+    log.info("step %d/%d: %s, %.0f samples/s", step, run.total_steps, shown, throughput)
 
 
 def farewell(run: Run) -> None:

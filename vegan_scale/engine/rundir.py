@@ -25,10 +25,14 @@ from vegan_scale.tracking import truncate_metrics
 log = logging.getLogger("vegan_scale")
 
 EXIT_STATUS = "exit_status.json"
+TRAIN_LOG = "train.log"
+LOG_FORMAT = "%(asctime)s | %(levelname)s | rank %(rank)s | %(message)s"
+_quiet_console = False  # set by `vegan-scale train --quiet` before training; logging is process-wide anyway
 
 
-def default_run_name(penalty: str, network: str, latent_dim: int) -> str:
-    return f"{penalty}-{network}-z{latent_dim}-{time.strftime('%Y%m%d-%H%M%S')}"
+def default_run_name(penalty: str, network: str, latent_dim: int, global_batch: int, lr: float) -> str:
+    """A name that says what ran and when, e.g. mmd-conv-z8-gb100-lr0.001-20250101-120000."""
+    return f"{penalty}-{network}-z{latent_dim}-gb{global_batch}-lr{lr:g}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def prepare(run_dir: Path, config_yaml: str, continue_after: int | None, started_at: float) -> None:
@@ -46,20 +50,45 @@ def prepare(run_dir: Path, config_yaml: str, continue_after: int | None, started
     flag = run_dir / "PREEMPT"
     if flag.exists() and flag.stat().st_mtime < started_at:
         flag.unlink(missing_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s"))
-    logging.getLogger("vegan_scale").addHandler(handler)
+    logger = logging.getLogger("vegan_scale")
+    for old in [h for h in logger.handlers if h.get_name() == TRAIN_LOG]:  # an earlier run of this process
+        logger.removeHandler(old)
+        old.close()
+    handler = logging.FileHandler(run_dir / TRAIN_LOG)
+    handler.set_name(TRAIN_LOG)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(_RankStamp(0))  # only the main process writes it
+    logger.addHandler(handler)
 
 
-def setup_console_logging(is_main: bool) -> None:
-    """Console output from the main process only (others log warnings and errors)."""
-    logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING,
-        format="%(asctime)s | %(levelname)s | %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-        force=True,
-    )
+def set_quiet_console(quiet: bool) -> None:
+    """``--quiet``: the console shows warnings and errors only; train.log in the run directory still gets all."""
+    global _quiet_console
+    _quiet_console = quiet
+
+
+def setup_console_logging(rank: int) -> None:
+    """Console output from the main process only (other ranks log warnings and errors), each line stamped with
+    time, level and the global rank, so that interleaved output of several processes can be told apart."""
+    level = logging.WARNING if rank != 0 or _quiet_console else logging.INFO
+    logging.basicConfig(format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    console = logging.getLogger().handlers[0]
+    console.setLevel(level)
+    console.addFilter(_RankStamp(rank))
+    # the loggers' own level decides what reaches train.log; the console handler filters for the person
+    logging.getLogger().setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+class _RankStamp(logging.Filter):
+    """Adds the process's global rank to every record a handler formats (library records included)."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
 
 
 def write_exit_status(run_dir: Path, code: int, reason: str, step: int) -> None:

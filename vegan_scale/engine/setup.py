@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from vegan_scale.errors import ConfigError, DataError
 from vegan_scale.penalties.base import LatentPenalty
 from vegan_scale.priors import Prior
 from vegan_scale.registry import PENALTIES, build_model, build_penalty, build_prior
-from vegan_scale.tracking import METRICS_FILE, Tracker, as_params, check_reachable, resolve_uri
+from vegan_scale.tracking import METRICS_FILE, Tracker, as_params, check_reachable, resolve_experiment, resolve_uri
 
 log = logging.getLogger("vegan_scale")
 
@@ -113,26 +114,56 @@ def _shards(
 
 def _run_dir(cfg: Any, accelerator: Accelerator) -> Path:
     """The run directory; the main process picks the default name (it contains a timestamp) for everyone."""
-    name = [cfg.run.name or rundir.default_run_name(cfg.penalty.kind, cfg.model.network, cfg.model.latent_dim)]
+    m = cfg.model
+    default = rundir.default_run_name(
+        cfg.penalty.kind, m.network, m.latent_dim, cfg.train.global_batch_size, cfg.optim.lr
+    )
+    name = [cfg.run.name or default]
     if accelerator.num_processes > 1:
         broadcast_object_list(name)
     return Path(cfg.run.root) / cfg.run.experiment / name[0]
 
 
 def _adam(params: Any, lr: float, cfg: Any) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    # The fused implementation updates all parameters in one kernel instead of a loop of small ops per tensor.
+    return torch.optim.AdamW(
+        params, lr=lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, fused=True
+    )
 
 
 def _tags(accelerator: Accelerator, cfg: Any) -> dict[str, str]:
+    """What a person filters runs by: the code (version, commit), the recipe, how it was launched, which job."""
     tags = {
         "vegan_scale.version": vegan_scale.__version__,
         "dist.type": str(accelerator.distributed_type.value),
         "dist.world_size": str(accelerator.num_processes),
         "recipe": f"{cfg.penalty.kind}/{cfg.cost.kind}/{cfg.model.network}",
+        **_git_tags(),
     }
-    if "SLURM_JOB_ID" in os.environ:
-        tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        tags["dist.zero_stage"] = str(accelerator.state.deepspeed_plugin.zero_stage)
+    for variable, tag in (("SLURM_JOB_ID", "slurm.job_id"), ("SLURM_RESTART_COUNT", "slurm.restart_count")):
+        if variable in os.environ:
+            tags[tag] = os.environ[variable]
     return tags
+
+
+def _git_tags() -> dict[str, str]:
+    """The commit of the checkout vegan_scale runs from (MLflow shows ``mlflow.source.git.commit`` on the run's
+    page) and whether it had uncommitted changes; nothing when the code is not in a git checkout or git is absent
+    (an installed package, a container image)."""
+    source = Path(vegan_scale.__file__).resolve().parent
+    try:
+        commit = _git(source, "rev-parse", "HEAD")
+        dirty = bool(_git(source, "status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def _git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
+    return done.stdout.strip()
 
 
 def _train_stream(cfg: Any, accelerator: Accelerator, layout: BatchLayout) -> tuple[TrainStream, int]:
@@ -171,23 +202,28 @@ def _tracker(
     tracker = Tracker(
         run_dir,
         uri=uri,
-        experiment=cfg.run.experiment,
+        experiment=resolve_experiment(cfg.tracking.experiment, cfg.run.experiment),
         run_name=run_dir.name,
         params=as_params(dataclasses.asdict(cfg)),
         tags=_tags(accelerator, cfg),
         artifact_root=artifact_root,
         resume_notes=resume_notes,
         close_timeout_s=cfg.tracking.close_timeout_s,
+        system_metrics=cfg.tracking.system_metrics,
     )
     tracker.log_artifact(run_dir / "config.yaml")
     return tracker
 
 
-def _trained_modules(cfg: Any, accelerator: Accelerator) -> tuple[Trainable, LatentPenalty, Trainable | None]:
+def trained_modules(cfg: Any, accelerator: Accelerator) -> tuple[Trainable, LatentPenalty, Trainable | None]:
     """The auto-encoder and the penalty (with its critic, if any), built identically on every process and wrapped."""
     torch.manual_seed(cfg.run.seed)  # identical initial parameters on every process
     with _init_context(accelerator):  # under ZeRO-3 the auto-encoder is never whole on one process
         model = build_model(cfg)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        model.compile()
     penalty = build_penalty(cfg)
     wrap = functools.partial(trainable.prepare, accelerator)
     autoencoder = wrap("autoencoder", model, _adam(model.parameters(), cfg.optim.lr, cfg))
@@ -229,7 +265,7 @@ def build_run(cfg: Any) -> Run:
     validate(cfg)
     models = ("autoencoder", "critic") if PENALTIES[cfg.penalty.kind].trains_critic else ("autoencoder",)
     accelerator = build_accelerator(cfg.train.mixed_precision, models, cfg.train.collective_timeout_s)
-    rundir.setup_console_logging(accelerator.is_main_process)
+    rundir.setup_console_logging(accelerator.process_index)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     layout = BatchLayout.derive(cfg.train.global_batch_size, accelerator.num_processes, cfg.train.micro_batch_size)
@@ -246,7 +282,7 @@ def build_run(cfg: Any) -> Run:
     notes = resume.check_policy(resume_from, config, accelerator.num_processes, deepspeed) if resume_from else None
     continuing = resume_from is not None or _holds_run(run_dir)  # over an attempt that saved no checkpoint yet
     stream, total_steps = _train_stream(cfg, accelerator, layout)
-    autoencoder, penalty, critic = _trained_modules(cfg, accelerator)
+    autoencoder, penalty, critic = trained_modules(cfg, accelerator)
     if cfg.train.init_from and resume_from is None:
         resume.start_from_export(Path(cfg.train.init_from), autoencoder, config)
     prior = build_prior(cfg)

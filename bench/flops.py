@@ -1,0 +1,106 @@
+"""How much of the machine a training step uses: achieved FLOP/s over the measured matmul peak, same precision.
+
+    .venv/bin/python bench/flops.py          # about 5 minutes on 2 cores
+
+In one run: the matmul peak of this CPU in float32 and bf16 (2048 x 2048 products, all cores), then, for pythae's
+MNIST conv pair (`pythae_conv`, 17M parameters) and the MLP pair, the FLOPs of one full training step (forward and
+backward, counted by torch's FlopCounterMode; the optimizer and elementwise work are not counted, as usual for
+MFU) and its median time, giving the utilisation. A per-operator profile (self time) shows where each step's time
+goes. The last line is the conv pair's utilisation in float32 against the 75% target.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from step_under_test import training_step  # noqa: E402
+
+from vegan_scale.data.index import read_index  # noqa: E402
+from vegan_scale.data.pipeline import load_images  # noqa: E402
+
+CASES = [  # (label, network, overrides, timed steps)
+    ("conv pair, float32", "pythae_conv", ["train.channels_last=true"], 6),
+    ("conv pair, bf16", "pythae_conv", ["train.mixed_precision=bf16", "train.channels_last=true"], 10),
+    ("MLP pair, float32", "mlp", [], 100),
+    ("MLP pair, bf16", "mlp", ["train.mixed_precision=bf16"], 100),
+]
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times)
+
+
+def step_flops(step: object) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def step_time(step: object, steps: int) -> float:
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step().item()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def top_ops(step: object, rows: int = 8) -> str:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main() -> None:
+    peaks = {"float32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    results, profiles = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        images = Path(tmp) / "images.npy"
+        np.save(images, load_images(read_index(str(ROOT / ".data/shards/mnist/train")), (1, 28, 28), 2000)[0].numpy())
+        for label, network, overrides, steps in CASES:
+            step = training_step(network, overrides, images)
+            flops, seconds = step_flops(step), step_time(step, steps)
+            precision = "bf16" if "bf16" in label else "float32"
+            results.append((label, flops, seconds, flops / seconds, flops / seconds / peaks[precision]))
+            profiles[label] = top_ops(step)
+    print(
+        f"matmul peak: float32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s "
+        f"({torch.get_num_threads()} threads)"
+    )
+    for label, table in profiles.items():
+        print(f"\nwhere the time goes, {label} (3 steps):\n{table}")
+    print(f"{'case':<20} {'GFLOP/step':>10} {'ms/step':>9} {'samples/s':>10} {'GFLOP/s':>8} {'of peak':>8}")
+    for label, flops, seconds, rate, share in results:
+        print(
+            f"{label:<20} {flops / 1e9:>10.2f} {1e3 * seconds:>9.1f} {100 / seconds:>10.0f} {rate / 1e9:>8.1f} "
+            f"{100 * share:>7.0f}%"
+        )
+    conv32 = results[0][4]
+    print(f"headline: the conv pair's float32 step uses {100 * conv32:.0f}% of the float32 matmul peak (target 75%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The packaged feature networks: small enough to ship, and accurate on the real test sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vegan_scale.data.index import read_index
+from vegan_scale.data.pipeline import load_images
+from vegan_scale.evaluation.classifier import CLASSIFIERS, FEATURES, IMAGE_SHAPE, load_classifier, weights_path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = {
+    "mnist": (ROOT / ".data/shards/mnist/test", 0.98, "run `make data`"),
+    "fashion_mnist": (
+        ROOT / ".data/shards/fashion_mnist/test",
+        0.88,
+        "install Debian's dataset-fashion-mnist, then "
+        "`vegan-scale shards fashion-mnist --out .data/shards/fashion_mnist`",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_weights_ship_small(name: str) -> None:
+    assert weights_path(name).stat().st_size < 2_000_000
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_classifier_accuracy_on_the_real_test_set(name: str) -> None:
+    shards, threshold, howto = DATA[name]
+    if not (shards / "sizes.json").exists():
+        pytest.skip(f"{name} test shards not found at {shards}; {howto}")
+    images, labels = load_images(read_index(str(shards)), IMAGE_SHAPE, limit=10_000)
+    model = load_classifier(name)
+    with torch.no_grad():
+        x = images.float() / 255
+        predicted = torch.cat([model(b).argmax(dim=1) for b in x.split(2000)])
+        features = model.features(x[:10])
+    assert len(labels) == 10_000
+    assert (predicted == labels).double().mean().item() >= threshold
+    assert features.shape == (10, FEATURES)

@@ -1,0 +1,86 @@
+"""`vegan-scale eval` and `vegan-scale sample` on a short real MNIST run, each as one subprocess."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import vegan_scale
+from tests import runkit
+from vegan_scale.data.index import read_index
+from vegan_scale.data.pipeline import load_images
+from vegan_scale.errors import ConfigError
+from vegan_scale.evaluation.sources import open_model
+
+pytestmark = pytest.mark.data
+NUM_SAMPLES = 300
+
+
+@pytest.fixture(scope="module")
+def run_dir(mnist_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """WAE-MMD with a small MLP, 20 steps on real MNIST, tracked in a local MLflow store."""
+    root = tmp_path_factory.mktemp("eval_runs")
+    args = [
+        *runkit.train_args(mnist_shards, root, "short", "wae_mmd"),
+        "train.max_steps=20",
+        "eval.every_steps=20",
+        "checkpoint.every_steps=20",
+        "tracking.log_every=10",
+    ]
+    done = runkit.run(runkit.single(args))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "mnist" / "short"
+
+
+def test_eval_reports_writes_and_logs(run_dir: Path, mnist_shards: Path) -> None:
+    done = runkit.run([sys.executable, "-m", "vegan_scale", "eval", str(run_dir), "--num-samples", str(NUM_SAMPLES)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FID (LeNet features)" in done.stdout and "real data" in done.stdout
+    report = json.loads((run_dir / "eval.json").read_text())
+    model, real = report["model"], report["real"]
+    assert report["step"] == 20 and report["settings"]["classifier"] == "mnist"
+    assert report["settings"]["set_size"] == NUM_SAMPLES // 2
+    assert {"fid", "kid", "precision", "recall", "sharpness", "recon_cost", "recon_mse", "latent_mmd"} <= model.keys()
+    assert model["fid"] > real["fid"] > 0  # 20 steps of training are far from the data
+    assert 0 <= real["precision"] <= 1 and 0 <= model["recall"] <= 1
+
+    # reconstruction over the same test images, computed here from the export in float64
+    images = load_images(read_index(str(mnist_shards / "test")), (1, 28, 28), NUM_SAMPLES)[0].double() / 255
+    ae = vegan_scale.load(run_dir / "export")
+    squared = (ae.reconstruct(images.float()).double() - images).pow(2).flatten(1)
+    assert model["recon_mse"] == pytest.approx(squared.mean().item(), rel=1e-5)
+    assert model["recon_cost"] == pytest.approx(0.05 * squared.sum(dim=1).mean().item(), rel=1e-5)  # l2sq's factor
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent.parent / 'mlflow.db'}")
+    logged = client.get_run((run_dir / "mlflow_run_id").read_text().strip()).data.metrics
+    assert logged["final/fid"] == pytest.approx(model["fid"])
+    assert logged["final/real/fid"] == pytest.approx(real["fid"])
+
+
+def test_sample_writes_three_grids(run_dir: Path, tmp_path: Path) -> None:
+    checkpoint = run_dir / "checkpoints" / "step_00000020"
+    done = runkit.run(
+        [sys.executable, "-m", "vegan_scale", "sample", str(checkpoint), "--out", str(tmp_path), "--grid", "4"]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("samples", "reconstructions", "interpolations"):
+        with Image.open(tmp_path / f"{name}.png") as image:
+            assert image.size == (4 * 30 + 2, 4 * 30 + 2)  # 28-pixel tiles, 2-pixel padding
+
+
+def test_sources_agree_and_refuse_other_directories(run_dir: Path, tmp_path: Path) -> None:
+    """A run directory, its checkpoint and its export give the same weights; anything else is a ConfigError."""
+    sources = [open_model(p) for p in (run_dir, run_dir / "checkpoints" / "step_00000020", run_dir / "export")]
+    for source in sources:
+        assert source.run_dir == run_dir and source.step == 20
+        for key, value in sources[0].model.state_dict().items():
+            assert torch.equal(source.model.state_dict()[key], value)
+    with pytest.raises(ConfigError, match="neither a run directory"):
+        open_model(tmp_path)

@@ -1,0 +1,38 @@
+"""Model evaluation in two real processes equals the evaluation of the whole set in one (this pytest process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.multiproc.checks_eval import evaluate_tiny
+from tests.multiproc.harness import run_checks
+from vegan_scale.evaluation.evaluate import Shares
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    records = run_checks(["eval_over_two_processes"], Path(tmp_path_factory.mktemp("multiproc_eval")))
+    per_rank = records["eval_over_two_processes"]
+    for rank, record in enumerate(per_rank):
+        assert record["ok"], f"rank {rank} failed:\n{record['error']}"
+    return [r["result"] for r in per_rank]
+
+
+def test_uneven_blocks_gather_in_order(results: list[dict]) -> None:
+    for rank_result in results:
+        assert rank_result["rows"] == [[float(i), float(i * i)] for i in range(7)]
+
+
+def test_two_processes_give_the_whole_sets_metrics(results: list[dict]) -> None:
+    """Every metric of both processes equals one process's over all images (features of a batch of 4 or of the
+    whole block differ only in the last bits of float32 convolutions)."""
+    single = evaluate_tiny(Shares())
+    for rank_result in results:
+        for side, expected in (("model", single.model), ("real", single.real)):
+            assert rank_result[side].keys() == expected.keys()
+            for key, value in expected.items():
+                assert rank_result[side][key] == pytest.approx(value, rel=1e-5, abs=1e-7), f"{side} {key}"

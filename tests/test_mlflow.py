@@ -1,0 +1,256 @@
+"""MLflow as a user meets it: one real training run sent over HTTP to a real `mlflow server` on 127.0.0.1, read back
+through MlflowClient (metrics, params, tags, images, the exported model), then shown in the MLflow UI in headless
+Chromium.
+
+The UI test saves its screenshot under pytest's tmp_path; docs/mlflow-ui.png was made by the same test with
+``VEGAN_SCALE_UI_SCREENSHOT=docs/mlflow-ui.png .venv/bin/python -m pytest tests/test_mlflow.py -k ui``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import vegan_scale
+from tests.runkit import ROOT, env, single, train_args
+from tests.test_tracking_outage import Server
+
+pytestmark = [pytest.mark.distributed, pytest.mark.data]
+
+STEPS, LOG_EVERY, EVAL_EVERY = 200, 5, 50
+EXPERIMENT = "vegan-scale-ui-check"
+# Chromium as this machine runs it: no sandbox as root, and none of the background connections a closed network refuses
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1500,1450",
+)
+
+
+@dataclass
+class TrackedRun:
+    server: Server
+    run_dir: Path
+    run_id: str
+
+
+@pytest.fixture(scope="module")
+def tracked(mnist_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackedRun]:
+    """WAE-MMD (a small MLP) on real MNIST for 200 steps, tracked by a fresh server, with system metrics on and the
+    environment of a requeued SLURM job; the run name and the experiment come from their defaults and
+    $MLFLOW_EXPERIMENT_NAME."""
+    root = tmp_path_factory.mktemp("mlflow")
+    (root / "server").mkdir()
+    server = Server(root / "server").start()
+    args = train_args(
+        mnist_shards,
+        root / "runs",
+        "unused",
+        "wae_mmd",
+        "run.name=null",
+        "model.mlp.hidden=[256]",
+        "train.global_batch_size=100",
+        f"train.max_steps={STEPS}",
+        "train.deterministic=false",
+        "train.check_every=50",
+        f"tracking.log_every={LOG_EVERY}",
+        f"tracking.uri={server.uri}",
+        "tracking.system_metrics=true",
+        f"eval.every_steps={EVAL_EVERY}",
+        "eval.num_samples=500",
+        "eval.grid_size=8",
+        "checkpoint.every_steps=0",
+    )
+    extra = {
+        "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_RESTART_COUNT": "1",
+    }
+    done = subprocess.run(single(args), cwd=ROOT, env={**env(), **extra}, capture_output=True, text=True, timeout=300)
+    try:
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        (run_dir,) = (root / "runs" / "mnist").iterdir()
+        yield TrackedRun(server, run_dir, (run_dir / "mlflow_run_id").read_text().strip())
+    finally:
+        server.stop()
+
+
+def _client(tracked: TrackedRun):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracked.server.uri)
+
+
+def _git_head() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.strip()
+
+
+def test_run_names_params_and_tags(tracked: TrackedRun) -> None:
+    """The experiment is $MLFLOW_EXPERIMENT_NAME's, the run is named after what ran, params are the flattened
+    config, and the tags say which code, launch and SLURM job produced it."""
+    client = _client(tracked)
+    run = client.get_run(tracked.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
+    assert run.info.run_name == tracked.run_dir.name
+    assert run.info.run_name.startswith("mmd-mlp-z8-gb100-lr0.001-")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.max_steps"] == str(STEPS)
+    assert run.data.params["model.mlp.hidden"] == "[256]"
+    tags = run.data.tags
+    assert tags["vegan_scale.version"] == vegan_scale.__version__
+    assert (tags["dist.type"], tags["dist.world_size"]) == ("NO", "1")
+    assert (tags["slurm.job_id"], tags["slurm.restart_count"]) == ("4242", "1")
+    head = _git_head()
+    if head is None:
+        assert "mlflow.source.git.commit" not in tags and "git.dirty" not in tags
+    else:
+        assert tags["mlflow.source.git.commit"] == head
+        assert tags["git.dirty"] in ("true", "false")
+
+
+def test_metrics_equal_the_run_directory(tracked: TrackedRun) -> None:
+    """Every flushed step of train/loss is on the server with the value metrics.jsonl holds; evaluation metrics
+    and the sampler's system/ metrics are there too."""
+    client = _client(tracked)
+    history = sorted(client.get_metric_history(tracked.run_id, "train/loss"), key=lambda m: m.step)
+    local = [json.loads(line) for line in (tracked.run_dir / "metrics.jsonl").read_text().splitlines()]
+    expected = {m["step"]: m["train/loss"] for m in local if "train/loss" in m}
+    assert [m.step for m in history] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    assert {m.step: m.value for m in history} == pytest.approx(expected, rel=1e-6)
+    assert history[-1].value < history[0].value  # it learned
+    keys = set(client.get_run(tracked.run_id).data.metrics)
+    assert "eval/recon" in keys
+    assert any(k.startswith("system/cpu_utilization") for k in keys), sorted(keys)
+
+
+def test_images_and_exported_model_are_artifacts(tracked: TrackedRun, tmp_path: Path) -> None:
+    """Sample and reconstruction grids at every evaluation, the resolved config, and the exported model (safetensors
+    + yaml, byte-identical to the run's export/), which vegan_scale.load reads once downloaded."""
+    client = _client(tracked)
+    top = {a.path for a in client.list_artifacts(tracked.run_id)}
+    assert {"config.yaml", "images", "model"} <= top
+    images = [a.path for a in client.list_artifacts(tracked.run_id, "images") if a.path.endswith(".png")]
+    for key in ("samples", "reconstructions"):
+        steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images if f"/{key}+step+" in p)
+        assert steps == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+    model = Path(client.download_artifacts(tracked.run_id, "model", str(tmp_path)))
+    assert sorted(p.name for p in model.iterdir()) == ["model.safetensors", "model.yaml"]
+    for name in ("model.safetensors", "model.yaml"):
+        assert (model / name).read_bytes() == (tracked.run_dir / "export" / name).read_bytes()
+    assert vegan_scale.load(model).sample(4).shape == (4, 1, 28, 28)
+
+
+def _chromium() -> tuple[str, str]:
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.skip(
+            "headless browser tests need Debian's chromium and its driver: apt-get install chromium chromium-driver"
+        )
+    pytest.importorskip("selenium", reason="pip install selenium (in the dev extra)")
+    return browser, driver
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(180)
+def test_ui_shows_curves_and_sample_images(tracked: TrackedRun, tmp_path: Path) -> None:
+    """The run's Model metrics page in headless Chromium: the train/loss chart is drawn and the sample and
+    reconstruction grids of the last evaluation load. The screenshot is kept (VEGAN_SCALE_UI_SCREENSHOT)."""
+    browser, driver_path = _chromium()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    wait = WebDriverWait(driver, 60, poll_frequency=0.25)
+    try:  # on failure, the page as it was is in tmp_path
+        experiment = _client(tracked).get_run(tracked.run_id).info.experiment_id
+        driver.get(f"{tracked.server.uri}/#/experiments/{experiment}/runs/{tracked.run_id}/model-metrics")
+        header = "[data-testid='experiment-view-compare-runs-section-header']"
+        headers = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, header) if _section(d, "train") else None)
+        for close in driver.find_elements(By.CSS_SELECTOR, "button[data-component-id$='assistant.chat_panel.close']"):
+            close.click()  # the assistant side panel would hide half the charts
+        for section in headers:
+            if section.text.split("\n")[0] in ("eval", "perf"):
+                section.click()  # collapsed, so that the train curves and the image grids fit one screen
+        # sections render when scrolled into view
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", _section(driver, "train"))
+        loss = wait.until(lambda d: _chart(d, "train/loss"))
+        assert loss.find_elements(By.CSS_SELECTOR, "svg.main-svg path.js-line")  # plotly drew the curve
+        # the image grids open at step 0; choose the last evaluation's step in each
+        steps = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "input[type='number'][max]"))
+        for box in steps:
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(str(STEPS), Keys.TAB)
+        # every grid of the last evaluation loaded (artifact paths are URL-encoded: '+' is %2B)
+        wanted = [f"{figure}%2Bstep%2B{STEPS}%2B" for figure in ("samples", "reconstructions", "interpolations")]
+        wait.until(lambda d: all(any(w in src for src in _loaded_images(d)) for w in wanted))
+        time.sleep(1)  # the charts' resize animation after the sections collapsed
+        shot = tmp_path / "mlflow-ui.png"
+        assert driver.save_screenshot(str(shot))
+        if target := os.environ.get("VEGAN_SCALE_UI_SCREENSHOT"):
+            shutil.copyfile(shot, ROOT / target)
+    except Exception:
+        driver.save_screenshot(str(tmp_path / "failed.png"))
+        (tmp_path / "failed.html").write_text(driver.page_source)
+        raise
+    finally:
+        driver.quit()
+
+
+def _chart(driver, title: str):
+    """The chart card of metric ``title`` (its heading shows the name after the section prefix and carries the
+    whole name as its title) once plotly has drawn into it, else None."""
+    from selenium.webdriver.common.by import By
+
+    for card in driver.find_elements(By.CSS_SELECTOR, "[data-testid='experiment-view-compare-runs-card']"):
+        if card.find_elements(By.CSS_SELECTOR, f"h4[title='{title}']") and card.find_elements(
+            By.CSS_SELECTOR, "svg.main-svg"
+        ):
+            return card
+    return None
+
+
+def _section(driver, name: str):
+    """The header of the chart section ``name`` (metrics are grouped by their prefix: train/, eval/, ...)."""
+    from selenium.webdriver.common.by import By
+
+    headers = driver.find_elements(By.CSS_SELECTOR, "[data-testid='experiment-view-compare-runs-section-header']")
+    return next((h for h in headers if h.text.split("\n")[0] == name), None)
+
+
+def _loaded_images(driver) -> list[str]:
+    """The sources of the artifact images that finished loading, each scrolled into its card's view."""
+    return driver.execute_script(
+        """
+        const imgs = [...document.querySelectorAll("img[src*='get-artifact']")];
+        if (!imgs.length || !imgs.every(i => i.complete && i.naturalWidth > 0)) return [];
+        imgs.forEach(i => i.scrollIntoView({block: 'nearest'}));
+        return imgs.map(i => i.src);
+        """
+    )

@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHAE_PYTHON = ROOT / ".venv-pythae" / "bin" / "python"
 ARCHS = {"mlp": ("mlp", 60), "conv": ("pythae_conv", 6)}  # vegan_scale network name, timed steps
 SETTINGS = {  # label -> overrides
+    "float32, unfused AdamW": ["optim.fused=false"],
     "float32": [],
+    "float32, torch.compile": ["train.compile=true"],
     "float32, channels-last": ["train.channels_last=true"],
     "bf16": ["train.mixed_precision=bf16"],
     "bf16, channels-last": ["train.mixed_precision=bf16", "train.channels_last=true"],

@@ -85,6 +85,11 @@ class OptimConfig:
     lr: float = param(1e-3, "Adam learning rate of the auto-encoder.")
     betas: list[float] = param([0.5, 0.999], "Adam betas (the WAE recipes use beta1 = 0.5).")
     weight_decay: float = param(0.0, "Decoupled weight decay (AdamW); 0 gives plain Adam.")
+    fused: bool = param(
+        True,
+        "Fused AdamW: one kernel updates every parameter, instead of a loop of small operations per tensor "
+        "(docs/performance.md); false where the device has no fused implementation.",
+    )
     lr_milestones: list[float] = param([30.0, 50.0], "Epochs at which the learning rate changes (WAE recipe).")
     lr_factors: list[float] = param(
         [0.5, 0.2],

@@ -125,10 +125,8 @@ def _run_dir(cfg: Any, accelerator: Accelerator) -> Path:
 
 
 def _adam(params: Any, lr: float, cfg: Any) -> torch.optim.Optimizer:
-    # The fused implementation updates all parameters in one kernel instead of a loop of small ops per tensor.
-    return torch.optim.AdamW(
-        params, lr=lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, fused=True
-    )
+    o = cfg.optim
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=o.fused)
 
 
 def _tags(accelerator: Accelerator, cfg: Any) -> dict[str, str]:

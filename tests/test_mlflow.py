@@ -144,13 +144,13 @@ def test_metrics_equal_the_run_directory(tracked: TrackedRun) -> None:
 
 
 def test_images_and_exported_model_are_artifacts(tracked: TrackedRun, tmp_path: Path) -> None:
-    """Sample and reconstruction grids at every evaluation, the resolved config, and the exported model (safetensors
-    + yaml, byte-identical to the run's export/), which vegan_scale.load reads once downloaded."""
+    """Sample, reconstruction and interpolation grids at every evaluation, the resolved config, and the exported
+    model (safetensors + yaml, byte-identical to the run's export/), which vegan_scale.load reads once downloaded."""
     client = _client(tracked)
     top = {a.path for a in client.list_artifacts(tracked.run_id)}
     assert {"config.yaml", "images", "model"} <= top
     images = [a.path for a in client.list_artifacts(tracked.run_id, "images") if a.path.endswith(".png")]
-    for key in ("samples", "reconstructions"):
+    for key in ("samples", "reconstructions", "interpolations"):
         steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images if f"/{key}+step+" in p)
         assert steps == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
     model = Path(client.download_artifacts(tracked.run_id, "model", str(tmp_path)))

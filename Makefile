@@ -68,7 +68,7 @@ bench-env: .venv-pythae/.installed
 	.venv-pythae/bin/python -m pip install --quiet pythae==0.1.2
 	@touch $@
 
-# every benchmark of docs/performance.md, one after the other (about 40 minutes on 2 cores)
+# every benchmark of docs/performance.md, one after the other (about 30 minutes on 2 cores)
 bench: setup data bench-env
 	$(BIN)/python bench/vs_pythae.py
 	$(BIN)/python bench/flops.py

@@ -165,9 +165,9 @@ def main() -> None:
                     ]
                 for label, cmd in runs.items():
                     best[arch, label] = max(best.get((arch, label), 0.0), _measure(cmd))
-    print(f"{'network':<6} {'trainer and setting':<36} {'samples/s':>10}")
+    print(f"{'network':<6} {'trainer and setting':<52} {'samples/s':>10}")
     for (arch, label), rate in best.items():
-        print(f"{arch:<6} {label:<36} {rate:>10.0f}")
+        print(f"{arch:<6} {label:<52} {rate:>10.0f}")
     pythae = {arch: best[arch, "pythae (its trainer, float32)"] for arch in ARCHS}
     fastest = max((r, label) for (a, label), r in best.items() if a == "conv" and label.startswith("vegan"))
     ratios = [

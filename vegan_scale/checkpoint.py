@@ -145,7 +145,14 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 def read_module(path: Path, name: str) -> dict[str, torch.Tensor]:
     """A module's weights from a checkpoint directory."""
-    return load_file(path / f"{name}.safetensors")
+    file = path / f"{name}.safetensors"
+    if not file.exists():
+        present = ", ".join(sorted(p.name for p in path.iterdir())) if path.is_dir() else "nothing"
+        raise CheckpointError(
+            f"{file} not found (the checkpoint holds {present}): it was written by another version of vegan_scale "
+            "or is damaged; evaluate or resume from a checkpoint of this version"
+        )
+    return load_file(file)
 
 
 def read_optimizer(path: Path, name: str) -> dict[str, Any]:

@@ -51,7 +51,12 @@ def open_model(path: Path, device: torch.device | str = "cpu") -> ModelSource:
     path = Path(path)
     if (path / checkpoint.COMPLETE).exists():
         run_dir = path.parent.parent if (path.parent.parent / RUN_CONFIG).exists() else None
-        config = load_config(ExperimentConfig, path / checkpoint.CONFIG)
+        if not (path / checkpoint.CONFIG).exists() and run_dir is None:
+            raise ConfigError(f"checkpoint {path} has no {checkpoint.CONFIG} and no run directory above it")
+        # checkpoints of early versions hold no config.yaml: the run's is the same configuration
+        config = load_config(
+            ExperimentConfig, path / checkpoint.CONFIG if (path / checkpoint.CONFIG).exists() else run_dir / RUN_CONFIG
+        )
         weights = checkpoint.read_module(path, "autoencoder")
         step = checkpoint.read_state(path)["step"]
         return ModelSource(_build(config, weights, device), config, run_dir, step, path / "autoencoder.safetensors")

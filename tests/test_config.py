@@ -386,3 +386,12 @@ def test_cli_config_describe_lists_every_key():
         assert key in lines and doc in lines[key]
         if choices:
             assert "|".join(choices) in lines[key]
+
+
+@pytest.mark.parametrize("data", ["mnist", "fashion_mnist"])
+def test_results_wae_gan_lambda1_differs_only_in_the_weight(data):
+    """configs/results/<data>/wae_gan_lambda1.yaml is that data's reduced WAE-GAN with lambda 1 under its own name."""
+    results = MNIST.parent / "results" / data
+    base = flatten(dataclasses.asdict(load(results / "wae_gan.yaml")))
+    variant = flatten(dataclasses.asdict(load(results / "wae_gan_lambda1.yaml")))
+    assert {k: v for k, v in variant.items() if base[k] != v} == {"penalty.weight": 1.0, "run.name": "wae_gan_lambda1"}

@@ -1,6 +1,6 @@
 """Reproduce docs/results.md: train every model of configs/results/, evaluate it, draw its figures, print the tables.
 
-    .venv/bin/python tools/results.py                   # all 10 runs, two at a time (about an hour on 2 cores)
+    .venv/bin/python tools/results.py                   # all 12 runs, two at a time (about an hour on 2 cores)
     .venv/bin/python tools/results.py --only mnist/vae  # one row
     .venv/bin/python tools/results.py --table           # only the tables, from runs already evaluated
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("mnist", "fashion_mnist")
-MODELS = ("vae", "aae", "wae_mmd", "wae_gan", "swae")
+MODELS = ("vae", "aae", "wae_mmd", "wae_gan", "wae_gan_lambda1", "swae")
 TIMING = "results_timing.json"
 COLUMNS = (  # eval.json key, column title, digits
     ("fid", "FID", 2),

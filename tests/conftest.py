@@ -42,11 +42,17 @@ def synthetic_images(n: int, side: int = 28, channels: int = 1, seed: int = 0) -
     return images
 
 
-@pytest.fixture()
-def tiny_shards(tmp_path: Path) -> Path:
-    """A train/ and test/ pair of small labelled shard directories (28x28 grey), 5 and 2 shards."""
+def write_tiny_shards(root: Path) -> Path:
+    """A train/ and test/ pair of small labelled shard directories (28x28 grey), 5 and 2 shards, under ``root``;
+    the same bytes every time, so that runs in different directories see the same data."""
     for split, n, per_shard in (("train", 500, 100), ("test", 200, 100)):
         images = synthetic_images(n, seed=len(split))
         source = ArraySource(images, np.arange(n) % 10)
-        write_shards(source, tmp_path / split, prefix=f"tiny-{split}", samples_per_shard=per_shard)
-    return tmp_path
+        write_shards(source, root / split, prefix=f"tiny-{split}", samples_per_shard=per_shard)
+    return root
+
+
+@pytest.fixture()
+def tiny_shards(tmp_path: Path) -> Path:
+    """The tiny shards of :func:`write_tiny_shards`, in this test's directory."""
+    return write_tiny_shards(tmp_path)

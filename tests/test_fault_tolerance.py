@@ -44,17 +44,9 @@ def reference(tiny_shards_module: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="module")
 def tiny_shards_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny shards, shared by the module's runs (they must see the same data)."""
-    import numpy as np
+    from tests.conftest import write_tiny_shards
 
-    from tests.conftest import synthetic_images
-    from vegan_scale.data.sources import ArraySource
-    from vegan_scale.data.write import write_shards
-
-    root = tmp_path_factory.mktemp("shards")
-    for split, n, per_shard in (("train", 500, 100), ("test", 200, 100)):
-        source = ArraySource(synthetic_images(n, seed=len(split)), np.arange(n) % 10)
-        write_shards(source, root / split, prefix=f"tiny-{split}", samples_per_shard=per_shard)
-    return root
+    return write_tiny_shards(tmp_path_factory.mktemp("shards"))
 
 
 def _mlflow_history(run_dir: Path, key: str = "train/loss") -> list:

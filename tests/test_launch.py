@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.runkit import ACCELERATE, ROOT, env, free_port
+
 pytestmark = pytest.mark.distributed
-
-ROOT = Path(__file__).resolve().parents[1]
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_args(shards: Path, root: Path, recipe: str, *extra: str) -> list[str]:
@@ -48,10 +38,6 @@ def _train_args(shards: Path, root: Path, recipe: str, *extra: str) -> list[str]
     ]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(ROOT / ".data" / "torch_extensions")}
-
-
 def _launch(config: str, shards: Path, root: Path, recipe: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
         ACCELERATE,
@@ -59,10 +45,10 @@ def _launch(config: str, shards: Path, root: Path, recipe: str, *extra: str) -> 
         "--config_file",
         str(ROOT / "launch/accelerate" / config),
         "--main_process_port",
-        str(_port()),
+        str(free_port()),
         *_train_args(shards, root, recipe, *extra),
     ]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
 
 
 def _finished(proc: subprocess.CompletedProcess, run_dir: Path, processes: int, kind: str) -> None:
@@ -99,7 +85,7 @@ def test_cpu_deepspeed(tiny_shards: Path, tmp_path: Path, config: str, recipe: s
 
 def test_simulated_two_nodes(tiny_shards: Path, tmp_path: Path) -> None:
     """Two 'machines' of one process each on 127.0.0.1 (launch/accelerate/ddp_multinode.yaml, c10d rendezvous)."""
-    port = _port()
+    port = free_port()
     procs = []
     for machine in (0, 1):
         cmd = [
@@ -120,7 +106,7 @@ def test_simulated_two_nodes(tiny_shards: Path, tmp_path: Path) -> None:
             *_train_args(tiny_shards, tmp_path, "wae_mmd"),
         ]
         procs.append(
-            subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):

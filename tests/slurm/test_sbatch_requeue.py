@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -120,15 +119,9 @@ def _overrides(shards: Path, root: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.conftest import synthetic_images
-    from vegan_scale.data.sources import ArraySource
-    from vegan_scale.data.write import write_shards
+    from tests.conftest import write_tiny_shards
 
-    root = tmp_path_factory.mktemp("shards")
-    for split, n, per_shard in (("train", 500, 100), ("test", 200, 100)):
-        source = ArraySource(synthetic_images(n, seed=len(split)), np.arange(n) % 10)
-        write_shards(source, root / split, prefix=f"tiny-{split}", samples_per_shard=per_shard)
-    return root
+    return write_tiny_shards(tmp_path_factory.mktemp("shards"))
 
 
 @pytest.fixture(scope="module")

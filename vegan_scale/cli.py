@@ -146,16 +146,11 @@ def _log_eval(source: Any, result: Any, eval_json: Path) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from vegan_scale.data.index import read_index
-    from vegan_scale.data.pipeline import load_images
     from vegan_scale.evaluation.figures import test_images_needed, write_figures
     from vegan_scale.evaluation.sources import open_model
 
     source = open_model(args.source)
-    d = source.config.data
-    images = load_images(
-        read_index(args.test_data or d.test), (d.channels, d.image_size, d.image_size), test_images_needed(args.grid)
-    )[0]
+    images = source.test_images(test_images_needed(args.grid), args.test_data)
     for path in write_figures(source.model, images.float() / 255, args.out, args.grid, args.seed):
         print(path)
 

@@ -162,6 +162,18 @@ class _MlflowRun:
             client.log_batch(run.run_id, params=items[i : i + 100])
         return run
 
+    @classmethod
+    def of_run_dir(cls, uri: str, run_dir: Path) -> _MlflowRun:
+        """The existing MLflow run of a run directory (its id is kept there), for adding to it after training."""
+        id_file = run_dir / RUN_ID_FILE
+        if not id_file.exists():
+            raise ConfigError(
+                f"{run_dir} has no {RUN_ID_FILE}: its MLflow run was never created (tracking.backend=none, or the "
+                "server never answered while it trained)"
+            )
+        _quiet_mlflow()
+        return cls(uri, id_file.read_text().strip(), new=False)
+
     def _last_metric_step(self, key: str) -> int:
         if key not in self._last:
             history = [] if self._new else self.client.get_metric_history(self.run_id, key)
@@ -374,11 +386,7 @@ def _run_until_done(task: Callable[[], None], uri: str, run_dir: Path) -> None:
 
 def sync(run_dir: Path, uri: str) -> None:
     """Send a run directory's metrics to its MLflow run: the steps the server lacks."""
-    id_file = run_dir / RUN_ID_FILE
-    if not id_file.exists():
-        raise ConfigError(f"{run_dir} has no {RUN_ID_FILE}: its MLflow run was never created; nothing to sync")
-    _quiet_mlflow()
-    _MlflowRun(uri, id_file.read_text().strip(), new=False).send_run_dir(run_dir)
+    _MlflowRun.of_run_dir(uri, run_dir).send_run_dir(run_dir)
 
 
 def log_to_run(run_dir: Path, uri: str, step: int, values: dict[str, float], artifact: Path | None = None) -> str:
@@ -387,11 +395,7 @@ def log_to_run(run_dir: Path, uri: str, step: int, values: dict[str, float], art
     has the values in a file of its own."""
     from mlflow.entities import Metric
 
-    id_file = run_dir / RUN_ID_FILE
-    if not id_file.exists():
-        raise ConfigError(f"{run_dir} has no {RUN_ID_FILE}: it was trained without MLflow (tracking.backend=none)")
-    _quiet_mlflow()
-    run = _MlflowRun(uri, id_file.read_text().strip(), new=False)
+    run = _MlflowRun.of_run_dir(uri, run_dir)
     now = int(time.time() * 1000)
     run.client.log_batch(run.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
     if artifact is not None:

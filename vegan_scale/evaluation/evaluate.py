@@ -30,8 +30,7 @@ import torch
 from torch import Tensor
 
 from vegan_scale.costs import reconstruction_cost
-from vegan_scale.data.index import INFO_FILE, read_index
-from vegan_scale.data.pipeline import load_images
+from vegan_scale.data.index import INFO_FILE
 from vegan_scale.evaluation import metrics
 from vegan_scale.evaluation.classifier import CLASSIFIERS, IMAGE_SHAPE, LeNet, load_classifier
 from vegan_scale.evaluation.inception import INSTALL, InceptionFeatures, load_inception
@@ -233,9 +232,8 @@ def evaluate_source(
     ``classifier``: a packaged name or a weight file; None picks by the test shards' data set.
     """
     cfg, device = source.config, next(source.model.parameters()).device
-    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    spec = test_data or cfg.data.test
-    images = load_images(read_index(spec), shape, settings.num_samples)[0]
+    shape, spec = source.image_shape, test_data or cfg.data.test
+    images = source.test_images(settings.num_samples, spec)
     skipped: dict[str, str] = {}
     name = classifier or pick_classifier(spec, shape)
     if name is None:

@@ -18,6 +18,8 @@ import torch
 
 from vegan_scale import checkpoint, export
 from vegan_scale.config.load import load_config
+from vegan_scale.data.index import read_index
+from vegan_scale.data.pipeline import load_images
 from vegan_scale.errors import ConfigError
 from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.registry import ExperimentConfig, build_model
@@ -33,6 +35,15 @@ class ModelSource:
     run_dir: Path | None  # where eval.json goes and whose MLflow run gets the metrics; None for a bare export
     step: int | None  # the training step the weights are from, when known
     weights: Path  # the weight file read
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        d = self.config.data
+        return d.channels, d.image_size, d.image_size
+
+    def test_images(self, limit: int, test_data: str | None = None) -> torch.Tensor:
+        """The first ``limit`` images (uint8 [N, C, H, W]) of the run's test shards, or of ``test_data``."""
+        return load_images(read_index(test_data or self.config.data.test), self.image_shape, limit)[0]
 
 
 def _newest_step(run_dir: Path) -> int | None:

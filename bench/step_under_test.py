@@ -3,7 +3,6 @@ with the data feed replaced by batches cut from a tensor (the loader is measured
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,11 +11,11 @@ import numpy as np
 import torch
 
 from vegan_scale.config.load import load_config
-from vegan_scale.costs import reconstruction_cost
 from vegan_scale.distributed.accelerator import BatchLayout, apply_layout, build_accelerator
-from vegan_scale.engine.setup import trained_modules
+from vegan_scale.engine.modules import build_modules
+from vegan_scale.engine.objective import POT
 from vegan_scale.engine.step import train_step
-from vegan_scale.registry import ExperimentConfig, build_prior
+from vegan_scale.registry import ExperimentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 100
@@ -32,16 +31,9 @@ def training_step(network: str, overrides: list[str], images: Path) -> Callable[
     accelerator = build_accelerator(cfg.train.mixed_precision)
     layout = BatchLayout.derive(BATCH, 1, None)
     apply_layout(accelerator, layout, cfg.train.mixed_precision)
-    autoencoder, penalty, critic = trained_modules(cfg, accelerator)
+    modules, penalty = build_modules(cfg, accelerator)
     run = SimpleNamespace(
-        cfg=cfg,
-        accelerator=accelerator,
-        autoencoder=autoencoder,
-        critic=critic,
-        penalty=penalty,
-        prior=build_prior(cfg),
-        layout=layout,
-        cost=functools.partial(reconstruction_cost, kind=cfg.cost.kind, scale=cfg.cost.scale),
+        cfg=cfg, accelerator=accelerator, layout=layout, modules=modules, objective=POT.of(cfg, penalty)
     )
     data = torch.from_numpy(np.load(images))
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format

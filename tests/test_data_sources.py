@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.paths import ROOT
 from vegan_scale.data import sources
 from vegan_scale.data.sources import (
     ArraySource,
@@ -37,7 +38,6 @@ MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 TRAIN_IMAGES_IDX_MD5 = "6bbc9ace898e44ae57da46a324031adb"
 TEST_IMAGES_IDX_MD5 = "2646ac647ad5339dbf082846283269ea"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.multiproc.harness import run_checks
+from tests.multiproc.harness import results_fixture
 
 pytestmark = pytest.mark.distributed
 
@@ -20,13 +18,7 @@ CHECKS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
-    records = run_checks(CHECKS, Path(tmp_path_factory.mktemp("dist")))
-    for name, per_rank in records.items():
-        for rank, record in enumerate(per_rank):
-            assert record["ok"], f"check {name} failed on rank {rank}:\n{record['error']}"
-    return {name: [r["result"] for r in per_rank] for name, per_rank in records.items()}
+results = results_fixture(CHECKS)
 
 
 @pytest.mark.parametrize("kernel", ["imq", "rbf"])

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.paths import ROOT
 from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import load_images
 from vegan_scale.evaluation.classifier import CLASSIFIERS, FEATURES, IMAGE_SHAPE, load_classifier, weights_path
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = {
     "mnist": (ROOT / ".data/shards/mnist/test", 0.98, "run `make data`"),
     "fashion_mnist": (

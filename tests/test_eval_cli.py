@@ -15,7 +15,7 @@ from tests import runkit
 from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import load_images
 from vegan_scale.errors import ConfigError
-from vegan_scale.evaluation.sources import open_model
+from vegan_scale.evaluation.model_source import open_model
 
 pytestmark = pytest.mark.data
 NUM_SAMPLES = 300

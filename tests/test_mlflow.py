@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 import vegan_scale
-from tests.runkit import ROOT, env, single, train_args
+from tests.paths import ROOT
+from tests.runkit import env, single, train_args
 from tests.test_tracking_outage import Server
 
 pytestmark = [pytest.mark.distributed, pytest.mark.data]

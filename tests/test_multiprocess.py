@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.multiproc.harness import run_checks
+from tests.multiproc.harness import results_fixture
 
 pytestmark = pytest.mark.distributed
 
 CHECKS = ["agreement_sees_one_ranks_flag", "float64_all_reduce_is_exact", "train_stream_ranks_equal_and_disjoint"]
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
-    records = run_checks(CHECKS, Path(tmp_path_factory.mktemp("multiproc")))
-    for name, per_rank in records.items():
-        for rank, record in enumerate(per_rank):
-            assert record["ok"], f"check {name} failed on rank {rank}:\n{record['error']}"
-    return {name: [r["result"] for r in per_rank] for name, per_rank in records.items()}
+results = results_fixture(CHECKS)
 
 
 def test_agreement_reaches_every_rank(results: dict) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.runkit import ROOT, env
+from tests.paths import ROOT
+from tests.runkit import env
 from vegan_scale.cli import parser
 from vegan_scale.config.load import load_config
 from vegan_scale.registry import ExperimentConfig

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT
+
 SCRIPT = ROOT / "launch" / "run.sh"
 CONFIG = "configs/mnist/wae_mmd.yaml"
 # overrides that quoting could break: spaces, brackets, braces, a glob character, a shell variable

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.runkit import ROOT, finish, free_port, run, single, start, train_args, wait_for_step
+from tests.paths import ROOT
+from tests.runkit import finish, free_port, run, single, start, train_args, wait_for_step
 
 pytestmark = pytest.mark.distributed
 MLFLOW = str(Path(sys.executable).parent / "mlflow")

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.paths import ROOT
 from tests.runkit import train_args
 from vegan_scale.config.load import load_config
 from vegan_scale.engine.loop import train
 from vegan_scale.registry import ExperimentConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.conv.width=4", "eval.num_samples=200", "eval.grid_size=4", "data.num_workers=0"]
 
 

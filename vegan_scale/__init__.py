@@ -6,7 +6,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__version__ = "0.1.0"
+from vegan_scale.provenance import version
+
+__version__ = version()
 __all__ = ["load", "train"]
 
 # The functions below import their implementation on use, so that `import vegan_scale` stays light.

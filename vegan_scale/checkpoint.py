@@ -13,15 +13,16 @@ Layout under ``<run_dir>/checkpoints/``::
       COMPLETE                  written last: a directory without it is ignored
     latest                      name of the newest complete checkpoint, replaced atomically
 
-A checkpoint is written under ``step_N.tmp`` and renamed when complete, so a crash mid-save leaves either the
-previous state or a ``.tmp`` directory that nothing reads. ``.pt`` files are read with
-``torch.load(weights_only=True)``, which refuses pickled code.
+A checkpoint is written under ``step_N.tmp``; when every part is there, everything inside is fsynced, ``COMPLETE``
+is written (durably), and the directory is renamed (and its parent fsynced), so a crash or power loss mid-save
+leaves either the previous state or a ``.tmp`` directory that nothing reads. Which checkpoints count as complete
+is :mod:`vegan_scale.rundir`'s to say. ``.pt`` files are read with ``torch.load(weights_only=True)``, which refuses
+pickled code.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import shutil
@@ -32,21 +33,23 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from vegan_scale import atomic
 from vegan_scale.errors import CheckpointError
+from vegan_scale.rundir import COMPLETE, LATEST, checkpoint_name, complete_checkpoints
 
-COMPLETE = "COMPLETE"
-LATEST = "latest"
 STATE = "state.json"
 CONFIG = "config.yaml"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
+SCALER = "scaler.pt"
+AUTOENCODER, CRITIC = "autoencoder", "critic"  # the trained modules, by the names their files carry
 
 
 def tmp_dir(root: Path, step: int) -> Path:
-    """Where the checkpoint of ``step`` is written before it is complete."""
-    return root / (step_dir_name(step) + ".tmp")
+    """Where the checkpoint of ``step`` is written (under the ``checkpoints/`` folder ``root``) until complete."""
+    return atomic.tmp_path(root / checkpoint_name(step))
+
+
+def rank_state_file(directory: Path, rank: int) -> Path:
+    return directory / f"rng_rank{rank}.pt"
 
 
 def write_rank_state(directory: Path, rank: int) -> None:
@@ -59,12 +62,12 @@ def write_rank_state(directory: Path, rank: int) -> None:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(state, directory / f"rng_rank{rank}.pt")
+    torch.save(state, rank_state_file(directory, rank))
 
 
 def restore_rank_state(directory: Path, rank: int) -> None:
     """Set this process's random generators to what ``write_rank_state`` saved for ``rank``."""
-    state = safe_load(directory / f"rng_rank{rank}.pt")
+    state = safe_load(rank_state_file(directory, rank))
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuples(state["python"]))
     n = state["numpy"]
@@ -89,18 +92,19 @@ def save_module(
 ) -> None:
     """A module's weights (safetensors) and, unless None, its optimizer's state (tensors and plain values)."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, directory / f"{name}.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, module_file(directory, name))
     if optimizer_state is not None:
         torch.save(optimizer_state, directory / f"{name}.optim.pt")
 
 
-def save_tensors(directory: Path, name: str, state: dict[str, Any]) -> None:
-    """A small state of tensors and plain values (the gradient scaler's), readable with weights_only."""
-    torch.save(state, directory / f"{name}.pt")
+def save_scaler(directory: Path, state: dict[str, Any]) -> None:
+    """The fp16 gradient scaler's state (tensors and plain values, readable with weights_only)."""
+    torch.save(state, directory / SCALER)
 
 
-def read_tensors(directory: Path, name: str) -> dict[str, Any]:
-    return safe_load(directory / f"{name}.pt")
+def read_scaler(directory: Path) -> dict[str, Any] | None:
+    """The gradient scaler's state, or None where the run had no scaler."""
+    return safe_load(directory / SCALER) if (directory / SCALER).exists() else None
 
 
 def write_state(directory: Path, state: dict[str, Any], config_yaml: str) -> None:
@@ -113,39 +117,26 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE).read_text())
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def commit(root: Path, step: int, keep_last_k: int) -> Path:
-    """Main process, after every process has written its part: mark complete, publish, prune old ones."""
+    """Main process, after every process has written its part: sync, mark complete, publish, prune old ones."""
     path = tmp_dir(root, step)
-    (path / COMPLETE).write_text("")
-    final = root / step_dir_name(step)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(path, final)
-    _atomic_text(root / LATEST, final.name + "\n")
+    (path / COMPLETE).write_bytes(b"")  # it counts once the directory has its final name, synced first
+    final = atomic.publish_dir(path, root / checkpoint_name(step))
+    atomic.write_text(root / LATEST, final.name + "\n")
     complete = complete_checkpoints(root)
     for old in complete[: max(0, len(complete) - max(1, keep_last_k))]:  # never the one just published
         shutil.rmtree(old)
     return final
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted(
-        p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and (p / COMPLETE).exists()
-    )
+def module_file(path: Path, name: str = AUTOENCODER) -> Path:
+    """Where a checkpoint directory holds a module's whole weights (in every distribution mode)."""
+    return path / f"{name}.safetensors"
 
 
 def read_module(path: Path, name: str) -> dict[str, torch.Tensor]:
     """A module's weights from a checkpoint directory."""
-    file = path / f"{name}.safetensors"
+    file = module_file(path, name)
     if not file.exists():
         present = ", ".join(sorted(p.name for p in path.iterdir())) if path.is_dir() else "nothing"
         raise CheckpointError(

@@ -12,14 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vegan_scale import logs
 from vegan_scale.errors import ConfigError, ExitCode, InterruptedRunError, PreemptedError, VeganError
 
 
 def _train(args: argparse.Namespace) -> None:
     from vegan_scale.api import train
-    from vegan_scale.engine import rundir
 
-    rundir.set_quiet_console(args.quiet)
     train(args.config, args.overrides)
 
 
@@ -79,36 +78,38 @@ def _export(args: argparse.Namespace) -> None:
     import yaml
 
     from vegan_scale import checkpoint, export
+    from vegan_scale.rundir import RunDir, is_complete
 
     path = args.checkpoint
-    if (path / "checkpoints").is_dir():  # a run directory: its newest complete checkpoint
-        complete = checkpoint.complete_checkpoints(path / "checkpoints")
-        if not complete:
-            raise ConfigError(f"{path} holds no complete checkpoint to export")
-        path = complete[-1]
-    if not (path / checkpoint.COMPLETE).exists():
-        raise ConfigError(
-            f"{path} is not a complete checkpoint directory (…/checkpoints/step_N with {checkpoint.COMPLETE})"
-        )
+    run_dir = RunDir(path)
+    if run_dir.checkpoints.is_dir():  # a run directory: its newest complete checkpoint
+        path = run_dir.newest_checkpoint()
+        if path is None:
+            raise ConfigError(f"{run_dir.path} holds no complete checkpoint to export")
+    if not is_complete(path):
+        raise ConfigError(f"{path} is not a complete checkpoint directory (…/checkpoints/step_N with COMPLETE)")
     config = yaml.safe_load((path / checkpoint.CONFIG).read_text())
-    print(export.write(args.out, checkpoint.read_module(path, "autoencoder"), config))
+    print(export.write(args.out, checkpoint.read_module(path, checkpoint.AUTOENCODER), config))
 
 
 def _sync(args: argparse.Namespace) -> None:
     import yaml
 
+    from vegan_scale.rundir import RunDir
     from vegan_scale.tracking import resolve_uri, sync
 
-    config = yaml.safe_load((args.run_dir / "config.yaml").read_text())
+    run_dir = RunDir(args.run_dir)
+    config = yaml.safe_load(run_dir.config.read_text())
     uri = args.uri or resolve_uri(config["tracking"]["uri"], Path(config["run"]["root"]))
-    sync(args.run_dir, uri)
+    sync(run_dir, uri)
     print(f"{args.run_dir}: metrics sent to {uri}")
 
 
 def _eval(args: argparse.Namespace) -> None:
     from vegan_scale.distributed.accelerator import build_accelerator, shutdown
-    from vegan_scale.evaluation.evaluate import EvalSettings, Shares, evaluate_source
-    from vegan_scale.evaluation.sources import open_model
+    from vegan_scale.evaluation.model_source import open_model
+    from vegan_scale.evaluation.protocol import EvalSettings, Shares, evaluate_source
+    from vegan_scale.rundir import RunDir
 
     accelerator = build_accelerator("no")  # under `accelerate launch`, every process evaluates its share
     try:
@@ -124,21 +125,22 @@ def _eval(args: argparse.Namespace) -> None:
         return
     print(f"{source.weights} (step {source.step}):\n{result.table()}")
     extra = {"weights": str(source.weights), "step": source.step}
-    out = result.write((source.run_dir or args.source) / "eval.json", extra)
+    run_dir = RunDir(source.run_dir) if source.run_dir else None
+    out = result.write(run_dir.eval_json if run_dir else args.source / "eval.json", extra)
     print(f"wrote {out}")
-    if source.run_dir is not None and source.config.tracking.backend != "none":
-        _log_eval(source, result, out)
+    if run_dir is not None and source.config.tracking.backend != "none":
+        _log_eval(source, run_dir, result, out)
 
 
-def _log_eval(source: Any, result: Any, eval_json: Path) -> None:
+def _log_eval(source: Any, run_dir: Any, result: Any, eval_json: Path) -> None:
     """The evaluation's metrics (final/…, the floor as final/real/…) and eval.json, into the run's MLflow run."""
     from vegan_scale.tracking import log_to_run, resolve_uri
 
     values = {f"final/{k}": v for k, v in result.model.items()}
     values |= {f"final/real/{k}": v for k, v in result.real.items()}
-    uri = resolve_uri(source.config.tracking.uri, source.run_dir.parent.parent)  # <run.root>/<experiment>/<name>
+    uri = resolve_uri(source.config.tracking.uri, run_dir.path.parent.parent)  # <run.root>/<experiment>/<name>
     try:
-        run_id = log_to_run(source.run_dir, uri, source.step or 0, values, eval_json)
+        run_id = log_to_run(run_dir, uri, source.step or 0, values, eval_json)
     except Exception as e:  # eval.json holds everything; a tracking failure must not hide the result
         print(f"warning: metrics not logged to MLflow at {uri}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
         return
@@ -146,8 +148,8 @@ def _log_eval(source: Any, result: Any, eval_json: Path) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from vegan_scale.evaluation.figures import test_images_needed, write_figures
-    from vegan_scale.evaluation.sources import open_model
+    from vegan_scale.evaluation.grids import test_images_needed, write_figures
+    from vegan_scale.evaluation.model_source import open_model
 
     source = open_model(args.source)
     images = source.test_images(test_images_needed(args.grid), args.test_data)
@@ -155,10 +157,7 @@ def _sample(args: argparse.Namespace) -> None:
         print(path)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vegan-scale", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_train(sub: Any) -> None:
     t = sub.add_parser("train", help="train an experiment", description="Train the experiment CONFIG describes.")
     t.add_argument("config", type=Path, help="experiment YAML, e.g. configs/mnist/wae_mmd.yaml")
     t.add_argument("overrides", nargs="*", help="key.sub=value items, e.g. train.max_steps=200")
@@ -169,6 +168,8 @@ def parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(run=_train)
 
+
+def _add_config(sub: Any) -> None:
     c = sub.add_parser("config", help="print the resolved configuration, or describe every key")
     c.add_argument("config", type=Path, nargs="?", help="experiment YAML (schema defaults when omitted)")
     c.add_argument("overrides", nargs="*", help="key.sub=value items")
@@ -176,6 +177,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--reference", action="store_true", help="every key as a markdown reference (docs/configuration.md)")
     c.set_defaults(run=_config)
 
+
+def _add_export_and_sync(sub: Any) -> None:
     e = sub.add_parser(
         "export",
         help="export a checkpoint's model (safetensors + model.yaml)",
@@ -191,6 +194,14 @@ def parser() -> argparse.ArgumentParser:
     y.add_argument("--uri", help="tracking URI (default: the run's tracking.uri, $MLFLOW_TRACKING_URI, or sqlite)")
     y.set_defaults(run=_sync)
 
+
+def _model_and_data(p: argparse.ArgumentParser) -> None:
+    """The arguments ``eval`` and ``sample`` share: what to load, and which test images to use."""
+    p.add_argument("source", type=Path, help="a run directory, a checkpoint (…/checkpoints/step_N) or an export")
+    p.add_argument("--test-data", help="test shards instead of the run's data.test")
+
+
+def _add_eval_and_sample(sub: Any) -> None:
     v = sub.add_parser(
         "eval",
         help="evaluate a trained model: FID/KID/precision/recall, sharpness, reconstruction, latent MMD",
@@ -199,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
         "run directory and log the metrics to the run's MLflow run. Under `accelerate launch ... -m vegan_scale "
         "eval` every process evaluates its share.",
     )
-    v.add_argument("source", type=Path, help="a run directory, a checkpoint (…/checkpoints/step_N) or an export")
+    _model_and_data(v)
     v.add_argument(
         "--num-samples",
         type=int,
@@ -212,7 +223,6 @@ def parser() -> argparse.ArgumentParser:
         "--classifier",
         help="feature network: mnist, fashion_mnist or a .safetensors file (default: by the test shards' data set)",
     )
-    v.add_argument("--test-data", help="test shards instead of the run's data.test")
     v.add_argument("--seed", type=int, default=0, help="seed of the split, the prior samples and KID's subsets")
     v.set_defaults(run=_eval)
 
@@ -222,13 +232,14 @@ def parser() -> argparse.ArgumentParser:
         description="Decode prior samples, reconstruct test images and interpolate linearly between the codes of "
         "pairs of test images; write samples.png, reconstructions.png and interpolations.png into --out.",
     )
-    m.add_argument("source", type=Path, help="a run directory, a checkpoint (…/checkpoints/step_N) or an export")
+    _model_and_data(m)
     m.add_argument("--out", type=Path, required=True, help="output directory")
     m.add_argument("--grid", type=int, default=10, help="rows and columns of each grid")
     m.add_argument("--seed", type=int, default=0, help="seed of the prior samples")
-    m.add_argument("--test-data", help="test shards instead of the run's data.test")
     m.set_defaults(run=_sample)
 
+
+def _add_shards(sub: Any) -> None:
     s = sub.add_parser(
         "shards",
         help="write a dataset as webdataset shards (train/ and test/ under --out)",
@@ -266,11 +277,31 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--test-fraction", type=float, default=0.1, help="folder, npz: share held out as test/")
     s.add_argument("--split-seed", type=int, default=0, help="folder, npz: seed of the train/test split")
     s.set_defaults(run=_shards)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vegan-scale", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_config, _add_export_and_sync, _add_eval_and_sample, _add_shards):
+        add(sub)
     return p
 
 
+# The MLflow client's own HTTP behaviour, unless the user chose otherwise: no telemetry, and failures reported at
+# once (a send is retried by vegan_scale's tracker, in order, for as long as the server is away).
+MLFLOW_CLIENT_DEFAULTS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The program: its console and its MLflow client settings are chosen here, for this process only."""
     args = parser().parse_args(argv)
+    for variable, value in MLFLOW_CLIENT_DEFAULTS.items():
+        os.environ.setdefault(variable, value)
+    logs.to_console(quiet=getattr(args, "quiet", False))
     try:
         args.run(args)
     except (PreemptedError, InterruptedRunError) as e:

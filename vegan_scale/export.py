@@ -8,7 +8,6 @@ from the files.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from vegan_scale import atomic
 from vegan_scale.config.load import flat_keys
 from vegan_scale.errors import ConfigError
 
@@ -31,15 +31,14 @@ def model_sections(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def write(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
-    """Write an export atomically (both files under temporary names, then renamed)."""
+    """Write an export, each file atomically and durably (the weights first: model.yaml marks an export)."""
     directory.mkdir(parents=True, exist_ok=True)
     weights = {
         k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state_dict.items()
     }
-    save_file(weights, directory / (MODEL_FILE + ".tmp"))
-    (directory / (CONFIG_FILE + ".tmp")).write_text(yaml.safe_dump(model_sections(config), sort_keys=False))
-    os.replace(directory / (MODEL_FILE + ".tmp"), directory / MODEL_FILE)
-    os.replace(directory / (CONFIG_FILE + ".tmp"), directory / CONFIG_FILE)
+    with atomic.writing(directory / MODEL_FILE) as tmp:
+        save_file(weights, tmp)
+    atomic.write_text(directory / CONFIG_FILE, yaml.safe_dump(model_sections(config), sort_keys=False))
     return directory
 
 

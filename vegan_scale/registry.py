@@ -1,13 +1,15 @@
 """The one place where networks and penalties are listed, and where the typed schema is assembled from them.
 
 Adding a network or a penalty is one new file (its options dataclass, its builder and its math) and one line
-here. This module sits above the math and the config packages and imports down into both.
+here. This module sits above the math and the config packages and imports down into both; it turns the
+configuration into the plain arguments the math takes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from vegan_scale.config.fields import Requirement
 from vegan_scale.config.schema import assemble
 from vegan_scale.models import conv, mlp, pythae_conv, resnet
 from vegan_scale.models.autoencoder import AutoEncoder, build_autoencoder
@@ -29,10 +31,27 @@ PENALTIES: dict[str, PenaltySpec] = {
     "sliced": sliced.SPEC,
 }
 
+
+def _requirements() -> tuple[Requirement, ...]:
+    """What each penalty needs of the encoder and the prior, as rules the loader checks."""
+    rules = []
+    for name, spec in PENALTIES.items():
+        for key, allowed in (("model.encoder", spec.encoders), ("prior.kind", spec.priors)):
+            if allowed is not None:
+                rules.append(Requirement("penalty.kind", name, key, allowed))
+    return tuple(rules)
+
+
 ExperimentConfig = assemble(
     {name: spec.config for name, spec in NETWORKS.items()},
     {name: spec.config for name, spec in PENALTIES.items()},
+    _requirements(),
 )
+
+
+def image_shape(cfg: Any) -> tuple[int, int, int]:
+    """(C, H, W) of the experiment's images."""
+    return cfg.data.channels, cfg.data.image_size, cfg.data.image_size
 
 
 def build_prior(cfg: Any) -> Prior:
@@ -42,9 +61,14 @@ def build_prior(cfg: Any) -> Prior:
 def build_model(cfg: Any) -> AutoEncoder:
     """The auto-encoder an experiment describes (parameters drawn from the current torch RNG)."""
     m = cfg.model
-    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     return build_autoencoder(
-        NETWORKS[m.network], getattr(m, m.network), shape, build_prior(cfg), m.encoder, m.decoder, m.noise_dim
+        NETWORKS[m.network],
+        getattr(m, m.network),
+        image_shape(cfg),
+        build_prior(cfg),
+        m.encoder,
+        m.decoder,
+        m.noise_dim,
     )
 
 

@@ -1,8 +1,8 @@
-"""Metric tracking: recorded on the device, written to the run directory, then sent to MLflow in the background.
+"""Tracking in MLflow: the run opened before training, params, tags, metrics and figures sent in the background.
 
-Training never waits for tracking. Per step, :class:`MetricBuffer` adds the loss terms to sums kept on the device
-(no sync). Every ``tracking.log_every`` steps the sums are read once (one sync), written as a line of
-``metrics.jsonl`` in the run directory, and queued for MLflow. A single background thread owns the MLflow client.
+Training never waits for tracking: the engine writes each metric flush to ``metrics.jsonl`` in the run directory
+first (:mod:`vegan_scale.metrics_log`), then hands it to :class:`Tracker`, whose single background thread owns the
+MLflow client and sends in order.
 
 Nothing is lost when the server goes away: a send that fails for a transient reason (connection refused, timeout,
 HTTP 5xx) is retried with backoff, in order, until it goes through; meanwhile training goes on and the queue
@@ -13,13 +13,14 @@ Nothing is logged twice: a run continued from a checkpoint reopens its MLflow ru
 directory) without re-logging params, first sends whatever of ``metrics.jsonl`` the server lacks (what was queued
 when the run was killed), and from then on skips, per metric, the steps the server already has: after an exact
 resume they carry the same values. Only the main process (global rank 0) tracks. This is the only module that
-imports mlflow.
+imports mlflow, and it changes no process-wide setting: the CLI chooses MLflow's HTTP timeout and retries (its
+environment variables); this module retries on top of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import logging
 import os
 import queue
@@ -29,46 +30,23 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
-
+from vegan_scale import metrics_log, retry
 from vegan_scale.config.load import flat_keys
 from vegan_scale.errors import ConfigError
+from vegan_scale.retry import Backoff
+from vegan_scale.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-RUN_ID_FILE = "mlflow_run_id"
 MODEL_ARTIFACTS = "model"  # where the exported model goes among the run's artifacts
 MAX_PARAM_LENGTH = 6000
-RETRY_MAX_WAIT_S = 30.0
+SEND_BACKOFF = Backoff(attempts=None, backoff_s=1.0, max_wait_s=30.0)  # a send waits for the server for ever
 # Errors a retry cannot fix: the request itself is wrong.
 PERMANENT_ERRORS = ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE")
-
-
-class MetricBuffer:
-    """Sums of per-step scalars kept on the device; :meth:`flush` returns their means as floats (one sync)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, values: dict[str, torch.Tensor]) -> None:
-        for key, value in values.items():
-            v = value.detach().float()
-            self.sums[key] = self.sums[key] + v if key in self.sums else v.clone()
-        self.count += 1
-
-    def flush(self) -> tuple[dict[str, float], int]:
-        """(means since the last flush, number of steps they cover)."""
-        count = self.count
-        if not self.sums:
-            return {}, 0
-        keys = list(self.sums)
-        means = (torch.stack([self.sums[k] for k in keys]) / count).tolist()
-        self.sums, self.count = {}, 0
-        return dict(zip(keys, means, strict=True)), count
 
 
 def as_params(config: dict) -> dict[str, str]:
@@ -104,26 +82,15 @@ def check_reachable(uri: str, on_unreachable: str) -> None:
     log.warning("%s; training anyway and retrying in the background", problem)
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The lines of a run directory's metrics.jsonl (a line cut short by a kill is left out)."""
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        return []
-    lines = []
-    for line in path.read_text().splitlines():
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return lines
+@dataclass(frozen=True)
+class NewRun:
+    """What a run's MLflow run is created with, the first time."""
 
-
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Keep only the metrics of steps up to ``step`` (a continued run writes the later ones again)."""
-    kept = [m for m in read_metrics(run_dir) if m["step"] <= step]
-    tmp = run_dir / (METRICS_FILE + ".tmp")
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
-    os.replace(tmp, run_dir / METRICS_FILE)
+    experiment: str
+    name: str
+    tags: dict[str, str]  # a continued run adds this attempt's tags to the run it reopens
+    params: dict[str, str]
+    artifact_root: Path | None  # where a new experiment keeps its artifacts (None: the server's default)
 
 
 class _MlflowRun:
@@ -137,42 +104,33 @@ class _MlflowRun:
         self._new = new  # a new run holds nothing yet: no need to ask
 
     @classmethod
-    def create(
-        cls,
-        uri: str,
-        experiment: str,
-        run_name: str,
-        tags: dict[str, str],
-        params: dict[str, str],
-        artifact_root: Path | None,
-    ) -> _MlflowRun:
+    def create(cls, uri: str, new: NewRun) -> _MlflowRun:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
-        found = client.get_experiment_by_name(experiment)
+        found = client.get_experiment_by_name(new.experiment)
         if found is not None:
             experiment_id = found.experiment_id
         else:
-            location = str(artifact_root / experiment) if artifact_root else None
-            experiment_id = client.create_experiment(experiment, artifact_location=location)
-        run = cls(uri, client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id, new=True)
-        items = [Param(k, v) for k, v in params.items()]
+            location = str(new.artifact_root / new.experiment) if new.artifact_root else None
+            experiment_id = client.create_experiment(new.experiment, artifact_location=location)
+        run = cls(uri, client.create_run(experiment_id, run_name=new.name, tags=new.tags).info.run_id, new=True)
+        items = [Param(k, v) for k, v in new.params.items()]
         for i in range(0, len(items), 100):
             client.log_batch(run.run_id, params=items[i : i + 100])
         return run
 
     @classmethod
-    def of_run_dir(cls, uri: str, run_dir: Path) -> _MlflowRun:
+    def of_run_dir(cls, uri: str, run_dir: RunDir) -> _MlflowRun:
         """The existing MLflow run of a run directory (its id is kept there), for adding to it after training."""
-        id_file = run_dir / RUN_ID_FILE
-        if not id_file.exists():
+        run_id = run_dir.read_mlflow_run_id()
+        if run_id is None:
             raise ConfigError(
-                f"{run_dir} has no {RUN_ID_FILE}: its MLflow run was never created (tracking.backend=none, or the "
-                "server never answered while it trained)"
+                f"{run_dir.path} has no {run_dir.mlflow_run_id.name}: its MLflow run was never created "
+                "(tracking.backend=none, or the server never answered while it trained)"
             )
-        _quiet_mlflow()
-        return cls(uri, id_file.read_text().strip(), new=False)
+        return cls(uri, run_id, new=False)
 
     def _last_metric_step(self, key: str) -> int:
         if key not in self._last:
@@ -206,25 +164,21 @@ class _MlflowRun:
             self.client.log_image(self.run_id, img.copy(), key=key, step=step)
         self._last[f"figure:{key}"] = step
 
-    def send_run_dir(self, run_dir: Path) -> None:
+    def send_run_dir(self, run_dir: RunDir) -> None:
         """Send the lines of a run directory's metrics.jsonl the server lacks."""
-        for line in read_metrics(run_dir):
+        for line in metrics_log.read(run_dir.metrics):
             self.send_metrics(line["step"], {k: v for k, v in line.items() if k != "step"})
 
 
 class Tracker:
-    """The main process's sink for params, metrics and figures (run directory first, MLflow in the background)."""
+    """The main process's MLflow run: params, tags, metrics, figures and the model, sent by a background thread."""
 
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: RunDir,
         *,
-        uri: str | None,
-        experiment: str,
-        run_name: str,
-        params: dict[str, str],
-        tags: dict[str, str],
-        artifact_root: Path | None,
+        uri: str,
+        new: NewRun,
         resume_notes: list[str] | None = None,
         close_timeout_s: float = 60.0,
         system_metrics: bool = False,
@@ -233,18 +187,14 @@ class Tracker:
         ``system_metrics`` adds MLflow's sampler of this node's CPU, memory, disk, network (and GPU) use."""
         self.run_dir, self.uri, self.close_timeout_s = run_dir, uri, close_timeout_s
         self.system_metrics, self._monitor = system_metrics, None
-        self.metrics_file = (run_dir / METRICS_FILE).open("a")
         self.mlflow: _MlflowRun | None = None
         self.pending = 0
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        if uri is None:
-            return
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
         # Opening the run (and, for a new sqlite store, creating its tables) happens before the first step: a
         # process killed while MLflow migrates a sqlite file leaves it unusable, so that window stays out of training.
-        open_run = functools.partial(self._open_run, experiment, run_name, params, tags, artifact_root, resume_notes)
+        open_run = functools.partial(self._open_run, new, resume_notes)
         try:
             open_run()
         except Exception as e:
@@ -255,36 +205,51 @@ class Tracker:
             )
             self._submit(open_run)
 
+    @classmethod
+    def for_run(cls, cfg: Any, run_dir: RunDir, tags: dict[str, str], resume_notes: list[str] | None) -> Tracker | None:
+        """The tracker an experiment's ``tracking`` section asks for (None for ``backend=none``), after checking
+        that a tracking server answers."""
+        t = cfg.tracking
+        if t.backend == "none":
+            return None
+        uri = resolve_uri(t.uri, Path(cfg.run.root))
+        check_reachable(uri, t.on_unreachable)
+        # with a local store, keep artifacts beside mlflow.db rather than in ./mlruns of whatever the cwd is
+        artifact_root = Path(cfg.run.root).resolve() / "mlartifacts" if uri.startswith("sqlite") else None
+        experiment = resolve_experiment(t.experiment, cfg.run.experiment)
+        params = as_params(dataclasses.asdict(cfg))
+        tracker = cls(
+            run_dir,
+            uri=uri,
+            new=NewRun(experiment, run_dir.path.name, tags, params, artifact_root),
+            resume_notes=resume_notes,
+            close_timeout_s=t.close_timeout_s,
+            system_metrics=t.system_metrics,
+        )
+        tracker.log_artifact(run_dir.config)
+        return tracker
+
     @property
     def run_id(self) -> str | None:
         return self.mlflow.run_id if self.mlflow else None
 
-    def _open_run(
-        self,
-        experiment: str,
-        run_name: str,
-        params: dict[str, str],
-        tags: dict[str, str],
-        artifact_root: Path | None,
-        resume_notes: list[str] | None,
-    ) -> None:
+    def _open_run(self, new: NewRun, resume_notes: list[str] | None) -> None:
         from mlflow.entities import RunTag
 
-        _quiet_mlflow()
-        id_file = self.run_dir / RUN_ID_FILE
-        if resume_notes is not None and id_file.exists():
-            self.mlflow = _MlflowRun(self.uri, id_file.read_text().strip(), new=False)
-            client, run_id = self.mlflow.client, self.mlflow.run_id
+        run_id = self.run_dir.read_mlflow_run_id()
+        if resume_notes is not None and run_id is not None:
+            self.mlflow = _MlflowRun(self.uri, run_id, new=False)
+            client = self.mlflow.client
             count = int(client.get_run(run_id).data.tags.get("resume.count", "0")) + 1
             client.update_run(run_id, status="RUNNING")
-            tags = {**tags, "resume.count": str(count)}  # this attempt's launch, commit and restart count
+            tags = {**new.tags, "resume.count": str(count)}  # this attempt's launch, commit and restart count
             if resume_notes:
                 tags[f"resume.{count}.changed"] = "; ".join(resume_notes)[:5000]
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self.mlflow.send_run_dir(self.run_dir)  # what an earlier, killed run still had queued
         else:
-            self.mlflow = _MlflowRun.create(self.uri, experiment, run_name, tags, params, artifact_root)
-            id_file.write_text(self.mlflow.run_id + "\n")
+            self.mlflow = _MlflowRun.create(self.uri, new)
+            self.run_dir.write_mlflow_run_id(self.mlflow.run_id)
         if self.system_metrics:
             self._start_system_metrics(resume=resume_notes is not None)
 
@@ -306,9 +271,7 @@ class Tracker:
             self._monitor = None
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
-        """Record metrics for ``step``: a line in metrics.jsonl now, MLflow later."""
-        self.metrics_file.write(json.dumps({"step": step, **values}) + "\n")
-        self.metrics_file.flush()
+        """Send metrics for ``step`` (already in metrics.jsonl)."""
         self._submit(lambda: self.mlflow.send_metrics(step, values))
 
     def log_figure(self, step: int, key: str, path: Path) -> None:
@@ -325,9 +288,6 @@ class Tracker:
 
     def close(self, status: str) -> None:
         """Finish the MLflow run with ``status`` (FINISHED, FAILED, KILLED) and wait, boundedly, for the queue."""
-        self.metrics_file.close()
-        if self._thread is None:
-            return
         self._submit(self._stop_system_metrics)  # its last samples, while the run still accepts them
         self._submit(lambda: self.mlflow.client.set_terminated(self.mlflow.run_id, status=status))
         self._queue.put(None)
@@ -339,57 +299,46 @@ class Tracker:
                 self.uri,
                 self.pending,
                 self.close_timeout_s,
-                self.run_dir / METRICS_FILE,
-                self.run_dir,
+                self.run_dir.metrics,
+                self.run_dir.path,
             )
 
     def _submit(self, task: Callable[[], None]) -> None:
-        if self._thread is not None:
-            self.pending += 1
-            self._queue.put(task)
+        self.pending += 1
+        self._queue.put(task)
 
     def _work(self) -> None:
         while (task := self._queue.get()) is not None:
-            _run_until_done(task, self.uri, self.run_dir)
+            _send(task, self.uri, self.run_dir)
             self.pending -= 1
 
 
-def _quiet_mlflow() -> None:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # retries are ours: ordered, unbounded
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+def _send(task: Callable[[], None], uri: str, run_dir: RunDir) -> None:
+    """Run a task, retrying transient failures with backoff for as long as it takes; a request the server refuses
+    is dropped (the run directory keeps it)."""
+    failing: list[Exception] = []
+
+    def warn_once(error: Exception, wait: float) -> None:
+        if not failing:
+            first = str(error).splitlines()[0][:200]
+            log.warning("MLflow at %s fails (%s); training goes on, updates wait and are retried", uri, first)
+        failing.append(error)
+
+    try:
+        retry.call(task, SEND_BACKOFF, lambda e: getattr(e, "error_code", None) not in PERMANENT_ERRORS, warn_once)
+    except Exception as e:  # refused: tracking must never end training
+        log.warning("MLflow refused an update (%s); it stays in %s", e, run_dir.metrics)
+        return
+    if failing:
+        log.warning("MLflow at %s answers again; sending what waited", uri)
 
 
-def _run_until_done(task: Callable[[], None], uri: str, run_dir: Path) -> None:
-    """Run a task, retrying transient failures with backoff; a request the server refuses is dropped."""
-    wait, warned = 1.0, False
-    while True:
-        try:
-            task()
-            if warned:
-                log.warning("MLflow at %s answers again; sending what waited", uri)
-            return
-        except Exception as e:  # tracking must never end training
-            if getattr(e, "error_code", None) in PERMANENT_ERRORS:
-                log.warning("MLflow refused an update (%s); it stays in %s", e, run_dir / METRICS_FILE)
-                return
-            if not warned:
-                log.warning(
-                    "MLflow at %s fails (%s); training goes on, updates wait and are retried",
-                    uri,
-                    str(e).splitlines()[0][:200],
-                )
-                warned = True
-            time.sleep(wait)
-            wait = min(2 * wait, RETRY_MAX_WAIT_S)
-
-
-def sync(run_dir: Path, uri: str) -> None:
+def sync(run_dir: RunDir, uri: str) -> None:
     """Send a run directory's metrics to its MLflow run: the steps the server lacks."""
     _MlflowRun.of_run_dir(uri, run_dir).send_run_dir(run_dir)
 
 
-def log_to_run(run_dir: Path, uri: str, step: int, values: dict[str, float], artifact: Path | None = None) -> str:
+def log_to_run(run_dir: RunDir, uri: str, step: int, values: dict[str, float], artifact: Path | None = None) -> str:
     """Add metrics at ``step`` (and a file among the artifacts) to a run directory's existing MLflow run, finished
     or not, as ``vegan-scale eval`` does after training; returns the run id. Sent once, without retries: the caller
     has the values in a file of its own."""

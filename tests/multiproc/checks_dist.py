@@ -134,7 +134,7 @@ def _one_step(ctx: Context, penalty_kind: str) -> dict:
         critic = trainable.prepare(
             ctx.accelerator, "critic", penalty.critic, torch.optim.SGD(penalty.critic.parameters(), lr=0.1)
         )
-        penalty.critic_parameters = critic.frozen_parameters
+        penalty.use_critic(critic.frozen_parameters)
     mine = slice(ctx.rank * n, (ctx.rank + 1) * n)
     step(ae, critic, penalty, x[mine], z_prior[mine])
 
@@ -226,7 +226,7 @@ def ranks_end_with_identical_parameters(ctx: Context) -> dict:
     critic = trainable.prepare(
         ctx.accelerator, "critic", penalty.critic, torch.optim.Adam(penalty.critic.parameters(), 1e-3)
     )
-    penalty.critic_parameters = critic.frozen_parameters
+    penalty.use_critic(critic.frozen_parameters)
     torch.manual_seed(100 + ctx.rank)  # different data and prior draws on each rank
     from vegan_scale.costs import reconstruction_cost
 

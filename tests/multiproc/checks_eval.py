@@ -7,7 +7,7 @@ import torch
 from tests.multiproc.harness import Context, check
 from vegan_scale.config.load import load_config
 from vegan_scale.evaluation.classifier import load_classifier
-from vegan_scale.evaluation.evaluate import EvalResult, EvalSettings, Shares, evaluate
+from vegan_scale.evaluation.protocol import EvalResult, EvalSettings, Shares, evaluate
 from vegan_scale.registry import ExperimentConfig, build_model
 
 TEST_IMAGES = 38  # halves of 19: blocks of 10 and 9 (padded) over two processes

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.paths import ROOT
+
 REGISTRY: dict[str, Callable[[Context], dict]] = {}
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 
 
 @dataclass
@@ -65,3 +65,19 @@ def run_checks(names: list[str], out_dir: Path, nproc: int = 2, timeout: float =
         for name, record in json.loads(path.read_text()).items():
             records[name].append(record)
     return records
+
+
+def results_fixture(names: list[str], timeout: float = 300) -> Callable[..., dict[str, list[dict]]]:
+    """A module-scoped pytest fixture that launches the checks ``names`` once, fails if any rank's check failed,
+    and gives {name: [rank 0 result, rank 1 result, ...]}: ``results = results_fixture(CHECKS)`` in a test module."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+        records = run_checks(names, Path(tmp_path_factory.mktemp("multiproc")), timeout=timeout)
+        for name, per_rank in records.items():
+            for rank, record in enumerate(per_rank):
+                assert record["ok"], f"check {name} failed on rank {rank}:\n{record['error']}"
+        return {name: [r["result"] for r in per_rank] for name, per_rank in records.items()}
+
+    return results

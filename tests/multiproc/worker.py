@@ -8,11 +8,11 @@ import sys
 import traceback
 from pathlib import Path
 
-from tests.multiproc.harness import HERE, REGISTRY, Context
+from tests.multiproc.harness import REGISTRY, Context
 
 
 def main(out_dir: Path, names: list[str]) -> None:
-    for module in sorted(HERE.glob("checks_*.py")):
+    for module in sorted(Path(__file__).parent.glob("checks_*.py")):
         importlib.import_module(f"tests.multiproc.{module.stem}")
     from vegan_scale.distributed.accelerator import build_accelerator
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.paths import ROOT
 
 
 def test_lead_covers_check_interval_checkpoints_exit_and_lateness(tmp_path: Path) -> None:

@@ -26,9 +26,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.paths import ROOT
+
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CONFIG = ROOT / "configs" / "mnist" / "wae_mmd.yaml"
 STEPS, CHECKPOINT_EVERY, CHECK_EVERY = 300, 25, 5

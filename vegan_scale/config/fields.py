@@ -1,19 +1,53 @@
 """Documented, validated dataclass fields for the configuration schema.
 
-Every field of every config dataclass is declared with :func:`param`, which stores its documentation and, for
-string options, the allowed choices in the field's metadata. Three consumers read that metadata: the loader
-(to reject a bad choice with the dotted key), ``vegan-scale config --describe`` and the generated reference.
+Every field of every config dataclass is declared with :func:`param`, which stores its documentation and, where
+they apply, the string choices or the numeric range it allows in the field's metadata. The loader checks values
+against them (naming the dotted key), and ``vegan-scale config --describe`` and the generated reference show them.
+A :class:`Requirement` states what one setting needs of another (``penalty.kind=kl`` needs a Gaussian encoder).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 
-def param(default: Any, doc: str, *, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with a docstring and, optionally, the values it may take."""
-    metadata = {"doc": doc, "choices": choices}
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The numbers a key allows (each element, for a list): ``low``/``high`` bounds, each inclusive or not."""
+
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive)):
+            return False
+        return self.high is None or value < self.high or (value == self.high and self.high_inclusive)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>=' if self.low_inclusive else '>'} {self.low:g}"
+        if self.low is None:
+            return f"{'<=' if self.high_inclusive else '<'} {self.high:g}"
+        return f"{'[' if self.low_inclusive else '('}{self.low:g}, {self.high:g}{']' if self.high_inclusive else ')'}"
+
+
+POSITIVE = Range(0, low_inclusive=False)
+
+
+def at_least(low: float) -> Range:
+    return Range(low)
+
+
+def param(default: Any, doc: str, *, choices: tuple[str, ...] | None = None, bounds: Range | None = None) -> Any:
+    """A dataclass field with a docstring and, optionally, the values (``choices``) or numbers (``bounds``) it
+    may take."""
+    metadata = {"doc": doc, "choices": choices, "bounds": bounds}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         value = default
         return dataclasses.field(default_factory=lambda: _copy(value), metadata=metadata)
@@ -22,7 +56,7 @@ def param(default: Any, doc: str, *, choices: tuple[str, ...] | None = None) -> 
 
 def section(cls: type, doc: str) -> Any:
     """A nested config section with its own defaults."""
-    return dataclasses.field(default_factory=cls, metadata={"doc": doc, "choices": None})
+    return dataclasses.field(default_factory=cls, metadata={"doc": doc, "choices": None, "bounds": None})
 
 
 def _copy(value: Any) -> Any:
@@ -31,16 +65,58 @@ def _copy(value: Any) -> Any:
     return type(value)(value)
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str, tuple[str, ...] | None]]:
-    """Every leaf key of a schema as (dotted key, type name, default, doc, choices), in declaration order."""
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+    """When ``when`` (a dotted key) equals ``value``, the key ``needs`` must be one of ``allowed``."""
+
+    when: str
+    value: Any
+    needs: str
+    allowed: tuple[Any, ...]
+
+
+class Key(NamedTuple):
+    """One leaf key of a schema, as the reference and ``--describe`` show it."""
+
+    key: str
+    type_name: str
+    default: Any
+    doc: str
+    choices: tuple[str, ...] | None
+
+
+def leaves(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+    """Every leaf field of a schema as (dotted key, field, default), in declaration order."""
     rows = []
     instance = cls()
     for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
         value = getattr(instance, f.name)
         if dataclasses.is_dataclass(value):
-            rows.extend(describe(type(value), key + "."))
-            continue
-        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        rows.append((key, type_name, value, f.metadata.get("doc", ""), f.metadata.get("choices")))
+            rows.extend(leaves(type(value), f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", f, value))
     return rows
+
+
+def type_name(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def section_docs(cls: type, prefix: str = "") -> dict[str, str]:
+    """{dotted section path: its doc} for every nested section of a schema."""
+    docs: dict[str, str] = {}
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            docs[f"{prefix}{f.name}"] = f.metadata.get("doc", "")
+            docs |= section_docs(type(value), f"{prefix}{f.name}.")
+    return docs
+
+
+def describe(cls: type) -> list[Key]:
+    """Every leaf key of a schema with its type name, default, doc and choices, in declaration order."""
+    return [
+        Key(key, type_name(f), value, f.metadata.get("doc", ""), f.metadata.get("choices"))
+        for key, f, value in leaves(cls)
+    ]

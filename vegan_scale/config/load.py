@@ -18,13 +18,15 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from vegan_scale.config.fields import describe
 from vegan_scale.config.schema import SCHEMA_VERSION
+from vegan_scale.config.validate import check_experiment, check_values
 from vegan_scale.errors import ConfigError
 
 INHERIT_KEY = "inherit"
 
 
 def load_config(schema: type, path: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Any:
-    """The experiment at ``path`` (or the schema defaults when None) with ``overrides`` applied, validated.
+    """The experiment at ``path`` (or the schema defaults when None) with ``overrides`` applied, validated (every
+    value, then the rules across keys: see :mod:`vegan_scale.config.validate`).
 
     ``path`` may also be the experiment itself, as nested mappings (the Python API's dict form); its ``inherit``
     files are then found relative to the working directory.
@@ -42,12 +44,13 @@ def load_config(schema: type, path: str | Path | Mapping[str, Any] | None, overr
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot resolve the configuration: {_first_line(e)}") from None
-    _check_choices(schema, obj)
     if obj.schema_version > SCHEMA_VERSION:
         raise ConfigError(
             f"schema_version {obj.schema_version} is newer than this vegan_scale understands ({SCHEMA_VERSION}); "
             "upgrade vegan_scale"
         )
+    check_values(schema, obj)
+    check_experiment(obj)
     return obj
 
 
@@ -110,8 +113,8 @@ def _merge(schema: type, cfg: DictConfig, data: dict, source: str) -> DictConfig
     except OmegaConfBaseException as e:
         where = f"key '{e.full_key}': " if e.full_key else ""
         raise ConfigError(f"{source}: {where}{_first_line(e)}") from None
-    # Every earlier source passed this check, so a value outside its choices now came from this one.
-    _check_choices(schema, merged, f"{source}: ")
+    # Every earlier source passed this check, so a value out of bounds now came from this one.
+    check_values(schema, merged, f"{source}: ")
     return merged
 
 
@@ -120,21 +123,6 @@ def _close_match(schema: type, key: str) -> str | None:
     sections = {k.rsplit(".", 1)[0] for k in known if "." in k}
     matches = difflib.get_close_matches(key, [*known, *sections], n=1, cutoff=0.6)
     return matches[0] if matches else None
-
-
-def _check_choices(schema: type, obj: Any, where: str = "") -> None:
-    for key, _, _, _, choices in describe(schema):
-        if not choices:
-            continue
-        value = _lookup(obj, key)
-        if value not in choices:
-            raise ConfigError(f"{where}{key}={value!r} is not one of {', '.join(choices)}")
-
-
-def _lookup(obj: Any, key: str) -> Any:
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _first_line(e: Exception) -> str:

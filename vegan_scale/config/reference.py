@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
+
+from vegan_scale.config.fields import leaves, section_docs, type_name
 
 HEADER = """# Configuration reference
 
@@ -14,36 +15,28 @@ HEADER = """# Configuration reference
 
 Every key of an experiment, by section: its type, default, allowed values and meaning. Set keys in an experiment
 YAML file (`inherit: [parent.yaml]` composes files) or as `key.sub=value` overrides after the config path:
-`vegan-scale train configs/mnist/wae_mmd.yaml train.max_steps=200 model.conv.width=32`. Unknown keys and values
-outside the listed choices are errors (exit code 2) that name the key.
+`vegan-scale train configs/mnist/wae_mmd.yaml train.max_steps=200 model.conv.width=32`. Unknown keys, values
+outside the listed choices and numbers outside the stated range are errors (exit code 2) that name the key.
 """
 
 
 def markdown(schema: type) -> str:
     """Every section of ``schema`` as a heading with its meaning, then a table of its keys."""
-    parts = [HEADER]
-    for path, doc, rows in _sections(schema, ""):
-        parts.append(f"\n## `{path}`\n\n{doc}\n" if path else "\n## Top level\n")
-        parts.append("\n| key | type | default | meaning |\n|---|---|---|---|\n")
-        for key, type_name, default, meaning, choices in rows:
-            if choices:
-                meaning = f"One of {', '.join(f'`{c}`' for c in choices)}. {meaning}"
-            parts.append(f"| `{key}` | {_text(type_name)} | `{_cell(_yaml(default))}` | {_text(meaning)} |\n")
+    docs = section_docs(schema)
+    parts, current = [HEADER], None
+    for key, field, default in leaves(schema):
+        path = key.rpartition(".")[0]
+        if path != current:
+            current = path
+            parts.append(f"\n## `{path}`\n\n{docs[path]}\n" if path else "\n## Top level\n")
+            parts.append("\n| key | type | default | meaning |\n|---|---|---|---|\n")
+        meaning = field.metadata.get("doc", "")
+        if field.metadata.get("bounds"):
+            meaning = f"{meaning} Range: {field.metadata['bounds']}."
+        if field.metadata.get("choices"):
+            meaning = f"One of {', '.join(f'`{c}`' for c in field.metadata['choices'])}. {meaning}"
+        parts.append(f"| `{key}` | {_text(type_name(field))} | `{_cell(_yaml(default))}` | {_text(meaning)} |\n")
     return "".join(parts)
-
-
-def _sections(cls: type, prefix: str, doc: str = "") -> list[tuple[str, str, list[tuple]]]:
-    """(dotted section path, its doc, its leaf rows), the section itself first, then its subsections in order."""
-    instance, rows, nested = cls(), [], []
-    for f in dataclasses.fields(cls):
-        value = getattr(instance, f.name)
-        if dataclasses.is_dataclass(value):
-            nested += _sections(type(value), f"{prefix}{f.name}.", f.metadata.get("doc", ""))
-            continue
-        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        rows.append((f"{prefix}{f.name}", type_name, value, f.metadata.get("doc", ""), f.metadata.get("choices")))
-    own = [(prefix.rstrip("."), doc, rows)] if rows else []
-    return own + nested
 
 
 def _yaml(value: Any) -> str:

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from vegan_scale.config.fields import param, section
+from vegan_scale.config.fields import POSITIVE, Requirement, at_least, param, section
 
 SCHEMA_VERSION = 1
 
@@ -100,21 +100,24 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    global_batch_size: int = param(100, "Samples per optimizer step, summed over all processes.")
+    global_batch_size: int = param(100, "Samples per optimizer step, summed over all processes.", bounds=at_least(1))
     micro_batch_size: int | None = param(
         None,
         "Largest batch one process computes at once; its share of the global batch is then accumulated over "
         "several micro-batches. null: no accumulation.",
     )
-    epochs: float = param(100.0, "Length of the run in passes over the training set.")
+    epochs: float = param(100.0, "Length of the run in passes over the training set.", bounds=POSITIVE)
     max_steps: int | None = param(
         None,
         "Upper bound on optimizer steps; the run ends at whichever of train.epochs and train.max_steps comes first.",
+        bounds=at_least(1),
     )
     mixed_precision: str = param(
         "no", "Autocast precision of the networks; kernels and penalties stay float32.", choices=("no", "bf16", "fp16")
     )
-    check_every: int = param(50, "Steps between the checks all processes agree on (stop, non-finite loss).")
+    check_every: int = param(
+        50, "Steps between the checks all processes agree on (stop, non-finite loss).", bounds=at_least(1)
+    )
     deterministic: bool = param(False, "Use deterministic algorithms (slower; for exact reproduction).")
     channels_last: bool = param(
         False,
@@ -147,6 +150,7 @@ class EvalConfig:
         500,
         "Steps between evaluations (test reconstruction, sample and reconstruction "
         "grids); the last step is always evaluated.",
+        bounds=at_least(1),
     )
     num_samples: int = param(1000, "Test images used for the reconstruction error at each evaluation.")
     grid_size: int = param(8, "Rows and columns of the sample and reconstruction grids.")
@@ -170,7 +174,9 @@ class TrackingConfig:
         "Also log MLflow system metrics (CPU, memory, disk, network; GPU with pynvml) of the main process's node "
         "under system/, every 10 s ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL).",
     )
-    log_every: int = param(50, "Steps between metric flushes (means over the interval, one device sync each).")
+    log_every: int = param(
+        50, "Steps between metric flushes (means over the interval, one device sync each).", bounds=at_least(1)
+    )
     close_timeout_s: float = param(
         60.0, "At the end of a run, seconds to wait for updates the tracking server has not taken yet."
     )
@@ -184,7 +190,7 @@ class TrackingConfig:
 
 @dataclass
 class ModelBase:
-    latent_dim: int = param(8, "Dimension d of the latent space.")
+    latent_dim: int = param(8, "Dimension d of the latent space.", bounds=at_least(1))
     encoder: str = param("deterministic", "Encoder Q(Z|X).", choices=("deterministic", "gaussian", "implicit"))
     decoder: str = param("deterministic", "Decoder G(Z).", choices=("deterministic", "gaussian"))
     noise_dim: int = param(8, "Noise inputs of the implicit encoder.")
@@ -195,8 +201,13 @@ class PenaltyBase:
     weight: float = param(10.0, "Weight lambda of the latent penalty.")
 
 
-def assemble(networks: dict[str, type], penalties: dict[str, type]) -> type:
-    """The root schema, with one options section per registered network and penalty."""
+# What one setting needs of another; the registry adds those of the registered penalties.
+REQUIREMENTS = (Requirement("cost.kind", "bernoulli", "model.decoder", ("deterministic",)),)
+
+
+def assemble(networks: dict[str, type], penalties: dict[str, type], requirements: tuple[Requirement, ...]) -> type:
+    """The root schema, with one options section per registered network and penalty, carrying the rules across
+    keys (``REQUIREMENTS``) that the loader checks."""
 
     def with_options(base: type, selector: str, doc: str, default: str, options: dict[str, type]) -> type:
         prefix = base.__name__.removesuffix("Base").lower()
@@ -224,4 +235,6 @@ def assemble(networks: dict[str, type], penalties: dict[str, type]) -> type:
         ("checkpoint", CheckpointConfig, section(CheckpointConfig, "Periodic checkpoints.")),
         ("tracking", TrackingConfig, section(TrackingConfig, "Metric tracking.")),
     ]
-    return dataclasses.make_dataclass("ExperimentConfig", fields)
+    return dataclasses.make_dataclass(
+        "ExperimentConfig", fields, namespace={"REQUIREMENTS": REQUIREMENTS + requirements}
+    )

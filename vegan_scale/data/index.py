@@ -16,19 +16,21 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from vegan_scale import retry
 from vegan_scale.errors import DataError
+from vegan_scale.retry import Backoff
 
 log = logging.getLogger("vegan_scale.data")
 
 SIZES_FILE = "sizes.json"
 INFO_FILE = "dataset.json"
 SOURCE_SEPARATOR = "::"
+FETCH_BACKOFF = Backoff(attempts=4)
 HOWTO = "write shards with `vegan-scale shards mnist --out DIR` (or `make data`) and point data.train/data.test at DIR"
 
 
@@ -86,21 +88,25 @@ def _is_url(spec: str) -> bool:
     return spec.startswith("pipe:") or "://" in spec.split("{", 1)[0]
 
 
-def _fetch_json(url: str, attempts: int = 4) -> object | None:
+def _fetch_json(url: str, backoff: Backoff = FETCH_BACKOFF) -> object | None:
     """A small JSON file over HTTP(S): None if it does not exist, retried on transient failures."""
-    for attempt in range(attempts):
+
+    def fetch() -> object | None:
         try:
             with urllib.request.urlopen(url, timeout=30) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as e:
             if e.code in (403, 404, 410):
                 return None
-            error = e
-        except (urllib.error.URLError, OSError) as e:
-            error = e
-        log.warning("fetching %s failed (%s); retrying", url, error)
-        time.sleep(2**attempt)
-    raise DataError(f"cannot fetch {url} after {attempts} attempts: {error}")
+            raise
+
+    return retry.call(
+        fetch,
+        backoff,
+        transient=lambda e: isinstance(e, (urllib.error.URLError, OSError)),
+        on_retry=lambda e, wait: log.warning("fetching %s failed (%s); retrying in %.0f s", url, e, wait),
+        give_up=lambda e: DataError(f"cannot fetch {url} after {backoff.attempts} attempts: {e}"),
+    )
 
 
 def _read_json(path: Path) -> object:
@@ -156,8 +162,16 @@ def _remote_source(spec: str, weight: float) -> ShardSource:
     return ShardSource(spec, urls, counts, weight, shape)
 
 
-def read_index(spec: str, weights: list[float] | None = None, *, skip_missing: bool = False) -> ShardIndex:
-    """The shards of ``spec`` (sources separated by ``::``), with one weight per source (default: all 1)."""
+def read_index(
+    spec: str,
+    weights: list[float] | None = None,
+    *,
+    skip_missing: bool = False,
+    image_shape: tuple[int, int, int] | None = None,
+    key: str = "the data",
+) -> ShardIndex:
+    """The shards of ``spec`` (sources separated by ``::``), with one weight per source (default: all 1). With
+    ``image_shape``, shards whose dataset.json records another shape are refused, naming the config ``key``."""
     parts = [p for p in spec.split(SOURCE_SEPARATOR) if p.strip()]
     if not parts:
         raise DataError(f"the shard list {spec!r} is empty; {HOWTO}")
@@ -173,4 +187,10 @@ def read_index(spec: str, weights: list[float] | None = None, *, skip_missing: b
     )
     if not any(s.urls for s in sources):
         raise DataError(f"no shards found for {spec!r}; {HOWTO}")
-    return ShardIndex(sources)
+    index = ShardIndex(sources)
+    if image_shape is not None and index.image_shape is not None and tuple(index.image_shape) != tuple(image_shape):
+        raise DataError(
+            f"{key}={spec} holds images of shape {tuple(index.image_shape)} (C, H, W) but the config "
+            f"says {tuple(image_shape)}; set data.channels and data.image_size to match"
+        )
+    return index

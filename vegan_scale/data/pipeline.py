@@ -45,8 +45,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vegan_scale.data.decode import SKIP_REASONS, SampleError, decode_sample
 from vegan_scale.data.index import ShardIndex
-from vegan_scale.data.shardio import RetryPolicy, Sample, ShardError, read_samples
+from vegan_scale.data.shardio import Sample, ShardError, read_samples
 from vegan_scale.errors import DataError
+from vegan_scale.retry import Backoff
 
 log = logging.getLogger("vegan_scale.data")
 
@@ -89,7 +90,7 @@ class TrainStream:
     mode: str = "epoch"
     epoch_samples: int | None = None
     on_error: str = "raise"
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: Backoff = field(default_factory=Backoff)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES or self.on_error not in ON_ERROR:
@@ -313,10 +314,10 @@ def _as_batch(raw: tuple[torch.Tensor, list[int], list[int]]) -> Batch:
 
 
 def load_images(
-    index: ShardIndex, shape: tuple[int, int, int], limit: int, retry: RetryPolicy | None = None
+    index: ShardIndex, shape: tuple[int, int, int], limit: int, retry: Backoff | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``limit`` samples of the shards in order, decoded in this process (for evaluation)."""
-    retry = retry or RetryPolicy()
+    retry = retry or Backoff()
     samples = (sample for url in index.urls for sample in read_samples(url, retry))
     items = [decode_sample(sample, shape) for sample in islice(samples, limit)]
     if not items:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
-import os
 import re
 import tarfile
 import time
@@ -31,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from vegan_scale import atomic
 from vegan_scale.data.index import INFO_FILE, SIZES_FILE
 
 FORMATS = ("npy", "png", "jpg")
@@ -113,7 +113,7 @@ class _ShardFile:
     """One shard being written under a temporary name."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.path, self.tmp = path, atomic.tmp_path(path)
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed by close())
         self.samples = self.bytes = 0
 
@@ -127,8 +127,7 @@ class _ShardFile:
 
     def close(self) -> int:
         self.tar.close()
-        os.replace(self.tmp, self.path)
-        return self.path.stat().st_size
+        return atomic.publish_file(self.tmp, self.path).stat().st_size
 
 
 def write_shards(
@@ -180,8 +179,8 @@ def write_shards(
         "labels": source[0][1] is not None,
         "source": description,
     }
-    _atomic_json(out_dir / SIZES_FILE, sizes)
-    _atomic_json(out_dir / INFO_FILE, info)
+    atomic.write_text(out_dir / SIZES_FILE, json.dumps(sizes, indent=1))
+    atomic.write_text(out_dir / INFO_FILE, json.dumps(info, indent=1))
     return ShardSummary(out_dir, len(sizes), len(source), total_bytes, time.perf_counter() - start)
 
 
@@ -194,9 +193,3 @@ def _remove_stale(out_dir: Path, prefix: str, keep: dict[str, int]) -> None:
     for old in out_dir.glob(f"{prefix}-*.tar"):
         if ours.fullmatch(old.name) and old.name not in keep:
             old.unlink()
-
-
-def _atomic_json(path: Path, value: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)

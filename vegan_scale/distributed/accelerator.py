@@ -18,8 +18,9 @@ from datetime import timedelta
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+from vegan_scale.checkpoint import AUTOENCODER
 from vegan_scale.distributed import deepspeed_support
 from vegan_scale.errors import ConfigError
 
@@ -30,7 +31,7 @@ def deepspeed_requested() -> bool:
 
 
 def build_accelerator(
-    mixed_precision: str, models: tuple[str, ...] = ("autoencoder",), timeout_s: float = 600.0
+    mixed_precision: str, models: tuple[str, ...] = (AUTOENCODER,), timeout_s: float = 600.0
 ) -> Accelerator:
     """An Accelerator for whatever the launcher started: one process, DDP on CPU or GPU, or DeepSpeed.
 
@@ -49,6 +50,14 @@ def build_accelerator(
         return Accelerator(mixed_precision=mixed_precision, deepspeed_plugin=plugins, kwargs_handlers=[group])
     group = InitProcessGroupKwargs(timeout=timeout)
     return Accelerator(mixed_precision=mixed_precision, cpu=not cuda, kwargs_handlers=[group])
+
+
+def launch_tags(accelerator: Accelerator) -> dict[str, str]:
+    """How the run was launched, as tracking tags (what a person filters runs by)."""
+    tags = {"dist.type": str(accelerator.distributed_type.value), "dist.world_size": str(accelerator.num_processes)}
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        tags["dist.zero_stage"] = str(accelerator.state.deepspeed_plugin.zero_stage)
+    return tags
 
 
 def shutdown() -> None:

@@ -10,15 +10,41 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 from vegan_scale.data.decode import SKIP_REASONS
+from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import Batch, TrainStream
+from vegan_scale.distributed.accelerator import BatchLayout
 from vegan_scale.distributed.agreement import Agreement, Flag
 from vegan_scale.errors import DataError
+from vegan_scale.registry import image_shape
+from vegan_scale.retry import Backoff
 
 log = logging.getLogger("vegan_scale")
+
+
+def open_stream(cfg: Any, accelerator: Accelerator, layout: BatchLayout) -> TrainStream:
+    """This process's stream of training micro-batches, as the ``data`` section describes it."""
+    d, shape = cfg.data, image_shape(cfg)
+    index = read_index(d.train, d.train_weights, skip_missing=d.on_error == "skip", image_shape=shape, key="data.train")
+    return TrainStream(
+        index,
+        shape,
+        layout.micro,
+        cfg.run.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        d.num_workers,
+        d.shuffle_buffer,
+        d.mode,
+        d.epoch_samples,
+        d.on_error,
+        Backoff(attempts=d.read_attempts),
+    )
 
 
 class DataFeed:

@@ -8,6 +8,7 @@ in ``finally``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -19,15 +20,16 @@ import torch
 from accelerate.utils import DistributedType, gather_object
 from tqdm import tqdm
 
-from vegan_scale import checkpoint, export
+from vegan_scale import checkpoint, export, logs
 from vegan_scale.config.load import to_yaml
 from vegan_scale.distributed.agreement import Agreement, Flag
-from vegan_scale.engine import reporting, rundir
-from vegan_scale.engine.evaluate import evaluate
+from vegan_scale.engine import reporting
 from vegan_scale.engine.feed import DataFeed
-from vegan_scale.engine.preemption import FLAG_FILE, StopRequests
+from vegan_scale.engine.metric_buffer import MetricBuffer
+from vegan_scale.engine.periodic_eval import evaluate
+from vegan_scale.engine.preemption import StopRequests
+from vegan_scale.engine.run import Run, build_run
 from vegan_scale.engine.schedule import lr_factor
-from vegan_scale.engine.setup import Run, build_run
 from vegan_scale.engine.step import train_step
 from vegan_scale.errors import (
     DataError,
@@ -38,7 +40,7 @@ from vegan_scale.errors import (
     PreemptedError,
     VeganError,
 )
-from vegan_scale.tracking import MetricBuffer
+from vegan_scale.rundir import checkpoint_name
 
 log = logging.getLogger("vegan_scale")
 
@@ -46,6 +48,16 @@ log = logging.getLogger("vegan_scale")
 def train(cfg: Any) -> Path:
     """Train the experiment ``cfg`` describes; returns its run directory. Raises VeganError subclasses."""
     run = build_run(cfg)
+    main = run.accelerator.is_main_process
+    with logs.to_file(run.dir.train_log) if main else contextlib.nullcontext():
+        _run_to_the_end(run)
+    if main:
+        reporting.farewell(run)
+    return run.dir.path
+
+
+def _run_to_the_end(run: Run) -> None:
+    """Announce, fit, and whatever happens, write the exit status and close the records; errors propagate."""
     code, reason = ExitCode.CRASH, "crashed"
     try:
         reporting.announce(run)
@@ -65,12 +77,8 @@ def train(cfg: Any) -> Path:
     finally:
         # the status first: under a launcher, other processes ending may get this one killed before long
         if run.accelerator.is_main_process:
-            rundir.write_exit_status(run.run_dir, int(code), reason, run.step)
-        if run.tracker is not None:
-            run.tracker.close({ExitCode.OK: "FINISHED", ExitCode.PREEMPTED: "KILLED"}.get(code, "FAILED"))
-    if run.accelerator.is_main_process:
-        reporting.farewell(run)
-    return run.run_dir
+            run.dir.write_exit_status(int(code), reason, run.step)
+        run.records.close({ExitCode.OK: "FINISHED", ExitCode.PREEMPTED: "KILLED"}.get(code, "FAILED"))
 
 
 def _lost_peer(error: Exception) -> bool:
@@ -87,18 +95,18 @@ def _fit(run: Run) -> None:
     agreement, metrics = Agreement(acc.device, acc.num_processes), MetricBuffer()
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     feed = DataFeed(
-        run.stream, agreement, acc.device, acc.is_main_process, run.start_step * run.layout.accumulation, layout
+        run.stream, agreement, acc.device, acc.is_main_process, run.steps.start * run.layout.accumulation, layout
     )
     # A progress bar on a terminal; in a log file (SLURM, CI) one line per metric flush instead.
     interactive = acc.is_main_process and sys.stderr.isatty()
     progress = tqdm(
-        total=run.total_steps, initial=run.start_step, disable=not interactive, dynamic_ncols=True, desc="train"
+        total=run.steps.total, initial=run.steps.start, disable=not interactive, dynamic_ncols=True, desc="train"
     )
-    interval_start, step = time.perf_counter(), run.start_step
+    interval_start, step = time.perf_counter(), run.steps.start
     run.step = step
-    with StopRequests(run.run_dir / FLAG_FILE) as stops:
-        while step < run.total_steps:
-            lr_scale = lr_factor(step / run.steps_per_epoch, cfg.optim.lr_milestones, cfg.optim.lr_factors)
+    with StopRequests(run.dir.stop_request) as stops:
+        while step < run.steps.total:
+            lr_scale = lr_factor(step / run.steps.per_epoch, cfg.optim.lr_milestones, cfg.optim.lr_factors)
             terms = train_step(run, feed, lr_scale)
             step += 1
             run.step = step
@@ -108,13 +116,12 @@ def _fit(run: Run) -> None:
                     agreement.raise_if(flag, ~torch.isfinite(terms[key]), step)
             metrics.add(terms)
             progress.update()
-            last = step == run.total_steps
+            last = step == run.steps.total
             saving = cfg.checkpoint.every_steps and (step % cfg.checkpoint.every_steps == 0 or last)
             if step % cfg.train.check_every == 0 or last or saving:  # never checkpoint what a failure has touched
                 if saving:
-                    for module in (run.autoencoder, run.critic):
-                        if module is not None:
-                            agreement.raise_if(Flag.NONFINITE_PARAMS, ~module.parameters_finite(), step)
+                    for module in run.modules:
+                        agreement.raise_if(Flag.NONFINITE_PARAMS, ~module.parameters_finite(), step)
                 if (requested := stops.poll()) is not None:
                     agreement.raise_if(requested, torch.ones((), dtype=torch.bool, device=acc.device), step)
                 _act_on_flags(run, agreement.check(), feed, step)
@@ -151,16 +158,16 @@ def _act_on_flags(run: Run, raised: dict[Flag, int], feed: DataFeed, step: int) 
     if nonfinite:
         first = min(nonfinite.values())
         terms = ", ".join(NONFINITE_TERMS[f] for f, s in nonfinite.items() if s == first)
-        saved = checkpoint.complete_checkpoints(run.run_dir / "checkpoints")
-        last = f"the last complete checkpoint, {saved[-1]}, is intact" if saved else "no checkpoint was written yet"
+        saved = run.dir.newest_checkpoint()
+        last = f"the last complete checkpoint, {saved}, is intact" if saved else "no checkpoint was written yet"
         raise NonFiniteLossError(
             f"{terms} became NaN or infinite at step {first}; {last}. Try a lower optim.lr or "
             "penalty.weight, or train.mixed_precision=no"
         )
     for flag, error in ((Flag.INTERRUPT, InterruptedRunError), (Flag.PREEMPT, PreemptedError)):
         if flag in raised:
-            saved = checkpoint.complete_checkpoints(run.run_dir / "checkpoints")
-            if not saved or saved[-1].name != checkpoint.step_dir_name(step):
+            saved = run.dir.newest_checkpoint()
+            if saved is None or saved.name != checkpoint_name(step):
                 _save_checkpoint(run, step, feed.epoch)
             what = "Ctrl-C" if flag == Flag.INTERRUPT else "a stop request"
             raise error(
@@ -171,42 +178,33 @@ def _act_on_flags(run: Run, raised: dict[Flag, int], feed: DataFeed, step: int) 
 
 def _evaluate(run: Run, step: int) -> None:
     """Collective: test reconstruction error over every process's share; the main process saves and logs."""
-    cfg, acc = run.cfg, run.accelerator
+    acc = run.accelerator
+    sum_over_processes = lambda t: acc.reduce(t, reduction="sum")  # noqa: E731
     result = evaluate(
-        run.autoencoder.raw,
-        run.cost,
-        run.eval_images,
-        run.originals,
-        run.prior_noise,
-        cfg.eval.grid_size,
-        run.layout.micro,
-        lambda t: acc.reduce(t, reduction="sum"),
+        run.modules.autoencoder.raw, run.objective.cost, run.eval_set, run.layout.micro, sum_over_processes
     )
     if not acc.is_main_process:
         return
     for key, image in result.figures.items():
-        path = run.run_dir / "figures" / f"{key}_{step:08d}.png"
+        path = run.dir.figure(key, step)
         image.save(path)
-        if run.tracker is not None:
-            run.tracker.log_figure(step, key, path)
-    if run.tracker is not None:
-        run.tracker.log_metrics(step, result.metrics)
+        run.records.figure(step, key, path)
+    run.records.metrics(step, result.metrics)
     log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
 
 
 def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
     """Collective: every process writes its part, then the main process completes and publishes the checkpoint."""
-    acc, root = run.accelerator, run.run_dir / "checkpoints"
+    acc, root = run.accelerator, run.dir.checkpoints
     start = time.perf_counter()
     directory = checkpoint.tmp_dir(root, step)
     checkpoint.write_rank_state(directory, acc.process_index)
-    for module in (run.autoencoder, run.critic):
-        if module is not None:
-            module.save(directory)
+    for module in run.modules:
+        module.save(directory)
     acc.wait_for_everyone()
     if acc.is_main_process:
         if acc.scaler is not None:
-            checkpoint.save_tensors(directory, "scaler", acc.scaler.state_dict())
+            checkpoint.save_scaler(directory, acc.scaler.state_dict())
         state = {
             "step": step,
             "micro_batches": step * run.layout.accumulation,
@@ -214,21 +212,20 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
             "samples_seen": step * run.layout.global_batch,
             "world_size": acc.num_processes,
             "deepspeed": acc.distributed_type == DistributedType.DEEPSPEED,
-            "mlflow_run_id": run.tracker.run_id if run.tracker else None,
+            "mlflow_run_id": run.records.tracker.run_id if run.records.tracker else None,
         }
         checkpoint.write_state(directory, state, to_yaml(run.cfg))
         path = checkpoint.commit(root, step, run.cfg.checkpoint.keep_last_k)
         seconds = time.perf_counter() - start
         log.info("checkpoint %s written in %.2f s", path, seconds)
-        if run.tracker is not None:
-            run.tracker.log_metrics(step, {"perf/checkpoint_s": seconds})
+        run.records.metrics(step, {"perf/checkpoint_s": seconds})
     acc.wait_for_everyone()
 
 
 def _export(run: Run) -> None:
     """Collective: the final model, consolidated (gathered under ZeRO-3), as <run_dir>/export."""
-    weights = run.autoencoder.full_state_dict()
+    weights = run.modules.autoencoder.full_state_dict()
     if run.accelerator.is_main_process:
-        path = export.write(run.run_dir / "export", weights, dataclasses.asdict(run.cfg))
+        path = export.write(run.dir.export, weights, dataclasses.asdict(run.cfg))
         log.info("model exported to %s", path)
-        run.tracker.log_export(path)
+        run.records.export(path)

@@ -9,15 +9,19 @@ penalty WAE-GAN (the AAE); the Bernoulli cost with the per-sample KL is the VAE;
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
+from vegan_scale.costs import reconstruction_cost
 from vegan_scale.models.autoencoder import AutoEncoderOutput
 from vegan_scale.models.outputs import Reconstruction
 from vegan_scale.penalties.base import LatentPenalty
 from vegan_scale.priors import Prior
+from vegan_scale.registry import build_prior
 
 Cost = Callable[[Tensor, Reconstruction], Tensor]  # c(x, G(z)) per sample
 
@@ -40,3 +44,21 @@ def pot_objective(
     reconstruction = cost(x, out.recon).mean()  # E c(X, G(Z))
     d_z = penalty(out.codes, z_prior)  # D_Z(Q_Z, P_Z)
     return ObjectiveTerms(reconstruction + weight * d_z, reconstruction, d_z, out, z_prior)
+
+
+@dataclass(frozen=True)
+class POT:
+    """The parts of an experiment's objective: P_Z, c, D_Z and lambda."""
+
+    prior: Prior
+    cost: Cost
+    penalty: LatentPenalty
+    weight: float
+
+    @classmethod
+    def of(cls, cfg: Any, penalty: LatentPenalty) -> POT:
+        cost = functools.partial(reconstruction_cost, kind=cfg.cost.kind, scale=cfg.cost.scale)
+        return cls(build_prior(cfg), cost, penalty, cfg.penalty.weight)
+
+    def __call__(self, model: nn.Module, x: Tensor) -> ObjectiveTerms:
+        return pot_objective(model, self.prior, self.cost, self.penalty, self.weight, x)

@@ -23,8 +23,6 @@ from vegan_scale.distributed.agreement import Flag
 
 log = logging.getLogger("vegan_scale")
 
-FLAG_FILE = "PREEMPT"
-
 
 class StopRequests:
     """Collects stop requests for the duration of a run; use as a context manager (handlers are restored)."""
@@ -36,7 +34,7 @@ class StopRequests:
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is not threading.main_thread():
-            log.warning("training outside the main thread: signals cannot be caught; only %s stops the run", FLAG_FILE)
+            log.warning("training outside the main thread: signals cannot be caught; only %s stops it", self.flag_file)
             return self
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)

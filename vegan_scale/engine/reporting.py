@@ -1,4 +1,5 @@
-"""What the main process tells the person at the console, and the throughput metrics."""
+"""What the main process tells the person: the derived quantities at start, progress lines and throughput (each
+recorded too), and where to find the results."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 
 from tqdm import tqdm
 
-from vegan_scale.engine.setup import Run
+from vegan_scale.engine.run import Run
 from vegan_scale.tracking import ui_command
 
 log = logging.getLogger("vegan_scale")
@@ -15,10 +16,11 @@ log = logging.getLogger("vegan_scale")
 def announce(run: Run) -> None:
     """The derived quantities of the run, before the first step."""
     cfg, acc, layout = run.cfg, run.accelerator, run.layout
-    params = sum(p.numel() for p in run.autoencoder.raw.parameters())
-    if hasattr(next(run.autoencoder.raw.parameters()), "ds_numel"):  # ZeRO-3: the local tensors are shards
-        params = sum(p.ds_numel for p in run.autoencoder.raw.parameters())
-    log.info("run directory: %s", run.run_dir)
+    raw = run.modules.autoencoder.raw
+    params = sum(p.numel() for p in raw.parameters())
+    if hasattr(next(raw.parameters()), "ds_numel"):  # ZeRO-3: the local tensors are shards
+        params = sum(p.ds_numel for p in raw.parameters())
+    log.info("run directory: %s", run.dir.path)
     log.info(
         "%d process(es) (%s) x %d micro-batch(es) of %d = global batch %d; %d steps (%.1f per epoch), %s precision",
         acc.num_processes,
@@ -26,8 +28,8 @@ def announce(run: Run) -> None:
         layout.accumulation,
         layout.micro,
         layout.global_batch,
-        run.total_steps,
-        run.steps_per_epoch,
+        run.steps.total,
+        run.steps.per_epoch,
         cfg.train.mixed_precision,
     )
     log.info(
@@ -37,16 +39,14 @@ def announce(run: Run) -> None:
         cfg.data.num_workers,
         cfg.data.on_error,
     )
-    scope = f", {cfg.penalty.mmd.scope} MMD" if cfg.penalty.kind == "mmd" else ""
     log.info(
-        "model: %s network, %s encoder, d=%d, %.2fM parameters; penalty %s (weight %g%s), cost %s",
+        "model: %s network, %s encoder, d=%d, %.2fM parameters; penalty %s, weight %g; cost %s",
         cfg.model.network,
         cfg.model.encoder,
         cfg.model.latent_dim,
         params / 1e6,
-        cfg.penalty.kind,
-        cfg.penalty.weight,
-        scope,
+        run.objective.penalty.describe(),
+        run.objective.weight,
         cfg.cost.kind,
     )
 
@@ -66,8 +66,7 @@ TERMS = {"train/loss": "loss", "train/recon": "recon", "train/penalty": "penalty
 
 def report(run: Run, step: int, values: dict[str, float], progress: tqdm | None) -> None:
     """Record a metric flush; show it on the progress bar (a terminal) or as a log line (a log file)."""
-    if run.tracker is not None:
-        run.tracker.log_metrics(step, values)
+    run.records.metrics(step, values)
     terms = {name: values[key] for key, name in TERMS.items() if key in values}
     throughput = values["perf/samples_per_sec"]
     if progress is not None:
@@ -76,10 +75,10 @@ def report(run: Run, step: int, values: dict[str, float], progress: tqdm | None)
         )
         return
     shown = ", ".join(f"{name} {value:.4f}" for name, value in terms.items())
-    log.info("step %d/%d: %s, %.0f samples/s", step, run.total_steps, shown, throughput)
+    log.info("step %d/%d: %s, %.0f samples/s", step, run.steps.total, shown, throughput)
 
 
 def farewell(run: Run) -> None:
-    print(f"\nResults: {run.run_dir.resolve()}  (config.yaml, metrics.jsonl, figures/, checkpoints/)")
-    if run.tracking_uri:
-        print(f"MLflow:  {ui_command(run.tracking_uri)}")
+    print(f"\nResults: {run.dir.path.resolve()}  (config.yaml, metrics.jsonl, figures/, checkpoints/)")
+    if run.records.tracker is not None:
+        print(f"MLflow:  {ui_command(run.records.tracker.uri)}")

@@ -29,6 +29,7 @@ from vegan_scale import checkpoint, export
 from vegan_scale.config.load import flat_keys
 from vegan_scale.distributed.trainable import Trainable
 from vegan_scale.errors import ConfigError
+from vegan_scale.rundir import COMPLETE, RunDir, is_complete
 
 log = logging.getLogger("vegan_scale")
 
@@ -46,7 +47,7 @@ MAY_CHANGE = frozenset(
 )
 
 
-def locate(resume: str, run_dir: Path, accelerator: Accelerator) -> Path | None:
+def locate(resume: str, run_dir: RunDir, accelerator: Accelerator) -> Path | None:
     """The checkpoint to continue from, chosen by the main process and shared: it alone looks at the directory,
     since processes on different nodes may see a shared file system at different moments."""
     choice = [None]
@@ -59,19 +60,18 @@ def locate(resume: str, run_dir: Path, accelerator: Accelerator) -> Path | None:
     return Path(choice[0]) if choice[0] else None
 
 
-def _choose(resume: str, run_dir: Path) -> str | None:
+def _choose(resume: str, run_dir: RunDir) -> str | None:
     if resume == "never":
         return None
     if resume == "auto":
-        complete = checkpoint.complete_checkpoints(run_dir / "checkpoints")
-        return str(complete[-1]) if complete else None
-    path = Path(resume)
-    if not (path / checkpoint.COMPLETE).exists():
+        newest = run_dir.newest_checkpoint()
+        return str(newest) if newest else None
+    if not is_complete(Path(resume)):
         return (
             f"error:train.resume={resume} is not a complete checkpoint directory (…/checkpoints/step_N with a "
-            f"{checkpoint.COMPLETE} file); half-written checkpoints are never loaded"
+            f"{COMPLETE} file); half-written checkpoints are never loaded"
         )
-    return str(path)
+    return str(Path(resume))
 
 
 def check_policy(path: Path, config: dict[str, Any], world_size: int, deepspeed: bool) -> list[str]:
@@ -114,10 +114,11 @@ def restore(path: Path, modules: list[Trainable], accelerator: Accelerator) -> i
     for module in modules:
         module.load(path)
     rank = accelerator.process_index
-    if (path / f"rng_rank{rank}.pt").exists():
+    if checkpoint.rank_state_file(path, rank).exists():
         checkpoint.restore_rank_state(path, rank)
-    if accelerator.scaler is not None and (path / "scaler.pt").exists():
-        accelerator.scaler.load_state_dict(checkpoint.read_tensors(path, "scaler"))
+    scaler = checkpoint.read_scaler(path)
+    if accelerator.scaler is not None and scaler is not None:
+        accelerator.scaler.load_state_dict(scaler)
     state = checkpoint.read_state(path)
     log.info("continuing from %s (step %d)", path, state["step"])
     return int(state["step"])

@@ -11,26 +11,24 @@ from __future__ import annotations
 import torch
 
 from vegan_scale.engine.feed import DataFeed
-from vegan_scale.engine.objective import pot_objective
-from vegan_scale.engine.setup import Run
+from vegan_scale.engine.run import Run
 
 
 def train_step(run: Run, feed: DataFeed, lr_scale: float) -> dict[str, torch.Tensor]:
     """Run one optimizer step; returns its loss terms (means over the micro-batches, still on the device)."""
-    cfg, acc, ae, critic = run.cfg, run.accelerator, run.autoencoder, run.critic
-    modules = [ae.module] if critic is None else [ae.module, critic.module]
+    acc, pot, ae, critic = run.accelerator, run.objective, run.modules.autoencoder, run.modules.critic
     sums: dict[str, torch.Tensor] = {}
     for _ in range(run.layout.accumulation):
         x = feed.next().to(ae.input_dtype)
-        with acc.accumulate(*modules), acc.autocast():
-            terms = pot_objective(ae.module, run.prior, run.cost, run.penalty, cfg.penalty.weight, x)
+        with acc.accumulate(*run.modules.wrapped), acc.autocast():
+            terms = pot(ae.module, x)
             ae.backward(terms.loss)
-            ae.step(cfg.optim.lr * lr_scale)
+            ae.step(run.cfg.optim.lr * lr_scale)
             values = {"train/loss": terms.loss, "train/recon": terms.reconstruction, "train/penalty": terms.penalty}
             if critic is not None:
-                critic_loss = run.penalty.critic_loss(critic.module, terms.out.codes.z.detach(), terms.z_prior)
+                critic_loss = pot.penalty.critic_loss(critic.module, terms.out.codes.z.detach(), terms.z_prior)
                 critic.backward(critic_loss)
-                critic.step(cfg.penalty.adversarial.lr * lr_scale)
+                critic.step(pot.penalty.critic_lr * lr_scale)
                 values["train/critic_loss"] = critic_loss
         for key, value in values.items():
             sums[key] = sums.get(key, 0) + value.detach().float()

@@ -10,7 +10,6 @@ constant factor does not change the updates, so the critic loss here is unscaled
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,7 @@ from torch.func import functional_call
 from vegan_scale.config.fields import param
 from vegan_scale.models.mlp import mlp
 from vegan_scale.models.outputs import LatentCodes
-from vegan_scale.penalties.base import LatentPenalty, PenaltySpec
+from vegan_scale.penalties.base import LatentPenalty, Parameters, PenaltySpec
 from vegan_scale.priors import Prior
 
 
@@ -51,20 +50,26 @@ class AdversarialPenalty(LatentPenalty):
     """The encoder's adversarial term, computed with the critic's current parameters taken as constants.
 
     The encoder's step must not touch the critic: no gradient accumulates for it and no distributed wrapper of it
-    takes part in this backward pass. So the critic's parameters (from ``critic_parameters``, which the trainer
-    points at the trained critic, gathering them first where they are sharded) are applied to a plain copy of its
-    architecture.
+    takes part in this backward pass. So the critic's parameters (read through :meth:`use_critic`'s function,
+    which the trainer points at the trained critic, gathering them first where they are sharded) are applied to a
+    plain copy of its architecture.
     """
 
-    def __init__(self, critic: nn.Module) -> None:
-        self.critic = critic
+    name = "adversarial"
+
+    def __init__(self, critic: nn.Module, lr: float) -> None:
+        self.critic, self.critic_lr = critic, lr
         self._shape = copy.deepcopy(critic)  # architecture only: its own parameters are never used
-        self.critic_parameters: Callable[[], dict[str, Tensor]] = lambda: {
-            name: p.detach() for name, p in self.critic.named_parameters()
-        }
+        self._parameters: Parameters = lambda: {name: p.detach() for name, p in critic.named_parameters()}
+
+    def describe(self) -> str:
+        return f"adversarial (latent critic, lr {self.critic_lr:g})"
+
+    def use_critic(self, parameters: Parameters) -> None:
+        self._parameters = parameters
 
     def __call__(self, codes: LatentCodes, z_prior: Tensor) -> Tensor:
-        params = self.critic_parameters()
+        params = self._parameters()
         dtype = next(iter(params.values())).dtype
         logits = functional_call(self._shape, params, (codes.z.to(dtype),))
         return non_saturating_loss(logits.float())
@@ -77,7 +82,7 @@ class AdversarialPenalty(LatentPenalty):
 
 
 def build(cfg: AdversarialConfig, prior: Prior, encoder: str) -> AdversarialPenalty:
-    return AdversarialPenalty(mlp(prior.dim, [cfg.hidden] * cfg.layers, 1))
+    return AdversarialPenalty(mlp(prior.dim, [cfg.hidden] * cfg.layers, 1), cfg.lr)
 
 
 SPEC = PenaltySpec(

@@ -1,7 +1,9 @@
 """What every latent penalty D_Z(Q_Z, P_Z) provides, and how a penalty plugs into the schema.
 
 A penalty is one file under ``penalties/`` holding its pure-torch math, a config dataclass for its options and a
-``SPEC`` that the registry lists. The engine sees only :class:`LatentPenalty`.
+``SPEC`` that the registry lists. The engine sees only :class:`LatentPenalty` and asks it what it needs: whether it
+brings a critic of its own to train (and at which learning rate), and how to describe itself; it never reads the
+penalty's options.
 """
 
 from __future__ import annotations
@@ -15,18 +17,31 @@ from torch import Tensor, nn
 from vegan_scale.models.outputs import LatentCodes
 from vegan_scale.priors import Prior
 
+Parameters = Callable[[], dict[str, Tensor]]  # a module's current parameters, as constants
+
 
 class LatentPenalty:
     """D_Z(Q_Z, P_Z) as a differentiable function of a batch of codes and an equally large prior sample.
 
-    A penalty that trains a model of its own (the latent critic of WAE-GAN) sets ``critic`` and implements
-    :meth:`critic_loss`; the engine gives that critic its own optimizer and step.
+    A penalty that trains a model of its own (WAE-GAN's latent critic) sets ``critic`` and ``critic_lr`` and
+    implements :meth:`critic_loss`; the trainer gives that critic an optimizer of its own at ``critic_lr`` (on the
+    auto-encoder's schedule) and its step, and tells the penalty, through :meth:`use_critic`, where to read the
+    trained critic's parameters (they may be wrapped or sharded for distribution).
     """
 
+    name = "penalty"
     critic: nn.Module | None = None
+    critic_lr: float | None = None
 
     def __call__(self, codes: LatentCodes, z_prior: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for the person starting a run."""
+        return self.name
+
+    def use_critic(self, parameters: Parameters) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no critic")
 
     def critic_loss(self, critic: nn.Module, z_q: Tensor, z_p: Tensor) -> Tensor:
         """The critic's own loss, through ``critic`` (this penalty's critic, possibly wrapped for distribution)."""
@@ -35,9 +50,12 @@ class LatentPenalty:
 
 @dataclass(frozen=True)
 class PenaltySpec:
-    """A registered penalty: its options dataclass, how to build it, and a one-line description for the docs."""
+    """A registered penalty: its options dataclass, how to build it, a one-line description for the docs, whether it
+    trains a critic, and the encoder and prior kinds it works with (None: any)."""
 
     config: type
     build: Callable[[Any, Prior, str], LatentPenalty]  # (options, prior, encoder kind) -> penalty
     summary: str
-    trains_critic: bool = False  # the penalty brings a model of its own, trained with its own optimizer
+    trains_critic: bool = False
+    encoders: tuple[str, ...] | None = None
+    priors: tuple[str, ...] | None = None

@@ -224,6 +224,9 @@ class MMDPenalty(LatentPenalty):
     def __init__(self, kernel: str, sigma2: float, scope: str) -> None:
         self.kernel, self.sigma2, self.scope = kernel, sigma2, scope
 
+    def describe(self) -> str:
+        return f"mmd ({self.kernel} kernel, {self.scope} MMD)"
+
     def __call__(self, codes: LatentCodes, z_prior: Tensor) -> Tensor:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if self.scope == "local" or world == 1:

@@ -32,6 +32,8 @@ class KLConfig:
 
 
 class KLPenalty(LatentPenalty):
+    name = "kl"
+
     def __init__(self, sigma2: float) -> None:
         self.sigma2 = sigma2
 
@@ -40,8 +42,11 @@ class KLPenalty(LatentPenalty):
         return gaussian_kl(codes.mean, codes.logvar, self.sigma2)
 
 
+ENCODERS = PRIORS = ("gaussian",)  # the closed form needs both sides Gaussian
+
+
 def build(cfg: KLConfig, prior: Prior, encoder: str) -> KLPenalty:
-    if encoder != "gaussian" or prior.kind != "gaussian":
+    if encoder not in ENCODERS or prior.kind not in PRIORS:
         raise ValueError(
             f"penalty.kind=kl needs model.encoder=gaussian and prior.kind=gaussian "
             f"(got encoder={encoder!r}, prior={prior.kind!r})"
@@ -49,4 +54,10 @@ def build(cfg: KLConfig, prior: Prior, encoder: str) -> KLPenalty:
     return KLPenalty(prior.scale)
 
 
-SPEC = PenaltySpec(KLConfig, build, "VAE: closed-form KL from each Gaussian posterior to a Gaussian prior")
+SPEC = PenaltySpec(
+    KLConfig,
+    build,
+    "VAE: closed-form KL from each Gaussian posterior to a Gaussian prior",
+    encoders=ENCODERS,
+    priors=PRIORS,
+)

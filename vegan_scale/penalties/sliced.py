@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vegan_scale.config.fields import param
+from vegan_scale.config.fields import at_least, param
 from vegan_scale.models.outputs import LatentCodes
 from vegan_scale.penalties.base import LatentPenalty, PenaltySpec
 from vegan_scale.priors import Prior
@@ -40,13 +40,16 @@ def sliced_wasserstein(z: Tensor, z_prior: Tensor, directions: Tensor, p: float 
 
 @dataclass
 class SlicedConfig:
-    projections: int = param(50, "Number of random directions per step.")
-    p: float = param(2.0, "Order p of the sliced Wasserstein distance; the penalty is SW_p^p.")
+    projections: int = param(50, "Number of random directions per step.", bounds=at_least(1))
+    p: float = param(2.0, "Order p of the sliced Wasserstein distance; the penalty is SW_p^p.", bounds=at_least(1))
 
 
 class SlicedPenalty(LatentPenalty):
     def __init__(self, projections: int, p: float) -> None:
         self.projections, self.p = projections, p
+
+    def describe(self) -> str:
+        return f"sliced (SW_{self.p:g}^{self.p:g}, {self.projections} directions)"
 
     def __call__(self, codes: LatentCodes, z_prior: Tensor) -> Tensor:
         directions = random_directions(self.projections, codes.z.shape[1], codes.z)

@@ -29,12 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vegan_scale import atomic
 from vegan_scale.costs import reconstruction_cost
 from vegan_scale.data.index import INFO_FILE
 from vegan_scale.evaluation import metrics
 from vegan_scale.evaluation.classifier import CLASSIFIERS, IMAGE_SHAPE, LeNet, load_classifier
 from vegan_scale.evaluation.inception import INSTALL, InceptionFeatures, load_inception
-from vegan_scale.evaluation.sources import ModelSource
+from vegan_scale.evaluation.model_source import ModelSource
 from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.penalties.kernel_mmd import mmd
 
@@ -105,10 +106,7 @@ class EvalResult:
 
     def write(self, path: Path, extra: dict[str, Any]) -> Path:
         """eval.json, written atomically."""
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({**extra, **asdict(self)}, indent=1) + "\n")
-        tmp.replace(path)
-        return path
+        return atomic.write_text(path, json.dumps({**extra, **asdict(self)}, indent=1) + "\n")
 
 
 def pick_classifier(test_spec: str, shape: tuple[int, int, int]) -> str | None:

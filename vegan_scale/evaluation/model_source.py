@@ -22,10 +22,8 @@ from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import load_images
 from vegan_scale.errors import ConfigError
 from vegan_scale.models.autoencoder import AutoEncoder
-from vegan_scale.registry import ExperimentConfig, build_model
-
-RUN_CONFIG = "config.yaml"
-EXPORT_DIR = "export"
+from vegan_scale.registry import ExperimentConfig, build_model, image_shape
+from vegan_scale.rundir import RunDir, is_complete
 
 
 @dataclass
@@ -38,17 +36,11 @@ class ModelSource:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        d = self.config.data
-        return d.channels, d.image_size, d.image_size
+        return image_shape(self.config)
 
     def test_images(self, limit: int, test_data: str | None = None) -> torch.Tensor:
         """The first ``limit`` images (uint8 [N, C, H, W]) of the run's test shards, or of ``test_data``."""
         return load_images(read_index(test_data or self.config.data.test), self.image_shape, limit)[0]
-
-
-def _newest_step(run_dir: Path) -> int | None:
-    saved = checkpoint.complete_checkpoints(run_dir / "checkpoints")
-    return checkpoint.read_state(saved[-1])["step"] if saved else None
 
 
 def _build(config: Any, weights: dict[str, torch.Tensor], device: torch.device | str) -> AutoEncoder:
@@ -57,34 +49,46 @@ def _build(config: Any, weights: dict[str, torch.Tensor], device: torch.device |
     return model.to(device).eval()
 
 
+def _from_checkpoint(path: Path, device: torch.device | str) -> ModelSource:
+    run_dir = RunDir.containing(path)
+    config_file = path / checkpoint.CONFIG
+    if not config_file.exists():  # checkpoints of early versions hold no config.yaml: the run's is the same
+        if run_dir is None:
+            raise ConfigError(f"checkpoint {path} has no {checkpoint.CONFIG} and no run directory above it")
+        config_file = run_dir.config
+    config = load_config(ExperimentConfig, config_file)
+    weights = checkpoint.read_module(path, checkpoint.AUTOENCODER)
+    step = checkpoint.read_state(path)["step"]
+    run_path = run_dir.path if run_dir else None
+    return ModelSource(_build(config, weights, device), config, run_path, step, checkpoint.module_file(path))
+
+
+def _from_export(path: Path, device: torch.device | str) -> ModelSource:
+    run_dir = RunDir(path.parent) if RunDir(path.parent).is_run() else None
+    weights, model_yaml = export.read(path)
+    config = load_config(ExperimentConfig, run_dir.config if run_dir else model_yaml)
+    newest = run_dir.newest_checkpoint() if run_dir else None
+    step = checkpoint.read_state(newest)["step"] if newest else None
+    run_path = run_dir.path if run_dir else None
+    return ModelSource(_build(config, weights, device), config, run_path, step, path / export.MODEL_FILE)
+
+
 def open_model(path: Path, device: torch.device | str = "cpu") -> ModelSource:
     """The model at ``path`` (run directory, checkpoint or export) with its configuration; ConfigError otherwise."""
     path = Path(path)
-    if (path / checkpoint.COMPLETE).exists():
-        run_dir = path.parent.parent if (path.parent.parent / RUN_CONFIG).exists() else None
-        if not (path / checkpoint.CONFIG).exists() and run_dir is None:
-            raise ConfigError(f"checkpoint {path} has no {checkpoint.CONFIG} and no run directory above it")
-        # checkpoints of early versions hold no config.yaml: the run's is the same configuration
-        config = load_config(
-            ExperimentConfig, path / checkpoint.CONFIG if (path / checkpoint.CONFIG).exists() else run_dir / RUN_CONFIG
-        )
-        weights = checkpoint.read_module(path, "autoencoder")
-        step = checkpoint.read_state(path)["step"]
-        return ModelSource(_build(config, weights, device), config, run_dir, step, path / "autoencoder.safetensors")
+    if is_complete(path):
+        return _from_checkpoint(path, device)
     if (path / export.MODEL_FILE).exists():
-        run_dir = path.parent if (path.parent / RUN_CONFIG).exists() else None
-        weights, model_yaml = export.read(path)
-        config = load_config(ExperimentConfig, run_dir / RUN_CONFIG if run_dir else model_yaml)
-        step = _newest_step(run_dir) if run_dir else None
-        return ModelSource(_build(config, weights, device), config, run_dir, step, path / export.MODEL_FILE)
-    if (path / RUN_CONFIG).exists():
-        if (path / EXPORT_DIR / export.MODEL_FILE).exists():
-            return open_model(path / EXPORT_DIR, device)
-        saved = checkpoint.complete_checkpoints(path / "checkpoints")
-        if saved:
-            return open_model(saved[-1], device)
+        return _from_export(path, device)
+    run_dir = RunDir(path)
+    if run_dir.is_run():
+        if (run_dir.export / export.MODEL_FILE).exists():
+            return _from_export(run_dir.export, device)
+        newest = run_dir.newest_checkpoint()
+        if newest is not None:
+            return _from_checkpoint(newest, device)
         raise ConfigError(f"run directory {path} holds neither an export/ nor a complete checkpoint yet")
     raise ConfigError(
         f"{path} is neither a run directory (config.yaml), a checkpoint (…/checkpoints/step_N with "
-        f"{checkpoint.COMPLETE}) nor an exported model ({export.MODEL_FILE} + {export.CONFIG_FILE})"
+        f"COMPLETE) nor an exported model ({export.MODEL_FILE} + {export.CONFIG_FILE})"
     )

@@ -1,0 +1,51 @@
+"""Validation of an experiment, run by the loader, so that every command refuses the same configurations.
+
+Per key: a string among its choices, a number within its range (every element, for a list), checked after each
+source is merged so that the error names the file or override that brought the value. Across keys: the rules
+below, and the :class:`~vegan_scale.config.fields.Requirement` list the schema carries (the registry adds the
+penalties' own requirements when it assembles the schema).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vegan_scale.config.fields import leaves
+from vegan_scale.errors import ConfigError
+
+
+def check_values(schema: type, obj: Any, where: str = "") -> None:
+    """Every leaf of ``obj`` (a schema instance or an OmegaConf tree of it) within its choices and range."""
+    for key, field, _ in leaves(schema):
+        value = lookup(obj, key)
+        choices, bounds = field.metadata.get("choices"), field.metadata.get("bounds")
+        if choices and value not in choices:
+            raise ConfigError(f"{where}{key}={value!r} is not one of {', '.join(choices)}")
+        if bounds is None or value is None:
+            continue
+        numbers = [value] if isinstance(value, (int, float)) else list(value)  # a list: every element
+        if not all(bounds.contains(float(n)) for n in numbers):
+            shown = value if isinstance(value, (int, float)) else numbers
+            raise ConfigError(f"{where}{key}={shown} is out of range: it must be {bounds}")
+
+
+def check_experiment(obj: Any) -> None:
+    """Rules that span several keys; the values themselves were checked as they were merged."""
+    o = obj.optim
+    if len(o.lr_milestones) != len(o.lr_factors) or list(o.lr_milestones) != sorted(o.lr_milestones):
+        raise ConfigError(
+            "optim.lr_milestones must be increasing and as long as optim.lr_factors "
+            f"(got {list(o.lr_milestones)} and {list(o.lr_factors)})"
+        )
+    for rule in getattr(type(obj), "REQUIREMENTS", ()):
+        if lookup(obj, rule.when) == rule.value and lookup(obj, rule.needs) not in rule.allowed:
+            raise ConfigError(
+                f"{rule.when}={rule.value} needs {rule.needs}={'|'.join(map(str, rule.allowed))} "
+                f"(got {rule.needs}={lookup(obj, rule.needs)!r})"
+            )
+
+
+def lookup(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj

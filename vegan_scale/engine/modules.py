@@ -1,0 +1,78 @@
+"""The trained modules of a run: the auto-encoder and, for a penalty that brings one, its critic.
+
+Each is built identically on every process (same seed), given an AdamW of its own (the critic at the learning rate
+its penalty asks for) and wrapped for the running distribution mode. The penalty is then pointed at the trained
+critic's parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+
+from vegan_scale.checkpoint import AUTOENCODER, CRITIC
+from vegan_scale.distributed import deepspeed_support, trainable
+from vegan_scale.distributed.trainable import Trainable
+from vegan_scale.penalties.base import LatentPenalty
+from vegan_scale.registry import PENALTIES, build_model, build_penalty
+
+
+@dataclass(frozen=True)
+class Modules:
+    autoencoder: Trainable
+    critic: Trainable | None  # the latent critic of adversarial penalties
+
+    def __iter__(self) -> Iterator[Trainable]:
+        return iter([self.autoencoder] if self.critic is None else [self.autoencoder, self.critic])
+
+    @property
+    def wrapped(self) -> list[nn.Module]:
+        """What ``accelerator.accumulate`` takes: the modules as the mode wraps them."""
+        return [m.module for m in self]
+
+
+def module_names(cfg: Any) -> tuple[str, ...]:
+    """The separately trained modules of an experiment (each gets an optimizer, and under DeepSpeed an engine, of its
+    own), known before they are built."""
+    return (AUTOENCODER, CRITIC) if PENALTIES[cfg.penalty.kind].trains_critic else (AUTOENCODER,)
+
+
+def build_modules(cfg: Any, accelerator: Accelerator) -> tuple[Modules, LatentPenalty]:
+    """The auto-encoder and the penalty (with its critic, if any), built identically on every process and wrapped."""
+    torch.manual_seed(cfg.run.seed)  # identical initial parameters on every process
+    with _init_context(accelerator):  # under ZeRO-3 the auto-encoder is never whole on one process
+        model = build_model(cfg)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        model.compile()
+    penalty = build_penalty(cfg)
+    wrap = functools.partial(trainable.prepare, accelerator)
+    autoencoder = wrap(AUTOENCODER, model, adamw(model.parameters(), cfg.optim.lr, cfg.optim))
+    critic = None
+    if penalty.critic is not None:
+        critic = wrap(CRITIC, penalty.critic, adamw(penalty.critic.parameters(), penalty.critic_lr, cfg.optim))
+        penalty.use_critic(critic.frozen_parameters)
+    return Modules(autoencoder, critic), penalty
+
+
+def adamw(params: Any, lr: float, optim: Any) -> torch.optim.Optimizer:
+    """The WAE recipes' Adam (decoupled weight decay, 0 by default) with the ``optim`` section's settings."""
+    return torch.optim.AdamW(
+        params, lr=lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, fused=optim.fused
+    )
+
+
+def _init_context(accelerator: Accelerator) -> contextlib.AbstractContextManager:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return contextlib.nullcontext()
+    trainable.select_plugin(accelerator, AUTOENCODER)
+    return deepspeed_support.init_context(accelerator.state.deepspeed_plugin)

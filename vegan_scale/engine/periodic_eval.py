@@ -1,0 +1,82 @@
+"""Evaluation during training: test reconstruction error over every process's share, and the figures.
+
+The full evaluation of a trained model (FID, KID, precision/recall, sharpness, latent MMD) is
+``vegan_scale.evaluation``; this one is cheap enough to run every ``eval.every_steps``.
+
+Every process evaluates its own share of the evaluation images and the sums are added across processes, so that
+the whole set counts (not the main process's share) and ZeRO-3's collective forward passes run on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from PIL import Image
+
+from vegan_scale.data.index import read_index
+from vegan_scale.data.pipeline import load_images
+from vegan_scale.engine.objective import Cost
+from vegan_scale.evaluation.grids import figures
+from vegan_scale.models.autoencoder import AutoEncoder
+from vegan_scale.priors import Prior
+from vegan_scale.registry import image_shape
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """What every evaluation of a run looks at."""
+
+    images: torch.Tensor  # this process's share of the evaluation images, floats in [0, 1] on the device
+    originals: torch.Tensor  # test images shown beside their reconstructions (and interpolated between)
+    prior_noise: torch.Tensor  # a fixed prior sample: successive sample grids show the same codes decoded
+    grid: int
+
+    @classmethod
+    def load(cls, cfg: Any, accelerator: Accelerator, prior: Prior) -> EvalSet:
+        """Every process takes an equal share of the first ``eval.num_samples`` test images (equal, so that all
+        run the same forward passes, which ZeRO-3's collective forward needs)."""
+        world, shape = accelerator.num_processes, image_shape(cfg)
+        index = read_index(cfg.data.test, image_shape=shape, key="data.test")
+        images = load_images(index, shape, cfg.eval.num_samples)[0]
+        usable = len(images) - len(images) % world
+        images = images[:usable].to(accelerator.device).float() / 255
+        grid = cfg.eval.grid_size
+        noise_rng = torch.Generator(accelerator.device).manual_seed(cfg.run.seed)
+        prior_noise = prior.sample(grid**2, device=accelerator.device, generator=noise_rng)
+        return cls(images[accelerator.process_index :: world], images[: grid**2 // 2], prior_noise, grid)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    figures: dict[str, Image.Image]  # by the key each is saved and logged under
+
+
+@torch.no_grad()
+def evaluate(
+    model: AutoEncoder,
+    cost: Cost,
+    data: EvalSet,
+    batch_size: int,
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor],
+) -> Evaluation:
+    """Metrics over this process's share of the images summed over every process, and the figures."""
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    totals = torch.zeros(3, dtype=torch.float64, device=data.images.device)  # cost, squared error, count
+    for chunk in data.images.split(batch_size):
+        recon = model(chunk.to(dtype)).recon
+        totals[0] += cost(chunk, recon).double().sum()
+        totals[1] += (recon.mean.float() - chunk).pow(2).flatten(1).mean(dim=1).double().sum()
+        totals[2] += len(chunk)
+    totals = sum_over_processes(totals)
+    # grid // 2 interpolation lines for grids under 4
+    grids = figures(model, data.prior_noise, data.originals, data.originals[: 2 * data.grid], data.grid)
+    model.train(was_training)
+    metrics = {"eval/recon": (totals[0] / totals[2]).item(), "eval/mse": (totals[1] / totals[2]).item()}
+    return Evaluation(metrics, grids)

@@ -1,0 +1,124 @@
+"""Everything a training run needs, built from the configuration in dependency order.
+
+The Accelerator first (it knows the world size), then the batch layout, the run directory (named by the main
+process and shared), what to continue from, the data, the trained modules and the objective, the evaluation set,
+and finally the records (metrics file and tracker). Each part comes from the module that owns it; this one only
+puts them in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, broadcast_object_list
+
+from vegan_scale import metrics_log, provenance, rundir
+from vegan_scale.config.load import to_yaml
+from vegan_scale.data.pipeline import TrainStream
+from vegan_scale.distributed.accelerator import BatchLayout, apply_layout, build_accelerator, launch_tags
+from vegan_scale.engine import resume
+from vegan_scale.engine.feed import open_stream
+from vegan_scale.engine.modules import Modules, build_modules, module_names
+from vegan_scale.engine.objective import POT
+from vegan_scale.engine.periodic_eval import EvalSet
+from vegan_scale.engine.records import Records
+from vegan_scale.engine.schedule import Steps
+from vegan_scale.errors import ConfigError
+from vegan_scale.metrics_log import MetricsLog
+from vegan_scale.rundir import RunDir
+from vegan_scale.tracking import Tracker
+
+
+@dataclass(kw_only=True)
+class Run:
+    """The parts of one training run, as the loop uses them."""
+
+    cfg: Any
+    accelerator: Accelerator
+    layout: BatchLayout
+    dir: RunDir
+    stream: TrainStream  # this process's micro-batches
+    steps: Steps
+    modules: Modules
+    objective: POT
+    eval_set: EvalSet
+    records: Records  # the main process's; empty elsewhere
+    step: int = 0  # the last step completed, kept current by the loop (for the exit status)
+
+
+def _run_dir(cfg: Any, accelerator: Accelerator) -> RunDir:
+    """The run directory; the main process picks the default name (it contains a timestamp) for everyone."""
+    m = cfg.model
+    default = rundir.default_run_name(
+        cfg.penalty.kind, m.network, m.latent_dim, cfg.train.global_batch_size, cfg.optim.lr
+    )
+    name = [cfg.run.name or default]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(name)
+    return RunDir(Path(cfg.run.root) / cfg.run.experiment / name[0])
+
+
+def _records(cfg: Any, run_dir: RunDir, accelerator: Accelerator, start_step: int, notes: list[str] | None) -> Records:
+    """Main process: the run directory made ready (a continued run keeps the metrics up to its start), and the
+    tracker opened before the first step."""
+    continuing = notes is not None
+    if continuing:
+        metrics_log.truncate(run_dir.metrics, start_step)
+    tags = {**provenance.tags(), **launch_tags(accelerator)}
+    tags["recipe"] = f"{cfg.penalty.kind}/{cfg.cost.kind}/{cfg.model.network}"
+    return Records(MetricsLog(run_dir.metrics), Tracker.for_run(cfg, run_dir, tags, notes))
+
+
+def build_run(cfg: Any) -> Run:
+    """Build every part; the run directory is written last, once nothing can fail on bad input any more."""
+    started_at = time.time()
+    accelerator = build_accelerator(cfg.train.mixed_precision, module_names(cfg), cfg.train.collective_timeout_s)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    layout = BatchLayout.derive(cfg.train.global_batch_size, accelerator.num_processes, cfg.train.micro_batch_size)
+    apply_layout(accelerator, layout, cfg.train.mixed_precision)
+    run_dir = _run_dir(cfg, accelerator)
+    resume_from = resume.locate(cfg.train.resume, run_dir, accelerator)
+    if cfg.train.resume == "never" and run_dir.holds_run():
+        raise ConfigError(
+            f"run directory {run_dir.path} already holds a run; choose another run.name, or continue it "
+            "with train.resume=auto"
+        )
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    config = dataclasses.asdict(cfg)
+    notes = resume.check_policy(resume_from, config, accelerator.num_processes, deepspeed) if resume_from else []
+    continuing = resume_from is not None or run_dir.holds_run()  # over an attempt that saved no checkpoint yet
+    stream = open_stream(cfg, accelerator, layout)
+    modules, penalty = build_modules(cfg, accelerator)
+    if cfg.train.init_from and resume_from is None:
+        resume.start_from_export(Path(cfg.train.init_from), modules.autoencoder, config)
+    objective = POT.of(cfg, penalty)
+    eval_set = EvalSet.load(cfg, accelerator, objective.prior)
+    torch.manual_seed(cfg.run.seed + 1 + accelerator.process_index)  # per-process prior and encoder noise
+    start_step = resume.restore(resume_from, list(modules), accelerator) if resume_from is not None else 0
+    steps = Steps.count(
+        start_step, cfg.train.epochs, stream.batches_per_epoch, layout.accumulation, cfg.train.max_steps
+    )
+    records = Records()
+    if accelerator.is_main_process:
+        run_dir.prepare(to_yaml(cfg), started_at)
+        records = _records(cfg, run_dir, accelerator, start_step, notes if continuing else None)
+    accelerator.wait_for_everyone()
+    return Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        layout=layout,
+        dir=run_dir,
+        stream=stream,
+        steps=steps,
+        modules=modules,
+        objective=objective,
+        eval_set=eval_set,
+        records=records,
+    )

@@ -1,0 +1,73 @@
+"""Log lines that say when, how bad and which process: the format, the console handler and the run's log file.
+
+Handlers go on the package's logger (``vegan_scale``) only, never on the root logger: a program that calls
+``vegan_scale.train`` keeps its own logging set-up. The CLI installs the console handler (:func:`to_console`); a
+run tees its main process's records into ``train.log`` for its duration (:func:`to_file`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+PACKAGE = "vegan_scale"
+FORMAT = "%(asctime)s | %(levelname)s | rank %(rank)s | %(message)s"
+CONSOLE_DATE_FORMAT = "%H:%M:%S"
+
+
+def current_rank() -> int:
+    """This process's global rank: the process group's once it exists, else the launcher's RANK variable."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+class RankStamp(logging.Filter):
+    """Adds the global rank to every record a handler formats; with ``main_only_below``, records under that level
+    from ranks other than 0 are dropped (every rank logs, the main process speaks for them)."""
+
+    def __init__(self, main_only_below: int = logging.NOTSET) -> None:
+        super().__init__()
+        self.main_only_below = main_only_below
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = current_rank()
+        return record.levelno >= self.main_only_below or record.rank == 0
+
+
+def to_console(quiet: bool = False) -> logging.Handler:
+    """The CLI's console: INFO and up from the main process (WARNING and up with ``quiet``), warnings and errors
+    from every process, each line stamped with time, level and rank so that interleaved processes can be told
+    apart. Returns the handler (installed on the package's logger)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(FORMAT, datefmt=CONSOLE_DATE_FORMAT))
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    handler.addFilter(RankStamp(main_only_below=logging.WARNING))
+    logger = logging.getLogger(PACKAGE)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
+
+
+@contextlib.contextmanager
+def to_file(path: Path) -> Iterator[None]:
+    """Inside the block, every record of the package (INFO and up) is also appended to ``path``."""
+    logger = logging.getLogger(PACKAGE)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(RankStamp())
+    previous = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)  # the file gets INFO even where the console shows less
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(previous)

@@ -1,0 +1,47 @@
+"""``metrics.jsonl``: every flushed metric of a run, one JSON object per line, written before any tracker sees it.
+
+It is the run's own record: a tracking server that was away is sent what it lacks from here
+(``vegan-scale sync``), and a run continued from a checkpoint keeps the lines up to its start step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TextIO
+
+from vegan_scale import atomic
+
+
+def read(path: Path) -> list[dict]:
+    """The lines of a metrics file (a line cut short by a kill is left out)."""
+    if not path.exists():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
+def truncate(path: Path, step: int) -> None:
+    """Keep only the metrics of steps up to ``step`` (a continued run writes the later ones again)."""
+    kept = [m for m in read(path) if m["step"] <= step]
+    atomic.write_text(path, "".join(json.dumps(m) + "\n" for m in kept))
+
+
+class MetricsLog:
+    """Appends lines to a metrics file, each flushed at once (a killed run loses no flushed metric)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: TextIO = path.open("a")
+
+    def append(self, step: int, values: dict[str, float]) -> None:
+        self._file.write(json.dumps({"step": step, **values}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,121 @@
+"""The run directory: the one module that names a run's files, and that knows which checkpoint is the newest.
+
+    <run.root>/<run.experiment>/<run.name>/
+      config.yaml        the resolved configuration
+      train.log          the console log of the main process
+      metrics.jsonl      every flushed metric, one JSON object per line (written before MLflow sees it)
+      mlflow_run_id      the MLflow run of this directory
+      figures/           samples_<step>.png, reconstructions_<step>.png, interpolations_<step>.png
+      checkpoints/       step_<step>/ (see vegan_scale.checkpoint for what is inside), latest
+      export/            the final model (see vegan_scale.export)
+      eval.json          what `vegan-scale eval` measured
+      PREEMPT            a stop request (created by a batch script's trap)
+      exit_status.json   {"code", "reason", "step"}: written last, read by batch scripts (launchers turn worker
+                         exit codes into 1)
+
+A checkpoint counts only when complete: ``checkpoints/step_<step>/`` holding the ``COMPLETE`` marker (written
+last, after everything inside was synced) and not ending in ``.tmp``. Everyone asks this module for the newest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vegan_scale import atomic
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+
+
+def checkpoint_name(step: int) -> str:
+    """``step_00001000``: zero-padded, so that names sort by step."""
+    return f"step_{step:08d}"
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is a checkpoint directory that was completely written."""
+    return not checkpoint.name.endswith(atomic.TMP_SUFFIX) and (checkpoint / COMPLETE).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoint directories under a ``checkpoints/`` folder, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and is_complete(p))
+
+
+def default_run_name(penalty: str, network: str, latent_dim: int, global_batch: int, lr: float) -> str:
+    """A name that says what ran and when, e.g. mmd-conv-z8-gb100-lr0.001-20250101-120000."""
+    return f"{penalty}-{network}-z{latent_dim}-gb{global_batch}-lr{lr:g}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _entry(name: str) -> property:
+    """A path inside the run directory, as a read-only attribute of :class:`RunDir`."""
+    return property(lambda self: self.path / name, doc=f"<run_dir>/{name}")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory (nothing is created by naming them)."""
+
+    path: Path
+
+    config = _entry("config.yaml")
+    train_log = _entry("train.log")
+    metrics = _entry("metrics.jsonl")
+    mlflow_run_id = _entry("mlflow_run_id")
+    figures = _entry("figures")
+    checkpoints = _entry("checkpoints")
+    export = _entry("export")
+    eval_json = _entry("eval.json")
+    stop_request = _entry("PREEMPT")
+    exit_status = _entry("exit_status.json")
+
+    @classmethod
+    def containing(cls, checkpoint: Path) -> RunDir | None:
+        """The run directory a checkpoint directory (``<run_dir>/checkpoints/step_N``) belongs to, if it is one."""
+        candidate = cls(Path(checkpoint).parent.parent)
+        return candidate if candidate.is_run() else None
+
+    def is_run(self) -> bool:
+        """Whether this is a run directory (it holds the run's configuration)."""
+        return self.config.is_file()
+
+    def holds_run(self) -> bool:
+        """Whether a run has started here (it may have saved no checkpoint yet)."""
+        return self.exit_status.exists() or self.metrics.exists()
+
+    def figure(self, key: str, step: int) -> Path:
+        return self.figures / f"{key}_{step:08d}.png"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / checkpoint_name(step)
+
+    def newest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint, if there is one."""
+        complete = complete_checkpoints(self.checkpoints)
+        return complete[-1] if complete else None
+
+    def prepare(self, config_yaml: str, started_at: float) -> None:
+        """Create the directory and save the resolved configuration. A stop request older than this process was
+        for the attempt it stopped, not for this one; a newer one (sent while this process was starting) stands."""
+        self.figures.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(self.config, config_yaml)
+        if self.stop_request.exists() and self.stop_request.stat().st_mtime < started_at:
+            self.stop_request.unlink(missing_ok=True)
+
+    def write_exit_status(self, code: int, reason: str, step: int) -> None:
+        atomic.write_text(self.exit_status, json.dumps({"code": code, "reason": reason, "step": step}) + "\n")
+
+    def read_exit_status(self) -> dict[str, Any] | None:
+        return json.loads(self.exit_status.read_text()) if self.exit_status.exists() else None
+
+    def read_mlflow_run_id(self) -> str | None:
+        return self.mlflow_run_id.read_text().strip() if self.mlflow_run_id.exists() else None
+
+    def write_mlflow_run_id(self, run_id: str) -> None:
+        atomic.write_text(self.mlflow_run_id, run_id + "\n")

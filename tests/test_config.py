@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.paths import ROOT
-from vegan_scale.config.fields import describe
+from vegan_scale.config.fields import Range, describe, leaves
 from vegan_scale.config.load import load_config, to_yaml
 from vegan_scale.errors import ConfigError
 from vegan_scale.registry import ExperimentConfig
@@ -417,3 +417,44 @@ def test_results_wae_gan_lambda1_differs_only_in_the_weight(data):
     base = flatten(dataclasses.asdict(load(results / "wae_gan.yaml")))
     variant = flatten(dataclasses.asdict(load(results / "wae_gan_lambda1.yaml")))
     assert {k: v for k, v in variant.items() if base[k] != v} == {"penalty.weight": 1.0, "run.name": "wae_gan_lambda1"}
+
+
+def test_every_numeric_key_has_a_range():
+    """Every int and float key (lists and optional ones too) states the numbers it allows, and its default is one."""
+    for key, field, default in leaves(ExperimentConfig):
+        if "int" not in str(field.type) and "float" not in str(field.type):
+            continue
+        bounds = field.metadata.get("bounds")
+        assert isinstance(bounds, Range), f"{key} ({field.type}) has no range"
+        values = [] if default is None else default if isinstance(default, list) else [default]
+        assert all(bounds.contains(v) for v in values), key
+
+
+@pytest.mark.parametrize(
+    ("override", "rule"),
+    [
+        ("optim.lr=nan", "> 0"),
+        ("optim.lr=inf", "> 0"),
+        ("train.micro_batch_size=-10", ">= 1"),
+        ("penalty.weight=-10", ">= 0"),
+        ("optim.weight_decay=-1", ">= 0"),
+        ("model.conv.width=0", ">= 1"),
+        ("prior.scale=-1", "> 0"),
+        ("data.num_workers=-1", ">= 0"),
+        ("checkpoint.every_steps=-1", ">= 0"),
+        ("optim.betas=[0.5,1.5]", "[0, 1)"),
+        ("data.stall_timeout_s=900", "train.collective_timeout_s"),
+    ],
+)
+def test_values_out_of_range_name_the_key(override, rule):
+    """A value outside its documented range is refused at load, naming the override, the key and the range."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as info:
+        load(MNIST / "wae_mmd.yaml", override)
+    assert key in str(info.value) and rule in str(info.value)
+
+
+def test_out_of_range_train_exits_2_before_making_a_run_directory(tmp_path):
+    result = cli("train", "configs/mnist/quickstart.yaml", "train.micro_batch_size=-10", f"run.root={tmp_path}")
+    assert_usage_error(result, "train.micro_batch_size", ">= 1")
+    assert not any(tmp_path.iterdir())

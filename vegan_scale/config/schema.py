@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from vegan_scale.config.fields import POSITIVE, Requirement, at_least, param, section
+from vegan_scale.config.fields import POSITIVE, Range, Requirement, at_least, param, section
 
 SCHEMA_VERSION = 1
 
@@ -30,7 +30,7 @@ class RunConfig:
         "Run name (run directory and MLflow run); default '<penalty>-<network>-z<latent>-gb<global batch>-lr<lr>-"
         "<timestamp>', e.g. mmd-conv-z8-gb100-lr0.001-20250101-120000.",
     )
-    seed: int = param(0, "Seed of parameters, prior samples and data order.")
+    seed: int = param(0, "Seed of parameters, prior samples and data order.", bounds=Range(0, 2**63 - 1))
 
 
 @dataclass
@@ -41,7 +41,9 @@ class DataConfig:
         "paths or URLs (data-{000000..000127}.tar, https://..., pipe:...); several sources joined by '::'.",
     )
     train_weights: list[float] | None = param(
-        None, "Sampling weight of each '::' source of data.train (resampled mode only); null weighs all equally."
+        None,
+        "Sampling weight of each '::' source of data.train (resampled mode only); null weighs all equally.",
+        bounds=POSITIVE,
     )
     test: str = param(".data/shards/mnist/test", "Test shards, same forms as data.train; used for evaluation.")
     mode: str = param(
@@ -51,7 +53,7 @@ class DataConfig:
         choices=("epoch", "resampled"),
     )
     epoch_samples: int | None = param(
-        None, "Resampled mode: samples per epoch; null uses the data set's size from sizes.json."
+        None, "Resampled mode: samples per epoch; null uses the data set's size from sizes.json.", bounds=at_least(1)
     )
     on_error: str = param(
         "raise",
@@ -59,42 +61,63 @@ class DataConfig:
         "message naming shard and sample; skip drops it, counts it by reason and logs the counts.",
         choices=("raise", "skip"),
     )
-    read_attempts: int = param(5, "Tries of a shard read that fails transiently (network, 5xx), with backoff.")
-    image_size: int = param(28, "Side of the square images in the shards.")
-    channels: int = param(1, "Image channels in the shards (1 for MNIST, 3 for RGB).")
-    num_workers: int = param(1, "Loader processes per training process; 0 decodes in the training process.")
-    shuffle_buffer: int = param(2000, "Samples held by the shuffle buffer of each loader worker.")
+    read_attempts: int = param(
+        5, "Tries of a shard read that fails transiently (network, 5xx), with backoff.", bounds=at_least(1)
+    )
+    stall_timeout_s: float = param(
+        300.0,
+        "Seconds a process may wait for its next batch (a read that never returns: a stuck network file system, a "
+        "FIFO) before the run stops with the shard named (exit 69); below train.collective_timeout_s.",
+        bounds=POSITIVE,
+    )
+    image_size: int = param(28, "Side of the square images in the shards.", bounds=at_least(1))
+    channels: int = param(1, "Image channels in the shards (1 for MNIST, 3 for RGB).", bounds=Range(1, 4))
+    num_workers: int = param(
+        1, "Loader processes per training process; 0 decodes in the training process.", bounds=at_least(0)
+    )
+    shuffle_buffer: int = param(
+        2000, "Samples held by the shuffle buffer of each loader worker (0 or 1: no shuffle).", bounds=at_least(0)
+    )
 
 
 @dataclass
 class PriorConfig:
     kind: str = param("gaussian", "Prior P_Z.", choices=("gaussian", "sphere", "box"))
-    scale: float = param(1.0, "gaussian: variance sigma^2 of each coordinate; sphere: radius; box: half-width.")
+    scale: float = param(
+        1.0, "gaussian: variance sigma^2 of each coordinate; sphere: radius; box: half-width.", bounds=POSITIVE
+    )
 
 
 @dataclass
 class CostConfig:
     kind: str = param("l2sq", "Reconstruction cost c(x, G(z)).", choices=("l2sq", "l2", "l1", "bernoulli"))
     scale: float | None = param(
-        None, "Factor on the per-image cost; null uses the WAE code's (0.05 l2sq, 0.2 l2, 0.02 l1, 1 bernoulli)."
+        None,
+        "Factor on the per-image cost; null uses the WAE code's (0.05 l2sq, 0.2 l2, 0.02 l1, 1 bernoulli).",
+        bounds=POSITIVE,
     )
 
 
 @dataclass
 class OptimConfig:
-    lr: float = param(1e-3, "Adam learning rate of the auto-encoder.")
-    betas: list[float] = param([0.5, 0.999], "Adam betas (the WAE recipes use beta1 = 0.5).")
-    weight_decay: float = param(0.0, "Decoupled weight decay (AdamW); 0 gives plain Adam.")
+    lr: float = param(1e-3, "Adam learning rate of the auto-encoder.", bounds=POSITIVE)
+    betas: list[float] = param(
+        [0.5, 0.999], "Adam betas (the WAE recipes use beta1 = 0.5).", bounds=Range(0, 1, high_inclusive=False)
+    )
+    weight_decay: float = param(0.0, "Decoupled weight decay (AdamW); 0 gives plain Adam.", bounds=at_least(0))
     fused: bool = param(
         True,
         "Fused AdamW: one kernel updates every parameter, instead of a loop of small operations per tensor "
         "(docs/performance.md); false where the device has no fused implementation.",
     )
-    lr_milestones: list[float] = param([30.0, 50.0], "Epochs at which the learning rate changes (WAE recipe).")
+    lr_milestones: list[float] = param(
+        [30.0, 50.0], "Epochs at which the learning rate changes (WAE recipe).", bounds=at_least(0)
+    )
     lr_factors: list[float] = param(
         [0.5, 0.2],
         "Learning rate from each milestone on, as a fraction of optim.lr "
         "(WAE recipe: halved at epoch 30, a fifth from epoch 50).",
+        bounds=POSITIVE,
     )
 
 
@@ -105,6 +128,7 @@ class TrainConfig:
         None,
         "Largest batch one process computes at once; its share of the global batch is then accumulated over "
         "several micro-batches. null: no accumulation.",
+        bounds=at_least(1),
     )
     epochs: float = param(100.0, "Length of the run in passes over the training set.", bounds=POSITIVE)
     max_steps: int | None = param(
@@ -141,6 +165,7 @@ class TrainConfig:
         600.0,
         "Seconds a process waits in a collective before deciding another process is lost (exit 69); bounds the "
         "hang when a rank dies without a launcher that stops the others.",
+        bounds=POSITIVE,
     )
 
 
@@ -152,14 +177,18 @@ class EvalConfig:
         "grids); the last step is always evaluated.",
         bounds=at_least(1),
     )
-    num_samples: int = param(1000, "Test images used for the reconstruction error at each evaluation.")
-    grid_size: int = param(8, "Rows and columns of the sample and reconstruction grids.")
+    num_samples: int = param(
+        1000, "Test images used for the reconstruction error at each evaluation.", bounds=at_least(1)
+    )
+    grid_size: int = param(8, "Rows and columns of the sample and reconstruction grids.", bounds=at_least(1))
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = param(1000, "Steps between checkpoints; the last step is always saved. 0 disables them.")
-    keep_last_k: int = param(2, "Complete checkpoints kept on disk; older ones are deleted.")
+    every_steps: int = param(
+        1000, "Steps between checkpoints; the last step is always saved. 0 disables them.", bounds=at_least(0)
+    )
+    keep_last_k: int = param(2, "Complete checkpoints kept on disk; older ones are deleted.", bounds=at_least(1))
 
 
 @dataclass
@@ -178,7 +207,9 @@ class TrackingConfig:
         50, "Steps between metric flushes (means over the interval, one device sync each).", bounds=at_least(1)
     )
     close_timeout_s: float = param(
-        60.0, "At the end of a run, seconds to wait for updates the tracking server has not taken yet."
+        60.0,
+        "At the end of a run, seconds to wait for updates the tracking server has not taken yet.",
+        bounds=at_least(0),
     )
     on_unreachable: str = param(
         "error",
@@ -193,12 +224,12 @@ class ModelBase:
     latent_dim: int = param(8, "Dimension d of the latent space.", bounds=at_least(1))
     encoder: str = param("deterministic", "Encoder Q(Z|X).", choices=("deterministic", "gaussian", "implicit"))
     decoder: str = param("deterministic", "Decoder G(Z).", choices=("deterministic", "gaussian"))
-    noise_dim: int = param(8, "Noise inputs of the implicit encoder.")
+    noise_dim: int = param(8, "Noise inputs of the implicit encoder.", bounds=at_least(1))
 
 
 @dataclass
 class PenaltyBase:
-    weight: float = param(10.0, "Weight lambda of the latent penalty.")
+    weight: float = param(10.0, "Weight lambda of the latent penalty (0: a plain auto-encoder).", bounds=at_least(0))
 
 
 # What one setting needs of another; the registry adds those of the registered penalties.
@@ -222,7 +253,11 @@ def assemble(networks: dict[str, type], penalties: dict[str, type], requirements
     model = with_options(ModelBase, "network", "Network of the encoder and decoder.", "conv", networks)
     penalty = with_options(PenaltyBase, "kind", "Latent penalty D_Z(Q_Z, P_Z).", "mmd", penalties)
     fields: list[tuple[str, Any, Any]] = [
-        ("schema_version", int, param(SCHEMA_VERSION, "Version of this schema; configs from a newer one are refused.")),
+        (
+            "schema_version",
+            int,
+            param(SCHEMA_VERSION, "Version of this schema; configs from a newer one are refused.", bounds=at_least(1)),
+        ),
         ("run", RunConfig, section(RunConfig, "Naming, output location and seed.")),
         ("data", DataConfig, section(DataConfig, "Training and test data.")),
         ("model", model, section(model, "Encoder, decoder and latent space.")),

@@ -5,7 +5,8 @@ shape the model, the optimisation or the data order must equal the checkpoint's;
 observe the run may change:
 
 * may change: ``train.max_steps``, ``train.epochs`` (how long), ``train.check_every``,
-  ``train.collective_timeout_s``, ``train.resume``, ``train.init_from``, ``data.read_attempts``, and the ``eval``,
+  ``train.collective_timeout_s``, ``train.resume``, ``train.init_from``, ``data.read_attempts``,
+  ``data.stall_timeout_s``, and the ``eval``,
   ``checkpoint``, ``tracking`` and ``run.root`` settings;
 * everything else is refused with the list of differing keys, notably the network, prior, penalty, optimizer,
   batch, precision, seed and data (``data.num_workers`` included: the batch order is defined per worker).
@@ -43,6 +44,7 @@ MAY_CHANGE = frozenset(
         "train.resume",
         "train.init_from",
         "data.read_attempts",
+        "data.stall_timeout_s",
     }
 )
 

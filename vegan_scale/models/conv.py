@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from vegan_scale.config.fields import param
+from vegan_scale.config.fields import at_least, param
 from vegan_scale.models.base import ImageShape, NetworkSpec
 
 
@@ -25,9 +25,12 @@ class ConvConfig:
         128,
         "Channels of the first encoder convolution, doubled at each of the four layers "
         "(the paper's 128-256-512-1024); reduce it for fast CPU runs.",
+        bounds=at_least(1),
     )
     kernel_size: int = param(
-        0, "Filter size; 0 picks the paper's choice from the image size (4 for 28x28, 5 for 64x64, 4 otherwise)."
+        0,
+        "Filter size; 0 picks the paper's choice from the image size (4 for 28x28, 5 for 64x64, 4 otherwise).",
+        bounds=at_least(0),
     )
     batch_norm: bool = param(True, "Batch norm after every hidden convolution, as in the paper.")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from vegan_scale.config.fields import param
+from vegan_scale.config.fields import at_least, param
 from vegan_scale.models.base import ImageShape, NetworkSpec
 
 
@@ -22,7 +22,9 @@ def mlp(in_features: int, hidden: list[int], out_features: int) -> nn.Sequential
 
 @dataclass
 class MLPConfig:
-    hidden: list[int] = param([512], "Hidden layer widths of the encoder; the decoder mirrors them.")
+    hidden: list[int] = param(
+        [512], "Hidden layer widths of the encoder; the decoder mirrors them.", bounds=at_least(1)
+    )
 
 
 def mlp_encoder_body(cfg: MLPConfig, shape: ImageShape) -> tuple[nn.Module, int]:

@@ -19,16 +19,18 @@ from itertools import pairwise
 
 from torch import Tensor, nn
 
-from vegan_scale.config.fields import param
+from vegan_scale.config.fields import at_least, param
 from vegan_scale.models.base import ImageShape, NetworkSpec
 
 
 @dataclass
 class ResNetConfig:
-    width: int = param(64, "Channels of the first stage; doubled at every down-sampling (width multiplier).")
-    depth: int = param(2, "Residual blocks per stage (depth multiplier).")
-    max_multiplier: int = param(8, "Channels stop doubling at width * max_multiplier.")
-    groups: int = param(32, "GroupNorm groups (fewer when a stage has fewer channels).")
+    width: int = param(
+        64, "Channels of the first stage; doubled at every down-sampling (width multiplier).", bounds=at_least(1)
+    )
+    depth: int = param(2, "Residual blocks per stage (depth multiplier).", bounds=at_least(1))
+    max_multiplier: int = param(8, "Channels stop doubling at width * max_multiplier.", bounds=at_least(1))
+    groups: int = param(32, "GroupNorm groups (fewer when a stage has fewer channels).", bounds=at_least(1))
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from vegan_scale.config.fields import param
+from vegan_scale.config.fields import POSITIVE, at_least, param
 from vegan_scale.models.mlp import mlp
 from vegan_scale.models.outputs import LatentCodes
 from vegan_scale.penalties.base import LatentPenalty, Parameters, PenaltySpec
@@ -38,11 +38,14 @@ def non_saturating_loss(logits_codes: Tensor) -> Tensor:
 
 @dataclass
 class AdversarialConfig:
-    hidden: int = param(512, "Width of each hidden layer of the latent critic (the WAE MNIST recipe uses 512).")
-    layers: int = param(4, "Number of hidden layers of the latent critic.")
+    hidden: int = param(
+        512, "Width of each hidden layer of the latent critic (the WAE MNIST recipe uses 512).", bounds=at_least(1)
+    )
+    layers: int = param(4, "Number of hidden layers of the latent critic (0: a linear critic).", bounds=at_least(0))
     lr: float = param(
         5e-4,
         "Adam learning rate of the critic (WAE MNIST recipe: 5e-4); follows the same schedule as the auto-encoder's.",
+        bounds=POSITIVE,
     )
 
 

@@ -221,3 +221,22 @@ def serve(root: Path) -> Iterator[ShardServer]:
         server.httpd.shutdown()
         server.httpd.server_close()
         thread.join(5)
+
+
+def header_offsets(raw: bytes) -> list[int]:
+    """The byte offset of every member header of a plain USTAR archive (no long names), in order."""
+    offsets, at = [], 0
+    while at + 512 <= len(raw) and raw[at : at + 512] != bytes(512):
+        offsets.append(at)
+        size = int(raw[at + 124 : at + 136].split(b"\0", 1)[0].strip() or b"0", 8)
+        at += 512 + size + (-size % 512)
+    return offsets
+
+
+def set_header_field(raw: bytearray, header: int, start: int, value: bytes) -> None:
+    """Overwrite bytes [start, start + len(value)) of the header at ``header`` and make its checksum right again, as
+    a writer that meant it would (the damage is then in the field, not in the checksum)."""
+    raw[header + start : header + start + len(value)] = value
+    block = raw[header : header + 512]
+    block[148:156] = b" " * 8
+    raw[header + 148 : header + 156] = b"%06o\0 " % sum(block)

@@ -14,6 +14,8 @@ CHECKS = [
     "data_resume_per_rank",
     "data_train_on_error_raise",  # the training checks last: a run that fails there leaves nothing behind
     "data_train_on_error_skip",
+    "data_train_damaged_header_raise",
+    "data_train_damaged_header_skip",
 ]
 
 
@@ -66,4 +68,21 @@ def test_training_skips_bad_data(results: dict) -> None:
     r0, r1 = results["data_train_on_error_skip"]
     assert r0["error"] is None and r1["error"] is None
     assert r0["skipped"] == 1 and r0["skip_keys"] == ["data/skipped/undecodable_image"]
+    assert r0["last_step"] == 10 and r0["exit"] == 0
+
+
+def test_damaged_tar_header_stops_both_ranks_naming_shard_and_offset(results: dict) -> None:
+    """data.on_error=raise: a tar header in rank 1's shard whose size runs past the file stops both ranks with the
+    shard and the byte offset named (exit 2), not an OverflowError or MemoryError."""
+    r0, r1 = results["data_train_damaged_header_raise"]
+    for r in (r0, r1):
+        assert r["is_data_error"] and r["poisoned"] in r["message"], r
+        assert "at byte" in r["message"] and "process 1" in r["message"] and r["seconds"] < 120, r["message"]
+    assert r0["message"] == r1["message"] and r0["exit"] == 2
+
+
+def test_damaged_tar_header_is_skipped_and_counted(results: dict) -> None:
+    r0, r1 = results["data_train_damaged_header_skip"]
+    assert r0["error"] is None and r1["error"] is None
+    assert r0["skipped"] == 1 and r0["skip_keys"] == ["data/skipped/corrupt_shard"]
     assert r0["last_step"] == 10 and r0["exit"] == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tests.multiproc.harness import Context, check
-from tests.shardkit import ids_of, make_shards
+from tests.shardkit import header_offsets, ids_of, make_shards, set_header_field
 from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import TrainStream
 from vegan_scale.errors import DataError
@@ -85,9 +85,10 @@ def data_resume_per_rank(ctx: Context) -> dict:
 # --- DDP training with one undecodable image that only rank 1 reads ---
 
 
-def _training_data(ctx: Context, name: str) -> tuple[Path, Path, str]:
+def _training_data(ctx: Context, name: str, damage: str = "image") -> tuple[Path, Path, str]:
     """(train dir, test dir, the poisoned shard's name): 8 shards of 25 grey 28x28 images; in the first shard
-    that rank 1 alone reads in epoch 0 (global batch 20, seed 0, no loader workers), one image is undecodable."""
+    that rank 1 alone reads in epoch 0 (global batch 20, seed 0, no loader workers), one image is undecodable
+    (``damage="image"``) or the tar header of sample 7's image gives a size far beyond the file (``"header"``)."""
     root = ctx.shared_dir / name
     train, test = root / "train", root / "test"
     info = root / "poisoned.json"
@@ -99,24 +100,29 @@ def _training_data(ctx: Context, name: str) -> tuple[Path, Path, str]:
         url = next(u for u, skip, take in plans[1].readers[0].ranges if u not in rank0 and (skip, take) == (0, 25))
         shard = int(Path(url).stem.rsplit("-", 1)[1])
         bad = 25 * shard + 7
-        make_shards(
-            train,
-            [25] * 8,
-            side=28,
-            replace={bad: [(f"{bad:08d}.npy", b"\x93NUMPY\x01\x00not an array"), (f"{bad:08d}.cls", b"1")]},
-        )
+        if damage == "image":
+            make_shards(
+                train,
+                [25] * 8,
+                side=28,
+                replace={bad: [(f"{bad:08d}.npy", b"\x93NUMPY\x01\x00not an array"), (f"{bad:08d}.cls", b"1")]},
+            )
+        else:
+            raw = bytearray(Path(url).read_bytes())
+            set_header_field(raw, header_offsets(bytes(raw))[2 * 7], 124, b"\x80" + (10**12).to_bytes(11, "big"))
+            Path(url).write_bytes(bytes(raw))
         info.write_text(json.dumps(Path(url).name))
     ctx.accelerator.wait_for_everyone()
     return train, test, json.loads(info.read_text())
 
 
-def _train(ctx: Context, on_error: str) -> dict:
+def _train(ctx: Context, on_error: str, damage: str = "image") -> dict:
     """Train with data.on_error=on_error; returns the run directory or the error, the time taken, the shard."""
     from vegan_scale.config.load import load_config
     from vegan_scale.engine.loop import train
     from vegan_scale.registry import ExperimentConfig
 
-    train_dir, test_dir, poisoned = _training_data(ctx, f"data_train_{on_error}")
+    train_dir, test_dir, poisoned = _training_data(ctx, f"data_train_{on_error}_{damage}", damage)
     root = ctx.shared_dir / "runs"
     cfg = load_config(
         ExperimentConfig,
@@ -133,7 +139,7 @@ def _train(ctx: Context, on_error: str) -> dict:
             "eval.num_samples=20",
             "eval.grid_size=2",
             f"run.root={root}",
-            f"run.name=on_error_{on_error}",
+            f"run.name=on_error_{on_error}_{damage}",
             f"data.train={train_dir}",
             f"data.test={test_dir}",
             f"data.on_error={on_error}",
@@ -153,10 +159,8 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@check
-def data_train_on_error_raise(ctx: Context) -> dict:
-    """DDP training where rank 1 meets an undecodable image: both ranks stop with the same DataError."""
-    out = _train(ctx, "raise")
+def _raised(ctx: Context, damage: str) -> dict:
+    out = _train(ctx, "raise", damage)
     error = out["error"]
     result = {
         "type": type(error).__name__ if error else None,
@@ -170,15 +174,37 @@ def data_train_on_error_raise(ctx: Context) -> dict:
     return result
 
 
-@check
-def data_train_on_error_skip(ctx: Context) -> dict:
-    """The same with data.on_error=skip: both ranks finish; the main process's metrics count the skipped image."""
-    out = _train(ctx, "skip")
+def _skipped(ctx: Context, damage: str, reason: str) -> dict:
+    out = _train(ctx, "skip", damage)
     result = {"error": repr(out["error"]) if out["error"] else None, "seconds": out["seconds"]}
     if ctx.rank == 0:
         lines = _metrics(out["run_dir"])
-        result["skipped"] = sum(m.get("data/skipped/undecodable_image", 0) for m in lines)
+        result["skipped"] = sum(m.get(f"data/skipped/{reason}", 0) for m in lines)
         result["skip_keys"] = sorted({k for m in lines for k in m if k.startswith("data/skipped/")})
         result["last_step"] = max(m["step"] for m in lines)
         result["exit"] = json.loads((out["run_dir"] / "exit_status.json").read_text())["code"]
     return result
+
+
+@check
+def data_train_on_error_raise(ctx: Context) -> dict:
+    """DDP training where rank 1 meets an undecodable image: both ranks stop with the same DataError."""
+    return _raised(ctx, "image")
+
+
+@check
+def data_train_on_error_skip(ctx: Context) -> dict:
+    """The same with data.on_error=skip: both ranks finish; the main process's metrics count the skipped image."""
+    return _skipped(ctx, "image", "undecodable_image")
+
+
+@check
+def data_train_damaged_header_raise(ctx: Context) -> dict:
+    """DDP training where rank 1 meets a tar header whose size runs past the file: both ranks stop, shard named."""
+    return _raised(ctx, "header")
+
+
+@check
+def data_train_damaged_header_skip(ctx: Context) -> dict:
+    """The same with data.on_error=skip: both ranks finish, the rest of that shard counted as corrupt_shard."""
+    return _skipped(ctx, "header", "corrupt_shard")

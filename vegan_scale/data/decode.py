@@ -34,6 +34,14 @@ SKIP_REASONS = (
 )
 
 
+class WrongSize(ValueError):
+    """A compressed image whose header gives another size than expected; ``shape`` is what it would decode to."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        super().__init__(f"image of shape {shape}")
+        self.shape = shape
+
+
 class SampleError(DataError):
     """A bad sample; one-argument construction keeps it intact when a DataLoader worker re-raises it."""
 
@@ -71,8 +79,10 @@ def _to_chw(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array)).permute(2, 0, 1)  # a writable copy of the (read-only) buffer
 
 
-def decode_image(ext: str, data: bytes, channels: int) -> torch.Tensor:
-    """uint8 [C, H, W] from one image member; grey images are expanded and colour converted to match ``channels``."""
+def decode_image(ext: str, data: bytes, channels: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """uint8 [C, H, W] from one image member; grey images are expanded and colour converted to match ``channels``.
+    With ``size`` (H, W), a compressed image of another size is refused from its header, before it is decoded (a
+    damaged or hostile header may claim billions of pixels)."""
     if ext == "npy":
         array = decode_npy(data)
         if array.dtype != np.uint8:
@@ -84,6 +94,8 @@ def decode_image(ext: str, data: bytes, channels: int) -> torch.Tensor:
             tensor = tensor.expand(3, -1, -1)
         return tensor
     with Image.open(io.BytesIO(data)) as img:
+        if size is not None and img.size != (size[1], size[0]):
+            raise WrongSize((channels, img.size[1], img.size[0]))
         return _to_chw(np.asarray(img.convert("L" if channels == 1 else "RGB")))
 
 
@@ -102,12 +114,15 @@ def decode_sample(sample: dict, shape: tuple[int, int, int]) -> tuple[torch.Tens
         found = sorted(k for k in sample if not k.startswith("__"))
         raise SampleError(f"{where}: no image member (expected one of {IMAGE_EXTENSIONS}, found {found})", "no_image")
     try:
-        image = decode_image(ext, sample[ext], shape[0])
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        image = decode_image(ext, sample[ext], shape[0], shape[1:])
+        found = tuple(image.shape)
+    except WrongSize as e:
+        found = e.shape
+    except Exception as e:  # the bytes are data from outside: whatever the decoder trips over, the sample is bad
         raise SampleError(f"{where}: cannot decode its {ext} image ({e})", "undecodable_image") from None
-    if tuple(image.shape) != tuple(shape):
+    if found != tuple(shape):
         raise SampleError(
-            f"{where}: image is {tuple(image.shape)} (C, H, W) but the config expects "
+            f"{where}: image is {found} (C, H, W) but the config expects "
             f"{tuple(shape)}; set data.image_size and data.channels to match the shards",
             "wrong_shape",
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import logging
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -32,6 +33,9 @@ from vegan_scale.retry import Backoff
 log = logging.getLogger("vegan_scale.data")
 
 BLOCK = 512
+CHUNK = 1 << 20  # the largest single read
+MAX_MEMBER_BYTES = 1 << 30  # a tar member larger than this is damage, not an image
+OCTAL = re.compile(rb"[0-7]*")
 HTTP_TIMEOUT_S = 60.0
 PERMANENT_HTTP = (400, 401, 403, 404, 410)
 
@@ -100,32 +104,81 @@ def open_url(url: str) -> BinaryIO:
         raise TransientReadError(f"cannot open {url}: {e}") from e
 
 
-def _octal(field: bytes) -> int:
-    field = field.split(b"\0", 1)[0].strip()
-    if field and field[0] & 0x80:  # GNU base-256 encoding of large sizes
-        return int.from_bytes(field[1:], "big")
-    return int(field or b"0", 8)
+class _Tar:
+    """A tar stream read block by block, knowing its byte offset, so that damage is reported where it is."""
+
+    def __init__(self, stream: BinaryIO, url: str) -> None:
+        self.stream, self.url, self.offset = stream, url, 0
+
+    def read(self, n: int) -> bytes:
+        """``n`` bytes, fewer only where the stream ends; read in bounded chunks, so that a size field that lies
+        costs no more memory than the bytes that are really there."""
+        chunks, left = [], n
+        while left > 0:
+            chunk = self.stream.read(min(left, CHUNK))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        self.offset += n - left
+        return b"".join(chunks)
+
+    def skip(self, n: int) -> int:
+        """Pass over ``n`` bytes without keeping them; returns how many there were."""
+        done = 0
+        while done < n:
+            chunk = self.stream.read(min(n - done, CHUNK))
+            if not chunk:
+                break
+            done += len(chunk)
+        self.offset += done
+        return done
+
+    def damaged(self, at: int, what: str) -> ShardCorrupt:
+        return ShardCorrupt(
+            f"shard {self.url} {what} at byte {at}; rewrite the shard, or set data.on_error=skip to skip the rest of it"
+        )
 
 
-def _read_exact(stream: BinaryIO, n: int) -> bytes:
-    data = stream.read(n)
-    while len(data) < n:
-        more = stream.read(n - len(data))
-        if not more:
-            break
-        data += more
-    return data
+def _number(field: bytes) -> int:
+    """A numeric header field: octal digits ended by NUL or space, or GNU base-256 (first byte 0x80, or 0xff for a
+    negative number) for values too large for octal. ValueError for anything else."""
+    if field[0] & 0x80:
+        if field[0] not in (0x80, 0xFF):
+            raise ValueError(f"base-256 field with lead byte {field[0]:#x}")
+        value = int.from_bytes(field[1:], "big")
+        return value - 256 ** (len(field) - 1) if field[0] == 0xFF else value
+    digits = field.split(b"\0", 1)[0].strip(b" ")
+    if not OCTAL.fullmatch(digits):
+        raise ValueError(f"{digits[:12]!r} is not octal")
+    return int(digits or b"0", 8)
 
 
-def _discard(stream: BinaryIO, n: int) -> int:
-    """Read past ``n`` bytes without keeping them; returns how many there were."""
-    done = 0
-    while done < n:
-        chunk = stream.read(min(n - done, 1 << 20))
-        if not chunk:
-            break
-        done += len(chunk)
-    return done
+def _checksum_ok(header: bytes) -> bool:
+    """The header's checksum field against the sum of its bytes (unsigned, or signed as some old tars wrote it),
+    the checksum field itself counted as spaces."""
+    stored = _number(header[148:156])
+    rest = header[:148] + b" " * 8 + header[156:]
+    unsigned = sum(rest)
+    return stored in (unsigned, unsigned - 256 * sum(b >= 128 for b in rest))
+
+
+def _header(tar: _Tar, header: bytes) -> tuple[bytes, int, str]:
+    """(type flag, member size, name) of a header block, every field checked before it is used."""
+    at = tar.offset - BLOCK
+    try:
+        if not _checksum_ok(header):
+            raise ValueError("its checksum does not match")
+        size = _number(header[124:136])
+    except ValueError as e:
+        raise tar.damaged(at, f"has a malformed tar header ({e}): it is not a tar file or is damaged") from None
+    if not 0 <= size <= MAX_MEMBER_BYTES:
+        raise tar.damaged(at, f"has a tar header giving a member {size} bytes long (0 to {MAX_MEMBER_BYTES} allowed)")
+    name = header[:100].split(b"\0", 1)[0].decode(errors="replace")
+    prefix = header[345:500].split(b"\0", 1)[0].decode(errors="replace")
+    if prefix and header[257:262] == b"ustar":
+        name = f"{prefix}/{name}"
+    return header[156:157], size, name
 
 
 def _pax_path(data: bytes) -> str | None:
@@ -133,41 +186,35 @@ def _pax_path(data: bytes) -> str | None:
         _, _, keyvalue = record.partition(b" ")
         key, _, value = keyvalue.partition(b"=")
         if key == b"path":
-            return value.decode()
+            return value.decode(errors="replace")
     return None
 
 
 def iter_members(stream: BinaryIO, url: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes | None]]:
     """(name, content) of every regular file of a tar stream, content None where ``wanted(name)`` is false (the
-    bytes are passed over). Raises ShardCorrupt on truncation or a malformed header."""
+    bytes are passed over). Raises ShardCorrupt, naming the shard and the byte offset, on truncation or a damaged
+    header."""
+    tar = _Tar(stream, url)
     long_name: str | None = None
     while True:
-        header = _read_exact(stream, BLOCK)
+        header = tar.read(BLOCK)
         if not header or header == bytes(BLOCK):
             return
         if len(header) < BLOCK:
-            raise ShardCorrupt(f"shard {url} is truncated (a partial tar header at its end)")
-        try:
-            size = _octal(header[124:136])
-        except ValueError:
-            raise ShardCorrupt(f"shard {url} has a malformed tar header; it is not a tar file or is damaged") from None
-        kind = header[156:157]
-        name = header[:100].split(b"\0", 1)[0].decode(errors="replace")
-        prefix = header[345:500].split(b"\0", 1)[0].decode(errors="replace")
-        if prefix and header[257:262] == b"ustar":
-            name = f"{prefix}/{name}"
+            raise tar.damaged(tar.offset - len(header), "is truncated (a partial tar header at its end)")
+        kind, size, name = _header(tar, header)
         regular = kind in (b"0", b"\0", b"7")
         if long_name and kind not in (b"L", b"K", b"x"):  # it names the next entry, a directory or link too
             name, long_name = long_name, None
-        padded = size + (-size % BLOCK)
+        padded, start = size + (-size % BLOCK), tar.offset - BLOCK  # the member's header
         if regular and not wanted(name):
-            if _discard(stream, padded) < padded:
-                raise ShardCorrupt(f"shard {url} is truncated inside member {name!r}")
+            if tar.skip(padded) < padded:
+                raise tar.damaged(start, f"is truncated inside member {name!r}")
             yield name, None
             continue
-        data = _read_exact(stream, padded)
+        data = tar.read(padded)
         if len(data) < padded:
-            raise ShardCorrupt(f"shard {url} is truncated inside member {name!r} ({len(data)} of {padded} bytes)")
+            raise tar.damaged(start, f"is truncated inside member {name!r} ({len(data)} of {padded} bytes)")
         data = data[:size]
         if kind == b"L":  # GNU long name of the next member
             long_name = data.split(b"\0", 1)[0].decode(errors="replace")

@@ -53,3 +53,20 @@ def write_tiny_shards(root: Path) -> Path:
 def tiny_shards(tmp_path: Path) -> Path:
     """The tiny shards of :func:`write_tiny_shards`, in this test's directory."""
     return write_tiny_shards(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_shards_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny shards, shared by a module's runs (they must see the same data)."""
+    return write_tiny_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_shards_module: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted single-process run of the runkit's small deterministic WAE-GAN configuration (40 steps)."""
+    from tests.runkit import run, single, train_args
+
+    root = tmp_path_factory.mktemp("reference")
+    proc = run(single(train_args(tiny_shards_module, root, "full")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "mnist" / "full"

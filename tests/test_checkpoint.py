@@ -61,7 +61,8 @@ def test_layout_after_commit(tmp_path):
     ]
     assert sorted(p.name for p in final.iterdir()) == sorted(["COMPLETE", *parts])
     assert (root / "latest").read_text().strip() == "step_00001000"
-    assert json.loads((final / "state.json").read_text()) == {"step": 1000, "epoch": 2}
+    listed = {name: (final / name).stat().st_size for name in parts if name != "state.json"}  # with sizes
+    assert json.loads((final / "state.json").read_text()) == {"step": 1000, "epoch": 2, "files": listed}
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00001000"]  # no .tmp left
     assert complete_checkpoints(root) == [final]
 

@@ -32,23 +32,6 @@ from tests.runkit import (
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_shards_module: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted single-process run of the small deterministic WAE-GAN configuration."""
-    root = tmp_path_factory.mktemp("reference")
-    proc = run(single(train_args(tiny_shards_module, root, "full")))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "mnist" / "full"
-
-
-@pytest.fixture(scope="module")
-def tiny_shards_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny shards, shared by the module's runs (they must see the same data)."""
-    from tests.conftest import write_tiny_shards
-
-    return write_tiny_shards(tmp_path_factory.mktemp("shards"))
-
-
 def _mlflow_history(run_dir: Path, key: str = "train/loss") -> list:
     from mlflow.tracking import MlflowClient
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,16 @@ def write_rank_state(directory: Path, rank: int) -> None:
     torch.save(state, rank_state_file(directory, rank))
 
 
-def restore_rank_state(directory: Path, rank: int) -> None:
-    """Set this process's random generators to what ``write_rank_state`` saved for ``rank``."""
+def read_rank_state(directory: Path, rank: int) -> dict[str, Any]:
+    """What ``write_rank_state`` saved for ``rank`` (read and checked, not applied)."""
     state = safe_load(rank_state_file(directory, rank))
+    if not isinstance(state, dict) or not {"torch", "python", "numpy"} <= state.keys():
+        raise CheckpointError(f"{rank_state_file(directory, rank)} is not a random-generator state: it is damaged")
+    return state
+
+
+def apply_rank_state(state: dict[str, Any]) -> None:
+    """Set this process's random generators to a state ``read_rank_state`` returned."""
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuples(state["python"]))
     n = state["numpy"]
@@ -108,13 +116,49 @@ def read_scaler(directory: Path) -> dict[str, Any] | None:
 
 
 def write_state(directory: Path, state: dict[str, Any], config_yaml: str) -> None:
-    """The step, data position and run identity, and the configuration the checkpoint was made under."""
-    (directory / STATE).write_text(json.dumps(state, indent=1))
+    """Main process, once every process has written its part: the configuration the checkpoint was made under,
+    then ``state.json``: the step, data position and run identity, and every file of the checkpoint with its size,
+    which a resume requires (see :func:`verify`)."""
     (directory / CONFIG).write_text(config_yaml)
+    files = {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != STATE
+    }
+    (directory / STATE).write_text(json.dumps({**state, "files": files}, indent=1))
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / STATE).read_text())
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / STATE} cannot be read ({e}): the checkpoint is damaged") from None
+    expected = {"step": int, "world_size": int, "deepspeed": bool}
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in expected.items()):
+        raise CheckpointError(f"{path / STATE} lacks the step, world size or mode: the checkpoint is damaged")
+    return state
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """The state of a checkpoint whose every promised file is there and whole (by size); else a CheckpointError
+    naming the file. Cheap (no file is read but state.json): the loaders check the contents."""
+    state = read_state(path)
+    files = state.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(
+            f"{path / STATE} lists no files: the checkpoint was written by an earlier version of vegan_scale; "
+            "continue from a checkpoint of this version, or start a new run from its weights (train.init_from)"
+        )
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"refusing to load {path}: {file} is missing, though {STATE} lists it")
+        if file.stat().st_size != size:
+            raise CheckpointError(
+                f"refusing to load {file}: it holds {file.stat().st_size} bytes where {STATE} lists {size} "
+                "(damaged or replaced)"
+            )
+    return state
 
 
 def commit(root: Path, step: int, keep_last_k: int) -> Path:
@@ -143,7 +187,10 @@ def read_module(path: Path, name: str) -> dict[str, torch.Tensor]:
             f"{file} not found (the checkpoint holds {present}): it was written by another version of vegan_scale "
             "or is damaged; evaluate or resume from a checkpoint of this version"
         )
-    return load_file(file)
+    try:
+        return load_file(file)
+    except Exception as e:  # safetensors reports a damaged header or short file in several ways
+        raise CheckpointError(f"{file} cannot be read ({_first_line(e)}): it is damaged") from None
 
 
 def read_optimizer(path: Path, name: str) -> dict[str, Any]:
@@ -158,8 +205,17 @@ def safe_load(path: Path, allowed: list[type] = (), map_location: Any = None) ->
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = str(e).split("WeightsUnpickler error: ")[-1].splitlines()[0]
+        found = re.search(r"[^\n.]*(?:GLOBAL|[Uu]nsupported)[^\n]*", str(e))
+        detail = f" ({found.group(0).strip().rstrip('.')})" if found else ""
         raise CheckpointError(
-            f"refusing to load {path}: it holds more than tensors and plain values ({detail}); "
-            "the file is not what vegan_scale or DeepSpeed wrote"
+            f"refusing to load {path}: it holds more than tensors and plain values{detail}; the file is not what "
+            "vegan_scale or DeepSpeed wrote, and nothing in it is run"
         ) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint is damaged") from None
+    except Exception as e:  # a truncated or overwritten file: torch reports it in several ways
+        raise CheckpointError(f"{path} cannot be read ({_first_line(e)}): it is damaged") from None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

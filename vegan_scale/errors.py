@@ -64,3 +64,13 @@ class CheckpointError(VeganError):
     """A checkpoint that cannot or must not be loaded (incomplete, or holding more than tensors)."""
 
     exit_code = ExitCode.USAGE
+
+
+def exit_status(error: BaseException) -> tuple[int, str]:
+    """(exit code, reason) of a run that ended with ``error``, as exit_status.json records it."""
+    if isinstance(error, VeganError):
+        return int(error.exit_code), str(error)
+    if isinstance(error, KeyboardInterrupt):
+        return int(ExitCode.INTERRUPTED), "interrupted at once (second Ctrl-C), without a checkpoint"
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    return int(ExitCode.CRASH), f"crashed: {type(error).__name__}: {first}"

@@ -114,6 +114,18 @@ def _allowed_globals() -> list[type]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
+def check_engine_files(directory: Path, rank: int) -> None:
+    """Read the files of an engine checkpoint this process will load (its own ZeRO shards; the shared model states
+    on rank 0), without executing code, so that a damaged or planted file is found before any engine is touched.
+    A CheckpointError names the file."""
+    allowed = _allowed_globals()
+    for file in sorted(directory.rglob("*.pt")):
+        own = f"_rank_{rank}_" in file.name
+        shared = "zero_pp_rank_" not in file.name
+        if own or (shared and rank == 0):
+            checkpoint.safe_load(file, allowed, map_location="cpu")
+
+
 def load_engine(engine: object, directory: Path) -> None:
     """Collective: restore an engine from ``save_engine``'s files without executing code from them.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -81,13 +82,23 @@ class Trainable:
         elif self.accelerator.is_main_process:
             checkpoint.save_module(directory, self.name, weights, self.optimizer.state_dict())
 
-    def load(self, directory: Path) -> None:
-        """Collective: restore weights and optimizer state from what ``save`` wrote into ``directory``."""
+    def read(self, directory: Path) -> Any:
+        """What this process needs to restore the module from ``directory``, read and checked but not applied: the
+        weights and optimizer state, or under DeepSpeed nothing (this process's engine files are read once, to be
+        sure they load). A CheckpointError names a file that does not load."""
+        if self.engine is not None:
+            deepspeed_support.check_engine_files(directory / self.name, self.accelerator.process_index)
+            return None
+        return checkpoint.read_module(directory, self.name), checkpoint.read_optimizer(directory, self.name)
+
+    def load(self, directory: Path, read: Any) -> None:
+        """Collective: restore weights and optimizer state from ``directory``, given what :meth:`read` returned."""
         if self.engine is not None:
             deepspeed_support.load_engine(self.engine, directory / self.name)
             return
-        self.raw.load_state_dict(checkpoint.read_module(directory, self.name))
-        self.optimizer.load_state_dict(checkpoint.read_optimizer(directory, self.name))
+        weights, optimizer_state = read
+        self.raw.load_state_dict(weights)
+        self.optimizer.load_state_dict(optimizer_state)
 
     def parameters_finite(self) -> torch.Tensor:
         """A device bool: whether every parameter (this process's shard under ZeRO-3) is finite; no sync."""

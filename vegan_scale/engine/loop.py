@@ -38,7 +38,7 @@ from vegan_scale.errors import (
     LostRankError,
     NonFiniteLossError,
     PreemptedError,
-    VeganError,
+    exit_status,
 )
 from vegan_scale.rundir import checkpoint_name
 
@@ -58,26 +58,24 @@ def train(cfg: Any) -> Path:
 
 def _run_to_the_end(run: Run) -> None:
     """Announce, fit, and whatever happens, write the exit status and close the records; errors propagate."""
-    code, reason = ExitCode.CRASH, "crashed"
+    code, reason = int(ExitCode.CRASH), "crashed"
     try:
         reporting.announce(run)
         _fit(run)
-        code, reason = ExitCode.OK, "finished"
-    except VeganError as e:
-        code, reason = e.exit_code, str(e)
-        raise
-    except KeyboardInterrupt:
-        code, reason = ExitCode.INTERRUPTED, "interrupted at once (second Ctrl-C), without a checkpoint"
-        raise
+        code, reason = int(ExitCode.OK), "finished"
     except (torch.distributed.DistError, RuntimeError) as e:
         if run.accelerator.num_processes == 1 or not _lost_peer(e):
+            code, reason = exit_status(e)
             raise
-        code, reason = ExitCode.LOST_RANK, f"another process stopped answering: {str(e).splitlines()[0]}"
+        code, reason = int(ExitCode.LOST_RANK), f"another process stopped answering: {str(e).splitlines()[0]}"
         raise LostRankError(f"{reason}; the last complete checkpoint is intact") from e
+    except BaseException as e:
+        code, reason = exit_status(e)
+        raise
     finally:
         # the status first: under a launcher, other processes ending may get this one killed before long
         if run.accelerator.is_main_process:
-            run.dir.write_exit_status(int(code), reason, run.step)
+            run.dir.write_exit_status(code, reason, run.step)
         run.records.close({ExitCode.OK: "FINISHED", ExitCode.PREEMPTED: "KILLED"}.get(code, "FAILED"))
 
 

@@ -14,23 +14,31 @@ observe the run may change:
 The world size may change only for checkpoints without DeepSpeed (weights and optimizer state are whole), with a
 warning that the data order then differs from an uninterrupted run's; a ZeRO checkpoint holds one shard per
 process and is refused at another world size.
+
+Damage. A checkpoint is loaded whole or not at all: every file its ``state.json`` lists must be there with its
+size, then every process reads (and checks) everything it needs, and only when all processes could does any
+state change. With ``train.resume=auto`` a checkpoint that fails is named with the file and the reason, and the
+previous complete one is tried, with a warning; a checkpoint named by ``train.resume=PATH`` is refused (exit 2).
+When no checkpoint of the run directory loads, the run refuses to start (exit 2) rather than start over on top of
+its results.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 
 from vegan_scale import checkpoint, export
 from vegan_scale.config.load import flat_keys
 from vegan_scale.distributed.trainable import Trainable
-from vegan_scale.errors import ConfigError
-from vegan_scale.rundir import COMPLETE, RunDir, is_complete
+from vegan_scale.errors import CheckpointError, ConfigError
+from vegan_scale.rundir import COMPLETE, RunDir, complete_checkpoints, is_complete
 
 log = logging.getLogger("vegan_scale")
 
@@ -49,36 +57,40 @@ MAY_CHANGE = frozenset(
 )
 
 
-def locate(resume: str, run_dir: RunDir, accelerator: Accelerator) -> Path | None:
-    """The checkpoint to continue from, chosen by the main process and shared: it alone looks at the directory,
-    since processes on different nodes may see a shared file system at different moments."""
-    choice = [None]
+def locate(resume: str, run_dir: RunDir, accelerator: Accelerator) -> list[Path]:
+    """The checkpoints to try, in order (newest first for ``auto``; the one named, for a path), chosen by the main
+    process and shared: it alone looks at the directory, since processes on different nodes may see a shared file
+    system at different moments."""
+    choice: list[Any] = [None]
     if accelerator.is_main_process:
         choice = [_choose(resume, run_dir)]
     if accelerator.num_processes > 1:
         broadcast_object_list(choice)
-    if isinstance(choice[0], str) and choice[0].startswith("error:"):
-        raise ConfigError(choice[0].removeprefix("error:"))
-    return Path(choice[0]) if choice[0] else None
+    if isinstance(choice[0], str):
+        raise ConfigError(choice[0])
+    return [Path(p) for p in choice[0]]
 
 
-def _choose(resume: str, run_dir: RunDir) -> str | None:
+def _choose(resume: str, run_dir: RunDir) -> list[str] | str:
+    """The candidates as strings, or an error message."""
     if resume == "never":
-        return None
+        return []
     if resume == "auto":
-        newest = run_dir.newest_checkpoint()
-        return str(newest) if newest else None
+        return [str(p) for p in reversed(complete_checkpoints(run_dir.checkpoints))]
     if not is_complete(Path(resume)):
         return (
-            f"error:train.resume={resume} is not a complete checkpoint directory (…/checkpoints/step_N with a "
+            f"train.resume={resume} is not a complete checkpoint directory (…/checkpoints/step_N with a "
             f"{COMPLETE} file); half-written checkpoints are never loaded"
         )
-    return str(Path(resume))
+    return [str(Path(resume))]
 
 
 def check_policy(path: Path, config: dict[str, Any], world_size: int, deepspeed: bool) -> list[str]:
     """Refuse a continuation the policy forbids; returns the allowed changes, as "key: old -> new"."""
-    saved = flat_keys(yaml.safe_load((path / checkpoint.CONFIG).read_text()))
+    try:
+        saved = flat_keys(yaml.safe_load((path / checkpoint.CONFIG).read_text()))
+    except (OSError, ValueError, AttributeError) as e:  # yaml's errors are ValueErrors; a non-mapping has no items
+        raise CheckpointError(f"{path / checkpoint.CONFIG} cannot be read ({e}): the checkpoint is damaged") from None
     current = flat_keys(config)
     changed = {k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k)}
     refused = sorted(k for k in changed if k not in MAY_CHANGE and not k.startswith(MAY_CHANGE_PREFIXES))
@@ -90,7 +102,7 @@ def check_policy(path: Path, config: dict[str, Any], world_size: int, deepspeed:
             "one from a model's weights) or restore the checkpoint's values"
         )
     state = checkpoint.read_state(path)
-    if state["world_size"] != world_size:
+    if state.get("world_size") != world_size:
         if state["deepspeed"]:
             raise ConfigError(
                 f"{path} holds DeepSpeed ZeRO shards for {state['world_size']} processes; continue it "
@@ -110,20 +122,62 @@ def check_policy(path: Path, config: dict[str, Any], world_size: int, deepspeed:
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(changed)]
 
 
-def restore(path: Path, modules: list[Trainable], accelerator: Accelerator) -> int:
-    """Collective: load every module's weights and optimizer state, this process's random generators and the
-    gradient scaler from the checkpoint at ``path``; returns the step it was saved at."""
-    for module in modules:
-        module.load(path)
+@dataclass(frozen=True)
+class Resumed:
+    path: Path
+    step: int
+    notes: list[str]  # the allowed setting changes, "key: old -> new"
+
+
+def restore(
+    candidates: list[Path], named: bool, modules: list[Trainable], accelerator: Accelerator, config: dict[str, Any]
+) -> Resumed | None:
+    """Collective: restore the first candidate that loads whole (see the module's docstring): every module's
+    weights and optimizer state, this process's random generators and the gradient scaler. ``named``: the user
+    named the one candidate (``train.resume=PATH``), which is then refused rather than passed over."""
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    failures = []
+    for path in candidates:
+        problem, state, read = None, None, None
+        try:
+            state = checkpoint.verify(path)
+            notes = check_policy(path, config, accelerator.num_processes, deepspeed)
+            read = _read(path, state, modules, accelerator)
+        except CheckpointError as e:
+            problem = f"process {accelerator.process_index}: {e}"
+        problems = [p for p in gather_object([problem]) if p]
+        if not problems:
+            _apply(path, read, modules, accelerator)
+            log.info("continuing from %s (step %d)", path, state["step"])
+            return Resumed(path, int(state["step"]), notes)
+        if named:
+            raise CheckpointError(f"cannot continue from {path}: {'; '.join(problems)}")
+        log.warning("checkpoint %s cannot be loaded (%s); trying the one before it", path, "; ".join(problems))
+        failures.append(f"{path.name} ({'; '.join(problems)})")
+    if failures:
+        raise CheckpointError(
+            f"no checkpoint of {candidates[0].parent} loads: {'; '.join(failures)}. Restore them, or move them out "
+            "of the way to start the run over"
+        )
+    return None
+
+
+def _read(path: Path, state: dict[str, Any], modules: list[Trainable], accelerator: Accelerator) -> tuple:
+    """Everything this process restores from ``path``, read and checked, nothing applied yet."""
     rank = accelerator.process_index
-    if checkpoint.rank_state_file(path, rank).exists():
-        checkpoint.restore_rank_state(path, rank)
-    scaler = checkpoint.read_scaler(path)
-    if accelerator.scaler is not None and scaler is not None:
+    rng = checkpoint.read_rank_state(path, rank) if rank < state["world_size"] else None
+    scaler = checkpoint.read_scaler(path) if accelerator.scaler is not None else None
+    return [module.read(path) for module in modules], rng, scaler
+
+
+def _apply(path: Path, read: tuple, modules: list[Trainable], accelerator: Accelerator) -> None:
+    module_states, rng, scaler = read
+    for module, module_state in zip(modules, module_states, strict=True):
+        module.load(path, module_state)
+    if rng is not None:
+        checkpoint.apply_rank_state(rng)
+    if scaler is not None:
         accelerator.scaler.load_state_dict(scaler)
-    state = checkpoint.read_state(path)
-    log.info("continuing from %s (step %d)", path, state["step"])
-    return int(state["step"])
 
 
 def start_from_export(directory: Path, autoencoder: Trainable, config: dict[str, Any]) -> None:

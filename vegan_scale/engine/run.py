@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import broadcast_object_list
 
 from vegan_scale import metrics_log, provenance, rundir
 from vegan_scale.config.load import to_yaml
@@ -29,7 +29,7 @@ from vegan_scale.engine.objective import POT
 from vegan_scale.engine.periodic_eval import EvalSet
 from vegan_scale.engine.records import Records
 from vegan_scale.engine.schedule import Steps
-from vegan_scale.errors import ConfigError
+from vegan_scale.errors import ConfigError, exit_status
 from vegan_scale.metrics_log import MetricsLog
 from vegan_scale.rundir import RunDir
 from vegan_scale.tracking import Tracker
@@ -76,7 +76,9 @@ def _records(cfg: Any, run_dir: RunDir, accelerator: Accelerator, start_step: in
 
 
 def build_run(cfg: Any) -> Run:
-    """Build every part; the run directory is written last, once nothing can fail on bad input any more."""
+    """Build every part; the run directory is written last, once nothing can fail on bad input any more. A
+    failure after the run directory is known, in a run directory that exists (a run being continued), is recorded in
+    its exit_status.json, so that a batch script never reads the previous attempt's status."""
     started_at = time.time()
     accelerator = build_accelerator(cfg.train.mixed_precision, module_names(cfg), cfg.train.collective_timeout_s)
     if cfg.train.deterministic:
@@ -84,31 +86,42 @@ def build_run(cfg: Any) -> Run:
     layout = BatchLayout.derive(cfg.train.global_batch_size, accelerator.num_processes, cfg.train.micro_batch_size)
     apply_layout(accelerator, layout, cfg.train.mixed_precision)
     run_dir = _run_dir(cfg, accelerator)
-    resume_from = resume.locate(cfg.train.resume, run_dir, accelerator)
+    try:
+        return _assemble(cfg, accelerator, layout, run_dir, started_at)
+    except BaseException as error:
+        if accelerator.is_main_process and run_dir.path.is_dir():
+            run_dir.write_exit_status(*exit_status(error), step=0)
+        raise
+
+
+def _assemble(cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: RunDir, started_at: float) -> Run:
+    candidates = resume.locate(cfg.train.resume, run_dir, accelerator)
     if cfg.train.resume == "never" and run_dir.holds_run():
         raise ConfigError(
             f"run directory {run_dir.path} already holds a run; choose another run.name, or continue it "
             "with train.resume=auto"
         )
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    config = dataclasses.asdict(cfg)
-    notes = resume.check_policy(resume_from, config, accelerator.num_processes, deepspeed) if resume_from else []
-    continuing = resume_from is not None or run_dir.holds_run()  # over an attempt that saved no checkpoint yet
     stream = open_stream(cfg, accelerator, layout)
     modules, penalty = build_modules(cfg, accelerator)
-    if cfg.train.init_from and resume_from is None:
+    config = dataclasses.asdict(cfg)
+    if cfg.train.init_from and not candidates:
         resume.start_from_export(Path(cfg.train.init_from), modules.autoencoder, config)
     objective = POT.of(cfg, penalty)
     eval_set = EvalSet.load(cfg, accelerator, objective.prior)
     torch.manual_seed(cfg.run.seed + 1 + accelerator.process_index)  # per-process prior and encoder noise
-    start_step = resume.restore(resume_from, list(modules), accelerator) if resume_from is not None else 0
+    named = cfg.train.resume not in ("auto", "never")
+    resumed = resume.restore(candidates, named, list(modules), accelerator, config)
+    start_step = resumed.step if resumed else 0
     steps = Steps.count(
         start_step, cfg.train.epochs, stream.batches_per_epoch, layout.accumulation, cfg.train.max_steps
     )
     records = Records()
     if accelerator.is_main_process:
+        continuing = resumed is not None or run_dir.holds_run()  # over an attempt that saved no checkpoint yet
         run_dir.prepare(to_yaml(cfg), started_at)
-        records = _records(cfg, run_dir, accelerator, start_step, notes if continuing else None)
+        records = _records(
+            cfg, run_dir, accelerator, start_step, (resumed.notes if resumed else []) if continuing else None
+        )
     accelerator.wait_for_everyone()
     return Run(
         cfg=cfg,

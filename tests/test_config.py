@@ -433,8 +433,9 @@ def test_every_numeric_key_has_a_range():
 @pytest.mark.parametrize(
     ("override", "rule"),
     [
-        ("optim.lr=nan", "> 0"),
-        ("optim.lr=inf", "> 0"),
+        ("optim.lr=nan", ">= 0"),
+        ("optim.lr=inf", ">= 0"),
+        ("optim.lr=-0.001", ">= 0"),
         ("train.micro_batch_size=-10", ">= 1"),
         ("penalty.weight=-10", ">= 0"),
         ("optim.weight_decay=-1", ">= 0"),

@@ -12,13 +12,14 @@ from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.registry import ExperimentConfig, build_model
 
 
-def train(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> Path:
+def train(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = (), stops: Any = None) -> Path:
     """Train an experiment, as ``vegan-scale train CONFIG [overrides]`` does, and return its run directory.
 
     ``config`` is an experiment file or the experiment as nested dicts (``inherit`` included); ``overrides`` are
     ``key.sub=value`` items applied last. Under ``accelerate launch`` every process calls it. Errors are
     :class:`vegan_scale.errors.VeganError` subclasses whose ``exit_code`` is the CLI's. The process group is ended
-    afterwards, so a script may train again.
+    afterwards, so a script may train again. ``stops``: a :class:`vegan_scale.stops.StopRequests` already
+    collecting this process's stop requests (the CLI's); by default training collects them while it runs.
     """
     # imported here: the engine brings accelerate and the data pipeline, which loading a model does not need
     from vegan_scale.distributed.accelerator import shutdown
@@ -26,7 +27,7 @@ def train(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = ())
 
     cfg = load_config(ExperimentConfig, config, overrides)
     try:
-        return train_loop(cfg)
+        return train_loop(cfg, stops)
     finally:
         shutdown()
 

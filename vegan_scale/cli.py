@@ -17,9 +17,12 @@ from vegan_scale.errors import ConfigError, ExitCode, InterruptedRunError, Preem
 
 
 def _train(args: argparse.Namespace) -> None:
-    from vegan_scale.api import train
+    from vegan_scale.stops import StopRequests
 
-    train(args.config, args.overrides)
+    with StopRequests() as stops:  # before the heavy imports: a job may be stopped while it starts
+        from vegan_scale.api import train
+
+        train(args.config, args.overrides, stops=stops)
 
 
 def _config(args: argparse.Namespace) -> None:
@@ -307,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PreemptedError, InterruptedRunError) as e:
         print(f"stopped: {e}", file=sys.stderr)
         return int(e.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, without a checkpoint
+        print("interrupted", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
     except VeganError as e:
         print(f"error: {e}", file=sys.stderr)
         return int(e.exit_code)

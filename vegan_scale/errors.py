@@ -15,7 +15,7 @@ class ExitCode(IntEnum):
     CRASH = 1  # unexpected exception (traceback printed)
     USAGE = 2  # bad command line or configuration, missing data
     NONFINITE_LOSS = 65  # a loss became NaN/inf (sysexits EX_DATAERR); the last checkpoint is intact
-    LOST_RANK = 69  # another process of the job died or stopped answering (EX_UNAVAILABLE)
+    LOST_RANK = 69  # another process of the job, or the data, stopped answering (EX_UNAVAILABLE)
     PREEMPTED = 75  # stopped on request after a checkpoint; requeue to continue (EX_TEMPFAIL)
     INTERRUPTED = 130  # Ctrl-C, after a checkpoint (128 + SIGINT)
 
@@ -36,6 +36,12 @@ class DataError(VeganError):
     """Missing or malformed data; the message names the path and how to get or fix it."""
 
     exit_code = ExitCode.USAGE
+
+
+class DataStallError(VeganError):
+    """A read that never returned: no batch within data.stall_timeout_s (a stuck file system, a FIFO)."""
+
+    exit_code = ExitCode.LOST_RANK
 
 
 class NonFiniteLossError(VeganError):

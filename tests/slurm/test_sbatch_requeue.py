@@ -238,3 +238,40 @@ def test_stop_requeue_and_continue_exactly(
         f"after scancel (checkpoint {saved.group(1)} s); running again {running_again - stopped_at:.1f} s later; "
         f"whole job {time.time() - started:.1f} s"
     )
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("script", list(STYLES))
+def test_preempted_by_slurm_continues_exactly(
+    script: str, slurm_cluster: dict[str, str], shards: Path, reference: Path, tmp_path: Path
+) -> None:
+    """Real preemption: `scontrol requeue` mid-run, as a preempting job or an operator does. SLURM sends SIGTERM to
+    every process of the job (batch shell, launcher, ranks), then SIGKILL after KillWait (5 s here). The trainer
+    checkpoints and stops with 75 inside the grace time; SLURM runs the job again, which continues from that
+    checkpoint and ends with the uninterrupted run's weights, bit for bit."""
+    style, env = STYLES[script], _job_env(slurm_cluster)
+    root, logs = tmp_path / "runs", tmp_path / "logs"
+    logs.mkdir()
+    sbatch = ["sbatch", "--parsable", "--time=10", f"--output={logs}/%x-%j.out", *style.sbatch]
+    job_id = _slurm(env, *sbatch, f"launch/slurm/{script}", str(CONFIG), *_overrides(shards, root)).strip()
+    run_dir, log = root / "mnist" / f"slurm-{job_id}", logs / f"vegan-scale-{job_id}.out"
+    try:
+        first = run_dir / "checkpoints" / f"step_{CHECKPOINT_EVERY:08d}" / "COMPLETE"
+        progressed = CHECKPOINT_EVERY + 5
+        _wait("a checkpoint and progress", lambda: first.exists() and _steps_logged(run_dir) >= progressed, 120, log)
+        _slurm(env, "scontrol", "requeue", job_id)
+        stopped = _wait("exit_status.json with code 75", lambda: _status(run_dir, 75), 60, log)
+        again = {"Restarts": "1", "JobState": "RUNNING"}
+        _wait("the requeued job to run", lambda: again.items() <= _job(env, job_id).items(), 90, log)
+        job = _wait("the job to end", lambda: (j := _job(env, job_id))["JobState"] in TERMINAL and j, 120, log)
+    finally:
+        subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, text[-4000:])
+    assert _status(run_dir, 0) == {"code": 0, "reason": "finished", "step": STEPS}
+    step = stopped["step"]
+    before, _, after = text.partition("SLURM_RESTART_COUNT=1")
+    assert "SIGTERM" in before and f"checkpoints/step_{step:08d} written" in before, before[-4000:]
+    assert "Traceback" not in before, before[-4000:]
+    assert f"continuing from {run_dir}/checkpoints/step_{step:08d} (step {step})" in after, after[-4000:]
+    assert _same_weights(run_dir / "export" / "model.safetensors", reference)

@@ -64,10 +64,11 @@ class DataConfig:
     read_attempts: int = param(
         5, "Tries of a shard read that fails transiently (network, 5xx), with backoff.", bounds=at_least(1)
     )
-    stall_timeout_s: float = param(
-        300.0,
+    stall_timeout_s: float | None = param(
+        None,
         "Seconds a process may wait for its next batch (a read that never returns: a stuck network file system, a "
-        "FIFO) before the run stops with the shard named (exit 69); below train.collective_timeout_s.",
+        "FIFO) before the run stops with the shard named (exit 69); below train.collective_timeout_s. null: half "
+        "of train.collective_timeout_s.",
         bounds=POSITIVE,
     )
     image_size: int = param(28, "Side of the square images in the shards.", bounds=at_least(1))
@@ -100,7 +101,9 @@ class CostConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = param(1e-3, "Adam learning rate of the auto-encoder.", bounds=POSITIVE)
+    lr: float = param(
+        1e-3, "Adam learning rate of the auto-encoder (0 leaves the weights as they are).", bounds=at_least(0)
+    )
     betas: list[float] = param(
         [0.5, 0.999], "Adam betas (the WAE recipes use beta1 = 0.5).", bounds=Range(0, 1, high_inclusive=False)
     )

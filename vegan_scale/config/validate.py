@@ -37,7 +37,7 @@ def check_experiment(obj: Any) -> None:
             "optim.lr_milestones must be increasing and as long as optim.lr_factors "
             f"(got {list(o.lr_milestones)} and {list(o.lr_factors)})"
         )
-    if obj.data.stall_timeout_s >= obj.train.collective_timeout_s:
+    if obj.data.stall_timeout_s is not None and obj.data.stall_timeout_s >= obj.train.collective_timeout_s:
         raise ConfigError(
             f"data.stall_timeout_s={obj.data.stall_timeout_s:g} must be below train.collective_timeout_s="
             f"{obj.train.collective_timeout_s:g}: a rank stalled on data must give up before the others give up on it"

@@ -32,11 +32,17 @@ The loader is a plain DataLoader; it is never passed to ``accelerator.prepare`` 
 
 from __future__ import annotations
 
+import functools
 import logging
+import multiprocessing
+import os
 import random
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +58,7 @@ from vegan_scale.retry import Backoff
 log = logging.getLogger("vegan_scale.data")
 
 MODES = ("epoch", "resampled")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what a job is stopped with (vegan_scale.stops)
 ON_ERROR = ("raise", "skip")
 MAX_PASSES = 4  # epoch mode, on_error=skip: passes over a reader's range to fill its quota
 MAX_BAD_IN_A_ROW = 10_000  # on_error=skip: consecutive bad samples or shards before a reader gives up
@@ -76,6 +83,24 @@ class EpochPlan:
 
 
 @dataclass(frozen=True)
+class Readers:
+    """What a run's training process shares with its loader workers, across epochs: the shard each reader opens
+    now (an index into ``index.urls``; -1 before its first), so that a stalled read can be named, and whether the
+    workers are released (may be ended by SIGTERM: see :func:`_leave_stopping_to_the_trainer`)."""
+
+    reading: Any  # multiprocessing.Array of int64, one per reader of this rank
+    released: Any  # multiprocessing.Event
+
+    @classmethod
+    def create(cls, count: int) -> Readers:
+        return cls(multiprocessing.Array("q", [-1] * count, lock=False), multiprocessing.Event())
+
+    def shards(self, urls: list[str]) -> list[str]:
+        """What each reader is reading, as 'reader k: shard' lines."""
+        return [f"reader {k}: {urls[i]}" if i >= 0 else f"reader {k}: no shard yet" for k, i in enumerate(self.reading)]
+
+
+@dataclass(frozen=True)
 class TrainStream:
     """One rank's training batches: a function of (seed, epoch, position) for a fixed world size and worker count."""
 
@@ -91,6 +116,7 @@ class TrainStream:
     epoch_samples: int | None = None
     on_error: str = "raise"
     retry: Backoff = field(default_factory=Backoff)
+    readers: Readers | None = None  # shared with the loader workers; without it, each epoch has its own
 
     def __post_init__(self) -> None:
         if self.mode not in MODES or self.on_error not in ON_ERROR:
@@ -163,14 +189,56 @@ class TrainStream:
         # a private generator keeps the training process's random stream (prior samples, encoder noise) the same
         # whenever the loader starts, which is what makes a resumed run exact.
         seeds = torch.Generator().manual_seed(hash((self.seed, epoch, self.rank)) % 2**63)
+        readers = self.readers or Readers.create(self.readers_per_rank)
         loader = DataLoader(
             pipeline,
             batch_size=None,
             num_workers=self.num_workers,
             prefetch_factor=4 if self.num_workers else None,
             generator=seeds,
+            worker_init_fn=functools.partial(_leave_stopping_to_the_trainer, readers.released)
+            if self.num_workers
+            else None,
         )
-        return map(_as_batch, islice(iter(loader), plan.batches - start))
+        return _batches(loader, plan.batches - start, None if self.readers else readers.released)
+
+
+def _batches(loader: DataLoader, count: int, release: Any) -> Iterator[Batch]:
+    """``count`` batches of ``loader``; once the caller stops taking them, its workers may be ended (``release``:
+    set here; None where the stream's owner releases them, at the end of the run)."""
+    try:
+        yield from map(_as_batch, islice(_start(loader), count))
+    finally:
+        if release is not None:
+            release.set()
+
+
+def _start(loader: DataLoader) -> Iterator:
+    """The loader's iterator, its workers forked with the stop signals blocked: a signal sent to the whole job while
+    a worker starts waits until the worker has chosen to ignore it."""
+    if not loader.num_workers or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _leave_stopping_to_the_trainer(release: Any, worker_id: int) -> None:
+    """In a loader worker: the signals that stop a job (sent to every process of it by SLURM, launchers and
+    ``kill -- -PGID``) are for the training process, which stops at its next check, after a checkpoint that needs
+    every batch up to it. So the worker ignores them, except SIGTERM once its training process has released it
+    (ending its loader, which terminates workers that do not end on their own)."""
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if release.is_set():
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _ranges(urls: list[str], counts: list[int], start: int, length: int) -> tuple[tuple[str, int, int], ...]:
@@ -250,7 +318,7 @@ def _decoded_passes(s: TrainStream, plan: ReaderPlan) -> Iterator[Item]:
 
 def _range_samples(s: TrainStream, plan: ReaderPlan) -> Iterator[Sample]:
     for url, skip, take in plan.ranges:
-        yield from _shard_samples(s, url, skip, take)
+        yield from _shard_samples(s, plan, url, skip, take)
 
 
 def _draws(s: TrainStream, plan: ReaderPlan, rng: random.Random) -> Iterator[Sample]:
@@ -258,11 +326,13 @@ def _draws(s: TrainStream, plan: ReaderPlan, rng: random.Random) -> Iterator[Sam
     weights = [src.weight for src in sources]
     while True:
         source = rng.choices(sources, weights)[0]
-        yield from _shard_samples(s, rng.choice(source.urls), 0, None)
+        yield from _shard_samples(s, plan, rng.choice(source.urls), 0, None)
 
 
-def _shard_samples(s: TrainStream, url: str, skip: int, take: int | None) -> Iterator[Sample]:
+def _shard_samples(s: TrainStream, plan: ReaderPlan, url: str, skip: int, take: int | None) -> Iterator[Sample]:
     """Samples of one shard; in skip mode a shard error ends the shard and is counted on the next sample."""
+    if s.readers is not None:
+        s.readers.reading[plan.seed[3]] = s.index.urls.index(url)  # seed: (seed, epoch, rank, worker)
     delivered = 0
     try:
         for sample in read_samples(url, s.retry, skip, take):

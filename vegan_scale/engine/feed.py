@@ -1,13 +1,20 @@
 """The training batches of this process, on the device, epoch after epoch, with loader failures made collective.
 
-A loader failure (``data.on_error=raise``) must not leave the other ranks waiting in a collective: the failing
-rank records the error, raises the DATA_ERROR flag and repeats its last batch until the next agreement check,
-where every rank stops together with the error's message.
+A background thread takes the batches from the loader and hands them over through a one-batch queue, so that
+waiting for data has a bound: no batch for ``data.stall_timeout_s`` (a read that never returns: a stuck network
+file system, a FIFO) is a stall, logged with the shard each reader is reading.
+
+A loader failure (``data.on_error=raise``) or a stall must not leave the other ranks waiting in a collective: the
+failing rank records it, raises the DATA_ERROR (or DATA_STALL) flag and repeats its last batch until the next
+agreement check, where every rank stops together with the message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +24,7 @@ from accelerate import Accelerator
 
 from vegan_scale.data.decode import SKIP_REASONS
 from vegan_scale.data.index import read_index
-from vegan_scale.data.pipeline import Batch, TrainStream
+from vegan_scale.data.pipeline import Batch, Readers, TrainStream
 from vegan_scale.distributed.accelerator import BatchLayout
 from vegan_scale.distributed.agreement import Agreement, Flag
 from vegan_scale.errors import DataError
@@ -44,6 +51,7 @@ def open_stream(cfg: Any, accelerator: Accelerator, layout: BatchLayout) -> Trai
         d.epoch_samples,
         d.on_error,
         Backoff(attempts=d.read_attempts),
+        Readers.create(max(1, d.num_workers)),
     )
 
 
@@ -56,45 +64,95 @@ class DataFeed:
         announce: bool,
         start: int = 0,
         memory_format: torch.memory_format = torch.contiguous_format,
+        stall_timeout_s: float = 300.0,
     ) -> None:
         """``start``: micro-batches already consumed (by the run this one continues)."""
         self.stream, self.agreement, self.device, self.announce = stream, agreement, device, announce
-        self.memory_format = memory_format
-        self.epoch, self._offset = divmod(start, stream.batches_per_epoch)
+        self.memory_format, self.stall_timeout_s = memory_format, stall_timeout_s
+        self.epoch, offset = divmod(start, stream.batches_per_epoch)
         self.error: str | None = None
         self.data_time, self.skipped = 0.0, torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
-        self._batches = self._epochs()
         self._last: torch.Tensor | None = None
+        self._queue: queue.Queue[tuple[int, Batch | BaseException]] = queue.Queue(maxsize=1)
+        self._closing = threading.Event()
+        self._fetcher = threading.Thread(target=self._fetch, args=(self.epoch, offset), name="data-feed", daemon=True)
+        self._fetcher.start()
 
-    def _epochs(self) -> Iterator[Batch]:
+    def _epochs(self, epoch: int, offset: int) -> Iterator[tuple[int, Batch]]:
         while True:
-            plan = self.stream.plan(self.epoch)
+            plan = self.stream.plan(epoch)
             if plan.dropped and self.announce:
                 log.info(
                     "epoch %d: %d samples left unread so that every process gets %d full batches",
-                    self.epoch,
+                    epoch,
                     plan.dropped,
                     plan.batches,
                 )
-            yield from self.stream.epoch(self.epoch, start=self._offset)
-            self.epoch, self._offset = self.epoch + 1, 0
+            for batch in self.stream.epoch(epoch, start=offset):
+                yield epoch, batch
+            epoch, offset = epoch + 1, 0
+
+    def _fetch(self, epoch: int, offset: int) -> None:
+        """The background thread: batches (with their epoch) into the queue, or the error that ended them."""
+        try:
+            for item in self._epochs(epoch, offset):
+                self._queue.put(item)
+                if self._closing.is_set():
+                    return
+        except BaseException as e:  # handed to the training thread, which decides
+            self._queue.put((-1, e))
 
     def next(self) -> torch.Tensor:
         """The next micro-batch as floats in [0, 1] on the device."""
         start = time.perf_counter()
         if self.error is None:
-            try:
-                images, _, skipped = next(self._batches)
-                self.skipped += skipped
-                images = images.to(self.device, non_blocking=True).float().div_(255)
-                self._last = images.contiguous(memory_format=self.memory_format)
-            except DataError as e:
-                self.error = worker_message(e)
-                self.agreement.raise_if(Flag.DATA_ERROR, torch.ones((), dtype=torch.bool, device=self.device), 0)
+            self._take()
         if self._last is None:  # failed before the first batch: any batch of the right shape keeps step
             self._last = torch.zeros((self.stream.batch_size, *self.stream.image_shape), device=self.device)
         self.data_time += time.perf_counter() - start
         return self._last
+
+    def _take(self) -> None:
+        try:
+            epoch, item = self._queue.get(timeout=self.stall_timeout_s)
+        except queue.Empty:
+            self._fail(Flag.DATA_STALL, self._stall_message())
+            return
+        if isinstance(item, DataError):
+            self._fail(Flag.DATA_ERROR, worker_message(item))
+            return
+        if isinstance(item, BaseException):
+            raise item
+        images, _, skipped = item
+        self.epoch = epoch
+        self.skipped += skipped
+        images = images.to(self.device, non_blocking=True).float().div_(255)
+        self._last = images.contiguous(memory_format=self.memory_format)
+
+    def _stall_message(self) -> str:
+        readers = self.stream.readers.shards(self.stream.index.urls) if self.stream.readers else []
+        message = (
+            f"no batch for {self.stall_timeout_s:g} s (data.stall_timeout_s): a read does not return; "
+            + "; ".join(readers)
+        )
+        log.error("%s", message)
+        return message
+
+    def _fail(self, flag: Flag, message: str) -> None:
+        self.error = message
+        self.agreement.raise_if(flag, torch.ones((), dtype=torch.bool, device=self.device), 0)
+
+    def close(self, wait_s: float = 10.0) -> None:
+        """Stop taking batches and release the loader's workers; wait (boundedly) for the loader to shut down. A
+        read that never returns is left behind in its daemon thread."""
+        self._closing.set()
+        if self.stream.readers is not None:
+            self.stream.readers.released.set()
+        deadline = time.monotonic() + wait_s
+        while self._fetcher.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                self._queue.get_nowait()  # a fetcher waiting to hand over a batch then sees that it is closing
+            self._fetcher.join(timeout=0.05)
 
     def take_counts(self, world_size: int) -> tuple[float, dict[str, float]]:
         """Collective: (seconds spent waiting for data here, samples skipped by reason over all ranks) since the

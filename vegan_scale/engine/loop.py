@@ -27,12 +27,12 @@ from vegan_scale.engine import reporting
 from vegan_scale.engine.feed import DataFeed
 from vegan_scale.engine.metric_buffer import MetricBuffer
 from vegan_scale.engine.periodic_eval import evaluate
-from vegan_scale.engine.preemption import StopRequests
 from vegan_scale.engine.run import Run, build_run
 from vegan_scale.engine.schedule import lr_factor
 from vegan_scale.engine.step import train_step
 from vegan_scale.errors import (
     DataError,
+    DataStallError,
     ExitCode,
     InterruptedRunError,
     LostRankError,
@@ -41,27 +41,35 @@ from vegan_scale.errors import (
     exit_status,
 )
 from vegan_scale.rundir import checkpoint_name
+from vegan_scale.stops import Stop, StopRequests
 
 log = logging.getLogger("vegan_scale")
 
 
-def train(cfg: Any) -> Path:
-    """Train the experiment ``cfg`` describes; returns its run directory. Raises VeganError subclasses."""
-    run = build_run(cfg)
-    main = run.accelerator.is_main_process
-    with logs.to_file(run.dir.train_log) if main else contextlib.nullcontext():
-        _run_to_the_end(run)
+def train(cfg: Any, stops: StopRequests | None = None) -> Path:
+    """Train the experiment ``cfg`` describes; returns its run directory. Raises VeganError subclasses.
+
+    ``stops``: the stop requests of this process, collected from its start (the CLI installs them before anything
+    heavy is imported); by default they are collected from here on.
+    """
+    with contextlib.ExitStack() as stack:
+        stops = stops or stack.enter_context(StopRequests())
+        run = build_run(cfg, stops.since)
+        stops.watch(run.dir.stop_request)
+        main = run.accelerator.is_main_process
+        with logs.to_file(run.dir.train_log) if main else contextlib.nullcontext():
+            _run_to_the_end(run, stops)
     if main:
         reporting.farewell(run)
     return run.dir.path
 
 
-def _run_to_the_end(run: Run) -> None:
+def _run_to_the_end(run: Run, stops: StopRequests) -> None:
     """Announce, fit, and whatever happens, write the exit status and close the records; errors propagate."""
     code, reason = int(ExitCode.CRASH), "crashed"
     try:
         reporting.announce(run)
-        _fit(run)
+        _fit(run, stops)
         code, reason = int(ExitCode.OK), "finished"
     except (torch.distributed.DistError, RuntimeError) as e:
         if run.accelerator.num_processes == 1 or not _lost_peer(e):
@@ -88,12 +96,18 @@ def _lost_peer(error: Exception) -> bool:
     )
 
 
-def _fit(run: Run) -> None:
+def _fit(run: Run, stops: StopRequests) -> None:
     cfg, acc = run.cfg, run.accelerator
     agreement, metrics = Agreement(acc.device, acc.num_processes), MetricBuffer()
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     feed = DataFeed(
-        run.stream, agreement, acc.device, acc.is_main_process, run.steps.start * run.layout.accumulation, layout
+        run.stream,
+        agreement,
+        acc.device,
+        acc.is_main_process,
+        run.steps.start * run.layout.accumulation,
+        layout,
+        cfg.data.stall_timeout_s or cfg.train.collective_timeout_s / 2,
     )
     # A progress bar on a terminal; in a log file (SLURM, CI) one line per metric flush instead.
     interactive = acc.is_main_process and sys.stderr.isatty()
@@ -102,7 +116,8 @@ def _fit(run: Run) -> None:
     )
     interval_start, step = time.perf_counter(), run.steps.start
     run.step = step
-    with StopRequests(run.dir.stop_request) as stops:
+    try:
+        _agree(run, agreement, stops, feed, step)  # a stop asked for while the run started
         while step < run.steps.total:
             lr_scale = lr_factor(step / run.steps.per_epoch, cfg.optim.lr_milestones, cfg.optim.lr_factors)
             terms = train_step(run, feed, lr_scale)
@@ -120,9 +135,7 @@ def _fit(run: Run) -> None:
                 if saving:
                     for module in run.modules:
                         agreement.raise_if(Flag.NONFINITE_PARAMS, ~module.parameters_finite(), step)
-                if (requested := stops.poll()) is not None:
-                    agreement.raise_if(requested, torch.ones((), dtype=torch.bool, device=acc.device), step)
-                _act_on_flags(run, agreement.check(), feed, step)
+                _agree(run, agreement, stops, feed, step)
             if step % cfg.tracking.log_every == 0 or last:
                 values, steps = metrics.flush()
                 data_time, skipped = feed.take_counts(acc.num_processes)
@@ -135,8 +148,19 @@ def _fit(run: Run) -> None:
                 _evaluate(run, step)
             if saving:
                 _save_checkpoint(run, step, feed.epoch)
-    progress.close()
+    finally:
+        feed.close()
+        progress.close()
     _export(run)
+
+
+def _agree(run: Run, agreement: Agreement, stops: StopRequests, feed: DataFeed, step: int) -> None:
+    """Collective: add this process's stop request to its flags, agree with every rank, act together."""
+    requested = stops.poll()
+    if requested is not None:
+        flag = Flag.INTERRUPT if requested == Stop.INTERRUPT else Flag.PREEMPT
+        agreement.raise_if(flag, torch.ones((), dtype=torch.bool, device=run.accelerator.device), step)
+    _act_on_flags(run, agreement.check(), feed, step)
 
 
 NONFINITE_TERMS = {
@@ -149,9 +173,12 @@ NONFINITE_TERMS = {
 
 def _act_on_flags(run: Run, raised: dict[Flag, int], feed: DataFeed, step: int) -> None:
     """Collective: every rank calls it at the same step and raises the same error."""
-    if Flag.DATA_ERROR in raised:
+    if Flag.DATA_ERROR in raised or Flag.DATA_STALL in raised:
         messages = gather_object([f"process {run.accelerator.process_index}: {feed.error}" if feed.error else ""])
-        raise DataError("; ".join(m for m in messages if m) + " (data.on_error=skip would skip bad samples)")
+        text = "; ".join(m for m in messages if m)
+        if Flag.DATA_STALL in raised:
+            raise DataStallError(f"{text}; the last complete checkpoint is intact")
+        raise DataError(f"{text} (data.on_error=skip would skip bad samples)")
     nonfinite = {flag: raised[flag] for flag in NONFINITE_TERMS if flag in raised}
     if nonfinite:
         first = min(nonfinite.values())
@@ -164,10 +191,14 @@ def _act_on_flags(run: Run, raised: dict[Flag, int], feed: DataFeed, step: int) 
         )
     for flag, error in ((Flag.INTERRUPT, InterruptedRunError), (Flag.PREEMPT, PreemptedError)):
         if flag in raised:
+            what = (Stop.INTERRUPT if flag == Flag.INTERRUPT else Stop.PREEMPT).value
+            if step == run.steps.start:  # asked while the run started: nothing was trained to save
+                raise error(
+                    f"stopped on {what} before step {step + 1}; train.resume=auto with the same run.name runs it"
+                )
             saved = run.dir.newest_checkpoint()
             if saved is None or saved.name != checkpoint_name(step):
                 _save_checkpoint(run, step, feed.epoch)
-            what = "Ctrl-C" if flag == Flag.INTERRUPT else "a stop request"
             raise error(
                 f"stopped at step {step} on {what}, after writing its checkpoint; train.resume=auto with the "
                 "same run.name continues it"

@@ -9,7 +9,6 @@ puts them in order.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,11 +74,11 @@ def _records(cfg: Any, run_dir: RunDir, accelerator: Accelerator, start_step: in
     return Records(MetricsLog(run_dir.metrics), Tracker.for_run(cfg, run_dir, tags, notes))
 
 
-def build_run(cfg: Any) -> Run:
+def build_run(cfg: Any, started_at: float) -> Run:
     """Build every part; the run directory is written last, once nothing can fail on bad input any more. A
     failure after the run directory is known, in a run directory that exists (a run being continued), is recorded in
-    its exit_status.json, so that a batch script never reads the previous attempt's status."""
-    started_at = time.time()
+    its exit_status.json, so that a batch script never reads the previous attempt's status. ``started_at``: when
+    this process started listening for stop requests (an older PREEMPT file was for an earlier attempt)."""
     accelerator = build_accelerator(cfg.train.mixed_precision, module_names(cfg), cfg.train.collective_timeout_s)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)

@@ -1,0 +1,120 @@
+"""Signals as clusters deliver them, with real processes: SIGTERM (SIGUSR1, SIGINT) sent to every process of a job,
+loader workers included, as SLURM, `scancel` and launchers do, at any moment from start-up on. The run stops like a
+requested stop: every rank agrees, one checkpoint, exit 75 (130 for Ctrl-C), exit_status.json says so, and no
+traceback; the continuation ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.runkit import (
+    ddp,
+    exit_status,
+    finish,
+    run,
+    same_weights,
+    single,
+    start,
+    train_args,
+    wait_for_step,
+)
+
+pytestmark = pytest.mark.distributed
+
+WORKERS = "data.num_workers=2"  # loader worker processes in the group too
+
+
+@pytest.fixture(scope="module")
+def with_workers(tiny_shards_module: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The export of an uninterrupted run of the runkit's configuration read by two loader workers."""
+    root = tmp_path_factory.mktemp("workers")
+    proc = run(single(train_args(tiny_shards_module, root, "full", "wae_gan", WORKERS)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "mnist" / "full" / "export" / "model.safetensors"
+
+
+def _stopped_cleanly(code: int, out: str, run_dir: Path, expected: int) -> dict:
+    """The checks every stop shares: the exit code, no traceback, and exit_status.json with a checkpoint of its
+    step (when a step was trained) and none after it."""
+    assert code == expected, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    status = exit_status(run_dir)
+    assert status["code"] == expected, status
+    steps = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert not steps or steps[-1] == status["step"], (steps, status)
+    return status
+
+
+@pytest.mark.parametrize(("sig", "expected"), [("SIGTERM", 75), ("SIGUSR1", 75), ("SIGINT", 130)])
+def test_signal_to_the_whole_process_group(
+    sig: str, expected: int, tiny_shards_module: Path, with_workers: Path, tmp_path: Path
+) -> None:
+    """`kill -<sig> -- -PGID` mid-run reaches the trainer and its two loader workers: the workers leave the stop to
+    the trainer, which checkpoints at its next check; the continuation is bit for bit the uninterrupted run."""
+    run_dir = tmp_path / "mnist" / "group"
+    args = train_args(tiny_shards_module, tmp_path, "group", "wae_gan", WORKERS)
+    proc = start(single(args))  # its own session: the process group of a job
+    wait_for_step(proc, run_dir, 7)
+    os.killpg(proc.pid, getattr(signal, sig))
+    status = _stopped_cleanly(*finish(proc), run_dir, expected)
+    assert 7 <= status["step"] < 40
+    again = run(single(args))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert same_weights(run_dir / "export" / "model.safetensors", with_workers)
+
+
+def test_sigterm_to_every_process_under_accelerate_launch(tiny_shards_module: Path, tmp_path: Path) -> None:
+    """`accelerate launch` with 2 processes, each with a loader worker: SIGTERM to the launcher, the ranks and the
+    workers. Both ranks agree on one step, the checkpoint is written, exit_status.json says 75 (the launcher's own
+    code is its business); the run then continues to the end."""
+    run_dir = tmp_path / "mnist" / "launched"
+    args = train_args(tiny_shards_module, tmp_path, "launched", "wae_mmd", "data.num_workers=1")
+    proc = start(ddp(args))
+    wait_for_step(proc, run_dir, 7)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, out = finish(proc)
+    status = exit_status(run_dir)
+    assert status["code"] == 75, (status, out[-3000:])
+    assert (run_dir / "checkpoints" / f"step_{status['step']:08d}" / "COMPLETE").exists()
+    assert not re.search(r'File ".*/vegan_scale/', out), out[-3000:]  # the launcher may trace its own signal
+    again = run(ddp(args))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert exit_status(run_dir)["code"] == 0
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether the process has a handler for ``sig`` (from /proc: SigCgt)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+@pytest.mark.parametrize(
+    ("sig", "expected", "after"),
+    [("SIGTERM", 75, 0.0), ("SIGTERM", 75, 1.5), ("SIGINT", 130, 0.0)],
+    ids=["SIGTERM-at-once", "SIGTERM-while-building", "SIGINT-at-once"],
+)
+def test_signal_during_start_up(
+    sig: str, expected: int, after: float, tiny_shards_module: Path, tmp_path: Path
+) -> None:
+    """A signal to the group while the run starts (as soon as the process listens, before torch is even imported;
+    or while it builds): it still ends with its code and exit status and no traceback, without training."""
+    run_dir = tmp_path / "mnist" / "early"
+    proc = start(single(train_args(tiny_shards_module, tmp_path, "early", "wae_gan", WORKERS)))
+    deadline = time.monotonic() + 30
+    while not _catches(proc.pid, signal.SIGTERM):
+        assert proc.poll() is None and time.monotonic() < deadline, "the trainer never installed its handlers"
+        time.sleep(0.005)
+    time.sleep(after)
+    os.killpg(proc.pid, getattr(signal, sig))
+    status = _stopped_cleanly(*finish(proc), run_dir, expected)
+    assert status["step"] < 5

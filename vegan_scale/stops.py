@@ -1,0 +1,80 @@
+"""Stop requests: signals and the flag file, turned into a request the ranks agree on at their next check.
+
+A cluster asks a job to stop in several ways, and launchers get in between. SLURM's preemption and ``scancel``, and
+``accelerate launch``/torchrun when they are signalled, send SIGTERM to every process of the job, loader workers
+included; ``accelerate launch`` and torchrun do not forward SIGUSR1, and kill their workers about 30 s after
+forwarding SIGTERM. So a run listens for all of them, from the moment it starts (the CLI installs the handlers
+before anything heavy is imported):
+
+* ``<run_dir>/PREEMPT``: a file a batch script's trap creates (the way through any launcher; see launch/slurm);
+* SIGUSR1 or SIGTERM delivered to the process (srun without a launcher, a forwarded SIGTERM, a process group);
+* SIGINT (Ctrl-C): the same, but the run exits 130; a second Ctrl-C interrupts at once.
+
+Handlers only record the request: a handler that exited in the middle of a collective would leave the other ranks
+hanging. The training loop polls at its agreement checks (and once before its first step), every rank stops at the
+same step, and a checkpoint is written first. Loader workers leave stopping to their training process
+(:mod:`vegan_scale.data.pipeline`).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+log = logging.getLogger("vegan_scale")
+
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+class Stop(enum.Enum):
+    PREEMPT = "a stop request"  # checkpoint, exit 75: requeue to continue
+    INTERRUPT = "Ctrl-C"  # checkpoint, exit 130
+
+
+class StopRequests:
+    """Collects stop requests while active; use as a context manager (the previous handlers are restored)."""
+
+    def __init__(self, flag_file: Path | None = None) -> None:
+        self.flag_file = flag_file
+        self.requested: Stop | None = None
+        self.since = time.time()  # a flag file older than this was for an earlier attempt
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("running outside the main thread: signals cannot be caught; only the PREEMPT file stops it")
+            return self
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def watch(self, flag_file: Path) -> None:
+        """Also stop when ``flag_file`` appears (known once the run directory is)."""
+        self.flag_file = flag_file
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:
+            if self.requested == Stop.INTERRUPT:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now
+            self.requested = Stop.INTERRUPT
+            log.warning("Ctrl-C: stopping after a checkpoint at the next check (Ctrl-C again to stop at once)")
+        elif self.requested is None:
+            self.requested = Stop.PREEMPT
+            log.warning("%s: stopping after a checkpoint at the next check", signal.Signals(signum).name)
+
+    def poll(self) -> Stop | None:
+        """The stop this process has been asked for, if any (checks the flag file)."""
+        if self.requested is None and self.flag_file is not None and self.flag_file.exists():
+            self.requested = Stop.PREEMPT
+            log.warning("%s found: stopping after a checkpoint", self.flag_file)
+        return self.requested

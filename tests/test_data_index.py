@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,18 @@ def test_local_paths_are_not_urls(tmp_path: Path):
     """A local directory whose name has a colon is still a local source."""
     make_shards(tmp_path / "a:b", [3])
     assert read_index(str(tmp_path / "a:b")).counts == [3]
+
+
+@pytest.mark.parametrize("name", ["../outside.tar", "/etc/passwd", "sub/dir.tar", ".."])
+def test_sizes_json_naming_files_outside_its_directory_is_refused(tmp_path: Path, name: str) -> None:
+    (tmp_path / "sizes.json").write_text(json.dumps({name: 10}))
+    with pytest.raises(DataError, match="not a file of"):
+        read_index(str(tmp_path))
+
+
+@pytest.mark.parametrize("sizes", [{"a.tar": -1}, {"a.tar": "10"}, {"a.tar": 1.5}, ["a.tar"]])
+def test_sizes_json_with_bad_counts_is_refused(tmp_path: Path, sizes: object) -> None:
+    (tmp_path / "a.tar").write_bytes(b"")
+    (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+    with pytest.raises(DataError, match="not a mapping of shard names to sample counts"):
+        read_index(str(tmp_path))

@@ -143,3 +143,87 @@ def test_sync_sends_what_the_server_missed(tiny_shards: Path, tmp_path: Path, se
     )
     assert synced.returncode == 0, synced.stderr[-2000:]
     assert server.steps(run_dir) == list(range(1, 301))
+
+
+def _sync(run_dir: Path, uri: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vegan_scale", "sync", str(run_dir), "--uri", uri],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _server_view(server: Server, run_dir: Path) -> dict:
+    """Everything the server holds of a run: status and end time, params, metric histories, artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server.uri)
+    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    artifacts = sorted(
+        a.path for folder in ("", "images", "model") for a in client.list_artifacts(run.info.run_id, folder)
+    )
+    histories = {
+        k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics
+    }
+    return {
+        "status": run.info.status,
+        "end_time": run.info.end_time,
+        "params": run.data.params,
+        "metrics": histories,
+        "artifacts": artifacts,
+    }
+
+
+def test_sync_creates_the_run_a_server_never_saw(tiny_shards: Path, tmp_path: Path, server: Server) -> None:
+    """tracking.on_unreachable=continue and a server that never answered while the run trained: `vegan-scale sync`
+    later creates the MLflow run and sends params, every metric, the figures, the config and the exported model,
+    and sets the final status; a second sync changes nothing."""
+    run_dir = tmp_path / "mnist" / "never"
+    args = _args(
+        tiny_shards,
+        tmp_path,
+        "never",
+        server.uri,
+        "tracking.on_unreachable=continue",
+        "tracking.close_timeout_s=1",
+        "train.max_steps=30",
+        "eval.every_steps=15",
+    )
+    trained = run(single(args))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert not (run_dir / "mlflow_run_id").exists()
+    server.start()
+    first = _sync(run_dir, server.uri)
+    assert first.returncode == 0, first.stderr[-3000:]
+    view = _server_view(server, run_dir)
+    assert view["status"] == "FINISHED"
+    assert view["params"]["penalty.kind"] == "mmd" and view["params"]["train.max_steps"] == "30"
+    assert [step for step, _ in view["metrics"]["train/loss"]] == list(range(1, 31))
+    assert {"config.yaml", "model/model.safetensors", "model/model.yaml"} <= set(view["artifacts"])
+    figures = len(list((run_dir / "figures").glob("*.png")))
+    assert figures == 6 and len([a for a in view["artifacts"] if a.startswith("images/")]) >= figures
+    again = _sync(run_dir, server.uri)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _server_view(server, run_dir) == view
+
+
+def test_sync_after_a_mid_run_outage_finishes_the_run(tiny_shards: Path, tmp_path: Path, server: Server) -> None:
+    """The server went away mid-run and the run ended before it came back: sync sends the rest, the figures and the
+    model, and the run no longer shows RUNNING."""
+    server.start()
+    run_dir = tmp_path / "mnist" / "gone"
+    extra = ("tracking.close_timeout_s=1", "train.max_steps=60", "eval.every_steps=30")
+    proc = start(single(_args(tiny_shards, tmp_path, "gone", server.uri, *extra)))
+    wait_for_step(proc, run_dir, 5)
+    server.stop()
+    code, out = finish(proc)
+    assert code == 0, out[-3000:]
+    server.start()
+    assert _server_view(server, run_dir)["status"] == "RUNNING"
+    synced = _sync(run_dir, server.uri)
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    view = _server_view(server, run_dir)
+    assert view["status"] == "FINISHED" and "model/model.safetensors" in view["artifacts"]
+    assert [step for step, _ in view["metrics"]["train/loss"]] == list(range(1, 61))

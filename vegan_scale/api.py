@@ -9,7 +9,7 @@ from typing import Any
 from vegan_scale import export
 from vegan_scale.config.load import load_config
 from vegan_scale.models.autoencoder import AutoEncoder
-from vegan_scale.registry import ExperimentConfig, build_model
+from vegan_scale.registry import ExperimentConfig, load_model
 
 
 def train(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = (), stops: Any = None) -> Path:
@@ -34,8 +34,8 @@ def train(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = (),
 
 def load(directory: str | Path, device: str = "cpu") -> AutoEncoder:
     """The auto-encoder exported in ``directory`` (a run's ``export/`` or ``vegan-scale export``'s output), in
-    evaluation mode, with ``encode``, ``decode``, ``reconstruct`` and ``sample(n)``."""
-    weights, config_path = export.read(Path(directory))
-    model = build_model(load_config(ExperimentConfig, config_path))
-    model.load_state_dict(weights)
-    return model.to(device).eval()
+    evaluation mode, with ``encode``, ``decode``, ``reconstruct`` and ``sample(n)``. Nothing in the files is
+    executed or interpolated, and the weights' shapes are checked before the network is built."""
+    directory = Path(directory)
+    cfg = load_config(ExperimentConfig, export.read_sections(directory))
+    return load_model(cfg, directory / export.MODEL_FILE, device)

@@ -178,8 +178,8 @@ def module_file(path: Path, name: str = AUTOENCODER) -> Path:
     return path / f"{name}.safetensors"
 
 
-def read_module(path: Path, name: str) -> dict[str, torch.Tensor]:
-    """A module's weights from a checkpoint directory."""
+def existing_module_file(path: Path, name: str = AUTOENCODER) -> Path:
+    """:func:`module_file`, which must exist (else a CheckpointError that says what the checkpoint holds)."""
     file = module_file(path, name)
     if not file.exists():
         present = ", ".join(sorted(p.name for p in path.iterdir())) if path.is_dir() else "nothing"
@@ -187,6 +187,12 @@ def read_module(path: Path, name: str) -> dict[str, torch.Tensor]:
             f"{file} not found (the checkpoint holds {present}): it was written by another version of vegan_scale "
             "or is damaged; evaluate or resume from a checkpoint of this version"
         )
+    return file
+
+
+def read_module(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """A module's weights from a checkpoint directory."""
+    file = existing_module_file(path, name)
     try:
         return load_file(file)
     except Exception as e:  # safetensors reports a damaged header or short file in several ways

@@ -96,16 +96,18 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _sync(args: argparse.Namespace) -> None:
-    import yaml
-
+    from vegan_scale.config.load import load_config
+    from vegan_scale.registry import ExperimentConfig
     from vegan_scale.rundir import RunDir
     from vegan_scale.tracking import resolve_uri, sync
 
     run_dir = RunDir(args.run_dir)
-    config = yaml.safe_load(run_dir.config.read_text())
-    uri = args.uri or resolve_uri(config["tracking"]["uri"], Path(config["run"]["root"]))
-    sync(run_dir, uri)
-    print(f"{args.run_dir}: metrics sent to {uri}")
+    if not run_dir.is_run():
+        raise ConfigError(f"{args.run_dir} is not a run directory (it has no {run_dir.config.name})")
+    cfg = load_config(ExperimentConfig, run_dir.config)
+    uri = args.uri or resolve_uri(cfg.tracking.uri, Path(cfg.run.root))
+    run_id = sync(run_dir, cfg, uri)
+    print(f"{args.run_dir}: MLflow run {run_id} at {uri} is up to date")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -192,7 +194,12 @@ def _add_export_and_sync(sub: Any) -> None:
     e.add_argument("--out", type=Path, required=True, help="output directory")
     e.set_defaults(run=_export)
 
-    y = sub.add_parser("sync", help="send a run directory's metrics to its MLflow run (what the server lacks)")
+    y = sub.add_parser(
+        "sync",
+        help="bring a run directory's MLflow run up to date (creating it if the server never saw it)",
+        description="Send what the tracking server lacks of a run directory: params, metrics, figures, config and "
+        "exported model, then the final status from exit_status.json. Running it twice changes nothing.",
+    )
     y.add_argument("run_dir", type=Path)
     y.add_argument("--uri", help="tracking URI (default: the run's tracking.uri, $MLFLOW_TRACKING_URI, or sqlite)")
     y.set_defaults(run=_sync)

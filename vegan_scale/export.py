@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vegan_scale import atomic
@@ -45,18 +46,49 @@ def write(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str
 def read(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """(weights, path of model.yaml) of an export directory; a clear error when it is not one."""
     directory = Path(directory)
+    _check_is_export(directory)
+    return load_file(directory / MODEL_FILE), directory / CONFIG_FILE
+
+
+def _check_is_export(directory: Path) -> None:
     missing = [f for f in (MODEL_FILE, CONFIG_FILE) if not (directory / f).exists()]
     if missing:
         raise ConfigError(
             f"{directory} is not an exported model (missing {', '.join(missing)}); export one with "
             "`vegan-scale export CHECKPOINT --out DIR` or use a run's export/ directory"
         )
-    return load_file(directory / MODEL_FILE), directory / CONFIG_FILE
+
+
+def read_sections(directory: Path) -> dict[str, Any]:
+    """model.yaml of an export as plain data: it may hold no interpolation (``${...}``, which could read the
+    environment) and no ``inherit`` (which could read other files); a ConfigError says what it holds instead."""
+    directory = Path(directory)
+    _check_is_export(directory)
+    path = directory / CONFIG_FILE
+    try:
+        sections = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(sections, dict) or set(sections) - set(SECTIONS):
+        raise ConfigError(f"{path} must hold only the sections {', '.join(SECTIONS)}: it is not an export's")
+    found = [k for k, v in flat_keys(sections).items() if isinstance(v, str) and "${" in v]
+    if found:
+        raise ConfigError(f"{path} holds interpolations ({', '.join(found)}): an export's model.yaml is plain data")
+    return sections
+
+
+def weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor in a safetensors file, from its header (no tensor is read)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except Exception as e:  # a damaged header is reported in several ways
+        raise ConfigError(f"{file} is not a readable safetensors file ({str(e)[:200]})") from None
 
 
 def check_compatible(directory: Path, config: dict[str, Any]) -> None:
     """Refuse to start from an export whose network or prior differs from the configured one, naming the keys."""
-    saved = yaml.safe_load((Path(directory) / CONFIG_FILE).read_text())
+    saved = read_sections(directory)
     wanted = model_sections(config)
     diffs = [
         f"{section}.{key}: export {saved[section].get(key)!r}, config {value!r}"

@@ -7,10 +7,16 @@ configuration into the plain arguments the math takes.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import load_file
 
 from vegan_scale.config.fields import Requirement
 from vegan_scale.config.schema import assemble
+from vegan_scale.errors import ConfigError
+from vegan_scale.export import weight_shapes
 from vegan_scale.models import conv, mlp, pythae_conv, resnet
 from vegan_scale.models.autoencoder import AutoEncoder, build_autoencoder
 from vegan_scale.models.base import NetworkSpec
@@ -70,6 +76,22 @@ def build_model(cfg: Any) -> AutoEncoder:
         m.decoder,
         m.noise_dim,
     )
+
+
+def load_model(cfg: Any, weights: Path, device: torch.device | str = "cpu") -> AutoEncoder:
+    """The auto-encoder ``cfg`` describes with the weights of a safetensors file, in evaluation mode. The file's
+    tensor names and shapes are checked against the network, built without memory (on the meta device), before
+    anything is allocated: a doctored configuration cannot make it build a huge network first."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+    found = weight_shapes(weights)
+    if found != expected:
+        differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        details = "; ".join(f"{k}: network {expected.get(k)}, file {found.get(k)}" for k in differ[:4])
+        raise ConfigError(f"{weights} does not hold the weights of the configured network ({details})")
+    model = build_model(cfg)
+    model.load_state_dict(load_file(weights))
+    return model.to(device).eval()
 
 
 def build_penalty(cfg: Any) -> LatentPenalty:

@@ -92,6 +92,12 @@ class RunDir:
     def figure(self, key: str, step: int) -> Path:
         return self.figures / f"{key}_{step:08d}.png"
 
+    def saved_figures(self) -> list[tuple[str, int, Path]]:
+        """(key, step, path) of every figure saved, by step."""
+        found = [(p.stem.rpartition("_"), p) for p in self.figures.glob("*_*.png")]
+        figures = [(key, int(step), p) for (key, _, step), p in found if step.isdigit()]
+        return sorted(figures, key=lambda f: (f[1], f[0]))
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / checkpoint_name(step)
 

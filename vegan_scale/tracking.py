@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vegan_scale import metrics_log, retry
+from vegan_scale import metrics_log, provenance, retry
 from vegan_scale.config.load import flat_keys
-from vegan_scale.errors import ConfigError
+from vegan_scale.errors import ConfigError, ExitCode
 from vegan_scale.retry import Backoff
 from vegan_scale.rundir import RunDir
 
@@ -91,6 +91,21 @@ class NewRun:
     tags: dict[str, str]  # a continued run adds this attempt's tags to the run it reopens
     params: dict[str, str]
     artifact_root: Path | None  # where a new experiment keeps its artifacts (None: the server's default)
+
+    @classmethod
+    def of(cls, cfg: Any, run_dir: RunDir, uri: str, tags: dict[str, str]) -> NewRun:
+        """A run directory's MLflow run: its experiment, name and params from the configuration, tags saying what
+        a person filters runs by (the code, the recipe; how it was launched from ``tags``)."""
+        recipe = {"recipe": f"{cfg.penalty.kind}/{cfg.cost.kind}/{cfg.model.network}"}
+        # with a local store, keep artifacts beside mlflow.db rather than in ./mlruns of whatever the cwd is
+        artifact_root = Path(cfg.run.root).resolve() / "mlartifacts" if uri.startswith("sqlite") else None
+        return cls(
+            resolve_experiment(cfg.tracking.experiment, cfg.run.experiment),
+            run_dir.path.name,
+            {**provenance.tags(), **recipe, **tags},
+            as_params(dataclasses.asdict(cfg)),
+            artifact_root,
+        )
 
 
 class _MlflowRun:
@@ -164,6 +179,27 @@ class _MlflowRun:
             self.client.log_image(self.run_id, img.copy(), key=key, step=step)
         self._last[f"figure:{key}"] = step
 
+    def send_params(self, params: dict[str, str]) -> None:
+        """The params the run lacks (a param, once logged, cannot change)."""
+        from mlflow.entities import Param
+
+        held = self.client.get_run(self.run_id).data.params
+        missing = [Param(k, v) for k, v in params.items() if k not in held]
+        for i in range(0, len(missing), 100):
+            self.client.log_batch(self.run_id, params=missing[i : i + 100])
+
+    def send_artifacts(self, path: Path, artifact_path: str | None) -> None:
+        """A file, or a directory's files, among the run's artifacts (under ``artifact_path``), those it lacks."""
+        held = {Path(a.path).name for a in self.client.list_artifacts(self.run_id, artifact_path)}
+        for file in [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()):
+            if file.name not in held:
+                self.client.log_artifact(self.run_id, str(file), artifact_path)
+
+    def finish(self, status: str) -> None:
+        """End the run with ``status``, unless it already ended so."""
+        if self.client.get_run(self.run_id).info.status != status:
+            self.client.set_terminated(self.run_id, status=status)
+
     def send_run_dir(self, run_dir: RunDir) -> None:
         """Send the lines of a run directory's metrics.jsonl the server lacks."""
         for line in metrics_log.read(run_dir.metrics):
@@ -206,22 +242,20 @@ class Tracker:
             self._submit(open_run)
 
     @classmethod
-    def for_run(cls, cfg: Any, run_dir: RunDir, tags: dict[str, str], resume_notes: list[str] | None) -> Tracker | None:
+    def for_run(
+        cls, cfg: Any, run_dir: RunDir, launch_tags: dict[str, str], resume_notes: list[str] | None
+    ) -> Tracker | None:
         """The tracker an experiment's ``tracking`` section asks for (None for ``backend=none``), after checking
-        that a tracking server answers."""
+        that a tracking server answers; ``launch_tags`` say how this attempt was launched."""
         t = cfg.tracking
         if t.backend == "none":
             return None
         uri = resolve_uri(t.uri, Path(cfg.run.root))
         check_reachable(uri, t.on_unreachable)
-        # with a local store, keep artifacts beside mlflow.db rather than in ./mlruns of whatever the cwd is
-        artifact_root = Path(cfg.run.root).resolve() / "mlartifacts" if uri.startswith("sqlite") else None
-        experiment = resolve_experiment(t.experiment, cfg.run.experiment)
-        params = as_params(dataclasses.asdict(cfg))
         tracker = cls(
             run_dir,
             uri=uri,
-            new=NewRun(experiment, run_dir.path.name, tags, params, artifact_root),
+            new=NewRun.of(cfg, run_dir, uri, launch_tags),
             resume_notes=resume_notes,
             close_timeout_s=t.close_timeout_s,
             system_metrics=t.system_metrics,
@@ -333,9 +367,34 @@ def _send(task: Callable[[], None], uri: str, run_dir: RunDir) -> None:
         log.warning("MLflow at %s answers again; sending what waited", uri)
 
 
-def sync(run_dir: RunDir, uri: str) -> None:
-    """Send a run directory's metrics to its MLflow run: the steps the server lacks."""
-    _MlflowRun.of_run_dir(uri, run_dir).send_run_dir(run_dir)
+def final_status(exit_code: int) -> str:
+    """The MLflow status of a run that ended with ``exit_code``."""
+    return {ExitCode.OK: "FINISHED", ExitCode.PREEMPTED: "KILLED", ExitCode.INTERRUPTED: "KILLED"}.get(
+        exit_code, "FAILED"
+    )
+
+
+def sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
+    """Bring a run directory's MLflow run up to date with the directory, creating it when the server never saw it:
+    params, metrics, figures, the configuration and the exported model, then the final status from
+    exit_status.json. Only what the server lacks is sent: running it twice changes nothing. Returns the run id."""
+    run_id = run_dir.read_mlflow_run_id()
+    if run_id is None:
+        run = _MlflowRun.create(uri, NewRun.of(cfg, run_dir, uri, {"sync": "created by vegan-scale sync"}))
+        run_dir.write_mlflow_run_id(run.run_id)
+    else:
+        run = _MlflowRun(uri, run_id, new=False)
+        run.send_params(as_params(dataclasses.asdict(cfg)))
+    run.send_run_dir(run_dir)
+    for key, step, path in run_dir.saved_figures():
+        run.send_figure(step, key, path)
+    run.send_artifacts(run_dir.config, None)
+    if run_dir.export.is_dir():
+        run.send_artifacts(run_dir.export, MODEL_ARTIFACTS)
+    status = run_dir.read_exit_status()
+    if status is not None:
+        run.finish(final_status(status["code"]))
+    return run.run_id
 
 
 def log_to_run(run_dir: RunDir, uri: str, step: int, values: dict[str, float], artifact: Path | None = None) -> str:

@@ -116,6 +116,15 @@ def _read_json(path: Path) -> object:
         raise DataError(f"{path} is not valid JSON ({e}); rewrite the shards") from None
 
 
+def _sizes(value: object, where: str) -> dict[str, int]:
+    """A sizes.json's content, checked: shard names to non-negative sample counts."""
+    if not isinstance(value, dict) or not all(
+        isinstance(n, str) and isinstance(c, int) and not isinstance(c, bool) and c >= 0 for n, c in value.items()
+    ):
+        raise DataError(f"{where} is not a mapping of shard names to sample counts; rewrite the shards")
+    return value
+
+
 def _local_source(spec: str, weight: float, skip_missing: bool) -> ShardSource:
     path = Path(spec)
     pattern = not path.is_dir() and (path.suffix == ".tar" or "{" in spec)
@@ -123,10 +132,16 @@ def _local_source(spec: str, weight: float, skip_missing: bool) -> ShardSource:
     if not directory.is_dir():
         raise DataError(f"no shards at {spec}: {directory} does not exist; {HOWTO}")
     sizes_path = directory / SIZES_FILE
-    sizes = _read_json(sizes_path) if sizes_path.exists() else None
+    sizes = _sizes(_read_json(sizes_path), str(sizes_path)) if sizes_path.exists() else None
     if not pattern and sizes is None:
         raise DataError(f"no shards at {spec}: {sizes_path} is missing; {HOWTO}")
     names = [Path(u).name for u in _expand(spec)] if pattern else sorted(sizes)
+    outside = [n for n in names if Path(n).name != n or n in (".", "..")]
+    if outside:
+        raise DataError(
+            f"{sizes_path} lists {outside[0]!r}, which is not a file of {directory}: a sizes.json names the shards "
+            "beside it; rewrite the shards"
+        )
     missing = [n for n in names if not (directory / n).exists()]
     if missing and not skip_missing:
         raise DataError(
@@ -152,6 +167,7 @@ def _remote_source(spec: str, weight: float) -> ShardSource:
         base = posixpath.dirname(urls[0])
         sizes = _fetch_json(f"{base}/{SIZES_FILE}")
         if sizes is not None:
+            sizes = _sizes(sizes, f"{base}/{SIZES_FILE}")
             names = [posixpath.basename(u) for u in urls]
             unlisted = [n for n in names if n not in sizes]
             if unlisted:

@@ -42,6 +42,7 @@ from vegan_scale.errors import (
 )
 from vegan_scale.rundir import checkpoint_name
 from vegan_scale.stops import Stop, StopRequests
+from vegan_scale.tracking import final_status
 
 log = logging.getLogger("vegan_scale")
 
@@ -84,7 +85,7 @@ def _run_to_the_end(run: Run, stops: StopRequests) -> None:
         # the status first: under a launcher, other processes ending may get this one killed before long
         if run.accelerator.is_main_process:
             run.dir.write_exit_status(code, reason, run.step)
-        run.records.close({ExitCode.OK: "FINISHED", ExitCode.PREEMPTED: "KILLED"}.get(code, "FAILED"))
+        run.records.close(final_status(code))
 
 
 def _lost_peer(error: Exception) -> bool:

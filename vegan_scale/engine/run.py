@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from vegan_scale import metrics_log, provenance, rundir
+from vegan_scale import metrics_log, rundir
 from vegan_scale.config.load import to_yaml
 from vegan_scale.data.pipeline import TrainStream
 from vegan_scale.distributed.accelerator import BatchLayout, apply_layout, build_accelerator, launch_tags
@@ -69,9 +69,7 @@ def _records(cfg: Any, run_dir: RunDir, accelerator: Accelerator, start_step: in
     continuing = notes is not None
     if continuing:
         metrics_log.truncate(run_dir.metrics, start_step)
-    tags = {**provenance.tags(), **launch_tags(accelerator)}
-    tags["recipe"] = f"{cfg.penalty.kind}/{cfg.cost.kind}/{cfg.model.network}"
-    return Records(MetricsLog(run_dir.metrics), Tracker.for_run(cfg, run_dir, tags, notes))
+    return Records(MetricsLog(run_dir.metrics), Tracker.for_run(cfg, run_dir, launch_tags(accelerator), notes))
 
 
 def build_run(cfg: Any, started_at: float) -> Run:

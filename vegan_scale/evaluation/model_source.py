@@ -22,7 +22,7 @@ from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import load_images
 from vegan_scale.errors import ConfigError
 from vegan_scale.models.autoencoder import AutoEncoder
-from vegan_scale.registry import ExperimentConfig, build_model, image_shape
+from vegan_scale.registry import ExperimentConfig, image_shape, load_model
 from vegan_scale.rundir import RunDir, is_complete
 
 
@@ -43,12 +43,6 @@ class ModelSource:
         return load_images(read_index(test_data or self.config.data.test), self.image_shape, limit)[0]
 
 
-def _build(config: Any, weights: dict[str, torch.Tensor], device: torch.device | str) -> AutoEncoder:
-    model = build_model(config)
-    model.load_state_dict(weights)
-    return model.to(device).eval()
-
-
 def _from_checkpoint(path: Path, device: torch.device | str) -> ModelSource:
     run_dir = RunDir.containing(path)
     config_file = path / checkpoint.CONFIG
@@ -57,20 +51,20 @@ def _from_checkpoint(path: Path, device: torch.device | str) -> ModelSource:
             raise ConfigError(f"checkpoint {path} has no {checkpoint.CONFIG} and no run directory above it")
         config_file = run_dir.config
     config = load_config(ExperimentConfig, config_file)
-    weights = checkpoint.read_module(path, checkpoint.AUTOENCODER)
+    weights = checkpoint.existing_module_file(path)
     step = checkpoint.read_state(path)["step"]
     run_path = run_dir.path if run_dir else None
-    return ModelSource(_build(config, weights, device), config, run_path, step, checkpoint.module_file(path))
+    return ModelSource(load_model(config, weights, device), config, run_path, step, weights)
 
 
 def _from_export(path: Path, device: torch.device | str) -> ModelSource:
     run_dir = RunDir(path.parent) if RunDir(path.parent).is_run() else None
-    weights, model_yaml = export.read(path)
-    config = load_config(ExperimentConfig, run_dir.config if run_dir else model_yaml)
+    config = load_config(ExperimentConfig, run_dir.config if run_dir else export.read_sections(path))
     newest = run_dir.newest_checkpoint() if run_dir else None
     step = checkpoint.read_state(newest)["step"] if newest else None
     run_path = run_dir.path if run_dir else None
-    return ModelSource(_build(config, weights, device), config, run_path, step, path / export.MODEL_FILE)
+    weights = path / export.MODEL_FILE
+    return ModelSource(load_model(config, weights, device), config, run_path, step, weights)
 
 
 def open_model(path: Path, device: torch.device | str = "cpu") -> ModelSource:

@@ -1,0 +1,67 @@
+"""Exports read as data: the weights' shapes are checked against the network before it is built, and model.yaml is
+plain data (no interpolation that could read the environment, no inherit that could read other files)."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import vegan_scale
+from vegan_scale import export
+from vegan_scale.config.load import load_config
+from vegan_scale.errors import ConfigError
+from vegan_scale.registry import ExperimentConfig, build_model
+
+SMALL = ["model.network=mlp", "model.mlp.hidden=[16]", "model.latent_dim=4"]
+
+
+@pytest.fixture()
+def exported(tmp_path: Path) -> Path:
+    cfg = load_config(ExperimentConfig, None, SMALL)
+    torch.manual_seed(0)
+    return export.write(tmp_path / "export", build_model(cfg).state_dict(), dataclasses.asdict(cfg))
+
+
+def doctor(directory: Path, key: str, value: object) -> None:
+    sections = yaml.safe_load((directory / export.CONFIG_FILE).read_text())
+    section, _, field = key.partition(".")
+    *path, last = field.split(".")
+    target = sections[section]
+    for part in path:
+        target = target[part]
+    target[last] = value
+    (directory / export.CONFIG_FILE).write_text(yaml.safe_dump(sections))
+
+
+def test_export_loads_back(exported: Path) -> None:
+    model = vegan_scale.load(exported)
+    assert model.sample(3).shape == (3, 1, 28, 28)
+
+
+def test_a_doctored_width_is_refused_before_anything_is_allocated(exported: Path) -> None:
+    """model.yaml says the MLP is a million units wide (4 TB of parameters in float32): the shapes in the
+    safetensors header are compared with the network built on the meta device first, so the refusal costs nothing."""
+    doctor(exported, "model.mlp.hidden", [1_000_000, 1_000_000])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ConfigError, match=r"does not hold the weights of the configured network .*network \(1000000"):
+        vegan_scale.load(exported)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: under 100 MB
+
+
+@pytest.mark.parametrize("value", ["${oc.env:HOME}", "${model.latent_dim}"])
+def test_interpolation_in_model_yaml_is_refused(exported: Path, value: str) -> None:
+    doctor(exported, "prior.kind", value)
+    with pytest.raises(ConfigError, match="interpolation"):
+        vegan_scale.load(exported)
+
+
+def test_inherit_in_model_yaml_is_refused(exported: Path, tmp_path: Path) -> None:
+    text = (exported / export.CONFIG_FILE).read_text()
+    (exported / export.CONFIG_FILE).write_text(f"inherit: {tmp_path / 'other.yaml'}\n{text}")
+    with pytest.raises(ConfigError, match="only the sections"):
+        vegan_scale.load(exported)

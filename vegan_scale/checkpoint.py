@@ -8,7 +8,8 @@ Layout under ``<run_dir>/checkpoints/``::
       <module>/                 instead of the two above under DeepSpeed: the engine's own (ZeRO-sharded) files
       rng_rank<R>.pt            every process's random generator states (torch, CUDA, Python, NumPy)
       scaler.pt                 the fp16 gradient scaler's state (fp16 runs)
-      state.json                step, micro-batches consumed, epoch, world size, distribution mode, MLflow run id
+      state.json                step, micro-batches consumed, epoch, world size, distribution mode, MLflow run id,
+                                and every other file of the checkpoint with its size (what a resume requires)
       config.yaml               the resolved configuration the run had when it saved
       COMPLETE                  written last: a directory without it is ignored
     latest                      name of the newest complete checkpoint, replaced atomically

@@ -99,7 +99,7 @@ def _sync(args: argparse.Namespace) -> None:
     from vegan_scale.config.load import load_config
     from vegan_scale.registry import ExperimentConfig
     from vegan_scale.rundir import RunDir
-    from vegan_scale.tracking import resolve_uri, sync
+    from vegan_scale.tracking.mlflow_run import resolve_uri, sync
 
     run_dir = RunDir(args.run_dir)
     if not run_dir.is_run():
@@ -139,7 +139,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _log_eval(source: Any, run_dir: Any, result: Any, eval_json: Path) -> None:
     """The evaluation's metrics (final/…, the floor as final/real/…) and eval.json, into the run's MLflow run."""
-    from vegan_scale.tracking import log_to_run, resolve_uri
+    from vegan_scale.tracking.mlflow_run import log_to_run, resolve_uri
 
     values = {f"final/{k}": v for k, v in result.model.items()}
     values |= {f"final/real/{k}": v for k, v in result.real.items()}

@@ -42,7 +42,7 @@ from vegan_scale.errors import (
 )
 from vegan_scale.rundir import checkpoint_name
 from vegan_scale.stops import Stop, StopRequests
-from vegan_scale.tracking import final_status
+from vegan_scale.tracking.mlflow_run import final_status
 
 log = logging.getLogger("vegan_scale")
 

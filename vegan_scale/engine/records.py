@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vegan_scale.metrics_log import MetricsLog
-from vegan_scale.tracking import Tracker
+from vegan_scale.tracking.tracker import Tracker
 
 
 @dataclass

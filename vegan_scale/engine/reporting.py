@@ -8,7 +8,7 @@ import logging
 from tqdm import tqdm
 
 from vegan_scale.engine.run import Run
-from vegan_scale.tracking import ui_command
+from vegan_scale.tracking.mlflow_run import ui_command
 
 log = logging.getLogger("vegan_scale")
 

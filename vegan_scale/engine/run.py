@@ -31,7 +31,7 @@ from vegan_scale.engine.schedule import Steps
 from vegan_scale.errors import ConfigError, exit_status
 from vegan_scale.metrics_log import MetricsLog
 from vegan_scale.rundir import RunDir
-from vegan_scale.tracking import Tracker
+from vegan_scale.tracking.tracker import Tracker
 
 
 @dataclass(kw_only=True)

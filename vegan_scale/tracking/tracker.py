@@ -1,0 +1,198 @@
+"""The main process's tracker: the MLflow run opened before training, then everything sent by one background thread.
+
+Training never waits for tracking: the engine writes each metric flush to ``metrics.jsonl`` in the run directory
+first (:mod:`vegan_scale.metrics_log`), then hands it to :class:`Tracker`, whose single background thread owns the
+MLflow client and sends in order. Nothing is lost when the server goes away: a send that fails for a transient
+reason (connection refused, timeout, HTTP 5xx) is retried with backoff, in order, until it goes through; meanwhile
+training goes on and the queue grows. When the run ends with sends still pending, the warning says how to send them
+later (``vegan-scale sync RUN_DIR``), since ``metrics.jsonl`` holds everything. Only the main process (global rank
+0) tracks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vegan_scale import retry
+from vegan_scale.retry import Backoff
+from vegan_scale.rundir import RunDir
+from vegan_scale.tracking.mlflow_run import (
+    MODEL_ARTIFACTS,
+    MlflowRun,
+    NewRun,
+    check_reachable,
+    resolve_uri,
+)
+
+log = logging.getLogger(__name__)
+
+SEND_BACKOFF = Backoff(attempts=None, backoff_s=1.0, max_wait_s=30.0)  # a send waits for the server for ever
+# Errors a retry cannot fix: the request itself is wrong.
+PERMANENT_ERRORS = ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE")
+
+
+class Tracker:
+    """The main process's MLflow run: params, tags, metrics, figures and the model, sent by a background thread."""
+
+    def __init__(
+        self,
+        run_dir: RunDir,
+        *,
+        uri: str,
+        new: NewRun,
+        resume_notes: list[str] | None = None,
+        close_timeout_s: float = 60.0,
+        system_metrics: bool = False,
+    ) -> None:
+        """``resume_notes`` is None for a new run, else the allowed setting changes of a continued one;
+        ``system_metrics`` adds MLflow's sampler of this node's CPU, memory, disk, network (and GPU) use."""
+        self.run_dir, self.uri, self.close_timeout_s = run_dir, uri, close_timeout_s
+        self.system_metrics, self._monitor = system_metrics, None
+        self.mlflow: MlflowRun | None = None
+        self.pending = 0
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+        # Opening the run (and, for a new sqlite store, creating its tables) happens before the first step: a
+        # process killed while MLflow migrates a sqlite file leaves it unusable, so that window stays out of training.
+        open_run = functools.partial(self._open_run, new, resume_notes)
+        try:
+            open_run()
+        except Exception as e:
+            log.warning(
+                "MLflow at %s cannot open the run yet (%s); retrying in the background",
+                uri,
+                str(e).splitlines()[0][:200],
+            )
+            self._submit(open_run)
+
+    @classmethod
+    def for_run(
+        cls, cfg: Any, run_dir: RunDir, launch_tags: dict[str, str], resume_notes: list[str] | None
+    ) -> Tracker | None:
+        """The tracker an experiment's ``tracking`` section asks for (None for ``backend=none``), after checking
+        that a tracking server answers; ``launch_tags`` say how this attempt was launched."""
+        t = cfg.tracking
+        if t.backend == "none":
+            return None
+        uri = resolve_uri(t.uri, Path(cfg.run.root))
+        check_reachable(uri, t.on_unreachable)
+        tracker = cls(
+            run_dir,
+            uri=uri,
+            new=NewRun.of(cfg, run_dir, uri, launch_tags),
+            resume_notes=resume_notes,
+            close_timeout_s=t.close_timeout_s,
+            system_metrics=t.system_metrics,
+        )
+        tracker.log_artifact(run_dir.config)
+        return tracker
+
+    @property
+    def run_id(self) -> str | None:
+        return self.mlflow.run_id if self.mlflow else None
+
+    def _open_run(self, new: NewRun, resume_notes: list[str] | None) -> None:
+        from mlflow.entities import RunTag
+
+        run_id = self.run_dir.read_mlflow_run_id()
+        if resume_notes is not None and run_id is not None:
+            self.mlflow = MlflowRun(self.uri, run_id, new=False)
+            client = self.mlflow.client
+            count = int(client.get_run(run_id).data.tags.get("resume.count", "0")) + 1
+            client.update_run(run_id, status="RUNNING")
+            tags = {**new.tags, "resume.count": str(count)}  # this attempt's launch, commit and restart count
+            if resume_notes:
+                tags[f"resume.{count}.changed"] = "; ".join(resume_notes)[:5000]
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self.mlflow.send_run_dir(self.run_dir)  # what an earlier, killed run still had queued
+        else:
+            self.mlflow = MlflowRun.create(self.uri, new)
+            self.run_dir.write_mlflow_run_id(self.mlflow.run_id)
+        if self.system_metrics:
+            self._start_system_metrics(resume=resume_notes is not None)
+
+    def _start_system_metrics(self, resume: bool) -> None:
+        """MLflow's system-metrics sampler for a run made through the client (``start_run(log_system_metrics=True)``
+        is for fluent runs only): a thread of its own, stopped in :meth:`close` before the run ends."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            self._monitor = SystemMetricsMonitor(self.mlflow.run_id, resume_logging=resume, tracking_uri=self.uri)
+        except Exception as e:  # optional: never worth failing (or re-opening) the run for
+            log.warning("MLflow system metrics are off: %s", e)
+            return
+        self._monitor.start()
+
+    def _stop_system_metrics(self) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+
+    def log_metrics(self, step: int, values: dict[str, float]) -> None:
+        """Send metrics for ``step`` (already in metrics.jsonl)."""
+        self._submit(lambda: self.mlflow.send_metrics(step, values))
+
+    def log_figure(self, step: int, key: str, path: Path) -> None:
+        """Send an image already saved in the run directory (shown in MLflow's image view, with its step)."""
+        self._submit(lambda: self.mlflow.send_figure(step, key, path))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._submit(lambda: self.mlflow.client.log_artifact(self.mlflow.run_id, str(path), artifact_path))
+
+    def log_export(self, directory: Path) -> None:
+        """The exported model (model.safetensors + model.yaml, no pickle) as the run's ``model/`` artifacts:
+        ``vegan_scale.load`` reads them once downloaded."""
+        self._submit(lambda: self.mlflow.client.log_artifacts(self.mlflow.run_id, str(directory), MODEL_ARTIFACTS))
+
+    def close(self, status: str) -> None:
+        """Finish the MLflow run with ``status`` (FINISHED, FAILED, KILLED) and wait, boundedly, for the queue."""
+        self._submit(self._stop_system_metrics)  # its last samples, while the run still accepts them
+        self._submit(lambda: self.mlflow.client.set_terminated(self.mlflow.run_id, status=status))
+        self._queue.put(None)
+        self._thread.join(self.close_timeout_s)
+        if self._thread.is_alive():
+            log.warning(
+                "MLflow at %s has not taken %d pending update(s) after %.0f s; everything is in %s: send it "
+                "with `vegan-scale sync %s` once the server answers",
+                self.uri,
+                self.pending,
+                self.close_timeout_s,
+                self.run_dir.metrics,
+                self.run_dir.path,
+            )
+
+    def _submit(self, task: Callable[[], None]) -> None:
+        self.pending += 1
+        self._queue.put(task)
+
+    def _work(self) -> None:
+        while (task := self._queue.get()) is not None:
+            _send(task, self.uri, self.run_dir)
+            self.pending -= 1
+
+
+def _send(task: Callable[[], None], uri: str, run_dir: RunDir) -> None:
+    """Run a task, retrying transient failures with backoff for as long as it takes; a request the server refuses
+    is dropped (the run directory keeps it)."""
+    failing: list[Exception] = []
+
+    def warn_once(error: Exception, wait: float) -> None:
+        if not failing:
+            first = str(error).splitlines()[0][:200]
+            log.warning("MLflow at %s fails (%s); training goes on, updates wait and are retried", uri, first)
+        failing.append(error)
+
+    try:
+        retry.call(task, SEND_BACKOFF, lambda e: getattr(e, "error_code", None) not in PERMANENT_ERRORS, warn_once)
+    except Exception as e:  # refused: tracking must never end training
+        log.warning("MLflow refused an update (%s); it stays in %s", e, run_dir.metrics)
+        return
+    if failing:
+        log.warning("MLflow at %s answers again; sending what waited", uri)

@@ -67,10 +67,15 @@ WAE_MMD = {
     "optim.lr": 1e-3,
     "optim.betas": [0.5, 0.999],
     "optim.lr_milestones": [30.0, 50.0],
-    "optim.lr_factors": [0.5, 0.2],
+    "optim.lr_factors": [0.5, 0.1],  # the official code: / 2 at epoch 30, / 5 again at epoch 50
     "train.global_batch_size": 100,
     "train.epochs": 100.0,
     "train.max_steps": None,
+    # the official MNIST config's stabilisers
+    "model.input_noise": 0.01,
+    "model.init_std": 0.0099999,
+    "train.encoder_pretrain_steps": 200,
+    "train.encoder_pretrain_batch": 1000,
 }
 RECIPES = {
     "wae_mmd": WAE_MMD,
@@ -81,11 +86,15 @@ RECIPES = {
         "penalty.adversarial.hidden": 512,
         "penalty.adversarial.layers": 4,
         "penalty.adversarial.lr": 5e-4,
+        "penalty.adversarial.init_std": 0.0099999,
+        "penalty.adversarial.reencode": True,
+        "penalty.adversarial.p_trick": False,
     },
     "aae": WAE_MMD
     | {"penalty.kind": "adversarial", "model.encoder": "gaussian", "penalty.weight": 1.0, "cost.kind": "l2sq"},
     "vae": WAE_MMD
-    | {"penalty.kind": "kl", "penalty.weight": 1.0, "cost.kind": "bernoulli", "model.encoder": "gaussian"},
+    | {"penalty.kind": "kl", "penalty.weight": 1.0, "cost.kind": "bernoulli", "model.encoder": "gaussian"}
+    | {"model.input_noise": 0.0, "model.init_std": None, "train.encoder_pretrain_steps": 0},
     "swae": WAE_MMD | {"penalty.kind": "sliced", "penalty.sliced.projections": 50, "penalty.sliced.p": 2.0},
     "quickstart": WAE_MMD
     | {"model.conv.width": 16, "train.max_steps": 1500, "eval.every_steps": 500, "checkpoint.every_steps": 500},

@@ -15,6 +15,7 @@ CHECKS = [
     "one_step_wae_mmd_matches_one_process",
     "one_step_wae_gan_matches_one_process",
     "ranks_end_with_identical_parameters",
+    "global_sliced_wasserstein_float64",
 ]
 
 
@@ -58,3 +59,10 @@ def test_ranks_end_with_identical_parameters(results: dict) -> None:
     """After 20 WAE-GAN steps on different data, both ranks hold bit-identical auto-encoder and critic weights."""
     for rank_result in results["ranks_end_with_identical_parameters"]:
         assert rank_result["identical"] and rank_result["size"] > 100
+
+
+def test_global_sliced_wasserstein_equals_one_process_float64(results: dict) -> None:
+    """SWAE's global scope: two processes give one process's estimate on the concatenated batch, value and this
+    rank's gradients to 1e-9 in float64, so lambda means the same at every world size."""
+    for r in results["global_sliced_wasserstein_float64"]:
+        assert r["value_rel"] < 1e-9 and r["grad_rel"] < 1e-9 and r["penalty_agrees"], r

@@ -27,7 +27,7 @@ SECTIONS = ("data", "model", "prior")
 
 def model_sections(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a resolved configuration (as nested dicts) that define the network and its prior."""
-    data = {k: config["data"][k] for k in ("image_size", "channels")}
+    data = {k: config["data"][k] for k in ("image_size", "channels", "input_range") if k in config["data"]}
     return {"data": data, "model": config["model"], "prior": config["prior"]}
 
 

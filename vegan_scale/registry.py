@@ -45,6 +45,7 @@ def _requirements() -> tuple[Requirement, ...]:
         for key, allowed in (("model.encoder", spec.encoders), ("prior.kind", spec.priors)):
             if allowed is not None:
                 rules.append(Requirement("penalty.kind", name, key, allowed))
+        rules.extend(spec.rules)
     return tuple(rules)
 
 
@@ -75,6 +76,9 @@ def build_model(cfg: Any) -> AutoEncoder:
         m.encoder,
         m.decoder,
         m.noise_dim,
+        input_noise=m.input_noise,
+        init_std=m.init_std,
+        symmetric=cfg.data.input_range == "symmetric",
     )
 
 

@@ -242,3 +242,33 @@ def ranks_end_with_identical_parameters(ctx: Context) -> dict:
     gathered = [torch.empty_like(flat) for _ in range(ctx.world_size)]
     torch.distributed.all_gather(gathered, flat)
     return {"identical": all(torch.equal(gathered[0], t) for t in gathered), "size": flat.numel()}
+
+
+@check
+def global_sliced_wasserstein_float64(ctx: Context) -> dict:
+    """SW_2^2 over two processes' codes equals one process's on the concatenation (same directions): value and this
+    rank's code gradients, float64; the penalty (directions drawn on rank 0 and shared) agrees on every rank."""
+    from vegan_scale.models.outputs import LatentCodes
+    from vegan_scale.penalties.sliced import SlicedPenalty, global_sliced_wasserstein, sliced_wasserstein
+
+    g = torch.Generator().manual_seed(11)
+    n, d = 6, 3
+    z_all = torch.randn(2 * n, d, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    p_all = torch.randn(2 * n, d, generator=g, dtype=torch.float64)
+    directions = torch.nn.functional.normalize(torch.randn(7, d, generator=g, dtype=torch.float64), dim=1)
+    mine = slice(ctx.rank * n, (ctx.rank + 1) * n)
+    z = z_all[mine].clone().requires_grad_()
+    value = global_sliced_wasserstein(z, p_all[mine], directions, 2.0)
+    value.backward()
+    ref_z = z_all.clone().requires_grad_()
+    ref = sliced_wasserstein(ref_z, p_all, directions, 2.0)
+    ref.backward()
+    torch.manual_seed(100 + ctx.rank)  # different local random streams: the shared directions must win
+    penalty = SlicedPenalty(7, 2.0, "global")(LatentCodes(z=z_all[mine]), p_all[mine])
+    both = [torch.zeros(()) for _ in range(ctx.world_size)]
+    torch.distributed.all_gather(both, penalty.detach().float())
+    return {
+        "value_rel": abs(value.item() - ref.item()) / abs(ref.item()),
+        "grad_rel": ((z.grad - ref_z.grad[mine]).norm() / ref_z.grad[mine].norm()).item(),
+        "penalty_agrees": both[0].item() == both[1].item(),
+    }

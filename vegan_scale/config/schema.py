@@ -72,6 +72,13 @@ class DataConfig:
         bounds=POSITIVE,
     )
     image_size: int = param(28, "Side of the square images in the shards.", bounds=at_least(1))
+    input_range: str = param(
+        "unit",
+        "The range the model sees pixels in: unit, [0, 1] with a sigmoid decoder (the official MNIST recipes); "
+        "symmetric, [-1, 1] with a tanh decoder (the official CelebA recipes' input_normalize_sym). The squared "
+        "cost is four times larger in [-1, 1], so lambda means something else in each.",
+        choices=("unit", "symmetric"),
+    )
     channels: int = param(1, "Image channels in the shards (1 for MNIST, 3 for RGB).", bounds=Range(1, 4))
     num_workers: int = param(
         1, "Loader processes per training process; 0 decodes in the training process.", bounds=at_least(0)
@@ -117,9 +124,9 @@ class OptimConfig:
         [30.0, 50.0], "Epochs at which the learning rate changes (WAE recipe).", bounds=at_least(0)
     )
     lr_factors: list[float] = param(
-        [0.5, 0.2],
+        [0.5, 0.1],
         "Learning rate from each milestone on, as a fraction of optim.lr "
-        "(WAE recipe: halved at epoch 30, a fifth from epoch 50).",
+        "(the official code: halved at epoch 30, then divided by 5 again at epoch 50, 0.1 of the base).",
         bounds=POSITIVE,
     )
 
@@ -163,6 +170,16 @@ class TrainConfig:
     )
     init_from: str | None = param(
         None, "An exported model directory (model.safetensors + model.yaml) whose weights start a new run."
+    )
+    encoder_pretrain_steps: int = param(
+        0,
+        "Before the first step of a new run, fit the mean and covariance of the encoder's codes to the prior's for "
+        "at most this many steps, stopping once the moment loss is below 0.1 (the official e_pretrain: 200); 0: "
+        "no pre-training.",
+        bounds=at_least(0),
+    )
+    encoder_pretrain_batch: int = param(
+        1000, "Images (and prior samples) per pre-training step (official: 1000 MNIST, 256 CelebA).", bounds=at_least(2)
     )
     collective_timeout_s: float = param(
         600.0,
@@ -228,15 +245,37 @@ class ModelBase:
     encoder: str = param("deterministic", "Encoder Q(Z|X).", choices=("deterministic", "gaussian", "implicit"))
     decoder: str = param("deterministic", "Decoder G(Z).", choices=("deterministic", "gaussian"))
     noise_dim: int = param(8, "Noise inputs of the implicit encoder.", bounds=at_least(1))
+    input_noise: float = param(
+        0.0,
+        "Deviation of the truncated normal noise added to the encoder's input while training (the official "
+        "code's e_noise='add_noise': 0.01 in its MNIST and CelebA configs); 0: none.",
+        bounds=at_least(0),
+    )
+    init_std: float | None = param(
+        None,
+        "Draw every weight from a normal of this deviation, biases zero (the official code's init_std, 0.0099999); "
+        "null: PyTorch's default initialisation.",
+        bounds=POSITIVE,
+    )
 
 
 @dataclass
 class PenaltyBase:
     weight: float = param(10.0, "Weight lambda of the latent penalty (0: a plain auto-encoder).", bounds=at_least(0))
+    weight_schedule: str = param(
+        "constant",
+        "constant: lambda stays penalty.weight; adaptive: every penalty.adaptive_every steps lambda <- 0.5 lambda + "
+        "0.5 recon / |penalty| from that step's terms (the official lambda_schedule='adaptive').",
+        choices=("constant", "adaptive"),
+    )
+    adaptive_every: int = param(1000, "Steps between updates of the adaptive lambda.", bounds=at_least(1))
 
 
 # What one setting needs of another; the registry adds those of the registered penalties.
-REQUIREMENTS = (Requirement("cost.kind", "bernoulli", "model.decoder", ("deterministic",)),)
+REQUIREMENTS = (
+    Requirement("cost.kind", "bernoulli", "model.decoder", ("deterministic",)),
+    Requirement("cost.kind", "bernoulli", "data.input_range", ("unit",)),  # pixel probabilities
+)
 
 
 def assemble(networks: dict[str, type], penalties: dict[str, type], requirements: tuple[Requirement, ...]) -> type:

@@ -65,10 +65,12 @@ class DataFeed:
         start: int = 0,
         memory_format: torch.memory_format = torch.contiguous_format,
         stall_timeout_s: float = 300.0,
+        symmetric: bool = False,
     ) -> None:
-        """``start``: micro-batches already consumed (by the run this one continues)."""
+        """``start``: micro-batches already consumed (by the run this one continues); ``symmetric``: batches in
+        [-1, 1] rather than [0, 1] (data.input_range)."""
         self.stream, self.agreement, self.device, self.announce = stream, agreement, device, announce
-        self.memory_format, self.stall_timeout_s = memory_format, stall_timeout_s
+        self.memory_format, self.stall_timeout_s, self.symmetric = memory_format, stall_timeout_s, symmetric
         self.epoch, offset = divmod(start, stream.batches_per_epoch)
         self.error: str | None = None
         self.data_time, self.skipped = 0.0, torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
@@ -103,7 +105,7 @@ class DataFeed:
             self._queue.put((-1, e))
 
     def next(self) -> torch.Tensor:
-        """The next micro-batch as floats in [0, 1] on the device."""
+        """The next micro-batch as floats in the model's range on the device."""
         start = time.perf_counter()
         if self.error is None:
             self._take()
@@ -126,7 +128,8 @@ class DataFeed:
         images, _, skipped = item
         self.epoch = epoch
         self.skipped += skipped
-        images = images.to(self.device, non_blocking=True).float().div_(255)
+        images = images.to(self.device, non_blocking=True).float()
+        images = images.mul_(2 / 255).sub_(1) if self.symmetric else images.div_(255)
         self._last = images.contiguous(memory_format=self.memory_format)
 
     def _stall_message(self) -> str:

@@ -109,6 +109,7 @@ def _fit(run: Run, stops: StopRequests) -> None:
         run.steps.start * run.layout.accumulation,
         layout,
         cfg.data.stall_timeout_s or cfg.train.collective_timeout_s / 2,
+        cfg.data.input_range == "symmetric",
     )
     # A progress bar on a terminal; in a log file (SLURM, CI) one line per metric flush instead.
     interactive = acc.is_main_process and sys.stderr.isatty()
@@ -128,6 +129,8 @@ def _fit(run: Run, stops: StopRequests) -> None:
             for flag, key in NONFINITE_TERMS.items():
                 if key in terms:
                     agreement.raise_if(flag, ~torch.isfinite(terms[key]), step)
+            if cfg.penalty.weight_schedule == "adaptive" and step % cfg.penalty.adaptive_every == 0:
+                _adapt_weight(run, terms)
             metrics.add(terms)
             progress.update()
             last = step == run.steps.total
@@ -142,6 +145,7 @@ def _fit(run: Run, stops: StopRequests) -> None:
                 data_time, skipped = feed.take_counts(acc.num_processes)
                 elapsed = time.perf_counter() - interval_start
                 values |= {"train/lr": cfg.optim.lr * lr_scale, "train/epoch": float(feed.epoch), **skipped}
+                values["train/penalty_weight"] = run.objective.weight
                 values |= reporting.perf_metrics(run, steps, elapsed, data_time, agreement.last_check_ms)
                 reporting.report(run, step, values, progress if interactive else None)
                 interval_start = time.perf_counter()
@@ -153,6 +157,19 @@ def _fit(run: Run, stops: StopRequests) -> None:
         feed.close()
         progress.close()
     _export(run)
+
+
+def _adapt_weight(run: Run, terms: dict[str, torch.Tensor]) -> None:
+    """Collective: the official adaptive lambda, lambda <- 0.5 lambda + 0.5 recon / |penalty|, from this step's terms
+    averaged over every rank (so that every rank keeps the same lambda)."""
+    both = torch.stack([terms["train/recon"], terms["train/penalty"]]).double()
+    if run.accelerator.num_processes > 1:
+        torch.distributed.all_reduce(both)
+        both /= run.accelerator.num_processes
+    recon, penalty = both.tolist()
+    if penalty != 0:
+        run.objective.weight = 0.5 * run.objective.weight + 0.5 * recon / abs(penalty)
+        log.info("penalty weight (adaptive lambda) now %.4g", run.objective.weight)
 
 
 def _agree(run: Run, agreement: Agreement, stops: StopRequests, feed: DataFeed, step: int) -> None:
@@ -239,6 +256,7 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
             "step": step,
             "micro_batches": step * run.layout.accumulation,
             "epoch": epoch,
+            "penalty_weight": run.objective.weight,
             "samples_seen": step * run.layout.global_batch,
             "world_size": acc.num_processes,
             "deepspeed": acc.distributed_type == DistributedType.DEEPSPEED,

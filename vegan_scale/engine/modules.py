@@ -21,6 +21,7 @@ from torch import nn
 from vegan_scale.checkpoint import AUTOENCODER, CRITIC
 from vegan_scale.distributed import deepspeed_support, trainable
 from vegan_scale.distributed.trainable import Trainable
+from vegan_scale.engine.pretrain import pretrain
 from vegan_scale.penalties.base import LatentPenalty
 from vegan_scale.registry import PENALTIES, build_model, build_penalty
 
@@ -45,11 +46,14 @@ def module_names(cfg: Any) -> tuple[str, ...]:
     return (AUTOENCODER, CRITIC) if PENALTIES[cfg.penalty.kind].trains_critic else (AUTOENCODER,)
 
 
-def build_modules(cfg: Any, accelerator: Accelerator) -> tuple[Modules, LatentPenalty]:
-    """The auto-encoder and the penalty (with its critic, if any), built identically on every process and wrapped."""
+def build_modules(cfg: Any, accelerator: Accelerator, new: bool) -> tuple[Modules, LatentPenalty]:
+    """The auto-encoder and the penalty (with its critic, if any), built identically on every process and wrapped.
+    ``new``: a run that starts from its initial parameters, whose encoder is pre-trained when the config asks."""
     torch.manual_seed(cfg.run.seed)  # identical initial parameters on every process
     with _init_context(accelerator):  # under ZeRO-3 the auto-encoder is never whole on one process
         model = build_model(cfg)
+    if new:
+        pretrain(cfg, model)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile:

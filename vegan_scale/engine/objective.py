@@ -46,9 +46,9 @@ def pot_objective(
     return ObjectiveTerms(reconstruction + weight * d_z, reconstruction, d_z, out, z_prior)
 
 
-@dataclass(frozen=True)
+@dataclass
 class POT:
-    """The parts of an experiment's objective: P_Z, c, D_Z and lambda."""
+    """The parts of an experiment's objective: P_Z, c, D_Z and lambda (which an adaptive schedule changes)."""
 
     prior: Prior
     cost: Cost

@@ -70,9 +70,10 @@ def evaluate(
     dtype = next(model.parameters()).dtype
     totals = torch.zeros(3, dtype=torch.float64, device=data.images.device)  # cost, squared error, count
     for chunk in data.images.split(batch_size):
-        recon = model(chunk.to(dtype)).recon
-        totals[0] += cost(chunk, recon).double().sum()
-        totals[1] += (recon.mean.float() - chunk).pow(2).flatten(1).mean(dim=1).double().sum()
+        x = model.to_model(chunk)
+        recon = model(x.to(dtype)).recon
+        totals[0] += cost(x, recon).double().sum()  # in the model's range, as training computes it
+        totals[1] += (model.to_images(recon.mean.float()) - chunk).pow(2).flatten(1).mean(dim=1).double().sum()
         totals[2] += len(chunk)
     totals = sum_over_processes(totals)
     # grid // 2 interpolation lines for grids under 4

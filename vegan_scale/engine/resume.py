@@ -127,6 +127,7 @@ class Resumed:
     path: Path
     step: int
     notes: list[str]  # the allowed setting changes, "key: old -> new"
+    state: dict[str, Any]  # the checkpoint's state.json
 
 
 def restore(
@@ -149,7 +150,7 @@ def restore(
         if not problems:
             _apply(path, read, modules, accelerator)
             log.info("continuing from %s (step %d)", path, state["step"])
-            return Resumed(path, int(state["step"]), notes)
+            return Resumed(path, int(state["step"]), notes, state)
         if named:
             raise CheckpointError(f"cannot continue from {path}: {'; '.join(problems)}")
         log.warning("checkpoint %s cannot be loaded (%s); trying the one before it", path, "; ".join(problems))

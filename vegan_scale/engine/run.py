@@ -99,7 +99,7 @@ def _assemble(cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: 
             "with train.resume=auto"
         )
     stream = open_stream(cfg, accelerator, layout)
-    modules, penalty = build_modules(cfg, accelerator)
+    modules, penalty = build_modules(cfg, accelerator, new=not candidates and not cfg.train.init_from)
     config = dataclasses.asdict(cfg)
     if cfg.train.init_from and not candidates:
         resume.start_from_export(Path(cfg.train.init_from), modules.autoencoder, config)
@@ -109,6 +109,8 @@ def _assemble(cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: 
     named = cfg.train.resume not in ("auto", "never")
     resumed = resume.restore(candidates, named, list(modules), accelerator, config)
     start_step = resumed.step if resumed else 0
+    if resumed is not None:  # the adaptive lambda where the checkpoint left it
+        objective.weight = resumed.state.get("penalty_weight", objective.weight)
     steps = Steps.count(
         start_step, cfg.train.epochs, stream.batches_per_epoch, layout.accumulation, cfg.train.max_steps
     )

@@ -26,7 +26,11 @@ def train_step(run: Run, feed: DataFeed, lr_scale: float) -> dict[str, torch.Ten
             ae.step(run.cfg.optim.lr * lr_scale)
             values = {"train/loss": terms.loss, "train/recon": terms.reconstruction, "train/penalty": terms.penalty}
             if critic is not None:
-                critic_loss = pot.penalty.critic_loss(critic.module, terms.out.codes.z.detach(), terms.z_prior)
+                z_q = terms.out.codes.z.detach()
+                if pot.penalty.reencode:  # the official order: the codes of the auto-encoder just updated
+                    with torch.no_grad():
+                        z_q = ae.module(x).codes.z
+                critic_loss = pot.penalty.critic_loss(critic.module, z_q, terms.z_prior)
                 critic.backward(critic_loss)
                 critic.step(pot.penalty.critic_lr * lr_scale)
                 values["train/critic_loss"] = critic_loss

@@ -34,7 +34,7 @@ def side_by_side(originals: Tensor, reconstructions: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def interpolations(model: torch.nn.Module, images: Tensor, steps: int) -> Tensor:
+def interpolations(model: AutoEncoder, images: Tensor, steps: int) -> Tensor:
     """Decoded points on straight lines in latent space, ``steps`` per line with both ends, line after line: line i
     runs from the code of ``images[i]`` to that of ``images[pairs + i]`` (``pairs = len(images) // 2``).
 
@@ -42,10 +42,10 @@ def interpolations(model: torch.nn.Module, images: Tensor, steps: int) -> Tensor
     prior covers show up as off-manifold images midway.
     """
     pairs = len(images) // 2
-    z = model.encode(images[: 2 * pairs]).z
+    z = model.encode(model.to_model(images[: 2 * pairs])).z
     t = torch.linspace(0, 1, steps, device=z.device, dtype=z.dtype).view(1, steps, 1)
     path = z[:pairs, None] + t * (z[pairs:, None] - z[:pairs, None])
-    return model.decode(path.flatten(0, 1)).mean.float()
+    return model.to_images(model.decode(path.flatten(0, 1)).mean.float())
 
 
 @torch.no_grad()
@@ -56,9 +56,11 @@ def figures(
     codes decoded), ``reconstructions`` (each of ``originals``, floats in [0, 1], left of its reconstruction) and
     ``interpolations`` (lines between the codes of pairs of ``ends``). The model's mode is left as it is."""
     dtype = next(model.parameters()).dtype
+    decoded = model.to_images(model.decode(prior_codes.to(dtype)).mean.float())
+    reconstructed = model.to_images(model(model.to_model(originals).to(dtype)).recon.mean.float())
     return {
-        "samples": image_grid(model.decode(prior_codes.to(dtype)).mean, grid),
-        "reconstructions": image_grid(side_by_side(originals, model(originals.to(dtype)).recon.mean.float()), grid),
+        "samples": image_grid(decoded, grid),
+        "reconstructions": image_grid(side_by_side(originals, reconstructed), grid),
         "interpolations": image_grid(interpolations(model, ends.to(dtype), grid), grid),
     }
 

@@ -146,9 +146,9 @@ def evaluate(
 
     def test_rows(x: Tensor) -> Tensor:
         x = x.to(device).float() / 255
-        out = model(x.to(dtype))
-        per_image = (out.recon.mean.float() - x).pow(2).flatten(1).mean(dim=1)
-        c = reconstruction_cost(x, out.recon, cost[0], cost[1])
+        out = model(model.to_model(x).to(dtype))
+        per_image = (model.to_images(out.recon.mean.float()) - x).pow(2).flatten(1).mean(dim=1)
+        c = reconstruction_cost(model.to_model(x), out.recon, cost[0], cost[1])  # in the run's range
         sharp = metrics.laplacian_variance(x)
         return torch.cat(
             [
@@ -162,7 +162,7 @@ def evaluate(
         )
 
     def sample_rows(z: Tensor) -> Tensor:
-        x = model.decode(z.to(device, dtype)).mean.float()
+        x = model.to_images(model.decode(z.to(device, dtype)).mean.float())
         return torch.cat([metrics.laplacian_variance(x)[:, None], _features(classifier, x)], dim=1)
 
     test = shares.rows(test_rows, images, settings.batch_size).cpu()
@@ -186,7 +186,7 @@ def evaluate(
             return inception(x.to(device).float() / 255).double()
 
         def incept_samples(z: Tensor) -> Tensor:
-            return inception(model.decode(z.to(device, dtype)).mean.float()).double()
+            return inception(model.to_images(model.decode(z.to(device, dtype)).mean.float())).double()
 
         a = shares.rows(incept, images[:k], settings.batch_size).cpu()
         b = shares.rows(incept, images[n : n + k], settings.batch_size).cpu()

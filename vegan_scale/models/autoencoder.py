@@ -7,8 +7,14 @@ Encoder kinds (tolstikhin/wae ``e_noise``):
   [-LOGVAR_BOUND, LOGVAR_BOUND] as the official code does against numerical blow-ups;
 * ``implicit``: z = h(E(x), eps), noise fed as an input to a small head, so Q(Z|X) can take any shape.
 
-Decoder kinds: ``deterministic`` (G(z) = sigmoid of the logits) and ``gaussian`` (the same mean plus a learned
-log-variance, one per output channel). Codes are mapped onto the prior's support (sphere, box) by the prior.
+Decoder kinds: ``deterministic`` (G(z) = sigmoid of the logits, or tanh for data in [-1, 1]) and ``gaussian`` (the
+same mean plus a learned log-variance, one per output channel). Codes are mapped onto the prior's support
+(sphere, box) by the prior.
+
+The official code's stabilisers are options of the builder: ``init_std`` draws every weight from a normal
+distribution of that deviation (truncated at two deviations for convolutions, as TensorFlow's initialisers there)
+with zero biases; ``input_noise`` adds truncated normal noise of that deviation to the encoder's input while
+training (``e_noise='add_noise'``, a simple random encoder).
 """
 
 from __future__ import annotations
@@ -30,11 +36,13 @@ LOGVAR_BOUND = 50.0
 class Encoder(nn.Module):
     """A network body with the head of one encoder kind."""
 
-    def __init__(self, body: nn.Module, features: int, latent_dim: int, kind: str, noise_dim: int) -> None:
+    def __init__(
+        self, body: nn.Module, features: int, latent_dim: int, kind: str, noise_dim: int, input_noise: float = 0.0
+    ) -> None:
         super().__init__()
         if kind not in ENCODER_KINDS:
             raise ValueError(f"unknown encoder kind {kind!r}; expected one of {ENCODER_KINDS}")
-        self.body, self.kind, self.noise_dim = body, kind, noise_dim
+        self.body, self.kind, self.noise_dim, self.input_noise = body, kind, noise_dim, input_noise
         if kind == "implicit":
             self.head = nn.Sequential(
                 nn.Linear(features + noise_dim, features), nn.ReLU(inplace=True), nn.Linear(features, latent_dim)
@@ -43,6 +51,8 @@ class Encoder(nn.Module):
             self.head = nn.Linear(features, 2 * latent_dim if kind == "gaussian" else latent_dim)
 
     def forward(self, x: Tensor) -> LatentCodes:
+        if self.training and self.input_noise:
+            x = x + truncated_normal(x, self.input_noise)
         h = self.body(x)
         if self.kind == "deterministic":
             return LatentCodes(z=self.head(h))
@@ -58,17 +68,17 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """A network body producing image logits, with a learned per-channel log-variance for the Gaussian kind."""
 
-    def __init__(self, body: nn.Module, channels: int, kind: str) -> None:
+    def __init__(self, body: nn.Module, channels: int, kind: str, symmetric: bool = False) -> None:
         super().__init__()
         if kind not in DECODER_KINDS:
             raise ValueError(f"unknown decoder kind {kind!r}; expected one of {DECODER_KINDS}")
-        self.body = body
+        self.body, self.symmetric = body, symmetric
         self.logvar = nn.Parameter(torch.zeros(1, channels, 1, 1)) if kind == "gaussian" else None
 
     def forward(self, z: Tensor) -> Reconstruction:
         logits = self.body(z)
         logvar = None if self.logvar is None else self.logvar.clamp(-LOGVAR_BOUND, LOGVAR_BOUND).expand_as(logits)
-        return Reconstruction(logits=logits, logvar=logvar)
+        return Reconstruction(logits=logits, logvar=logvar, symmetric=self.symmetric)
 
 
 class AutoEncoderOutput(NamedTuple):
@@ -96,10 +106,23 @@ class AutoEncoder(nn.Module):
         codes = self.encode(x)
         return AutoEncoderOutput(codes=codes, recon=self.decode(codes.z))
 
+    @property
+    def symmetric(self) -> bool:
+        """Whether the model works on images in [-1, 1] (else [0, 1])."""
+        return self.decoder.symmetric
+
+    def to_model(self, images: Tensor) -> Tensor:
+        """Images in [0, 1] as the model takes them (the same, or in [-1, 1])."""
+        return images * 2 - 1 if self.symmetric else images
+
+    def to_images(self, x: Tensor) -> Tensor:
+        """The model's images (in its range) in [0, 1]."""
+        return (x + 1) / 2 if self.symmetric else x
+
     @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """G(E(x)): the decoder's mean images for a batch of images in [0, 1]."""
-        return self(x).recon.mean
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """G(E(x)): the decoder's mean images for a batch of images, both in [0, 1]."""
+        return self.to_images(self(self.to_model(images)).recon.mean)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -112,9 +135,27 @@ class AutoEncoder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self.decode(self.prior.sample(n, device=device, generator=generator)).mean
+            return self.to_images(self.decode(self.prior.sample(n, device=device, generator=generator)).mean)
         finally:
             self.train(was_training)
+
+
+def truncated_normal(like: Tensor, std: float) -> Tensor:
+    """Noise shaped like ``like``: normal with deviation ``std``, redrawn beyond two deviations."""
+    return torch.nn.init.trunc_normal_(torch.empty_like(like), 0.0, std, -2 * std, 2 * std)
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """The official code's initialisation: weights normal with deviation ``std`` (truncated at two deviations for
+    convolutions), biases zero; normalisation layers keep scale 1 and shift 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.ConvTranspose2d, nn.Conv2d)):
+            if isinstance(m, nn.Conv2d):
+                torch.nn.init.trunc_normal_(m.weight, 0.0, std, -2 * std, 2 * std)
+            else:
+                torch.nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
 
 
 def build_autoencoder(
@@ -125,11 +166,20 @@ def build_autoencoder(
     encoder: str,
     decoder: str,
     noise_dim: int,
+    *,
+    input_noise: float = 0.0,
+    init_std: float | None = None,
+    symmetric: bool = False,
 ) -> AutoEncoder:
-    """Assemble an auto-encoder from a registered network, its options and the encoder/decoder kinds."""
+    """Assemble an auto-encoder from a registered network, its options and the encoder/decoder kinds, with the
+    official code's initialisation (``init_std``) and input noise where asked, for data in [0, 1] or, with
+    ``symmetric``, in [-1, 1]."""
     body, features = network.encoder_body(options, shape)
-    return AutoEncoder(
-        Encoder(body, features, prior.dim, encoder, noise_dim),
-        Decoder(network.decoder_body(options, prior.dim, shape), shape[0], decoder),
+    model = AutoEncoder(
+        Encoder(body, features, prior.dim, encoder, noise_dim, input_noise),
+        Decoder(network.decoder_body(options, prior.dim, shape), shape[0], decoder, symmetric),
         prior,
     )
+    if init_std is not None:
+        init_weights(model, init_std)
+    return model

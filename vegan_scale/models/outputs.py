@@ -24,16 +24,18 @@ class Reconstruction(NamedTuple):
     """G(Z) for a batch, kept as logits so that the Bernoulli cost stays numerically stable.
 
     ``logvar`` is the log-variance of a Gaussian decoder (None for a deterministic one); the image is
-    ``sigmoid(logits)`` plus, for the Gaussian decoder, noise of that variance.
+    ``sigmoid(logits)`` in [0, 1], or ``tanh(logits)`` in [-1, 1] for ``symmetric`` data (the official CelebA
+    recipes' ``input_normalize_sym``), plus, for the Gaussian decoder, noise of that variance.
     """
 
     logits: Tensor
     logvar: Tensor | None = None
+    symmetric: bool = False
 
     @property
     def mean(self) -> Tensor:
-        """The decoder's mean image in [0, 1]."""
-        return torch.sigmoid(self.logits)
+        """The decoder's mean image, in the data's range."""
+        return torch.tanh(self.logits) if self.symmetric else torch.sigmoid(self.logits)
 
     def sample(self) -> Tensor:
         """A reparameterised draw of the decoded image: the mean, plus Gaussian noise for a Gaussian decoder."""

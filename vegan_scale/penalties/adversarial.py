@@ -5,11 +5,23 @@ A critic D on latent codes is trained with the log-loss to tell prior samples (l
 encoder's penalty is the non-saturating loss -log D(z~), which has the same fixed point as log(1 - D(z~)) but
 strong gradients while the critic wins. Algorithm 1 multiplies the critic's loss by lambda; with Adam that
 constant factor does not change the updates, so the critic loss here is unscaled and reads as a plain log-loss.
+
+The official code's stabilisers (tolstikhin/wae) are options:
+
+* ``p_trick`` (``gan_p_trick``, from AVB; the official CelebA recipe): the optimal critic of this game is
+  log p_Z(z) - log q_Z(z), and p_Z is known, so the prior's log-density is added to the critic's logits and the
+  network learns only the rest. The official code adds a vector of n log-densities to [n, 1] logits, which
+  TensorFlow broadcasts to an [n, n] matrix (every logit paired with every code's density); here each code gets
+  its own density, as the code's comment describes the trick;
+* ``reencode``: the critic's step sees the codes of the batch encoded again after the auto-encoder's step, as the
+  official code's separate ``session.run`` for the critic computes them (default: the codes of the same forward);
+* ``init_std``: the official normal initialisation of the critic's weights.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from vegan_scale.config.fields import POSITIVE, at_least, param
+from vegan_scale.config.fields import POSITIVE, Requirement, at_least, param
+from vegan_scale.models.autoencoder import init_weights
 from vegan_scale.models.mlp import mlp
 from vegan_scale.models.outputs import LatentCodes
 from vegan_scale.penalties.base import LatentPenalty, Parameters, PenaltySpec
@@ -47,6 +60,36 @@ class AdversarialConfig:
         "Adam learning rate of the critic (WAE MNIST recipe: 5e-4); follows the same schedule as the auto-encoder's.",
         bounds=POSITIVE,
     )
+    p_trick: bool = param(
+        False,
+        "Add the Gaussian prior's log-density to the critic's logits (the official gan_p_trick; its CelebA recipe).",
+    )
+    reencode: bool = param(
+        False, "The critic's step sees the codes encoded again after the auto-encoder's step (the official order)."
+    )
+    init_std: float | None = param(
+        None, "Normal initialisation of the critic's weights, biases zero (official: 0.0099999).", bounds=POSITIVE
+    )
+
+
+def gaussian_log_density(z: Tensor, sigma2: float) -> Tensor:
+    """log N(z; 0, sigma2 I) per row, as the official p-trick writes it, shape [n, 1]: -|z|^2 / (2 sigma2)
+    - log(2 pi) / 2 - d log(sigma2) / 2 (its constant counts log(2 pi) once, not d times; a constant shift the
+    network absorbs)."""
+    normsq = z.pow(2).sum(dim=1, keepdim=True)
+    return -normsq / 2 / sigma2 - 0.5 * math.log(2 * math.pi) - 0.5 * z.shape[1] * math.log(sigma2)
+
+
+class PriorTrick(nn.Module):
+    """A critic network whose logits get the Gaussian prior's log-density added (the p-trick)."""
+
+    def __init__(self, net: nn.Module, sigma2: float) -> None:
+        super().__init__()
+        self.net, self.sigma2 = net, sigma2
+
+    def forward(self, z: Tensor) -> Tensor:
+        exact = z if z.dtype == torch.float64 else z.float()  # the density in float32 at least
+        return self.net(z) + gaussian_log_density(exact, self.sigma2).to(z.dtype)
 
 
 class AdversarialPenalty(LatentPenalty):
@@ -60,8 +103,8 @@ class AdversarialPenalty(LatentPenalty):
 
     name = "adversarial"
 
-    def __init__(self, critic: nn.Module, lr: float) -> None:
-        self.critic, self.critic_lr = critic, lr
+    def __init__(self, critic: nn.Module, lr: float, reencode: bool = False) -> None:
+        self.critic, self.critic_lr, self.reencode = critic, lr, reencode
         self._shape = copy.deepcopy(critic)  # architecture only: its own parameters are never used
         self._parameters: Parameters = lambda: {name: p.detach() for name, p in critic.named_parameters()}
 
@@ -85,9 +128,20 @@ class AdversarialPenalty(LatentPenalty):
 
 
 def build(cfg: AdversarialConfig, prior: Prior, encoder: str) -> AdversarialPenalty:
-    return AdversarialPenalty(mlp(prior.dim, [cfg.hidden] * cfg.layers, 1), cfg.lr)
+    critic = mlp(prior.dim, [cfg.hidden] * cfg.layers, 1)
+    if cfg.init_std is not None:
+        init_weights(critic, cfg.init_std)
+    if cfg.p_trick:
+        if prior.kind != "gaussian":
+            raise ValueError(f"the p-trick needs a Gaussian prior, got {prior.kind!r}")
+        critic = PriorTrick(critic, prior.variance)
+    return AdversarialPenalty(critic, cfg.lr, cfg.reencode)
 
 
 SPEC = PenaltySpec(
-    AdversarialConfig, build, "WAE-GAN / AAE: a latent critic with the non-saturating encoder loss", trains_critic=True
+    AdversarialConfig,
+    build,
+    "WAE-GAN / AAE: a latent critic with the non-saturating encoder loss",
+    trains_critic=True,
+    rules=(Requirement("penalty.adversarial.p_trick", True, "prior.kind", ("gaussian",)),),
 )

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from vegan_scale.config.fields import Requirement
 from vegan_scale.models.outputs import LatentCodes
 from vegan_scale.priors import Prior
 
@@ -32,6 +33,7 @@ class LatentPenalty:
     name = "penalty"
     critic: nn.Module | None = None
     critic_lr: float | None = None
+    reencode = False  # the critic's step sees the codes encoded again after the auto-encoder's step
 
     def __call__(self, codes: LatentCodes, z_prior: Tensor) -> Tensor:
         raise NotImplementedError
@@ -51,7 +53,8 @@ class LatentPenalty:
 @dataclass(frozen=True)
 class PenaltySpec:
     """A registered penalty: its options dataclass, how to build it, a one-line description for the docs, whether it
-    trains a critic, and the encoder and prior kinds it works with (None: any)."""
+    trains a critic, the encoder and prior kinds it works with (None: any), and rules its options bring (dotted
+    keys under ``penalty.<name>``)."""
 
     config: type
     build: Callable[[Any, Prior, str], LatentPenalty]  # (options, prior, encoder kind) -> penalty
@@ -59,3 +62,4 @@ class PenaltySpec:
     trains_critic: bool = False
     encoders: tuple[str, ...] | None = None
     priors: tuple[str, ...] | None = None
+    rules: tuple[Requirement, ...] = ()  # what its options need of other settings

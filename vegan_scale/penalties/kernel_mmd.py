@@ -13,8 +13,12 @@ Kernels (C = 2 * d * sigma2 = E|z - z'|^2 for two independent draws of a prior w
 
 * ``imq``: the multi-scale inverse multiquadratic of the WAE code, k(x, y) = sum_s C_s / (C_s + |x - y|^2) with
   C_s = C * s for s in IMQ_SCALES. Its heavy tails keep a gradient for codes far from the prior.
-* ``rbf``: k(x, y) = exp(-|x - y|^2 / C), a Gaussian kernel whose bandwidth comes from the prior rather than the
-  official code's median heuristic, so that the kernel does not depend on the batch it measures.
+* ``rbf``: k(x, y) = exp(-|x - y|^2 / C), a Gaussian kernel. Its bandwidth comes from the prior by default, so that
+  the kernel does not depend on the batch it measures; ``bandwidth="median"`` is the official code's (and the
+  paper's) median heuristic instead, C = 2 sigma_k^2 with sigma_k^2 the ((n^2 - n) / 2)-th largest squared
+  distance between codes and prior samples plus the same of the codes among themselves, over the whole (global)
+  batch. It is a constant of the batch: no gradient flows through it (TensorFlow's top_k, in the official code,
+  passes one to the two distances it picks).
 """
 
 from __future__ import annotations
@@ -24,23 +28,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vegan_scale.config.fields import param
+from vegan_scale.config.fields import Requirement, param
 from vegan_scale.models.outputs import LatentCodes
 from vegan_scale.penalties.base import LatentPenalty, PenaltySpec
+from vegan_scale.penalties.global_batch import all_gather_rows, scale_gradient, sum_over_processes, world_size
 from vegan_scale.priors import Prior
 
 IMQ_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 KERNELS = ("imq", "rbf")
+BANDWIDTHS = ("prior", "median")
 
 
-def mmd(z: Tensor, z_prior: Tensor, kernel: str = "imq", sigma2: float = 1.0) -> Tensor:
+def mmd(z: Tensor, z_prior: Tensor, kernel: str = "imq", sigma2: float = 1.0, bandwidth: str = "prior") -> Tensor:
     """Unbiased estimate of MMD^2 between the rows of ``z`` [n, d] and ``z_prior`` [m, d] (n, m >= 2).
 
     1/(n(n-1)) sum_{i!=j} k(z_i, z_j) + 1/(m(m-1)) sum_{i!=j} k(p_i, p_j) - 2/(nm) sum_{i,j} k(z_i, p_j).
     It can be slightly negative when the two samples come from the same distribution.
     """
     _check(z, z_prior, kernel)
-    c = kernel_constants(kernel, z.shape[1], sigma2)
+    c = median_constants(z, z_prior) if bandwidth == "median" else kernel_constants(kernel, z.shape[1], sigma2)
     n, m = len(z), len(z_prior)
     return (
         kernel_sum(z, z, kernel, c, diagonal=0) / (n * (n - 1))
@@ -49,7 +55,9 @@ def mmd(z: Tensor, z_prior: Tensor, kernel: str = "imq", sigma2: float = 1.0) ->
     )
 
 
-def global_mmd(z: Tensor, z_prior: Tensor, kernel: str = "imq", sigma2: float = 1.0, group: object = None) -> Tensor:
+def global_mmd(
+    z: Tensor, z_prior: Tensor, kernel: str = "imq", sigma2: float = 1.0, group: object = None, bandwidth: str = "prior"
+) -> Tensor:
     """The unbiased MMD^2 of :func:`mmd` over the codes and prior samples of every process of ``group``.
 
     Every process passes its own ``z`` and ``z_prior`` (equally many rows on every process) and gets the same value:
@@ -62,8 +70,8 @@ def global_mmd(z: Tensor, z_prior: Tensor, kernel: str = "imq", sigma2: float = 
     _check(z, z_prior, kernel)
     world = torch.distributed.get_world_size(group)
     rank = torch.distributed.get_rank(group)
-    codes, prior = _all_gather(z.detach(), group), _all_gather(z_prior.detach(), group)
-    c = kernel_constants(kernel, z.shape[1], sigma2)
+    codes, prior = all_gather_rows(z.detach(), group), all_gather_rows(z_prior.detach(), group)
+    c = median_constants(codes, prior) if bandwidth == "median" else kernel_constants(kernel, z.shape[1], sigma2)
     n, m = len(z), len(z_prior)
     big_n, big_m = n * world, m * world
     partial = (
@@ -71,7 +79,7 @@ def global_mmd(z: Tensor, z_prior: Tensor, kernel: str = "imq", sigma2: float = 
         + kernel_sum(z_prior.detach(), prior, kernel, c, diagonal=rank * m) / (big_m * (big_m - 1))
         - 2 * kernel_sum(z, prior, kernel, c) / (big_n * big_m)
     )
-    return _SumOverProcesses.apply(partial, group)
+    return sum_over_processes(partial, group)
 
 
 def _check(z: Tensor, z_prior: Tensor, kernel: str) -> None:
@@ -85,25 +93,17 @@ def _check(z: Tensor, z_prior: Tensor, kernel: str) -> None:
         raise ValueError("the unbiased MMD estimate needs at least 2 samples on each side")
 
 
-def _all_gather(t: Tensor, group: object) -> Tensor:
-    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts)
-
-
-class _SumOverProcesses(torch.autograd.Function):
-    """Sum of a scalar over processes; backward passes the gradient through, since each process's partial sum
-    depends only on its own rows."""
-
-    @staticmethod
-    def forward(ctx, partial: Tensor, group: object) -> Tensor:
-        total = partial.detach().clone()
-        torch.distributed.all_reduce(total, group=group)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
+def median_constants(z: Tensor, z_prior: Tensor) -> tuple[float]:
+    """The RBF constant C = 2 sigma_k^2 of the official median heuristic (see the module's docstring), computed
+    without gradient from the codes ``z`` [n, d] and the prior sample ``z_prior``."""
+    with torch.no_grad():
+        dtype = _compute_dtype(z)
+        z, z_prior = z.to(dtype), z_prior.to(dtype)
+        half = (len(z) ** 2 - len(z)) // 2
+        cross = _squared_distances(z, z_prior).flatten()
+        within = _squared_distances(z, z).flatten()
+        sigma2_k = sum(d.kthvalue(len(d) - half + 1).values for d in (cross, within))  # the half-th largest
+    return (2.0 * float(sigma2_k),)
 
 
 def kernel_constants(kernel: str, dim: int, sigma2: float) -> tuple[float, ...]:
@@ -211,6 +211,12 @@ class MMDConfig:
         "come from the prior's variance.",
         choices=KERNELS,
     )
+    bandwidth: str = param(
+        "prior",
+        "RBF bandwidth: prior, from the prior's variance (a kernel independent of the batch); median, the official "
+        "code's median heuristic over the (global) batch, for the paper's IMQ-against-RBF comparison.",
+        choices=BANDWIDTHS,
+    )
     scope: str = param(
         "global",
         "global: the estimator over the codes of all processes (the paper's estimator at the global batch; each "
@@ -221,34 +227,30 @@ class MMDConfig:
 
 
 class MMDPenalty(LatentPenalty):
-    def __init__(self, kernel: str, sigma2: float, scope: str) -> None:
-        self.kernel, self.sigma2, self.scope = kernel, sigma2, scope
+    def __init__(self, kernel: str, sigma2: float, scope: str, bandwidth: str = "prior") -> None:
+        self.kernel, self.sigma2, self.scope, self.bandwidth = kernel, sigma2, scope, bandwidth
 
     def describe(self) -> str:
-        return f"mmd ({self.kernel} kernel, {self.scope} MMD)"
+        width = ", median bandwidth" if self.bandwidth == "median" else ""
+        return f"mmd ({self.kernel} kernel{width}, {self.scope} MMD)"
 
     def __call__(self, codes: LatentCodes, z_prior: Tensor) -> Tensor:
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        world = world_size()
         if self.scope == "local" or world == 1:
-            return mmd(codes.z, z_prior, self.kernel, self.sigma2)
+            return mmd(codes.z, z_prior, self.kernel, self.sigma2, self.bandwidth)
         # Data-parallel training averages gradients over processes; this process's gradient is its share of the
         # global estimator's, so it is scaled by the world size for the average to be the exact gradient.
-        return _ScaleGradient.apply(global_mmd(codes.z, z_prior, self.kernel, self.sigma2), float(world))
-
-
-class _ScaleGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, value: Tensor, factor: float) -> Tensor:
-        ctx.factor = factor
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.factor, None
+        value = global_mmd(codes.z, z_prior, self.kernel, self.sigma2, bandwidth=self.bandwidth)
+        return scale_gradient(value, float(world))
 
 
 def build(cfg: MMDConfig, prior: Prior, encoder: str) -> MMDPenalty:
-    return MMDPenalty(cfg.kernel, prior.variance, cfg.scope)
+    return MMDPenalty(cfg.kernel, prior.variance, cfg.scope, cfg.bandwidth)
 
 
-SPEC = PenaltySpec(MMDConfig, build, "WAE-MMD: unbiased MMD^2 between the codes and a prior sample")
+SPEC = PenaltySpec(
+    MMDConfig,
+    build,
+    "WAE-MMD: unbiased MMD^2 between the codes and a prior sample",
+    rules=(Requirement("penalty.mmd.bandwidth", "median", "penalty.mmd.kernel", ("rbf",)),),
+)

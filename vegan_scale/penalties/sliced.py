@@ -3,6 +3,11 @@
 Codes and prior samples are projected on random unit directions; in one dimension optimal transport between two
 equally large samples pairs their sorted values, so SW_p^p is a mean of |sorted difference|^p. Fresh directions
 are drawn at every call, which makes the estimate unbiased over the directions.
+
+At a finite batch the estimate is biased (about 0.19 at 25 samples and 0.055 at 100 when the codes already match
+the prior), so its value, and lambda's meaning, depend on the batch it sees. With ``scope="global"`` every
+process computes it over the global batch (the directions drawn on rank 0 and shared), equal to one process's
+estimate on the concatenation, so that lambda means the same at every world size.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch import Tensor
 from vegan_scale.config.fields import at_least, param
 from vegan_scale.models.outputs import LatentCodes
 from vegan_scale.penalties.base import LatentPenalty, PenaltySpec
+from vegan_scale.penalties.global_batch import all_gather_rows, scale_gradient, with_own_rows, world_size
 from vegan_scale.priors import Prior
 
 
@@ -42,24 +48,41 @@ def sliced_wasserstein(z: Tensor, z_prior: Tensor, directions: Tensor, p: float 
 class SlicedConfig:
     projections: int = param(50, "Number of random directions per step.", bounds=at_least(1))
     p: float = param(2.0, "Order p of the sliced Wasserstein distance; the penalty is SW_p^p.", bounds=at_least(1))
+    scope: str = param(
+        "global",
+        "global: the estimate over the codes of all processes (the same as one process's on the whole global "
+        "batch, so lambda means the same at every world size); local: each process's own batch.",
+        choices=("global", "local"),
+    )
+
+
+def global_sliced_wasserstein(z: Tensor, z_prior: Tensor, directions: Tensor, p: float = 2.0) -> Tensor:
+    """SW_p^p of :func:`sliced_wasserstein` over the codes and prior samples of every process (concatenated in rank
+    order; the same ``directions`` everywhere): the same value on every process, the gradient of this process's
+    rows of ``z``."""
+    return sliced_wasserstein(with_own_rows(z), all_gather_rows(z_prior.detach()), directions, p)
 
 
 class SlicedPenalty(LatentPenalty):
-    def __init__(self, projections: int, p: float) -> None:
-        self.projections, self.p = projections, p
+    def __init__(self, projections: int, p: float, scope: str = "global") -> None:
+        self.projections, self.p, self.scope = projections, p, scope
 
     def describe(self) -> str:
-        return f"sliced (SW_{self.p:g}^{self.p:g}, {self.projections} directions)"
+        return f"sliced (SW_{self.p:g}^{self.p:g}, {self.projections} directions, {self.scope})"
 
     def __call__(self, codes: LatentCodes, z_prior: Tensor) -> Tensor:
         directions = random_directions(self.projections, codes.z.shape[1], codes.z)
-        return sliced_wasserstein(codes.z, z_prior, directions, self.p)
+        world = world_size()
+        if self.scope == "local" or world == 1:
+            return sliced_wasserstein(codes.z, z_prior, directions, self.p)
+        torch.distributed.broadcast(directions, src=0)  # one set of directions for the global estimate
+        return scale_gradient(global_sliced_wasserstein(codes.z, z_prior, directions, self.p), float(world))
 
 
 def build(cfg: SlicedConfig, prior: Prior, encoder: str) -> SlicedPenalty:
     if cfg.projections < 1 or cfg.p < 1:
         raise ValueError(f"penalty.sliced needs projections >= 1 and p >= 1 (got {cfg.projections}, {cfg.p})")
-    return SlicedPenalty(cfg.projections, cfg.p)
+    return SlicedPenalty(cfg.projections, cfg.p, cfg.scope)
 
 
 SPEC = PenaltySpec(SlicedConfig, build, "SWAE: sliced Wasserstein distance along random directions")

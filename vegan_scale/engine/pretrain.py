@@ -1,0 +1,73 @@
+"""Encoder pre-training, the official WAE code's ``e_pretrain``: before the first step of a new run, the encoder
+alone is fitted (its own Adam at the run's learning rate) so that the mean and covariance of its codes match the
+prior's, for at most ``train.encoder_pretrain_steps`` steps (the official 200) or until the moment loss is below
+0.1.
+
+It keeps the run exact and its data untouched: the images come from a pool read from the training shards apart
+from the training stream (which starts where it would have), the batches and prior samples from a generator of
+its own seeded by the run's seed, and a continued run never pre-trains again (its checkpoint holds the result).
+Every process computes the same pre-training; under ZeRO-3 the encoder is gathered for it and rank 0's result is
+partitioned back.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from vegan_scale.data.index import read_index
+from vegan_scale.data.pipeline import load_images
+from vegan_scale.distributed import deepspeed_support
+from vegan_scale.models.autoencoder import AutoEncoder
+from vegan_scale.penalties.moments import moment_matching_loss
+from vegan_scale.registry import image_shape
+
+log = logging.getLogger("vegan_scale")
+
+TOLERANCE = 0.1  # the official code stops below this moment loss
+POOL_BATCHES = 20  # the pool of training images holds this many pre-training batches (or the whole set)
+
+
+def pretrain_encoder(
+    model: AutoEncoder, pool: torch.Tensor, steps: int, batch: int, lr: float, betas: tuple[float, float], seed: int
+) -> tuple[int, float]:
+    """Fit the encoder's code moments to the prior's on batches of ``pool`` (uint8 images); returns (steps taken,
+    last moment loss)."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.encoder.parameters(), lr=lr, betas=betas)
+    device = next(model.parameters()).device
+    loss = torch.tensor(float("inf"))
+    for step in range(1, steps + 1):
+        ids = torch.randperm(len(pool), generator=generator)[: min(batch, len(pool))]
+        x = model.to_model(pool[ids].to(device).float() / 255)
+        z_p = model.prior.sample(len(ids), generator=generator).to(device)
+        loss = moment_matching_loss(model.encode(x).z, z_p)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if loss.item() < TOLERANCE:
+            return step, loss.item()
+    return steps, loss.item()
+
+
+def pretrain(cfg: Any, model: AutoEncoder) -> None:
+    """Pre-train ``model``'s encoder as the configuration asks (nothing when train.encoder_pretrain_steps is 0)."""
+    t = cfg.train
+    if not t.encoder_pretrain_steps:
+        return
+    shape = image_shape(cfg)
+    index = read_index(cfg.data.train, image_shape=shape, key="data.train", skip_missing=cfg.data.on_error == "skip")
+    pool = load_images(index, shape, POOL_BATCHES * t.encoder_pretrain_batch)[0]
+    with deepspeed_support.gathered(model.encoder, modify=True):
+        steps, loss = pretrain_encoder(
+            model,
+            pool,
+            t.encoder_pretrain_steps,
+            t.encoder_pretrain_batch,
+            cfg.optim.lr,
+            tuple(cfg.optim.betas),
+            cfg.run.seed,
+        )
+    log.info("encoder pre-trained: %d step(s), moment loss %.4f (on %d images)", steps, loss, len(pool))

@@ -61,6 +61,8 @@ def _shards(args: argparse.Namespace) -> None:
         splits = dict(
             zip(("train", "test"), sources.train_test_split(data, args.test_fraction, args.split_seed), strict=True)
         )
+    if args.validation:
+        splits["train"], splits["val"] = sources.hold_out(splits["train"], args.validation)
     fmt = args.format or ("png" if args.dataset == "folder" else "npy")
     max_bytes = int(args.max_shard_mb * 1e6) if args.max_shard_mb else None
     for split, data in splits.items():
@@ -253,7 +255,7 @@ def _add_shards(sub: Any) -> None:
     s = sub.add_parser(
         "shards",
         help="write a dataset as webdataset shards (train/ and test/ under --out)",
-        description="Write a dataset as tar shards with sizes.json, in OUT/train and OUT/test.",
+        description="Write a dataset as tar shards with sizes.json, in OUT/train and OUT/test (and OUT/val).",
     )
     s.add_argument("dataset", choices=["mnist", "fashion-mnist", "folder", "npz"])
     s.add_argument("--out", type=Path, required=True, help="output directory")
@@ -285,6 +287,12 @@ def _add_shards(sub: Any) -> None:
     s.add_argument("--images-key", default="images", help="npz: the images array")
     s.add_argument("--labels-key", default="labels", help="npz: the labels array (optional in the file)")
     s.add_argument("--test-fraction", type=float, default=0.1, help="folder, npz: share held out as test/")
+    s.add_argument(
+        "--validation",
+        type=int,
+        default=0,
+        help="hold out the last N training samples as val/ (for choosing hyper-parameters; test/ stays untouched)",
+    )
     s.add_argument("--split-seed", type=int, default=0, help="folder, npz: seed of the train/test split")
     s.set_defaults(run=_shards)
 

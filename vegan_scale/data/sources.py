@@ -232,6 +232,14 @@ class Subset:
         return self.source[int(self.indices[i])]
 
 
+def hold_out(source: ArraySource | FolderSource | Subset, count: int) -> tuple[Subset, Subset]:
+    """(all but the last ``count`` samples, the last ``count``): a validation split cut from a training set, for
+    choosing hyper-parameters without looking at the test set."""
+    if not 0 < count < len(source):
+        raise DataError(f"--validation must be between 1 and {len(source) - 1} (the training samples), got {count}")
+    return Subset(source, np.arange(len(source) - count)), Subset(source, np.arange(len(source) - count, len(source)))
+
+
 def train_test_split(source: ArraySource | FolderSource, test_fraction: float, seed: int) -> tuple[Subset, Subset]:
     """A seeded random split; both parts keep the source order."""
     if not 0 < test_fraction < 1:

@@ -228,7 +228,7 @@ def _evaluate(run: Run, step: int) -> None:
     acc = run.accelerator
     sum_over_processes = lambda t: acc.reduce(t, reduction="sum")  # noqa: E731
     result = evaluate(
-        run.modules.autoencoder.raw, run.objective.cost, run.eval_set, run.layout.micro, sum_over_processes
+        run.modules.autoencoder.raw, run.objective.cost, run.eval_set, run.layout.micro, sum_over_processes, acc.gather
     )
     if not acc.is_main_process:
         return

@@ -22,6 +22,7 @@ from vegan_scale.data.pipeline import load_images
 from vegan_scale.engine.objective import Cost
 from vegan_scale.evaluation.grids import figures
 from vegan_scale.models.autoencoder import AutoEncoder
+from vegan_scale.penalties.kernel_mmd import mmd
 from vegan_scale.priors import Prior
 from vegan_scale.registry import image_shape
 
@@ -34,6 +35,7 @@ class EvalSet:
     originals: torch.Tensor  # test images shown beside their reconstructions (and interpolated between)
     prior_noise: torch.Tensor  # a fixed prior sample: successive sample grids show the same codes decoded
     grid: int
+    prior_reference: torch.Tensor  # a fixed prior sample as large as the whole evaluation set, for the latent MMD
 
     @classmethod
     def load(cls, cfg: Any, accelerator: Accelerator, prior: Prior) -> EvalSet:
@@ -47,7 +49,9 @@ class EvalSet:
         grid = cfg.eval.grid_size
         noise_rng = torch.Generator(accelerator.device).manual_seed(cfg.run.seed)
         prior_noise = prior.sample(grid**2, device=accelerator.device, generator=noise_rng)
-        return cls(images[accelerator.process_index :: world], images[: grid**2 // 2], prior_noise, grid)
+        reference = prior.sample(usable, device=accelerator.device, generator=noise_rng)
+        share = images[accelerator.process_index :: world]
+        return cls(share, images[: grid**2 // 2], prior_noise, grid, reference)
 
 
 @dataclass
@@ -63,15 +67,20 @@ def evaluate(
     data: EvalSet,
     batch_size: int,
     sum_over_processes: Callable[[torch.Tensor], torch.Tensor],
+    gather: Callable[[torch.Tensor], torch.Tensor],
 ) -> Evaluation:
-    """Metrics over this process's share of the images summed over every process, and the figures."""
+    """Metrics over this process's share of the images summed over every process, and the figures. The latent
+    MMD^2 (multi-scale IMQ) is between the codes of the whole set, gathered, and a fixed prior sample as large."""
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
     totals = torch.zeros(3, dtype=torch.float64, device=data.images.device)  # cost, squared error, count
+    codes = []
     for chunk in data.images.split(batch_size):
         x = model.to_model(chunk)
-        recon = model(x.to(dtype)).recon
+        out = model(x.to(dtype))
+        recon = out.recon
+        codes.append(out.codes.z.float())
         totals[0] += cost(x, recon).double().sum()  # in the model's range, as training computes it
         totals[1] += (model.to_images(recon.mean.float()) - chunk).pow(2).flatten(1).mean(dim=1).double().sum()
         totals[2] += len(chunk)
@@ -80,4 +89,6 @@ def evaluate(
     grids = figures(model, data.prior_noise, data.originals, data.originals[: 2 * data.grid], data.grid)
     model.train(was_training)
     metrics = {"eval/recon": (totals[0] / totals[2]).item(), "eval/mse": (totals[1] / totals[2]).item()}
+    all_codes = gather(torch.cat(codes))
+    metrics["eval/latent_mmd"] = mmd(all_codes, data.prior_reference.float(), "imq", model.prior.variance).item()
     return Evaluation(metrics, grids)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vegan_scale.data.index import ShardIndex
+from vegan_scale.data.order import epoch_order, rank_lanes
 from vegan_scale.errors import DataError
 
 Member = tuple[str, bytes]
@@ -111,8 +113,10 @@ def make_shards(
     prefix: str = "s",
     first_id: int = 0,
     replace: dict[int, list[Member]] | None = None,
+    offsets: bool = False,
 ) -> list[str]:
-    """Shards ``<prefix>-NNNNNN.tar`` of the given sample counts (ids from ``first_id``) and their sizes.json.
+    """Shards ``<prefix>-NNNNNN.tar`` of the given sample counts (ids from ``first_id``) and their sizes.json, with
+    ``offsets``, each shard's ``.tar.idx`` too.
 
     ``replace`` maps a sample id to the members written instead of its good ones (to plant bad samples)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -124,6 +128,8 @@ def make_shards(
         for i in range(start, start + n):
             members += replace.get(i, sample_members(i, images[i - first_id]))
         paths.append(write_tar(directory / f"{prefix}-{shard:06d}.tar", members))
+        if offsets:
+            write_offsets(Path(paths[-1]))
         start += n
     write_sizes(directory, {Path(p).name: n for p, n in zip(paths, sizes, strict=True)}, (1, side, side))
     return paths
@@ -187,6 +193,15 @@ class _Handler(SimpleHTTPRequestHandler):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
+        elif self.headers.get("Range", "").startswith("bytes="):  # "bytes=N-": the rest of the file from byte N
+            start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+            with self.state.lock:
+                self.state.ranges.append((name, start))
+            body = Path(self.translate_path(self.path)).read_bytes()[start:]
+            self.send_response(206)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
         else:
             super().do_GET()
 
@@ -196,12 +211,14 @@ class _Handler(SimpleHTTPRequestHandler):
 
 class ShardServer:
     """Serves ``root`` on 127.0.0.1; ``faults[name]`` lists what the next requests of that file get: "503",
-    "404", "half" (half the body, then the connection drops) or None (served normally). Records every request."""
+    "404", "half" (half the body, then the connection drops) or None (served normally, honouring "Range: bytes=N-").
+    Records every request."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.faults: dict[str, list[str | None]] = {}
         self.requests: list[str] = []
+        self.ranges: list[tuple[str, int]] = []  # (file, first byte) of every Range request
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, server_state=self, directory=str(root)))
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -231,6 +248,32 @@ def header_offsets(raw: bytes) -> list[int]:
         size = int(raw[at + 124 : at + 136].split(b"\0", 1)[0].strip() or b"0", 8)
         at += 512 + size + (-size % 512)
     return offsets
+
+
+def read_only_by(index: ShardIndex, global_batch: int, world: int, rank: int, seed: int = 0) -> list[str]:
+    """The shards that rank ``rank`` of ``world`` reads whole in the first block of epoch 0 (epoch mode, the default
+    shuffle buffer) and no other rank reads at all there."""
+    order = epoch_order(index, seed, 0, "epoch", None, global_batch, 2000)
+    stretches = [order.lane_pieces(0, rank_lanes(global_batch, world, r)) for r in range(world)]
+    others = {url for r, pieces in enumerate(stretches) if r != rank for url, _, _ in pieces}
+    counts = dict(zip(order.urls, order.counts, strict=True))
+    return [url for url, skip, take in stretches[rank] if (skip, take) == (0, counts[url]) and url not in others]
+
+
+def write_offsets(path: Path) -> None:
+    """``<shard>.idx``: where each sample's first member header starts, and the end of the last member, as
+    little-endian uint64, found by walking the headers."""
+    raw = path.read_bytes()
+    starts, keys = [], []
+    for at in header_offsets(raw):
+        key = raw[at : at + 100].split(b"\0", 1)[0].decode().split(".", 1)[0]
+        if not keys or keys[-1] != key:
+            starts.append(at)
+            keys.append(key)
+    last = header_offsets(raw)[-1]
+    size = int(raw[last + 124 : last + 136].split(b"\0", 1)[0].strip() or b"0", 8)
+    end = last + 512 + size + (-size % 512)
+    path.with_name(path.name + ".idx").write_bytes(np.asarray([*starts, end], dtype="<u8").tobytes())
 
 
 def set_header_field(raw: bytearray, header: int, start: int, value: bytes) -> None:

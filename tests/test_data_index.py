@@ -91,21 +91,18 @@ def test_missing_shard(tiny_shards):
         read_index(str(tiny_shards / "test"))
 
 
-def test_no_sizes_json_needs_resampled(tmp_path):
-    """Without sizes.json a pattern's counts are unknown: epoch mode refuses (suggesting resampled), resampled mode
-    with epoch_samples reads exactly that many samples per epoch."""
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_no_sizes_json_is_refused_with_the_command_that_writes_one(tmp_path, mode):
+    """Without sizes.json a pattern's counts are unknown; the training order needs them, so the stream refuses in
+    both modes and names `vegan-scale index-shards`."""
     make_shards(tmp_path, [7, 7, 7])
     (tmp_path / "sizes.json").unlink()
     index = read_index(str(tmp_path / "s-{000000..000002}.tar"))
     assert len(index.urls) == 3 and not index.has_counts
-    with pytest.raises(DataError, match=r"sizes\.json"):
+    with pytest.raises(DataError, match=r"sizes\.json.*vegan-scale index-shards"):
         index.counts  # noqa: B018
-    with pytest.raises(DataError, match=r"data\.mode=resampled with data\.epoch_samples"):
-        TrainStream(index, (1, 8, 8), 4, 0)
-    stream = TrainStream(index, (1, 8, 8), 4, 0, mode="resampled", epoch_samples=30, shuffle_buffer=1)
-    batches = list(stream.epoch(0))
-    assert len(batches) == stream.plan(0).batches == 7
-    assert all(images.shape == (4, 1, 8, 8) for images, _, _ in batches)
+    with pytest.raises(DataError, match=r"vegan-scale index-shards DIRECTORY"):
+        TrainStream(index, (1, 8, 8), 4, 0, mode=mode, epoch_samples=30)
 
 
 def test_http_source_counts_from_sizes_json(tmp_path):

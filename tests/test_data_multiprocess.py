@@ -22,6 +22,14 @@ CHECKS = [
 results = results_fixture(CHECKS, timeout=240)
 
 
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_two_processes_train_on_the_global_batches_of_one(results: dict, mode: str) -> None:
+    """At every step, rank 0's batch then rank 1's (2 loader workers each) is the global batch that one process
+    without loader workers reads."""
+    r0, r1 = results[f"data_{mode}_two_ranks_two_workers"]
+    assert [a + b for a, b in zip(r0["batch_ids"], r1["batch_ids"], strict=True)] == r0["one_process_ids"]
+
+
 def test_epoch_mode_equal_disjoint_complete(results: dict) -> None:
     """2 processes x 2 loader workers, uneven shards: the same number of full batches on each rank, no sample
     read twice, and read + dropped = every sample."""
@@ -82,7 +90,9 @@ def test_damaged_tar_header_stops_both_ranks_naming_shard_and_offset(results: di
 
 
 def test_damaged_tar_header_is_skipped_and_counted(results: dict) -> None:
+    """data.on_error=skip: the 19 samples the damaged header (sample 7's image, of 25) costs are counted: the rest
+    of the shard, and sample 6, whose members the damaged header might have continued."""
     r0, r1 = results["data_train_damaged_header_skip"]
     assert r0["error"] is None and r1["error"] is None
-    assert r0["skipped"] == 1 and r0["skip_keys"] == ["data/skipped/corrupt_shard"]
+    assert r0["skipped"] == 19 and r0["skip_keys"] == ["data/skipped/corrupt_shard"]
     assert r0["last_step"] == 10 and r0["exit"] == 0

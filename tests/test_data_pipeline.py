@@ -1,10 +1,14 @@
-"""The training stream, on hand-built tar shards whose images carry their sample id: coverage, rank equality,
-determinism, resumption by step, and bad data in both error modes. Several ranks are simulated in one process."""
+"""The training stream, on hand-built tar shards whose images carry their sample id: the order's contract (a
+function of seed, epoch and step: the same global batches at every world size, worker count and accumulation),
+coverage, the reads each rank makes, resumption by step, and bad data in both error modes. Several ranks are
+simulated in one process."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -73,7 +77,7 @@ def test_epoch_reads_every_sample_once(tiny_shards, num_workers):
     index = read_index(str(tiny_shards / "train"))
     s = stream(index, 50, shape=GREY28, num_workers=num_workers, shuffle_buffer=100)
     batches = list(s.epoch(0))
-    assert len(batches) == s.plan(0).batches == 10 and s.plan(0).dropped == 0
+    assert len(batches) == s.order(0).steps == 10 and s.order(0).dropped == 0
     assert sorted(batch_ids(batches)) == list(range(500))
     reference = synthetic_images(500, seed=len("train"))
     for images, labels, skips in batches:
@@ -92,51 +96,111 @@ def test_epoch_is_shuffled_across_shards(tiny_shards):
     assert len({i // 100 for i in ids[:50]}) > 1
 
 
-def test_too_few_shards_or_samples(tiny_shards):
-    """5 shards cannot feed 3 processes x 2 workers in epoch mode (DataError with the numbers), nor 2 ranks
-    batches of 300 in either mode."""
+def test_impossible_layouts(tiny_shards):
+    """More loader workers than samples per process and step, or an epoch without one global batch: a DataError
+    with the numbers and what to change."""
     index = read_index(str(tiny_shards / "train"))
-    with pytest.raises(DataError) as info:
-        stream(index, 10, shape=GREY28, rank=0, world_size=3, num_workers=2)
-    msg = str(info.value)
-    assert "5 shard(s)" in msg and "3 process(es)" in msg and "2 loader worker(s)" in msg
-    stream(index, 10, shape=GREY28, rank=0, world_size=3, num_workers=2, mode="resampled")  # draws need no split
+    with pytest.raises(DataError, match="3 loader workers for 2 samples per process and step"):
+        stream(index, 2, shape=GREY28, world_size=3, num_workers=3)
     for mode in ("epoch", "resampled"):
-        with pytest.raises(DataError, match="no full batch"):
+        with pytest.raises(DataError, match="holds no global batch of 600"):
             stream(index, 300, shape=GREY28, rank=0, world_size=2, mode=mode)
 
 
+# --- the order's contract ---
+
+SIZES = [37, 50, 23, 61, 29]  # 200 samples; a global batch of 12 leaves 8 out
+
+
+def sequence(order, sizes: list[int]) -> list[int]:
+    """The ids of the epoch's sample sequence S: the order's shards, in its order, each read whole."""
+    firsts = {f"s-{i:06d}.tar": sum(sizes[:i]) for i in range(len(sizes))}
+    pairs = zip(order.urls, order.counts, strict=True)
+    return [firsts[Path(url).name] + k for url, count in pairs for k in range(count)]
+
+
+def global_batches(index: ShardIndex, world: int, workers: int, accumulation: int, start: int = 0, **kw) -> list:
+    """The global batches of steps ``start``, ... as lists of ids: each rank's micro-batches of a step, rank after
+    rank, put together; and the skip counts of every rank added."""
+    per_rank, skips = [], 0
+    for rank in range(world):
+        s = stream(index, 12 // world // accumulation, rank=rank, world_size=world, num_workers=workers,
+                   accumulation=accumulation, seed=5, shuffle_buffer=40, **kw)  # fmt: skip
+        batches = list(s.epoch(0, start=start * accumulation))
+        check_pixels(batches)
+        per_rank.append([ids_of(images) for images, _, _ in batches])
+        skips = skips + sum(k for _, _, k in batches)
+    steps = len(per_rank[0]) // accumulation
+    steps_ids = [[i for r in range(world) for m in range(accumulation) for i in per_rank[r][t * accumulation + m]]
+                 for t in range(steps)]  # fmt: skip
+    return steps_ids, skips
+
+
+TOPOLOGIES = [(2, 0, 1), (2, 2, 1), (4, 1, 1), (2, 1, 2), (3, 2, 2), (6, 0, 1)]  # (world, workers, accumulation)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("offsets", [False, True], ids=["scan", "idx"])
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_global_batches_are_the_same_at_every_topology(tmp_path, mode, offsets):
+    """The global batch of every step, and of every step after a restart at step 5, is the same for 1 to 6
+    processes, 0 to 2 loader workers each and 1 or 2 micro-batches per step; with and without shard indexes."""
+    make_shards(tmp_path, SIZES, offsets=offsets)
+    index = read_index(str(tmp_path))
+    reference, _ = global_batches(index, 1, 0, 1, mode=mode)
+    assert len(reference) == 16 and all(len(batch) == 12 for batch in reference)
+    for world, workers, accumulation in TOPOLOGIES:
+        assert global_batches(index, world, workers, accumulation, mode=mode)[0] == reference
+        assert global_batches(index, world, workers, accumulation, start=5, mode=mode)[0] == reference[5:]
+
+
+def test_batches_are_lanes_of_the_sequence(tmp_path):
+    """Blocks of L = ceil(shuffle_buffer / B) batches cover L B consecutive samples of S, and each batch takes one
+    sample from each of the block's B lanes (L consecutive samples); without a buffer a batch is B consecutive
+    samples. The epoch covers S but its last len(S) mod B samples (dropped)."""
+    make_shards(tmp_path, SIZES)
+    index = read_index(str(tmp_path))
+    for shuffle, lane in ((40, 4), (1, 1), (24, 2)):
+        s = stream(index, 12, seed=5, shuffle_buffer=shuffle)
+        order = s.order(0)
+        assert order.batches_per_block == lane and order.dropped == 200 % 12 and order.steps == 200 // 12
+        position = {i: p for p, i in enumerate(sequence(order, SIZES))}
+        batches = [[position[i] for i in ids_of(images)] for images, _, _ in s.epoch(0)]
+        for t, batch in enumerate(batches):
+            block = t // lane * lane
+            first, length = block * 12, min(lane, order.steps - block)
+            assert [(p - first) // length for p in batch] == list(range(12)), (shuffle, t)
+        covered = sorted(p for batch in batches for p in batch)
+        assert covered == list(range(200 - order.dropped))
+
+
+def test_each_sample_is_read_once_by_the_reader_that_trains_on_it(tmp_path, monkeypatch):
+    """2 processes x 2 workers: the stretches the four readers read are disjoint, cover the epoch's
+    batches exactly, and each reader reads one contiguous stretch of S per block (its lanes)."""
+    import vegan_scale.data.pipeline as pipeline
+
+    make_shards(tmp_path, SIZES, offsets=True)
+    index = read_index(str(tmp_path))
+    reads: list[tuple[int, int, int, list[int]]] = []  # (rank, worker, block, positions)
+    original = pipeline._SequenceReader.read
+
+    def recording(self, start: int, length: int, skipped: dict) -> list:
+        reads.append((self.s.rank, self.worker, start, length))
+        return original(self, start, length, skipped)
+
+    monkeypatch.setattr(pipeline._SequenceReader, "read", recording)
+    for rank in (0, 1):
+        s = stream(index, 6, seed=5, rank=rank, world_size=2, shuffle_buffer=40)
+        for worker in (0, 1):  # a worker's partials, as its loader process makes them
+            monkeypatch.setattr(pipeline, "get_worker_info", lambda w=worker: SimpleNamespace(id=w))
+            partials = pipeline._Partials(dataclasses.replace(s, num_workers=2), s.order(0), 0)
+            assert sum(len(p[1]) for p in partials) == 16 * 3
+    positions = sorted(p for _, _, start, length in reads for p in range(start, start + length))
+    assert positions == list(range(192))  # every trained sample once; the 8 left out never
+    assert len(reads) == 4 * 4  # four readers, four blocks (4, 4, 4 and 4 batches): one stretch each
+
+
 # --- several ranks, simulated in one process ---
-
-
-def test_epoch_readers_disjoint_and_cover(tmp_path):
-    """2 ranks x 2 workers on uneven shards: the four readers' samples are disjoint, and with plan.dropped
-    (fewer than a global batch) make up the epoch; every rank yields plan.batches full, correct batches."""
-    sizes = [100, 100, 100, 37, 3]
-    make_shards(tmp_path / "even", sizes)
-    index = read_index(str(tmp_path / "even"))
-    for epoch in (0, 1):
-        readers: dict[tuple[int, int], list[int]] = {}
-        streams = [stream(index, 10, seed=7, rank=r, world_size=2, num_workers=2) for r in (0, 1)]
-        plans = [s.plan(epoch) for s in streams]
-        assert plans[0].batches == plans[1].batches == 340 // 20
-        assert plans[0].dropped == plans[1].dropped == 0
-        for rank, s in enumerate(streams):
-            batches = list(s.epoch(epoch))
-            assert len(batches) == plans[rank].batches
-            assert all(len(labels) == 10 for _, labels, _ in batches)
-            check_pixels(batches)
-            for j, (images, _, _) in enumerate(batches):  # the loader serves its workers round robin
-                readers.setdefault((rank, j % 2), []).extend(ids_of(images))
-        every = [i for ids in readers.values() for i in ids]
-        assert len(readers) == 4 and len(every) == len(set(every))
-        assert len(every) + plans[0].dropped == sum(sizes)
-    make_shards(tmp_path / "odd", [100, 100, 100, 37, 8])
-    odd = read_index(str(tmp_path / "odd"))
-    plans = [stream(odd, 10, rank=r, world_size=2, num_workers=2).plan(0) for r in (0, 1)]
-    assert plans[0].dropped == 345 - 17 * 20 == 5 and plans[0].batches == plans[1].batches == 17
-    ids = [batch_ids(list(stream(odd, 10, rank=r, world_size=2, num_workers=2).epoch(0))) for r in (0, 1)]
-    assert not set(ids[0]) & set(ids[1]) and len(set(ids[0] + ids[1])) + 5 == 345
 
 
 @pytest.mark.parametrize("mode", ["epoch", "resampled"])
@@ -149,7 +213,7 @@ def test_uneven_shards_equal_batch_counts(tmp_path, mode, sizes):
     for rank in (0, 1):
         s = stream(index, 10, rank=rank, world_size=2, num_workers=2, mode=mode)
         batches = list(s.epoch(0))
-        assert len(batches) == s.plan(0).batches == s.batches_per_epoch == expected
+        assert len(batches) == s.order(0).steps == s.batches_per_epoch == expected
         assert all(images.shape == (10, *SHAPE) for images, _, _ in batches)
         check_pixels(batches)
 
@@ -267,10 +331,10 @@ def plant(case: str, root: Path, marker: Path) -> tuple[set[int], str, dict[str,
     paths = make_shards(root, GOOD)
     if case == "truncated":  # cut inside the image of the shard's 9th sample (id 48): 8 samples of 2048 bytes
         truncate(Path(paths[2]), 8 * 2048 + 512 + 100)
-        return set(range(48, 60)), "truncated", {"corrupt_shard": 1}
+        return set(range(48, 60)), "truncated", {"corrupt_shard": 12}
     if case == "unreadable":  # after indexing, a directory takes the shard's place
-        return set(range(40, 60)), "cannot be read", {"unreadable_shard": 1}
-    return set(range(40, 60)), "does not exist", {"missing_shard": 1}  # deleted or remote: after indexing
+        return set(range(40, 60)), "cannot be read", {"unreadable_shard": 20}
+    return set(range(40, 60)), "does not exist", {"missing_shard": 20}  # deleted or remote: after indexing
 
 
 CASES = [
@@ -332,35 +396,39 @@ def test_bad_data_raises_through_loader_worker(bad_data):
 @pytest.mark.parametrize("mode", ["epoch", "resampled"])
 @pytest.mark.parametrize("bad_data", CASES, indirect=True)
 def test_bad_data_skipped(bad_data, mode):
-    """on_error=skip: both ranks still yield plan.batches full batches; no bad sample appears; in epoch mode the
-    skip counts of the two ranks add up to the planted defects, in resampled mode they name only its reason
-    (a shard drawn several times is counted at each draw)."""
+    """on_error=skip: every rank still yields full batches; no bad sample appears; each bad sample is counted
+    once, under its reason (in resampled mode a shard drawn several times is counted at each draw); and the global
+    batches and counts are the same with 1 and 2 processes."""
     index, lost, _, counts, marker = bad_data
     extra = RESAMPLED if mode == "resampled" else {}
-    total: dict[str, int] = {}
-    for rank in (0, 1):
-        s = stream(index, 5, rank=rank, world_size=2, on_error="skip", **extra)
-        batches = list(s.epoch(0))
-        assert len(batches) == s.plan(0).batches == (8 if mode == "epoch" else 320)
-        assert all(images.shape == (5, *SHAPE) for images, _, _ in batches)
-        check_pixels(batches)
-        assert not set(batch_ids(batches)) & lost
-        for reason, n in skip_counts(batches).items():
-            total[reason] = total.get(reason, 0) + n
+    seen = []
+    for world in (1, 2):
+        batches, total = [], {}
+        for rank in range(world):
+            s = stream(index, 10 // world, rank=rank, world_size=world, on_error="skip", **extra)
+            batches.append(list(s.epoch(0)))
+            assert len(batches[-1]) == s.order(0).steps == (8 if mode == "epoch" else 320)
+            check_pixels(batches[-1])
+            assert not set(batch_ids(batches[-1])) & lost
+            for reason, n in skip_counts(batches[-1]).items():
+                total[reason] = total.get(reason, 0) + n
+        seen.append(([ids for step in zip(*batches, strict=True) for b in step for ids in ids_of(b[0])], total))
+    assert seen[0] == seen[1]
     if mode == "epoch":
-        assert total == counts
+        assert seen[0][1] == counts
     else:
-        assert set(total) == set(counts) and min(total.values()) >= 1
+        assert set(seen[0][1]) == set(counts)
     assert not marker.exists()
 
 
-def test_skip_gives_up_when_nothing_decodes(tmp_path):
-    """on_error=skip over shards that are all gone is a DataError, not an endless loop (epoch mode)."""
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_skip_gives_up_when_nothing_decodes(tmp_path, mode):
+    """on_error=skip over shards that are all gone is a DataError, not an endless loop."""
     make_shards(tmp_path, [10, 10])
     index = read_index(str(tmp_path))
     for path in tmp_path.glob("*.tar"):
         path.unlink()
-    assert "no decodable sample" in epoch_error(stream(index, 5, on_error="skip").epoch(0))
+    assert "no sample of" in epoch_error(stream(index, 5, on_error="skip", mode=mode).epoch(0))
 
 
 def test_shard_shorter_than_sizes_json(tmp_path):
@@ -372,23 +440,11 @@ def test_shard_shorter_than_sizes_json(tmp_path):
 
 
 def test_short_shard_is_counted_when_skipping(tmp_path):
-    """on_error=skip: a shard shorter than sizes.json is counted once as short_shard and the quota still filled."""
+    """on_error=skip: the samples a shard lacks against sizes.json are counted as short_shard, the batches full."""
     make_shards(tmp_path, [10, 10])
     (tmp_path / "sizes.json").write_text('{"s-000000.tar": 10, "s-000001.tar": 15}')
     s = stream(read_index(str(tmp_path)), 5, on_error="skip")
     batches = list(s.epoch(0))
-    assert len(batches) == s.plan(0).batches == 5
-    assert skip_counts(batches) == {"short_shard": 1}
-
-
-def test_resampled_skip_gives_up_on_unusable_data(tmp_path, monkeypatch):
-    """Resampled mode draws for ever; with every shard gone it stops with a DataError instead of looping."""
-    import vegan_scale.data.pipeline as pipeline
-
-    monkeypatch.setattr(pipeline, "MAX_BAD_IN_A_ROW", 50)
-    make_shards(tmp_path, [10, 10])
-    index = read_index(str(tmp_path))
-    for path in tmp_path.glob("*.tar"):
-        path.unlink()
-    message = epoch_error(stream(index, 5, on_error="skip", mode="resampled").epoch(0))
-    assert "50 bad samples or shards in a row" in message
+    assert len(batches) == s.order(0).steps == 5
+    check_pixels(batches)
+    assert skip_counts(batches) == {"short_shard": 5}

@@ -205,3 +205,34 @@ def test_http_window_with_drop(shard):
     with serve(path.parent) as server:
         server.faults[path.name] = ["half"]
         assert as_pairs(read_samples(f"{server.url}/{path.name}", FAST, skip=10, take=15)) == expected[10:25]
+
+
+def index_offsets(path: Path) -> list[int]:
+    """A shard's sample offsets as tarfile finds them (an independent index): each sample's first member, then
+    the end of the last member."""
+    starts, key, end = [], None, 0
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            if member.name.split(".")[0] != key:
+                key = member.name.split(".")[0]
+                starts.append(member.offset)
+            end = member.offset_data + -(-member.size // 512) * 512
+    return [*starts, end]
+
+
+def test_positioned_reads_equal_sequential_reads(tmp_path):
+    """With a shard's .idx, a window is read from its first sample on (a local seek, an HTTP Range request) and
+    equals the same window read from the start; an index that does not fit the shard is refused."""
+    from vegan_scale.data.index import read_offsets
+
+    path = Path(make_shards(tmp_path, [30], side=16)[0])
+    expected = as_pairs(read_samples(str(path), FAST, skip=7, take=9))
+    path.with_name(path.name + ".idx").write_bytes(np.asarray(index_offsets(path), dtype="<u8").tobytes())
+    offsets = read_offsets(str(path), 30)
+    assert offsets == index_offsets(path)
+    assert as_pairs(read_samples(str(path), FAST, skip=7, take=9, offsets=offsets)) == expected
+    with serve(path.parent) as server:
+        assert as_pairs(read_samples(f"{server.url}/{path.name}", FAST, skip=7, take=9, offsets=offsets)) == expected
+        assert server.ranges == [(path.name, offsets[7])]
+    path.with_name(path.name + ".idx").write_bytes(np.asarray([0, 3, 5], dtype="<u8").tobytes())
+    assert read_offsets(str(path), 30) is None

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from tests.runkit import ddp, exit_status, run, single, train_args
+from tests.shardkit import read_only_by
 from vegan_scale.data.index import read_index
-from vegan_scale.data.pipeline import TrainStream
 from vegan_scale.data.sources import ArraySource
 from vegan_scale.data.write import write_shards
 
@@ -24,30 +24,37 @@ STALL = ["data.stall_timeout_s=3", "train.collective_timeout_s=60"]
 
 
 def shards_with_a_fifo(root: Path, world: int, rank: int) -> Path:
-    """Five 100-sample shards of which the one ``rank`` of ``world`` (no loader workers, global batch 20, seed 0)
-    reads first in epoch 0 is a FIFO: opening it blocks until a writer comes, and none ever does."""
+    """Five 100-sample shards of which one that only rank ``rank`` of ``world`` reads in epoch 0 (global batch 20,
+    seed 0) is a FIFO: opening it blocks until a writer comes, and none ever does."""
     images = np.random.default_rng(0).integers(0, 256, size=(500, 28, 28), dtype=np.uint8)
     write_shards(ArraySource(images, np.arange(500) % 10), root, prefix="s", samples_per_shard=100)
-    stream = TrainStream(read_index(str(root)), (1, 28, 28), 20 // world, 0, rank, world)
-    first = Path(stream.plan(0).readers[0].ranges[0][0])
+    first = Path(read_only_by(read_index(str(root)), 20, world, rank)[0])
     first.unlink()
     os.mkfifo(first)
     (root / "stalls.json").write_text(json.dumps(first.name))
     return first
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize(
+    ("workers", "pretrain"), [(0, 0), (1, 0), (0, 5)], ids=["stream", "stream-worker", "encoder-pretraining"]
+)
 def test_a_read_that_never_returns_stops_the_run_naming_the_shard(
-    workers: int, tiny_shards: Path, tmp_path: Path
+    workers: int, pretrain: int, tiny_shards: Path, tmp_path: Path
 ) -> None:
+    """A FIFO among the shards: the training stream (read in the training process or a loader worker), or the
+    image pool encoder pre-training reads before the first step, stops with exit 69 and the shard named."""
     fifo = shards_with_a_fifo(tmp_path / "stuck", 1, 0)
     args = train_args(tiny_shards, tmp_path, "stall", "wae_mmd", f"data.train={fifo.parent}", *STALL)
     start = time.monotonic()
-    proc = run(single([*args, f"data.num_workers={workers}"]), timeout=120)
+    options = [f"data.num_workers={workers}", f"train.encoder_pretrain_steps={pretrain}"]
+    proc = run(single([*args, *options]), timeout=120)
     elapsed = time.monotonic() - start
     assert proc.returncode == 69, proc.stderr[-3000:]
     assert fifo.name in proc.stderr and "data.stall_timeout_s" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and elapsed < 60
+    if pretrain:  # a new run that fails while it is being built leaves no run directory
+        assert not (tmp_path / "mnist" / "stall").exists()
+        return
     status = exit_status(tmp_path / "mnist" / "stall")
     assert status["code"] == 69 and fifo.name in status["reason"]
 
@@ -58,7 +65,7 @@ def test_one_stalled_rank_stops_every_rank(tiny_shards: Path, tmp_path: Path) ->
     fifo = shards_with_a_fifo(tmp_path / "stuck", 2, 1)
     args = train_args(tiny_shards, tmp_path, "stall", "wae_mmd", f"data.train={fifo.parent}", *STALL)
     start = time.monotonic()
-    proc = run(ddp(args), timeout=180)
+    proc = run(ddp([*args, "train.encoder_pretrain_steps=0"]), timeout=180)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and time.monotonic() - start < 90, output[-3000:]
     status = exit_status(tmp_path / "mnist" / "stall")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.shardkit import id_images, read_tar
+from tests.shardkit import batch_ids, id_images, read_tar, sample_members, write_tar
 from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import load_images
 from vegan_scale.data.sources import ArraySource
@@ -111,7 +113,7 @@ def test_deterministic_atomic_and_worker_count_free(tmp_path):
     for name, workers in (("a", 1), ("b", 1), ("c", 2)):
         write_shards(source, tmp_path / name, prefix="d", fmt="png", samples_per_shard=7, workers=workers)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert len(files) == 5 + 2
+    assert len(files) == 5 + 5 + 2  # shards, their offset indexes, sizes.json and dataset.json
     for other in ("b", "c"):
         assert sorted(p.name for p in (tmp_path / other).iterdir()) == files
         for name in files:
@@ -188,3 +190,51 @@ def test_write_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="no samples"):
         write_shards(ArraySource(np.zeros((0, 4, 4), np.uint8)), tmp_path / "y", prefix="y")
     assert not (tmp_path / "x").exists() and not list(tmp_path.rglob("*.tar"))
+
+
+def test_offset_index_points_at_every_sample(tmp_path):
+    """<shard>.idx: the offset of each sample's first member as tarfile finds it, then the end of the last."""
+    source = ArraySource(id_images(range(23), side=8), np.arange(23) % 10)
+    write_shards(source, tmp_path, prefix="d", samples_per_shard=10)
+    for shard, count in json.loads((tmp_path / "sizes.json").read_text()).items():
+        offsets = np.frombuffer((tmp_path / f"{shard}.idx").read_bytes(), dtype="<u8").tolist()
+        with tarfile.open(tmp_path / shard) as tar:
+            members = tar.getmembers()
+        firsts = [m.offset for m in members if m.name.endswith(".npy")]
+        assert offsets[:-1] == firsts and len(firsts) == count
+        assert offsets[-1] == members[-1].offset_data + ((members[-1].size + 511) // 512) * 512
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_index_shards_of_another_tool(tmp_path, fmt):
+    """`vegan-scale index-shards DIR` on tar files written by the standard library (long member names: GNU long
+    name or PAX headers before the member's own) writes the counts and offsets tarfile finds; then a stream reads
+    every sample from its offset."""
+    from vegan_scale.data.pipeline import TrainStream
+
+    long = "d" * 120 + "/"  # a 130-character name: beyond USTAR's 100 (and its prefix needs a short name part)
+    prefix = long if fmt != tarfile.USTAR_FORMAT else ""
+    images = id_images(range(17), side=8)
+    for shard, ids in enumerate((range(0, 9), range(9, 17))):
+        members = [(f"{prefix}{name}", data) for i in ids for name, data in sample_members(i, images[i])]
+        write_tar(tmp_path / f"x-{shard}.tar", members, fmt=fmt)
+    done = subprocess.run([sys.executable, "-m", "vegan_scale", "index-shards", str(tmp_path)], capture_output=True)
+    assert done.returncode == 0 and b"2 shards, 17 samples" in done.stdout, done.stderr
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"x-0.tar": 9, "x-1.tar": 8}
+    for shard in ("x-0.tar", "x-1.tar"):
+        offsets = np.frombuffer((tmp_path / f"{shard}.idx").read_bytes(), dtype="<u8").tolist()
+        with tarfile.open(tmp_path / shard) as tar:
+            members = tar.getmembers()
+        assert offsets[:-1] == [m.offset for m in members if m.name.endswith(".npy")]
+        assert offsets[-1] == members[-1].offset_data + ((members[-1].size + 511) // 512) * 512
+    stream = TrainStream(read_index(str(tmp_path), image_shape=(1, 8, 8)), (1, 8, 8), 4, seed=0, shuffle_buffer=8)
+    ids = batch_ids(list(stream.epoch(0)))  # 4 batches of 4: one sample left out
+    assert len(ids) == len(set(ids)) == 16 and set(ids) <= set(range(17))
+
+
+def test_index_shards_refuses_an_empty_directory(tmp_path):
+    from vegan_scale.data.write import index_shards
+    from vegan_scale.errors import DataError
+
+    with pytest.raises(DataError, match=r"no \*\.tar shards in"):
+        index_shards(tmp_path)

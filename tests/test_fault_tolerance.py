@@ -180,6 +180,7 @@ def test_nonfinite_loss_stops_all_ranks_and_keeps_the_checkpoint(tiny_shards_mod
         "wae_mmd",
         "train.max_steps=40",
         "optim.lr=1e12",
+        "train.encoder_pretrain_steps=0",  # which would meet the exploding rate first
         "checkpoint.every_steps=1",
         "train.check_every=1",
     )

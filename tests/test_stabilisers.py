@@ -19,6 +19,7 @@ from vegan_scale.costs import reconstruction_cost
 from vegan_scale.engine.loop import train
 from vegan_scale.engine.pretrain import pretrain_encoder
 from vegan_scale.engine.schedule import lr_factor
+from vegan_scale.errors import NonFiniteLossError
 from vegan_scale.models import mlp
 from vegan_scale.models.autoencoder import build_autoencoder, init_weights, truncated_normal
 from vegan_scale.models.outputs import Reconstruction
@@ -75,6 +76,14 @@ def test_pretraining_matches_the_moments_and_is_seeded() -> None:
     assert before > 1.0 and results[0][1] < 0.1 < before and results[0][0] < 300
     assert results[0][:2] == results[1][:2]
     assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2], strict=True))
+
+
+def test_pretraining_that_diverges_stops_with_the_nonfinite_loss_error() -> None:
+    """An exploding learning rate in pre-training is a NonFiniteLossError (exit 65) that names pre-training and
+    its remedies, not a NaN encoder handed to training."""
+    model = _tiny_autoencoder()
+    with pytest.raises(NonFiniteLossError, match=r"encoder pre-training.*train\.encoder_pretrain_steps=0"):
+        pretrain_encoder(model, torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8), 50, 25, 1e12, (0.5, 0.999), 0)
 
 
 def test_p_trick_adds_the_official_log_density() -> None:

@@ -297,10 +297,30 @@ def _add_shards(sub: Any) -> None:
     s.set_defaults(run=_shards)
 
 
+def _index_shards(args: argparse.Namespace) -> None:
+    from vegan_scale.data.write import index_shards
+
+    for directory in args.directories:
+        sizes = index_shards(directory)
+        print(f"{directory}: {len(sizes)} shards, {sum(sizes.values())} samples; wrote sizes.json and .tar.idx files")
+
+
+def _add_index_shards(sub: Any) -> None:
+    i = sub.add_parser(
+        "index-shards",
+        help="write sizes.json and sample offsets for tar shards made by another tool",
+        description="Read the headers of every *.tar in each DIRECTORY and write its sizes.json (the sample counts "
+        "the training order needs) and, beside each shard, <shard>.tar.idx (where each sample starts, so that a "
+        "reader enters a shard at any sample). `vegan-scale shards` writes both itself.",
+    )
+    i.add_argument("directories", type=Path, nargs="+", metavar="DIRECTORY")
+    i.set_defaults(run=_index_shards)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vegan-scale", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_config, _add_export_and_sync, _add_eval_and_sample, _add_shards):
+    for add in (_add_train, _add_config, _add_export_and_sync, _add_eval_and_sample, _add_shards, _add_index_shards):
         add(sub)
     return p
 

@@ -71,5 +71,5 @@ def train_stream_ranks_equal_and_disjoint(ctx: Context) -> dict:
         shuffle_buffer=50,
     )
     ids = [int(x[i, 0, 0, 0]) + 256 * int(x[i, 0, 0, 1]) for x, _, _ in stream.epoch(0) for i in range(len(x))]
-    plan = stream.plan(0)
-    return {"ids": ids, "batches": plan.batches, "dropped": plan.dropped, "total": sum(sizes)}
+    order = stream.order(0)
+    return {"ids": ids, "batches": order.steps, "dropped": order.dropped, "total": sum(sizes)}

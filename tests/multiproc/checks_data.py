@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tests.multiproc.harness import Context, check
-from tests.shardkit import header_offsets, ids_of, make_shards, set_header_field
+from tests.shardkit import header_offsets, ids_of, make_shards, read_only_by, set_header_field
 from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import TrainStream
 from vegan_scale.errors import DataError
@@ -28,15 +28,18 @@ def _uneven_index(ctx: Context):
     return read_index(str(root))
 
 
-def _stream(ctx: Context, mode: str) -> TrainStream:
+def _stream(ctx: Context, mode: str, world_size: int | None = None, num_workers: int = 2) -> TrainStream:
+    """This rank's stream; with ``world_size=1``, the whole global batch (of 20) in this process (called on one
+    rank only after a call on every rank: the index is made by the first, with a barrier)."""
+    world_size = world_size or ctx.world_size
     return TrainStream(
-        _uneven_index(ctx),
+        _uneven_index(ctx) if world_size > 1 else read_index(str(ctx.shared_dir / "data_uneven")),
         (1, 8, 8),
-        batch_size=10,
+        batch_size=20 // world_size,
         seed=5,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        num_workers=2,
+        rank=ctx.rank if world_size > 1 else 0,
+        world_size=world_size,
+        num_workers=num_workers,
         shuffle_buffer=30,
         mode=mode,
     )
@@ -45,12 +48,14 @@ def _stream(ctx: Context, mode: str) -> TrainStream:
 def _read(ctx: Context, mode: str) -> dict:
     stream = _stream(ctx, mode)
     batches = list(stream.epoch(0))
-    plan = stream.plan(0)
+    order = stream.order(0)
+    one_process = _stream(ctx, mode, world_size=1, num_workers=0).epoch(0) if ctx.rank == 0 else []
     return {
+        "one_process_ids": [ids_of(images) for images, _, _ in one_process],
         "batch_ids": [ids_of(images) for images, _, _ in batches],
         "labels_ok": all(labels.tolist() == [i % 10 for i in ids_of(images)] for images, labels, _ in batches),
-        "batches": plan.batches,
-        "dropped": plan.dropped,
+        "batches": order.steps,
+        "dropped": order.dropped,
         "total": sum(UNEVEN),
     }
 
@@ -95,9 +100,7 @@ def _training_data(ctx: Context, name: str, damage: str = "image") -> tuple[Path
     if ctx.rank == 0:
         make_shards(train, [25] * 8, side=28)
         make_shards(test, [20, 20], side=28)
-        plans = [TrainStream(read_index(str(train)), (1, 28, 28), 10, 0, rank, 2, 0, 2000).plan(0) for rank in (0, 1)]
-        rank0 = {url for url, _, _ in plans[0].readers[0].ranges}
-        url = next(u for u, skip, take in plans[1].readers[0].ranges if u not in rank0 and (skip, take) == (0, 25))
+        url = read_only_by(read_index(str(train)), 20, 2, 1)[0]  # epoch 0 is one block (200 samples, L = 100)
         shard = int(Path(url).stem.rsplit("-", 1)[1])
         bad = 25 * shard + 7
         if damage == "image":

@@ -48,8 +48,9 @@ class DataConfig:
     test: str = param(".data/shards/mnist/test", "Test shards, same forms as data.train; used for evaluation.")
     mode: str = param(
         "epoch",
-        "epoch: every sample once per epoch, ranks and workers reading disjoint shard ranges; resampled: every "
-        "loader worker draws shards with replacement (for data too large or too remote to split exactly).",
+        "epoch: every sample once per epoch, the shards in a seeded order; resampled: shards drawn with "
+        "replacement, sources weighted by data.train_weights. Either way the global batch of each step is the "
+        "same at every number of processes and loader workers (docs/design.md, Data order).",
         choices=("epoch", "resampled"),
     )
     epoch_samples: int | None = param(
@@ -58,7 +59,8 @@ class DataConfig:
     on_error: str = param(
         "raise",
         "Bad data (truncated shard, undecodable image, wrong shape, missing shard): raise stops the run with a "
-        "message naming shard and sample; skip drops it, counts it by reason and logs the counts.",
+        "message naming shard and sample; skip counts each bad sample by reason, logs the counts and puts the "
+        "next good sample of the epoch in its place.",
         choices=("raise", "skip"),
     )
     read_attempts: int = param(
@@ -84,7 +86,10 @@ class DataConfig:
         1, "Loader processes per training process; 0 decodes in the training process.", bounds=at_least(0)
     )
     shuffle_buffer: int = param(
-        2000, "Samples held by the shuffle buffer of each loader worker (0 or 1: no shuffle).", bounds=at_least(0)
+        2000,
+        "The span of the sample shuffle: each batch takes one sample from each of global-batch-size stretches of "
+        "the epoch spread over this many samples (0 or 1: batches of consecutive samples).",
+        bounds=at_least(0),
     )
 
 

@@ -5,14 +5,15 @@ A data spec is one or more sources separated by ``::`` (open_clip's convention),
 * a local directory written by ``vegan-scale shards`` (it holds ``sizes.json``);
 * a brace pattern of local paths or URLs, ``data/train-{000000..000127}.tar``, ``https://host/d/x-{0..9}.tar``,
   ``pipe:aws s3 cp s3://bucket/x-{0..9}.tar -``. Sample counts come from a ``sizes.json`` beside the shards (read
-  from the same directory, or fetched from the same URL directory); without one, counts are unknown, which only
-  resampled mode accepts.
+  from the same directory, or fetched from the same URL directory); the training order needs them
+  (``vegan-scale index-shards`` writes one for shards made by another tool).
 
 Weights (one per source) set how often resampled mode draws from each source.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import posixpath
@@ -20,6 +21,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from vegan_scale import retry
 from vegan_scale.errors import DataError
@@ -29,6 +32,7 @@ log = logging.getLogger("vegan_scale.data")
 
 SIZES_FILE = "sizes.json"
 INFO_FILE = "dataset.json"
+OFFSETS_SUFFIX = ".idx"
 SOURCE_SEPARATOR = "::"
 FETCH_BACKOFF = Backoff(attempts=4)
 HOWTO = "write shards with `vegan-scale shards mnist --out DIR` (or `make data`) and point data.train/data.test at DIR"
@@ -60,8 +64,8 @@ class ShardIndex:
         if not self.has_counts:
             unknown = [s.spec for s in self.sources if s.counts is None]
             raise DataError(
-                f"sample counts of {unknown} are unknown (no sizes.json beside the shards); write one "
-                '({"shard.tar": count, ...}) or use data.mode=resampled with data.epoch_samples set'
+                f"sample counts of {unknown} are unknown (no sizes.json beside the shards); write one with "
+                "`vegan-scale index-shards DIRECTORY` where the shards are"
             )
         return [c for s in self.sources for c in s.counts]
 
@@ -78,6 +82,33 @@ class ShardIndex:
         return next((s.image_shape for s in self.sources if s.image_shape is not None), None)
 
 
+def offsets_path(shard: Path) -> Path:
+    """Where a shard's index of sample offsets lies: beside it, ``<shard>.idx``."""
+    return shard.with_name(shard.name + OFFSETS_SUFFIX)
+
+
+def read_offsets(url: str, count: int) -> list[int] | None:
+    """The byte offset of each of a shard's ``count`` samples and of their end, from its .idx (local files and
+    http(s) URLs), or None where there is none, or where it does not fit the shard (then the reader passes over
+    the samples before the ones it wants instead)."""
+    if url.startswith(("http://", "https://")):
+        data = _fetch(url + OFFSETS_SUFFIX)
+    elif "://" in url.split("/", 1)[0] + "/" or url.startswith("pipe:"):
+        return None
+    else:
+        path = offsets_path(Path(url.removeprefix("file://")))
+        data = path.read_bytes() if path.is_file() else None
+    if data is None:
+        return None
+    offsets = np.frombuffer(data, dtype="<u8").tolist() if len(data) % 8 == 0 else []
+    if len(offsets) != count + 1 or offsets[0] != 0 or any(o % 512 or o >= p for o, p in itertools.pairwise(offsets)):
+        log.warning(
+            "%s%s does not fit the shard's %d samples; reading the shard from its start", url, OFFSETS_SUFFIX, count
+        )
+        return None
+    return offsets
+
+
 def _expand(pattern: str) -> list[str]:
     import braceexpand
 
@@ -88,13 +119,13 @@ def _is_url(spec: str) -> bool:
     return spec.startswith("pipe:") or "://" in spec.split("{", 1)[0]
 
 
-def _fetch_json(url: str, backoff: Backoff = FETCH_BACKOFF) -> object | None:
-    """A small JSON file over HTTP(S): None if it does not exist, retried on transient failures."""
+def _fetch(url: str, backoff: Backoff = FETCH_BACKOFF) -> bytes | None:
+    """A small file over HTTP(S): None if it does not exist, retried on transient failures."""
 
-    def fetch() -> object | None:
+    def fetch() -> bytes | None:
         try:
             with urllib.request.urlopen(url, timeout=30) as response:
-                return json.loads(response.read())
+                return response.read()
         except urllib.error.HTTPError as e:
             if e.code in (403, 404, 410):
                 return None
@@ -107,6 +138,14 @@ def _fetch_json(url: str, backoff: Backoff = FETCH_BACKOFF) -> object | None:
         on_retry=lambda e, wait: log.warning("fetching %s failed (%s); retrying in %.0f s", url, e, wait),
         give_up=lambda e: DataError(f"cannot fetch {url} after {backoff.attempts} attempts: {e}"),
     )
+
+
+def _fetch_json(url: str) -> object | None:
+    data = _fetch(url)
+    try:
+        return None if data is None else json.loads(data)
+    except ValueError as e:
+        raise DataError(f"{url} is not valid JSON ({e}); rewrite the shards") from None
 
 
 def _read_json(path: Path) -> object:

@@ -1,31 +1,17 @@
-"""The training input pipeline: shards to uint8 image batches, equal on every rank and reproducible by step.
+"""The training input pipeline: the batches of one process, read from shards in the order of
+:mod:`vegan_scale.data.order`, equal in content at every world size and worker count.
 
-Per epoch and per reader (one loader worker of one rank), a webdataset pipeline of explicit stages:
+For each block of an epoch, each reader (a loader worker of a rank) reads its stretch of the epoch's sample
+sequence (its lanes; a shard entered at its first sample through its .idx where there is one), decodes it, and
+gives, for each of the block's batches, its lanes' elements in the block's order: a *partial*. The DataLoader
+serves its workers round robin, so K consecutive partials are the K pieces of the rank's slice of one global
+batch, which is cut into ``accumulation`` micro-batches of ``batch_size``. A run restarted at any step, at any
+world size or worker count, sees the samples an uninterrupted run sees from that step.
 
-    shard ranges (epoch mode) or seeded shard draws (resampled mode)   raw samples; shard errors raise or are counted
-      -> shuffle buffer seeded by (seed, epoch, rank, worker)          raw samples
-      -> safe decode                                                    (uint8 image [C, H, W], label, skip counts)
-      -> window: drop the batches a resumed run has already seen, keep exactly this reader's quota
-      -> batches of ``batch_size``                                      (images, labels, skip counts) on the host
-
-Epoch mode: the shard list is permuted by (seed, epoch), identically on every rank, and read as one sequence of
-samples. Every rank gets ``b = N // (batch * world)`` batches; rank r, worker k reads a contiguous range of that
-sequence (whole shards, plus at most a partial shard at each end, entered without decoding what it skips), so
-readers never read the same sample and each gets exactly its quota. The last ``N - b * batch * world`` samples of
-the permuted order, fewer than one global batch, are left for that epoch (``EpochPlan.dropped``, logged).
-
-Resampled mode: every reader draws shards with replacement (sources weighted) from a generator seeded by (seed,
-epoch, rank, worker) and reads until it has its quota; an epoch is ``epoch_samples`` samples (default: the data
-set's size).
-
-Worker k's quota is ``b // K`` batches, plus one for the first ``b % K`` workers, so the DataLoader's round robin
-over workers is exact and batch j of an epoch is a known batch of a known worker: ``epoch(e, start=j)`` rebuilds
-the epoch and skips what the first j batches consumed, so a resumed run sees the batches an uninterrupted run sees.
-
-Bad data (``on_error``): ``raise`` stops with a DataError naming the shard, sample and problem; ``skip`` drops the
-sample or the rest of the shard, counts it under a reason (attached to the batches, summed by the trainer) and,
-in epoch mode, tops the reader up with a second, differently shuffled pass over its range so that it still yields
-its full quota: ranks never fall out of step.
+Bad data (``on_error``): ``raise`` stops with a DataError naming the shard, sample and problem; ``skip`` counts a
+bad sample (or the rest of a damaged shard) under its reason and gives, in its place, the next good element of the
+same lane in the block's order: exactly the batches that held bad samples change, the same way at every world size
+and worker count, and every rank keeps its batch count. A lane without one good element stops the run.
 
 The loader is a plain DataLoader; it is never passed to ``accelerator.prepare`` (which would shard it again).
 """
@@ -33,10 +19,10 @@ The loader is a plain DataLoader; it is never passed to ``accelerator.prepare`` 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import multiprocessing
 import os
-import random
 import signal
 import threading
 from collections.abc import Iterator
@@ -44,42 +30,24 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vegan_scale.data.decode import SKIP_REASONS, SampleError, decode_sample
-from vegan_scale.data.index import ShardIndex
-from vegan_scale.data.shardio import Sample, ShardError, read_samples
-from vegan_scale.errors import DataError
+from vegan_scale.data.index import ShardIndex, read_offsets
+from vegan_scale.data.order import EpochOrder, epoch_order, pieces, rank_lanes, worker_lanes
+from vegan_scale.data.shardio import Sample, ShardError, ShardMissing, read_samples
+from vegan_scale.errors import DataError, DataStallError
 from vegan_scale.retry import Backoff
 
 log = logging.getLogger("vegan_scale.data")
 
 MODES = ("epoch", "resampled")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what a job is stopped with (vegan_scale.stops)
 ON_ERROR = ("raise", "skip")
-MAX_PASSES = 4  # epoch mode, on_error=skip: passes over a reader's range to fill its quota
-MAX_BAD_IN_A_ROW = 10_000  # on_error=skip: consecutive bad samples or shards before a reader gives up
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what a job is stopped with (vegan_scale.stops)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images uint8 [B, C, H, W], labels [B], skips [reasons]
-
-
-@dataclass(frozen=True)
-class ReaderPlan:
-    """What one reader (a loader worker of one rank) reads in one epoch."""
-
-    seed: tuple[int, ...]  # (seed, epoch, rank, worker)
-    quota: int  # batches it yields
-    ranges: tuple[tuple[str, int, int], ...] = ()  # epoch mode: (shard url, samples to skip, samples to take)
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    batches: int  # batches every rank yields this epoch
-    dropped: int  # epoch mode: samples of the epoch left unread by every rank together
-    readers: tuple[ReaderPlan, ...]  # this rank's readers, by worker id
+Item = tuple[torch.Tensor, int]  # a decoded sample: image, label
 
 
 @dataclass(frozen=True)
@@ -102,11 +70,12 @@ class Readers:
 
 @dataclass(frozen=True)
 class TrainStream:
-    """One rank's training batches: a function of (seed, epoch, position) for a fixed world size and worker count."""
+    """One rank's training micro-batches: its slice of the global batches of :mod:`vegan_scale.data.order`, a
+    function of (seed, epoch, step) whatever ``world_size`` and ``num_workers`` are."""
 
     index: ShardIndex
     image_shape: tuple[int, int, int]
-    batch_size: int
+    batch_size: int  # the micro-batch
     seed: int
     rank: int = 0
     world_size: int = 1
@@ -117,27 +86,25 @@ class TrainStream:
     on_error: str = "raise"
     retry: Backoff = field(default_factory=Backoff)
     readers: Readers | None = None  # shared with the loader workers; without it, each epoch has its own
+    accumulation: int = 1  # micro-batches per step and rank
 
     def __post_init__(self) -> None:
         if self.mode not in MODES or self.on_error not in ON_ERROR:
             raise ValueError(f"mode must be one of {MODES} and on_error one of {ON_ERROR}")
-        readers = self.world_size * self.readers_per_rank
-        if self.mode == "epoch":
-            if any(s.weight != 1 for s in self.index.sources):
-                raise DataError(
-                    "source weights (data.train_weights) need data.mode=resampled; epoch mode reads every sample once"
-                )
-            shards = len(self.index.urls)
-            if shards < readers:
-                raise DataError(
-                    f"{shards} shard(s) for {self.world_size} process(es) x {self.readers_per_rank} loader worker(s) "
-                    f"= {readers} readers: in epoch mode every reader needs a shard of its own. Use "
-                    "data.mode=resampled, write more and smaller shards, or lower data.num_workers"
-                )
-        if self.batches_per_epoch == 0:
+        if self.mode == "epoch" and any(s.weight != 1 for s in self.index.sources):
             raise DataError(
-                f"an epoch of {self.samples_per_epoch} samples holds no full batch of {self.batch_size} for each of "
-                f"{self.world_size} process(es); lower train.global_batch_size or use more data"
+                "source weights (data.train_weights) need data.mode=resampled; epoch mode reads every sample once"
+            )
+        share = self.batch_size * self.accumulation
+        if self.readers_per_rank > share:
+            raise DataError(
+                f"{self.readers_per_rank} loader workers for {share} samples per process and step: each worker reads "
+                "a whole number of a step's samples; lower data.num_workers"
+            )
+        if self.order(0).steps == 0:
+            raise DataError(
+                f"an epoch of {self.order(0).samples} samples holds no global batch of {self.global_batch}; "
+                "lower train.global_batch_size or use more data"
             )
 
     @property
@@ -145,69 +112,56 @@ class TrainStream:
         return max(1, self.num_workers)
 
     @property
-    def samples_per_epoch(self) -> int:
-        if self.mode == "resampled" and self.epoch_samples:
-            return self.epoch_samples
-        return self.index.num_samples
+    def global_batch(self) -> int:
+        return self.batch_size * self.accumulation * self.world_size
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.samples_per_epoch // (self.batch_size * self.world_size)
+        """Micro-batches each rank trains on per epoch."""
+        return self.order(0).steps * self.accumulation
 
-    def _quotas(self) -> list[int]:
-        b, k = self.batches_per_epoch, self.readers_per_rank
-        return [b // k + (w < b % k) for w in range(k)]
-
-    def plan(self, epoch: int) -> EpochPlan:
-        quotas = self._quotas()
-        seeds = [(self.seed, epoch, self.rank, w) for w in range(len(quotas))]
-        b = self.batches_per_epoch
-        if self.mode == "resampled":
-            return EpochPlan(b, 0, tuple(ReaderPlan(s, q) for s, q in zip(seeds, quotas, strict=True)))
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.index.urls))
-        urls = [self.index.urls[i] for i in order]
-        counts = [self.index.counts[i] for i in order]
-        start = self.rank * b * self.batch_size
-        readers = []
-        for s, q in zip(seeds, quotas, strict=True):
-            readers.append(ReaderPlan(s, q, _ranges(urls, counts, start, q * self.batch_size)))
-            start += q * self.batch_size
-        return EpochPlan(b, self.index.num_samples - b * self.batch_size * self.world_size, tuple(readers))
+    def order(self, epoch: int) -> EpochOrder:
+        return epoch_order(
+            self.index, self.seed, epoch, self.mode, self.epoch_samples, self.global_batch, self.shuffle_buffer
+        )
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        """This rank's batches ``start``, ``start + 1``, ... of ``epoch``: ``plan(epoch).batches - start`` of them."""
-        plan = self.plan(epoch)
-        k = self.readers_per_rank
-        consumed = [start // k + (w < start % k) for w in range(k)]  # batches each reader gave to the first `start`
-        # The DataLoader serves its workers round robin from worker 0; batch `start` belongs to reader start % k.
-        order = [(start + i) % k for i in range(k)]
-        pipeline = wds.DataPipeline(
-            _ReaderSamples(self, tuple(plan.readers[o] for o in order), [consumed[o] for o in order]),
-            wds.batched(self.batch_size, collation_fn=_collate, partial=False),
-        )
-        # A DataLoader draws its workers' base seed from the generator it is given, else from torch's global one:
-        # a private generator keeps the training process's random stream (prior samples, encoder noise) the same
-        # whenever the loader starts, which is what makes a resumed run exact.
-        seeds = torch.Generator().manual_seed(hash((self.seed, epoch, self.rank)) % 2**63)
+        """This rank's micro-batches ``start``, ``start + 1``, ... of ``epoch``."""
+        order = self.order(epoch)
+        step, skip = divmod(start, self.accumulation)
         readers = self.readers or Readers.create(self.readers_per_rank)
+        # A DataLoader draws its workers' base seed from the generator it is given, else from torch's global one: a
+        # private generator keeps the training process's random stream the same whenever the loader starts.
         loader = DataLoader(
-            pipeline,
+            _Partials(self, order, step),
             batch_size=None,
             num_workers=self.num_workers,
             prefetch_factor=4 if self.num_workers else None,
-            generator=seeds,
+            generator=torch.Generator().manual_seed(order.steps),
             worker_init_fn=functools.partial(_leave_stopping_to_the_trainer, readers.released)
             if self.num_workers
             else None,
         )
-        return _batches(loader, plan.batches - start, None if self.readers else readers.released)
+        micro = _micro_batches(_start(loader), self.readers_per_rank, self.accumulation)
+        return _batches(islice(micro, skip, None), None if self.readers else readers.released)
 
 
-def _batches(loader: DataLoader, count: int, release: Any) -> Iterator[Batch]:
-    """``count`` batches of ``loader``; once the caller stops taking them, its workers may be ended (``release``:
-    set here; None where the stream's owner releases them, at the end of the run)."""
+def _micro_batches(partials: Iterator, workers: int, accumulation: int) -> Iterator[Batch]:
+    """The rank's micro-batches from the workers' partials: ``workers`` consecutive partials make one step's slice,
+    cut into ``accumulation`` micro-batches."""
+    while group := list(islice(partials, workers)):
+        images = torch.cat([p[0] for p in group])
+        labels = torch.tensor([label for p in group for label in p[1]], dtype=torch.int64)
+        skips = torch.tensor([sum(p[2][r] for p in group) for r in range(len(SKIP_REASONS))], dtype=torch.int64)
+        for m, (x, y) in enumerate(zip(images.chunk(accumulation), labels.chunk(accumulation), strict=True)):
+            yield x, y, skips if m == 0 else torch.zeros_like(skips)
+
+
+def _batches(micro: Iterator[Batch], release: Any) -> Iterator[Batch]:
+    """The micro-batches; once the caller stops taking them, the loader's workers may be ended (``release``: set
+    here; None where the stream's owner releases them, at the end of the run)."""
     try:
-        yield from map(_as_batch, islice(_start(loader), count))
+        yield from micro
     finally:
         if release is not None:
             release.set()
@@ -241,113 +195,116 @@ def _leave_stopping_to_the_trainer(release: Any, worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def _ranges(urls: list[str], counts: list[int], start: int, length: int) -> tuple[tuple[str, int, int], ...]:
-    """The (url, skip, take) pieces of samples [start, start + length) of the concatenated shards."""
-    pieces, offset = [], 0
-    for url, count in zip(urls, counts, strict=True):
-        lo, hi = max(start, offset), min(start + length, offset + count)
-        if lo < hi:
-            pieces.append((url, lo - offset, hi - lo))
-        offset += count
-    return tuple(pieces)
+class _Partials(IterableDataset):
+    """In the loader worker that iterates it, that worker's partials of one epoch from step ``step`` on. A block's
+    bad samples are counted with its first batch (a run resumed inside a block counted them before it stopped)."""
 
-
-Item = tuple[torch.Tensor, int, dict[str, int]]  # image, label, samples skipped (by reason) since the previous item
-
-
-class _ReaderSamples(IterableDataset):
-    """The decoded samples of the loader worker that iterates it, windowed to its share of the epoch."""
-
-    def __init__(self, stream: TrainStream, readers: tuple[ReaderPlan, ...], consumed: list[int]) -> None:
+    def __init__(self, stream: TrainStream, order: EpochOrder, step: int) -> None:
         super().__init__()
-        self.stream, self.readers, self.consumed = stream, readers, consumed
+        self.stream, self.order, self.step = stream, order, step
 
-    def __iter__(self) -> Iterator[Item]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[int], list[int]]]:
         info = get_worker_info()
         worker = info.id if info else 0
-        plan, s = self.readers[worker], self.stream
-        skip, take = self.consumed[worker] * s.batch_size, (plan.quota - self.consumed[worker]) * s.batch_size
-        if s.on_error == "raise":  # nothing is ever dropped, so the window can be cut before decoding
-            raw = islice(_shuffled(s, plan, 0), skip, skip + take)
-            items = (_decode(sample, s.image_shape, "raise", {}) for sample in raw)
-        else:  # decoding decides what counts, so the window is cut after it
-            items = islice(_decoded_passes(s, plan), skip, skip + take)
-        delivered = 0
-        for item in items:
-            delivered += 1
-            yield item
-        if delivered < take:
-            raise DataError(
-                f"reader {plan.seed[2:]} of epoch {plan.seed[1]} got {skip + delivered} samples but needs "
-                f"{skip + take}: the shards hold fewer samples than sizes.json says; rewrite them"
-            )
+        s, order = self.stream, self.order
+        lanes = worker_lanes(rank_lanes(s.global_batch, s.world_size, s.rank), s.readers_per_rank, worker)
+        reader = _SequenceReader(s, order, worker)
+        step = self.step
+        while step < order.steps:
+            j, first, length = order.block(step)
+            reader.skipped.clear()
+            elements = reader.lanes(j, lanes, length)
+            ranks = order.lane_orders(j, lanes)
+            for t in range(step - first, length):
+                picked = [elements[q][ranks[q][t]] for q in range(len(lanes))]
+                counts = [reader.skipped.get(r, 0) if t == 0 else 0 for r in SKIP_REASONS]
+                yield torch.stack([x for x, _ in picked]), [y for _, y in picked], counts
+            step = first + length
 
 
-def _shuffled(s: TrainStream, plan: ReaderPlan, pass_: int) -> Iterator[Sample]:
-    rng = random.Random(repr((*plan.seed, pass_)))
-    samples = _draws(s, plan, rng) if s.mode == "resampled" else _range_samples(s, plan)
-    if s.shuffle_buffer <= 1:
-        return samples
-    return wds.filters.shuffle(s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng)(samples)
+class _SequenceReader:
+    """One reader's access to the epoch's sample sequence S: stretches of it decoded, bad samples (skip mode)
+    counted once, by the reader of the lane that holds them, and replaced.
+
+    A lane's k-th bad element (in stored order) is replaced by the k-th good sample of S after the lane's end
+    (wrapping around the epoch): a rule on S alone, so the batches are the same at every world size and worker
+    count, and a whole lost shard costs its samples, not the run."""
+
+    def __init__(self, stream: TrainStream, order: EpochOrder, worker: int) -> None:
+        self.s, self.order, self.worker = stream, order, worker
+        self.offsets: dict[str, list[int] | None] = {}  # the .idx of each shard met, read once per epoch
+        self.skipped: dict[str, int] = {}  # bad samples of the current block, by reason
+
+    def lanes(self, j: int, lanes: range, length: int) -> list[list[Item]]:
+        """Block ``j``'s ``lanes`` (consecutive), [lane][element in stored order], bad samples replaced."""
+        start = self.order.block(j * self.order.batches_per_block)[1] * self.order.global_batch + lanes.start * length
+        flat = self.read(start, len(lanes) * length, self.skipped)
+        result = []
+        for q in range(len(lanes)):
+            lane, after = flat[q * length : (q + 1) * length], flat[(q + 1) * length :]
+            bad = sum(item is None for item in lane)
+            if bad:
+                good = (item for item in after if item is not None)
+                found = list(islice(itertools.chain(good, self.good_from(start + len(flat))), bad))
+                lane = [item if item is not None else found.pop(0) for item in lane]
+            result.append(lane)
+        return result
+
+    def good_from(self, position: int) -> Iterator[Item]:
+        """The good samples of S from ``position`` on, wrapping around the epoch; a DataError after a whole pass
+        without one."""
+        total, chunk, seen = self.order.samples, 256, 0
+        while seen < total:
+            at = (position + seen) % total
+            take = min(chunk, total - at, total - seen)
+            yield from (item for item in self.read(at, take, {}) if item is not None)
+            seen += take
+        raise DataError(
+            f"epoch {self.order.epoch}: no sample of {self.order.urls[0]} ... decodes (see the warnings above)"
+        )
+
+    def read(self, start: int, length: int, skipped: dict[str, int]) -> list[Item | None]:
+        """Samples [start, start + length) of S, decoded; None for a bad one (skip mode), counted in ``skipped``."""
+        s, found = self.s, []
+        for url, skip, take in pieces(self.order.urls, self.order.counts, start, length):
+            if url not in self.offsets:
+                self.offsets[url] = read_offsets(url, self.order.counts[self.order.urls.index(url)])
+            if s.readers is not None:
+                s.readers.reading[self.worker] = s.index.urls.index(url)
+            got, reason = 0, None
+            for sample in _shard_samples(s, url, skip, take, self.offsets[url]):
+                reason = sample.get("__error__", reason)
+                found.append(_decode(sample, s.image_shape, s.on_error, skipped))
+                got += 1
+            if got < take:  # the rest of a damaged shard, read without its offsets: lost, under the error's reason
+                skipped[reason] = skipped.get(reason, 0) + take - got
+                found.extend([None] * (take - got))
+        return found
 
 
-def _decoded_passes(s: TrainStream, plan: ReaderPlan) -> Iterator[Item]:
-    """Skip mode: decoded samples, dropping bad ones; epoch mode passes over the range again to fill the quota."""
-    skipped: dict[str, int] = {}  # bad samples since the last good one, reported with the next good one
-    for pass_ in range(MAX_PASSES if s.mode == "epoch" else 1):
-        good = bad = in_a_row = 0
-        for sample in _shuffled(s, plan, pass_):
-            # a later pass meets the first pass's bad samples again: they are counted once
-            item = _decode(sample, s.image_shape, "skip", skipped if pass_ == 0 else {})
-            if item is None:
-                bad, in_a_row = bad + 1, in_a_row + 1
-                if in_a_row >= MAX_BAD_IN_A_ROW:  # resampled mode draws for ever: give up on unusable data
-                    raise DataError(
-                        f"reader {plan.seed[2:]} met {in_a_row} bad samples or shards in a row; the "
-                        f"data of {s.index.urls[:2]}... looks unusable (see the warnings above)"
-                    )
-                continue
-            good, in_a_row = good + 1, 0
-            yield item[0], item[1], skipped
-            skipped = {}
-        if good == 0:
-            raise DataError(f"no decodable sample in the shard range {plan.ranges} (reader {plan.seed[2:]})")
-        log.warning("reader %s skipped %d bad samples; reading its range again to fill its quota", plan.seed[2:], bad)
-    raise DataError(f"reader {plan.seed[2:]}: too many bad samples to fill its quota in {MAX_PASSES} passes")
-
-
-def _range_samples(s: TrainStream, plan: ReaderPlan) -> Iterator[Sample]:
-    for url, skip, take in plan.ranges:
-        yield from _shard_samples(s, plan, url, skip, take)
-
-
-def _draws(s: TrainStream, plan: ReaderPlan, rng: random.Random) -> Iterator[Sample]:
-    sources = [src for src in s.index.sources if src.urls]  # skip_missing may have left a source without shards
-    weights = [src.weight for src in sources]
-    while True:
-        source = rng.choices(sources, weights)[0]
-        yield from _shard_samples(s, plan, rng.choice(source.urls), 0, None)
-
-
-def _shard_samples(s: TrainStream, plan: ReaderPlan, url: str, skip: int, take: int | None) -> Iterator[Sample]:
-    """Samples of one shard; in skip mode a shard error ends the shard and is counted on the next sample."""
-    if s.readers is not None:
-        s.readers.reading[plan.seed[3]] = s.index.urls.index(url)  # seed: (seed, epoch, rank, worker)
-    delivered = 0
-    try:
-        for sample in read_samples(url, s.retry, skip, take):
-            delivered += 1
-            yield sample
-        if take is not None and delivered < take:
-            raise ShortShard(
-                f"shard {url} holds {skip + delivered} samples but sizes.json promises at least "
-                f"{skip + take}; rewrite the shards or their sizes.json"
-            )
-    except ShardError as e:
-        if s.on_error == "raise":
-            raise
-        log.warning("skipping the rest of %s: %s", url, e)
-        yield {"__key__": None, "__url__": url, "__error__": e.reason}
+def _shard_samples(s: TrainStream, url: str, skip: int, take: int, offsets: list[int] | None) -> Iterator[Sample]:
+    """Samples ``skip`` to ``skip + take`` of one shard. In skip mode a shard error is an error marker in place of
+    the sample it hit: with the shard's offsets the reading goes on at the next sample, without them the rest of
+    the piece is lost (the caller counts it)."""
+    position, end = skip, skip + take
+    while position < end:
+        try:
+            for sample in read_samples(url, s.retry, position, end - position, offsets):
+                position += 1
+                yield sample
+            if position < end:
+                raise ShortShard(
+                    f"shard {url} holds {position} samples but sizes.json promises at least {end}; rewrite the "
+                    "shards or their sizes.json"
+                )
+        except ShardError as e:
+            if s.on_error == "raise":
+                raise
+            log.warning("skipping %s of %s: %s", "a sample" if offsets else "the rest", url, e)
+            yield {"__key__": None, "__url__": url, "__error__": e.reason}
+            if offsets is None or isinstance(e, (ShortShard, ShardMissing)):
+                return
+            position += 1  # enter the shard again at the next sample
 
 
 class ShortShard(ShardError):
@@ -355,41 +312,57 @@ class ShortShard(ShardError):
 
 
 def _decode(sample: Sample, shape: tuple[int, int, int], on_error: str, skipped: dict[str, int]) -> Item | None:
+    """A sample decoded; None (counted in ``skipped``) where it is bad and ``on_error`` is skip."""
     if "__error__" in sample:
         skipped[sample["__error__"]] = skipped.get(sample["__error__"], 0) + 1
         return None
     try:
-        image, label = decode_sample(sample, shape)
+        return decode_sample(sample, shape)
     except SampleError as e:
         if on_error == "raise":
             raise
         skipped[e.reason] = skipped.get(e.reason, 0) + 1
         return None
-    return image, label, skipped
-
-
-def _collate(items: list[Item]) -> tuple[torch.Tensor, list[int], list[int]]:
-    """Images as one tensor (one shared-memory transfer from the worker); labels and counts as plain lists, which
-    cross the process boundary inline: a tensor each would cost a shared-memory transfer of its own."""
-    skips = [0] * len(SKIP_REASONS)
-    for _, _, skipped in items:
-        for reason, n in skipped.items():
-            skips[SKIP_REASONS.index(reason)] += n
-    return torch.stack([i[0] for i in items]), [i[1] for i in items], skips
-
-
-def _as_batch(raw: tuple[torch.Tensor, list[int], list[int]]) -> Batch:
-    images, labels, skips = raw
-    return images, torch.tensor(labels, dtype=torch.int64), torch.tensor(skips, dtype=torch.int64)
 
 
 def load_images(
-    index: ShardIndex, shape: tuple[int, int, int], limit: int, retry: Backoff | None = None
+    index: ShardIndex,
+    shape: tuple[int, int, int],
+    limit: int,
+    retry: Backoff | None = None,
+    stall_timeout_s: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``limit`` samples of the shards in order, decoded in this process (for evaluation)."""
+    """The first ``limit`` samples of the shards in order, decoded in this process (for evaluation and encoder
+    pre-training). With ``stall_timeout_s``, no sample for that long (a read that never returns) is a
+    DataStallError naming the shard; the reading thread is left behind, blocked where the kernel holds it."""
     retry = retry or Backoff()
-    samples = (sample for url in index.urls for sample in read_samples(url, retry))
-    items = [decode_sample(sample, shape) for sample in islice(samples, limit)]
+    progress: dict[str, Any] = {"url": index.urls[0], "items": [], "error": None}
+
+    def read() -> None:
+        try:
+            for url in index.urls:
+                progress["url"] = url
+                for sample in read_samples(url, retry):
+                    progress["items"].append(decode_sample(sample, shape))
+                    if len(progress["items"]) == limit:
+                        return
+        except BaseException as e:  # handed to the caller's thread
+            progress["error"] = e
+
+    reader = threading.Thread(target=read, name="load-images", daemon=True)
+    reader.start()
+    seen = -1
+    while reader.is_alive():
+        reader.join(stall_timeout_s)
+        if reader.is_alive() and len(progress["items"]) == seen:
+            raise DataStallError(
+                f"no sample for {stall_timeout_s:g} s (data.stall_timeout_s) from {progress['url']}: a read does "
+                "not return (a stuck file system, a FIFO?)"
+            )
+        seen = len(progress["items"])
+    if progress["error"] is not None:
+        raise progress["error"]
+    items = progress["items"]
     if not items:
         raise DataError(f"no samples in {index.urls[0]} ...")
     return torch.stack([i[0] for i in items]), torch.tensor([i[1] for i in items], dtype=torch.int64)

@@ -23,7 +23,7 @@ import logging
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import BinaryIO
 
 from vegan_scale import retry
@@ -77,11 +77,14 @@ class _HTTPBody:
         self.response.close()
 
 
-def open_url(url: str) -> BinaryIO:
-    """A binary stream of ``url``: a local path, file://, http(s)://, or any scheme webdataset opens (pipe:, ...)."""
+def open_url(url: str, start: int = 0) -> tuple[BinaryIO, bool]:
+    """(a binary stream of ``url``, whether it starts at byte ``start``): a local path or file:// (seeked), http(s)://
+    (a Range request), or any other scheme webdataset opens (pipe:, ...), which starts at the beginning."""
     if url.startswith(("http://", "https://")):
+        request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
         try:
-            return _HTTPBody(urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S), url)
+            response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)
+            return _HTTPBody(response, url), start == 0 or response.status == 206  # 200: the server ignored Range
         except urllib.error.HTTPError as e:
             if e.code in PERMANENT_HTTP:
                 raise ShardMissing(f"shard {url} does not exist (HTTP {e.code})") from None
@@ -91,7 +94,9 @@ def open_url(url: str) -> BinaryIO:
     if "://" not in url.split("/", 1)[0] + "/" and not url.startswith("pipe:"):
         path = url.removeprefix("file://")
         try:
-            return open(path, "rb", buffering=1 << 20)
+            stream = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 (the caller closes it)
+            stream.seek(start)
+            return stream, True
         except FileNotFoundError:
             raise ShardMissing(f"shard {url} does not exist") from None
         except (PermissionError, IsADirectoryError) as e:
@@ -99,7 +104,7 @@ def open_url(url: str) -> BinaryIO:
     from webdataset.gopen import gopen
 
     try:
-        return gopen(url, "rb")
+        return gopen(url, "rb"), start == 0
     except Exception as e:
         raise TransientReadError(f"cannot open {url}: {e}") from e
 
@@ -107,8 +112,8 @@ def open_url(url: str) -> BinaryIO:
 class _Tar:
     """A tar stream read block by block, knowing its byte offset, so that damage is reported where it is."""
 
-    def __init__(self, stream: BinaryIO, url: str) -> None:
-        self.stream, self.url, self.offset = stream, url, 0
+    def __init__(self, stream: BinaryIO, url: str, offset: int = 0) -> None:
+        self.stream, self.url, self.offset = stream, url, offset
 
     def read(self, n: int) -> bytes:
         """``n`` bytes, fewer only where the stream ends; read in bounded chunks, so that a size field that lies
@@ -190,16 +195,20 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def iter_members(stream: BinaryIO, url: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes | None]]:
-    """(name, content) of every regular file of a tar stream, content None where ``wanted(name)`` is false (the
-    bytes are passed over). Raises ShardCorrupt, naming the shard and the byte offset, on truncation or a damaged
-    header."""
-    tar = _Tar(stream, url)
+def iter_members(
+    stream: BinaryIO, url: str, wanted: Callable[[str], bool], at: int = 0
+) -> Generator[tuple[str, bytes | None, int], None, int]:
+    """(name, content, offset of its first header) of every regular file of a tar stream (which starts at byte
+    ``at`` of the shard), content None where ``wanted(name)`` is false (the bytes are passed over); returns the
+    offset where the members end. Raises ShardCorrupt, naming the shard and the byte offset, on truncation or a
+    damaged header."""
+    tar = _Tar(stream, url, at)
     long_name: str | None = None
+    first: int | None = None  # the first header of the entry (a long name's header comes before the member's)
     while True:
         header = tar.read(BLOCK)
         if not header or header == bytes(BLOCK):
-            return
+            return tar.offset - len(header)
         if len(header) < BLOCK:
             raise tar.damaged(tar.offset - len(header), "is truncated (a partial tar header at its end)")
         kind, size, name = _header(tar, header)
@@ -207,10 +216,12 @@ def iter_members(stream: BinaryIO, url: str, wanted: Callable[[str], bool]) -> I
         if long_name and kind not in (b"L", b"K", b"x"):  # it names the next entry, a directory or link too
             name, long_name = long_name, None
         padded, start = size + (-size % BLOCK), tar.offset - BLOCK  # the member's header
+        first = start if first is None else first
         if regular and not wanted(name):
             if tar.skip(padded) < padded:
                 raise tar.damaged(start, f"is truncated inside member {name!r}")
-            yield name, None
+            yield name, None, first
+            first = None
             continue
         data = tar.read(padded)
         if len(data) < padded:
@@ -220,8 +231,10 @@ def iter_members(stream: BinaryIO, url: str, wanted: Callable[[str], bool]) -> I
             long_name = data.split(b"\0", 1)[0].decode(errors="replace")
         elif kind == b"x":  # PAX extended header of the next member
             long_name = _pax_path(data) or long_name
-        elif regular:
-            yield name, data
+        else:
+            if regular:
+                yield name, data, first
+            first = None
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -235,8 +248,9 @@ def _is_field(key: str, ext: str) -> bool:
     return bool(ext) and not key.rpartition("/")[2].startswith("__")  # e.g. __index__ is metadata, not a sample
 
 
-def iter_tar_samples(stream: BinaryIO, url: str, skip: int = 0) -> Iterator[Sample]:
-    """Group consecutive members with the same key into samples, passing over the first ``skip`` samples unread."""
+def iter_tar_samples(stream: BinaryIO, url: str, skip: int = 0, at: int = 0) -> Iterator[Sample]:
+    """Group consecutive members with the same key into samples, passing over the first ``skip`` samples unread;
+    the stream starts at byte ``at`` of the shard."""
     state = {"key": None, "count": 0}
 
     def wanted(name: str) -> bool:
@@ -248,21 +262,47 @@ def iter_tar_samples(stream: BinaryIO, url: str, skip: int = 0) -> Iterator[Samp
         return state["count"] > skip
 
     current: Sample | None = None
-    for name, data in iter_members(stream, url, wanted):
-        if data is None:
-            continue
-        key, ext = split_name(name)
-        if current is None or current["__key__"] != key:
-            if current is not None:
-                yield current
-            current = {"__key__": key, "__url__": url}
-        current[ext] = data
+    try:
+        for name, data, _ in iter_members(stream, url, wanted, at):
+            if data is None:
+                continue
+            key, ext = split_name(name)
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            current[ext] = data
+    except ShardCorrupt:
+        if current is not None and state["key"] != current["__key__"]:  # damage in the next sample's member
+            yield current
+        raise
     if current is not None:
         yield current
 
 
-def read_samples(url: str, backoff: Backoff, skip: int = 0, take: int | None = None) -> Iterator[Sample]:
-    """Samples ``skip`` to ``skip + take`` of a shard, resuming after transient failures with backoff."""
+def sample_offsets(stream: BinaryIO, url: str) -> list[int]:
+    """Where each sample of a tar stream starts (its first member's first header) and where the last one ends: a
+    shard's .idx. Reads only the headers' blocks' worth of data it must pass over."""
+    offsets: list[int] = []
+    last = None
+    members = iter_members(stream, url, lambda name: False)
+    while True:
+        try:
+            name, _, first = next(members)
+        except StopIteration as done:
+            return [*offsets, done.value]
+        key, ext = split_name(name)
+        if _is_field(key, ext) and key != last:
+            offsets.append(first)
+            last = key
+
+
+def read_samples(
+    url: str, backoff: Backoff, skip: int = 0, take: int | None = None, offsets: Sequence[int] | None = None
+) -> Iterator[Sample]:
+    """Samples ``skip`` to ``skip + take`` of a shard, resuming after transient failures with backoff. With the
+    shard's sample ``offsets`` (its .idx), a local file or URL is entered at the first sample wanted, so that no
+    byte before it is read; otherwise the samples before it are passed over."""
     delivered = 0
 
     def retrying_from(error: Exception, wait: float) -> None:
@@ -274,12 +314,17 @@ def read_samples(url: str, backoff: Backoff, skip: int = 0, take: int | None = N
     if take is not None and take <= 0:
         return
     for attempt in retry.retrying(backoff, _transient, retrying_from, give_up):
-        with attempt, contextlib.closing(open_url(url)) as stream:
-            for sample in iter_tar_samples(stream, url, skip + delivered):
-                delivered += 1
-                yield sample
-                if delivered == take:
-                    return
+        start = offsets[skip + delivered] if offsets is not None else 0
+        with attempt:
+            stream, positioned = open_url(url, start)
+            entered = offsets is not None and positioned  # at the first sample wanted
+            with contextlib.closing(stream):
+                unread = 0 if entered else skip + delivered
+                for sample in iter_tar_samples(stream, url, unread, start if entered else 0):
+                    delivered += 1
+                    yield sample
+                    if delivered == take:
+                        return
 
 
 def _transient(error: Exception) -> bool:

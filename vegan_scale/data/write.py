@@ -1,7 +1,9 @@
 """Writing image datasets as tar shards: deterministic, parallel, bounded by sample count or bytes.
 
 A shard directory holds ``<prefix>-NNNNNN.tar``, ``sizes.json`` (shard name -> sample count, open_clip's
-convention) and ``dataset.json`` (image shape, sample count, format, source). Each sample is one image member
+convention) and ``dataset.json`` (image shape, sample count, format, source), and beside each shard its index
+``<prefix>-NNNNNN.tar.idx``: the byte offset of every sample and of the end of the last, little-endian uint64, so
+that a reader enters a shard at any sample without reading the bytes before it. Each sample is one image member
 (``<key>.npy``, ``.png`` or ``.jpg``) and, when labelled, ``<key>.cls`` with the decimal label.
 
 Formats: ``npy`` stores the raw uint8 array and needs no image decoding (the right choice for small images such as
@@ -31,7 +33,8 @@ import numpy as np
 from PIL import Image
 
 from vegan_scale import atomic
-from vegan_scale.data.index import INFO_FILE, SIZES_FILE
+from vegan_scale.data.index import INFO_FILE, SIZES_FILE, offsets_path
+from vegan_scale.errors import DataError
 
 FORMATS = ("npy", "png", "jpg")
 JPEG_QUALITY = 95
@@ -116,8 +119,10 @@ class _ShardFile:
         self.path, self.tmp = path, atomic.tmp_path(path)
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed by close())
         self.samples = self.bytes = 0
+        self.offsets: list[int] = []  # where each sample's first header starts
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        self.offsets.append(self.tar.offset)
         for ext, data in members:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o444
@@ -126,8 +131,12 @@ class _ShardFile:
         self.samples += 1
 
     def close(self) -> int:
+        """Publish the shard, then its index of sample offsets (the end of the last sample closes the list)."""
+        end = self.tar.offset
         self.tar.close()
-        return atomic.publish_file(self.tmp, self.path).stat().st_size
+        size = atomic.publish_file(self.tmp, self.path).stat().st_size
+        atomic.write_bytes(offsets_path(self.path), np.asarray([*self.offsets, end], dtype="<u8").tobytes())
+        return size
 
 
 def write_shards(
@@ -193,3 +202,22 @@ def _remove_stale(out_dir: Path, prefix: str, keep: dict[str, int]) -> None:
     for old in out_dir.glob(f"{prefix}-*.tar"):
         if ours.fullmatch(old.name) and old.name not in keep:
             old.unlink()
+            offsets_path(old).unlink(missing_ok=True)
+
+
+def index_shards(directory: Path) -> dict[str, int]:
+    """For tar shards written by another tool: read every ``*.tar`` of ``directory`` once (headers only) and write
+    each one's .idx and the directory's sizes.json, which the training order needs. Returns the counts."""
+    from vegan_scale.data.shardio import sample_offsets
+
+    shards = sorted(directory.glob("*.tar"))
+    if not shards:
+        raise DataError(f"no *.tar shards in {directory}: give the directory that holds them")
+    sizes = {}
+    for shard in shards:
+        with shard.open("rb") as stream:
+            offsets = sample_offsets(stream, str(shard))
+        atomic.write_bytes(offsets_path(shard), np.asarray(offsets, dtype="<u8").tobytes())
+        sizes[shard.name] = len(offsets) - 1
+    atomic.write_text(directory / SIZES_FILE, json.dumps(sizes, indent=1))
+    return sizes

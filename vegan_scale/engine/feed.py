@@ -34,6 +34,12 @@ from vegan_scale.retry import Backoff
 log = logging.getLogger("vegan_scale")
 
 
+def stall_timeout_s(cfg: Any) -> float:
+    """How long a read may go without returning a sample: data.stall_timeout_s, by default half the collective
+    timeout (so that a stalled rank names its shard before its peers' collectives time out)."""
+    return cfg.data.stall_timeout_s or cfg.train.collective_timeout_s / 2
+
+
 def open_stream(cfg: Any, accelerator: Accelerator, layout: BatchLayout) -> TrainStream:
     """This process's stream of training micro-batches, as the ``data`` section describes it."""
     d, shape = cfg.data, image_shape(cfg)
@@ -52,6 +58,7 @@ def open_stream(cfg: Any, accelerator: Accelerator, layout: BatchLayout) -> Trai
         d.on_error,
         Backoff(attempts=d.read_attempts),
         Readers.create(max(1, d.num_workers)),
+        layout.accumulation,
     )
 
 
@@ -82,13 +89,13 @@ class DataFeed:
 
     def _epochs(self, epoch: int, offset: int) -> Iterator[tuple[int, Batch]]:
         while True:
-            plan = self.stream.plan(epoch)
-            if plan.dropped and self.announce:
+            order = self.stream.order(epoch)
+            if order.dropped and self.announce:
                 log.info(
-                    "epoch %d: %d samples left unread so that every process gets %d full batches",
+                    "epoch %d: the last %d samples, less than a global batch, are left out (%d global batches)",
                     epoch,
-                    plan.dropped,
-                    plan.batches,
+                    order.dropped,
+                    order.steps,
                 )
             for batch in self.stream.epoch(epoch, start=offset):
                 yield epoch, batch

@@ -24,7 +24,7 @@ from vegan_scale import checkpoint, export, logs
 from vegan_scale.config.load import to_yaml
 from vegan_scale.distributed.agreement import Agreement, Flag
 from vegan_scale.engine import reporting
-from vegan_scale.engine.feed import DataFeed
+from vegan_scale.engine.feed import DataFeed, stall_timeout_s
 from vegan_scale.engine.metric_buffer import MetricBuffer
 from vegan_scale.engine.periodic_eval import evaluate
 from vegan_scale.engine.run import Run, build_run
@@ -108,7 +108,7 @@ def _fit(run: Run, stops: StopRequests) -> None:
         acc.is_main_process,
         run.steps.start * run.layout.accumulation,
         layout,
-        cfg.data.stall_timeout_s or cfg.train.collective_timeout_s / 2,
+        stall_timeout_s(cfg),
         cfg.data.input_range == "symmetric",
     )
     # A progress bar on a terminal; in a log file (SLURM, CI) one line per metric flush instead.

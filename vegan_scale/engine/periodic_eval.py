@@ -19,6 +19,7 @@ from PIL import Image
 
 from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import load_images
+from vegan_scale.engine.feed import stall_timeout_s
 from vegan_scale.engine.objective import Cost
 from vegan_scale.evaluation.grids import figures
 from vegan_scale.models.autoencoder import AutoEncoder
@@ -43,7 +44,7 @@ class EvalSet:
         run the same forward passes, which ZeRO-3's collective forward needs)."""
         world, shape = accelerator.num_processes, image_shape(cfg)
         index = read_index(cfg.data.test, image_shape=shape, key="data.test")
-        images = load_images(index, shape, cfg.eval.num_samples)[0]
+        images = load_images(index, shape, cfg.eval.num_samples, stall_timeout_s=stall_timeout_s(cfg))[0]
         usable = len(images) - len(images) % world
         images = images[:usable].to(accelerator.device).float() / 255
         grid = cfg.eval.grid_size

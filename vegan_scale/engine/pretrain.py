@@ -20,6 +20,8 @@ import torch
 from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import load_images
 from vegan_scale.distributed import deepspeed_support
+from vegan_scale.engine.feed import stall_timeout_s
+from vegan_scale.errors import NonFiniteLossError
 from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.penalties.moments import moment_matching_loss
 from vegan_scale.registry import image_shape
@@ -44,6 +46,11 @@ def pretrain_encoder(
         x = model.to_model(pool[ids].to(device).float() / 255)
         z_p = model.prior.sample(len(ids), generator=generator).to(device)
         loss = moment_matching_loss(model.encode(x).z, z_p)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"encoder pre-training: the moment loss became {loss.item()} at pre-training step {step}; lower "
+                "optim.lr or set train.encoder_pretrain_steps=0"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -59,7 +66,7 @@ def pretrain(cfg: Any, model: AutoEncoder) -> None:
         return
     shape = image_shape(cfg)
     index = read_index(cfg.data.train, image_shape=shape, key="data.train", skip_missing=cfg.data.on_error == "skip")
-    pool = load_images(index, shape, POOL_BATCHES * t.encoder_pretrain_batch)[0]
+    pool = load_images(index, shape, POOL_BATCHES * t.encoder_pretrain_batch, stall_timeout_s=stall_timeout_s(cfg))[0]
     with deepspeed_support.gathered(model.encoder, modify=True):
         steps, loss = pretrain_encoder(
             model,

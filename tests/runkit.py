@@ -79,13 +79,25 @@ def ddp(args: list[str], config: str = "cpu_ddp.yaml") -> list[str]:
 
 
 def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    """Run to the end; past ``timeout`` the whole process group (a launcher and every process it started) is
+    killed, so that a hung test leaves nothing running behind it."""
+    proc = start(cmd, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    except BaseException:  # an interrupted test session takes its processes with it
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def start(cmd: list[str]) -> subprocess.Popen:
+def start(cmd: list[str], stderr: int = subprocess.STDOUT) -> subprocess.Popen:
     """A training process in its own process group (so that a launcher and its workers can be killed together)."""
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True
     )
 
 

@@ -6,6 +6,10 @@ For 28x28 grey and 64x64 RGB shards in each storage format, the loader's samples
 processes; then the samples/s one training process consumes at the default MNIST configs and the CelebA 64x64
 config (forward, backward and optimizer step on in-memory batches, after warm-up). The table ends with the ratio
 of 1-worker loader throughput to training consumption; the last line is the smallest such ratio (target: >= 5).
+Then the read amplification of the training order (docs/design.md, Data order): bytes read from the shards over
+bytes of the samples trained on, all ranks of 1, 2 and 4 processes added (each simulated in turn, reads counted by
+the kernel's rchar), with each shard's .idx (entering a shard at the first sample wanted) and without it (passing
+over the samples before it). 1.0 is every byte read once.
 First, tar parsing alone: one real MNIST shard's members grouped into samples with their bytes read, by Python's
 `tarfile` and by vegan_scale's header parser (`vegan_scale.data.shardio`), best of 3 reads each from the page cache
 (no decoding, no batching), and their ratio.
@@ -16,6 +20,7 @@ random fields: no photographs ship offline), which decode like photographs of th
 from __future__ import annotations
 
 import argparse
+import shutil
 import tarfile
 import tempfile
 import time
@@ -88,6 +93,27 @@ def loader_rate(index: ShardIndex, shape: tuple[int, int, int], workers: int, ma
     return n / (time.perf_counter() - start)
 
 
+def _bytes_read() -> int:
+    """Bytes this process has read through read() calls so far (the kernel's count)."""
+    with open("/proc/self/io") as io:
+        return int(next(line for line in io if line.startswith("rchar")).split()[1])
+
+
+def read_amplification(directory: Path, shape: tuple[int, int, int], world: int) -> float:
+    """Bytes read by every rank of ``world`` over one epoch, over the bytes of the samples they train on."""
+    index = read_index(str(directory))
+    read = 0
+    for rank in range(world):
+        stream = TrainStream(index, shape, 100 // world, seed=0, rank=rank, world_size=world, shuffle_buffer=1000)
+        before = _bytes_read()
+        for _ in stream.epoch(0):
+            pass
+        read += _bytes_read() - before
+    order = stream.order(0)
+    shard_bytes = sum(Path(url).stat().st_size for url in index.urls)
+    return read / (shard_bytes * order.steps * order.global_batch / order.samples)
+
+
 def train_rate(config: str, overrides: list[str], steps: int) -> float:
     cfg = load_config(ExperimentConfig, ROOT / config, overrides)
     torch.manual_seed(0)
@@ -143,6 +169,12 @@ def main() -> None:
             sets[name] = (read_index(str(out)), shape)
         if MNIST.exists():
             sets["28x28 npy"] = (read_index(str(MNIST)), (1, 28, 28))  # the real data, as training reads it
+        without = Path(tmp) / "28x28_npy_no_idx"
+        shutil.copytree(Path(tmp) / "28x28_npy", without, ignore=shutil.ignore_patterns("*.idx"))
+        for world in (1, 2, 4):
+            for name, directory in (("with .idx", Path(tmp) / "28x28_npy"), ("without .idx", without)):
+                amplification = read_amplification(directory, (1, 28, 28), world)
+                ratios.append((f"read amplification, {world} process(es), {name}", amplification))
         max_batches = args.samples // 100
         for name, (index, shape) in sets.items():
             for workers in (0, 1, 2):

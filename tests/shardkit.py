@@ -193,11 +193,12 @@ class _Handler(SimpleHTTPRequestHandler):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
-        elif self.headers.get("Range", "").startswith("bytes="):  # "bytes=N-": the rest of the file from byte N
-            start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+        elif self.headers.get("Range", "").startswith("bytes="):  # "bytes=N-" or "bytes=N-M" (M included)
+            first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
+            start, end = int(first), int(last) + 1 if last else None
             with self.state.lock:
-                self.state.ranges.append((name, start))
-            body = Path(self.translate_path(self.path)).read_bytes()[start:]
+                self.state.ranges.append((name, start, end))
+            body = Path(self.translate_path(self.path)).read_bytes()[start:end]
             self.send_response(206)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -211,14 +212,14 @@ class _Handler(SimpleHTTPRequestHandler):
 
 class ShardServer:
     """Serves ``root`` on 127.0.0.1; ``faults[name]`` lists what the next requests of that file get: "503",
-    "404", "half" (half the body, then the connection drops) or None (served normally, honouring "Range: bytes=N-").
-    Records every request."""
+    "404", "half" (half the body, then the connection drops) or None (served normally, honouring "Range: bytes=N-"
+    and "bytes=N-M"). Records every request."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.faults: dict[str, list[str | None]] = {}
         self.requests: list[str] = []
-        self.ranges: list[tuple[str, int]] = []  # (file, first byte) of every Range request
+        self.ranges: list[tuple[str, int, int | None]] = []  # (file, first byte, end or None) of every Range request
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, server_state=self, directory=str(root)))
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"

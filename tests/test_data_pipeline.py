@@ -6,6 +6,7 @@ simulated in one process."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import pickle
 from pathlib import Path
 from types import SimpleNamespace
@@ -198,6 +199,30 @@ def test_each_sample_is_read_once_by_the_reader_that_trains_on_it(tmp_path, monk
     positions = sorted(p for _, _, start, length in reads for p in range(start, start + length))
     assert positions == list(range(192))  # every trained sample once; the 8 left out never
     assert len(reads) == 4 * 4  # four readers, four blocks (4, 4, 4 and 4 batches): one stretch each
+
+
+def test_remote_shards_send_each_trained_byte_once(tmp_path):
+    """Shards over HTTP with their .idx, 2 processes: every request is a Range of exactly a stretch of samples;
+    the stretches of a shard do not overlap, and together they are the bytes of the samples trained on (the 8
+    left out are never sent)."""
+    make_shards(tmp_path / "d", SIZES, offsets=True)
+    with serve(tmp_path) as server:
+        index = read_index(f"{server.url}/d/s-{{000000..000004}}.tar")
+        ids = []
+        for rank in (0, 1):
+            ids += batch_ids(list(stream(index, 6, seed=5, rank=rank, world_size=2, shuffle_buffer=40).epoch(0)))
+    offsets = {
+        f"s-{i:06d}.tar": np.frombuffer((tmp_path / "d" / f"s-{i:06d}.tar.idx").read_bytes(), "<u8").tolist()
+        for i in range(len(SIZES))
+    }
+    first_id = {name: sum(SIZES[:i]) for i, name in enumerate(sorted(offsets))}
+    trained = sum(offsets[name][i - first_id[name] + 1] - offsets[name][i - first_id[name]]
+                  for i in ids for name in [max(n for n in first_id if first_id[n] <= i)])  # fmt: skip
+    assert len(ids) == 192 and all(end is not None for _, _, end in server.ranges)
+    assert sum(end - start for _, start, end in server.ranges) == trained
+    for name in offsets:
+        spans = sorted((start, end) for n, start, end in server.ranges if n == name)
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
 
 
 # --- several ranks, simulated in one process ---

@@ -221,8 +221,9 @@ def index_offsets(path: Path) -> list[int]:
 
 
 def test_positioned_reads_equal_sequential_reads(tmp_path):
-    """With a shard's .idx, a window is read from its first sample on (a local seek, an HTTP Range request) and
-    equals the same window read from the start; an index that does not fit the shard is refused."""
+    """With a shard's .idx, a window is read from its first sample to the end of its last and no further (a local
+    seek, an HTTP Range request for exactly those bytes) and equals the same window read from the start; an index
+    that does not fit the shard is refused."""
     from vegan_scale.data.index import read_offsets
 
     path = Path(make_shards(tmp_path, [30], side=16)[0])
@@ -233,6 +234,6 @@ def test_positioned_reads_equal_sequential_reads(tmp_path):
     assert as_pairs(read_samples(str(path), FAST, skip=7, take=9, offsets=offsets)) == expected
     with serve(path.parent) as server:
         assert as_pairs(read_samples(f"{server.url}/{path.name}", FAST, skip=7, take=9, offsets=offsets)) == expected
-        assert server.ranges == [(path.name, offsets[7])]
+        assert server.ranges == [(path.name, offsets[7], offsets[16])]
     path.with_name(path.name + ".idx").write_bytes(np.asarray([0, 3, 5], dtype="<u8").tobytes())
     assert read_offsets(str(path), 30) is None

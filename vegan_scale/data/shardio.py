@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import logging
 import re
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Generator, Iterator, Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from vegan_scale import retry
 from vegan_scale.errors import DataError
@@ -77,11 +78,35 @@ class _HTTPBody:
         self.response.close()
 
 
-def open_url(url: str, start: int = 0) -> tuple[BinaryIO, bool]:
+class _Window(io.RawIOBase):
+    """The bytes [start, end) of a seekable file, under a read buffer: nothing past ``end`` is asked of the file
+    system."""
+
+    def __init__(self, raw: BinaryIO, length: int) -> None:
+        super().__init__()
+        self.raw, self.left = raw, length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer)[: self.left]
+        n = self.raw.readinto(view)
+        self.left -= n
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def open_url(url: str, start: int = 0, end: int | None = None) -> tuple[BinaryIO, bool]:
     """(a binary stream of ``url``, whether it starts at byte ``start``): a local path or file:// (seeked), http(s)://
-    (a Range request), or any other scheme webdataset opens (pipe:, ...), which starts at the beginning."""
+    (a Range request), or any other scheme webdataset opens (pipe:, ...), which starts at the beginning. With
+    ``end``, a local file or URL is read no further than that byte (object stores bill what they send)."""
     if url.startswith(("http://", "https://")):
-        request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+        wanted = f"bytes={start}-{'' if end is None else end - 1}"
+        request = urllib.request.Request(url, headers={"Range": wanted} if start or end is not None else {})
         try:
             response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)
             return _HTTPBody(response, url), start == 0 or response.status == 206  # 200: the server ignored Range
@@ -94,9 +119,10 @@ def open_url(url: str, start: int = 0) -> tuple[BinaryIO, bool]:
     if "://" not in url.split("/", 1)[0] + "/" and not url.startswith("pipe:"):
         path = url.removeprefix("file://")
         try:
-            stream = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 (the caller closes it)
-            stream.seek(start)
-            return stream, True
+            raw = open(path, "rb", buffering=0)  # noqa: SIM115 (the caller closes it)
+            raw.seek(start)
+            window = raw if end is None else _Window(raw, end - start)
+            return io.BufferedReader(window, CHUNK), True
         except FileNotFoundError:
             raise ShardMissing(f"shard {url} does not exist") from None
         except (PermissionError, IsADirectoryError) as e:
@@ -315,8 +341,9 @@ def read_samples(
         return
     for attempt in retry.retrying(backoff, _transient, retrying_from, give_up):
         start = offsets[skip + delivered] if offsets is not None else 0
+        end = offsets[skip + take] if offsets is not None and take is not None else None
         with attempt:
-            stream, positioned = open_url(url, start)
+            stream, positioned = open_url(url, start, end)
             entered = offsets is not None and positioned  # at the first sample wanted
             with contextlib.closing(stream):
                 unread = 0 if entered else skip + delivered

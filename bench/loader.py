@@ -9,7 +9,8 @@ of 1-worker loader throughput to training consumption; the last line is the smal
 Then the read amplification of the training order (docs/design.md, Data order): bytes read from the shards over
 bytes of the samples trained on, all ranks of 1, 2 and 4 processes added (each simulated in turn, reads counted by
 the kernel's rchar), with each shard's .idx (entering a shard at the first sample wanted) and without it (passing
-over the samples before it). 1.0 is every byte read once.
+over the samples before it). 1.0 is every byte read once. And the loader's samples/s at rank 0 of 1, 2 and 4
+processes against the previous design's (the stream of commit 9959fca, loaded from git history), same shards.
 First, tar parsing alone: one real MNIST shard's members grouped into samples with their bytes read, by Python's
 `tarfile` and by vegan_scale's header parser (`vegan_scale.data.shardio`), best of 3 reads each from the page cache
 (no decoding, no batching), and their ratio.
@@ -21,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +46,7 @@ from vegan_scale.registry import ExperimentConfig, build_model, build_penalty, b
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT / ".data" / "shards" / "mnist" / "train"
+PREVIOUS = "9959fca"  # the last commit with the previous training stream
 
 
 def smooth_images(n: int, side: int, channels: int, seed: int = 0) -> np.ndarray:
@@ -83,14 +88,39 @@ def parsing_rate(read: Callable[[Path], int], path: Path, repeats: int = 3) -> f
     return best
 
 
-def loader_rate(index: ShardIndex, shape: tuple[int, int, int], workers: int, max_batches: int) -> float:
-    stream = TrainStream(index, shape, batch_size=100, seed=0, num_workers=workers, shuffle_buffer=1000)
+def loader_rate(
+    index: ShardIndex,
+    shape: tuple[int, int, int],
+    workers: int,
+    max_batches: int,
+    world: int = 1,
+    stream_class: type = TrainStream,
+) -> float:
+    """Samples/s of rank 0 of ``world`` (a global batch of 100), after its first batch."""
+    stream = stream_class(
+        index, shape, batch_size=100 // world, seed=0, world_size=world, num_workers=workers, shuffle_buffer=1000
+    )
     batches = min(max_batches, stream.batches_per_epoch)
     it = stream.epoch(0)
     next(it)  # worker start-up is not throughput
     start = time.perf_counter()
     n = sum(len(images) for images, _, _ in (next(it) for _ in range(batches - 1)))
     return n / (time.perf_counter() - start)
+
+
+def previous_design() -> type | None:
+    """The training stream before the topology-independent order (readers with disjoint shard ranges and a shuffle
+    buffer each), from this repository's history, as the same-run baseline; None outside a git checkout."""
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{PREVIOUS}:vegan_scale/data/pipeline.py"], cwd=ROOT, capture_output=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    module = types.ModuleType("previous_pipeline")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{PREVIOUS}:vegan_scale/data/pipeline.py", "exec"), module.__dict__)
+    return module.TrainStream
 
 
 def _bytes_read() -> int:
@@ -175,6 +205,16 @@ def main() -> None:
             for name, directory in (("with .idx", Path(tmp) / "28x28_npy"), ("without .idx", without)):
                 amplification = read_amplification(directory, (1, 28, 28), world)
                 ratios.append((f"read amplification, {world} process(es), {name}", amplification))
+        previous = previous_design()
+        if previous is not None:  # the same shards, rank 0 of 1, 2 and 4 processes, 1 loader worker each
+            index = read_index(str(Path(tmp) / "28x28_npy"))
+            for world in (1, 2, 4):
+                now, before = (
+                    loader_rate(index, (1, 28, 28), 1, args.samples // 100, world, design)
+                    for design in (TrainStream, previous)
+                )
+                what = f"loader throughput, rank 0 of {world}, 1 worker: this design / {PREVIOUS}"
+                ratios.append((what, now / before))
         max_batches = args.samples // 100
         for name, (index, shape) in sets.items():
             for workers in (0, 1, 2):

@@ -192,10 +192,10 @@ def test_each_sample_is_read_once_by_the_reader_that_trains_on_it(tmp_path, monk
     monkeypatch.setattr(pipeline._SequenceReader, "read", recording)
     for rank in (0, 1):
         s = stream(index, 6, seed=5, rank=rank, world_size=2, shuffle_buffer=40)
-        for worker in (0, 1):  # a worker's partials, as its loader process makes them
+        for worker in (0, 1):  # a worker's blocks, as its loader process makes them
             monkeypatch.setattr(pipeline, "get_worker_info", lambda w=worker: SimpleNamespace(id=w))
-            partials = pipeline._Partials(dataclasses.replace(s, num_workers=2), s.order(0), 0)
-            assert sum(len(p[1]) for p in partials) == 16 * 3
+            blocks = pipeline._Blocks(dataclasses.replace(s, num_workers=2), s.order(0), 0)
+            assert sum(labels.numel() for _, labels, _ in blocks) == 16 * 3
     positions = sorted(p for _, _, start, length in reads for p in range(start, start + length))
     assert positions == list(range(192))  # every trained sample once; the 8 left out never
     assert len(reads) == 4 * 4  # four readers, four blocks (4, 4, 4 and 4 batches): one stretch each

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ def decode_npy(data: bytes) -> np.ndarray:
     shape, fortran, dtype, offset = _npy_header(bytes(data[:header_len]))
     if dtype.hasobject:
         raise ValueError("object arrays need pickle")
-    array = np.frombuffer(data, dtype=dtype, offset=offset, count=int(np.prod(shape)))
+    array = np.frombuffer(data, dtype=dtype, offset=offset, count=math.prod(shape))
     return array.reshape(shape, order="F" if fortran else "C")
 
 

@@ -3,15 +3,15 @@
 
 For each block of an epoch, each reader (a loader worker of a rank) reads its stretch of the epoch's sample
 sequence (its lanes; a shard entered at its first sample through its .idx where there is one), decodes it, and
-gives, for each of the block's batches, its lanes' elements in the block's order: a *partial*. The DataLoader
-serves its workers round robin, so K consecutive partials are the K pieces of the rank's slice of one global
-batch, which is cut into ``accumulation`` micro-batches of ``batch_size``. A run restarted at any step, at any
-world size or worker count, sees the samples an uninterrupted run sees from that step.
+hands over the block whole: for each of the block's batches, its lanes' elements in the block's order. The
+DataLoader serves its workers round robin, so K consecutive blocks hold the K pieces of the rank's slice of the
+same batches; each step's slice is cut into ``accumulation`` micro-batches of ``batch_size``. A run restarted at
+any step, at any world size or worker count, sees the samples an uninterrupted run sees from that step.
 
-Bad data (``on_error``): ``raise`` stops with a DataError naming the shard, sample and problem; ``skip`` counts a
-bad sample (or the rest of a damaged shard) under its reason and gives, in its place, the next good element of the
-same lane in the block's order: exactly the batches that held bad samples change, the same way at every world size
-and worker count, and every rank keeps its batch count. A lane without one good element stops the run.
+Bad data (``on_error``): ``raise`` stops with a DataError naming the shard, sample and problem; ``skip`` counts each
+bad sample once under its reason and puts in its place the next good sample of the epoch's sequence after its lane
+(:class:`_SequenceReader`): exactly the batches that held bad samples change, the same way at every world size and
+worker count, and every rank keeps its batch count. An epoch without one good sample stops the run.
 
 The loader is a plain DataLoader; it is never passed to ``accelerator.prepare`` (which would shard it again).
 """
@@ -133,10 +133,10 @@ class TrainStream:
         # A DataLoader draws its workers' base seed from the generator it is given, else from torch's global one: a
         # private generator keeps the training process's random stream the same whenever the loader starts.
         loader = DataLoader(
-            _Partials(self, order, step),
+            _Blocks(self, order, step),
             batch_size=None,
             num_workers=self.num_workers,
-            prefetch_factor=4 if self.num_workers else None,
+            prefetch_factor=2 if self.num_workers else None,  # blocks: a worker reads the next while one is used
             generator=torch.Generator().manual_seed(order.steps),
             worker_init_fn=functools.partial(_leave_stopping_to_the_trainer, readers.released)
             if self.num_workers
@@ -146,15 +146,18 @@ class TrainStream:
         return _batches(islice(micro, skip, None), None if self.readers else readers.released)
 
 
-def _micro_batches(partials: Iterator, workers: int, accumulation: int) -> Iterator[Batch]:
-    """The rank's micro-batches from the workers' partials: ``workers`` consecutive partials make one step's slice,
-    cut into ``accumulation`` micro-batches."""
-    while group := list(islice(partials, workers)):
-        images = torch.cat([p[0] for p in group])
-        labels = torch.tensor([label for p in group for label in p[1]], dtype=torch.int64)
-        skips = torch.tensor([sum(p[2][r] for p in group) for r in range(len(SKIP_REASONS))], dtype=torch.int64)
-        for m, (x, y) in enumerate(zip(images.chunk(accumulation), labels.chunk(accumulation), strict=True)):
-            yield x, y, skips if m == 0 else torch.zeros_like(skips)
+def _micro_batches(blocks: Iterator, workers: int, accumulation: int) -> Iterator[Batch]:
+    """The rank's micro-batches from its workers' blocks: ``workers`` consecutive blocks are the K pieces of the
+    rank's slices of the same batches; each step's slice is cut into ``accumulation`` micro-batches."""
+    while group := list(islice(blocks, workers)):
+        # one worker: no concatenation (torch.cat of a single tensor takes a slow path on CPU)
+        images = group[0][0] if workers == 1 else torch.cat([g[0] for g in group], dim=1)
+        labels = group[0][1] if workers == 1 else torch.cat([g[1] for g in group], dim=1)
+        counts = torch.tensor([sum(g[2][r] for g in group) for r in range(len(SKIP_REASONS))], dtype=torch.int64)
+        none = torch.zeros_like(counts)
+        for t in range(len(images)):
+            for m, (x, y) in enumerate(zip(images[t].chunk(accumulation), labels[t].chunk(accumulation), strict=True)):
+                yield x, y, counts if t == 0 and m == 0 else none
 
 
 def _batches(micro: Iterator[Batch], release: Any) -> Iterator[Batch]:
@@ -195,15 +198,17 @@ def _leave_stopping_to_the_trainer(release: Any, worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-class _Partials(IterableDataset):
-    """In the loader worker that iterates it, that worker's partials of one epoch from step ``step`` on. A block's
-    bad samples are counted with its first batch (a run resumed inside a block counted them before it stopped)."""
+class _Blocks(IterableDataset):
+    """In the loader worker that iterates it, that worker's share of each block of one epoch, from step ``step`` on,
+    as one item per block (one transfer between processes per block, not per batch): images [n, lanes, C, H, W]
+    and labels [n, lanes] of the block's batches, and its bad samples counted by reason (zeros where the run
+    resumes inside the block: it counted them before it stopped)."""
 
     def __init__(self, stream: TrainStream, order: EpochOrder, step: int) -> None:
         super().__init__()
         self.stream, self.order, self.step = stream, order, step
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[int], list[int]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
         info = get_worker_info()
         worker = info.id if info else 0
         s, order = self.stream, self.order
@@ -213,12 +218,15 @@ class _Partials(IterableDataset):
         while step < order.steps:
             j, first, length = order.block(step)
             reader.skipped.clear()
-            elements = reader.lanes(j, lanes, length)
-            ranks = order.lane_orders(j, lanes)
-            for t in range(step - first, length):
-                picked = [elements[q][ranks[q][t]] for q in range(len(lanes))]
-                counts = [reader.skipped.get(r, 0) if t == 0 else 0 for r in SKIP_REASONS]
-                yield torch.stack([x for x, _ in picked]), [y for _, y in picked], counts
+            elements = reader.lanes(j, lanes, length)  # [lane][element in stored order]
+            images = torch.stack([torch.stack([x for x, _ in lane]) for lane in elements])
+            labels = torch.tensor([[y for _, y in lane] for lane in elements], dtype=torch.int64)
+            taken = torch.from_numpy(order.lane_orders(j, lanes))  # [lane, t]: the element batch t takes
+            rows = torch.arange(len(lanes))[:, None]
+            start = step - first
+            images = images[rows, taken].transpose(0, 1)[start:].contiguous()
+            counts = [reader.skipped.get(r, 0) if start == 0 else 0 for r in SKIP_REASONS]
+            yield images, labels[rows, taken].transpose(0, 1)[start:].contiguous(), counts
             step = first + length
 
 

@@ -191,7 +191,7 @@ def _checksum_ok(header: bytes) -> bool:
     stored = _number(header[148:156])
     rest = header[:148] + b" " * 8 + header[156:]
     unsigned = sum(rest)
-    return stored in (unsigned, unsigned - 256 * sum(b >= 128 for b in rest))
+    return stored == unsigned or stored == unsigned - 256 * sum(b >= 128 for b in rest)  # the second rarely needed
 
 
 def _header(tar: _Tar, header: bytes) -> tuple[bytes, int, str]:

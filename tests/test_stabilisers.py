@@ -21,8 +21,9 @@ from vegan_scale.engine.pretrain import pretrain_encoder
 from vegan_scale.engine.schedule import lr_factor
 from vegan_scale.errors import NonFiniteLossError
 from vegan_scale.models import mlp
-from vegan_scale.models.autoencoder import build_autoencoder, init_weights, truncated_normal
+from vegan_scale.models.autoencoder import build_autoencoder, init_weights
 from vegan_scale.models.outputs import Reconstruction
+from vegan_scale.noise import truncated_normal
 from vegan_scale.penalties.adversarial import PriorTrick
 from vegan_scale.penalties.kernel_mmd import mmd
 from vegan_scale.penalties.moments import moment_matching_loss
@@ -140,7 +141,7 @@ def test_initialisation_is_the_official_normal() -> None:
 def test_input_noise_is_truncated_normal_and_training_only() -> None:
     """add_noise: x + TruncatedNormal(0, 0.01) while training, nothing in evaluation."""
     torch.manual_seed(1)
-    noise = truncated_normal(torch.empty(200_000), 0.01)
+    noise = truncated_normal(None, "input", torch.empty(200_000), 0.01)
     assert noise.abs().max() <= 0.02 and noise.std().item() == pytest.approx(0.8796 * 0.01, rel=0.01)
     model = _tiny_autoencoder(input_noise=0.01)
     x = torch.rand(4, 1, 8, 8)
@@ -253,7 +254,7 @@ def test_reencoding_gives_the_critic_the_updated_codes(monkeypatch: pytest.Monke
         monkeypatch.setattr(penalty, "critic_loss", _recording(penalty.critic_loss, seen, reencode))
         x = torch.rand(10, 1, 28, 28)
         before = modules.autoencoder.raw.encode(x).z.detach()
-        run = SimpleNamespace(cfg=cfg, accelerator=accelerator, layout=layout, modules=modules, objective=pot)
+        run = SimpleNamespace(cfg=cfg, accelerator=accelerator, layout=layout, modules=modules, objective=pot, step=0)
         train_step(run, SimpleNamespace(next=lambda batch=x: batch), 1.0)
         after = modules.autoencoder.raw.encode(x).z.detach()
         expected = after if reencode else before

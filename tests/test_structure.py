@@ -15,7 +15,7 @@ PACKAGE = ROOT / "vegan_scale"
 # Floors, lowest first: a module may import modules of its own floor or below, never above.
 FLOORS = [
     ["errors", "atomic", "retry", "logs", "provenance", "stops"],
-    ["config", "priors", "rundir", "metrics_log"],
+    ["config", "priors", "noise", "rundir", "metrics_log"],
     ["costs", "models", "penalties", "data", "checkpoint", "export", "tracking"],
     ["registry", "distributed"],
     ["evaluation"],
@@ -28,7 +28,8 @@ DOORS = {
     "mlflow": ("tracking",),
     "deepspeed": ("distributed.deepspeed_support",),
 }
-PURE_MATH = ("priors", "costs", "models.", "penalties.")  # pure torch: no config object, no distribution, no I/O
+# pure torch: no config object, no distribution, no I/O
+PURE_MATH = ("priors", "noise", "costs", "models.", "penalties.")
 MAX_FUNCTION_LINES, MAX_FILE_LINES = 80, 400
 
 

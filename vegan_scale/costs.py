@@ -14,13 +14,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vegan_scale.models.outputs import Reconstruction
+from vegan_scale.noise import StepNoise
 
 COST_SCALES = {"l2sq": 0.05, "l2": 0.2, "l1": 0.02, "bernoulli": 1.0}
 COST_KINDS = tuple(COST_SCALES)
 
 
-def reconstruction_cost(x: Tensor, recon: Reconstruction, kind: str, scale: float | None = None) -> Tensor:
-    """c(x, G(z)) per sample, shape [batch]; ``scale=None`` uses the WAE code's factor for that cost."""
+def reconstruction_cost(
+    x: Tensor, recon: Reconstruction, kind: str, scale: float | None = None, noise: StepNoise | None = None
+) -> Tensor:
+    """c(x, G(z)) per sample, shape [batch]; ``scale=None`` uses the WAE code's factor for that cost; a Gaussian
+    decoder's sample draws from ``noise``."""
     if kind not in COST_SCALES:
         raise ValueError(f"unknown cost {kind!r}; expected one of {COST_KINDS}")
     factor = COST_SCALES[kind] if scale is None else scale
@@ -30,7 +34,7 @@ def reconstruction_cost(x: Tensor, recon: Reconstruction, kind: str, scale: floa
     if kind == "bernoulli":
         per_pixel = F.binary_cross_entropy_with_logits(recon.logits.to(dtype), x, reduction="none")
         return factor * per_pixel.flatten(1).sum(dim=1)
-    diff = (x - recon.sample().to(dtype)).flatten(1)
+    diff = (x - recon.sample(noise).to(dtype)).flatten(1)
     if kind == "l2sq":
         return factor * diff.pow(2).sum(dim=1)
     if kind == "l2":

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vegan_scale.noise import StepNoise, normal, uniform
+
 
 @dataclass(frozen=True)
 class Prior:
@@ -44,13 +46,17 @@ class Prior:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
+        noise: StepNoise | None = None,
     ) -> Tensor:
-        """n independent draws from P_Z, shape [n, dim]."""
-        shape = (n, self.dim)
+        """n independent draws from P_Z, shape [n, dim]: from ``generator``, or ``noise`` (a training step's), or
+        torch's own generator."""
+        shape, like = (n, self.dim), torch.empty(0, device=device, dtype=dtype)
         if self.kind == "box":
-            u = torch.rand(shape, device=device, dtype=dtype, generator=generator)
+            u = torch.rand(shape, device=device, dtype=dtype, generator=generator) if generator else None
+            u = uniform(noise, "prior", shape, like) if u is None else u
             return (2 * u - 1) * self.scale
-        g = torch.randn(shape, device=device, dtype=dtype, generator=generator)
+        g = torch.randn(shape, device=device, dtype=dtype, generator=generator) if generator else None
+        g = normal(noise, "prior", shape, like) if g is None else g
         if self.kind == "gaussian":
             return g * math.sqrt(self.scale)
         return g / g.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny) * self.scale

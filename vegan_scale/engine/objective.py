@@ -10,20 +10,24 @@ penalty WAE-GAN (the AAE); the Bernoulli cost with the per-sample KL is the VAE;
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
 from vegan_scale.costs import reconstruction_cost
 from vegan_scale.models.autoencoder import AutoEncoderOutput
 from vegan_scale.models.outputs import Reconstruction
+from vegan_scale.noise import StepNoise
 from vegan_scale.penalties.base import LatentPenalty
 from vegan_scale.priors import Prior
 from vegan_scale.registry import build_prior
 
-Cost = Callable[[Tensor, Reconstruction], Tensor]  # c(x, G(z)) per sample
+
+class Cost(Protocol):
+    """c(x, G(z)) per sample (a Gaussian decoder's sample drawn from ``noise``)."""
+
+    def __call__(self, x: Tensor, recon: Reconstruction, noise: StepNoise | None = None) -> Tensor: ...
 
 
 @dataclass
@@ -36,13 +40,19 @@ class ObjectiveTerms:
 
 
 def pot_objective(
-    model: nn.Module, prior: Prior, cost: Cost, penalty: LatentPenalty, weight: float, x: Tensor
+    model: nn.Module,
+    prior: Prior,
+    cost: Cost,
+    penalty: LatentPenalty,
+    weight: float,
+    x: Tensor,
+    noise: StepNoise | None = None,
 ) -> ObjectiveTerms:
-    """One batch estimate of the POT objective."""
-    out: AutoEncoderOutput = model(x)  # Z ~ Q(Z|X), then G(Z)
-    z_prior = prior.sample(len(x), device=x.device)  # as many draws from P_Z as codes
-    reconstruction = cost(x, out.recon).mean()  # E c(X, G(Z))
-    d_z = penalty(out.codes, z_prior)  # D_Z(Q_Z, P_Z)
+    """One batch estimate of the POT objective; ``noise``: where its random numbers come from (vegan_scale.noise)."""
+    out: AutoEncoderOutput = model(x, noise)  # Z ~ Q(Z|X), then G(Z)
+    z_prior = prior.sample(len(x), device=x.device, noise=noise)  # as many draws from P_Z as codes
+    reconstruction = cost(x, out.recon, noise=noise).mean()  # E c(X, G(Z))
+    d_z = penalty(out.codes, z_prior, noise)  # D_Z(Q_Z, P_Z)
     return ObjectiveTerms(reconstruction + weight * d_z, reconstruction, d_z, out, z_prior)
 
 
@@ -60,5 +70,5 @@ class POT:
         cost = functools.partial(reconstruction_cost, kind=cfg.cost.kind, scale=cfg.cost.scale)
         return cls(build_prior(cfg), cost, penalty, cfg.penalty.weight)
 
-    def __call__(self, model: nn.Module, x: Tensor) -> ObjectiveTerms:
-        return pot_objective(model, self.prior, self.cost, self.penalty, self.weight, x)
+    def __call__(self, model: nn.Module, x: Tensor, noise: StepNoise | None = None) -> ObjectiveTerms:
+        return pot_objective(model, self.prior, self.cost, self.penalty, self.weight, x, noise)

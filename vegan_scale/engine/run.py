@@ -105,7 +105,7 @@ def _assemble(cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: 
         resume.start_from_export(Path(cfg.train.init_from), modules.autoencoder, config)
     objective = POT.of(cfg, penalty)
     eval_set = EvalSet.load(cfg, accelerator, objective.prior)
-    torch.manual_seed(cfg.run.seed + 1 + accelerator.process_index)  # per-process prior and encoder noise
+    torch.manual_seed(cfg.run.seed + 1 + accelerator.process_index)  # what draws outside a step's StepNoise
     named = cfg.train.resume not in ("auto", "never")
     resumed = resume.restore(candidates, named, list(modules), accelerator, config)
     start_step = resumed.step if resumed else 0

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from vegan_scale.models.base import ImageShape, NetworkSpec
 from vegan_scale.models.outputs import LatentCodes, Reconstruction
+from vegan_scale.noise import StepNoise, normal, truncated_normal
 from vegan_scale.priors import Prior
 
 ENCODER_KINDS = ("deterministic", "gaussian", "implicit")
@@ -50,18 +51,19 @@ class Encoder(nn.Module):
         else:
             self.head = nn.Linear(features, 2 * latent_dim if kind == "gaussian" else latent_dim)
 
-    def forward(self, x: Tensor) -> LatentCodes:
+    def forward(self, x: Tensor, noise: StepNoise | None = None) -> LatentCodes:
+        """Codes of ``x``; the random ones drawn from ``noise`` (a training step's) or torch's generator."""
         if self.training and self.input_noise:
-            x = x + truncated_normal(x, self.input_noise)
+            x = x + truncated_normal(noise, "input", x, self.input_noise)
         h = self.body(x)
         if self.kind == "deterministic":
             return LatentCodes(z=self.head(h))
         if self.kind == "implicit":
-            eps = torch.randn(h.shape[0], self.noise_dim, device=h.device, dtype=h.dtype)
+            eps = normal(noise, "encoder", (h.shape[0], self.noise_dim), h)
             return LatentCodes(z=self.head(torch.cat([h, eps], dim=1)))
         mean, logvar = self.head(h).chunk(2, dim=1)
         logvar = logvar.clamp(-LOGVAR_BOUND, LOGVAR_BOUND)
-        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+        z = mean + normal(noise, "encoder", tuple(mean.shape), mean) * torch.exp(0.5 * logvar)
         return LatentCodes(z=z, mean=mean, logvar=logvar)
 
 
@@ -95,15 +97,15 @@ class AutoEncoder(nn.Module):
         super().__init__()
         self.encoder, self.decoder, self.prior = encoder, decoder, prior
 
-    def encode(self, x: Tensor) -> LatentCodes:
-        codes = self.encoder(x)
+    def encode(self, x: Tensor, noise: StepNoise | None = None) -> LatentCodes:
+        codes = self.encoder(x, noise)
         return codes._replace(z=self.prior.to_support(codes.z))
 
     def decode(self, z: Tensor) -> Reconstruction:
         return self.decoder(z)
 
-    def forward(self, x: Tensor) -> AutoEncoderOutput:
-        codes = self.encode(x)
+    def forward(self, x: Tensor, noise: StepNoise | None = None) -> AutoEncoderOutput:
+        codes = self.encode(x, noise)
         return AutoEncoderOutput(codes=codes, recon=self.decode(codes.z))
 
     @property
@@ -138,11 +140,6 @@ class AutoEncoder(nn.Module):
             return self.to_images(self.decode(self.prior.sample(n, device=device, generator=generator)).mean)
         finally:
             self.train(was_training)
-
-
-def truncated_normal(like: Tensor, std: float) -> Tensor:
-    """Noise shaped like ``like``: normal with deviation ``std``, redrawn beyond two deviations."""
-    return torch.nn.init.trunc_normal_(torch.empty_like(like), 0.0, std, -2 * std, 2 * std)
 
 
 def init_weights(module: nn.Module, std: float) -> None:

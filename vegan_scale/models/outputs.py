@@ -11,6 +11,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from vegan_scale.noise import StepNoise, normal
+
 
 class LatentCodes(NamedTuple):
     """Z ~ Q(Z|X) for a batch. ``mean``/``logvar`` are set by Gaussian encoders only (the KL penalty needs them)."""
@@ -37,8 +39,11 @@ class Reconstruction(NamedTuple):
         """The decoder's mean image, in the data's range."""
         return torch.tanh(self.logits) if self.symmetric else torch.sigmoid(self.logits)
 
-    def sample(self) -> Tensor:
-        """A reparameterised draw of the decoded image: the mean, plus Gaussian noise for a Gaussian decoder."""
+    def sample(self, noise: StepNoise | None = None) -> Tensor:
+        """A reparameterised draw of the decoded image: the mean, plus Gaussian noise for a Gaussian decoder (from
+        ``noise``, a training step's, or torch's generator)."""
         if self.logvar is None:
             return self.mean
-        return self.mean + torch.randn_like(self.logits) * torch.exp(0.5 * self.logvar)
+        return self.mean + normal(noise, "decoder", tuple(self.logits.shape), self.logits) * torch.exp(
+            0.5 * self.logvar
+        )

@@ -33,6 +33,7 @@ from vegan_scale.config.fields import POSITIVE, Requirement, at_least, param
 from vegan_scale.models.autoencoder import init_weights
 from vegan_scale.models.mlp import mlp
 from vegan_scale.models.outputs import LatentCodes
+from vegan_scale.noise import StepNoise
 from vegan_scale.penalties.base import LatentPenalty, Parameters, PenaltySpec
 from vegan_scale.priors import Prior
 
@@ -114,7 +115,7 @@ class AdversarialPenalty(LatentPenalty):
     def use_critic(self, parameters: Parameters) -> None:
         self._parameters = parameters
 
-    def __call__(self, codes: LatentCodes, z_prior: Tensor) -> Tensor:
+    def __call__(self, codes: LatentCodes, z_prior: Tensor, noise: StepNoise | None = None) -> Tensor:
         params = self._parameters()
         dtype = next(iter(params.values())).dtype
         logits = functional_call(self._shape, params, (codes.z.to(dtype),))

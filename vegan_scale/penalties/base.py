@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from vegan_scale.config.fields import Requirement
 from vegan_scale.models.outputs import LatentCodes
+from vegan_scale.noise import StepNoise
 from vegan_scale.priors import Prior
 
 Parameters = Callable[[], dict[str, Tensor]]  # a module's current parameters, as constants
@@ -35,7 +36,9 @@ class LatentPenalty:
     critic_lr: float | None = None
     reencode = False  # the critic's step sees the codes encoded again after the auto-encoder's step
 
-    def __call__(self, codes: LatentCodes, z_prior: Tensor) -> Tensor:
+    def __call__(self, codes: LatentCodes, z_prior: Tensor, noise: StepNoise | None = None) -> Tensor:
+        """D_Z on this batch; a penalty that draws random numbers takes them from ``noise`` (a training step's,
+        the same for a sample at any world size) where given."""
         raise NotImplementedError
 
     def describe(self) -> str:

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from vegan_scale.config.fields import Requirement, param
 from vegan_scale.models.outputs import LatentCodes
+from vegan_scale.noise import StepNoise
 from vegan_scale.penalties.base import LatentPenalty, PenaltySpec
 from vegan_scale.penalties.global_batch import all_gather_rows, scale_gradient, sum_over_processes, world_size
 from vegan_scale.priors import Prior
@@ -234,7 +235,7 @@ class MMDPenalty(LatentPenalty):
         width = ", median bandwidth" if self.bandwidth == "median" else ""
         return f"mmd ({self.kernel} kernel{width}, {self.scope} MMD)"
 
-    def __call__(self, codes: LatentCodes, z_prior: Tensor) -> Tensor:
+    def __call__(self, codes: LatentCodes, z_prior: Tensor, noise: StepNoise | None = None) -> Tensor:
         world = world_size()
         if self.scope == "local" or world == 1:
             return mmd(codes.z, z_prior, self.kernel, self.sigma2, self.bandwidth)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from vegan_scale.models.outputs import LatentCodes
+from vegan_scale.noise import StepNoise
 from vegan_scale.penalties.base import LatentPenalty, PenaltySpec
 from vegan_scale.priors import Prior
 
@@ -37,7 +38,7 @@ class KLPenalty(LatentPenalty):
     def __init__(self, sigma2: float) -> None:
         self.sigma2 = sigma2
 
-    def __call__(self, codes: LatentCodes, z_prior: Tensor) -> Tensor:
+    def __call__(self, codes: LatentCodes, z_prior: Tensor, noise: StepNoise | None = None) -> Tensor:
         assert codes.mean is not None and codes.logvar is not None  # guaranteed by build()
         return gaussian_kl(codes.mean, codes.logvar, self.sigma2)
 

@@ -19,14 +19,17 @@ from torch import Tensor
 
 from vegan_scale.config.fields import at_least, param
 from vegan_scale.models.outputs import LatentCodes
+from vegan_scale.noise import StepNoise
 from vegan_scale.penalties.base import LatentPenalty, PenaltySpec
 from vegan_scale.penalties.global_batch import all_gather_rows, scale_gradient, with_own_rows, world_size
 from vegan_scale.priors import Prior
 
 
-def random_directions(count: int, dim: int, like: Tensor) -> Tensor:
-    """``count`` directions drawn uniformly on the unit sphere of R^dim, shape [count, dim]."""
-    theta = torch.randn(count, dim, device=like.device, dtype=like.dtype)
+def random_directions(count: int, dim: int, like: Tensor, noise: StepNoise | None = None) -> Tensor:
+    """``count`` directions drawn uniformly on the unit sphere of R^dim, shape [count, dim] (from a training step's
+    ``noise``: the same on every process; else from torch's generator)."""
+    theta = torch.randn(count, dim, device=like.device, dtype=like.dtype) if noise is None else None
+    theta = noise.shared("directions", (count, dim), like) if theta is None else theta
     return theta / theta.norm(dim=1, keepdim=True)
 
 
@@ -70,12 +73,13 @@ class SlicedPenalty(LatentPenalty):
     def describe(self) -> str:
         return f"sliced (SW_{self.p:g}^{self.p:g}, {self.projections} directions, {self.scope})"
 
-    def __call__(self, codes: LatentCodes, z_prior: Tensor) -> Tensor:
-        directions = random_directions(self.projections, codes.z.shape[1], codes.z)
+    def __call__(self, codes: LatentCodes, z_prior: Tensor, noise: StepNoise | None = None) -> Tensor:
+        directions = random_directions(self.projections, codes.z.shape[1], codes.z, noise)
         world = world_size()
         if self.scope == "local" or world == 1:
             return sliced_wasserstein(codes.z, z_prior, directions, self.p)
-        torch.distributed.broadcast(directions, src=0)  # one set of directions for the global estimate
+        if noise is None:  # drawn by each process: rank 0's for all, one set for the global estimate
+            torch.distributed.broadcast(directions, src=0)
         return scale_gradient(global_sliced_wasserstein(codes.z, z_prior, directions, self.p), float(world))
 
 

@@ -66,12 +66,14 @@ def single(args: list[str]) -> list[str]:
     return [sys.executable, *args]
 
 
-def ddp(args: list[str], config: str = "cpu_ddp.yaml") -> list[str]:
+def ddp(args: list[str], config: str = "cpu_ddp.yaml", processes: int | None = None) -> list[str]:
+    """``args`` under ``accelerate launch`` with a launch config (and, given, another number of processes)."""
     return [
         ACCELERATE,
         "launch",
         "--config_file",
         str(ROOT / "launch/accelerate" / config),
+        *(["--num_processes", str(processes)] if processes else []),
         "--main_process_port",
         str(free_port()),
         *args,

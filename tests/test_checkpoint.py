@@ -13,6 +13,7 @@ import torch
 
 from vegan_scale import checkpoint
 from vegan_scale.checkpoint import commit, read_module, read_optimizer
+from vegan_scale.distributed.trainable import load_optimizer_by_name, optimizer_by_name
 from vegan_scale.errors import CheckpointError
 from vegan_scale.rundir import complete_checkpoints
 
@@ -43,7 +44,7 @@ def test_layout_after_commit(tmp_path):
     directory = checkpoint.tmp_dir(root, 1000)
     for rank in (0, 1):
         checkpoint.write_rank_state(directory, rank)
-    checkpoint.save_module(directory, "autoencoder", {"w": torch.ones(3)}, {"x": 1})
+    checkpoint.save_module(directory, "autoencoder", {"w": torch.ones(3)}, {"w/step": torch.tensor(1.0)})
     checkpoint.save_module(directory, "critic", {"c": torch.zeros(1)}, {})
     checkpoint.write_state(directory, {"step": 1000, "epoch": 2}, "schema_version: 1\n")
     assert not complete_checkpoints(root)  # nothing counts before commit
@@ -51,9 +52,9 @@ def test_layout_after_commit(tmp_path):
     assert final == root / "step_00001000"
     parts = [
         "autoencoder.safetensors",
-        "autoencoder.optim.pt",
+        "autoencoder.optim.safetensors",
         "critic.safetensors",
-        "critic.optim.pt",
+        "critic.optim.safetensors",
         "rng_rank0.pt",
         "rng_rank1.pt",
         "state.json",
@@ -98,7 +99,8 @@ def test_rng_state_restores_the_draws(tmp_path):
 
 
 def test_optimizer_state_continues_identically(tmp_path):
-    """An Adam restored from read_optimizer (and weights from read_module) takes the same next step as the original."""
+    """An Adam saved by parameter name and restored (into a fresh Adam, from read_optimizer, with weights from
+    read_module) takes the same next step as the original."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.5, 0.999))
@@ -111,15 +113,17 @@ def test_optimizer_state_continues_identically(tmp_path):
 
     for _ in range(3):
         step(model, opt)
-    final = save(tmp_path, 3, modules={"autoencoder": (model.state_dict(), opt.state_dict())})
+    final = save(tmp_path, 3, modules={"autoencoder": (model.state_dict(), optimizer_by_name(model, opt))})
 
     restored = copy.deepcopy(model)
     for p in restored.parameters():  # make sure the weights really come from the checkpoint
         p.data.zero_()
     restored.load_state_dict(read_module(final, "autoencoder"))
-    restored_opt = torch.optim.Adam(restored.parameters(), lr=1.0)
-    restored_opt.load_state_dict(read_optimizer(final, "autoencoder"))
-    assert restored_opt.param_groups[0]["lr"] == 1e-2 and restored_opt.param_groups[0]["betas"] == (0.5, 0.999)
+    restored_opt = torch.optim.Adam(restored.parameters(), lr=1e-2, betas=(0.5, 0.999))
+    load_optimizer_by_name(restored, restored_opt, read_optimizer(final, "autoencoder"))
+    assert set(read_optimizer(final, "autoencoder")) == {
+        f"{n}/{k}" for n, _ in model.named_parameters() for k in ("exp_avg", "exp_avg_sq", "step")
+    }
 
     step(model, opt)
     step(restored, restored_opt)
@@ -166,16 +170,21 @@ def test_recommit_same_step_replaces(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["torch.save", "raw pickle"])
-def test_malicious_optim_refused(tmp_path, fmt):
-    """An optimizer file replaced by a pickle that runs a shell command is refused by read_optimizer, runs nothing."""
+def test_malicious_rank_state_refused(tmp_path, fmt):
+    """A random-generator file replaced by a pickle that runs a shell command is refused by read_rank_state and
+    runs nothing; an optimizer file replaced by one is not a safetensors file and is refused as damaged."""
     final = save(tmp_path, 1)
     marker = tmp_path / "pwned"
-    evil = {"state": _TouchesMarker(marker)}
+    evil = {"torch": _TouchesMarker(marker)}
+    payload = pickle.dumps(evil, protocol=2)
     if fmt == "torch.save":
-        torch.save(evil, final / "autoencoder.optim.pt")
+        torch.save(evil, final / "rng_rank0.pt")
     else:
-        (final / "autoencoder.optim.pt").write_bytes(pickle.dumps(evil, protocol=2))
-    with pytest.raises(CheckpointError, match=r"refusing to load .*autoencoder\.optim\.pt") as info:
+        (final / "rng_rank0.pt").write_bytes(payload)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*rng_rank0\.pt") as info:
+        checkpoint.read_rank_state(final, 0)
+    assert "weights_only" not in str(info.value)  # no advice to load it the unsafe way
+    (final / "autoencoder.optim.safetensors").write_bytes(payload)
+    with pytest.raises(CheckpointError, match=r"autoencoder\.optim\.safetensors cannot be read"):
         read_optimizer(final, "autoencoder")
     assert not marker.exists()
-    assert "weights_only" not in str(info.value)  # no advice to load it the unsafe way

@@ -33,12 +33,18 @@ def _copy(ten_steps: Path, tmp_path: Path) -> Path:
 
 
 DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
-    "optimizer truncated": ("autoencoder.optim.pt", lambda step: truncate(step / "autoencoder.optim.pt", 100)),
+    "optimizer truncated": (
+        "autoencoder.optim.safetensors",
+        lambda step: truncate(step / "autoencoder.optim.safetensors", 100),
+    ),
     "weights truncated": ("critic.safetensors", lambda step: truncate(step / "critic.safetensors", 40)),
     "rng file missing": ("rng_rank0.pt", lambda step: (step / "rng_rank0.pt").unlink()),
     "state.json missing": ("state.json", lambda step: (step / "state.json").unlink()),
     "state.json garbage": ("state.json", lambda step: (step / "state.json").write_text("{not json")),
-    "optimizer overwritten": ("autoencoder.optim.pt", lambda step: (step / "autoencoder.optim.pt").write_bytes(b"x")),
+    "optimizer overwritten": (
+        "autoencoder.optim.safetensors",
+        lambda step: (step / "autoencoder.optim.safetensors").write_bytes(b"x"),
+    ),
 }
 
 
@@ -65,12 +71,12 @@ def test_a_damaged_checkpoint_named_by_path_is_refused(ten_steps: Path, tiny_sha
     status says so (not the previous attempt's 0)."""
     run_dir = _copy(ten_steps, tmp_path)
     newest = run_dir / "checkpoints" / "step_00000010"
-    truncate(newest / "autoencoder.optim.pt", 100)
+    truncate(newest / "autoencoder.optim.safetensors", 100)
     again = run(single(train_args(tiny_shards_module, tmp_path / "root", "run", "wae_gan", f"train.resume={newest}")))
     assert again.returncode == 2, again.stderr[-3000:]
-    assert "autoencoder.optim.pt" in again.stderr and "Traceback" not in again.stderr
+    assert "autoencoder.optim.safetensors" in again.stderr and "Traceback" not in again.stderr
     status = exit_status(run_dir)
-    assert status["code"] == 2 and "autoencoder.optim.pt" in status["reason"]
+    assert status["code"] == 2 and "autoencoder.optim.safetensors" in status["reason"]
 
 
 def test_no_intact_checkpoint_refuses_to_start_over(ten_steps: Path, tiny_shards_module: Path, tmp_path: Path):
@@ -114,19 +120,19 @@ class _Touch:
 def test_planted_pickle_of_the_listed_size_is_refused_unread(
     ten_steps: Path, reference: Path, tiny_shards_module: Path, tmp_path: Path
 ) -> None:
-    """A file replaced by a pickle that runs a command, padded to the size state.json lists (as an attacker who
-    read it would): the unpickler refuses it, the command never runs, and the run continues from the checkpoint
-    before."""
+    """The random-generator file (the one pickle a checkpoint holds; tensors are safetensors) replaced by a pickle
+    that runs a command, padded to the size state.json lists (as an attacker who read it would): the unpickler
+    refuses it, the command never runs, and the run continues from the checkpoint before."""
     import pickle
 
     run_dir = _copy(ten_steps, tmp_path)
-    target = run_dir / "checkpoints" / "step_00000010" / "critic.optim.pt"
+    target = run_dir / "checkpoints" / "step_00000010" / "rng_rank0.pt"
     marker = tmp_path / "pwned"
-    evil = pickle.dumps({"state": _Touch(marker)}, protocol=2)
+    evil = pickle.dumps({"torch": _Touch(marker)}, protocol=2)
     target.write_bytes(evil + b"\0" * (target.stat().st_size - len(evil)))
     again = run(single(train_args(tiny_shards_module, tmp_path / "root", "run")))
     output = again.stdout + again.stderr
     assert again.returncode == 0, output[-3000:]
-    assert "refusing to load" in output and "critic.optim.pt" in output and "posix.system" in output
+    assert "refusing to load" in output and "rng_rank0.pt" in output and "posix.system" in output
     assert "weights_only" not in output and not marker.exists()
     assert same_weights(run_dir / "export" / "model.safetensors", reference / "export" / "model.safetensors")

@@ -143,15 +143,15 @@ class _Touch:
 
 @pytest.mark.parametrize("config", [None, "cpu_zero2.yaml"])
 def test_planted_pickle_is_refused_on_resume(tiny_shards_module: Path, tmp_path: Path, config: str | None) -> None:
-    """A checkpoint file replaced by a pickle that runs a command is refused when continuing (plain optimizer state,
-    and DeepSpeed's own optimizer shard), and the command never runs."""
+    """A checkpoint's pickle (a process's random-generator state: one process, and rank 1's under DeepSpeed)
+    replaced by one that runs a command is refused when continuing, and the command never runs."""
     args = train_args(tiny_shards_module, tmp_path, "planted", "wae_mmd", "train.max_steps=5")
     first = run(ddp(args, config) if config else single(args))
     assert first.returncode == 0, first.stderr[-3000:]
     saved = tmp_path / "mnist" / "planted" / "checkpoints" / "step_00000005"
-    target = next(saved.rglob("*optim_states.pt")) if config else saved / "autoencoder.optim.pt"
+    target = saved / ("rng_rank1.pt" if config else "rng_rank0.pt")
     marker = tmp_path / "pwned"
-    target.write_bytes(pickle.dumps({"state": _Touch(marker)}))
+    target.write_bytes(pickle.dumps({"torch": _Touch(marker)}))
     longer = [*args, "train.max_steps=10"]
     again = run(ddp(longer, config) if config else single(longer))
     assert again.returncode != 0

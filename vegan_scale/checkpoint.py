@@ -3,9 +3,10 @@
 Layout under ``<run_dir>/checkpoints/``::
 
     step_00001000/              one directory per saved step, zero-padded so that names sort by step
-      <module>.safetensors      weights of each trained module (autoencoder, critic), unwrapped
-      <module>.optim.pt         its optimizer state: tensors and plain Python values only
-      <module>/                 instead of the two above under DeepSpeed: the engine's own (ZeRO-sharded) files
+      <module>.safetensors      whole weights of each trained module (autoencoder, critic), unwrapped, float32
+                                masters under DeepSpeed's half-precision modes
+      <module>.optim.safetensors  its Adam state by parameter name, whole: ``<param>/exp_avg``,
+                                ``<param>/exp_avg_sq``, ``<param>/step``
       rng_rank<R>.pt            every process's random generator states (torch, CUDA, Python, NumPy)
       scaler.pt                 the fp16 gradient scaler's state (fp16 runs)
       state.json                step, micro-batches consumed, epoch, world size, distribution mode, MLflow run id,
@@ -14,11 +15,13 @@ Layout under ``<run_dir>/checkpoints/``::
       COMPLETE                  written last: a directory without it is ignored
     latest                      name of the newest complete checkpoint, replaced atomically
 
-A checkpoint is written under ``step_N.tmp``; when every part is there, everything inside is fsynced, ``COMPLETE``
-is written (durably), and the directory is renamed (and its parent fsynced), so a crash or power loss mid-save
-leaves either the previous state or a ``.tmp`` directory that nothing reads. Which checkpoints count as complete
-is :mod:`vegan_scale.rundir`'s to say. ``.pt`` files are read with ``torch.load(weights_only=True)``, which refuses
-pickled code.
+The weights and optimizer state are whole and keyed by parameter name in every distribution mode (single process,
+DDP, ZeRO-2, ZeRO-3), so a checkpoint continues at any world size and in any mode (docs/design.md, Checkpoint
+format). A checkpoint is written under ``step_N.tmp``; when every part is there, everything inside is fsynced,
+``COMPLETE`` is written (durably), and the directory is renamed (and its parent fsynced), so a crash or power loss
+mid-save leaves either the previous state or a ``.tmp`` directory that nothing reads. Which checkpoints count as
+complete is :mod:`vegan_scale.rundir`'s to say. Tensors are safetensors; the few ``.pt`` files are read with
+``torch.load(weights_only=True)``, which refuses pickled code.
 """
 
 from __future__ import annotations
@@ -97,13 +100,15 @@ def _as_tuples(value: Any) -> Any:
 
 
 def save_module(
-    directory: Path, name: str, state_dict: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None
+    directory: Path, name: str, state_dict: dict[str, torch.Tensor], optimizer_state: dict[str, torch.Tensor] | None
 ) -> None:
-    """A module's weights (safetensors) and, unless None, its optimizer's state (tensors and plain values)."""
+    """A module's weights and, unless None, its optimizer's state by parameter name (both safetensors)."""
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, module_file(directory, name))
     if optimizer_state is not None:
-        torch.save(optimizer_state, directory / f"{name}.optim.pt")
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in optimizer_state.items()}, optimizer_file(directory, name)
+        )
 
 
 def save_scaler(directory: Path, state: dict[str, Any]) -> None:
@@ -191,18 +196,32 @@ def existing_module_file(path: Path, name: str = AUTOENCODER) -> Path:
     return file
 
 
+def optimizer_file(path: Path, name: str = AUTOENCODER) -> Path:
+    return path / f"{name}.optim.safetensors"
+
+
 def read_module(path: Path, name: str) -> dict[str, torch.Tensor]:
     """A module's weights from a checkpoint directory."""
-    file = existing_module_file(path, name)
+    return _read_tensors(existing_module_file(path, name))
+
+
+def read_optimizer(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """A module's optimizer state by parameter name (see the layout above)."""
+    file = optimizer_file(path, name)
+    if not file.exists():
+        raise CheckpointError(
+            f"{file} not found: the checkpoint was written by an earlier version of vegan_scale (optimizer state "
+            "in another format); continue from a checkpoint of this version, or start a new run from its weights "
+            "(train.init_from)"
+        )
+    return _read_tensors(file)
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(file)
     except Exception as e:  # safetensors reports a damaged header or short file in several ways
         raise CheckpointError(f"{file} cannot be read ({_first_line(e)}): it is damaged") from None
-
-
-def read_optimizer(path: Path, name: str) -> dict[str, Any]:
-    """A module's optimizer state; refuses anything but tensors and plain Python values."""
-    return safe_load(path / f"{name}.optim.pt")
 
 
 def safe_load(path: Path, allowed: list[type] = (), map_location: Any = None) -> Any:

@@ -154,6 +154,12 @@ class TrainConfig:
     mixed_precision: str = param(
         "no", "Autocast precision of the networks; kernels and penalties stay float32.", choices=("no", "bf16", "fp16")
     )
+    dtype: str = param(
+        "float32",
+        "Precision of the parameters, images and optimizer state; float64 (with mixed_precision=no) for checks of "
+        "exactness, e.g. that a run continued on another number of processes ends where an uninterrupted one does.",
+        choices=("float32", "float64"),
+    )
     check_every: int = param(
         50, "Steps between the checks all processes agree on (stop, non-finite loss).", bounds=at_least(1)
     )
@@ -280,6 +286,7 @@ class PenaltyBase:
 REQUIREMENTS = (
     Requirement("cost.kind", "bernoulli", "model.decoder", ("deterministic",)),
     Requirement("cost.kind", "bernoulli", "data.input_range", ("unit",)),  # pixel probabilities
+    Requirement("train.dtype", "float64", "train.mixed_precision", ("no",)),
 )
 
 

@@ -52,6 +52,13 @@ def build_accelerator(
     return Accelerator(mixed_precision=mixed_precision, cpu=not cuda, kwargs_handlers=[group])
 
 
+def distribution_mode(accelerator: Accelerator) -> str:
+    """How the run is distributed, as checkpoints record it: single, ddp, or zero-<stage>."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"zero-{accelerator.state.deepspeed_plugin.zero_stage}"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
 def launch_tags(accelerator: Accelerator) -> dict[str, str]:
     """How the run was launched, as tracking tags (what a person filters runs by)."""
     tags = {"dist.type": str(accelerator.distributed_type.value), "dist.world_size": str(accelerator.num_processes)}

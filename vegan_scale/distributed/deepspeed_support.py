@@ -9,20 +9,20 @@
 * Under ZeRO-3, parameters live in pieces across ranks: large models are built inside ``zero.Init`` (never whole
   on one rank), and a module's full parameters are gathered only for a moment when needed (critic in the encoder's
   step, export).
+* Checkpoints hold whole tensors by parameter name in every mode (vegan_scale.checkpoint), through DeepSpeed's
+  ``safe_get_full_*`` and ``safe_set_*`` accessors; before loading, the Adam state DeepSpeed creates lazily is
+  created, and under ZeRO-3 each process sets its own partition.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import torch
 from accelerate.utils import DeepSpeedPlugin
 from torch import nn
-
-from vegan_scale import checkpoint
 
 
 def plugins(models: tuple[str, ...]) -> DeepSpeedPlugin | dict[str, DeepSpeedPlugin]:
@@ -73,6 +73,20 @@ def gathered(module: nn.Module, modify: bool = False) -> Iterator[None]:
         yield
 
 
+def initialise(module: nn.Module, init: Callable[[nn.Module], None]) -> None:
+    """Collective, for a module built inside ``zero.Init``: apply ``init`` to each of its submodules with that
+    submodule's own parameters whole (rank 0's values partitioned back), in the order a plain module's
+    initialisation visits them, so that its values are those the same seed gives a model built without ZeRO-3 (an
+    initialisation run inside ``zero.Init`` sees empty partitions and does nothing)."""
+    import deepspeed
+
+    for m in module.modules():
+        own = list(m.parameters(recurse=False))
+        if own:
+            with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+                init(m)
+
+
 def local_values(param: torch.Tensor, rank: int) -> torch.Tensor:
     """The values of a parameter this process holds: all of it, or under ZeRO-3 its shard without the padding that
     makes shards equal (uninitialised memory)."""
@@ -90,11 +104,6 @@ def frozen_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
         return {n: (p.detach().clone() if zero3 else p.detach()) for n, p in module.named_parameters()}
 
 
-def save_engine(engine: object, directory: Path) -> None:
-    """Collective: an engine's own checkpoint (module, ZeRO-sharded optimizer state) under ``directory``."""
-    engine.save_checkpoint(str(directory), tag="engine", save_latest=False)
-
-
 def match_buffers_to_parameters(module: nn.Module) -> None:
     """DeepSpeed's half-precision modes convert a module's parameters but, below ZeRO-3, not its floating buffers
     (batch-norm statistics), which then clash with the half-precision activations."""
@@ -104,48 +113,105 @@ def match_buffers_to_parameters(module: nn.Module) -> None:
             buffer.data = buffer.data.to(dtype)
 
 
-def _allowed_globals() -> list[type]:
-    """The non-tensor objects DeepSpeed's checkpoint files hold (found by loading ZeRO-2 and ZeRO-3 checkpoints
-    with ``weights_only=True``): the loss scaler, ZeRO-3's stage enum and ZeRO-1/2's fragment addresses."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
+MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's state per parameter, besides its step count
 
 
-def check_engine_files(directory: Path, rank: int) -> None:
-    """Read the files of an engine checkpoint this process will load (its own ZeRO shards; the shared model states
-    on rank 0), without executing code, so that a damaged or planted file is found before any engine is touched.
-    A CheckpointError names the file."""
-    allowed = _allowed_globals()
-    for file in sorted(directory.rglob("*.pt")):
-        own = f"_rank_{rank}_" in file.name
-        shared = "zero_pp_rank_" not in file.name
-        if own or (shared and rank == 0):
-            checkpoint.safe_load(file, allowed, map_location="cpu")
+def full_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every state-dict entry's whole shape (a ZeRO-3 parameter's, not its shard's)."""
+    return {k: tuple(getattr(v, "ds_shape", v.shape)) for k, v in module.state_dict(keep_vars=True).items()}
 
 
-def load_engine(engine: object, directory: Path) -> None:
-    """Collective: restore an engine from ``save_engine``'s files without executing code from them.
+def _zero3(module: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
 
-    DeepSpeed reads its files with ``torch.load(weights_only=False)``; for this load its checkpoint engine reads
-    them with ``weights_only=True`` and an allowlist of the three classes they contain instead, so a planted
-    pickle is refused (``pickle.UnpicklingError``) rather than run.
-    """
-    allowed = _allowed_globals()
 
-    def safe_load(path: str, map_location: object = None) -> object:
-        return checkpoint.safe_load(Path(path), allowed, map_location)
+def full_state(module: nn.Module, engine: object) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Collective, under DeepSpeed: the module's whole float32 weights (the optimizer's masters) with its buffers, and
+    its Adam state by parameter name, gathered from the ZeRO partitions one parameter at a time (every process
+    gets them; the main process writes them)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    checkpoint_engine = engine.checkpoint_engine
-    original = checkpoint_engine.load
-    checkpoint_engine.load = safe_load
-    try:
-        path, _ = engine.load_checkpoint(
-            str(directory), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-    finally:
-        checkpoint_engine.load = original
-    if path is None:
-        raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+    step = _optimizer_step(engine)
+    weights = {name: b.detach().clone() for name, b in module.named_buffers()}
+    state: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        weights[name] = safe_get_full_fp32_param(p).detach().cpu()
+        if step is not None:
+            state |= {f"{name}/{key}": safe_get_full_optimizer_state(p, key).detach().cpu() for key in MOMENTS}
+            state[f"{name}/step"] = torch.tensor(step)
+    return weights, state
+
+
+def load_full_state(
+    module: nn.Module, engine: object, weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> None:
+    """Collective, under DeepSpeed: set the module's weights (the half-precision copies and the float32 masters)
+    and Adam state from whole tensors, each process keeping its ZeRO partition, whatever world size and mode
+    wrote them. Adam's state is created first where the engine has not stepped yet (DeepSpeed creates it lazily)."""
+    from deepspeed.utils import (
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+        safe_set_local_fp32_param,
+        safe_set_local_optimizer_state,
+    )
+
+    zero3 = _zero3(module)
+    steps = {state[key].item() for key in state if key.endswith("/step")}
+    moments = MOMENTS if steps else ()  # none before the first step
+    if steps:
+        _create_adam_state(engine, max(steps))
+    for name, b in module.named_buffers():
+        b.data.copy_(weights[name])
+    for name, p in module.named_parameters():
+        values = {"fp32": weights[name]} | {key: state[f"{name}/{key}"] for key in moments}
+        if zero3:  # DeepSpeed's whole-tensor setters mis-slice the padded last partition: set this process's own
+            part = _partition(p, values["fp32"])
+            p.ds_tensor.data.copy_(part.to(p.ds_tensor.dtype))
+            safe_set_local_fp32_param(p, part)
+            for key in moments:
+                safe_set_local_optimizer_state(p, _partition(p, values[key]), key)
+        else:
+            p.data.copy_(values["fp32"].to(p.dtype))
+            safe_set_full_fp32_param(p, values["fp32"].to(p.device))
+            for key in moments:
+                safe_set_full_optimizer_state(p, values[key].to(p.device), key)
+
+
+def _partition(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """This process's ZeRO-3 partition of a whole tensor: its equal share of the flattened values, zero-padded."""
+    size = param.partition_numel()
+    start = torch.distributed.get_rank() * size
+    flat = whole.flatten().to(param.ds_tensor.device, torch.float32)
+    part = torch.zeros(size, dtype=torch.float32, device=flat.device)
+    valid = max(0, min(size, flat.numel() - start))
+    part[:valid] = flat[start : start + valid]
+    return part
+
+
+def _inner_optimizer(engine: object) -> torch.optim.Optimizer:
+    """The torch optimizer a ZeRO optimizer steps over its float32 partitions."""
+    zero = engine.optimizer
+    return getattr(zero, "optimizer", zero)
+
+
+def _optimizer_step(engine: object) -> float | None:
+    """Adam's step count (the same for every partition), or None before the first step."""
+    states = list(_inner_optimizer(engine).state.values())
+    return float(states[0]["step"]) if states else None
+
+
+def _create_adam_state(engine: object, step: float) -> None:
+    """Give the engine's optimizer the Adam state a step would have created (zero moments at ``step``) for each of
+    its float32 partitions (ZeRO-1/2's and ZeRO-3's, by their attribute names), and link ZeRO-1/2's per-parameter
+    views to it, so that the setters have somewhere to write."""
+    zero, inner = engine.optimizer, _inner_optimizer(engine)
+    partitions = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
+    on_device = any(group.get("fused") or group.get("capturable") for group in inner.param_groups)
+    for p in partitions:
+        inner.state[p] = {
+            "step": torch.tensor(step, dtype=torch.float32, device=p.device if on_device else "cpu"),
+            **{key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in MOMENTS},
+        }
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 link their views to the state lazily
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()

@@ -19,6 +19,8 @@ from torch import nn
 
 from vegan_scale import checkpoint
 from vegan_scale.distributed import deepspeed_support
+from vegan_scale.distributed.deepspeed_support import MOMENTS
+from vegan_scale.errors import CheckpointError
 
 
 @dataclass
@@ -39,8 +41,9 @@ class Trainable:
 
     @property
     def input_dtype(self) -> torch.dtype:
-        """DeepSpeed's half-precision modes keep the module in that precision: inputs must match it."""
-        return next(self.raw.parameters()).dtype if self.engine is not None else torch.float32
+        """The module's own precision (float64 for exactness checks; DeepSpeed's half-precision modes keep the module
+        in that precision): inputs must match it."""
+        return next(self.raw.parameters()).dtype
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.engine is None:
@@ -72,33 +75,37 @@ class Trainable:
             self.raw.load_state_dict(weights)
 
     def save(self, directory: Path) -> None:
-        """Collective: write this module's checkpoint files: its whole weights as safetensors (for export) and,
-        for continuing, its optimizer state, or under DeepSpeed the engine's own sharded files."""
-        weights = self.full_state_dict() if self.engine is not None else self.raw.state_dict()
+        """Collective: write this module's whole weights and its optimizer's state by parameter name (gathered
+        under ZeRO): one format in every mode, which any world size and mode continues."""
         if self.engine is not None:
-            deepspeed_support.save_engine(self.engine, directory / self.name)
-            if self.accelerator.is_main_process:
-                checkpoint.save_module(directory, self.name, weights, None)
-        elif self.accelerator.is_main_process:
-            checkpoint.save_module(directory, self.name, weights, self.optimizer.state_dict())
+            weights, optimizer_state = deepspeed_support.full_state(self.raw, self.engine)
+        else:
+            weights, optimizer_state = self.raw.state_dict(), optimizer_by_name(self.raw, self.optimizer)
+        if self.accelerator.is_main_process:
+            checkpoint.save_module(directory, self.name, weights, optimizer_state)
 
-    def read(self, directory: Path) -> Any:
-        """What this process needs to restore the module from ``directory``, read and checked but not applied: the
-        weights and optimizer state, or under DeepSpeed nothing (this process's engine files are read once, to be
-        sure they load). A CheckpointError names a file that does not load."""
-        if self.engine is not None:
-            deepspeed_support.check_engine_files(directory / self.name, self.accelerator.process_index)
-            return None
-        return checkpoint.read_module(directory, self.name), checkpoint.read_optimizer(directory, self.name)
+    def read(self, directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """What this process needs to restore the module from ``directory``, read and checked against the module
+        (every tensor it needs there, with its shape, and nothing else) but not applied. A CheckpointError names a
+        file that does not load or does not fit."""
+        weights = checkpoint.read_module(directory, self.name)
+        optimizer_state = checkpoint.read_optimizer(directory, self.name)
+        shapes = deepspeed_support.full_shapes(self.raw)
+        _check_fits(checkpoint.module_file(directory, self.name), weights, shapes, shapes.keys())
+        params = [name for name, _ in self.raw.named_parameters()]
+        moments = {f"{n}/{key}": shapes[n] for n in params for key in MOMENTS} | {f"{n}/step": () for n in params}
+        trained = {f"{n}/{key}" for n in params if f"{n}/step" in optimizer_state for key in (*MOMENTS, "step")}
+        _check_fits(checkpoint.optimizer_file(directory, self.name), optimizer_state, moments, trained)
+        return weights, optimizer_state
 
-    def load(self, directory: Path, read: Any) -> None:
-        """Collective: restore weights and optimizer state from ``directory``, given what :meth:`read` returned."""
-        if self.engine is not None:
-            deepspeed_support.load_engine(self.engine, directory / self.name)
-            return
+    def load(self, directory: Path, read: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]) -> None:
+        """Collective: restore weights and optimizer state, given what :meth:`read` returned."""
         weights, optimizer_state = read
+        if self.engine is not None:
+            deepspeed_support.load_full_state(self.raw, self.engine, weights, optimizer_state)
+            return
         self.raw.load_state_dict(weights)
-        self.optimizer.load_state_dict(optimizer_state)
+        load_optimizer_by_name(self.raw, self.optimizer, optimizer_state)
 
     def parameters_finite(self) -> torch.Tensor:
         """A device bool: whether every parameter (this process's shard under ZeRO-3) is finite; no sync."""
@@ -108,6 +115,48 @@ class Trainable:
     def frozen_parameters(self) -> dict[str, torch.Tensor]:
         """Current parameters as constants (whole, even under ZeRO-3), for calling a copy of the module."""
         return deepspeed_support.frozen_parameters(self.raw)
+
+
+def _check_fits(file: Path, tensors: dict[str, torch.Tensor], shapes: dict[str, Any], required: Any) -> None:
+    """Refuse a checkpoint file that lacks a ``required`` entry, holds one ``shapes`` does not know, or one of
+    another shape: it belongs to another model."""
+    unknown = sorted(set(tensors) - set(shapes))
+    missing = sorted(set(required) - set(tensors))
+    wrong = sorted(k for k in set(tensors) & set(shapes) if tuple(tensors[k].shape) != tuple(shapes[k]))
+    if unknown or missing or wrong:
+        found = "; ".join(
+            f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for what, keys in (("unknown", unknown), ("missing", missing), ("of another shape", wrong))
+            if keys
+        )
+        raise CheckpointError(f"{file} does not fit the model being trained ({found}): it belongs to another model")
+
+
+def optimizer_by_name(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """An Adam(W)'s state keyed by parameter name (``<param>/exp_avg``, ``/exp_avg_sq``, ``/step``) rather than
+    by position: the same whatever wraps or shards the module."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    return {
+        f"{names[id(p)]}/{key}": optimizer.state[p][key].detach()
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p in optimizer.state
+        for key in (*MOMENTS, "step")
+    }
+
+
+def load_optimizer_by_name(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> None:
+    """Set an Adam(W)'s state from :func:`optimizer_by_name`'s form (through ``load_state_dict``, which puts each
+    tensor on its parameter's device and dtype)."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    saved = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved["state"] = {
+        index: {key: state[f"{names[id(p)]}/{key}"] for key in (*MOMENTS, "step")}
+        for index, p in enumerate(params)
+        if f"{names[id(p)]}/step" in state
+    }
+    optimizer.load_state_dict(saved)
 
 
 def prepare(accelerator: Accelerator, name: str, module: nn.Module, optimizer: torch.optim.Optimizer) -> Trainable:

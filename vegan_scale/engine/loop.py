@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from vegan_scale import checkpoint, export, logs
 from vegan_scale.config.load import to_yaml
+from vegan_scale.distributed.accelerator import distribution_mode
 from vegan_scale.distributed.agreement import Agreement, Flag
 from vegan_scale.engine import reporting
 from vegan_scale.engine.feed import DataFeed, stall_timeout_s
@@ -141,7 +142,7 @@ def _fit(run: Run, stops: StopRequests) -> None:
                         agreement.raise_if(Flag.NONFINITE_PARAMS, ~module.parameters_finite(), step)
                 _agree(run, agreement, stops, feed, step)
             if step % cfg.tracking.log_every == 0 or last:
-                values, steps = metrics.flush()
+                values, steps = metrics.flush(lambda t: acc.reduce(t, "mean") if acc.num_processes > 1 else t)
                 data_time, skipped = feed.take_counts(acc.num_processes)
                 elapsed = time.perf_counter() - interval_start
                 values |= {"train/lr": cfg.optim.lr * lr_scale, "train/epoch": float(feed.epoch), **skipped}
@@ -260,6 +261,7 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
             "samples_seen": step * run.layout.global_batch,
             "world_size": acc.num_processes,
             "deepspeed": acc.distributed_type == DistributedType.DEEPSPEED,
+            "mode": distribution_mode(acc),
             "mlflow_run_id": run.records.tracker.run_id if run.records.tracker else None,
         }
         checkpoint.write_state(directory, state, to_yaml(run.cfg))

@@ -22,6 +22,8 @@ from vegan_scale.checkpoint import AUTOENCODER, CRITIC
 from vegan_scale.distributed import deepspeed_support, trainable
 from vegan_scale.distributed.trainable import Trainable
 from vegan_scale.engine.pretrain import pretrain
+from vegan_scale.errors import ConfigError
+from vegan_scale.models.autoencoder import init_layer
 from vegan_scale.penalties.base import LatentPenalty
 from vegan_scale.registry import PENALTIES, build_model, build_penalty
 
@@ -40,6 +42,9 @@ class Modules:
         return [m.module for m in self]
 
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}  # train.dtype
+
+
 def module_names(cfg: Any) -> tuple[str, ...]:
     """The separately trained modules of an experiment (each gets an optimizer, and under DeepSpeed an engine, of its
     own), known before they are built."""
@@ -49,9 +54,16 @@ def module_names(cfg: Any) -> tuple[str, ...]:
 def build_modules(cfg: Any, accelerator: Accelerator, new: bool) -> tuple[Modules, LatentPenalty]:
     """The auto-encoder and the penalty (with its critic, if any), built identically on every process and wrapped.
     ``new``: a run that starts from its initial parameters, whose encoder is pre-trained when the config asks."""
+    if cfg.train.dtype == "float64" and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError(
+            "train.dtype=float64 under DeepSpeed: its ZeRO optimizers keep float32 masters, so the run would not be "
+            "float64; use one process or DDP for float64, or train.dtype=float32"
+        )
     torch.manual_seed(cfg.run.seed)  # identical initial parameters on every process
     with _init_context(accelerator):  # under ZeRO-3 the auto-encoder is never whole on one process
-        model = build_model(cfg)
+        model = build_model(cfg).to(DTYPES[cfg.train.dtype])
+    if cfg.model.init_std is not None and _zero3(accelerator):
+        deepspeed_support.initialise(model, functools.partial(init_layer, std=cfg.model.init_std))
     if new:
         pretrain(cfg, model)
     if cfg.train.channels_last:
@@ -59,6 +71,8 @@ def build_modules(cfg: Any, accelerator: Accelerator, new: bool) -> tuple[Module
     if cfg.train.compile:
         model.compile()
     penalty = build_penalty(cfg)
+    if penalty.critic is not None:
+        penalty.critic.to(DTYPES[cfg.train.dtype])
     wrap = functools.partial(trainable.prepare, accelerator)
     autoencoder = wrap(AUTOENCODER, model, adamw(model.parameters(), cfg.optim.lr, cfg.optim))
     critic = None
@@ -72,6 +86,12 @@ def adamw(params: Any, lr: float, optim: Any) -> torch.optim.Optimizer:
     """The WAE recipes' Adam (decoupled weight decay, 0 by default) with the ``optim`` section's settings."""
     return torch.optim.AdamW(
         params, lr=lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, fused=optim.fused
+    )
+
+
+def _zero3(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and (
+        accelerator.state.deepspeed_plugin.zero_stage == 3
     )
 
 

@@ -13,6 +13,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from vegan_scale.costs import reconstruction_cost
@@ -50,7 +51,8 @@ def pot_objective(
 ) -> ObjectiveTerms:
     """One batch estimate of the POT objective; ``noise``: where its random numbers come from (vegan_scale.noise)."""
     out: AutoEncoderOutput = model(x, noise)  # Z ~ Q(Z|X), then G(Z)
-    z_prior = prior.sample(len(x), device=x.device, noise=noise)  # as many draws from P_Z as codes
+    dtype = torch.promote_types(x.dtype, torch.float32)  # half-precision images still get float32 prior samples
+    z_prior = prior.sample(len(x), device=x.device, dtype=dtype, noise=noise)  # as many draws from P_Z as codes
     reconstruction = cost(x, out.recon, noise=noise).mean()  # E c(X, G(Z))
     d_z = penalty(out.codes, z_prior, noise)  # D_Z(Q_Z, P_Z)
     return ObjectiveTerms(reconstruction + weight * d_z, reconstruction, d_z, out, z_prior)

@@ -39,12 +39,12 @@ def pretrain_encoder(
     last moment loss)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.encoder.parameters(), lr=lr, betas=betas)
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     loss = torch.tensor(float("inf"))
     for step in range(1, steps + 1):
         ids = torch.randperm(len(pool), generator=generator)[: min(batch, len(pool))]
-        x = model.to_model(pool[ids].to(device).float() / 255)
-        z_p = model.prior.sample(len(ids), generator=generator).to(device)
+        x = model.to_model(pool[ids].to(device, dtype) / 255)
+        z_p = model.prior.sample(len(ids), generator=generator, dtype=dtype).to(device)
         loss = moment_matching_loss(model.encode(x).z, z_p)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(

@@ -11,9 +11,10 @@ observe the run may change:
 * everything else is refused with the list of differing keys, notably the network, prior, penalty, optimizer,
   batch, precision, seed and data (``data.num_workers`` included: the batch order is defined per worker).
 
-The world size may change only for checkpoints without DeepSpeed (weights and optimizer state are whole), with a
-warning that the data order then differs from an uninterrupted run's; a ZeRO checkpoint holds one shard per
-process and is refused at another world size.
+The world size and the distribution mode (one process, DDP, ZeRO-2, ZeRO-3) may change: the checkpoint holds
+whole weights and optimizer state by parameter name, the data order and every sample's random numbers are functions
+of the step alone, so the continuation computes what the interrupted run would have (batch-norm statistics, which
+each process keeps for its own samples, aside). The change is logged and recorded with the other notes.
 
 Damage. A checkpoint is loaded whole or not at all: every file its ``state.json`` lists must be there with its
 size, then every process reads (and checks) everything it needs, and only when all processes could does any
@@ -32,10 +33,11 @@ from typing import Any
 
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 from vegan_scale import checkpoint, export
 from vegan_scale.config.load import flat_keys
+from vegan_scale.distributed.accelerator import distribution_mode
 from vegan_scale.distributed.trainable import Trainable
 from vegan_scale.errors import CheckpointError, ConfigError
 from vegan_scale.rundir import COMPLETE, RunDir, complete_checkpoints, is_complete
@@ -85,7 +87,7 @@ def _choose(resume: str, run_dir: RunDir) -> list[str] | str:
     return [str(Path(resume))]
 
 
-def check_policy(path: Path, config: dict[str, Any], world_size: int, deepspeed: bool) -> list[str]:
+def check_policy(path: Path, config: dict[str, Any], world_size: int, mode: str) -> list[str]:
     """Refuse a continuation the policy forbids; returns the allowed changes, as "key: old -> new"."""
     try:
         saved = flat_keys(yaml.safe_load((path / checkpoint.CONFIG).read_text()))
@@ -102,24 +104,13 @@ def check_policy(path: Path, config: dict[str, Any], world_size: int, deepspeed:
             "one from a model's weights) or restore the checkpoint's values"
         )
     state = checkpoint.read_state(path)
-    if state.get("world_size") != world_size:
-        if state["deepspeed"]:
-            raise ConfigError(
-                f"{path} holds DeepSpeed ZeRO shards for {state['world_size']} processes; continue it "
-                f"with {state['world_size']} processes, or export it and start a new run from the export"
-            )
-        log.warning(
-            "continuing a %d-process checkpoint with %d processes: the data order from here on differs from "
-            "an uninterrupted run's",
-            state["world_size"],
-            world_size,
-        )
-    if deepspeed != state["deepspeed"]:
-        raise ConfigError(
-            f"{path} was saved {'with' if state['deepspeed'] else 'without'} DeepSpeed; continue it "
-            "the same way, or export it and start a new run from the export"
-        )
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(changed)]
+    notes = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(changed)]
+    saved_layout, layout = (state["world_size"], state.get("mode", "?")), (world_size, mode)
+    if saved_layout != layout:
+        change = "{} process(es) ({}) -> {} process(es) ({})".format(*saved_layout, *layout)
+        log.info("continuing a checkpoint of %s: the data order and each sample's noise follow the step", change)
+        notes.append(f"distribution: {change}")
+    return notes
 
 
 @dataclass(frozen=True)
@@ -136,13 +127,13 @@ def restore(
     """Collective: restore the first candidate that loads whole (see the module's docstring): every module's
     weights and optimizer state, this process's random generators and the gradient scaler. ``named``: the user
     named the one candidate (``train.resume=PATH``), which is then refused rather than passed over."""
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    mode = distribution_mode(accelerator)
     failures = []
     for path in candidates:
         problem, state, read = None, None, None
         try:
             state = checkpoint.verify(path)
-            notes = check_policy(path, config, accelerator.num_processes, deepspeed)
+            notes = check_policy(path, config, accelerator.num_processes, mode)
             read = _read(path, state, modules, accelerator)
         except CheckpointError as e:
             problem = f"process {accelerator.process_index}: {e}"

@@ -39,5 +39,5 @@ def train_step(run: Run, feed: DataFeed, lr_scale: float) -> dict[str, torch.Ten
                 critic.step(pot.penalty.critic_lr * lr_scale)
                 values["train/critic_loss"] = critic_loss
         for key, value in values.items():
-            sums[key] = sums.get(key, 0) + value.detach().float()
+            sums[key] = sums.get(key, 0) + value.detach().double()  # a float64 run keeps its precision
     return {key: total / run.layout.accumulation for key, total in sums.items()}

@@ -146,13 +146,18 @@ def init_weights(module: nn.Module, std: float) -> None:
     """The official code's initialisation: weights normal with deviation ``std`` (truncated at two deviations for
     convolutions), biases zero; normalisation layers keep scale 1 and shift 0."""
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.ConvTranspose2d, nn.Conv2d)):
-            if isinstance(m, nn.Conv2d):
-                torch.nn.init.trunc_normal_(m.weight, 0.0, std, -2 * std, 2 * std)
-            else:
-                torch.nn.init.normal_(m.weight, 0.0, std)
-            if m.bias is not None:
-                torch.nn.init.zeros_(m.bias)
+        init_layer(m, std)
+
+
+def init_layer(m: nn.Module, std: float) -> None:
+    """:func:`init_weights` for one module's own parameters (nothing for a module that is not a layer it sets)."""
+    if isinstance(m, (nn.Linear, nn.ConvTranspose2d, nn.Conv2d)):
+        if isinstance(m, nn.Conv2d):
+            torch.nn.init.trunc_normal_(m.weight, 0.0, std, -2 * std, 2 * std)
+        else:
+            torch.nn.init.normal_(m.weight, 0.0, std)
+        if m.bias is not None:
+            torch.nn.init.zeros_(m.bias)
 
 
 def build_autoencoder(

@@ -119,13 +119,18 @@ class AdversarialPenalty(LatentPenalty):
         params = self._parameters()
         dtype = next(iter(params.values())).dtype
         logits = functional_call(self._shape, params, (codes.z.to(dtype),))
-        return non_saturating_loss(logits.float())
+        return non_saturating_loss(_at_least_float32(logits))
 
     def critic_loss(self, critic: nn.Module, z_q: Tensor, z_p: Tensor) -> Tensor:
         # One call on both samples: a distributed wrapper of the critic sees a single forward per backward.
         x = torch.cat([z_p, z_q.detach()])
-        logits = critic(x.to(next(critic.parameters()).dtype)).float()
+        logits = _at_least_float32(critic(x.to(next(critic.parameters()).dtype)))
         return critic_log_loss(logits[: len(z_p)], logits[len(z_p) :])
+
+
+def _at_least_float32(logits: Tensor) -> Tensor:
+    """Losses in float32 even when the critic runs in half precision; float64 stays float64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def build(cfg: AdversarialConfig, prior: Prior, encoder: str) -> AdversarialPenalty:

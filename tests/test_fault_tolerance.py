@@ -3,6 +3,7 @@ rank, non-finite losses, and what MLflow sees across all of it."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -197,14 +198,9 @@ def test_nonfinite_loss_stops_all_ranks_and_keeps_the_checkpoint(tiny_shards_mod
     assert all(t.isfinite().all() for t in load_file(saved[-1] / "autoencoder.safetensors").values())
 
 
-def test_a_dead_rank_ends_the_others_within_the_timeout(tiny_shards_module: Path, tmp_path: Path) -> None:
-    """Two processes started without a launcher (as srun starts them): rank 1 is killed; rank 0 stops with exit
-    code 69 well within train.collective_timeout_s instead of hanging."""
-    port = free_port()
-    args = train_args(
-        tiny_shards_module, tmp_path, "dead", "wae_mmd", "train.max_steps=100000", "train.collective_timeout_s=60"
-    )
-    procs = []
+def _two_ranks(args: list[str]) -> list[subprocess.Popen]:
+    """Two training processes started without a launcher (as srun starts them), each in its own process group."""
+    port, procs = free_port(), []
     for rank in (0, 1):
         rank_env = {
             **env(),
@@ -223,21 +219,63 @@ def test_a_dead_rank_ends_the_others_within_the_timeout(tiny_shards_module: Path
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
+                start_new_session=True,
             )
         )
+    return procs
+
+
+def _wait_for_steps(procs: list[subprocess.Popen], run_dir: Path, steps: int) -> None:
     from tests.runkit import steps_logged
 
-    run_dir = tmp_path / "mnist" / "dead"
     deadline = time.monotonic() + 120
-    while steps_logged(run_dir) < 5:
+    while steps_logged(run_dir) < steps:
         assert time.monotonic() < deadline and procs[0].poll() is None
         time.sleep(0.1)
+
+
+def test_a_dead_rank_ends_the_others_within_the_timeout(tiny_shards_module: Path, tmp_path: Path) -> None:
+    """Two processes started without a launcher: rank 1 is killed; rank 0 stops with exit code 69 well within
+    train.collective_timeout_s instead of hanging."""
+    args = train_args(
+        tiny_shards_module, tmp_path, "dead", "wae_mmd", "train.max_steps=100000", "train.collective_timeout_s=60"
+    )
+    procs = _two_ranks(args)
+    run_dir = tmp_path / "mnist" / "dead"
+    _wait_for_steps(procs, run_dir, 5)
     procs[1].kill()
     start_wait = time.monotonic()
     out, _ = procs[0].communicate(timeout=120)
     assert procs[0].returncode == 69, out[-3000:]
     assert time.monotonic() - start_wait < 90
     assert exit_status(run_dir)["code"] == 69
+
+
+def test_a_stopped_rank_is_named_by_the_others(tiny_shards_module: Path, tmp_path: Path) -> None:
+    """Rank 1 of two frozen mid-run (SIGSTOP: alive, silent, as a stuck node is): rank 0's collective times out
+    after train.collective_timeout_s, it writes where it was with its stack, and its exit status (69) names rank 1
+    as the rank that never arrived, with the step of its last heartbeat."""
+    args = train_args(
+        tiny_shards_module, tmp_path, "frozen", "wae_mmd", "train.max_steps=100000", "train.collective_timeout_s=15"
+    )
+    procs = _two_ranks(args)
+    run_dir = tmp_path / "mnist" / "frozen"
+    try:
+        _wait_for_steps(procs, run_dir, 6)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        out, _ = procs[0].communicate(timeout=120)
+    finally:
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        procs[1].communicate()
+    assert procs[0].returncode == 69, out[-3000:]
+    status = exit_status(run_dir)
+    assert status["code"] == 69 and "rank(s) 1 never arrived" in status["reason"], status
+    assert "rank 1 last reported step" in status["reason"] and str(run_dir / "ranks") in status["reason"]
+    report = json.loads((run_dir / "ranks" / "rank0.json").read_text())
+    assert report["timed_out"] and report["step"] >= 6
+    stack = (run_dir / "ranks" / "rank0.stack.txt").read_text()
+    assert "Every thread" in stack and "vegan_scale" in stack and 'File "' in stack
+    assert not json.loads((run_dir / "ranks" / "rank1.json").read_text())["timed_out"]  # its last heartbeat
 
 
 def test_init_from_export(tiny_shards_module: Path, tmp_path: Path) -> None:

@@ -10,6 +10,8 @@
       export/            the final model (see vegan_scale.export)
       eval.json          what `vegan-scale eval` measured
       PREEMPT            a stop request (created by a batch script's trap)
+      ranks/             rank<R>.json: each process's last step and phase (a heartbeat at every agreement
+                         check; after a collective's timeout, its report with rank<R>.stack.txt)
       exit_status.json   {"code", "reason", "step"}: written last, read by batch scripts (launchers turn worker
                          exit codes into 1)
 
@@ -73,6 +75,7 @@ class RunDir:
     export = _entry("export")
     eval_json = _entry("eval.json")
     stop_request = _entry("PREEMPT")
+    ranks = _entry("ranks")
     exit_status = _entry("exit_status.json")
 
     @classmethod

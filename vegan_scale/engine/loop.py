@@ -77,7 +77,7 @@ def _run_to_the_end(run: Run, stops: StopRequests) -> None:
         if run.accelerator.num_processes == 1 or not _lost_peer(e):
             code, reason = exit_status(e)
             raise
-        code, reason = int(ExitCode.LOST_RANK), f"another process stopped answering: {str(e).splitlines()[0]}"
+        code, reason = int(ExitCode.LOST_RANK), _lost_peer_reason(run, e)
         raise LostRankError(f"{reason}; the last complete checkpoint is intact") from e
     except BaseException as e:
         code, reason = exit_status(e)
@@ -87,6 +87,19 @@ def _run_to_the_end(run: Run, stops: StopRequests) -> None:
         if run.accelerator.is_main_process:
             run.dir.write_exit_status(code, reason, run.step)
         run.records.close(final_status(code))
+
+
+def _lost_peer_reason(run: Run, error: Exception) -> str:
+    """Every process that can: report where it was (run_dir/ranks/); the main process also names the ranks that
+    never reported (stopped or dead), with their last heartbeat."""
+    where = run.where
+    where.report_timeout(error)
+    missing = where.missing() if run.accelerator.is_main_process else ""
+    return (
+        f"another process stopped answering during the {where.phase} of step {where.step}"
+        f"{f': {missing}' if missing else ''} ({str(error).splitlines()[0]}); what each process was doing, with "
+        f"its stack, is in {where.directory}"
+    )
 
 
 def _lost_peer(error: Exception) -> bool:
@@ -123,6 +136,7 @@ def _fit(run: Run, stops: StopRequests) -> None:
         _agree(run, agreement, stops, feed, step)  # a stop asked for while the run started
         while step < run.steps.total:
             lr_scale = lr_factor(step / run.steps.per_epoch, cfg.optim.lr_milestones, cfg.optim.lr_factors)
+            run.where.at(step + 1, "training step (forward, backward, gradient all-reduce)")
             terms = train_step(run, feed, lr_scale)
             step += 1
             run.step = step
@@ -142,6 +156,7 @@ def _fit(run: Run, stops: StopRequests) -> None:
                         agreement.raise_if(Flag.NONFINITE_PARAMS, ~module.parameters_finite(), step)
                 _agree(run, agreement, stops, feed, step)
             if step % cfg.tracking.log_every == 0 or last:
+                run.where.at(step, "metrics all-reduce")
                 values, steps = metrics.flush(lambda t: acc.reduce(t, "mean") if acc.num_processes > 1 else t)
                 data_time, skipped = feed.take_counts(acc.num_processes)
                 elapsed = time.perf_counter() - interval_start
@@ -179,7 +194,10 @@ def _agree(run: Run, agreement: Agreement, stops: StopRequests, feed: DataFeed, 
     if requested is not None:
         flag = Flag.INTERRUPT if requested == Stop.INTERRUPT else Flag.PREEMPT
         agreement.raise_if(flag, torch.ones((), dtype=torch.bool, device=run.accelerator.device), step)
-    _act_on_flags(run, agreement.check(), feed, step)
+    run.where.at(step, "agreement check")
+    raised = agreement.check()
+    run.where.heartbeat()
+    _act_on_flags(run, raised, feed, step)
 
 
 NONFINITE_TERMS = {
@@ -227,6 +245,7 @@ def _act_on_flags(run: Run, raised: dict[Flag, int], feed: DataFeed, step: int) 
 def _evaluate(run: Run, step: int) -> None:
     """Collective: test reconstruction error over every process's share; the main process saves and logs."""
     acc = run.accelerator
+    run.where.at(step, "evaluation")
     sum_over_processes = lambda t: acc.reduce(t, reduction="sum")  # noqa: E731
     result = evaluate(
         run.modules.autoencoder.raw, run.objective.cost, run.eval_set, run.layout.micro, sum_over_processes, acc.gather
@@ -244,6 +263,7 @@ def _evaluate(run: Run, step: int) -> None:
 def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
     """Collective: every process writes its part, then the main process completes and publishes the checkpoint."""
     acc, root = run.accelerator, run.dir.checkpoints
+    run.where.at(step, "checkpoint")
     start = time.perf_counter()
     directory = checkpoint.tmp_dir(root, step)
     checkpoint.write_rank_state(directory, acc.process_index)

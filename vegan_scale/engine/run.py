@@ -21,6 +21,7 @@ from vegan_scale import metrics_log, rundir
 from vegan_scale.config.load import to_yaml
 from vegan_scale.data.pipeline import TrainStream
 from vegan_scale.distributed.accelerator import BatchLayout, apply_layout, build_accelerator, launch_tags
+from vegan_scale.distributed.whereabouts import Whereabouts
 from vegan_scale.engine import resume
 from vegan_scale.engine.feed import open_stream
 from vegan_scale.engine.modules import Modules, build_modules, module_names
@@ -48,6 +49,7 @@ class Run:
     objective: POT
     eval_set: EvalSet
     records: Records  # the main process's; empty elsewhere
+    where: Whereabouts  # this process's step and phase, for the report of a hang
     step: int = 0  # the last step completed, kept current by the loop (for the exit status)
 
 
@@ -133,4 +135,5 @@ def _assemble(cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: 
         objective=objective,
         eval_set=eval_set,
         records=records,
+        where=Whereabouts(run_dir.ranks, accelerator.process_index, accelerator.num_processes, started_at),
     )

@@ -29,6 +29,7 @@ import tempfile
 import time
 import types
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ import torch
 from PIL import Image
 
 from vegan_scale.config.load import load_config
+from vegan_scale.costs import reconstruction_cost
 from vegan_scale.data.index import ShardIndex, read_index
 from vegan_scale.data.pipeline import TrainStream
 from vegan_scale.data.shardio import iter_tar_samples, split_name
@@ -153,9 +155,7 @@ def train_rate(config: str, overrides: list[str], steps: int) -> float:
     x = torch.rand(cfg.train.global_batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
 
     def step() -> None:
-        terms = pot_objective(
-            model, prior, lambda a, r: (a - r.mean).pow(2).flatten(1).sum(1), penalty, cfg.penalty.weight, x
-        )
+        terms = pot_objective(model, prior, partial(reconstruction_cost, kind="l2sq"), penalty, cfg.penalty.weight, x)
         terms.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -31,9 +31,9 @@ def training_step(network: str, overrides: list[str], images: Path) -> Callable[
     accelerator = build_accelerator(cfg.train.mixed_precision)
     layout = BatchLayout.derive(BATCH, 1, None)
     apply_layout(accelerator, layout, cfg.train.mixed_precision)
-    modules, penalty = build_modules(cfg, accelerator)
+    modules, penalty = build_modules(cfg, accelerator, new=False)  # no encoder pre-training: the step alone
     run = SimpleNamespace(
-        cfg=cfg, accelerator=accelerator, layout=layout, modules=modules, objective=POT.of(cfg, penalty)
+        cfg=cfg, accelerator=accelerator, layout=layout, modules=modules, objective=POT.of(cfg, penalty), step=0
     )
     data = torch.from_numpy(np.load(images))
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -48,4 +48,10 @@ def training_step(network: str, overrides: list[str], images: Path) -> Callable[
             return data[start : start + BATCH].float().div_(255).contiguous(memory_format=memory_format)
 
     feed = Feed()
-    return lambda: train_step(run, feed, 1.0)["train/loss"]
+
+    def step() -> torch.Tensor:
+        loss = train_step(run, feed, 1.0)["train/loss"]
+        run.step += 1  # each step draws its own noise, as in training
+        return loss
+
+    return step

@@ -50,6 +50,8 @@ def tensor_bytes() -> int:
 
 
 def worker(out: Path) -> None:
+    from functools import partial
+
     import torch
 
     from vegan_scale.config.load import load_config
@@ -81,7 +83,7 @@ def worker(out: Path) -> None:
     for _ in range(2):
         x = torch.rand(layout.micro, 3, 64, 64).to(ae.input_dtype)
         with acc.accumulate(ae.module), acc.autocast():
-            terms = pot_objective(ae.module, prior, lambda a, r: reconstruction_cost(a, r, "l2sq"), penalty, 100.0, x)
+            terms = pot_objective(ae.module, prior, partial(reconstruction_cost, kind="l2sq"), penalty, 100.0, x)
             ae.backward(terms.loss)
             del terms
             grads = [p.grad for p in ae.raw.parameters()]  # give C++-held gradients a Python handle the count can see

@@ -76,7 +76,7 @@ class _FixedPrior:
     def __init__(self, samples: torch.Tensor) -> None:
         self.samples = samples
 
-    def sample(self, n: int, device: object = None) -> torch.Tensor:
+    def sample(self, n: int, device: object = None, **_: object) -> torch.Tensor:
         assert n == len(self.samples)
         return self.samples
 
@@ -228,12 +228,14 @@ def ranks_end_with_identical_parameters(ctx: Context) -> dict:
     )
     penalty.use_critic(critic.frozen_parameters)
     torch.manual_seed(100 + ctx.rank)  # different data and prior draws on each rank
+    from functools import partial
+
     from vegan_scale.costs import reconstruction_cost
 
     for _ in range(20):
         x = torch.rand(8, 1, 8, 8)
         with ctx.accelerator.accumulate(ae.module, critic.module):
-            terms = pot_objective(ae.module, prior, lambda a, r: reconstruction_cost(a, r, "l2sq"), penalty, 10.0, x)
+            terms = pot_objective(ae.module, prior, partial(reconstruction_cost, kind="l2sq"), penalty, 10.0, x)
             ae.backward(terms.loss)
             ae.step(1e-3)
             critic.backward(penalty.critic_loss(critic.module, terms.out.codes.z.detach(), terms.z_prior))

@@ -10,6 +10,7 @@ import pytest
 
 from tests.paths import ROOT
 from tests.runkit import ACCELERATE, ddp, env, free_port, run, train_args
+from tests.test_tracking_outage import Server
 
 pytestmark = pytest.mark.distributed
 
@@ -72,7 +73,13 @@ def test_cpu_deepspeed(tiny_shards: Path, tmp_path: Path, config: str, recipe: s
 
 
 def test_simulated_two_nodes(tiny_shards: Path, tmp_path: Path) -> None:
-    """Two 'machines' of one process each on 127.0.0.1 (launch/accelerate/ddp_multinode.yaml, c10d rendezvous)."""
+    """Two 'machines' of one process each on 127.0.0.1 (launch/accelerate/ddp_multinode.yaml, c10d rendezvous),
+    tracked by an MLflow server with system metrics on: each node's metrics are in the run, labelled by node."""
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "server").mkdir()
+    server = Server(tmp_path / "server").start()
+    tracked = ("tracking.backend=mlflow", f"tracking.uri={server.uri}", "tracking.system_metrics=true")
     port = free_port()
     procs = []
     for machine in (0, 1):
@@ -91,13 +98,24 @@ def test_simulated_two_nodes(tiny_shards: Path, tmp_path: Path) -> None:
             "127.0.0.1",
             "--main_process_port",
             str(port),
-            *_train_args(tiny_shards, tmp_path, "wae_mmd"),
+            *_train_args(tiny_shards, tmp_path, "wae_mmd", *tracked),
         ]
+        sampling = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}
         procs.append(
-            subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env() | sampling, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
         )
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-4000:]
-    assert "2 process(es) (MULTI_CPU)" in outputs[0]
-    assert json.loads((tmp_path / "mnist" / "launch" / "exit_status.json").read_text())["code"] == 0
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+        for p, out in zip(procs, outputs, strict=True):
+            assert p.returncode == 0, out[-4000:]
+        assert "2 process(es) (MULTI_CPU)" in outputs[0]
+        run_dir = tmp_path / "mnist" / "launch"
+        assert json.loads((run_dir / "exit_status.json").read_text())["code"] == 0
+        run = MlflowClient(server.uri).get_run((run_dir / "mlflow_run_id").read_text().strip())
+    finally:
+        server.stop()
+    assert run.data.tags["dist.nodes"] == "2"
+    for node in ("node0", "node1"):
+        assert f"system/{node}/cpu_utilization_percentage" in run.data.metrics, sorted(run.data.metrics)

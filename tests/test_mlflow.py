@@ -24,11 +24,13 @@ import vegan_scale
 from tests.paths import ROOT
 from tests.runkit import env, single, train_args
 from tests.test_tracking_outage import Server
+from vegan_scale.errors import ConfigError
 
 pytestmark = [pytest.mark.distributed, pytest.mark.data]
 
 STEPS, LOG_EVERY, EVAL_EVERY = 200, 5, 50
 EXPERIMENT = "vegan-scale-ui-check"
+REGISTERED = "vegan-scale-ui-check-model"
 # Chromium as this machine runs it: no sandbox as root, and none of the background connections a closed network refuses
 CHROMIUM_FLAGS = (
     "--headless",
@@ -48,6 +50,7 @@ class TrackedRun:
     server: Server
     run_dir: Path
     run_id: str
+    link: str  # the UI link the run printed at its end
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +75,7 @@ def tracked(mnist_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         f"tracking.log_every={LOG_EVERY}",
         f"tracking.uri={server.uri}",
         "tracking.system_metrics=true",
+        f"tracking.register_as={REGISTERED}",
         f"eval.every_steps={EVAL_EVERY}",
         "eval.num_samples=500",
         "eval.grid_size=8",
@@ -87,7 +91,8 @@ def tracked(mnist_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     try:
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         (run_dir,) = (root / "runs" / "mnist").iterdir()
-        yield TrackedRun(server, run_dir, (run_dir / "mlflow_run_id").read_text().strip())
+        (link,) = [line.split("open ", 1)[1] for line in done.stdout.splitlines() if line.startswith("MLflow:")]
+        yield TrackedRun(server, run_dir, (run_dir / "mlflow_run_id").read_text().strip(), link.strip())
     finally:
         server.stop()
 
@@ -111,12 +116,18 @@ def test_run_names_params_and_tags(tracked: TrackedRun) -> None:
     config, and the tags say which code, launch and SLURM job produced it."""
     client = _client(tracked)
     run = client.get_run(tracked.run_id)
-    assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == EXPERIMENT
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
     assert run.info.run_name == tracked.run_dir.name
     assert run.info.run_name.startswith("mmd-mlp-z8-gb100-lr0.001-")
     assert run.info.status == "FINISHED"
     assert run.data.params["train.max_steps"] == str(STEPS)
     assert run.data.params["model.mlp.hidden"] == "[256]"
+    # only the sections the run uses: a WAE-MMD MLP has no critic, no sliced penalty, no conv or resnet network
+    unused = ("penalty.adversarial.", "penalty.sliced.", "model.conv.", "model.resnet.")
+    assert not [k for k in run.data.params if k.startswith(unused)]
+    assert "penalty.mmd.kernel" in run.data.params
     tags = run.data.tags
     assert tags["vegan_scale.version"] == vegan_scale.__version__
     assert (tags["dist.type"], tags["dist.world_size"]) == ("NO", "1")
@@ -144,21 +155,43 @@ def test_metrics_equal_the_run_directory(tracked: TrackedRun) -> None:
     assert any(k.startswith("system/cpu_utilization") for k in keys), sorted(keys)
 
 
-def test_images_and_exported_model_are_artifacts(tracked: TrackedRun, tmp_path: Path) -> None:
-    """Sample, reconstruction and interpolation grids at every evaluation, the resolved config, and the exported
-    model (safetensors + yaml, byte-identical to the run's export/), which vegan_scale.load reads once downloaded."""
+def test_images_and_config_are_artifacts(tracked: TrackedRun) -> None:
+    """Sample, reconstruction and interpolation grids at every evaluation, and the resolved config."""
     client = _client(tracked)
-    top = {a.path for a in client.list_artifacts(tracked.run_id)}
-    assert {"config.yaml", "images", "model"} <= top
+    assert {"config.yaml", "images"} <= {a.path for a in client.list_artifacts(tracked.run_id)}
     images = [a.path for a in client.list_artifacts(tracked.run_id, "images") if a.path.endswith(".png")]
     for key in ("samples", "reconstructions", "interpolations"):
+        # the file names are MLflow's own (pinned version): key+step+STEP+timestamp+...
         steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images if f"/{key}+step+" in p)
         assert steps == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
-    model = Path(client.download_artifacts(tracked.run_id, "model", str(tmp_path)))
-    assert sorted(p.name for p in model.iterdir()) == ["model.safetensors", "model.yaml"]
-    for name in ("model.safetensors", "model.yaml"):
-        assert (model / name).read_bytes() == (tracked.run_dir / "export" / name).read_bytes()
-    assert vegan_scale.load(model).sample(4).shape == (4, 1, 28, 28)
+
+
+def test_the_model_is_an_mlflow_model(tracked: TrackedRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's model ``model`` loads with MLflow's own pyfunc loader and with vegan_scale.load from runs:/ and
+    from the registry (models:/NAME/1, tracking.register_as), with the run's exported weights; its signature
+    says what it takes; predict reconstructs like the network, and gives codes with params."""
+    import mlflow.pyfunc
+    import numpy as np
+    import torch
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.server.uri)
+    exported = vegan_scale.load(tracked.run_dir / "export")
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{tracked.run_id}/model")
+    assert str(pyfunc.metadata.signature.inputs.inputs[0].shape) == "(-1, 1, 28, 28)"
+    images = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
+    want = exported.reconstruct(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(pyfunc.predict(images), want, atol=1e-6)
+    assert pyfunc.predict(images, params={"output": "codes"}).shape == (5, 8)
+    for uri in (f"runs:/{tracked.run_id}/model", f"models:/{REGISTERED}/1"):
+        loaded = vegan_scale.load(uri)
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in exported.state_dict().items()), uri
+    version = _client(tracked).get_model_version(REGISTERED, "1")
+    assert version.run_id == tracked.run_id
+
+
+def test_a_missing_model_is_named(tracked: TrackedRun) -> None:
+    with pytest.raises(ConfigError, match="runs:/0123456789abcdef/model"):
+        vegan_scale.load("runs:/0123456789abcdef/model", tracking_uri=tracked.server.uri)
 
 
 def _chromium() -> tuple[str, str]:
@@ -191,7 +224,12 @@ def test_ui_shows_curves_and_sample_images(tracked: TrackedRun, tmp_path: Path) 
     wait = WebDriverWait(driver, 60, poll_frequency=0.25)
     try:  # on failure, the page as it was is in tmp_path
         experiment = _client(tracked).get_run(tracked.run_id).info.experiment_id
-        driver.get(f"{tracked.server.uri}/#/experiments/{experiment}/runs/{tracked.run_id}/model-metrics")
+        # the link the run printed opens its charts in the model-training view (not MLflow 3's GenAI default)
+        assert tracked.link == (
+            f"{tracked.server.uri}/#/experiments/{experiment}/runs/{tracked.run_id}/model-metrics"
+            "?workflowType=machine_learning"
+        )
+        driver.get(tracked.link)
         header = "[data-testid='experiment-view-compare-runs-section-header']"
         headers = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, header) if _section(d, "train") else None)
         for close in driver.find_elements(By.CSS_SELECTOR, "button[data-component-id$='assistant.chat_panel.close']"):
@@ -204,6 +242,7 @@ def test_ui_shows_curves_and_sample_images(tracked: TrackedRun, tmp_path: Path) 
         loss = wait.until(lambda d: _chart(d, "train/loss"))
         assert loss.find_elements(By.CSS_SELECTOR, "svg.main-svg path.js-line")  # plotly drew the curve
         # the image grids open at step 0; choose the last evaluation's step in each
+        assert "workflowType=machine_learning" in driver.current_url  # still the model-training view
         steps = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "input[type='number'][max]"))
         for box in steps:
             box.send_keys(Keys.CONTROL, "a")

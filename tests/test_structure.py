@@ -16,8 +16,8 @@ PACKAGE = ROOT / "vegan_scale"
 FLOORS = [
     ["errors", "atomic", "retry", "logs", "provenance", "stops"],
     ["config", "priors", "noise", "rundir", "metrics_log"],
-    ["costs", "models", "penalties", "data", "checkpoint", "export", "tracking"],
-    ["registry", "distributed"],
+    ["costs", "models", "penalties", "data", "checkpoint", "export"],
+    ["registry", "distributed", "tracking"],
     ["evaluation"],
     ["engine"],
     ["api", "cli", "__init__", "__main__"],

@@ -156,14 +156,18 @@ def _sync(run_dir: Path, uri: str) -> subprocess.CompletedProcess:
 
 
 def _server_view(server: Server, run_dir: Path) -> dict:
-    """Everything the server holds of a run: status and end time, params, metric histories, artifacts."""
+    """Everything the server holds of a run: status and end time, params, metric histories, artifacts, and its
+    logged models (name, status, files)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(server.uri)
     run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
-    artifacts = sorted(
-        a.path for folder in ("", "images", "model") for a in client.list_artifacts(run.info.run_id, folder)
-    )
+    artifacts = sorted(a.path for folder in ("", "images") for a in client.list_artifacts(run.info.run_id, folder))
+    models = [
+        (m.name, str(m.status), sorted(a.path for a in client.list_logged_model_artifacts(m.model_id)))
+        for m in client.search_logged_models([run.info.experiment_id])
+        if m.source_run_id == run.info.run_id
+    ]
     histories = {
         k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics
     }
@@ -173,6 +177,7 @@ def _server_view(server: Server, run_dir: Path) -> dict:
         "params": run.data.params,
         "metrics": histories,
         "artifacts": artifacts,
+        "models": models,
     }
 
 
@@ -201,7 +206,9 @@ def test_sync_creates_the_run_a_server_never_saw(tiny_shards: Path, tmp_path: Pa
     assert view["status"] == "FINISHED"
     assert view["params"]["penalty.kind"] == "mmd" and view["params"]["train.max_steps"] == "30"
     assert [step for step, _ in view["metrics"]["train/loss"]] == list(range(1, 31))
-    assert {"config.yaml", "model/model.safetensors", "model/model.yaml"} <= set(view["artifacts"])
+    assert "config.yaml" in view["artifacts"]
+    assert [(name, status) for name, status, _ in view["models"]] == [("model", "READY")]
+    assert "MLmodel" in view["models"][0][2]
     figures = len(list((run_dir / "figures").glob("*.png")))
     assert figures == 6 and len([a for a in view["artifacts"] if a.startswith("images/")]) >= figures
     again = _sync(run_dir, server.uri)
@@ -225,5 +232,5 @@ def test_sync_after_a_mid_run_outage_finishes_the_run(tiny_shards: Path, tmp_pat
     synced = _sync(run_dir, server.uri)
     assert synced.returncode == 0, synced.stderr[-3000:]
     view = _server_view(server, run_dir)
-    assert view["status"] == "FINISHED" and "model/model.safetensors" in view["artifacts"]
+    assert view["status"] == "FINISHED" and [m[:2] for m in view["models"]] == [("model", "READY")]
     assert [step for step, _ in view["metrics"]["train/loss"]] == list(range(1, 61))

@@ -22,9 +22,9 @@ def train(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = ())
     return _train(config, overrides)
 
 
-def load(directory: Any, device: str = "cpu") -> Any:
-    """An exported auto-encoder, ready to ``encode``, ``decode``, ``reconstruct`` and ``sample``
-    (see :func:`vegan_scale.api.load`)."""
+def load(source: Any, device: str = "cpu", tracking_uri: str | None = None) -> Any:
+    """An exported auto-encoder (a directory, ``runs:/<run_id>/model`` or ``models:/<name>/<version>``), ready to
+    ``encode``, ``decode``, ``reconstruct`` and ``sample`` (see :func:`vegan_scale.api.load`)."""
     from vegan_scale.api import load as _load
 
-    return _load(directory, device)
+    return _load(source, device, tracking_uri)

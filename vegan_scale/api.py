@@ -6,10 +6,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vegan_scale import export
 from vegan_scale.config.load import load_config
 from vegan_scale.models.autoencoder import AutoEncoder
-from vegan_scale.registry import ExperimentConfig, load_model
+from vegan_scale.registry import ExperimentConfig, load_export
+
+MODEL_URI_SCHEMES = ("runs:/", "models:/")
 
 
 def train(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = (), stops: Any = None) -> Path:
@@ -32,10 +33,14 @@ def train(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = (),
         shutdown()
 
 
-def load(directory: str | Path, device: str = "cpu") -> AutoEncoder:
-    """The auto-encoder exported in ``directory`` (a run's ``export/`` or ``vegan-scale export``'s output), in
-    evaluation mode, with ``encode``, ``decode``, ``reconstruct`` and ``sample(n)``. Nothing in the files is
-    executed or interpolated, and the weights' shapes are checked before the network is built."""
-    directory = Path(directory)
-    cfg = load_config(ExperimentConfig, export.read_sections(directory))
-    return load_model(cfg, directory / export.MODEL_FILE, device)
+def load(source: str | Path, device: str = "cpu", tracking_uri: str | None = None) -> AutoEncoder:
+    """The auto-encoder exported in ``source``, in evaluation mode, with ``encode``, ``decode``, ``reconstruct`` and
+    ``sample(n)``. ``source`` is an export directory (a run's ``export/`` or ``vegan-scale export``'s output) or an
+    MLflow model URI: ``runs:/<run_id>/model`` or ``models:/<name>/<version>`` (downloaded from ``tracking_uri``,
+    else $MLFLOW_TRACKING_URI). Nothing in the files is executed or interpolated, and the weights' shapes are
+    checked before the network is built."""
+    if str(source).startswith(MODEL_URI_SCHEMES):
+        from vegan_scale.tracking.models import download_export  # MLflow only when asked for
+
+        source = download_export(str(source), tracking_uri)
+    return load_export(source, device)

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from vegan_scale import export
 from vegan_scale.config.fields import Requirement
+from vegan_scale.config.load import load_config
 from vegan_scale.config.schema import assemble
 from vegan_scale.errors import ConfigError
-from vegan_scale.export import weight_shapes
 from vegan_scale.models import conv, mlp, pythae_conv, resnet
 from vegan_scale.models.autoencoder import AutoEncoder, build_autoencoder
 from vegan_scale.models.base import NetworkSpec
@@ -88,7 +89,7 @@ def load_model(cfg: Any, weights: Path, device: torch.device | str = "cpu") -> A
     anything is allocated: a doctored configuration cannot make it build a huge network first."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
-    found = weight_shapes(weights)
+    found = export.weight_shapes(weights)
     if found != expected:
         differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
         details = "; ".join(f"{k}: network {expected.get(k)}, file {found.get(k)}" for k in differ[:4])
@@ -96,6 +97,15 @@ def load_model(cfg: Any, weights: Path, device: torch.device | str = "cpu") -> A
     model = build_model(cfg)
     model.load_state_dict(load_file(weights))
     return model.to(device).eval()
+
+
+def load_export(directory: str | Path, device: torch.device | str = "cpu") -> AutoEncoder:
+    """The auto-encoder of an export directory (``model.safetensors`` + ``model.yaml``), in evaluation mode.
+    Nothing in the files is executed or interpolated (see :func:`vegan_scale.export.read_sections`), and the
+    weights' shapes are checked before the network is built."""
+    directory = Path(directory)
+    cfg = load_config(ExperimentConfig, export.read_sections(directory))
+    return load_model(cfg, directory / export.MODEL_FILE, device)
 
 
 def build_penalty(cfg: Any) -> LatentPenalty:

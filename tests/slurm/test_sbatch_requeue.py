@@ -139,9 +139,10 @@ def reference(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _job_env(cluster_env: dict[str, str]) -> dict[str, str]:
-    """What sbatch passes to the job: this venv first on PATH, 2 processes on the CPU, one thread each."""
+    """What sbatch passes to the job: PYTHON names this venv's interpreter, whose bin/ is NOT on PATH (the scripts
+    start everything, accelerate's launcher included, through $PYTHON); 2 processes on the CPU, one thread each."""
     env = {k: v for k, v in cluster_env.items() if k not in ("RUN_NAME", "MASTER_PORT", "ACCELERATE_CONFIG")}
-    path = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    path = os.pathsep.join(p for p in env.get("PATH", os.defpath).split(os.pathsep) if Path(p) != BIN)
     return env | {"PATH": path, "PYTHON": sys.executable, "GPUS_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
 
 

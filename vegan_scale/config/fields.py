@@ -120,3 +120,22 @@ def describe(cls: type) -> list[Key]:
         Key(key, type_name(f), value, f.metadata.get("doc", ""), f.metadata.get("choices"))
         for key, f, value in leaves(cls)
     ]
+
+
+def in_use(obj: Any) -> dict[str, Any]:
+    """A configuration as nested dicts without the option sections its choices leave unused: with
+    ``penalty.kind=mmd`` the ``penalty.adversarial`` and ``penalty.sliced`` sections say nothing about the run, so
+    a tracker that records them would show settings that had no effect."""
+    chosen = {
+        getattr(obj, f.name) for f in dataclasses.fields(obj) if f.metadata.get("choices") and not _is_section(obj, f)
+    }
+    offered = {c for f in dataclasses.fields(obj) for c in f.metadata.get("choices") or ()}
+    return {
+        f.name: in_use(getattr(obj, f.name)) if _is_section(obj, f) else getattr(obj, f.name)
+        for f in dataclasses.fields(obj)
+        if not (_is_section(obj, f) and f.name in offered and f.name not in chosen)
+    }
+
+
+def _is_section(obj: Any, f: dataclasses.Field) -> bool:
+    return dataclasses.is_dataclass(getattr(obj, f.name))

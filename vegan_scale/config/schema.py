@@ -234,6 +234,11 @@ class TrackingConfig:
         "Also log MLflow system metrics (CPU, memory, disk, network; GPU with pynvml) of the main process's node "
         "under system/, every 10 s ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL).",
     )
+    register_as: str | None = param(
+        None,
+        "Also register the trained model (the run's MLflow model 'model') in MLflow's model registry under this name, "
+        "as a new version; load it with vegan_scale.load('models:/NAME/VERSION').",
+    )
     log_every: int = param(
         50, "Steps between metric flushes (means over the interval, one device sync each).", bounds=at_least(1)
     )

@@ -59,9 +59,20 @@ def distribution_mode(accelerator: Accelerator) -> str:
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
+def node_of(accelerator: Accelerator) -> tuple[int, int]:
+    """(this process's node, the number of nodes). Launchers number ranks node by node (torchrun, accelerate
+    launch, the SLURM scripts), each node running $LOCAL_WORLD_SIZE of them."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    return accelerator.process_index // per_node, max(1, accelerator.num_processes // per_node)
+
+
 def launch_tags(accelerator: Accelerator) -> dict[str, str]:
     """How the run was launched, as tracking tags (what a person filters runs by)."""
-    tags = {"dist.type": str(accelerator.distributed_type.value), "dist.world_size": str(accelerator.num_processes)}
+    tags = {
+        "dist.type": str(accelerator.distributed_type.value),
+        "dist.world_size": str(accelerator.num_processes),
+        "dist.nodes": str(node_of(accelerator)[1]),
+    }
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         tags["dist.zero_stage"] = str(accelerator.state.deepspeed_plugin.zero_stage)
     return tags

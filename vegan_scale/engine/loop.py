@@ -298,4 +298,4 @@ def _export(run: Run) -> None:
     if run.accelerator.is_main_process:
         path = export.write(run.dir.export, weights, dataclasses.asdict(run.cfg))
         log.info("model exported to %s", path)
-        run.records.export(path)
+        run.records.export(run.step, path)

@@ -8,7 +8,6 @@ import logging
 from tqdm import tqdm
 
 from vegan_scale.engine.run import Run
-from vegan_scale.tracking.mlflow_run import ui_command
 
 log = logging.getLogger("vegan_scale")
 
@@ -81,4 +80,4 @@ def report(run: Run, step: int, values: dict[str, float], progress: tqdm | None)
 def farewell(run: Run) -> None:
     print(f"\nResults: {run.dir.path.resolve()}  (config.yaml, metrics.jsonl, figures/, checkpoints/)")
     if run.records.tracker is not None:
-        print(f"MLflow:  {ui_command(run.records.tracker.uri)}")
+        print(f"MLflow:  {run.records.tracker.ui()}")

@@ -20,7 +20,7 @@ from accelerate.utils import broadcast_object_list
 from vegan_scale import metrics_log, rundir
 from vegan_scale.config.load import to_yaml
 from vegan_scale.data.pipeline import TrainStream
-from vegan_scale.distributed.accelerator import BatchLayout, apply_layout, build_accelerator, launch_tags
+from vegan_scale.distributed.accelerator import BatchLayout, apply_layout, build_accelerator, launch_tags, node_of
 from vegan_scale.distributed.whereabouts import Whereabouts
 from vegan_scale.engine import resume
 from vegan_scale.engine.feed import open_stream
@@ -32,6 +32,7 @@ from vegan_scale.engine.schedule import Steps
 from vegan_scale.errors import ConfigError, exit_status
 from vegan_scale.metrics_log import MetricsLog
 from vegan_scale.rundir import RunDir
+from vegan_scale.tracking.system_metrics import SystemMetrics
 from vegan_scale.tracking.tracker import Tracker
 
 
@@ -71,7 +72,25 @@ def _records(cfg: Any, run_dir: RunDir, accelerator: Accelerator, start_step: in
     continuing = notes is not None
     if continuing:
         metrics_log.truncate(run_dir.metrics, start_step)
-    return Records(MetricsLog(run_dir.metrics), Tracker.for_run(cfg, run_dir, launch_tags(accelerator), notes))
+    nodes = node_of(accelerator)[1]
+    tracker = Tracker.for_run(cfg, run_dir, launch_tags(accelerator), notes, "node0" if nodes > 1 else None)
+    return Records(MetricsLog(run_dir.metrics), tracker)
+
+
+def _node_sampler(cfg: Any, accelerator: Accelerator, records: Records, continuing: bool) -> SystemMetrics | None:
+    """Collective in a multi-node run with ``tracking.system_metrics``: the main process shares its MLflow run, and
+    the first process of every other node samples its node into it, labelled node<N> (MLflow's node id), so that
+    each node's use shows, not only the first's."""
+    node, nodes = node_of(accelerator)
+    if nodes == 1 or not cfg.tracking.system_metrics or cfg.tracking.backend == "none":
+        return None
+    tracker = records.tracker
+    shared = [(tracker.run_id, tracker.uri) if tracker is not None else None]
+    broadcast_object_list(shared)
+    if node == 0 or not accelerator.is_local_main_process or shared[0] is None or shared[0][0] is None:
+        return None  # node 0 samples in its tracker; a server not reached at start leaves the others unsampled
+    run_id, uri = shared[0]
+    return SystemMetrics(run_id, uri, f"node{node}", resume=continuing)
 
 
 def build_run(cfg: Any, started_at: float) -> Run:
@@ -117,12 +136,13 @@ def _assemble(cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: 
         start_step, cfg.train.epochs, stream.batches_per_epoch, layout.accumulation, cfg.train.max_steps
     )
     records = Records()
+    continuing = resumed is not None or run_dir.holds_run()  # over an attempt that saved no checkpoint yet
     if accelerator.is_main_process:
-        continuing = resumed is not None or run_dir.holds_run()  # over an attempt that saved no checkpoint yet
         run_dir.prepare(to_yaml(cfg), started_at)
         records = _records(
             cfg, run_dir, accelerator, start_step, (resumed.notes if resumed else []) if continuing else None
         )
+    records.node = _node_sampler(cfg, accelerator, records, continuing)
     accelerator.wait_for_everyone()
     return Run(
         cfg=cfg,

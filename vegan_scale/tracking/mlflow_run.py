@@ -10,7 +10,6 @@ chooses MLflow's HTTP timeout and retries (its environment variables).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -22,19 +21,26 @@ from pathlib import Path
 from typing import Any
 
 from vegan_scale import metrics_log, provenance
+from vegan_scale.config.fields import in_use
 from vegan_scale.config.load import flat_keys
 from vegan_scale.errors import ConfigError, ExitCode
 from vegan_scale.rundir import RunDir
+from vegan_scale.tracking import models
 
 log = logging.getLogger(__name__)
 
-MODEL_ARTIFACTS = "model"  # where the exported model goes among the run's artifacts
 MAX_PARAM_LENGTH = 6000
+FIGURE_STEP_TAG = "vegan_scale.figures.{key}.last_step"  # what a continued run or sync need not send again
+# Which of the MLflow UI's views an experiment belongs in: a trainer's runs belong in the model-training one (a
+# reserved experiment tag, which MLflow's UI reads where its view is not chosen UI-wide).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_VIEW = "machine_learning"  # the same choice as a link parameter (MLflow 3.17's UI reads this one)
 
 
-def as_params(config: dict) -> dict[str, str]:
-    """A nested configuration as MLflow params: {"section.key": "value"}."""
-    return {key: str(value)[:MAX_PARAM_LENGTH] for key, value in flat_keys(config).items()}
+def as_params(cfg: Any) -> dict[str, str]:
+    """A configuration as MLflow params, {"section.key": "value"}: only the settings the run uses (the option
+    sections of the penalties and networks it does not use are left out)."""
+    return {key: str(value)[:MAX_PARAM_LENGTH] for key, value in flat_keys(in_use(cfg)).items()}
 
 
 def resolve_uri(configured: str | None, root: Path) -> str:
@@ -86,7 +92,7 @@ class NewRun:
             resolve_experiment(cfg.tracking.experiment, cfg.run.experiment),
             run_dir.path.name,
             {**provenance.tags(), **recipe, **tags},
-            as_params(dataclasses.asdict(cfg)),
+            as_params(cfg),
             artifact_root,
         )
 
@@ -98,6 +104,7 @@ class MlflowRun:
         from mlflow.tracking import MlflowClient
 
         self.client, self.run_id = MlflowClient(tracking_uri=uri), run_id
+        self.experiment_id: str | None = None  # when known without asking the server
         self._last: dict[str, int] = {}  # metric key (or figure key) -> last step the server has
         self._new = new  # a new run holds nothing yet: no need to ask
 
@@ -110,10 +117,15 @@ class MlflowRun:
         found = client.get_experiment_by_name(new.experiment)
         if found is not None:
             experiment_id = found.experiment_id
+            if EXPERIMENT_KIND[0] not in found.tags:  # a person's own choice of view is kept
+                client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
         else:
             location = str(new.artifact_root / new.experiment) if new.artifact_root else None
-            experiment_id = client.create_experiment(new.experiment, artifact_location=location)
+            experiment_id = client.create_experiment(
+                new.experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND])
+            )
         run = cls(uri, client.create_run(experiment_id, run_name=new.name, tags=new.tags).info.run_id, new=True)
+        run.experiment_id = experiment_id
         items = [Param(k, v) for k, v in new.params.items()]
         for i in range(0, len(items), 100):
             client.log_batch(run.run_id, params=items[i : i + 100])
@@ -137,11 +149,12 @@ class MlflowRun:
         return self._last[key]
 
     def _last_figure_step(self, key: str) -> int:
+        """The last step whose figure ``key`` the server has: a run tag of ours, set after each image (MLflow's
+        names for image files are its own business)."""
         figure_key = f"figure:{key}"
         if figure_key not in self._last:
-            names = [] if self._new else [a.path for a in self.client.list_artifacts(self.run_id, "images")]
-            steps = [int(n.split("+step+")[1].split("+")[0]) for n in names if f"/{key}+step+" in n]
-            self._last[figure_key] = max(steps, default=-1)
+            tags = {} if self._new else self.client.get_run(self.run_id).data.tags
+            self._last[figure_key] = int(tags.get(FIGURE_STEP_TAG.format(key=key), -1))
         return self._last[figure_key]
 
     def send_metrics(self, step: int, values: dict[str, float]) -> None:
@@ -160,6 +173,7 @@ class MlflowRun:
             return
         with Image.open(path) as img:
             self.client.log_image(self.run_id, img.copy(), key=key, step=step)
+        self.client.set_tag(self.run_id, FIGURE_STEP_TAG.format(key=key), str(step))
         self._last[f"figure:{key}"] = step
 
     def send_params(self, params: dict[str, str]) -> None:
@@ -206,14 +220,15 @@ def sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
         run_dir.write_mlflow_run_id(run.run_id)
     else:
         run = MlflowRun(uri, run_id, new=False)
-        run.send_params(as_params(dataclasses.asdict(cfg)))
+        run.send_params(as_params(cfg))
     run.send_run_dir(run_dir)
     for key, step, path in run_dir.saved_figures():
         run.send_figure(step, key, path)
     run.send_artifacts(run_dir.config, None)
-    if run_dir.export.is_dir():
-        run.send_artifacts(run_dir.export, MODEL_ARTIFACTS)
     status = run_dir.read_exit_status()
+    if run_dir.export.is_dir():
+        step = status["step"] if status is not None else 0
+        models.log_model(run.client, run.run_id, run_dir.export, step, cfg.tracking.register_as)
     if status is not None:
         run.finish(final_status(status["code"]))
     return run.run_id
@@ -233,10 +248,20 @@ def log_to_run(run_dir: RunDir, uri: str, step: int, values: dict[str, float], a
     return run.run_id
 
 
-def ui_command(uri: str) -> str:
-    """The command that shows this store in the MLflow UI."""
+def ui_command(uri: str, experiment_id: str | None, run_id: str | None) -> str:
+    """What shows a run in the MLflow UI, in the model-training view: MLflow 3's UI picks its view (GenAI or model
+    training) from a UI-wide choice that starts at GenAI, or from the link's ``workflowType``."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
+        return f"open {ui_link(uri.rstrip('/'), experiment_id, run_id)}"
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     exe = str(mlflow_bin) if mlflow_bin.exists() else "mlflow"
-    return f"{exe} ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
+    link = ui_link("http://127.0.0.1:5000", experiment_id, run_id)
+    return f"{exe} ui --backend-store-uri {uri} --port 5000   # then open {link}"
+
+
+def ui_link(base: str, experiment_id: str | None, run_id: str | None) -> str:
+    """The UI page of a run's metric charts (the UI's start page when the run is not known)."""
+    view = f"?workflowType={UI_VIEW}"
+    if experiment_id is None or run_id is None:
+        return f"{base}/{view}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics{view}"

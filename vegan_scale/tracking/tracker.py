@@ -22,13 +22,9 @@ from typing import Any
 from vegan_scale import retry
 from vegan_scale.retry import Backoff
 from vegan_scale.rundir import RunDir
-from vegan_scale.tracking.mlflow_run import (
-    MODEL_ARTIFACTS,
-    MlflowRun,
-    NewRun,
-    check_reachable,
-    resolve_uri,
-)
+from vegan_scale.tracking import models
+from vegan_scale.tracking.mlflow_run import MlflowRun, NewRun, check_reachable, resolve_uri, ui_command
+from vegan_scale.tracking.system_metrics import SystemMetrics
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +45,16 @@ class Tracker:
         resume_notes: list[str] | None = None,
         close_timeout_s: float = 60.0,
         system_metrics: bool = False,
+        node_id: str | None = None,
+        register_as: str | None = None,
     ) -> None:
         """``resume_notes`` is None for a new run, else the allowed setting changes of a continued one;
-        ``system_metrics`` adds MLflow's sampler of this node's CPU, memory, disk, network (and GPU) use."""
+        ``system_metrics`` adds MLflow's sampler of this node's CPU, memory, disk, network (and GPU) use, labelled
+        ``node_id`` in a run of several nodes; ``register_as`` registers the logged model under that name."""
         self.run_dir, self.uri, self.close_timeout_s = run_dir, uri, close_timeout_s
-        self.system_metrics, self._monitor = system_metrics, None
+        self.register_as = register_as
+        self.system_metrics, self.node_id = system_metrics, node_id
+        self._monitor: SystemMetrics | None = None
         self.mlflow: MlflowRun | None = None
         self.pending = 0
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -74,10 +75,16 @@ class Tracker:
 
     @classmethod
     def for_run(
-        cls, cfg: Any, run_dir: RunDir, launch_tags: dict[str, str], resume_notes: list[str] | None
+        cls,
+        cfg: Any,
+        run_dir: RunDir,
+        launch_tags: dict[str, str],
+        resume_notes: list[str] | None,
+        node_id: str | None = None,
     ) -> Tracker | None:
         """The tracker an experiment's ``tracking`` section asks for (None for ``backend=none``), after checking
-        that a tracking server answers; ``launch_tags`` say how this attempt was launched."""
+        that a tracking server answers; ``launch_tags`` say how this attempt was launched, ``node_id`` labels this
+        node's system metrics in a run of several nodes."""
         t = cfg.tracking
         if t.backend == "none":
             return None
@@ -90,6 +97,8 @@ class Tracker:
             resume_notes=resume_notes,
             close_timeout_s=t.close_timeout_s,
             system_metrics=t.system_metrics,
+            node_id=node_id,
+            register_as=t.register_as,
         )
         tracker.log_artifact(run_dir.config)
         return tracker
@@ -98,6 +107,11 @@ class Tracker:
     def run_id(self) -> str | None:
         return self.mlflow.run_id if self.mlflow else None
 
+    def ui(self) -> str:
+        """What shows this run in the MLflow UI (the model-training view of its charts)."""
+        experiment = self.mlflow.experiment_id if self.mlflow else None
+        return ui_command(self.uri, experiment, self.run_id)
+
     def _open_run(self, new: NewRun, resume_notes: list[str] | None) -> None:
         from mlflow.entities import RunTag
 
@@ -105,7 +119,9 @@ class Tracker:
         if resume_notes is not None and run_id is not None:
             self.mlflow = MlflowRun(self.uri, run_id, new=False)
             client = self.mlflow.client
-            count = int(client.get_run(run_id).data.tags.get("resume.count", "0")) + 1
+            held = client.get_run(run_id)
+            self.mlflow.experiment_id = held.info.experiment_id
+            count = int(held.data.tags.get("resume.count", "0")) + 1
             client.update_run(run_id, status="RUNNING")
             tags = {**new.tags, "resume.count": str(count)}  # this attempt's launch, commit and restart count
             if resume_notes:
@@ -116,23 +132,11 @@ class Tracker:
             self.mlflow = MlflowRun.create(self.uri, new)
             self.run_dir.write_mlflow_run_id(self.mlflow.run_id)
         if self.system_metrics:
-            self._start_system_metrics(resume=resume_notes is not None)
-
-    def _start_system_metrics(self, resume: bool) -> None:
-        """MLflow's system-metrics sampler for a run made through the client (``start_run(log_system_metrics=True)``
-        is for fluent runs only): a thread of its own, stopped in :meth:`close` before the run ends."""
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        try:
-            self._monitor = SystemMetricsMonitor(self.mlflow.run_id, resume_logging=resume, tracking_uri=self.uri)
-        except Exception as e:  # optional: never worth failing (or re-opening) the run for
-            log.warning("MLflow system metrics are off: %s", e)
-            return
-        self._monitor.start()
+            self._monitor = SystemMetrics(self.mlflow.run_id, self.uri, self.node_id, resume=resume_notes is not None)
 
     def _stop_system_metrics(self) -> None:
         if self._monitor is not None:
-            self._monitor.finish()
+            self._monitor.stop()
             self._monitor = None
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
@@ -146,10 +150,12 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._submit(lambda: self.mlflow.client.log_artifact(self.mlflow.run_id, str(path), artifact_path))
 
-    def log_export(self, directory: Path) -> None:
-        """The exported model (model.safetensors + model.yaml, no pickle) as the run's ``model/`` artifacts:
-        ``vegan_scale.load`` reads them once downloaded."""
-        self._submit(lambda: self.mlflow.client.log_artifacts(self.mlflow.run_id, str(directory), MODEL_ARTIFACTS))
+    def log_model(self, step: int, directory: Path) -> None:
+        """The exported model as the run's MLflow model ``model`` (pyfunc; safetensors weights, no pickle), and a
+        registered version when ``register_as`` is set: ``vegan_scale.load("runs:/<run_id>/model")`` reads it."""
+        self._submit(
+            lambda: models.log_model(self.mlflow.client, self.mlflow.run_id, directory, step, self.register_as)
+        )
 
     def close(self, status: str) -> None:
         """Finish the MLflow run with ``status`` (FINISHED, FAILED, KILLED) and wait, boundedly, for the queue."""

@@ -1,0 +1,135 @@
+"""A run's trained auto-encoder as an MLflow model: logged, registered, and downloaded again.
+
+The model is MLflow's own pyfunc flavour, logged as the run's model ``model`` (an MLflow 3 logged model linked to
+the run), so ``mlflow.pyfunc.load_model("runs:/<run_id>/model")`` works and the UI lists it under the run. It is a
+model from code (:mod:`vegan_scale.tracking.pyfunc_model`): nothing is pickled, and its one artifact is the run's
+export directory (safetensors weights + the plain-data ``model.yaml``), which :func:`download_export` hands to
+:func:`vegan_scale.load`. Only public MlflowClient calls are used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from vegan_scale import export, provenance
+from vegan_scale.errors import ConfigError
+
+MODEL_NAME = "model"
+CODE = Path(__file__).with_name("pyfunc_model.py")
+ARTIFACT = "export"  # the export directory, among the pyfunc model's artifacts
+WEIGHTS_TAG = "vegan_scale.weights_sha256"  # which export a logged model holds
+
+
+def save_pyfunc(export_dir: Path, path: Path) -> Path:
+    """The pyfunc model of an export directory, saved locally at ``path`` (with its signature and requirements)."""
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    data = export.read_sections(export_dir)["data"]
+    images = (-1, data["channels"], data["image_size"], data["image_size"])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), images)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), images)]),
+        params=ParamSchema([ParamSpec("output", "string", "reconstruction")]),
+    )
+    import torch
+
+    mlflow.pyfunc.save_model(
+        path=str(path),
+        python_model=str(CODE),
+        artifacts={ARTIFACT: str(export_dir)},
+        signature=signature,
+        pip_requirements=[f"vegan-scale=={provenance.version()}", f"torch=={torch.__version__.split('+')[0]}"],
+    )
+    return path
+
+
+def log_model(client: Any, run_id: str, export_dir: Path, step: int, register_as: str | None) -> str | None:
+    """Log an export as the run's model ``model`` and, with ``register_as``, as a new version of that registered
+    model. Idempotent: a retry, or ``vegan-scale sync``, reuses the run's model and uploads nothing when it already
+    holds these weights; a run continued and exported again replaces the files of its one model. Returns the
+    logged model's id, or None when nothing changed."""
+    from mlflow.entities import LoggedModelOutput
+
+    weights = hashlib.sha256((export_dir / export.MODEL_FILE).read_bytes()).hexdigest()
+    existing = _run_model(client, run_id)
+    if existing is not None and existing.status == "READY" and existing.tags.get(WEIGHTS_TAG) == weights:
+        return None
+    if existing is None:
+        experiment_id = client.get_run(run_id).info.experiment_id
+        existing = client.create_logged_model(
+            experiment_id, name=MODEL_NAME, source_run_id=run_id, model_type="vegan_scale.AutoEncoder"
+        )
+    with tempfile.TemporaryDirectory(prefix="vegan-scale-pyfunc-") as tmp:
+        client.log_model_artifacts(existing.model_id, str(save_pyfunc(export_dir, Path(tmp) / MODEL_NAME)))
+    client.set_logged_model_tags(existing.model_id, {WEIGHTS_TAG: weights})
+    client.finalize_logged_model(existing.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(existing.model_id, step)])
+    if register_as:
+        register(client, register_as, run_id, existing)
+    return existing.model_id
+
+
+def _run_model(client: Any, run_id: str) -> Any | None:
+    """The run's logged model named ``model``, if it has one (the one ``runs:/<run_id>/model`` resolves to)."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    page_token = None
+    while True:
+        page = client.search_logged_models(
+            [experiment_id], filter_string=f"name = '{MODEL_NAME}'", page_token=page_token
+        )
+        for model in page:
+            if model.source_run_id == run_id:
+                return model
+        if not page.token:
+            return None
+        page_token = page.token
+
+
+def register(client: Any, name: str, run_id: str, model: Any) -> None:
+    """A new version of registered model ``name`` (created when missing) pointing at a logged model. Its source is
+    the model's artifact location, not ``models:/<model_id>``: a local store would resolve that through the
+    process's global tracking URI rather than this client's."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    client.create_model_version(name, source=model.artifact_location, run_id=run_id, model_id=model.model_id)
+
+
+def download_export(uri: str, tracking_uri: str | None) -> Path:
+    """The export directory inside the MLflow model at ``uri`` (``runs:/<run_id>/model``,
+    ``models:/<name>/<version>``), downloaded to a new temporary directory."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    where = tracking_uri or "the tracking URI in $MLFLOW_TRACKING_URI (or MLflow's default)"
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="vegan-scale-model-"), tracking_uri=tracking_uri
+            )
+        )
+    except (MlflowException, OSError) as e:
+        raise ConfigError(
+            f"cannot download the model {uri} from {where}: {str(e).splitlines()[0][:300]}; check the run id (or "
+            "the registered name and version) and the tracking URI (tracking_uri=... or $MLFLOW_TRACKING_URI)"
+        ) from None
+    try:
+        flavour = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        return local / flavour["artifacts"][ARTIFACT]["path"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        raise ConfigError(
+            f"{uri} is not a vegan_scale model (its MLmodel has no pyfunc artifact {ARTIFACT!r}): log models with "
+            "vegan-scale train (tracking.backend=mlflow) or `vegan-scale sync`"
+        ) from None

@@ -6,7 +6,7 @@
 #   docker build -t vegan-scale --build-arg CUDA_IMAGE=nvidia/cuda:12.6.3-devel-ubuntu24.04 \
 #       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
 #
-# CUDA_IMAGE and TORCH_INDEX_URL must name the same CUDA version (12.8 and cu128 here). README.md ("Container") shows
+# CUDA_IMAGE and TORCH_INDEX_URL must name the same CUDA version (12.8 and cu128 here). docs/launching.md ("Container") shows
 # how to run it with Docker, Apptainer and Enroot.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-devel-ubuntu24.04
 FROM ${CUDA_IMAGE}

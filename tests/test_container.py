@@ -1,7 +1,7 @@
 """The Dockerfile, checked without a Docker engine: hadolint passes, every COPY source exists, and .dockerignore
 lets each of them into the build context.
 
-The image itself is never built here (these machines have no Docker engine); see README.md ("Container").
+The image itself is never built here (these machines have no Docker engine); see docs/launching.md ("Container").
 """
 
 from __future__ import annotations

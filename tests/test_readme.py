@@ -1,6 +1,7 @@
-"""README.md as a user meets it: its Python examples run, its cheap commands succeed, its error transcript is what
-the command prints, and the files and subcommands it names exist. Its launch commands, and launch/README.md's,
-start a number of processes that the experiment's global batch splits over."""
+"""The README and the user documentation as a user meets them: the quick start fits a screen, the Python examples
+run, the cheap commands succeed, the error transcript is what the command prints, and the files and subcommands
+named exist. Every launch command runs as pasted: no placeholder, a process count the experiment's global batch
+splits over, `mkdir -p logs` before `sbatch`. The command line's help has no reStructuredText markup."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ from vegan_scale.registry import ExperimentConfig
 
 README = ROOT / "README.md"
 LAUNCH_README = ROOT / "launch" / "README.md"
+# what a user reads to run things (docs/design.md, performance.md and results.md are notes with their own checks)
+PAGES = [
+    README,
+    LAUNCH_README,
+    ROOT / "launch" / "slurm" / "README.md",
+    *(ROOT / "docs" / f"{name}.md" for name in ("training", "launching", "data", "resume", "evaluation", "mlflow")),
+    ROOT / "docs" / "reference.md",
+]
+QUICK_START_LINES = 60
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # commands that only read: safe to run from a README on any machine, in seconds
 CHEAP = re.compile(r"^(?:\.venv/bin/)?vegan-scale (?:config\b|\S+ --help$)")
@@ -28,8 +38,15 @@ INLINE_CODE = re.compile(r"`([^`\n]+)`")
 REPO_PATH = re.compile(r"(?<![\w./<$-])((?:configs|launch|docs|bench|tests|tools|vegan_scale)/[\w./-]*\w)")
 
 
-def blocks(language: str, path: Path = README) -> list[str]:
-    return [body for lang, body in FENCE.findall(path.read_text()) if lang == language]
+def blocks(language: str, path: Path | None = None) -> list[str]:
+    """The fenced blocks of ``language`` in one page, or in every page. ```python blocks run; ```py blocks are
+    templates (a run id to fill in)."""
+    return [
+        body
+        for page in ([path] if path else PAGES)
+        for lang, body in FENCE.findall(page.read_text())
+        if lang == language
+    ]
 
 
 def vegan_scale_cli(command: str) -> list[str]:
@@ -47,7 +64,7 @@ def cheap_commands() -> list[str]:
 @pytest.mark.data
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
 def test_python_example_runs(index: int, mnist_shards: Path, tmp_path: Path) -> None:
-    """Each ```python block, run as a script from the repository root (where the README's paths point)."""
+    """Each ```python block, run as a script from the repository root (where the pages' paths point)."""
     script = tmp_path / f"readme_{index}.py"
     script.write_text(blocks("python")[index])
     proc = subprocess.run(
@@ -58,11 +75,32 @@ def test_python_example_runs(index: int, mnist_shards: Path, tmp_path: Path) -> 
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, f"README python block {index}:\n{script.read_text()}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"python block {index}:\n{script.read_text()}\n{proc.stderr[-4000:]}"
 
 
 def test_there_is_a_python_example() -> None:
-    assert blocks("python"), "README.md has no ```python block"
+    assert blocks("python", README), "README.md has no ```python block"
+
+
+def test_quick_start_fits_a_screen_and_links_the_reference() -> None:
+    text = README.read_text()
+    quick = text.split("## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    assert len(quick.splitlines()) <= QUICK_START_LINES
+    for page in PAGES[3:]:
+        assert f"(docs/{page.name})" in text, f"README.md does not link docs/{page.name}"
+
+
+def test_help_is_plain_text() -> None:
+    """--help of the program and of every command: no reStructuredText (``code``, :class:`x`) or markdown ticks."""
+    commands = ["", *parser()._subparsers._group_actions[0].choices]
+    for command in commands:
+        proc = subprocess.run(
+            [sys.executable, "-m", "vegan_scale", *command.split(), "--help"], capture_output=True, text=True
+        )
+        assert proc.returncode == 0 and proc.stdout, command
+        assert not re.search(r"`|:(class|func|mod|meth):|^\.\. ", proc.stdout, re.MULTILINE), proc.stdout
+    version = subprocess.run([sys.executable, "-m", "vegan_scale", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and re.fullmatch(r"vegan-scale \S+\n", version.stdout), version.stdout
 
 
 @pytest.mark.parametrize("command", cheap_commands())
@@ -92,16 +130,16 @@ def test_error_transcript_is_what_the_command_prints() -> None:
 
 def test_named_subcommands_exist() -> None:
     commands = set(parser()._subparsers._group_actions[0].choices)
-    named = set(re.findall(r"vegan-scale ([a-z]+)", README.read_text()))
-    assert named, "README.md names no vegan-scale subcommand"
-    assert named <= commands, f"README.md names subcommands the CLI lacks: {sorted(named - commands)}"
+    named = {c for page in PAGES for c in re.findall(r"vegan-scale ([a-z][a-z-]*[a-z])", page.read_text())}
+    assert named, "the pages name no vegan-scale subcommand"
+    assert named <= commands, f"the pages name subcommands the CLI lacks: {sorted(named - commands)}"
 
 
-def test_named_repository_paths_exist() -> None:
-    named = sorted(set(REPO_PATH.findall(README.read_text())))
-    assert len(named) > 10, named
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_repository_paths_exist(page: Path) -> None:
+    named = sorted(set(REPO_PATH.findall(page.read_text())))
     missing = [path for path in named if not (ROOT / path).exists()]
-    assert not missing, f"README.md names paths that do not exist: {missing}"
+    assert not missing, f"{page.name} names paths that do not exist: {missing}"
 
 
 def training_commands(path: Path) -> list[str]:
@@ -128,10 +166,13 @@ def processes(words: list[str]) -> int:
         return int(option("--num_processes"))
     if option("--config_file"):
         return yaml.safe_load((ROOT / option("--config_file")).read_text())["num_processes"]
+    def variable(name: str) -> str | None:
+        return next((w.split("=", 1)[1] for w in words if w.startswith(f"{name}=")), None)
+
     if any(w.endswith(".sbatch") for w in words):
-        return int(option("--nodes")) * int(option("--ntasks-per-node") or option("--gpus-per-node"))
-    nproc = [w.split("=", 1)[1] for w in words if w.startswith("NPROC=")]
-    return int(nproc[0]) if nproc else 1
+        per_node = option("--ntasks-per-node") or option("--gpus-per-node") or variable("GPUS_PER_NODE")
+        return int(option("--nodes")) * int(per_node)
+    return int(variable("NPROC") or 1)
 
 
 def experiment(words: list[str]) -> tuple[str | None, list[str]]:
@@ -142,21 +183,44 @@ def experiment(words: list[str]) -> tuple[str | None, list[str]]:
     return None, []
 
 
-@pytest.mark.parametrize("path", [README, LAUNCH_README], ids=["README", "launch/README"])
-def test_launch_commands_split_the_global_batch(path: Path) -> None:
-    """A command whose processes cannot share the experiment's global batch would stop with exit code 2."""
+def test_launch_commands_run_as_pasted() -> None:
+    """Every training command of the pages: its processes share the experiment's global batch (else exit code 2),
+    a launcher states how many processes it starts, and no shell line holds a placeholder (CONFIG, <jobid>)."""
     checked, wrong = 0, []
-    for command in training_commands(path):
-        words = shlex.split(command)
-        config, overrides = experiment(words)
-        if config is None:  # a placeholder (CONFIG)
-            continue
-        n, batch = processes(words), load_config(ExperimentConfig, ROOT / config, overrides).train.global_batch_size
-        checked += 1
-        if batch % n:
-            wrong.append(f"{command}  ({n} processes, train.global_batch_size={batch})")
-    assert checked >= 5, f"{path.name}: only {checked} training commands found"
-    assert not wrong, "commands whose global batch does not split over their processes:\n" + "\n".join(wrong)
+    for path in PAGES:
+        for command in training_commands(path):
+            words = shlex.split(command)
+            config, overrides = experiment(words)
+            if config is None:  # prose naming the form of a command (`launch/run.sh CONFIG [key=value ...]`)
+                continue
+            n, batch = processes(words), load_config(ExperimentConfig, ROOT / config, overrides).train.global_batch_size
+            checked += 1
+            if batch % n:
+                wrong.append(f"{path.name}: {command}  ({n} processes, train.global_batch_size={batch})")
+            if "accelerate" in command and "--config_file" not in command and "--num_processes" not in command:
+                wrong.append(f"{path.name}: {command}  (how many processes?)")
+    assert checked >= 15, f"only {checked} training commands found"
+    for path in PAGES:
+        for body in blocks("bash", path):
+            for line in body.replace("\\\n", " ").splitlines():
+                code = line.split("#")[0].replace("PREEMPT", "")  # the stop file's name, not a placeholder
+                if re.search(r"<[a-z_ ]+>|(?<![$\w{])\b[A-Z][A-Z_]{2,}\b(?!=)", code) and "make " not in code:
+                    wrong.append(f"{path.name}: placeholder in {line.strip()!r}")
+    assert not wrong, "commands that do not run as pasted:\n" + "\n".join(wrong)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_logs_exist_before_sbatch(page: Path) -> None:
+    """sbatch writes the job's log to logs/ (the scripts' --output), which must exist when the job starts."""
+    text = page.read_text()
+    for body in blocks("bash", page):
+        lines = body.splitlines()
+        for i, line in enumerate(lines):
+            if re.search(r"\bsbatch ", line.split("#")[0]):
+                assert any("mkdir -p logs" in earlier for earlier in lines[: i + 1]), f"{page.name}: {line}"
+    for code in INLINE_CODE.findall(FENCE.sub("", text)):
+        if re.search(r"\bsbatch --", code):
+            assert code.startswith("mkdir -p logs && "), f"{page.name}: `{code}`"
 
 
 def test_launch_readme_paths_exist() -> None:

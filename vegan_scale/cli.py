@@ -219,8 +219,8 @@ def _add_eval_and_sample(sub: Any) -> None:
         help="evaluate a trained model: FID/KID/precision/recall, sharpness, reconstruction, latent MMD",
         description="Evaluate a run (its export/, else its newest checkpoint) or a checkpoint on the run's test "
         "shards, beside the real-vs-real values at the same sample size; print a table, write eval.json into the "
-        "run directory and log the metrics to the run's MLflow run. Under `accelerate launch ... -m vegan_scale "
-        "eval` every process evaluates its share.",
+        "run directory and log the metrics to the run's MLflow run. Under 'accelerate launch ... -m vegan_scale "
+        "eval' every process evaluates its share.",
     )
     _model_and_data(v)
     v.add_argument(
@@ -311,15 +311,24 @@ def _add_index_shards(sub: Any) -> None:
         help="write sizes.json and sample offsets for tar shards made by another tool",
         description="Read the headers of every *.tar in each DIRECTORY and write its sizes.json (the sample counts "
         "the training order needs) and, beside each shard, <shard>.tar.idx (where each sample starts, so that a "
-        "reader enters a shard at any sample). `vegan-scale shards` writes both itself.",
+        "reader enters a shard at any sample). 'vegan-scale shards' writes both itself.",
     )
     i.add_argument("directories", type=Path, nargs="+", metavar="DIRECTORY")
     i.set_defaults(run=_index_shards)
 
 
+DESCRIPTION = (
+    "Train penalized optimal-transport generative models (WAE-MMD, WAE-GAN, AAE, VAE, SWAE), then evaluate, "
+    "sample and export them. Each command has its own --help; exit codes are listed in docs/reference.md."
+)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vegan-scale", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    from vegan_scale.provenance import version
+
+    p = argparse.ArgumentParser(prog="vegan-scale", description=DESCRIPTION)
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_config, _add_export_and_sync, _add_eval_and_sample, _add_shards, _add_index_shards):
         add(sub)
     return p

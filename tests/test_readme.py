@@ -166,6 +166,7 @@ def processes(words: list[str]) -> int:
         return int(option("--num_processes"))
     if option("--config_file"):
         return yaml.safe_load((ROOT / option("--config_file")).read_text())["num_processes"]
+
     def variable(name: str) -> str | None:
         return next((w.split("=", 1)[1] for w in words if w.startswith(f"{name}=")), None)
 

@@ -3,10 +3,12 @@
 A data spec is one or more sources separated by ``::`` (open_clip's convention), each one of:
 
 * a local directory written by ``vegan-scale shards`` (it holds ``sizes.json``);
+* such a directory in an S3-compatible bucket, ``s3://bucket/prefix/`` (:mod:`vegan_scale.data.s3`);
 * a brace pattern of local paths or URLs, ``data/train-{000000..000127}.tar``, ``https://host/d/x-{0..9}.tar``,
-  ``pipe:aws s3 cp s3://bucket/x-{0..9}.tar -``. Sample counts come from a ``sizes.json`` beside the shards (read
-  from the same directory, or fetched from the same URL directory); the training order needs them
-  (``vegan-scale index-shards`` writes one for shards made by another tool).
+  ``s3://bucket/d/x-{0..9}.tar``, ``pipe:aws s3 cp s3://bucket/x-{0..9}.tar -``. Sample counts come from a
+  ``sizes.json`` beside the shards (read from the same directory, or fetched from the same URL or bucket
+  directory); the training order needs them (``vegan-scale index-shards`` writes one for shards made by another
+  tool).
 
 Weights (one per source) set how often resampled mode draws from each source.
 """
@@ -25,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from vegan_scale import retry
+from vegan_scale.data import s3
+from vegan_scale.data.faults import TransientReadError
 from vegan_scale.errors import DataError
 from vegan_scale.retry import Backoff
 
@@ -88,10 +92,10 @@ def offsets_path(shard: Path) -> Path:
 
 
 def read_offsets(url: str, count: int) -> list[int] | None:
-    """The byte offset of each of a shard's ``count`` samples and of their end, from its .idx (local files and
-    http(s) URLs), or None where there is none, or where it does not fit the shard (then the reader passes over
-    the samples before the ones it wants instead)."""
-    if url.startswith(("http://", "https://")):
+    """The byte offset of each of a shard's ``count`` samples and of their end, from its .idx (local files,
+    http(s) URLs and S3 objects), or None where there is none, or where it does not fit the shard (then the
+    reader passes over the samples before the ones it wants instead)."""
+    if url.startswith(("http://", "https://", s3.SCHEME)):
         data = _fetch(url + OFFSETS_SUFFIX)
     elif "://" in url.split("/", 1)[0] + "/" or url.startswith("pipe:"):
         return None
@@ -120,9 +124,11 @@ def _is_url(spec: str) -> bool:
 
 
 def _fetch(url: str, backoff: Backoff = FETCH_BACKOFF) -> bytes | None:
-    """A small file over HTTP(S): None if it does not exist, retried on transient failures."""
+    """A small file over HTTP(S) or from a bucket: None if it does not exist, retried on transient failures."""
 
     def fetch() -> bytes | None:
+        if s3.is_s3(url):
+            return s3.fetch(url)
         try:
             with urllib.request.urlopen(url, timeout=30) as response:
                 return response.read()
@@ -134,7 +140,7 @@ def _fetch(url: str, backoff: Backoff = FETCH_BACKOFF) -> bytes | None:
     return retry.call(
         fetch,
         backoff,
-        transient=lambda e: isinstance(e, (urllib.error.URLError, OSError)),
+        transient=lambda e: isinstance(e, (urllib.error.URLError, OSError, TransientReadError)),
         on_retry=lambda e, wait: log.warning("fetching %s failed (%s); retrying in %.0f s", url, e, wait),
         give_up=lambda e: DataError(f"cannot fetch {url} after {backoff.attempts} attempts: {e}"),
     )
@@ -200,9 +206,11 @@ def _local_source(spec: str, weight: float, skip_missing: bool) -> ShardSource:
 
 
 def _remote_source(spec: str, weight: float) -> ShardSource:
+    if s3.is_s3(spec) and "{" not in spec and not spec.endswith(".tar"):
+        return _bucket_directory(spec, weight)
     urls = tuple(_expand(spec))
     counts = shape = None
-    if spec.startswith(("http://", "https://")):
+    if spec.startswith(("http://", "https://", s3.SCHEME)):
         base = posixpath.dirname(urls[0])
         sizes = _fetch_json(f"{base}/{SIZES_FILE}")
         if sizes is not None:
@@ -215,6 +223,26 @@ def _remote_source(spec: str, weight: float) -> ShardSource:
             info = _fetch_json(f"{base}/{INFO_FILE}")
             shape = tuple(info["image_shape"]) if isinstance(info, dict) else None
     return ShardSource(spec, urls, counts, weight, shape)
+
+
+def _bucket_directory(spec: str, weight: float) -> ShardSource:
+    """``s3://bucket/prefix/``: the shards its sizes.json lists, as in a local directory."""
+    base = spec.rstrip("/")
+    s3.split(base)  # a bucket is named
+    sizes = _fetch_json(f"{base}/{SIZES_FILE}")
+    if sizes is None:
+        raise DataError(
+            f"no shards at {spec}: {base}/{SIZES_FILE} does not exist; upload a directory written by "
+            f"`vegan-scale shards` (aws s3 sync DIR {base}/), or write sizes.json with `vegan-scale index-shards`"
+        )
+    sizes = _sizes(sizes, f"{base}/{SIZES_FILE}")
+    outside = [n for n in sizes if "/" in n or n in (".", "..")]
+    if outside:
+        raise DataError(f"{base}/{SIZES_FILE} lists {outside[0]!r}, which is not an object beside it")
+    info = _fetch_json(f"{base}/{INFO_FILE}")
+    shape = tuple(info["image_shape"]) if isinstance(info, dict) else None
+    names = sorted(sizes)
+    return ShardSource(spec, tuple(f"{base}/{n}" for n in names), tuple(sizes[n] for n in names), weight, shape)
 
 
 def read_index(

@@ -28,6 +28,8 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, BinaryIO
 
 from vegan_scale import retry
+from vegan_scale.data import s3
+from vegan_scale.data.faults import ShardCorrupt, ShardError, ShardMissing, TransientReadError
 from vegan_scale.errors import DataError
 from vegan_scale.retry import Backoff
 
@@ -41,24 +43,6 @@ HTTP_TIMEOUT_S = 60.0
 PERMANENT_HTTP = (400, 401, 403, 404, 410)
 
 Sample = dict[str, object]  # {"__key__": str, "__url__": str, "<ext>": bytes, ...}
-
-
-class ShardError(DataError):
-    """A problem with one shard; ``reason`` is the counter it is filed under when bad data is skipped."""
-
-    reason = "unreadable_shard"
-
-
-class ShardMissing(ShardError):
-    reason = "missing_shard"
-
-
-class ShardCorrupt(ShardError):
-    reason = "corrupt_shard"
-
-
-class TransientReadError(Exception):
-    """A read failure worth retrying (network, remote server, pipe command)."""
 
 
 class _HTTPBody:
@@ -101,9 +85,12 @@ class _Window(io.RawIOBase):
 
 
 def open_url(url: str, start: int = 0, end: int | None = None) -> tuple[BinaryIO, bool]:
-    """(a binary stream of ``url``, whether it starts at byte ``start``): a local path or file:// (seeked), http(s)://
-    (a Range request), or any other scheme webdataset opens (pipe:, ...), which starts at the beginning. With
-    ``end``, a local file or URL is read no further than that byte (object stores bill what they send)."""
+    """(a binary stream of ``url``, whether it starts at byte ``start``): a local path or file:// (seeked),
+    http(s):// (a Range request), s3:// (the same, through boto3), or any other scheme webdataset opens (pipe:,
+    ...), which starts at the beginning. With ``end``, a local file or URL is read no further than that byte
+    (object stores bill what they send)."""
+    if s3.is_s3(url):
+        return s3.open_object(url, start, end), True
     if url.startswith(("http://", "https://")):
         wanted = f"bytes={start}-{'' if end is None else end - 1}"
         request = urllib.request.Request(url, headers={"Range": wanted} if start or end is not None else {})

@@ -1,0 +1,23 @@
+"""What can be wrong with a shard, as the reader tells it apart (shared by every way of reading one)."""
+
+from __future__ import annotations
+
+from vegan_scale.errors import DataError
+
+
+class ShardError(DataError):
+    """A problem with one shard; ``reason`` is the counter it is filed under when bad data is skipped."""
+
+    reason = "unreadable_shard"
+
+
+class ShardMissing(ShardError):
+    reason = "missing_shard"
+
+
+class ShardCorrupt(ShardError):
+    reason = "corrupt_shard"
+
+
+class TransientReadError(Exception):
+    """A read failure worth retrying (network, remote server, pipe command)."""

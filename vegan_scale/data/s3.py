@@ -1,0 +1,106 @@
+"""Shards in an S3-compatible bucket (AWS S3, MinIO, Ceph, R2, ...), read through boto3, the client S3 users have.
+
+``s3://bucket/prefix/`` (a directory written by ``vegan-scale shards`` and copied up, with its ``sizes.json``) and
+``s3://bucket/prefix/x-{000000..000127}.tar`` are sources like local ones: ``sizes.json``, ``dataset.json`` and the
+shards' ``.tar.idx`` are read from the bucket, so epoch mode and reads of exactly a rank's samples (HTTP Range
+requests) work as they do on a file system. Credentials, region and endpoint come from boto3's usual places
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` or a profile, ``AWS_DEFAULT_REGION``, and ``AWS_ENDPOINT_URL_S3``
+or ``AWS_ENDPOINT_URL`` for a server other than AWS).
+
+Failures are told apart as for HTTP: a missing key or bucket, or access refused, is :class:`ShardMissing` at once;
+a dropped connection, a timeout, throttling or a 5xx is a :class:`TransientReadError`, which the reader retries
+with backoff, resuming after the samples it delivered (botocore's own retries are off: one policy, one log line).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from vegan_scale.data.faults import ShardError, ShardMissing, TransientReadError
+
+SCHEME = "s3://"
+TIMEOUT_S = 60
+MISSING = ("NoSuchKey", "NoSuchBucket", "404", "403", "AccessDenied", "InvalidBucketName")
+_clients: dict[int, Any] = {}  # one client per process: loader workers are forked and must not share connections
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith(SCHEME)
+
+
+def split(url: str) -> tuple[str, str]:
+    """(bucket, key) of ``s3://bucket/key``."""
+    bucket, _, key = url.removeprefix(SCHEME).partition("/")
+    if not bucket:
+        raise ShardError(f"{url} names no bucket: write s3://BUCKET/PREFIX/")
+    return bucket, key
+
+
+def _client() -> Any:
+    pid = os.getpid()
+    if pid not in _clients:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(retries={"max_attempts": 1}, connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S)
+        _clients[pid] = boto3.session.Session().client("s3", config=config)
+    return _clients[pid]
+
+
+class _Body:
+    """An object's body whose connection dropping mid-read is a transient failure (retried from the samples
+    already delivered), never a shorter, valid-looking shard."""
+
+    def __init__(self, body: Any, url: str) -> None:
+        self.body, self.url = body, url
+
+    def read(self, n: int = -1) -> bytes:
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            return self.body.read(None if n < 0 else n)
+        except (BotoCoreError, OSError) as e:  # IncompleteReadError, ResponseStreamingError, a reset connection
+            raise TransientReadError(f"reading {self.url} failed: {e}") from e
+
+    def close(self) -> None:
+        self.body.close()
+
+
+def _failure(error: Exception, url: str) -> Exception:
+    """The error a boto3 failure stands for: missing (named), credentials (how to give them) or transient."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    if isinstance(error, NoCredentialsError):
+        return ShardError(
+            f"no AWS credentials to read {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+        )
+    if isinstance(error, ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        if code in MISSING:
+            return ShardMissing(f"{url} does not exist or cannot be read ({code})")
+    return TransientReadError(f"S3 request for {url} failed: {error}")
+
+
+def open_object(url: str, start: int = 0, end: int | None = None) -> _Body:
+    """The bytes [start, end) of an object, as a stream (a Range request when a part is wanted)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split(url)
+    ranged = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else {}
+    try:
+        return _Body(_client().get_object(Bucket=bucket, Key=key, **ranged)["Body"], url)
+    except (BotoCoreError, ClientError, OSError) as e:
+        raise _failure(e, url) from e
+
+
+def fetch(url: str) -> bytes | None:
+    """A small object whole (sizes.json, an .idx), None when it does not exist; TransientReadError to retry."""
+    try:
+        with_body = open_object(url)
+    except ShardMissing:
+        return None
+    try:
+        return with_body.read()
+    finally:
+        with_body.close()

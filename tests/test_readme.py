@@ -16,6 +16,7 @@ import yaml
 
 from tests.paths import ROOT
 from tests.runkit import env
+from vegan_scale import sweep
 from vegan_scale.cli import parser
 from vegan_scale.config.load import load_config
 from vegan_scale.registry import ExperimentConfig
@@ -179,6 +180,8 @@ def processes(words: list[str]) -> int:
 def experiment(words: list[str]) -> tuple[str | None, list[str]]:
     """The config file and the overrides of a training command line."""
     for i, word in enumerate(words):
+        if word.endswith(".yaml") and word.startswith("configs/sweeps/"):  # a grid: test_sweep_grids_expand
+            return None, []
         if word.endswith(".yaml") and word.startswith("configs/"):
             return word, [w for w in words[i + 1 :] if "=" in w and not w.startswith("-")]
     return None, []
@@ -208,6 +211,13 @@ def test_launch_commands_run_as_pasted() -> None:
                 if re.search(r"<[a-z_ ]+>|(?<![$\w{])\b[A-Z][A-Z_]{2,}\b(?!=)", code) and "make " not in code:
                     wrong.append(f"{path.name}: placeholder in {line.strip()!r}")
     assert not wrong, "commands that do not run as pasted:\n" + "\n".join(wrong)
+
+
+@pytest.mark.parametrize("grid", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_sweep_grids_expand(grid: Path) -> None:
+    """The shipped grid files expand into tasks that the schema accepts, with distinct run names."""
+    found = sweep.tasks(grid)
+    assert found and len({t.run_name for t in found}) == len(found)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

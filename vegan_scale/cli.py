@@ -317,6 +317,31 @@ def _add_index_shards(sub: Any) -> None:
     i.set_defaults(run=_index_shards)
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from vegan_scale import sweep
+
+    sweep.command(args.grid, count=args.count, task=args.task, here=args.here, jobs=args.jobs)
+
+
+def _add_sweep(sub: Any) -> None:
+    w = sub.add_parser(
+        "sweep",
+        help="expand a grid file into training tasks: list them, give one to a SLURM array task, or run them here",
+        description="A grid file names configs, a grid of override values and common overrides; every config and "
+        "combination is a task with its own run name and the MLflow tags sweep and sweep_task. Without options, "
+        "list the tasks. launch/slurm/sweep.sbatch runs them as a SLURM job array.",
+    )
+    w.add_argument("grid", type=Path, help="grid file (YAML: name, configs, grid, overrides)")
+    what = w.add_mutually_exclusive_group()
+    what.add_argument("--count", action="store_true", help="print the number of tasks (for sbatch --array)")
+    what.add_argument("--task", type=int, help="print task N's config and overrides, each ended by a NUL byte")
+    what.add_argument(
+        "--run", dest="here", action="store_true", help="run every task on this machine (finished ones skipped)"
+    )
+    w.add_argument("--jobs", type=int, default=1, help="with --run: tasks at a time")
+    w.set_defaults(run=_sweep)
+
+
 DESCRIPTION = (
     "Train penalized optimal-transport generative models (WAE-MMD, WAE-GAN, AAE, VAE, SWAE), then evaluate, "
     "sample and export them. Each command has its own --help; exit codes are listed in docs/reference.md."
@@ -329,7 +354,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vegan-scale", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_config, _add_export_and_sync, _add_eval_and_sample, _add_shards, _add_index_shards):
+    adders = (_add_train, _add_config, _add_export_and_sync, _add_eval_and_sample, _add_shards, _add_index_shards)
+    for add in (*adders, _add_sweep):
         add(sub)
     return p
 

@@ -40,8 +40,13 @@ def _git(cwd: Path, *args: str) -> str:
 
 
 def job_tags() -> dict[str, str]:
-    """The SLURM job and how often it was requeued, when the run is one."""
-    variables = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_RESTART_COUNT": "slurm.restart_count"}
+    """The SLURM job (and job array) and how often it was requeued, when the run is one."""
+    variables = {
+        "SLURM_JOB_ID": "slurm.job_id",
+        "SLURM_RESTART_COUNT": "slurm.restart_count",
+        "SLURM_ARRAY_JOB_ID": "slurm.array_job_id",
+        "SLURM_ARRAY_TASK_ID": "slurm.array_task_id",
+    }
     return {tag: os.environ[variable] for variable, tag in variables.items() if variable in os.environ}
 
 

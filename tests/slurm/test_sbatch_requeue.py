@@ -276,3 +276,41 @@ def test_preempted_by_slurm_continues_exactly(
     assert not re.search(r'File ".*/vegan_scale/', before), before[-4000:]  # a launcher may trace its own signal
     assert f"continuing from {run_dir}/checkpoints/step_{step:08d} (step {step})" in after, after[-4000:]
     assert _same_weights(run_dir / "export" / "model.safetensors", reference)
+
+
+@pytest.mark.timeout(300)
+def test_a_sweep_runs_as_a_job_array(slurm_cluster: dict[str, str], shards: Path, tmp_path: Path) -> None:
+    """launch/slurm/sweep.sbatch over a grid file of 2 seeds: one array task per run, each named after its grid
+    point, both finished, and grouped in one MLflow experiment by the sweep's tags and the array's job id."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_tracking_outage import Server
+
+    (tmp_path / "server").mkdir()
+    server = Server(tmp_path / "server").start()
+    root, logs = tmp_path / "runs", tmp_path / "logs"
+    logs.mkdir()
+    common = [o for o in _overrides(shards, root) if not o.startswith(("train.max_steps", "tracking.backend"))]
+    common += ["train.max_steps=20", f"tracking.uri={server.uri}", "tracking.experiment=sweeps"]
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        json.dumps({"name": "t", "configs": [str(CONFIG)], "grid": {"run.seed": [0, 1]}, "overrides": common})
+    )
+    env = _job_env(slurm_cluster) | {"GPUS_PER_NODE": "1"}
+    sbatch = ["sbatch", "--parsable", "--time=10", "--array=0-1", f"--output={logs}/%x-%A_%a.out"]
+    job_id = _slurm(env, *sbatch, "launch/slurm/sweep.sbatch", str(grid)).strip()
+    run_dirs = [root / "mnist" / f"t-wae_mmd-seed{seed}" for seed in (0, 1)]
+    try:
+        log = logs / f"vegan-sweep-{job_id}_1.out"
+        _wait("both tasks to finish", lambda: all(_status(d, 0) for d in run_dirs), 240, log)
+        client = MlflowClient(server.uri)
+        experiment = client.get_experiment_by_name("sweeps").experiment_id
+        runs = client.search_runs([experiment], "tags.sweep = 't'")
+    finally:
+        subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
+        server.stop()
+    assert sorted((r.info.run_name, r.data.tags["sweep_task"], r.data.params["run.seed"]) for r in runs) == [
+        ("t-wae_mmd-seed0", "0", "0"),
+        ("t-wae_mmd-seed1", "1", "1"),
+    ]
+    assert {r.data.tags["slurm.array_job_id"] for r in runs} == {job_id}

@@ -234,6 +234,10 @@ class TrackingConfig:
         "Also log MLflow system metrics (CPU, memory, disk, network; GPU with pynvml) of the main process's node "
         "under system/, every 10 s ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL).",
     )
+    tags: dict[str, str] = param(
+        {},
+        "Extra MLflow run tags, e.g. tracking.tags.sweep=mnist-seeds (vegan-scale sweep sets sweep and sweep_task).",
+    )
     register_as: str | None = param(
         None,
         "Also register the trained model (the run's MLflow model 'model') in MLflow's model registry under this name, "

@@ -91,7 +91,7 @@ class NewRun:
         return cls(
             resolve_experiment(cfg.tracking.experiment, cfg.run.experiment),
             run_dir.path.name,
-            {**provenance.tags(), **recipe, **tags},
+            {**provenance.tags(), **recipe, **tags, **cfg.tracking.tags},
             as_params(cfg),
             artifact_root,
         )

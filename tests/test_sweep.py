@@ -1,0 +1,71 @@
+"""Sweeps from a grid file: the tasks (order, run names, tags, validation before anything runs) and running them on
+this machine, two at a time, with finished tasks skipped on a second run. The SLURM job array is tested on the
+one-node cluster (tests/slurm/test_sbatch_requeue.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.paths import ROOT
+from tests.runkit import env, train_args
+from vegan_scale import sweep
+from vegan_scale.errors import ConfigError
+
+pytestmark = pytest.mark.distributed
+
+
+def _grid(tmp_path: Path, **spec) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_tasks_are_every_config_and_combination_in_order(tmp_path: Path) -> None:
+    configs = [str(ROOT / "configs/mnist/wae_mmd.yaml"), str(ROOT / "configs/mnist/wae_gan.yaml")]
+    grid = _grid(tmp_path, name="g", configs=configs, grid={"run.seed": [0, 1], "penalty.weight": [1, 10]})
+    found = sweep.tasks(grid)
+    assert [t.run_name for t in found[:3]] == [
+        "g-wae_mmd-seed0-weight1",
+        "g-wae_mmd-seed0-weight10",
+        "g-wae_mmd-seed1-weight1",
+    ]
+    assert [t.index for t in found] == list(range(8)) and found[4].run_name == "g-wae_gan-seed0-weight1"
+    assert found[5].overrides[-2:] == ("tracking.tags.sweep=g", "tracking.tags.sweep_task=5")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"name": "g", "configs": ["configs/mnist/wae_mmd.yaml"], "grid": {"run.sed": [0]}}, "task 0 .*run.sed"),
+        ({"name": "g", "configs": ["configs/mnist/wae_mmd.yaml"], "grid": {"run.seed": 3}}, "needs a list"),
+        ({"name": "a b", "configs": ["configs/mnist/wae_mmd.yaml"]}, "name 'a b'"),
+        ({"name": "g", "config": ["configs/mnist/wae_mmd.yaml"]}, "holds name, configs"),
+    ],
+)
+def test_a_bad_grid_is_refused_before_anything_runs(tmp_path: Path, spec: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        sweep.tasks(_grid(tmp_path, **spec))
+
+
+def test_run_here_two_at_a_time_and_again(tiny_shards: Path, tmp_path: Path) -> None:
+    """`vegan-scale sweep GRID --run --jobs 2` trains both tasks; run again, it skips them (both finished)."""
+    common = [a for a in train_args(tiny_shards, tmp_path, "unused", "wae_mmd")[4:] if not a.startswith("run.name")]
+    common += ["train.max_steps=6", "tracking.backend=none"]
+    grid = _grid(tmp_path, name="here", configs=[str(ROOT / "configs/mnist/wae_mmd.yaml")], grid={"run.seed": [0, 1]},
+                 overrides=common)  # fmt: skip
+    command = [sys.executable, "-m", "vegan_scale", "sweep", str(grid), "--run", "--jobs", "2"]
+    first = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for seed in (0, 1):
+        run_dir = tmp_path / "mnist" / f"here-wae_mmd-seed{seed}"
+        assert json.loads((run_dir / "exit_status.json").read_text())["code"] == 0
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["seed"] == seed
+    again = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0 and output.count("finished before; skipped") == 2, output[-3000:]

@@ -1,0 +1,161 @@
+"""Sweeps: a grid file expands into training tasks, each a config and its overrides, run by a SLURM job array
+(``launch/slurm/sweep.sbatch``, one array task per training task) or on this machine (``vegan-scale sweep --run``).
+
+A grid file (YAML)::
+
+    name: mnist-seeds                      # the sweep: run names start with it, and its MLflow tag
+    configs: [configs/mnist/wae_mmd.yaml, configs/mnist/wae_gan.yaml]
+    grid:                                  # every combination of these values, for each config
+      run.seed: [0, 1, 2]
+      penalty.weight: [1.0, 10.0]
+    overrides: [train.max_steps=2000]      # the same for every task
+
+Task ``i`` is the same on every machine (configs in order, then the grid's combinations with the last key varying
+fastest). Its run is named ``<name>-<config>-<key><value>...`` (``mnist-seeds-wae_gan-seed1-weight10.0``), so a
+task that is run again (requeued, resubmitted, ``--run`` a second time) continues its own run, and it carries the
+MLflow tags ``sweep`` and ``sweep_task``: the MLflow UI groups a sweep with the filter ``tags.sweep = 'mnist-seeds'``.
+Every task is checked against the schema when the grid is read: a typo fails before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vegan_scale.config.load import load_config
+from vegan_scale.errors import ConfigError, ExitCode, VeganError
+from vegan_scale.registry import ExperimentConfig
+from vegan_scale.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+KEYS = {"name", "configs", "grid", "overrides"}
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One training run of a sweep."""
+
+    index: int
+    config: str
+    overrides: tuple[str, ...]  # the sweep's, the grid point's, then its run name and tags
+
+    @property
+    def run_name(self) -> str:
+        return next(o.split("=", 1)[1] for o in reversed(self.overrides) if o.startswith("run.name="))
+
+
+def tasks(path: str | Path) -> list[Task]:
+    """The tasks of a grid file, each checked against the schema (a ConfigError names the file and the task)."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read the grid file {path}: {e}") from None
+    if not isinstance(spec, dict) or not {"name", "configs"} <= set(spec) or set(spec) - KEYS:
+        raise ConfigError(f"{path}: a grid file holds name, configs, and optionally grid and overrides ({_HOWTO})")
+    name, configs = str(spec["name"]), spec["configs"]
+    grid, common = spec.get("grid") or {}, [str(o) for o in spec.get("overrides") or []]
+    if not NAME.fullmatch(name):
+        raise ConfigError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-' (it starts run names)")
+    if not isinstance(configs, list) or not configs or not isinstance(grid, dict):
+        raise ConfigError(f"{path}: configs must be a list of experiment files and grid a mapping ({_HOWTO})")
+    if any(not isinstance(values, list) or not values for values in grid.values()):
+        raise ConfigError(f"{path}: every grid key needs a list of values ({_HOWTO})")
+    stems = [Path(c).stem for c in configs]
+    if len(set(stems)) != len(stems):
+        raise ConfigError(f"{path}: two configs are named {stems}: the run names would collide")
+    found = []
+    for config, combination in itertools.product(configs, itertools.product(*grid.values())):
+        point = dict(zip(grid, combination, strict=True))
+        run = "-".join([name, Path(config).stem, *(f"{key.rsplit('.', 1)[-1]}{_text(v)}" for key, v in point.items())])
+        index = len(found)
+        overrides = (
+            *common,
+            *(f"{key}={_text(value)}" for key, value in point.items()),
+            f"run.name={run}",
+            f"tracking.tags.sweep={name}",
+            f"tracking.tags.sweep_task={index}",
+        )
+        try:
+            load_config(ExperimentConfig, config, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: task {index} ({config} {' '.join(overrides)}): {e}") from None
+        found.append(Task(index, str(config), overrides))
+    return found
+
+
+def _text(value: Any) -> str:
+    """A grid value as an override's value (lists in YAML flow style)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+_HOWTO = "see vegan_scale/sweep.py or launch/slurm/README.md for the format"
+
+
+def command(grid: Path, count: bool = False, task: int | None = None, here: bool = False, jobs: int = 1) -> None:
+    """``vegan-scale sweep``: list the tasks, print their number or one task (NUL-ended words, for a batch
+    script), or run them here."""
+    found = tasks(grid)
+    if count:
+        print(len(found))
+    elif task is not None:
+        if not 0 <= task < len(found):
+            raise ConfigError(f"{grid} has tasks 0 to {len(found) - 1}, not {task}")
+        sys.stdout.write("".join(f"{word}\0" for word in (found[task].config, *found[task].overrides)))
+    elif here:
+        run_here(found, jobs)
+    else:
+        for t in found:
+            print(f"{t.index:4d}  {t.run_name}  {t.config} {' '.join(t.overrides)}")
+
+
+def run_here(found: list[Task], jobs: int = 1) -> None:
+    """Run the tasks on this machine, ``jobs`` at a time, each as its own ``vegan-scale train`` process (its output
+    in its run directory's train.log). A task whose run already finished is skipped; one that stopped continues.
+    Raises a VeganError naming the tasks that failed, with the exit code of the first."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: run at least one task at a time")
+    pending = []
+    for task in found:
+        cfg = load_config(ExperimentConfig, task.config, task.overrides)
+        status = RunDir(Path(cfg.run.root) / cfg.run.experiment / cfg.run.name).read_exit_status()
+        if status is not None and status["code"] == ExitCode.OK:
+            log.info("task %d (%s) finished before; skipped", task.index, task.run_name)
+        else:
+            pending.append(task)
+    failed: list[tuple[Task, int]] = []
+    running: list[tuple[Task, subprocess.Popen]] = []
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                task = pending.pop(0)
+                log.info("task %d: %s", task.index, task.run_name)
+                command = [sys.executable, "-m", "vegan_scale", "train", task.config, *task.overrides, "--quiet"]
+                running.append((task, subprocess.Popen(command)))
+            time.sleep(0.5)
+            for task, proc in [(t, p) for t, p in running if p.poll() is not None]:
+                running.remove((task, proc))
+                if proc.returncode != ExitCode.OK:
+                    failed.append((task, proc.returncode))
+    except BaseException:  # Ctrl-C reached the tasks too: they stop after a checkpoint; wait for them
+        for _, proc in running:
+            proc.wait()
+        raise
+    if failed:
+        names = ", ".join(f"{t.index} ({t.run_name}, exit {code})" for t, code in failed)
+        error = VeganError(
+            f"{len(failed)} of {len(found)} task(s) did not finish: {names}; run the sweep again to continue them"
+        )
+        error.exit_code = failed[0][1]
+        raise error

@@ -16,6 +16,7 @@ CHECKS = [
     "one_step_wae_gan_matches_one_process",
     "ranks_end_with_identical_parameters",
     "global_sliced_wasserstein_float64",
+    "bf16_gradient_compression",
 ]
 
 
@@ -66,3 +67,12 @@ def test_global_sliced_wasserstein_equals_one_process_float64(results: dict) -> 
     rank's gradients to 1e-9 in float64, so lambda means the same at every world size."""
     for r in results["global_sliced_wasserstein_float64"]:
         assert r["value_rel"] < 1e-9 and r["grad_rel"] < 1e-9 and r["penalty_agrees"], r
+
+
+def test_bf16_gradient_compression(results: dict) -> None:
+    """train.grad_compression=bf16 puts the bf16 hook on the DDP module; the summed gradients differ from plain
+    DDP's by bf16 rounding and by no more: each rank's share is rounded to bf16 (relative 2^-8 at most), then the
+    sum is rounded again, so at most 2^-7 of the largest gradient."""
+    for rank_result in results["bf16_gradient_compression"]:
+        assert rank_result["hooks"] == ["bf16_allreduce_hook"]
+        assert 0 < rank_result["rel"] <= 2**-7

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.runkit import (
     ROOT,
@@ -139,11 +140,19 @@ def test_planted_pickle_is_refused_on_resume(tiny_shards_module: Path, tmp_path:
 
 
 def test_resume_policy(tiny_shards_module: Path, tmp_path: Path) -> None:
-    """Continuing with another network is refused with the key named (exit 2); a longer run may continue."""
+    """Continuing with another network is refused with the key named (exit 2); a longer run may continue, also from
+    a checkpoint written before a key existed (the key's default is what that run did)."""
     args = train_args(tiny_shards_module, tmp_path, "policy", "wae_mmd", "train.max_steps=5")
     assert run(single(args)).returncode == 0
     changed = run(single([*args, "model.mlp.hidden=[16]"]))
     assert changed.returncode == 2 and "model.mlp.hidden" in changed.stderr
+    saved = tmp_path / "mnist" / "policy" / "checkpoints" / "step_00000005" / "config.yaml"
+    older = yaml.safe_load(saved.read_text())
+    del older["train"]["grad_compression"]  # as an older version wrote it
+    saved.write_text(yaml.safe_dump(older))
+    state = json.loads((saved.parent / "state.json").read_text())
+    state["files"]["config.yaml"] = saved.stat().st_size
+    (saved.parent / "state.json").write_text(json.dumps(state))
     longer = run(single([*args, "train.max_steps=8"]))
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "continuing from" in longer.stdout + longer.stderr

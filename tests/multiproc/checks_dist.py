@@ -274,3 +274,30 @@ def global_sliced_wasserstein_float64(ctx: Context) -> dict:
         "grad_rel": ((z.grad - ref_z.grad[mine]).norm() / ref_z.grad[mine].norm()).item(),
         "penalty_agrees": both[0].item() == both[1].item(),
     }
+
+
+@check
+def bf16_gradient_compression(ctx: Context) -> dict:
+    """train.grad_compression=bf16 as the trainer wraps a module (trainable.prepare): which hook the DDP module
+    carries, and its all-reduced gradients against plain DDP's on the same data."""
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from vegan_scale.distributed import trainable
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1 + ctx.rank))
+    module = copy.deepcopy(base)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    compressed = trainable.prepare(ctx.accelerator, "autoencoder", module, optimizer, grad_compression="bf16").module
+    grads = {}
+    for name, model in (("bf16", compressed), ("none", DistributedDataParallel(copy.deepcopy(base)))):
+        model(x).square().mean().backward()
+        grads[name] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    scale = grads["none"].abs().max()
+    return {
+        "hooks": [hook.__name__ for hook, _ in compressed._comm_hooks],  # DDP's record of registered hooks
+        "rel": ((grads["bf16"] - grads["none"]).abs().max() / scale).item(),
+    }

@@ -160,6 +160,16 @@ class TrainConfig:
         "exactness, e.g. that a run continued on another number of processes ends where an uninterrupted one does.",
         choices=("float32", "float64"),
     )
+    grad_compression: str = param(
+        "none",
+        "DDP only: all-reduce the gradients in bf16 (half the bytes on the wire; each process's gradients are "
+        "rounded to bf16 before the sum, the sum is taken back to the parameters' precision). docs/scaling.md says "
+        "when it pays.",
+        choices=("none", "bf16"),
+    )
+    ddp_bucket_mb: int = param(
+        25, "DDP only: size of the gradient buckets all-reduced while the backward pass runs (MB).", bounds=at_least(1)
+    )
     check_every: int = param(
         50, "Steps between the checks all processes agree on (stop, non-finite loss).", bounds=at_least(1)
     )

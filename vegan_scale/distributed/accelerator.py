@@ -18,7 +18,11 @@ from datetime import timedelta
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    InitProcessGroupKwargs,
+)
 
 from vegan_scale.checkpoint import AUTOENCODER
 from vegan_scale.distributed import deepspeed_support
@@ -31,12 +35,18 @@ def deepspeed_requested() -> bool:
 
 
 def build_accelerator(
-    mixed_precision: str, models: tuple[str, ...] = (AUTOENCODER,), timeout_s: float = 600.0
+    mixed_precision: str,
+    models: tuple[str, ...] = (AUTOENCODER,),
+    timeout_s: float = 600.0,
+    grad_compression: str = "none",
+    bucket_mb: int = 25,
 ) -> Accelerator:
     """An Accelerator for whatever the launcher started: one process, DDP on CPU or GPU, or DeepSpeed.
 
     ``models`` names the separately trained modules; under DeepSpeed each gets an engine of its own.
-    ``timeout_s`` bounds how long a collective waits for a process that has died.
+    ``timeout_s`` bounds how long a collective waits for a process that has died. Under DDP, ``bucket_mb`` sizes
+    the gradient buckets; ``grad_compression`` is only checked here (DeepSpeed refuses it) and applied by
+    :func:`vegan_scale.distributed.trainable.prepare`.
     """
     # accelerate keeps its settings in process-wide singletons that refuse to change; a process that trains more
     # than once (the Python API, the tests) starts each run afresh, keeping only the process group.
@@ -45,11 +55,17 @@ def build_accelerator(
     cuda = torch.cuda.is_available()
     timeout = timedelta(seconds=timeout_s)
     if deepspeed_requested():
+        if grad_compression != "none":
+            raise ConfigError(
+                f"train.grad_compression={grad_compression} is for DDP; DeepSpeed reduces gradients itself (its "
+                "JSON's communication_data_type): set train.grad_compression=none"
+            )
         group = InitProcessGroupKwargs(timeout=timeout, **({} if cuda else {"backend": "gloo"}))
         plugins = deepspeed_support.plugins(models)
         return Accelerator(mixed_precision=mixed_precision, deepspeed_plugin=plugins, kwargs_handlers=[group])
     group = InitProcessGroupKwargs(timeout=timeout)
-    return Accelerator(mixed_precision=mixed_precision, cpu=not cuda, kwargs_handlers=[group])
+    ddp = DistributedDataParallelKwargs(bucket_cap_mb=bucket_mb)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not cuda, kwargs_handlers=[group, ddp])
 
 
 def distribution_mode(accelerator: Accelerator) -> str:

@@ -16,9 +16,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from vegan_scale import checkpoint
 from vegan_scale.distributed import deepspeed_support
+from vegan_scale.distributed.compression import bf16_allreduce_hook
 from vegan_scale.distributed.deepspeed_support import MOMENTS
 from vegan_scale.errors import CheckpointError
 
@@ -159,10 +161,19 @@ def load_optimizer_by_name(module: nn.Module, optimizer: torch.optim.Optimizer, 
     optimizer.load_state_dict(saved)
 
 
-def prepare(accelerator: Accelerator, name: str, module: nn.Module, optimizer: torch.optim.Optimizer) -> Trainable:
-    """Wrap ``module`` and ``optimizer`` for the running distribution mode; under DeepSpeed with the plugin ``name``."""
+def prepare(
+    accelerator: Accelerator,
+    name: str,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grad_compression: str = "none",
+) -> Trainable:
+    """Wrap ``module`` and ``optimizer`` for the running distribution mode; under DeepSpeed with the plugin ``name``;
+    under DDP with ``grad_compression=bf16``, its gradients all-reduced in bf16."""
     select_plugin(accelerator, name)
     wrapped, optimizer = accelerator.prepare(module, optimizer)
+    if grad_compression == "bf16" and isinstance(wrapped, DistributedDataParallel):
+        wrapped.register_comm_hook(None, bf16_allreduce_hook)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         deepspeed_support.match_buffers_to_parameters(accelerator.unwrap_model(wrapped))
     return Trainable(name, wrapped, optimizer, accelerator)

@@ -73,7 +73,7 @@ def build_modules(cfg: Any, accelerator: Accelerator, new: bool) -> tuple[Module
     penalty = build_penalty(cfg)
     if penalty.critic is not None:
         penalty.critic.to(DTYPES[cfg.train.dtype])
-    wrap = functools.partial(trainable.prepare, accelerator)
+    wrap = functools.partial(trainable.prepare, accelerator, grad_compression=cfg.train.grad_compression)
     autoencoder = wrap(AUTOENCODER, model, adamw(model.parameters(), cfg.optim.lr, cfg.optim))
     critic = None
     if penalty.critic is not None:

@@ -26,6 +26,7 @@ its results.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,12 @@ from vegan_scale.config.load import flat_keys
 from vegan_scale.distributed.accelerator import distribution_mode
 from vegan_scale.distributed.trainable import Trainable
 from vegan_scale.errors import CheckpointError, ConfigError
+from vegan_scale.registry import ExperimentConfig
 from vegan_scale.rundir import COMPLETE, RunDir, complete_checkpoints, is_complete
 
 log = logging.getLogger("vegan_scale")
 
+DEFAULTS = flat_keys(dataclasses.asdict(ExperimentConfig()))
 MAY_CHANGE_PREFIXES = ("eval.", "checkpoint.", "tracking.", "run.root")
 MAY_CHANGE = frozenset(
     {
@@ -51,6 +54,7 @@ MAY_CHANGE = frozenset(
         "train.epochs",
         "train.check_every",
         "train.collective_timeout_s",
+        "train.ddp_bucket_mb",
         "train.resume",
         "train.init_from",
         "data.read_attempts",
@@ -94,6 +98,8 @@ def check_policy(path: Path, config: dict[str, Any], world_size: int, mode: str)
     except (OSError, ValueError, AttributeError) as e:  # yaml's errors are ValueErrors; a non-mapping has no items
         raise CheckpointError(f"{path / checkpoint.CONFIG} cannot be read ({e}): the checkpoint is damaged") from None
     current = flat_keys(config)
+    # a key the checkpoint does not name did not exist when it was written: the run had the key's default
+    saved = {**{k: v for k, v in DEFAULTS.items() if k not in saved}, **saved}
     changed = {k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k)}
     refused = sorted(k for k in changed if k not in MAY_CHANGE and not k.startswith(MAY_CHANGE_PREFIXES))
     if refused:

@@ -98,7 +98,10 @@ def build_run(cfg: Any, started_at: float) -> Run:
     failure after the run directory is known, in a run directory that exists (a run being continued), is recorded in
     its exit_status.json, so that a batch script never reads the previous attempt's status. ``started_at``: when
     this process started listening for stop requests (an older PREEMPT file was for an earlier attempt)."""
-    accelerator = build_accelerator(cfg.train.mixed_precision, module_names(cfg), cfg.train.collective_timeout_s)
+    t = cfg.train
+    accelerator = build_accelerator(
+        t.mixed_precision, module_names(cfg), t.collective_timeout_s, t.grad_compression, t.ddp_bucket_mb
+    )
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     layout = BatchLayout.derive(cfg.train.global_batch_size, accelerator.num_processes, cfg.train.micro_batch_size)

@@ -234,7 +234,7 @@ def main() -> None:
     for what, setting, rate in rows:
         print(f"{what:<42} {setting:<12} {rate:>10.0f}")
     for what, ratio in ratios + loader_ratios:
-        print(f"ratio {what}: {ratio:.1f}x")
+        print(f"ratio {what}: {ratio:.2f}x")
     worst = min(r for _, r in loader_ratios)
     print(f"headline: the 1-worker loader supplies {worst:.1f}x what training consumes (worst case)")
 

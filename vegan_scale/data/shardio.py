@@ -4,7 +4,7 @@ A sample is the run of consecutive tar members that share a key (``dir/000123.pn
 the sample ``dir/000123`` with fields ``png`` and ``cls``), as in webdataset. The tar headers are parsed here
 (USTAR, with GNU long names and PAX paths) rather than through :mod:`tarfile`, which builds an object per member:
 ``bench/loader.py`` times both grouping one MNIST shard's members into samples (bytes read, nothing decoded), and
-this parser reads about 7 times as many samples per second (docs/performance.md); members to skip are passed over
+this parser reads about 3 times as many samples per second (docs/performance.md); members to skip are passed over
 without being read into objects.
 
 Failures are told apart:

@@ -185,8 +185,15 @@ def test_the_model_is_an_mlflow_model(tracked: TrackedRun, monkeypatch: pytest.M
     for uri in (f"runs:/{tracked.run_id}/model", f"models:/{REGISTERED}/1"):
         loaded = vegan_scale.load(uri)
         assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in exported.state_dict().items()), uri
-    version = _client(tracked).get_model_version(REGISTERED, "1")
+    client = _client(tracked)
+    version = client.get_model_version(REGISTERED, "1")
     assert version.run_id == tracked.run_id
+    # the resolved config goes with the model: as its params, and its file among the model's artifacts
+    experiment = client.get_run(tracked.run_id).info.experiment_id
+    (logged,) = [m for m in client.search_logged_models([experiment]) if m.source_run_id == tracked.run_id]
+    assert logged.name == "model" and logged.params["train.max_steps"] == str(STEPS)
+    files = {a.path for a in client.list_logged_model_artifacts(logged.model_id, "artifacts")}
+    assert "artifacts/config.yaml" in files, files
 
 
 def test_a_missing_model_is_named(tracked: TrackedRun) -> None:

@@ -228,7 +228,8 @@ def sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
     status = run_dir.read_exit_status()
     if run_dir.export.is_dir():
         step = status["step"] if status is not None else 0
-        models.log_model(run.client, run.run_id, run_dir.export, step, cfg.tracking.register_as)
+        config, params = run_dir.config, as_params(cfg)
+        models.log_model(run.client, run.run_id, run_dir.export, config, params, step, cfg.tracking.register_as)
     if status is not None:
         run.finish(final_status(status["code"]))
     return run.run_id

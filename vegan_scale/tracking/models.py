@@ -2,9 +2,10 @@
 
 The model is MLflow's own pyfunc flavour, logged as the run's model ``model`` (an MLflow 3 logged model linked to
 the run), so ``mlflow.pyfunc.load_model("runs:/<run_id>/model")`` works and the UI lists it under the run. It is a
-model from code (:mod:`vegan_scale.tracking.pyfunc_model`): nothing is pickled, and its one artifact is the run's
-export directory (safetensors weights + the plain-data ``model.yaml``), which :func:`download_export` hands to
-:func:`vegan_scale.load`. Only public MlflowClient calls are used.
+model from code (:mod:`vegan_scale.tracking.pyfunc_model`): nothing is pickled. Its artifacts are the run's export
+directory (safetensors weights + the plain-data ``model.yaml``), which :func:`download_export` hands to
+:func:`vegan_scale.load`, and the run's resolved ``config.yaml``; the settings the run used are also the logged
+model's params, so the MLflow UI shows them on the model's page. Only public MlflowClient calls are used.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from vegan_scale.errors import ConfigError
 MODEL_NAME = "model"
 CODE = Path(__file__).with_name("pyfunc_model.py")
 ARTIFACT = "export"  # the export directory, among the pyfunc model's artifacts
+CONFIG_ARTIFACT = "config"  # the run's resolved config.yaml
 WEIGHTS_TAG = "vegan_scale.weights_sha256"  # which export a logged model holds
 
 
-def save_pyfunc(export_dir: Path, path: Path) -> Path:
-    """The pyfunc model of an export directory, saved locally at ``path`` (with its signature and requirements)."""
+def save_pyfunc(export_dir: Path, config_file: Path, path: Path) -> Path:
+    """The pyfunc model of an export directory and its run's resolved configuration, saved locally at ``path``
+    (with its signature and requirements)."""
     import mlflow.pyfunc
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
@@ -44,18 +47,26 @@ def save_pyfunc(export_dir: Path, path: Path) -> Path:
     mlflow.pyfunc.save_model(
         path=str(path),
         python_model=str(CODE),
-        artifacts={ARTIFACT: str(export_dir)},
+        artifacts={ARTIFACT: str(export_dir), CONFIG_ARTIFACT: str(config_file)},
         signature=signature,
         pip_requirements=[f"vegan-scale=={provenance.version()}", f"torch=={torch.__version__.split('+')[0]}"],
     )
     return path
 
 
-def log_model(client: Any, run_id: str, export_dir: Path, step: int, register_as: str | None) -> str | None:
-    """Log an export as the run's model ``model`` and, with ``register_as``, as a new version of that registered
-    model. Idempotent: a retry, or ``vegan-scale sync``, reuses the run's model and uploads nothing when it already
-    holds these weights; a run continued and exported again replaces the files of its one model. Returns the
-    logged model's id, or None when nothing changed."""
+def log_model(
+    client: Any,
+    run_id: str,
+    export_dir: Path,
+    config_file: Path,
+    params: dict[str, str],
+    step: int,
+    register_as: str | None,
+) -> str | None:
+    """Log an export (with the run's ``config_file`` and the ``params`` it used) as the run's model ``model`` and,
+    with ``register_as``, as a new version of that registered model. Idempotent: a retry, or ``vegan-scale sync``,
+    reuses the run's model and uploads nothing when it already holds these weights; a run continued and exported
+    again replaces the files of its one model. Returns the logged model's id, or None when nothing changed."""
     from mlflow.entities import LoggedModelOutput
 
     weights = hashlib.sha256((export_dir / export.MODEL_FILE).read_bytes()).hexdigest()
@@ -65,10 +76,11 @@ def log_model(client: Any, run_id: str, export_dir: Path, step: int, register_as
     if existing is None:
         experiment_id = client.get_run(run_id).info.experiment_id
         existing = client.create_logged_model(
-            experiment_id, name=MODEL_NAME, source_run_id=run_id, model_type="vegan_scale.AutoEncoder"
+            experiment_id, name=MODEL_NAME, source_run_id=run_id, params=params, model_type="vegan_scale.AutoEncoder"
         )
     with tempfile.TemporaryDirectory(prefix="vegan-scale-pyfunc-") as tmp:
-        client.log_model_artifacts(existing.model_id, str(save_pyfunc(export_dir, Path(tmp) / MODEL_NAME)))
+        local = save_pyfunc(export_dir, config_file, Path(tmp) / MODEL_NAME)
+        client.log_model_artifacts(existing.model_id, str(local))
     client.set_logged_model_tags(existing.model_id, {WEIGHTS_TAG: weights})
     client.finalize_logged_model(existing.model_id, "READY")
     client.log_outputs(run_id, [LoggedModelOutput(existing.model_id, step)])

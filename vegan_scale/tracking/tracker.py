@@ -52,7 +52,7 @@ class Tracker:
         ``system_metrics`` adds MLflow's sampler of this node's CPU, memory, disk, network (and GPU) use, labelled
         ``node_id`` in a run of several nodes; ``register_as`` registers the logged model under that name."""
         self.run_dir, self.uri, self.close_timeout_s = run_dir, uri, close_timeout_s
-        self.register_as = register_as
+        self.register_as, self.params = register_as, new.params
         self.system_metrics, self.node_id = system_metrics, node_id
         self._monitor: SystemMetrics | None = None
         self.mlflow: MlflowRun | None = None
@@ -153,8 +153,9 @@ class Tracker:
     def log_model(self, step: int, directory: Path) -> None:
         """The exported model as the run's MLflow model ``model`` (pyfunc; safetensors weights, no pickle), and a
         registered version when ``register_as`` is set: ``vegan_scale.load("runs:/<run_id>/model")`` reads it."""
+        config, params, name = self.run_dir.config, self.params, self.register_as
         self._submit(
-            lambda: models.log_model(self.mlflow.client, self.mlflow.run_id, directory, step, self.register_as)
+            lambda: models.log_model(self.mlflow.client, self.mlflow.run_id, directory, config, params, step, name)
         )
 
     def close(self, status: str) -> None:

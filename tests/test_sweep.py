@@ -37,6 +37,9 @@ def test_tasks_are_every_config_and_combination_in_order(tmp_path: Path) -> None
     ]
     assert [t.index for t in found] == list(range(8)) and found[4].run_name == "g-wae_gan-seed0-weight1"
     assert found[5].overrides[-2:] == ("tracking.tags.sweep=g", "tracking.tags.sweep_task=5")
+    lists = sweep.tasks(_grid(tmp_path, name="h", configs=configs[:1], grid={"model.mlp.hidden": [[256], [512, 512]]}))
+    assert [t.run_name for t in lists] == ["h-wae_mmd-hidden256", "h-wae_mmd-hidden512_512"]
+    assert lists[1].overrides[0] == "model.mlp.hidden=[512, 512]"
 
 
 @pytest.mark.parametrize(

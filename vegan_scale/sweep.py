@@ -78,7 +78,7 @@ def tasks(path: str | Path) -> list[Task]:
     found = []
     for config, combination in itertools.product(configs, itertools.product(*grid.values())):
         point = dict(zip(grid, combination, strict=True))
-        run = "-".join([name, Path(config).stem, *(f"{key.rsplit('.', 1)[-1]}{_text(v)}" for key, v in point.items())])
+        run = "-".join([name, Path(config).stem, *(f"{key.rsplit('.', 1)[-1]}{_slug(v)}" for key, v in point.items())])
         index = len(found)
         overrides = (
             *common,
@@ -92,7 +92,16 @@ def tasks(path: str | Path) -> list[Task]:
         except ConfigError as e:
             raise ConfigError(f"{path}: task {index} ({config} {' '.join(overrides)}): {e}") from None
         found.append(Task(index, str(config), overrides))
+    names = [t.run_name for t in found]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"{path}: grid points share run names ({', '.join(twice[:3])}): make the values differ")
     return found
+
+
+def _slug(value: Any) -> str:
+    """A grid value as part of a run name: [256, 512] becomes 256_512."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", _text(value)).strip("_")
 
 
 def _text(value: Any) -> str:

@@ -5,6 +5,7 @@ one-node cluster (tests/slurm/test_sbatch_requeue.py)."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from tests.paths import ROOT
-from tests.runkit import env, train_args
+from tests.runkit import env, exit_status, finish, start, train_args, wait_for_step
 from vegan_scale import sweep
 from vegan_scale.errors import ConfigError
 
@@ -72,3 +73,21 @@ def test_run_here_two_at_a_time_and_again(tiny_shards: Path, tmp_path: Path) -> 
     again = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     output = again.stdout + again.stderr
     assert again.returncode == 0 and output.count("finished before; skipped") == 2, output[-3000:]
+
+
+def test_sigterm_to_the_sweep_stops_its_task_after_a_checkpoint(tiny_shards: Path, tmp_path: Path) -> None:
+    """`kill PID` of `vegan-scale sweep --run` (the sweep alone, as a job's batch shell gets it): the running task
+    checkpoints and stops with 75, the next one never starts, and the sweep exits with the task's code."""
+    common = [a for a in train_args(tiny_shards, tmp_path, "unused", "wae_mmd")[4:] if not a.startswith("run.name")]
+    common += ["train.max_steps=100000", "tracking.backend=none"]
+    grid = _grid(tmp_path, name="stop", configs=[str(ROOT / "configs/mnist/wae_mmd.yaml")], grid={"run.seed": [0, 1]},
+                 overrides=common)  # fmt: skip
+    proc = start([sys.executable, "-m", "vegan_scale", "sweep", str(grid), "--run"])
+    first = tmp_path / "mnist" / "stop-wae_mmd-seed0"
+    wait_for_step(proc, first, 5)
+    proc.send_signal(signal.SIGTERM)  # to the sweep process only
+    code, out = finish(proc)
+    assert code == 75, out[-3000:]
+    status = exit_status(first)
+    assert status["code"] == 75 and (first / "checkpoints" / f"step_{status['step']:08d}" / "COMPLETE").exists()
+    assert not (tmp_path / "mnist" / "stop-wae_mmd-seed1").exists()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -132,7 +133,8 @@ def command(grid: Path, count: bool = False, task: int | None = None, here: bool
 def run_here(found: list[Task], jobs: int = 1) -> None:
     """Run the tasks on this machine, ``jobs`` at a time, each as its own ``vegan-scale train`` process (its output
     in its run directory's train.log). A task whose run already finished is skipped; one that stopped continues.
-    Raises a VeganError naming the tasks that failed, with the exit code of the first."""
+    SIGTERM or SIGUSR1 to this process is passed to the running tasks, which stop after a checkpoint (75), and no
+    new task starts. Raises a VeganError naming the tasks that did not finish, with the exit code of the first."""
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: run at least one task at a time")
     pending = []
@@ -145,6 +147,13 @@ def run_here(found: list[Task], jobs: int = 1) -> None:
             pending.append(task)
     failed: list[tuple[Task, int]] = []
     running: list[tuple[Task, subprocess.Popen]] = []
+
+    def stop(signum: int, frame: object) -> None:
+        pending.clear()
+        for _, proc in running:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -161,6 +170,9 @@ def run_here(found: list[Task], jobs: int = 1) -> None:
         for _, proc in running:
             proc.wait()
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if failed:
         names = ", ".join(f"{t.index} ({t.run_name}, exit {code})" for t, code in failed)
         error = VeganError(

@@ -75,6 +75,7 @@ bench: setup data bench-env
 	$(BIN)/python bench/mmd.py
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/scaling.py
+	$(BIN)/python bench/command_vs_step.py
 	$(BIN)/python bench/scaling_model.py
 	$(BIN)/python bench/grad_compression.py
 	$(BIN)/python bench/zero_memory.py

@@ -67,6 +67,9 @@ class Server:
         return sorted(m.step for m in history)
 
 
+STEPS = 200
+
+
 @pytest.fixture()
 def server(tmp_path: Path):
     s = Server(tmp_path / "server")
@@ -83,7 +86,7 @@ def _args(shards: Path, root: Path, name: str, uri: str, *extra: str) -> list[st
         "wae_mmd",
         f"tracking.uri={uri}",
         "tracking.backend=mlflow",
-        "train.max_steps=300",
+        f"train.max_steps={STEPS}",
         "checkpoint.every_steps=0",
         "eval.every_steps=1000",
         "tracking.close_timeout_s=120",
@@ -92,19 +95,19 @@ def _args(shards: Path, root: Path, name: str, uri: str, *extra: str) -> list[st
 
 
 def test_server_outage_mid_run_loses_nothing(tiny_shards: Path, tmp_path: Path, server: Server) -> None:
-    """The server stops at step 40 and returns later: training goes on (exit 0) and, at the end, the server holds
+    """The server stops at step 30 and returns later: training goes on (exit 0) and, at the end, the server holds
     every step exactly once."""
     server.start()
     run_dir = tmp_path / "mnist" / "outage"
     proc = start(single(_args(tiny_shards, tmp_path, "outage", server.uri)))
-    wait_for_step(proc, run_dir, 40)
+    wait_for_step(proc, run_dir, 30)
     server.stop()
-    wait_for_step(proc, run_dir, 150)  # training does not wait for the server
+    wait_for_step(proc, run_dir, 100)  # training does not wait for the server
     server.start()
     code, out = finish(proc)
     assert code == 0, out[-3000:]
     assert "fails" in out and "answers again" in out
-    assert server.steps(run_dir) == list(range(1, 301))
+    assert server.steps(run_dir) == list(range(1, STEPS + 1))
 
 
 def test_unreachable_at_start(tiny_shards: Path, tmp_path: Path, server: Server) -> None:
@@ -118,7 +121,7 @@ def test_unreachable_at_start(tiny_shards: Path, tmp_path: Path, server: Server)
     server.start()
     code, out = finish(proc)
     assert code == 0, out[-3000:]
-    assert server.steps(run_dir) == list(range(1, 301))
+    assert server.steps(run_dir) == list(range(1, STEPS + 1))
 
 
 def test_sync_sends_what_the_server_missed(tiny_shards: Path, tmp_path: Path, server: Server) -> None:
@@ -142,7 +145,7 @@ def test_sync_sends_what_the_server_missed(tiny_shards: Path, tmp_path: Path, se
         timeout=120,
     )
     assert synced.returncode == 0, synced.stderr[-2000:]
-    assert server.steps(run_dir) == list(range(1, 301))
+    assert server.steps(run_dir) == list(range(1, STEPS + 1))
 
 
 def _sync(run_dir: Path, uri: str) -> subprocess.CompletedProcess:

@@ -40,7 +40,8 @@ def load(source: str | Path, device: str = "cpu", tracking_uri: str | None = Non
     else $MLFLOW_TRACKING_URI). Nothing in the files is executed or interpolated, and the weights' shapes are
     checked before the network is built."""
     if str(source).startswith(MODEL_URI_SCHEMES):
-        from vegan_scale.tracking.models import download_export  # MLflow only when asked for
+        from vegan_scale.tracking.models import downloaded_export  # MLflow only when asked for
 
-        source = download_export(str(source), tracking_uri)
+        with downloaded_export(str(source), tracking_uri) as directory:  # read whole, then removed
+            return load_export(directory, device)
     return load_export(source, device)

@@ -3,15 +3,17 @@
 The model is MLflow's own pyfunc flavour, logged as the run's model ``model`` (an MLflow 3 logged model linked to
 the run), so ``mlflow.pyfunc.load_model("runs:/<run_id>/model")`` works and the UI lists it under the run. It is a
 model from code (:mod:`vegan_scale.tracking.pyfunc_model`): nothing is pickled. Its artifacts are the run's export
-directory (safetensors weights + the plain-data ``model.yaml``), which :func:`download_export` hands to
+directory (safetensors weights + the plain-data ``model.yaml``), which :func:`downloaded_export` hands to
 :func:`vegan_scale.load`, and the run's resolved ``config.yaml``; the settings the run used are also the logged
 model's params, so the MLflow UI shows them on the model's page. Only public MlflowClient calls are used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,18 +121,22 @@ def register(client: Any, name: str, run_id: str, model: Any) -> None:
     client.create_model_version(name, source=model.artifact_location, run_id=run_id, model_id=model.model_id)
 
 
-def download_export(uri: str, tracking_uri: str | None) -> Path:
+@contextlib.contextmanager
+def downloaded_export(uri: str, tracking_uri: str | None) -> Iterator[Path]:
     """The export directory inside the MLflow model at ``uri`` (``runs:/<run_id>/model``,
-    ``models:/<name>/<version>``), downloaded to a new temporary directory."""
+    ``models:/<name>/<version>``), downloaded to a temporary directory that is removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="vegan-scale-model-") as tmp:
+        yield _download(uri, tracking_uri, Path(tmp))
+
+
+def _download(uri: str, tracking_uri: str | None, into: Path) -> Path:
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
     where = tracking_uri or "the tracking URI in $MLFLOW_TRACKING_URI (or MLflow's default)"
     try:
         local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="vegan-scale-model-"), tracking_uri=tracking_uri
-            )
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into), tracking_uri=tracking_uri)
         )
     except (MlflowException, OSError) as e:
         raise ConfigError(

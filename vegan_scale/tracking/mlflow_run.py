@@ -214,13 +214,13 @@ def sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
     """Bring a run directory's MLflow run up to date with the directory, creating it when the server never saw it:
     params, metrics, figures, the configuration and the exported model, then the final status from
     exit_status.json. Only what the server lacks is sent: running it twice changes nothing. Returns the run id."""
-    run_id = run_dir.read_mlflow_run_id()
+    run_id, params = run_dir.read_mlflow_run_id(), as_params(cfg)
     if run_id is None:
         run = MlflowRun.create(uri, NewRun.of(cfg, run_dir, uri, {"sync": "created by vegan-scale sync"}))
         run_dir.write_mlflow_run_id(run.run_id)
     else:
         run = MlflowRun(uri, run_id, new=False)
-        run.send_params(as_params(cfg))
+        run.send_params(params)
     run.send_run_dir(run_dir)
     for key, step, path in run_dir.saved_figures():
         run.send_figure(step, key, path)
@@ -228,8 +228,7 @@ def sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
     status = run_dir.read_exit_status()
     if run_dir.export.is_dir():
         step = status["step"] if status is not None else 0
-        config, params = run_dir.config, as_params(cfg)
-        models.log_model(run.client, run.run_id, run_dir.export, config, params, step, cfg.tracking.register_as)
+        models.log_model(run.client, run.run_id, run_dir.export, run_dir.config, params, step, cfg.tracking.register_as)
     if status is not None:
         run.finish(final_status(status["code"]))
     return run.run_id

@@ -72,11 +72,11 @@ def log_model(
     from mlflow.entities import LoggedModelOutput
 
     weights = hashlib.sha256((export_dir / export.MODEL_FILE).read_bytes()).hexdigest()
-    existing = _run_model(client, run_id)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    existing = _run_model(client, experiment_id, run_id)
     if existing is not None and existing.status == "READY" and existing.tags.get(WEIGHTS_TAG) == weights:
         return None
     if existing is None:
-        experiment_id = client.get_run(run_id).info.experiment_id
         existing = client.create_logged_model(
             experiment_id, name=MODEL_NAME, source_run_id=run_id, params=params, model_type="vegan_scale.AutoEncoder"
         )
@@ -91,9 +91,8 @@ def log_model(
     return existing.model_id
 
 
-def _run_model(client: Any, run_id: str) -> Any | None:
+def _run_model(client: Any, experiment_id: str, run_id: str) -> Any | None:
     """The run's logged model named ``model``, if it has one (the one ``runs:/<run_id>/model`` resolves to)."""
-    experiment_id = client.get_run(run_id).info.experiment_id
     page_token = None
     while True:
         page = client.search_logged_models(

@@ -97,7 +97,7 @@ def read_offsets(url: str, count: int) -> list[int] | None:
     reader passes over the samples before the ones it wants instead)."""
     if url.startswith(("http://", "https://", s3.SCHEME)):
         data = _fetch(url + OFFSETS_SUFFIX)
-    elif "://" in url.split("/", 1)[0] + "/" or url.startswith("pipe:"):
+    elif url.startswith("pipe:"):
         return None
     else:
         path = offsets_path(Path(url.removeprefix("file://")))

@@ -85,10 +85,10 @@ class _Window(io.RawIOBase):
 
 
 def open_url(url: str, start: int = 0, end: int | None = None) -> tuple[BinaryIO, bool]:
-    """(a binary stream of ``url``, whether it starts at byte ``start``): a local path or file:// (seeked),
-    http(s):// (a Range request), s3:// (the same, through boto3), or any other scheme webdataset opens (pipe:,
-    ...), which starts at the beginning. With ``end``, a local file or URL is read no further than that byte
-    (object stores bill what they send)."""
+    """(a binary stream of ``url``, whether it starts at byte ``start``): http(s):// (a Range request), s3:// (the
+    same, through boto3), a ``pipe:`` command (webdataset's, from the beginning), else a local path or file://
+    (seeked). With ``end``, a local file or URL is read no further than that byte (object stores bill what they
+    send)."""
     if s3.is_s3(url):
         return s3.open_object(url, start, end), True
     if url.startswith(("http://", "https://")):
@@ -103,7 +103,7 @@ def open_url(url: str, start: int = 0, end: int | None = None) -> tuple[BinaryIO
             raise TransientReadError(f"HTTP {e.code} for {url}") from e
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             raise TransientReadError(f"cannot reach {url}: {e}") from e
-    if "://" not in url.split("/", 1)[0] + "/" and not url.startswith("pipe:"):
+    if not url.startswith("pipe:"):
         path = url.removeprefix("file://")
         try:
             raw = open(path, "rb", buffering=0)  # noqa: SIM115 (the caller closes it)

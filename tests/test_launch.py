@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -54,6 +55,15 @@ def test_global_batch_the_world_cannot_divide_is_refused(tiny_shards: Path, tmp_
     proc = _launch("cpu_ddp.yaml", tiny_shards, tmp_path, "wae_mmd", "train.global_batch_size=21")
     assert proc.returncode != 0
     assert "train.global_batch_size=21 cannot be split evenly over 2 processes" in proc.stderr
+
+
+def test_gradient_compression_under_deepspeed_is_refused(tiny_shards: Path, tmp_path: Path) -> None:
+    """train.grad_compression is DDP's: under DeepSpeed (which reduces gradients itself) every process stops with
+    the key named, before any data is read."""
+    proc = _launch("cpu_zero2.yaml", tiny_shards, tmp_path, "wae_mmd", "train.grad_compression=bf16")
+    assert proc.returncode != 0
+    assert "train.grad_compression=bf16 is for DDP" in proc.stderr
+    assert not re.search(r'File ".*/vegan_scale/', proc.stderr)  # the launcher traces its failed workers, not ours
 
 
 @pytest.mark.parametrize(("config", "recipe"), [("cpu_zero2.yaml", "wae_mmd"), ("cpu_zero3.yaml", "wae_gan")])

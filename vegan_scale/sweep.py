@@ -50,10 +50,11 @@ class Task:
     index: int
     config: str
     overrides: tuple[str, ...]  # the sweep's, the grid point's, then its run name and tags
+    run_dir: RunDir  # where its run goes, from its resolved configuration
 
     @property
     def run_name(self) -> str:
-        return next(o.split("=", 1)[1] for o in reversed(self.overrides) if o.startswith("run.name="))
+        return self.run_dir.path.name
 
 
 def tasks(path: str | Path) -> list[Task]:
@@ -89,10 +90,10 @@ def tasks(path: str | Path) -> list[Task]:
             f"tracking.tags.sweep_task={index}",
         )
         try:
-            load_config(ExperimentConfig, config, overrides)
+            cfg = load_config(ExperimentConfig, config, overrides)
         except ConfigError as e:
             raise ConfigError(f"{path}: task {index} ({config} {' '.join(overrides)}): {e}") from None
-        found.append(Task(index, str(config), overrides))
+        found.append(Task(index, str(config), overrides, RunDir(Path(cfg.run.root) / cfg.run.experiment / run)))
     names = [t.run_name for t in found]
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
@@ -139,8 +140,7 @@ def run_here(found: list[Task], jobs: int = 1) -> None:
         raise ConfigError(f"--jobs {jobs}: run at least one task at a time")
     pending = []
     for task in found:
-        cfg = load_config(ExperimentConfig, task.config, task.overrides)
-        status = RunDir(Path(cfg.run.root) / cfg.run.experiment / cfg.run.name).read_exit_status()
+        status = task.run_dir.read_exit_status()
         if status is not None and status["code"] == ExitCode.OK:
             log.info("task %d (%s) finished before; skipped", task.index, task.run_name)
         else:

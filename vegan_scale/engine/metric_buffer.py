@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-Reduce = Callable[[torch.Tensor], torch.Tensor]
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # a collective over processes, e.g. the mean
 
 
 class MetricBuffer:
@@ -23,9 +23,7 @@ class MetricBuffer:
             self.sums[key] = self.sums[key] + v if key in self.sums else v.clone()
         self.count += 1
 
-    def flush(
-        self, mean_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None
-    ) -> tuple[dict[str, float], int]:
+    def flush(self, mean_over_processes: Reduce | None = None) -> tuple[dict[str, float], int]:
         """(means since the last flush, number of steps they cover); with ``mean_over_processes`` (collective), the
         means over every process too: the global batch's values, as one process would have computed them."""
         count = self.count

@@ -51,18 +51,32 @@ class StepNoise:
         return torch.Generator(like.device).manual_seed(mix_seed(self.seed, self.step, KEYS.index(key)))
 
 
-def normal(noise: StepNoise | None, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """Standard normal draws of ``shape`` (samples first), on ``like``'s device and dtype."""
-    if noise is None:
-        return torch.randn(shape, device=like.device, dtype=like.dtype)
-    return noise.per_sample(key, shape[1:], like, torch.randn)
+def normal(
+    noise: StepNoise | None, key: str, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """Standard normal draws of ``shape`` (samples first), on ``like``'s device and dtype: from ``generator`` when
+    one is given, else from ``noise``, else from torch's own generator."""
+    return _draw(torch.randn, noise, key, shape, like, generator)
 
 
-def uniform(noise: StepNoise | None, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """Uniform draws on [0, 1) of ``shape`` (samples first), on ``like``'s device and dtype."""
-    if noise is None:
-        return torch.rand(shape, device=like.device, dtype=like.dtype)
-    return noise.per_sample(key, shape[1:], like, torch.rand)
+def uniform(
+    noise: StepNoise | None, key: str, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """Uniform draws on [0, 1) of ``shape`` (samples first), as :func:`normal` chooses their source."""
+    return _draw(torch.rand, noise, key, shape, like, generator)
+
+
+def _draw(
+    draw: Callable[..., Tensor],
+    noise: StepNoise | None,
+    key: str,
+    shape: tuple[int, ...],
+    like: Tensor,
+    generator: torch.Generator | None,
+) -> Tensor:
+    if noise is None or generator is not None:
+        return draw(shape, device=like.device, dtype=like.dtype, generator=generator)
+    return noise.per_sample(key, shape[1:], like, draw)
 
 
 def truncated_normal(noise: StepNoise | None, key: str, like: Tensor, std: float) -> Tensor:

@@ -52,11 +52,8 @@ class Prior:
         torch's own generator."""
         shape, like = (n, self.dim), torch.empty(0, device=device, dtype=dtype)
         if self.kind == "box":
-            u = torch.rand(shape, device=device, dtype=dtype, generator=generator) if generator else None
-            u = uniform(noise, "prior", shape, like) if u is None else u
-            return (2 * u - 1) * self.scale
-        g = torch.randn(shape, device=device, dtype=dtype, generator=generator) if generator else None
-        g = normal(noise, "prior", shape, like) if g is None else g
+            return (2 * uniform(noise, "prior", shape, like, generator) - 1) * self.scale
+        g = normal(noise, "prior", shape, like, generator)
         if self.kind == "gaussian":
             return g * math.sqrt(self.scale)
         return g / g.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny) * self.scale

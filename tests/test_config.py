@@ -227,6 +227,32 @@ def test_wrong_type_in_file_names_the_file(tmp_path):
     assert str(path) in msg and "model.latent_dim" in msg
 
 
+def test_yaml_boolean_words_stay_words(tmp_path):
+    """YAML 1.1 reads `no` as false; where the key's choices are words (accelerate's `mixed_precision=no`) the word
+    is kept, in an override and in a file."""
+    assert (
+        load(MNIST / "wae_mmd.yaml", "train.mixed_precision=bf16", "train.mixed_precision=no").train.mixed_precision
+        == "no"
+    )
+    path = write(tmp_path / "no.yaml", f"inherit: {MNIST / 'wae_mmd.yaml'}\ntrain:\n  mixed_precision: no\n")
+    assert load(path).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.low_precision_weights=true"], "needs train.mixed_precision=bf16 (got train.mixed_precision=no)"),
+        (
+            ["train.low_precision_weights=true", "train.mixed_precision=bf16", "train.compile=true"],
+            "train.low_precision_weights=true needs train.compile=false (got train.compile=true)",
+        ),
+    ],
+)
+def test_low_precision_weights_requirements(overrides, message):
+    """The bf16 weights copy needs bf16 autocast and no torch.compile (it would compile the float32 master)."""
+    assert message in config_error(MNIST / "wae_mmd.yaml", *overrides)
+
+
 def test_bad_choice_override_lists_choices():
     """A value outside a key's choices names the override and the key and lists every allowed value."""
     msg = config_error(MNIST / "wae_mmd.yaml", "penalty.kind=foo")

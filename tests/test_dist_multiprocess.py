@@ -17,6 +17,7 @@ CHECKS = [
     "ranks_end_with_identical_parameters",
     "global_sliced_wasserstein_float64",
     "bf16_gradient_compression",
+    "bf16_weights_copy_under_ddp",
 ]
 
 
@@ -76,3 +77,15 @@ def test_bf16_gradient_compression(results: dict) -> None:
     for rank_result in results["bf16_gradient_compression"]:
         assert rank_result["hooks"] == ["bf16_allreduce_hook"]
         assert 0 < rank_result["rel"] <= 2**-7
+
+
+def test_bf16_weights_copy_under_ddp(results: dict) -> None:
+    """train.low_precision_weights under DDP: the bf16 copy's gradients are the mean of both ranks' (to bf16
+    compute precision, 2^-5 of their norm, where a rank's own gradient differs from the mean by its whole size),
+    the masters stay float32 and identical on both ranks, the copy is exactly the masters rounded to bf16 after
+    each step, and batch norm is one float32 layer shared by both."""
+    for r in results["bf16_weights_copy_under_ddp"]:
+        assert r["grad_rel"] < 2**-5, r
+        assert r["master_dtypes"] == ["torch.float32"] and r["copy_dtypes"] == ["torch.bfloat16", "torch.float32"]
+        assert r["copy_is_rounded_master"] and r["norm_shared"] and r["ranks_agree"], r
+        assert r["moved"] > 1e-3, r  # three steps of lr 1e-3 moved the masters

@@ -301,3 +301,61 @@ def bf16_gradient_compression(ctx: Context) -> dict:
         "hooks": [hook.__name__ for hook, _ in compressed._comm_hooks],  # DDP's record of registered hooks
         "rel": ((grads["bf16"] - grads["none"]).abs().max() / scale).item(),
     }
+
+
+@check
+def bf16_weights_copy_under_ddp(ctx: Context) -> dict:
+    """train.low_precision_weights as the trainer wraps a module (trainable.prepare), three AdamW steps under DDP
+    with ranks on different data: the first step's gradients (taken with the bf16 copy, all-reduced) against the
+    float64 mean of both ranks' gradients at the same (bf16-rounded) weights; afterwards, the masters' precision,
+    whether the copy is exactly the masters rounded to bf16, whether batch norm is shared, and the ranks' masters."""
+    import copy
+
+    from vegan_scale.distributed import trainable
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    module = nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 16))
+    data = [torch.randn(32, 16, generator=torch.Generator().manual_seed(10 + r)) for r in range(ctx.world_size)]
+    reference = copy.deepcopy(module).double()
+    with torch.no_grad():  # the weights the copy computes with: the masters rounded to bf16 (batch norm's stay)
+        for name in ("0", "3"):
+            for p in reference.get_submodule(name).parameters():
+                p.copy_(p.bfloat16())
+    for x in data:  # DDP's gradient: the mean over the ranks' losses, each on its own batch statistics
+        (reference(x.double()).square().mean() / ctx.world_size).backward()
+    wrapped = trainable.prepare(
+        ctx.accelerator,
+        "autoencoder",
+        module,
+        torch.optim.AdamW(module.parameters(), lr=1e-3),
+        low_precision_weights=True,
+    )
+    twin = wrapped.low_precision.twin
+    error = float("nan")
+    for step in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = wrapped.module(data[ctx.rank]).float().square().mean()
+        wrapped.backward(loss)
+        if step == 0:  # over all gradients at once (the first layer's bias has none: batch norm removes it)
+            mine = torch.cat([p.grad.double().flatten() for p in twin.parameters()])
+            mean = torch.cat([p.grad.flatten() for p in reference.parameters()])
+            error = ((mine - mean).norm() / mean.norm()).item()
+        wrapped.step(1e-3)
+    masters = torch.cat([p.detach().flatten() for p in module.parameters()])
+    gathered = [torch.empty_like(masters) for _ in range(ctx.world_size)]
+    torch.distributed.all_gather(gathered, masters)
+    return {
+        "grad_rel": error,
+        "master_dtypes": sorted({str(p.dtype) for p in module.parameters()}),
+        "copy_is_rounded_master": all(
+            torch.equal(low, high.detach().to(low.dtype)) for high, low in wrapped.low_precision.pairs
+        ),
+        "copy_dtypes": sorted({str(p.dtype) for p in twin.parameters()}),
+        "norm_shared": twin[1] is module[1],
+        "ranks_agree": all(torch.equal(g, gathered[0]) for g in gathered),
+        "moved": (masters - torch.cat([p.detach().flatten() for p in reference.parameters()]).float())
+        .abs()
+        .max()
+        .item(),
+    }

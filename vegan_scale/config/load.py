@@ -18,7 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from vegan_scale.config.fields import describe
 from vegan_scale.config.schema import SCHEMA_VERSION
-from vegan_scale.config.validate import check_experiment, check_values
+from vegan_scale.config.validate import check_experiment, check_values, restore_words
 from vegan_scale.errors import ConfigError
 
 INHERIT_KEY = "inherit"
@@ -104,6 +104,7 @@ def _parse_override(item: str) -> dict:
 
 
 def _merge(schema: type, cfg: DictConfig, data: dict, source: str) -> DictConfig:
+    restore_words(schema, data)
     try:
         merged = OmegaConf.merge(cfg, data)
     except ConfigKeyError as e:

@@ -154,6 +154,14 @@ class TrainConfig:
     mixed_precision: str = param(
         "no", "Autocast precision of the networks; kernels and penalties stay float32.", choices=("no", "bf16", "fp16")
     )
+    low_precision_weights: bool = param(
+        False,
+        "With mixed_precision=bf16, one process or DDP: the networks compute with a bf16 copy of their weights, "
+        "refreshed from the float32 master weights after each optimizer step, instead of autocast casting every "
+        "weight at every step (normalisation layers stay float32). The optimizer and checkpoints keep the float32 "
+        "masters; gradients are taken, all-reduced and accumulated over micro-batches in bf16. docs/performance.md "
+        "says what it buys.",
+    )
     dtype: str = param(
         "float32",
         "Precision of the parameters, images and optimizer state; float64 (with mixed_precision=no) for checks of "
@@ -306,6 +314,8 @@ REQUIREMENTS = (
     Requirement("cost.kind", "bernoulli", "model.decoder", ("deterministic",)),
     Requirement("cost.kind", "bernoulli", "data.input_range", ("unit",)),  # pixel probabilities
     Requirement("train.dtype", "float64", "train.mixed_precision", ("no",)),
+    Requirement("train.low_precision_weights", True, "train.mixed_precision", ("bf16",)),
+    Requirement("train.low_precision_weights", True, "train.compile", (False,)),  # compiles the master, not the copy
 )
 
 

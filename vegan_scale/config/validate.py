@@ -29,6 +29,23 @@ def check_values(schema: type, obj: Any, where: str = "") -> None:
             raise ConfigError(f"{where}{key}={shown} is out of range: it must be {bounds}")
 
 
+YAML_BOOLEANS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def restore_words(schema: type, data: dict) -> None:
+    """Put back the word YAML took for a boolean where the key's choices are words: YAML 1.1 reads ``no``, ``off``,
+    ``yes`` and ``on`` as booleans, so ``train.mixed_precision=no`` (accelerate's spelling) would arrive as False."""
+    for key, field, _ in leaves(schema):
+        *parents, leaf = key.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        choices = field.metadata.get("choices") or ()
+        if isinstance(node, dict) and isinstance(node.get(leaf), bool):
+            words = [word for word in YAML_BOOLEANS[node[leaf]] if word in choices]
+            node[leaf] = words[0] if words else node[leaf]
+
+
 def check_experiment(obj: Any) -> None:
     """Rules that span several keys; the values themselves were checked as they were merged."""
     o = obj.optim
@@ -45,8 +62,8 @@ def check_experiment(obj: Any) -> None:
     for rule in getattr(type(obj), "REQUIREMENTS", ()):
         if lookup(obj, rule.when) == rule.value and lookup(obj, rule.needs) not in rule.allowed:
             raise ConfigError(
-                f"{rule.when}={rule.value} needs {rule.needs}={'|'.join(map(str, rule.allowed))} "
-                f"(got {rule.needs}={lookup(obj, rule.needs)!r})"
+                f"{rule.when}={_word(rule.value)} needs {rule.needs}={'|'.join(map(_word, rule.allowed))} "
+                f"(got {rule.needs}={_word(lookup(obj, rule.needs))})"
             )
 
 
@@ -54,3 +71,8 @@ def lookup(obj: Any, key: str) -> Any:
     for part in key.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _word(value: Any) -> str:
+    """A value as it is written in a config (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -40,13 +40,14 @@ def build_accelerator(
     timeout_s: float = 600.0,
     grad_compression: str = "none",
     bucket_mb: int = 25,
+    low_precision_weights: bool = False,
 ) -> Accelerator:
     """An Accelerator for whatever the launcher started: one process, DDP on CPU or GPU, or DeepSpeed.
 
     ``models`` names the separately trained modules; under DeepSpeed each gets an engine of its own.
     ``timeout_s`` bounds how long a collective waits for a process that has died. Under DDP, ``bucket_mb`` sizes
-    the gradient buckets; ``grad_compression`` is only checked here (DeepSpeed refuses it) and applied by
-    :func:`vegan_scale.distributed.trainable.prepare`.
+    the gradient buckets; ``grad_compression`` and ``low_precision_weights`` are only checked here (DeepSpeed
+    refuses them) and applied by :func:`vegan_scale.distributed.trainable.prepare`.
     """
     # accelerate keeps its settings in process-wide singletons that refuse to change; a process that trains more
     # than once (the Python API, the tests) starts each run afresh, keeping only the process group.
@@ -59,6 +60,11 @@ def build_accelerator(
             raise ConfigError(
                 f"train.grad_compression={grad_compression} is for DDP; DeepSpeed reduces gradients itself (its "
                 "JSON's communication_data_type): set train.grad_compression=none"
+            )
+        if low_precision_weights:
+            raise ConfigError(
+                "train.low_precision_weights=true is for one process or DDP; DeepSpeed's bf16 mode keeps bf16 weights "
+                "with float32 masters itself: set train.low_precision_weights=false"
             )
         group = InitProcessGroupKwargs(timeout=timeout, **({} if cuda else {"backend": "gloo"}))
         plugins = deepspeed_support.plugins(models)

@@ -3,12 +3,14 @@
 The loop calls ``backward(loss)`` and ``step(lr)`` on each trained module (the auto-encoder; WAE-GAN's critic too),
 inside ``accelerator.accumulate``: off an accumulation boundary the optimizer step is skipped and, under DDP, the
 gradient all-reduce too. Under DeepSpeed each module has an engine of its own (accelerate's ``backward`` knows only
-one engine), so the engine is driven directly.
+one engine), so the engine is driven directly. With ``train.low_precision_weights`` the loop calls a bf16 copy of
+the module (:class:`LowPrecisionCopy`) and the optimizer, checkpoints and evaluation keep the float32 module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,52 @@ from vegan_scale.distributed.compression import bf16_allreduce_hook
 from vegan_scale.distributed.deepspeed_support import MOMENTS
 from vegan_scale.errors import CheckpointError
 
+NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)  # computed in float32 under autocast
+
+
+@dataclass
+class LowPrecisionCopy:
+    """A bf16 copy of a float32 module that the forward and backward passes use, refreshed once per optimizer step.
+
+    Under autocast every weight is cast to bf16 at every step, and its gradient cast back; the copy is cast once,
+    after the step, by copying the updated float32 masters into it. Normalisation layers are not copied: the copy
+    shares them with the master (float32, as autocast runs them), so their parameters and running statistics are
+    one. Everything that reads or writes weights (the optimizer, checkpoints, evaluation, export) sees the master.
+    """
+
+    master: nn.Module
+    twin: nn.Module
+    pairs: list[tuple[nn.Parameter, nn.Parameter]] = field(default_factory=list)  # (master, its bf16 copy)
+
+    @classmethod
+    def of(cls, master: nn.Module) -> LowPrecisionCopy:
+        shared = {id(m): m for m in master.modules() if isinstance(m, NORMS)}
+        twin = copy.deepcopy(master, memo=dict(shared))  # the memo makes the copy reuse the norm layers
+        copies = dict(twin.named_parameters())
+        pairs = [(p, copies[name]) for name, p in master.named_parameters() if copies[name] is not p]
+        for _, low in pairs:
+            low.data = low.data.to(torch.bfloat16)
+        return cls(master, twin, pairs)
+
+    def gradients_to_masters(self) -> None:
+        """Give each master its copy's gradient, in float32 (the copies' are cleared for the next step)."""
+        for high, low in self.pairs:
+            high.grad = None if low.grad is None else low.grad.to(high.dtype)
+            low.grad = None
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        for high, low in self.pairs:
+            low.copy_(high)
+
 
 @dataclass
 class Trainable:
     name: str
-    module: nn.Module  # what the loop calls: the module, its DDP wrapper or its DeepSpeed engine
+    module: nn.Module  # what the loop calls: the module (or its bf16 copy), its DDP wrapper or DeepSpeed engine
     optimizer: torch.optim.Optimizer
     accelerator: Accelerator
+    low_precision: LowPrecisionCopy | None = None
 
     @property
     def engine(self) -> object | None:
@@ -38,7 +79,9 @@ class Trainable:
 
     @property
     def raw(self) -> nn.Module:
-        """The unwrapped module (its parameters are partitioned under ZeRO-3)."""
+        """The unwrapped module, float32 master of a bf16 copy (its parameters are partitioned under ZeRO-3)."""
+        if self.low_precision is not None:
+            return self.low_precision.master
         return self.accelerator.unwrap_model(self.module)
 
     @property
@@ -63,8 +106,15 @@ class Trainable:
         if self.engine is not None:
             self.engine.step()
             return
+        if self.low_precision is not None:
+            self.low_precision.gradients_to_masters()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if self.low_precision is not None:
+            self.low_precision.refresh()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the module's whole weights (gathered under ZeRO-3), on every process."""
@@ -75,6 +125,7 @@ class Trainable:
         """Collective: set the module's whole weights (scattered back to the shards under ZeRO-3)."""
         with deepspeed_support.gathered(self.raw, modify=True):
             self.raw.load_state_dict(weights)
+        self._refresh()
 
     def save(self, directory: Path) -> None:
         """Collective: write this module's whole weights and its optimizer's state by parameter name (gathered
@@ -108,6 +159,7 @@ class Trainable:
             return
         self.raw.load_state_dict(weights)
         load_optimizer_by_name(self.raw, self.optimizer, optimizer_state)
+        self._refresh()
 
     def parameters_finite(self) -> torch.Tensor:
         """A device bool: whether every parameter (this process's shard under ZeRO-3) is finite; no sync."""
@@ -167,16 +219,20 @@ def prepare(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
     grad_compression: str = "none",
+    low_precision_weights: bool = False,
 ) -> Trainable:
     """Wrap ``module`` and ``optimizer`` for the running distribution mode; under DeepSpeed with the plugin ``name``;
-    under DDP with ``grad_compression=bf16``, its gradients all-reduced in bf16."""
+    under DDP with ``grad_compression=bf16``, its gradients all-reduced in bf16. ``low_precision_weights``: what is
+    wrapped and called is a bf16 copy of ``module`` (one process or DDP; ``optimizer`` holds ``module``'s
+    parameters, the masters)."""
     select_plugin(accelerator, name)
-    wrapped, optimizer = accelerator.prepare(module, optimizer)
+    low_precision = LowPrecisionCopy.of(module) if low_precision_weights else None
+    wrapped, optimizer = accelerator.prepare(module if low_precision is None else low_precision.twin, optimizer)
     if grad_compression == "bf16" and isinstance(wrapped, DistributedDataParallel):
         wrapped.register_comm_hook(None, bf16_allreduce_hook)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         deepspeed_support.match_buffers_to_parameters(accelerator.unwrap_model(wrapped))
-    return Trainable(name, wrapped, optimizer, accelerator)
+    return Trainable(name, wrapped, optimizer, accelerator, low_precision)
 
 
 def select_plugin(accelerator: Accelerator, name: str) -> None:

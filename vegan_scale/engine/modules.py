@@ -73,7 +73,12 @@ def build_modules(cfg: Any, accelerator: Accelerator, new: bool) -> tuple[Module
     penalty = build_penalty(cfg)
     if penalty.critic is not None:
         penalty.critic.to(DTYPES[cfg.train.dtype])
-    wrap = functools.partial(trainable.prepare, accelerator, grad_compression=cfg.train.grad_compression)
+    wrap = functools.partial(
+        trainable.prepare,
+        accelerator,
+        grad_compression=cfg.train.grad_compression,
+        low_precision_weights=cfg.train.low_precision_weights,
+    )
     autoencoder = wrap(AUTOENCODER, model, adamw(model.parameters(), cfg.optim.lr, cfg.optim))
     critic = None
     if penalty.critic is not None:

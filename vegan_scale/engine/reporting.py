@@ -29,7 +29,7 @@ def announce(run: Run) -> None:
         layout.global_batch,
         run.steps.total,
         run.steps.per_epoch,
-        cfg.train.mixed_precision,
+        cfg.train.mixed_precision + (" (bf16 weights copy)" if cfg.train.low_precision_weights else ""),
     )
     log.info(
         "data: %s mode, %d shards, %d loader worker(s) per process, on_error=%s",

@@ -100,7 +100,12 @@ def build_run(cfg: Any, started_at: float) -> Run:
     this process started listening for stop requests (an older PREEMPT file was for an earlier attempt)."""
     t = cfg.train
     accelerator = build_accelerator(
-        t.mixed_precision, module_names(cfg), t.collective_timeout_s, t.grad_compression, t.ddp_bucket_mb
+        t.mixed_precision,
+        module_names(cfg),
+        t.collective_timeout_s,
+        t.grad_compression,
+        t.ddp_bucket_mb,
+        t.low_precision_weights,
     )
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)

@@ -12,8 +12,9 @@ test split, once. Every row runs ``SEEDS`` seeds (``run.seed``), each its own ru
 ``runs/results_<data>/<row>-s<seed>``; its command is printed beside the row.
 
 Resumable: a run whose ``eval.json`` is there is not touched; a run trained but not evaluated is evaluated; a run
-stopped midway continues from its checkpoint (``train.resume=auto``). Trainings run two at a time, one thread each,
-and each run's wall time (train and eval) is kept in its run directory.
+stopped midway continues from its checkpoint (``train.resume=auto``). Trainings run two at a time, one thread each.
+A row's wall time is its runs' mean training time (from each run's log; a run continued from a checkpoint is left
+out of it) and evaluation time.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,6 +139,25 @@ def _spread(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def train_seconds(directory: Path) -> float | None:
+    """A run's training time from its log: that of its last sitting, if that sitting trained from the first step.
+    None for a run continued from a checkpoint (a session ended midway): its sittings repeat or skip steps, so
+    no sum of them is the run's time."""
+    sittings: list[list] = []  # per start of the command: [first time, last time, first step logged]
+    for line in (directory / "train.log").read_text().splitlines():
+        try:
+            when = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        except ValueError:
+            continue
+        if "| run directory: " in line or not sittings:
+            sittings.append([when, when, None])
+        sittings[-1][1] = when
+        if sittings[-1][2] is None and (step := re.search(r"\| step (\d+)/", line)):
+            sittings[-1][2] = int(step[1])
+    first, last, step = sittings[-1]
+    return (last - first).total_seconds() if step == sittings[0][2] else None
+
+
 def summary(rows: list[Row], title: str) -> str:
     """A markdown table: per row, each metric's mean ± standard deviation over the seeds evaluated, the number of
     seeds, the mean wall time of a run, and the real-data floor."""
@@ -144,8 +166,8 @@ def summary(rows: list[Row], title: str) -> str:
     floor = None
     for row in rows:
         results = [json.loads(p.read_text()) for s in SEEDS if (p := row.run_dir(s) / "eval.json").exists()]
-        timings = [json.loads(p.read_text()) for s in SEEDS if (p := row.run_dir(s) / TIMING).exists()]
-        minutes = [(t.get("train_s", 0) + t.get("eval_s", 0)) / 60 for t in timings]
+        minutes = [(train + json.loads(p.read_text())["eval_s"]) / 60 for s in SEEDS
+                   if (p := row.run_dir(s) / TIMING).exists() and (train := train_seconds(row.run_dir(s)))]  # fmt: skip
         cells = [_spread([r["model"][k] for r in results], d) for k, _, d in COLUMNS]
         wall = f"{statistics.mean(minutes):.1f}" if minutes else "–"
         lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {len(results)} | {wall} |")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +18,7 @@ import pytest
 import torch
 from conftest import synthetic_images
 
+from tests.paths import ROOT
 from tests.shardkit import (
     RunsShell,
     batch_ids,
@@ -87,6 +90,23 @@ def test_epoch_reads_every_sample_once(tiny_shards, num_workers):
         np.testing.assert_array_equal(images[:, 0].numpy(), reference[ids])
         assert labels.tolist() == [i % 10 for i in ids]
         assert skips.tolist() == [0] * len(SKIP_REASONS)
+
+
+def test_a_script_that_leaves_a_stream_unfinished_exits(tiny_shards):
+    """A process that takes one batch of a 1-worker stream and ends with the iterator still referenced exits at
+    once: its worker, which ignores a job's stop signals while training needs it, is released at exit (it used to
+    wait for the worker forever)."""
+    script = (
+        "import sys\n"
+        "from vegan_scale.data.index import read_index\n"
+        "from vegan_scale.data.pipeline import TrainStream\n"
+        f"stream = TrainStream(read_index({str(tiny_shards / 'train')!r}), (1, 28, 28), 50, 0, num_workers=1)\n"
+        "batches = stream.epoch(0)\n"
+        "next(batches)\n"
+        "print('took a batch', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "took a batch" in done.stdout, done.stderr[-2000:]
 
 
 def test_epoch_is_shuffled_across_shards(tiny_shards):

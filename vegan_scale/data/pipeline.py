@@ -18,6 +18,7 @@ The loader is a plain DataLoader; it is never passed to ``accelerator.prepare`` 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import logging
@@ -25,6 +26,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -50,6 +52,17 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images uint8 [B, C, H
 Item = tuple[torch.Tensor, int]  # a decoded sample: image, label
 
 
+_RELEASES: weakref.WeakSet = weakref.WeakSet()  # the release event of every Readers of this process
+
+
+@atexit.register  # after multiprocessing's own exit handler, so it runs first
+def _release_at_exit() -> None:
+    """At the interpreter's exit multiprocessing ends the loader workers still running with SIGTERM and waits for
+    them: those of a stream left unfinished (its iterator still referenced) must take it, not hang the exit."""
+    for event in list(_RELEASES):
+        event.set()
+
+
 @dataclass(frozen=True)
 class Readers:
     """What a run's training process shares with its loader workers, across epochs: the shard each reader opens
@@ -61,7 +74,9 @@ class Readers:
 
     @classmethod
     def create(cls, count: int) -> Readers:
-        return cls(multiprocessing.Array("q", [-1] * count, lock=False), multiprocessing.Event())
+        readers = cls(multiprocessing.Array("q", [-1] * count, lock=False), multiprocessing.Event())
+        _RELEASES.add(readers.released)
+        return readers
 
     def shards(self, urls: list[str]) -> list[str]:
         """What each reader is reading, as 'reader k: shard' lines."""

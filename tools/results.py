@@ -39,6 +39,7 @@ OFF = ("model.input_noise=0", "model.init_std=null", "penalty.adversarial.init_s
 OFF += ("penalty.adversarial.reencode=false", "train.encoder_pretrain_steps=0")
 COLUMNS = (  # eval.json key, column title, digits
     ("fid", "FID", 1),
+    ("kid", "KID", 1),
     ("precision", "precision", 3),
     ("recall", "recall", 3),
     ("sharpness", "sharpness", 4),
@@ -161,13 +162,15 @@ def train_seconds(directory: Path) -> float | None:
 def summary(rows: list[Row], title: str) -> str:
     """A markdown table: per row, each metric's mean ± standard deviation over the seeds evaluated, the number of
     seeds, the mean wall time of a run, and the real-data floor."""
-    header = "| row | " + " | ".join(t for _, t, _ in COLUMNS) + " | seeds | minutes per run |"
+    split = "validation" if rows and rows[0].split == "val" else "test"
+    titles = [title.replace("test", split) for _, title, _ in COLUMNS]
+    header = "| row | " + " | ".join(titles) + " | seeds | minutes per run |"
     lines = [f"\n### {title}\n", header, "|" + "---|" * (len(COLUMNS) + 3)]
     floor = None
     for row in rows:
         results = [json.loads(p.read_text()) for s in SEEDS if (p := row.run_dir(s) / "eval.json").exists()]
-        minutes = [(train + json.loads(p.read_text())["eval_s"]) / 60 for s in SEEDS
-                   if (p := row.run_dir(s) / TIMING).exists() and (train := train_seconds(row.run_dir(s)))]  # fmt: skip
+        minutes = [(train + json.loads((row.run_dir(s) / TIMING).read_text())["eval_s"]) / 60 for s in SEEDS
+                   if (row.run_dir(s) / "eval.json").exists() and (train := train_seconds(row.run_dir(s)))]  # fmt: skip
         cells = [_spread([r["model"][k] for r in results], d) for k, _, d in COLUMNS]
         wall = f"{statistics.mean(minutes):.1f}" if minutes else "–"
         lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {len(results)} | {wall} |")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -492,3 +493,15 @@ def test_out_of_range_train_exits_2_before_making_a_run_directory(tmp_path):
     result = cli("train", "configs/mnist/quickstart.yaml", "train.micro_batch_size=-10", f"run.root={tmp_path}")
     assert_usage_error(result, "train.micro_batch_size", ">= 1")
     assert not any(tmp_path.iterdir())
+
+
+def test_every_results_row_has_a_command_that_resolves():
+    """docs/results.md's rows are reproducible from the command beside each: every `vegan-scale train` there loads
+    (config and overrides valid), and its `vegan-scale eval` reads the run directory that training writes."""
+    rows = re.findall(r"^\| (\S+ \S+) \| `vegan-scale train (.+?) --quiet && vegan-scale eval (\S+)` \|$",
+                      (ROOT / "docs" / "results.md").read_text(), re.MULTILINE)  # fmt: skip
+    assert len(rows) == 8 + 2 * 5, [r[0] for r in rows]  # the study's 8 rows and 5 models on 2 data sets
+    for _, train, run_dir in rows:
+        config, *overrides = train.split()
+        cfg = load_config(ExperimentConfig, ROOT / config, overrides)
+        assert Path(cfg.run.root) / cfg.run.experiment / cfg.run.name == Path(run_dir), train

@@ -10,7 +10,7 @@ the module (:class:`LowPrecisionCopy`) and the optimizer, checkpoints and evalua
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ class LowPrecisionCopy:
 
     master: nn.Module
     twin: nn.Module
-    pairs: list[tuple[nn.Parameter, nn.Parameter]] = field(default_factory=list)  # (master, its bf16 copy)
+    pairs: list[tuple[nn.Parameter, nn.Parameter]]  # (master, its bf16 copy), normalisation layers' left out
 
     @classmethod
     def of(cls, master: nn.Module) -> LowPrecisionCopy:
@@ -61,6 +61,7 @@ class LowPrecisionCopy:
 
     @torch.no_grad()
     def refresh(self) -> None:
+        """The copy from the masters: after each optimizer step and whenever the masters are loaded."""
         for high, low in self.pairs:
             low.copy_(high)
 

@@ -62,6 +62,8 @@ def test_auto_passes_over_a_damaged_newest_checkpoint(
     assert again.returncode == 0, output[-3000:]
     assert "step_00000010 cannot be loaded" in output and file in output, output[-3000:]
     assert "continuing from" in output and "step_00000005 (step 5)" in output
+    log = (run_dir / "train.log").read_text()  # the operator reading the run's own log sees it too
+    assert "step_00000010 cannot be loaded" in log and "step_00000005 (step 5)" in log
     assert same_weights(run_dir / "export" / "model.safetensors", reference / "export" / "model.safetensors")
     assert exit_status(run_dir)["code"] == 0
 

@@ -2,13 +2,15 @@
 
 Handlers go on the package's logger (``vegan_scale``) only, never on the root logger: a program that calls
 ``vegan_scale.train`` keeps its own logging set-up. The CLI installs the console handler (:func:`to_console`); a
-run tees its main process's records into ``train.log`` for its duration (:func:`to_file`).
+run tees its main process's records into ``train.log`` for its duration (:func:`to_file`), starting with those it
+logged while it was built (:func:`held`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import logging.handlers
 import os
 import sys
 from collections.abc import Iterator
@@ -59,19 +61,42 @@ def to_console(quiet: bool = False) -> logging.Handler:
 
 
 @contextlib.contextmanager
-def to_file(path: Path) -> Iterator[None]:
-    """Inside the block, every record of the package (INFO and up) is also appended to ``path``."""
-    logger = logging.getLogger(PACKAGE)
+def held() -> Iterator[list[logging.LogRecord]]:
+    """Inside the block, every record of the package (INFO and up) is also kept in the list it yields, for a log
+    file that does not exist yet: what a run says while it is being built (the checkpoint it continues, one it
+    passed over) belongs in its train.log, which :func:`to_file` starts with them."""
+    handler = logging.handlers.BufferingHandler(capacity=10_000)  # a run's start says a few lines
+    handler.setLevel(logging.INFO)
+    with _handling(handler):
+        yield handler.buffer
+
+
+@contextlib.contextmanager
+def to_file(path: Path, earlier: list[logging.LogRecord] | None = None) -> Iterator[None]:
+    """Inside the block, every record of the package (INFO and up) is also appended to ``path``, after the
+    ``earlier`` ones (from :func:`held`)."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.addFilter(RankStamp())
+    for record in earlier or []:
+        handler.handle(record)
+    try:
+        with _handling(handler):
+            yield
+    finally:
+        handler.close()
+
+
+@contextlib.contextmanager
+def _handling(handler: logging.Handler) -> Iterator[None]:
+    """``handler`` on the package's logger for the block, which then logs INFO even where the console shows less."""
+    logger = logging.getLogger(PACKAGE)
     previous = logger.level
     if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)  # the file gets INFO even where the console shows less
+        logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        handler.close()
         logger.setLevel(previous)

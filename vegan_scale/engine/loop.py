@@ -56,10 +56,11 @@ def train(cfg: Any, stops: StopRequests | None = None) -> Path:
     """
     with contextlib.ExitStack() as stack:
         stops = stops or stack.enter_context(StopRequests())
-        run = build_run(cfg, stops.since)
+        with logs.held() as earlier:  # train.log does not exist before the run is built
+            run = build_run(cfg, stops.since)
         stops.watch(run.dir.stop_request)
         main = run.accelerator.is_main_process
-        with logs.to_file(run.dir.train_log) if main else contextlib.nullcontext():
+        with logs.to_file(run.dir.train_log, earlier) if main else contextlib.nullcontext():
             _run_to_the_end(run, stops)
     if main:
         reporting.farewell(run)

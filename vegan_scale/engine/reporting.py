@@ -20,8 +20,6 @@ def announce(run: Run) -> None:
     if hasattr(next(raw.parameters()), "ds_numel"):  # ZeRO-3: the local tensors are shards
         params = sum(p.ds_numel for p in raw.parameters())
     log.info("run directory: %s", run.dir.path)
-    if run.steps.start:  # said before the log file existed too; train.log must show that this run continued
-        log.info("continuing after step %d", run.steps.start)
     log.info(
         "%d process(es) (%s) x %d micro-batch(es) of %d = global batch %d; %d steps (%.1f per epoch), %s precision",
         acc.num_processes,

@@ -102,10 +102,10 @@ def build_run(cfg: Any, started_at: float) -> Run:
     accelerator = build_accelerator(
         t.mixed_precision,
         module_names(cfg),
-        t.collective_timeout_s,
-        t.grad_compression,
-        t.ddp_bucket_mb,
-        t.low_precision_weights,
+        timeout_s=t.collective_timeout_s,
+        grad_compression=t.grad_compression,
+        bucket_mb=t.ddp_bucket_mb,
+        low_precision_weights=t.low_precision_weights,
     )
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)

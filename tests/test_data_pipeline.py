@@ -97,7 +97,6 @@ def test_a_script_that_leaves_a_stream_unfinished_exits(tiny_shards):
     once: its worker, which ignores a job's stop signals while training needs it, is released at exit (it used to
     wait for the worker forever)."""
     script = (
-        "import sys\n"
         "from vegan_scale.data.index import read_index\n"
         "from vegan_scale.data.pipeline import TrainStream\n"
         f"stream = TrainStream(read_index({str(tiny_shards / 'train')!r}), (1, 28, 28), 50, 0, num_workers=1)\n"

@@ -12,6 +12,8 @@ import pytest
 from tests.paths import ROOT
 from tests.runkit import ACCELERATE, ddp, env, free_port, run, train_args
 from tests.test_tracking_outage import Server
+from vegan_scale.distributed.accelerator import build_accelerator
+from vegan_scale.errors import ConfigError
 
 pytestmark = pytest.mark.distributed
 
@@ -64,6 +66,14 @@ def test_gradient_compression_under_deepspeed_is_refused(tiny_shards: Path, tmp_
     assert proc.returncode != 0
     assert "train.grad_compression=bf16 is for DDP" in proc.stderr
     assert not re.search(r'File ".*/vegan_scale/', proc.stderr)  # the launcher traces its failed workers, not ours
+
+
+def test_bf16_weights_copy_under_deepspeed_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.low_precision_weights is for one process or DDP: asked for under DeepSpeed (whose bf16 mode keeps its
+    own bf16 weights and float32 masters), the Accelerator is not built and the key is named."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match=r"train\.low_precision_weights=true is for one process or DDP"):
+        build_accelerator("bf16", low_precision_weights=True)
 
 
 @pytest.mark.parametrize(("config", "recipe"), [("cpu_zero2.yaml", "wae_mmd"), ("cpu_zero3.yaml", "wae_gan")])

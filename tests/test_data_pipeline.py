@@ -198,24 +198,25 @@ def test_each_sample_is_read_once_by_the_reader_that_trains_on_it(tmp_path, monk
     """2 processes x 2 workers: the stretches the four readers read are disjoint, cover the epoch's
     batches exactly, and each reader reads one contiguous stretch of S per block (its lanes)."""
     import vegan_scale.data.pipeline as pipeline
+    import vegan_scale.data.sequence as sequence
 
     make_shards(tmp_path, SIZES, offsets=True)
     index = read_index(str(tmp_path))
-    reads: list[tuple[int, int, int, list[int]]] = []  # (rank, worker, block, positions)
-    original = pipeline._SequenceReader.read
+    reads: list[tuple[int, int]] = []  # (start, length) of each stretch read
+    original = sequence.SequenceReader.read
 
     def recording(self, start: int, length: int, skipped: dict) -> list:
-        reads.append((self.s.rank, self.worker, start, length))
+        reads.append((start, length))
         return original(self, start, length, skipped)
 
-    monkeypatch.setattr(pipeline._SequenceReader, "read", recording)
+    monkeypatch.setattr(sequence.SequenceReader, "read", recording)
     for rank in (0, 1):
         s = stream(index, 6, seed=5, rank=rank, world_size=2, shuffle_buffer=40)
         for worker in (0, 1):  # a worker's blocks, as its loader process makes them
             monkeypatch.setattr(pipeline, "get_worker_info", lambda w=worker: SimpleNamespace(id=w))
             blocks = pipeline._Blocks(dataclasses.replace(s, num_workers=2), s.order(0), 0)
             assert sum(labels.numel() for _, labels, _ in blocks) == 16 * 3
-    positions = sorted(p for _, _, start, length in reads for p in range(start, start + length))
+    positions = sorted(p for start, length in reads for p in range(start, start + length))
     assert positions == list(range(192))  # every trained sample once; the 8 left out never
     assert len(reads) == 4 * 4  # four readers, four blocks (4, 4, 4 and 4 batches): one stretch each
 

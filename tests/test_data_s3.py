@@ -153,7 +153,7 @@ class _DroppingProxy:
 def test_a_connection_dropped_mid_shard_is_resumed(
     bucket: Path, server: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The body of a shard stops after 10 kB: the read is retried from the samples already delivered (a Range
+    """The body of a shard stops after 10 kB: the read is retried from the bytes already received (a Range
     request), and the batches are those of the shards on disk, every sample once."""
     proxy = _DroppingProxy(server, after=10_000)  # inside a shard's body, some samples in (about 2 kB each)
     _use(proxy.url, monkeypatch)
@@ -162,7 +162,7 @@ def test_a_connection_dropped_mid_shard_is_resumed(
     assert proxy.dropped == 1
     assert got == _batches(str(bucket / "d")) and len(got) == len(set(got))
     retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
-    assert any(re.match(rf"shard s3://{BUCKET}/.*retrying in .* from sample [1-9]", m) for m in retried), retried
+    assert any(re.match(rf"shard s3://{BUCKET}/.*retrying in .* from byte [1-9]", m) for m in retried), retried
 
 
 @pytest.mark.data

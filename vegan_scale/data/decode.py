@@ -60,14 +60,20 @@ def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     return shape, fortran, dtype, stream.tell()
 
 
-def decode_npy(data: bytes) -> np.ndarray:
-    """A .npy payload as an array, without pickle (headers are cached: shards repeat one shape)."""
+def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, Fortran order, dtype, where the array's bytes start) of a .npy payload, read without pickle
+    (headers are cached: shards repeat one shape)."""
     if data[:6] != b"\x93NUMPY" or len(data) < 12:
         raise ValueError("not a .npy payload")
     header_len = (
         10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
     )
-    shape, fortran, dtype, offset = _npy_header(bytes(data[:header_len]))
+    return _npy_header(bytes(data[:header_len]))
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """A .npy payload as an array, without pickle."""
+    shape, fortran, dtype, offset = npy_header(data)
     if dtype.hasobject:
         raise ValueError("object arrays need pickle")
     array = np.frombuffer(data, dtype=dtype, offset=offset, count=math.prod(shape))
@@ -110,7 +116,7 @@ def decode_sample(sample: dict, shape: tuple[int, int, int]) -> tuple[torch.Tens
             "for vegan_scale hold images (npy/png/jpg) and .cls labels",
             reason="unsafe_member",
         )
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    ext = image_field(sample)
     if ext is None:
         found = sorted(k for k in sample if not k.startswith("__"))
         raise SampleError(f"{where}: no image member (expected one of {IMAGE_EXTENSIONS}, found {found})", "no_image")
@@ -128,6 +134,11 @@ def decode_sample(sample: dict, shape: tuple[int, int, int]) -> tuple[torch.Tens
             "wrong_shape",
         )
     return image, _label(sample, where)
+
+
+def image_field(sample: dict) -> str | None:
+    """The member a sample's image is decoded from (the first of IMAGE_EXTENSIONS it has), None without one."""
+    return next((e for e in IMAGE_EXTENSIONS if e in sample), None)
 
 
 def _label(sample: dict, where: str) -> int:

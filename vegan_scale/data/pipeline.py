@@ -10,8 +10,8 @@ any step, at any world size or worker count, sees the samples an uninterrupted r
 
 Bad data (``on_error``): ``raise`` stops with a DataError naming the shard, sample and problem; ``skip`` counts each
 bad sample once under its reason and puts in its place the next good sample of the epoch's sequence after its lane
-(:class:`_SequenceReader`): exactly the batches that held bad samples change, the same way at every world size and
-worker count, and every rank keeps its batch count. An epoch without one good sample stops the run.
+(:mod:`vegan_scale.data.sequence`): exactly the batches that held bad samples change, the same way at every world
+size and worker count, and every rank keeps its batch count. An epoch without one good sample stops the run.
 
 The loader is a plain DataLoader; it is never passed to ``accelerator.prepare`` (which would shard it again).
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import itertools
 import logging
 import multiprocessing
 import os
@@ -35,10 +34,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vegan_scale.data.decode import SKIP_REASONS, SampleError, decode_sample
-from vegan_scale.data.index import ShardIndex, read_offsets
-from vegan_scale.data.order import EpochOrder, epoch_order, pieces, rank_lanes, worker_lanes
-from vegan_scale.data.shardio import Sample, ShardError, ShardMissing, read_samples
+from vegan_scale.data.decode import SKIP_REASONS, decode_sample
+from vegan_scale.data.index import ShardIndex
+from vegan_scale.data.order import EpochOrder, epoch_order, rank_lanes, worker_lanes
+from vegan_scale.data.sequence import SequenceReader
+from vegan_scale.data.shardio import read_samples
 from vegan_scale.errors import DataError, DataStallError
 from vegan_scale.retry import Backoff
 
@@ -49,7 +49,6 @@ ON_ERROR = ("raise", "skip")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what a job is stopped with (vegan_scale.stops)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images uint8 [B, C, H, W], labels [B], skips [reasons]
-Item = tuple[torch.Tensor, int]  # a decoded sample: image, label
 
 
 _RELEASES: weakref.WeakSet = weakref.WeakSet()  # the release event of every Readers of this process
@@ -228,14 +227,18 @@ class _Blocks(IterableDataset):
         worker = info.id if info else 0
         s, order = self.stream, self.order
         lanes = worker_lanes(rank_lanes(s.global_batch, s.world_size, s.rank), s.readers_per_rank, worker)
-        reader = _SequenceReader(s, order, worker)
+        urls = s.index.urls
+
+        def entering(url: str) -> None:
+            if s.readers is not None:
+                s.readers.reading[worker] = urls.index(url)
+
+        reader = SequenceReader(order, s.image_shape, s.on_error, s.retry, entering)
         step = self.step
         while step < order.steps:
             j, first, length = order.block(step)
             reader.skipped.clear()
-            elements = reader.lanes(j, lanes, length)  # [lane][element in stored order]
-            images = torch.stack([torch.stack([x for x, _ in lane]) for lane in elements])
-            labels = torch.tensor([[y for _, y in lane] for lane in elements], dtype=torch.int64)
+            images, labels = reader.lanes(j, lanes, length)  # [lane, element in stored order, ...]
             taken = torch.from_numpy(order.lane_orders(j, lanes))  # [lane, t]: the element batch t takes
             rows = torch.arange(len(lanes))[:, None]
             start = step - first
@@ -243,109 +246,6 @@ class _Blocks(IterableDataset):
             counts = [reader.skipped.get(r, 0) if start == 0 else 0 for r in SKIP_REASONS]
             yield images, labels[rows, taken].transpose(0, 1)[start:].contiguous(), counts
             step = first + length
-
-
-class _SequenceReader:
-    """One reader's access to the epoch's sample sequence S: stretches of it decoded, bad samples (skip mode)
-    counted once, by the reader of the lane that holds them, and replaced.
-
-    A lane's k-th bad element (in stored order) is replaced by the k-th good sample of S after the lane's end
-    (wrapping around the epoch): a rule on S alone, so the batches are the same at every world size and worker
-    count, and a whole lost shard costs its samples, not the run."""
-
-    def __init__(self, stream: TrainStream, order: EpochOrder, worker: int) -> None:
-        self.s, self.order, self.worker = stream, order, worker
-        self.offsets: dict[str, list[int] | None] = {}  # the .idx of each shard met, read once per epoch
-        self.skipped: dict[str, int] = {}  # bad samples of the current block, by reason
-
-    def lanes(self, j: int, lanes: range, length: int) -> list[list[Item]]:
-        """Block ``j``'s ``lanes`` (consecutive), [lane][element in stored order], bad samples replaced."""
-        start = self.order.block(j * self.order.batches_per_block)[1] * self.order.global_batch + lanes.start * length
-        flat = self.read(start, len(lanes) * length, self.skipped)
-        result = []
-        for q in range(len(lanes)):
-            lane, after = flat[q * length : (q + 1) * length], flat[(q + 1) * length :]
-            bad = sum(item is None for item in lane)
-            if bad:
-                good = (item for item in after if item is not None)
-                found = list(islice(itertools.chain(good, self.good_from(start + len(flat))), bad))
-                lane = [item if item is not None else found.pop(0) for item in lane]
-            result.append(lane)
-        return result
-
-    def good_from(self, position: int) -> Iterator[Item]:
-        """The good samples of S from ``position`` on, wrapping around the epoch; a DataError after a whole pass
-        without one."""
-        total, chunk, seen = self.order.samples, 256, 0
-        while seen < total:
-            at = (position + seen) % total
-            take = min(chunk, total - at, total - seen)
-            yield from (item for item in self.read(at, take, {}) if item is not None)
-            seen += take
-        raise DataError(
-            f"epoch {self.order.epoch}: no sample of {self.order.urls[0]} ... decodes (see the warnings above)"
-        )
-
-    def read(self, start: int, length: int, skipped: dict[str, int]) -> list[Item | None]:
-        """Samples [start, start + length) of S, decoded; None for a bad one (skip mode), counted in ``skipped``."""
-        s, found = self.s, []
-        for url, skip, take in pieces(self.order.urls, self.order.counts, start, length):
-            if url not in self.offsets:
-                self.offsets[url] = read_offsets(url, self.order.counts[self.order.urls.index(url)])
-            if s.readers is not None:
-                s.readers.reading[self.worker] = s.index.urls.index(url)
-            got, reason = 0, None
-            for sample in _shard_samples(s, url, skip, take, self.offsets[url]):
-                reason = sample.get("__error__", reason)
-                found.append(_decode(sample, s.image_shape, s.on_error, skipped))
-                got += 1
-            if got < take:  # the rest of a damaged shard, read without its offsets: lost, under the error's reason
-                skipped[reason] = skipped.get(reason, 0) + take - got
-                found.extend([None] * (take - got))
-        return found
-
-
-def _shard_samples(s: TrainStream, url: str, skip: int, take: int, offsets: list[int] | None) -> Iterator[Sample]:
-    """Samples ``skip`` to ``skip + take`` of one shard. In skip mode a shard error is an error marker in place of
-    the sample it hit: with the shard's offsets the reading goes on at the next sample, without them the rest of
-    the piece is lost (the caller counts it)."""
-    position, end = skip, skip + take
-    while position < end:
-        try:
-            for sample in read_samples(url, s.retry, position, end - position, offsets):
-                position += 1
-                yield sample
-            if position < end:
-                raise ShortShard(
-                    f"shard {url} holds {position} samples but sizes.json promises at least {end}; rewrite the "
-                    "shards or their sizes.json"
-                )
-        except ShardError as e:
-            if s.on_error == "raise":
-                raise
-            log.warning("skipping %s of %s: %s", "a sample" if offsets else "the rest", url, e)
-            yield {"__key__": None, "__url__": url, "__error__": e.reason}
-            if offsets is None or isinstance(e, (ShortShard, ShardMissing)):
-                return
-            position += 1  # enter the shard again at the next sample
-
-
-class ShortShard(ShardError):
-    reason = "short_shard"
-
-
-def _decode(sample: Sample, shape: tuple[int, int, int], on_error: str, skipped: dict[str, int]) -> Item | None:
-    """A sample decoded; None (counted in ``skipped``) where it is bad and ``on_error`` is skip."""
-    if "__error__" in sample:
-        skipped[sample["__error__"]] = skipped.get(sample["__error__"], 0) + 1
-        return None
-    try:
-        return decode_sample(sample, shape)
-    except SampleError as e:
-        if on_error == "raise":
-            raise
-        skipped[e.reason] = skipped.get(e.reason, 0) + 1
-        return None
 
 
 def load_images(

@@ -318,15 +318,12 @@ def read_samples(
     byte before it is read; otherwise the samples before it are passed over."""
     delivered = 0
 
-    def retrying_from(error: Exception, wait: float) -> None:
-        log.warning("shard %s: %s; retrying in %.1f s from sample %d", url, error, wait, skip + delivered)
-
-    def give_up(error: Exception) -> DataError:
-        return DataError(f"shard {url}: giving up after {backoff.attempts} attempts: {error}")
+    def position() -> str:
+        return f"sample {skip + delivered}"
 
     if take is not None and take <= 0:
         return
-    for attempt in retry.retrying(backoff, _transient, retrying_from, give_up):
+    for attempt in _attempts(url, backoff, position):
         start = offsets[skip + delivered] if offsets is not None else 0
         end = offsets[skip + take] if offsets is not None and take is not None else None
         with attempt:
@@ -339,6 +336,39 @@ def read_samples(
                     yield sample
                     if delivered == take:
                         return
+
+
+def read_range(url: str, start: int, end: int, backoff: Backoff) -> bytes | None:
+    """Bytes [start, end) of a shard (fewer where it ends sooner) in one request, resumed after the bytes already
+    received where a transient failure cuts it; None where the source cannot be entered at ``start`` (a ``pipe:``
+    command, a server that ignores Range)."""
+    got = bytearray()
+
+    def position() -> str:
+        return f"byte {start + len(got)}"
+
+    for attempt in _attempts(url, backoff, position):
+        with attempt:
+            stream, positioned = open_url(url, start + len(got), end)
+            with contextlib.closing(stream):
+                if not positioned:
+                    return None
+                while len(got) < end - start and (chunk := stream.read(min(CHUNK, end - start - len(got)))):
+                    got += chunk
+    return bytes(got)
+
+
+def _attempts(url: str, backoff: Backoff, position: Callable[[], str]) -> Iterator[retry.Attempt]:
+    """The tries of a read of ``url``: each transient failure logged with where the next try starts
+    (``position()``), a DataError naming the shard when they run out."""
+
+    def retrying_from(error: Exception, wait: float) -> None:
+        log.warning("shard %s: %s; retrying in %.1f s from %s", url, error, wait, position())
+
+    def give_up(error: Exception) -> DataError:
+        return DataError(f"shard {url}: giving up after {backoff.attempts} attempts: {error}")
+
+    return retry.retrying(backoff, _transient, retrying_from, give_up)
 
 
 def _transient(error: Exception) -> bool:

@@ -301,3 +301,19 @@ def _loaded_images(driver) -> list[str]:
         return imgs.map(i => i.src);
         """
     )
+
+
+def test_a_sampler_stopped_within_its_first_interval_still_logs_its_node(tmp_path: Path) -> None:
+    """MLflow's sampler drops what it holds when stopped before its first interval ends (10 s by default), so a
+    node whose part of a run is that short was missing from it; vegan_scale's sampler logs one sample then."""
+    from mlflow.tracking import MlflowClient
+
+    from vegan_scale.tracking.system_metrics import SystemMetrics
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("short"))
+    sampler = SystemMetrics(run.info.run_id, uri, "node1", resume=False)
+    sampler.stop()
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert "system/node1/cpu_utilization_percentage" in metrics, sorted(metrics)

@@ -27,13 +27,24 @@ class SystemMetrics:
         self._monitor = None
         try:
             self._monitor = SystemMetricsMonitor(run_id, resume_logging=resume, node_id=node_id, tracking_uri=uri)
+            self._first_step = self._monitor._logging_step
             self._monitor.start()
         except Exception as e:  # optional: never worth failing the run for
             log.warning("MLflow system metrics%s are off: %s", f" of {node_id}" if node_id else "", e)
             self._monitor = None
 
     def stop(self) -> None:
-        """Log the last samples and stop (before the run ends, while it still accepts them)."""
-        if self._monitor is not None:
-            self._monitor.finish()
-            self._monitor = None
+        """Log the last samples and stop (before the run ends, while it still accepts them). A sampler stopped
+        within its first interval has published nothing (MLflow's loop drops the samples it holds when told to
+        stop): it logs one sample then, so that every node of a short run is in it."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return
+        monitor.finish()
+        if monitor._logging_step == self._first_step:
+            try:
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+            except Exception as e:  # as at the start: never worth failing the run for
+                log.warning("MLflow system metrics were not logged: %s", e)

@@ -15,7 +15,6 @@ Weights (one per source) set how often resampled mode draws from each source.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import posixpath
@@ -104,13 +103,18 @@ def read_offsets(url: str, count: int) -> list[int] | None:
         data = path.read_bytes() if path.is_file() else None
     if data is None:
         return None
-    offsets = np.frombuffer(data, dtype="<u8").tolist() if len(data) % 8 == 0 else []
-    if len(offsets) != count + 1 or offsets[0] != 0 or any(o % 512 or o >= p for o, p in itertools.pairwise(offsets)):
+    offsets = np.frombuffer(data, dtype="<u8") if len(data) % 8 == 0 else np.zeros(0, dtype="<u8")
+    if (
+        len(offsets) != count + 1
+        or offsets[0] != 0
+        or np.any(offsets[:-1] % 512)
+        or np.any(offsets[:-1] >= offsets[1:])
+    ):
         log.warning(
             "%s%s does not fit the shard's %d samples; reading the shard from its start", url, OFFSETS_SUFFIX, count
         )
         return None
-    return offsets
+    return offsets.tolist()
 
 
 def _expand(pattern: str) -> list[str]:

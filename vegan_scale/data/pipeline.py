@@ -240,11 +240,12 @@ class _Blocks(IterableDataset):
             reader.skipped.clear()
             images, labels = reader.lanes(j, lanes, length)  # [lane, element in stored order, ...]
             taken = torch.from_numpy(order.lane_orders(j, lanes))  # [lane, t]: the element batch t takes
-            rows = torch.arange(len(lanes))[:, None]
             start = step - first
-            images = images[rows, taken].transpose(0, 1)[start:].contiguous()
+            # [t, lane]: where batch t's element of each lane sits among the block's elements, from batch start on
+            where = (taken + length * torch.arange(len(lanes))[:, None]).T[start:].flatten()
+            images = images.flatten(0, 1).index_select(0, where).view(-1, len(lanes), *images.shape[2:])
             counts = [reader.skipped.get(r, 0) if start == 0 else 0 for r in SKIP_REASONS]
-            yield images, labels[rows, taken].transpose(0, 1)[start:].contiguous(), counts
+            yield images, labels.flatten().index_select(0, where).view(-1, len(lanes)), counts
             step = first + length
 
 

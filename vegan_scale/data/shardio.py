@@ -338,24 +338,33 @@ def read_samples(
                         return
 
 
-def read_range(url: str, start: int, end: int, backoff: Backoff) -> bytes | None:
+def read_range(url: str, start: int, end: int, backoff: Backoff) -> bytearray | None:
     """Bytes [start, end) of a shard (fewer where it ends sooner) in one request, resumed after the bytes already
     received where a transient failure cuts it; None where the source cannot be entered at ``start`` (a ``pipe:``
-    command, a server that ignores Range)."""
-    got = bytearray()
+    command, a server that ignores Range). Read into one buffer: no copy beyond the one from the source."""
+    got, filled = bytearray(end - start), 0
 
     def position() -> str:
-        return f"byte {start + len(got)}"
+        return f"byte {start + filled}"
 
     for attempt in _attempts(url, backoff, position):
         with attempt:
-            stream, positioned = open_url(url, start + len(got), end)
+            stream, positioned = open_url(url, start + filled, end)
             with contextlib.closing(stream):
                 if not positioned:
                     return None
-                while len(got) < end - start and (chunk := stream.read(min(CHUNK, end - start - len(got)))):
-                    got += chunk
-    return bytes(got)
+                while filled < len(got) and (n := _read_into(stream, memoryview(got)[filled:])):
+                    filled += n
+    return got if filled == len(got) else got[:filled]
+
+
+def _read_into(stream: Any, view: memoryview) -> int:
+    """Bytes read into ``view`` (0 at the end): straight into it where the stream can, else copied."""
+    if hasattr(stream, "readinto"):
+        return stream.readinto(view)
+    chunk = stream.read(min(len(view), CHUNK))
+    view[: len(chunk)] = chunk
+    return len(chunk)
 
 
 def _attempts(url: str, backoff: Backoff, position: Callable[[], str]) -> Iterator[retry.Attempt]:

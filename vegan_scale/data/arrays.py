@@ -65,6 +65,8 @@ def read_stretch(
 
 @dataclass(frozen=True)
 class _Member:
+    """One tar member of a sample, where the first sample has it."""
+
     header: np.ndarray  # the first sample's header block of this member
     position: int  # of the header in a sample's bytes
     ext: str
@@ -147,7 +149,7 @@ class _Layout:
         start = self.image.payload.start + len(self.npy_header)
         pixels = rows[:, start : start + int(np.prod(self.npy_shape))].reshape(len(rows), *self.npy_shape)
         pixels = pixels[:, None] if pixels.ndim == 3 else pixels.transpose(0, 3, 1, 2)
-        return torch.from_numpy(np.array(pixels, order="C"))  # a copy: the bytes read are not writable
+        return torch.from_numpy(np.array(pixels, order="C"))  # one copy: the pixels lie between headers
 
     def labels(self, rows: np.ndarray) -> torch.Tensor:
         cls = next((m for m in self.members if m.ext == "cls"), None)

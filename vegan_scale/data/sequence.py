@@ -85,7 +85,9 @@ class SequenceReader:
         flat = self.read(start, len(lanes) * length, self.skipped)
         images = flat.images.view(len(lanes), length, *flat.images.shape[1:])
         labels = flat.labels.view(len(lanes), length)
-        for q in range(len(lanes)) if not flat.good.all() else ():
+        if flat.good.all():
+            return images, labels
+        for q in range(len(lanes)):
             bad = ~flat.good[q * length : (q + 1) * length]
             if bad.any():
                 found = self.good_after(flat[(q + 1) * length :], start + len(flat), int(bad.sum()))

@@ -73,28 +73,31 @@ class Trainable:
     optimizer: torch.optim.Optimizer
     accelerator: Accelerator
     low_precision: LowPrecisionCopy | None = None
-    raw: nn.Module = field(init=False)  # the unwrapped module: float32 master of a bf16 copy (partitioned by ZeRO-3)
+    input_dtype: torch.dtype = field(init=False)  # the module's own precision, which inputs must match
     stepped: torch.optim.Optimizer = field(init=False)  # what step() steps
 
     def __post_init__(self) -> None:
-        # Unwrapped once: accelerate's unwrap_model reads package metadata at every call (about 1.4 ms, a quarter
-        # of a small network's step when the loop asked for it at each micro-batch).
-        low = self.low_precision
-        self.raw = low.master if low is not None else self.accelerator.unwrap_model(self.module)
+        # Found once (float64 for exactness checks; DeepSpeed's half-precision modes keep the module in that
+        # precision): the loop needs it at every micro-batch, and accelerate's unwrap_model reads the installed
+        # packages' metadata at each call (about 1.4 ms, a quarter of a small network's step).
+        self.input_dtype = next(self.raw.parameters()).dtype
         # accelerate's optimizer wrapper, without a gradient scaler (fp16) to drive, only calls the optimizer, after
         # two more metadata reads (0.2 ms a step); the loop has already skipped steps off accumulation boundaries.
+        # DeepSpeed's engine steps its own optimizer.
         inner = getattr(self.optimizer, "optimizer", None)
-        self.stepped = inner if inner is not None and self.accelerator.scaler is None else self.optimizer
+        plain = inner is not None and self.accelerator.scaler is None and self.engine is None
+        self.stepped = inner if plain else self.optimizer
 
     @property
     def engine(self) -> object | None:
         return self.module if self.accelerator.distributed_type == DistributedType.DEEPSPEED else None
 
     @property
-    def input_dtype(self) -> torch.dtype:
-        """The module's own precision (float64 for exactness checks; DeepSpeed's half-precision modes keep the module
-        in that precision): inputs must match it."""
-        return next(self.raw.parameters()).dtype
+    def raw(self) -> nn.Module:
+        """The unwrapped module, float32 master of a bf16 copy (its parameters are partitioned under ZeRO-3)."""
+        if self.low_precision is not None:
+            return self.low_precision.master
+        return self.accelerator.unwrap_model(self.module)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.engine is None:

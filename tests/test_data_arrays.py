@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import io
 import random
+import socket
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ import pytest
 import torch
 
 import vegan_scale.data.sequence as sequence
+import vegan_scale.data.shardio as shardio
 from tests.shardkit import (
     group_samples,
     header_offsets,
@@ -215,3 +219,30 @@ def test_training_reads_clean_shards_as_arrays_and_damaged_ones_member_by_member
     assert sum(int(c.sum()) for _, _, c in fast) == 1
     for (x1, y1, c1), (x2, y2, c2) in zip(fast, slow, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(c1, c2)
+
+
+def test_a_shard_server_that_never_answers_is_a_named_error_not_a_hang(tmp_path, monkeypatch):
+    """A server that accepts connections and never sends a byte: the range read times out, is retried, and gives
+    up with a DataError naming the shard, as the member-by-member read does; neither hangs."""
+    monkeypatch.setattr(shardio, "HTTP_TIMEOUT_S", 0.3)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: [held.append(listener.accept()[0]) for _ in range(8)], daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/s-000000.tar"
+    tries = Backoff(attempts=2, backoff_s=0.01)
+    offsets = [0, 2048, 4096, 6144]
+    try:
+        for read in (
+            lambda: read_stretch(url, 0, 3, offsets, (1, 8, 8), tries),
+            lambda: list(read_samples(url, tries, 0, 3, offsets)),
+        ):
+            start = time.monotonic()
+            with pytest.raises(DataError, match=r"s-000000\.tar: giving up after 2 attempts"):
+                read()
+            assert time.monotonic() - start < 5
+    finally:
+        listener.close()
+        for connection in held:
+            connection.close()

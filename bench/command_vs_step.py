@@ -55,8 +55,7 @@ def loader_batches() -> Iterator:
         ExperimentConfig, ROOT / "configs/mnist/wae_mmd.yaml", ["data.num_workers=1", f"data.train={shards}"]
     )
     stream = open_stream(cfg, SimpleNamespace(process_index=0, num_processes=1), BatchLayout.derive(BATCH, 1, None))
-    for epoch in itertools.count():
-        yield from stream.epoch(epoch)
+    return (batch for _, batch in stream.epochs(0))
 
 
 def bare(overrides: list[str], images: Path, steps: int, beside_loader: bool = False) -> float:

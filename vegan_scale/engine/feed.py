@@ -87,19 +87,20 @@ class DataFeed:
         self._fetcher = threading.Thread(target=self._fetch, args=(self.epoch, offset), name="data-feed", daemon=True)
         self._fetcher.start()
 
-    def _epochs(self, epoch: int, offset: int) -> Iterator[tuple[int, Batch]]:
-        while True:
-            order = self.stream.order(epoch)
-            if order.dropped and self.announce:
-                log.info(
-                    "epoch %d: the last %d samples, less than a global batch, are left out (%d global batches)",
-                    epoch,
-                    order.dropped,
-                    order.steps,
-                )
-            for batch in self.stream.epoch(epoch, start=offset):
-                yield epoch, batch
-            epoch, offset = epoch + 1, 0
+    def _epochs(self, first: int, offset: int) -> Iterator[tuple[int, Batch]]:
+        previous = None
+        for epoch, batch in self.stream.epochs(first, start=offset):
+            if epoch != previous and self.announce:
+                order = self.stream.order(epoch)
+                if order.dropped:
+                    log.info(
+                        "epoch %d: the last %d samples, less than a global batch, are left out (%d global batches)",
+                        epoch,
+                        order.dropped,
+                        order.steps,
+                    )
+            previous = epoch
+            yield epoch, batch
 
     def _fetch(self, epoch: int, offset: int) -> None:
         """The background thread: batches (with their epoch) into the queue, or the error that ended them."""

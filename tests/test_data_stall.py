@@ -1,18 +1,20 @@
-"""A read that never returns (a stuck network file system, here a FIFO nobody writes): no batch for
-data.stall_timeout_s is logged with the shard being read, and every rank stops with a named error (exit 69) in
-bounded time, loader workers or not, one process or two."""
+"""The data stops coming. A read that never returns (a stuck network file system, here a FIFO nobody writes): no
+batch for data.stall_timeout_s is logged with the shard being read, and every rank stops with a named error (exit
+69) in bounded time, loader workers or not, one process or two. A loader worker killed (as the kernel's
+out-of-memory killer does): the same, naming the worker and the signal."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.runkit import ddp, exit_status, run, single, train_args
+from tests.runkit import ddp, exit_status, finish, run, single, start, train_args, wait_for_step
 from tests.shardkit import read_only_by
 from vegan_scale.data.index import read_index
 from vegan_scale.data.sources import ArraySource
@@ -70,3 +72,48 @@ def test_one_stalled_rank_stops_every_rank(tiny_shards: Path, tmp_path: Path) ->
     assert proc.returncode != 0 and time.monotonic() - start < 90, output[-3000:]
     status = exit_status(tmp_path / "mnist" / "stall")
     assert status["code"] == 69 and "process 1" in status["reason"] and fifo.name in status["reason"], status
+
+
+def loader_worker_of_rank(launcher: int, rank: int) -> int:
+    """The pid of the loader worker of training process ``rank`` among ``launcher``'s descendants (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+            parents[int(pid)] = int(rest.rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    family, grew = {launcher}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in family} - family
+        family, grew = family | more, bool(more)
+    for pid in family:
+        try:
+            is_worker = Path(f"/proc/{pid}/comm").read_text().strip() == "pt_data_worker"
+            environ = Path(f"/proc/{parents[pid]}/environ").read_bytes().split(b"\0")
+        except (OSError, KeyError):
+            continue
+        if is_worker and f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no loader worker of rank {rank} under process {launcher}")
+
+
+def test_a_killed_loader_worker_stops_every_rank(tiny_shards: Path, tmp_path: Path) -> None:
+    """Two processes with a loader worker each; rank 1's worker killed by SIGKILL mid-run: both ranks stop at the
+    next check, well within the collective timeout, with exit status 69 naming process 1, the worker and the
+    signal, every checkpoint complete (the DataLoader alone says only that a worker exited unexpectedly,
+    on one rank, while the other waits for it in a collective)."""
+    run_dir = tmp_path / "mnist" / "killed"
+    args = train_args(tiny_shards, tmp_path, "killed", "wae_mmd", "train.max_steps=100000", "data.num_workers=1")
+    proc = start(ddp([*args, "train.encoder_pretrain_steps=0", "train.collective_timeout_s=120"]))
+    wait_for_step(proc, run_dir, 6)
+    worker = loader_worker_of_rank(proc.pid, 1)
+    os.kill(worker, signal.SIGKILL)
+    killed = time.monotonic()
+    code, out = finish(proc, timeout=120)
+    assert code != 0 and time.monotonic() - killed < 60, out[-3000:]
+    status = exit_status(run_dir)
+    assert status["code"] == 69, (status, out[-3000:])
+    assert "process 1" in status["reason"] and f"pid {worker}" in status["reason"] and "SIGKILL" in status["reason"]
+    saved = list((run_dir / "checkpoints").glob("step_*"))
+    assert saved and all((c / "COMPLETE").exists() for c in saved)  # none half-written

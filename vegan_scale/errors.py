@@ -39,7 +39,8 @@ class DataError(VeganError):
 
 
 class DataStallError(VeganError):
-    """A read that never returned: no batch within data.stall_timeout_s (a stuck file system, a FIFO)."""
+    """The data stopped coming: no batch within data.stall_timeout_s (a read that never returned: a stuck file
+    system, a FIFO), or a loader worker that ended (killed by the out-of-memory killer)."""
 
     exit_code = ExitCode.LOST_RANK
 

@@ -165,7 +165,7 @@ class TrainStream:
             if self.num_workers
             else None,
         )
-        micro = _micro_batches(_start(loader), self.readers_per_rank, self.accumulation)
+        micro = _micro_batches(_watched(_start(loader)), self.readers_per_rank, self.accumulation)
         return _released(islice(micro, skip, None), None if self.readers else readers.released)
 
 
@@ -182,6 +182,31 @@ def _micro_batches(blocks: Iterator, workers: int, accumulation: int) -> Iterato
         for t in range(len(images)):
             for m, (x, y) in enumerate(zip(images[t].chunk(accumulation), labels[t].chunk(accumulation), strict=True)):
                 yield group[0][0], (x, y, counts if t == 0 and m == 0 else none)
+
+
+def _watched(blocks: Iterator) -> Iterator:
+    """The loader's blocks. A worker that ended (the kernel's out-of-memory killer, a crash in a native library)
+    is a DataStallError naming it and how it ended: the DataLoader only says that a worker exited unexpectedly."""
+    try:
+        yield from blocks
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader worker"):
+            raise
+        ended = [w for w in getattr(blocks, "_workers", ()) if w.exitcode]
+        what = "; ".join(f"loader worker pid {w.pid} {_how_it_ended(w.exitcode)}" for w in ended) or str(e)
+        raise DataStallError(f"{what}: no more batches can come") from e
+
+
+def _how_it_ended(code: int) -> str:
+    if code > 0:
+        return f"exited with code {code}"
+    name = signal.Signals(-code).name
+    if -code == signal.SIGKILL:
+        return (
+            f"was killed by {name} (what the kernel's out-of-memory killer sends: see `dmesg`; fewer "
+            "data.num_workers or a smaller data.shuffle_buffer need less memory)"
+        )
+    return f"was killed by {name}"
 
 
 def _released(micro: Iterator[tuple[int, Batch]], release: Any) -> Iterator[tuple[int, Batch]]:

@@ -22,7 +22,7 @@ class Flag(IntEnum):
     NONFINITE_CRITIC = 2  # the critic's loss did (adversarial penalties)
     NONFINITE_PARAMS = 6  # a parameter did (checked before every checkpoint, so that none holds one)
     DATA_ERROR = 3  # a rank's loader failed (data.on_error=raise)
-    DATA_STALL = 7  # a rank got no batch for data.stall_timeout_s
+    DATA_STALL = 7  # a rank's data stopped coming: no batch for data.stall_timeout_s, or a loader worker ended
     PREEMPT = 4  # a stop was requested (flag file, SIGUSR1, SIGTERM): checkpoint, exit 75
     INTERRUPT = 5  # Ctrl-C: checkpoint, exit 130
 

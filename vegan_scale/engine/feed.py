@@ -27,7 +27,7 @@ from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import Batch, Readers, TrainStream
 from vegan_scale.distributed.accelerator import BatchLayout
 from vegan_scale.distributed.agreement import Agreement, Flag
-from vegan_scale.errors import DataError
+from vegan_scale.errors import DataError, DataStallError
 from vegan_scale.registry import image_shape
 from vegan_scale.retry import Backoff
 
@@ -130,6 +130,10 @@ class DataFeed:
             return
         if isinstance(item, DataError):
             self._fail(Flag.DATA_ERROR, worker_message(item))
+            return
+        if isinstance(item, DataStallError):  # a loader worker ended
+            log.error("%s", item)
+            self._fail(Flag.DATA_STALL, str(item))
             return
         if isinstance(item, BaseException):
             raise item

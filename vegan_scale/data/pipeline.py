@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -175,14 +174,14 @@ def _micro_batches(blocks: Iterator, workers: int, accumulation: int) -> Iterato
     K pieces of the rank's slices of the same batches; each step's slice is cut into ``accumulation``
     micro-batches."""
     while group := list(islice(blocks, workers)):
-        parts = [(torch.as_tensor(g.images), torch.as_tensor(g.labels)) for g in group]
         # one worker: no concatenation (torch.cat of a single tensor takes a slow path on CPU)
-        images, labels = parts[0] if workers == 1 else (torch.cat(list(p), dim=1) for p in zip(*parts, strict=True))
-        counts = torch.tensor([sum(g.counts[r] for g in group) for r in range(len(SKIP_REASONS))], dtype=torch.int64)
+        images = group[0][1] if workers == 1 else torch.cat([g[1] for g in group], dim=1)
+        labels = group[0][2] if workers == 1 else torch.cat([g[2] for g in group], dim=1)
+        counts = torch.tensor([sum(g[3][r] for g in group) for r in range(len(SKIP_REASONS))], dtype=torch.int64)
         none = torch.zeros_like(counts)
         for t in range(len(images)):
             for m, (x, y) in enumerate(zip(images[t].chunk(accumulation), labels[t].chunk(accumulation), strict=True)):
-                yield group[0].epoch, (x, y, counts if t == 0 and m == 0 else none)
+                yield group[0][0], (x, y, counts if t == 0 and m == 0 else none)
 
 
 def _watched(blocks: Iterator) -> Iterator:
@@ -248,41 +247,19 @@ def _leave_stopping_to_the_trainer(release: Any, worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-BY_VALUE_BYTES = 8 << 20  # arrays of a block up to this size cross from a loader worker by value (see _Block)
-
-
-@dataclass(frozen=True)
-class _Block:
-    """A worker's share of one block, as it crosses to the training process. Arrays up to BY_VALUE_BYTES go by
-    value (NumPy arrays, pickled through the loader's pipe); a tensor would go through a new shared-memory segment,
-    whose pages both processes then fault in: for a 1.5 MB block of 28x28 images that cost the worker 1.2 ms and
-    the training process 2-3 ms more than the copy, while a 25 MB block is cheaper through shared memory."""
-
-    epoch: int
-    images: np.ndarray | torch.Tensor  # uint8 [n, lanes, C, H, W]
-    labels: np.ndarray | torch.Tensor  # [n, lanes]
-    counts: list[int]  # bad samples by reason
-
-    @classmethod
-    def of(cls, epoch: int, images: torch.Tensor, labels: torch.Tensor, counts: list[int]) -> _Block:
-        def wire(t: torch.Tensor) -> np.ndarray | torch.Tensor:
-            return t.numpy() if t.nbytes <= BY_VALUE_BYTES else t
-
-        return cls(epoch, wire(images), wire(labels), counts)
-
-
 class _Blocks(IterableDataset):
     """In the loader worker that iterates it, that worker's share of each block from step ``step`` of ``epoch`` on
-    (to the epoch's end, or through the following epochs without end), as one :class:`_Block` per block (one
-    transfer between processes per block, not per batch): the images and labels of the block's batches and its bad
-    samples counted by reason (zeros where the run resumes inside the block: it counted them before it stopped).
-    Every worker reads the same blocks, so the loader's round robin stays aligned across epochs."""
+    (to the epoch's end, or through the following epochs without end), as one item per block (one transfer between
+    processes per block, not per batch): the epoch, images [n, lanes, C, H, W] and labels [n, lanes] of the block's
+    batches, and its bad samples counted by reason (zeros where the run resumes inside the block: it counted them
+    before it stopped). Every worker reads the same blocks, so the loader's round robin stays aligned across
+    epochs."""
 
     def __init__(self, stream: TrainStream, epoch: int, step: int, endless: bool) -> None:
         super().__init__()
         self.stream, self.epoch, self.step, self.endless = stream, epoch, step, endless
 
-    def __iter__(self) -> Iterator[_Block]:
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[int]]]:
         info = get_worker_info()
         worker = info.id if info else 0
         s = self.stream
@@ -307,7 +284,7 @@ class _Blocks(IterableDataset):
                 where = (taken + length * torch.arange(len(lanes))[:, None]).T[start:].flatten()
                 images = images.flatten(0, 1).index_select(0, where).view(-1, len(lanes), *images.shape[2:])
                 counts = [reader.skipped.get(r, 0) if start == 0 else 0 for r in SKIP_REASONS]
-                yield _Block.of(epoch, images, labels.flatten().index_select(0, where).view(-1, len(lanes)), counts)
+                yield epoch, images, labels.flatten().index_select(0, where).view(-1, len(lanes)), counts
                 step = first + length
             if not self.endless:
                 return

@@ -189,11 +189,11 @@ def _watched(blocks: Iterator) -> Iterator:
     is a DataStallError naming it and how it ended: the DataLoader only says that a worker exited unexpectedly."""
     try:
         yield from blocks
-    except RuntimeError as e:
-        if not str(e).startswith("DataLoader worker"):
-            raise
+    except (RuntimeError, OSError) as e:  # the DataLoader's words, or a failed hand-over of a block's descriptor
         ended = [w for w in getattr(blocks, "_workers", ()) if w.exitcode]
-        what = "; ".join(f"loader worker pid {w.pid} {_how_it_ended(w.exitcode)}" for w in ended) or str(e)
+        if not ended:
+            raise
+        what = "; ".join(f"loader worker pid {w.pid} {_how_it_ended(w.exitcode)}" for w in ended)
         raise DataStallError(f"{what}: no more batches can come") from e
 
 

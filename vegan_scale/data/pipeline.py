@@ -174,14 +174,15 @@ def _micro_batches(blocks: Iterator, workers: int, accumulation: int) -> Iterato
     K pieces of the rank's slices of the same batches; each step's slice is cut into ``accumulation``
     micro-batches."""
     while group := list(islice(blocks, workers)):
+        epochs, pieces, piece_labels, piece_counts = zip(*group, strict=True)
         # one worker: no concatenation (torch.cat of a single tensor takes a slow path on CPU)
-        images = group[0][1] if workers == 1 else torch.cat([g[1] for g in group], dim=1)
-        labels = group[0][2] if workers == 1 else torch.cat([g[2] for g in group], dim=1)
-        counts = torch.tensor([sum(g[3][r] for g in group) for r in range(len(SKIP_REASONS))], dtype=torch.int64)
+        images = pieces[0] if workers == 1 else torch.cat(pieces, dim=1)
+        labels = piece_labels[0] if workers == 1 else torch.cat(piece_labels, dim=1)
+        counts = torch.tensor([sum(c[r] for c in piece_counts) for r in range(len(SKIP_REASONS))], dtype=torch.int64)
         none = torch.zeros_like(counts)
         for t in range(len(images)):
             for m, (x, y) in enumerate(zip(images[t].chunk(accumulation), labels[t].chunk(accumulation), strict=True)):
-                yield group[0][0], (x, y, counts if t == 0 and m == 0 else none)
+                yield epochs[0], (x, y, counts if t == 0 and m == 0 else none)
 
 
 def _watched(blocks: Iterator) -> Iterator:

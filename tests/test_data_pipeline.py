@@ -215,7 +215,7 @@ def test_each_sample_is_read_once_by_the_reader_that_trains_on_it(tmp_path, monk
         for worker in (0, 1):  # a worker's blocks, as its loader process makes them
             monkeypatch.setattr(pipeline, "get_worker_info", lambda w=worker: SimpleNamespace(id=w))
             blocks = pipeline._Blocks(dataclasses.replace(s, num_workers=2), 0, 0, endless=False)
-            assert sum(labels.numel() for _, _, labels, _ in blocks) == 16 * 3
+            assert sum(block.labels.size for block in blocks) == 16 * 3
     positions = sorted(p for start, length in reads for p in range(start, start + length))
     assert positions == list(range(192))  # every trained sample once; the 8 left out never
     assert len(reads) == 4 * 4  # four readers, four blocks (4, 4, 4 and 4 batches): one stretch each
@@ -342,12 +342,13 @@ def test_resume_matches_uninterrupted(tmp_path, mode, on_error, num_workers):
                 assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), (epoch, start, j)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize(("num_workers", "by_value"), [(0, True), (2, True), (2, False)])
 @pytest.mark.parametrize("mode", ["epoch", "resampled"])
-def test_epochs_run_on_from_one_loader(tmp_path, monkeypatch, mode, num_workers):
+def test_epochs_run_on_from_one_loader(tmp_path, monkeypatch, mode, num_workers, by_value):
     """epochs(e, start=j), what training reads, is epoch(e) from batch j, then epoch(e + 1), epoch(e + 2) ..., each
     as read on its own (images, labels, skip counts), with its epoch; its loader workers start once for all of them
-    (a loader per epoch forked the training process at every epoch)."""
+    (a loader per epoch forked the training process at every epoch). The blocks cross from the workers by value
+    (small ones) or through shared memory (large ones; here every block): the same batches either way."""
     import multiprocessing
 
     import vegan_scale.data.pipeline as pipeline
@@ -355,6 +356,8 @@ def test_epochs_run_on_from_one_loader(tmp_path, monkeypatch, mode, num_workers)
     make_shards(tmp_path, [10, 10, 10, 10, 10, 6], replace={3: bad_npy(3), 47: bad_npy(47)})
     s = stream(read_index(str(tmp_path)), 8, seed=3, num_workers=num_workers, mode=mode, on_error="skip")
     separately = [(e, batch) for e in (1, 2, 3) for batch in s.epoch(e, start=5 if e == 1 else 0)]
+    if not by_value:  # the forked workers inherit it
+        monkeypatch.setattr(pipeline, "BY_VALUE_BYTES", -1)
     started, original = multiprocessing.Value("i", 0), pipeline._leave_stopping_to_the_trainer
 
     def counted(release, worker_id: int) -> None:  # in each loader worker, as it starts

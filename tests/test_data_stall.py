@@ -13,12 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.runkit import ddp, exit_status, finish, run, single, start, train_args, wait_for_step
 from tests.shardkit import read_only_by
 from vegan_scale.data.index import read_index
+from vegan_scale.data.pipeline import Readers, TrainStream
 from vegan_scale.data.sources import ArraySource
 from vegan_scale.data.write import write_shards
+from vegan_scale.distributed.agreement import Agreement, Flag
+from vegan_scale.engine.feed import DataFeed
 
 pytestmark = pytest.mark.distributed
 
@@ -117,3 +121,27 @@ def test_a_killed_loader_worker_stops_every_rank(tiny_shards: Path, tmp_path: Pa
     assert "process 1" in status["reason"] and f"pid {worker}" in status["reason"] and "SIGKILL" in status["reason"]
     saved = list((run_dir / "checkpoints").glob("step_*"))
     assert saved and all((c / "COMPLETE").exists() for c in saved)  # none half-written
+
+
+def test_a_worker_killed_while_handing_over_a_block_is_seen_by_the_training_thread(tiny_shards: Path) -> None:
+    """A loader worker killed while it writes a block larger than the loader's pipe holds (the write waits for the
+    reader) leaves the thread that reads the loader waiting for the rest of the block. The training thread, waiting
+    for its batch, sees the worker's end within seconds, long before the stall timeout: it names the pid and the
+    signal and raises DATA_STALL."""
+    stream = TrainStream(
+        read_index(str(tiny_shards / "train")), (1, 28, 28), 50, 0, num_workers=1, shuffle_buffer=500,
+        readers=Readers.create(1),
+    )  # fmt: skip
+    agreement = Agreement(torch.device("cpu"), 1)
+    feed = DataFeed(stream, agreement, torch.device("cpu"), announce=False, stall_timeout_s=60)
+    feed.next()  # the first block (epoch 0, 500 images) has come; the worker is writing the next, 392 kB
+    time.sleep(1)
+    worker = stream.readers.workers[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    while feed.error is None and time.monotonic() - killed < 20:
+        feed.next()
+    feed.close()
+    assert time.monotonic() - killed < 5, feed.error
+    assert f"pid {worker.pid}" in feed.error and "SIGKILL" in feed.error, feed.error
+    assert Flag.DATA_STALL in agreement.check()

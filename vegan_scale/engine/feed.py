@@ -33,6 +33,8 @@ from vegan_scale.retry import Backoff
 
 log = logging.getLogger("vegan_scale")
 
+WORKER_CHECK_S = 1.0  # how often the training thread, waiting for a batch, looks whether a loader worker ended
+
 
 def stall_timeout_s(cfg: Any) -> float:
     """How long a read may go without returning a sample: data.stall_timeout_s, by default half the collective
@@ -124,7 +126,7 @@ class DataFeed:
 
     def _take(self) -> None:
         try:
-            epoch, item = self._queue.get(timeout=self.stall_timeout_s)
+            epoch, item = self._wait()
         except queue.Empty:
             self._fail(Flag.DATA_STALL, self._stall_message())
             return
@@ -144,6 +146,17 @@ class DataFeed:
         images = images.mul_(2 / 255).sub_(1) if self.symmetric else images.div_(255)
         self._last = images.contiguous(memory_format=self.memory_format)
 
+    def _wait(self) -> tuple[int, Batch | BaseException]:
+        """The fetcher's next item; queue.Empty after the stall timeout. While none comes, a loader worker that
+        ended is the item: the fetcher may never say so, waiting for the rest of a block the worker was writing."""
+        deadline = time.monotonic() + self.stall_timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(queue.Empty):
+                return self._queue.get(timeout=min(left, WORKER_CHECK_S))
+            if self.stream.readers is not None and (ended := self.stream.readers.ended()) is not None:
+                return -1, ended
+        raise queue.Empty
+
     def _stall_message(self) -> str:
         readers = self.stream.readers.shards(self.stream.index.urls) if self.stream.readers else []
         message = (
@@ -159,10 +172,14 @@ class DataFeed:
 
     def close(self, wait_s: float = 10.0) -> None:
         """Stop taking batches and release the loader's workers; wait (boundedly) for the loader to shut down. A
-        read that never returns is left behind in its daemon thread."""
+        read that never returns is left behind in its daemon thread, and so is the fetcher when a worker ended (it
+        may be waiting for the rest of that worker's block)."""
         self._closing.set()
-        if self.stream.readers is not None:
-            self.stream.readers.released.set()
+        readers = self.stream.readers
+        if readers is not None:
+            readers.released.set()
+            if readers.ended() is not None:
+                wait_s = 0.0
         deadline = time.monotonic() + wait_s
         while self._fetcher.is_alive() and time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):

@@ -83,5 +83,5 @@ def truncated_normal(noise: StepNoise | None, key: str, like: Tensor, std: float
     """Normal noise shaped like ``like`` with deviation ``std``, truncated at TRUNCATION deviations (by the inverse
     of the normal distribution function on uniform draws, as torch's trunc_normal_)."""
     low = 0.5 * (1 + math.erf(-TRUNCATION / math.sqrt(2)))
-    u = uniform(noise, key, tuple(like.shape), like)
-    return std * math.sqrt(2) * torch.erfinv(2 * (low + u * (1 - 2 * low)) - 1)
+    u = uniform(noise, key, tuple(like.shape), like)  # a new tensor: worked on in place (an input's size, every step)
+    return u.mul_(2 * (1 - 2 * low)).add_(2 * low - 1).erfinv_().mul_(std * math.sqrt(2))

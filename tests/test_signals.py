@@ -51,19 +51,25 @@ def _stopped_cleanly(code: int, out: str, run_dir: Path, expected: int) -> dict:
     return status
 
 
-@pytest.mark.parametrize(("sig", "expected"), [("SIGTERM", 75), ("SIGUSR1", 75), ("SIGINT", 130)])
+EPOCH = 25  # steps in an epoch of the runkit's configuration (500 samples, global batch 20)
+
+
+@pytest.mark.parametrize(
+    ("sig", "expected", "at"), [("SIGTERM", 75, 7), ("SIGUSR1", 75, EPOCH + 2), ("SIGINT", 130, 7)]
+)
 def test_signal_to_the_whole_process_group(
-    sig: str, expected: int, tiny_shards_module: Path, with_workers: Path, tmp_path: Path
+    sig: str, expected: int, at: int, tiny_shards_module: Path, with_workers: Path, tmp_path: Path
 ) -> None:
     """`kill -<sig> -- -PGID` mid-run reaches the trainer and its two loader workers: the workers leave the stop to
-    the trainer, which checkpoints at its next check; the continuation is bit for bit the uninterrupted run."""
+    the trainer, which checkpoints at its next check; the continuation is bit for bit the uninterrupted run. Sent in
+    the first epoch, or in the second, to workers that have read on from one epoch into the next."""
     run_dir = tmp_path / "mnist" / "group"
     args = train_args(tiny_shards_module, tmp_path, "group", "wae_gan", WORKERS)
     proc = start(single(args))  # its own session: the process group of a job
-    wait_for_step(proc, run_dir, 7)
+    wait_for_step(proc, run_dir, at)
     os.killpg(proc.pid, getattr(signal, sig))
     status = _stopped_cleanly(*finish(proc), run_dir, expected)
-    assert 7 <= status["step"] < 40
+    assert at <= status["step"] < 40
     again = run(single(args))
     assert again.returncode == 0, again.stderr[-3000:]
     assert same_weights(run_dir / "export" / "model.safetensors", with_workers)
@@ -71,16 +77,17 @@ def test_signal_to_the_whole_process_group(
 
 def test_sigterm_to_every_process_under_accelerate_launch(tiny_shards_module: Path, tmp_path: Path) -> None:
     """`accelerate launch` with 2 processes, each with a loader worker: SIGTERM to the launcher, the ranks and the
-    workers. Both ranks agree on one step, the checkpoint is written, exit_status.json says 75 (the launcher's own
-    code is its business); the run then continues to the end."""
+    workers, in the second epoch (the workers read on from one epoch into the next). Both ranks agree on one step,
+    the checkpoint is written, exit_status.json says 75 (the launcher's own code is its business); the run then
+    continues to the end."""
     run_dir = tmp_path / "mnist" / "launched"
     args = train_args(tiny_shards_module, tmp_path, "launched", "wae_mmd", "data.num_workers=1")
     proc = start(ddp(args))
-    wait_for_step(proc, run_dir, 7)
+    wait_for_step(proc, run_dir, EPOCH + 2)
     os.killpg(proc.pid, signal.SIGTERM)
     _, out = finish(proc)
     status = exit_status(run_dir)
-    assert status["code"] == 75, (status, out[-3000:])
+    assert status["code"] == 75 and EPOCH + 2 <= status["step"] < 40, (status, out[-3000:])
     assert (run_dir / "checkpoints" / f"step_{status['step']:08d}" / "COMPLETE").exists()
     assert not re.search(r'File ".*/vegan_scale/', out), out[-3000:]  # the launcher may trace its own signal
     again = run(ddp(args))

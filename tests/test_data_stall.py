@@ -63,6 +63,8 @@ def test_a_read_that_never_returns_stops_the_run_naming_the_shard(
         return
     status = exit_status(tmp_path / "mnist" / "stall")
     assert status["code"] == 69 and fifo.name in status["reason"]
+    saved = list((tmp_path / "mnist" / "stall" / "checkpoints").glob("step_*"))
+    assert ("no checkpoint was written yet" in status["reason"]) == (not saved), (status, saved)
 
 
 def test_one_stalled_rank_stops_every_rank(tiny_shards: Path, tmp_path: Path) -> None:
@@ -121,6 +123,7 @@ def test_a_killed_loader_worker_stops_every_rank(tiny_shards: Path, tmp_path: Pa
     assert "process 1" in status["reason"] and f"pid {worker}" in status["reason"] and "SIGKILL" in status["reason"]
     saved = list((run_dir / "checkpoints").glob("step_*"))
     assert saved and all((c / "COMPLETE").exists() for c in saved)  # none half-written
+    assert f"the last complete checkpoint, {max(saved)}, is intact" in status["reason"], status
 
 
 def test_a_worker_killed_while_handing_over_a_block_is_seen_by_the_training_thread(tiny_shards: Path) -> None:

@@ -79,7 +79,7 @@ def _run_to_the_end(run: Run, stops: StopRequests) -> None:
             code, reason = exit_status(e)
             raise
         code, reason = int(ExitCode.LOST_RANK), _lost_peer_reason(run, e)
-        raise LostRankError(f"{reason}; the last complete checkpoint is intact") from e
+        raise LostRankError(f"{reason}; {_kept(run)}") from e
     except BaseException as e:
         code, reason = exit_status(e)
         raise
@@ -209,22 +209,26 @@ NONFINITE_TERMS = {
 }
 
 
+def _kept(run: Run) -> str:
+    """What a run that stops on an error leaves to resume from, for its message."""
+    saved = run.dir.newest_checkpoint()
+    return f"the last complete checkpoint, {saved}, is intact" if saved else "no checkpoint was written yet"
+
+
 def _act_on_flags(run: Run, raised: dict[Flag, int], feed: DataFeed, step: int) -> None:
     """Collective: every rank calls it at the same step and raises the same error."""
     if Flag.DATA_ERROR in raised or Flag.DATA_STALL in raised:
         messages = gather_object([f"process {run.accelerator.process_index}: {feed.error}" if feed.error else ""])
         text = "; ".join(m for m in messages if m)
         if Flag.DATA_STALL in raised:
-            raise DataStallError(f"{text}; the last complete checkpoint is intact")
+            raise DataStallError(f"{text}; {_kept(run)}")
         raise DataError(f"{text} (data.on_error=skip would skip bad samples)")
     nonfinite = {flag: raised[flag] for flag in NONFINITE_TERMS if flag in raised}
     if nonfinite:
         first = min(nonfinite.values())
         terms = ", ".join(NONFINITE_TERMS[f] for f, s in nonfinite.items() if s == first)
-        saved = run.dir.newest_checkpoint()
-        last = f"the last complete checkpoint, {saved}, is intact" if saved else "no checkpoint was written yet"
         raise NonFiniteLossError(
-            f"{terms} became NaN or infinite at step {first}; {last}. Try a lower optim.lr or "
+            f"{terms} became NaN or infinite at step {first}; {_kept(run)}. Try a lower optim.lr or "
             "penalty.weight, or train.mixed_precision=no"
         )
     for flag, error in ((Flag.INTERRUPT, InterruptedRunError), (Flag.PREEMPT, PreemptedError)):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from tests.runkit import ddp, exit_status, finish, run, single, start, train_args, wait_for_step
 from tests.shardkit import read_only_by
@@ -130,7 +131,10 @@ def test_a_worker_killed_while_handing_over_a_block_is_seen_by_the_training_thre
     """A loader worker killed while it writes a block larger than the loader's pipe holds (the write waits for the
     reader) leaves the thread that reads the loader waiting for the rest of the block. The training thread, waiting
     for its batch, sees the worker's end within seconds, long before the stall timeout: it names the pid and the
-    signal and raises DATA_STALL."""
+    signal and raises DATA_STALL. So it does where a loader has run with workers in this process's main thread
+    before (as in a notebook), leaving torch's SIGCHLD handler, which raises in the main thread when a worker it
+    knows ends."""
+    assert list(DataLoader(range(2), num_workers=1)) == [0, 1]  # torch's SIGCHLD handler is set from here on
     stream = TrainStream(
         read_index(str(tiny_shards / "train")), (1, 28, 28), 50, 0, num_workers=1, shuffle_buffer=500,
         readers=Readers.create(1),

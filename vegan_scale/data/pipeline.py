@@ -242,14 +242,24 @@ def _released(micro: Iterator[tuple[int, Batch]], release: Any) -> Iterator[tupl
 
 def _start(loader: DataLoader) -> Iterator:
     """The loader's iterator, its workers forked with the stop signals blocked: a signal sent to the whole job while
-    a worker starts waits until the worker has chosen to ignore it."""
+    a worker starts waits until the worker has chosen to ignore it.
+
+    The DataLoader also registers its workers for torch's SIGCHLD handler, which, once any loader has started
+    workers from the process's main thread, raises in the main thread at whatever it is doing (a step, a checkpoint)
+    when a registered worker ends. This stream names its ended workers itself (:func:`_watched`,
+    :meth:`Readers.ended`) and stops the run at the next agreement, so its workers are taken off that list."""
     if not loader.num_workers or threading.current_thread() is not threading.main_thread():
-        return iter(loader)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        blocks = iter(loader)
+    else:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            blocks = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if getattr(blocks, "_worker_pids_set", False):
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(blocks))
+        blocks._worker_pids_set = False
+    return blocks
 
 
 def _leave_stopping_to_the_trainer(release: Any, worker_id: int) -> None:

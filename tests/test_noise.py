@@ -89,3 +89,18 @@ def test_a_step_split_over_processes_draws_what_one_process_draws(encoder, decod
     pieces = [terms(rows) for rows in splits(3, 1)]
     for k in range(3):
         torch.testing.assert_close(torch.cat([p[k] for p in pieces]), whole[k], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("encoder", "decoder", "prior"), KINDS)
+def test_the_step_draws_are_traced_by_torch_compile(encoder, decoder, prior):
+    """train.compile compiles the auto-encoder, whose forward draws the step's noise: Dynamo traces it (the
+    generators' seeding, NumPy's mixing of Python integers, is left to Python) and the traced forward draws what
+    the eager one draws. The eager backend: tracing is what can fail here, and it needs no compiler."""
+    torch._dynamo.reset()
+    model = build_autoencoder(
+        mlp.SPEC, mlp.MLPConfig(hidden=[16]), (1, 8, 8), Prior(prior, 3), encoder, decoder, 4, input_noise=0.05
+    )
+    x, noise = torch.rand(GLOBAL, 1, 8, 8), StepNoise(5, 2, range(GLOBAL), GLOBAL)
+    eager, traced = model(x, noise), torch.compile(model, backend="eager", fullgraph=False)(x, noise)
+    assert torch.equal(traced.codes.z, eager.codes.z)
+    assert torch.equal(traced.recon.logits, eager.recon.logits)

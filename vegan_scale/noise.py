@@ -47,6 +47,7 @@ class StepNoise:
         """Standard normal draws of ``shape`` for the whole step: the same on every process."""
         return torch.randn(shape, generator=self._generator(key, like), device=like.device, dtype=like.dtype)
 
+    @torch.compiler.disable  # seeding is host work on Python integers (train.compile would trace NumPy's mixing)
     def _generator(self, key: str, like: Tensor) -> torch.Generator:
         return torch.Generator(like.device).manual_seed(mix_seed(self.seed, self.step, KEYS.index(key)))
 

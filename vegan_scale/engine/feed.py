@@ -171,16 +171,15 @@ class DataFeed:
         self.agreement.raise_if(flag, torch.ones((), dtype=torch.bool, device=self.device), 0)
 
     def close(self, wait_s: float = 10.0) -> None:
-        """Stop taking batches and release the loader's workers; wait (boundedly) for the loader to shut down. A
-        read that never returns is left behind in its daemon thread, and so is the fetcher when a worker ended (it
-        may be waiting for the rest of that worker's block)."""
+        """Stop taking batches and release the loader's workers; wait (boundedly) for the loader to shut down.
+        Where the data failed, the fetcher is left behind in its daemon thread at once: stuck in a read that never
+        returns, or waiting for the rest of a block from a worker that ended (or done, after a bad sample)."""
         self._closing.set()
         readers = self.stream.readers
         if readers is not None:
             readers.released.set()
-            if readers.ended() is not None:
-                wait_s = 0.0
-        deadline = time.monotonic() + wait_s
+        failed = self.error is not None or (readers is not None and readers.ended() is not None)
+        deadline = time.monotonic() + (0.0 if failed else wait_s)
         while self._fetcher.is_alive() and time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):
                 self._queue.get_nowait()  # a fetcher waiting to hand over a batch then sees that it is closing

@@ -90,7 +90,11 @@ class Readers:
         """A loader worker that ended (the kernel's out-of-memory killer, a crash in a native library), named with
         how it ended; None while every worker runs. The thread that reads the loader may not learn of it: a worker
         killed while writing a block to the loader's pipe leaves that thread waiting for the rest of the block."""
-        return _ended(self.workers)
+        ended = [w for w in self.workers if w.exitcode]
+        if not ended:
+            return None
+        what = "; ".join(f"loader worker pid {w.pid} {_how_it_ended(w.exitcode)}" for w in ended)
+        return DataStallError(f"{what}: no more batches can come")
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,7 @@ class TrainStream:
         )
         blocks = _start(loader)
         readers.workers[:] = getattr(blocks, "_workers", ())  # none without worker processes
-        micro = _micro_batches(_watched(blocks), self.readers_per_rank, self.accumulation)
+        micro = _micro_batches(_watched(blocks, readers), self.readers_per_rank, self.accumulation)
         return _released(islice(micro, skip, None), None if self.readers else readers.released)
 
 
@@ -186,11 +190,7 @@ def _micro_batches(blocks: Iterator, workers: int, accumulation: int) -> Iterato
     K pieces of the rank's slices of the same batches; each step's slice is cut into ``accumulation``
     micro-batches."""
     while group := list(islice(blocks, workers)):
-        pieces = [torch.as_tensor(g.images) for g in group]
-        piece_labels = [torch.as_tensor(g.labels) for g in group]
-        # one worker: no concatenation (torch.cat of a single tensor takes a slow path on CPU)
-        images = pieces[0] if workers == 1 else torch.cat(pieces, dim=1)
-        labels = piece_labels[0] if workers == 1 else torch.cat(piece_labels, dim=1)
+        images, labels = _joined([g.images for g in group]), _joined([g.labels for g in group])
         counts = torch.tensor([sum(g.counts[r] for g in group) for r in range(len(SKIP_REASONS))], dtype=torch.int64)
         none = torch.zeros_like(counts)
         for t in range(len(images)):
@@ -198,24 +198,23 @@ def _micro_batches(blocks: Iterator, workers: int, accumulation: int) -> Iterato
                 yield group[0].epoch, (x, y, counts if t == 0 and m == 0 else none)
 
 
-def _watched(blocks: Iterator) -> Iterator:
+def _joined(pieces: list) -> torch.Tensor:
+    """The workers' pieces of a group of blocks side by side (dim 1: lanes). One worker: no concatenation (torch.cat
+    of a single tensor takes a slow path on CPU)."""
+    tensors = [torch.as_tensor(p) for p in pieces]
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
+
+
+def _watched(blocks: Iterator, readers: Readers) -> Iterator:
     """The loader's blocks. A worker that ended (the kernel's out-of-memory killer, a crash in a native library)
     is a DataStallError naming it and how it ended: the DataLoader only says that a worker exited unexpectedly."""
     try:
         yield from blocks
     except (RuntimeError, OSError) as e:  # the DataLoader's words, or a failed hand-over of a block's descriptor
-        ended = _ended(getattr(blocks, "_workers", ()))
+        ended = readers.ended()
         if ended is None:
             raise
         raise ended from e
-
-
-def _ended(workers: list) -> DataStallError | None:
-    ended = [w for w in workers if w.exitcode]
-    if not ended:
-        return None
-    what = "; ".join(f"loader worker pid {w.pid} {_how_it_ended(w.exitcode)}" for w in ended)
-    return DataStallError(f"{what}: no more batches can come")
 
 
 def _how_it_ended(code: int) -> str:

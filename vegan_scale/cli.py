@@ -10,10 +10,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from vegan_scale import logs
 from vegan_scale.errors import ConfigError, ExitCode, InterruptedRunError, PreemptedError, VeganError
+from vegan_scale.process_exit import leave
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -389,5 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     return int(ExitCode.OK)
 
 
+def run() -> NoReturn:
+    """The program's process (``vegan-scale``, ``python -m vegan_scale``): :func:`main`, then :func:`leave` with its
+    exit code. A crash (an exception that is not a VeganError) ends as Python ends it."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

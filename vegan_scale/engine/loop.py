@@ -299,8 +299,8 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
 
 def _export(run: Run) -> None:
     """Collective: the final model, consolidated (gathered under ZeRO-3), as <run_dir>/export. Every process waits
-    for the main one to have written and logged it: a process that ended its process group and its interpreter
-    while the main one still exported was seen to abort at exit under ZeRO-3 (gloo, 2 processes)."""
+    for the main one to have written and logged it, so that no process of a run ends with status 0 before its
+    export exists."""
     weights = run.modules.autoencoder.full_state_dict()
     if run.accelerator.is_main_process:
         path = export.write(run.dir.export, weights, dataclasses.asdict(run.cfg))

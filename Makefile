@@ -29,6 +29,9 @@ MNIST_SHARDS := $(DATA)/shards/mnist/train/sizes.json
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist; its shards are written when the package is installed
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 FASHION_SHARDS := $(if $(wildcard $(FASHION_DIR)),$(DATA)/shards/fashion_mnist/train/sizes.json,)
+# DeepSpeed compiles its CPU communication op at its first launch on a machine (about 25 s on 2 cores); the suite's
+# launches (tests/runkit.py) look for it here, so it is built once, before the tests rather than inside the first
+DS_CPU_COMM_OP := $(DATA)/torch_extensions/deepspeed_shm_comm/deepspeed_shm_comm.so
 
 .PHONY: setup data train test lint clean bench-env bench
 
@@ -56,7 +59,11 @@ $(DATA)/shards/fashion_mnist/train/sizes.json: | $(VENV)/.installed
 train: setup data
 	$(BIN)/vegan-scale train $(CONFIG) $(ARGS)
 
-test: setup data
+$(DS_CPU_COMM_OP): | $(VENV)/.installed
+	TORCH_EXTENSIONS_DIR=$(DATA)/torch_extensions $(BIN)/python -c \
+		"from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
+
+test: setup data $(DS_CPU_COMM_OP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # pythae 0.1.2 in an environment of its own (beside the same torch), for bench/vs_pythae.py

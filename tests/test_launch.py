@@ -155,7 +155,11 @@ def _ranks_ending(mode: str) -> list[tuple[int, str]]:
         )
         for rank in range(2)
     ]
-    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    try:
+        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:  # a rank that never ends (a Python whose teardown makes such a thread wait) is not left behind
+        for proc in procs:
+            proc.kill()
     return [(proc.returncode, output) for proc, output in zip(procs, outputs, strict=True)]
 
 

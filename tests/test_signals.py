@@ -70,6 +70,7 @@ def test_signal_to_the_whole_process_group(
     os.killpg(proc.pid, getattr(signal, sig))
     status = _stopped_cleanly(*finish(proc), run_dir, expected)
     assert at <= status["step"] < 40
+    assert not _group_members(proc.pid)  # the loader workers ended with their trainer, none left behind
     again = run(single(args))
     assert again.returncode == 0, again.stderr[-3000:]
     assert same_weights(run_dir / "export" / "model.safetensors", with_workers)
@@ -93,6 +94,19 @@ def test_sigterm_to_every_process_under_accelerate_launch(tiny_shards_module: Pa
     again = run(ddp(args))
     assert again.returncode == 0, again.stderr[-3000:]
     assert exit_status(run_dir)["code"] == 0
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The processes still in process group ``pgid`` (from /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
 
 
 def _catches(pid: int, sig: signal.Signals) -> bool:

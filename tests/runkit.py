@@ -103,6 +103,44 @@ def start(cmd: list[str], stderr: int = subprocess.STDOUT) -> subprocess.Popen:
     )
 
 
+def two_ranks(args: list[str]) -> list[subprocess.Popen]:
+    """Two processes of a job started without a launcher (as srun starts them), each in its own process group."""
+    port, procs = free_port(), []
+    for rank in (0, 1):
+        rank_env = {
+            **env(),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "ACCELERATE_USE_CPU": "true",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *args],
+                cwd=ROOT,
+                env=rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        )
+    return procs
+
+
+def processes() -> dict[int, list[str]]:
+    """Every process of the machine: its /proc stat fields after the name (state, parent pid, process group, ...)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            found[int(stat.parent.name)] = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # ended meanwhile
+            continue
+    return found
+
+
 def steps_logged(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.exists():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tests.runkit import ddp, exit_status, finish, run, single, start, train_args, wait_for_step
+from tests.runkit import ddp, exit_status, finish, processes, run, single, start, train_args, wait_for_step
 from tests.shardkit import read_only_by
 from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import Readers, TrainStream
@@ -83,13 +83,7 @@ def test_one_stalled_rank_stops_every_rank(tiny_shards: Path, tmp_path: Path) ->
 
 def loader_worker_of_rank(launcher: int, rank: int) -> int:
     """The pid of the loader worker of training process ``rank`` among ``launcher``'s descendants (from /proc)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid, rest = stat.read_text().split(" (", 1)
-            parents[int(pid)] = int(rest.rsplit(") ", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
+    parents = {pid: int(fields[1]) for pid, fields in processes().items()}
     family, grew = {launcher}, True
     while grew:
         more = {pid for pid, parent in parents.items() if parent in family} - family

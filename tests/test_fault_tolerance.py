@@ -9,7 +9,6 @@ import pickle
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,18 +16,16 @@ import pytest
 import yaml
 
 from tests.runkit import (
-    ROOT,
     ddp,
-    env,
     exit_status,
     finish,
-    free_port,
     kill_group,
     run,
     same_weights,
     single,
     start,
     train_args,
+    two_ranks,
     wait_for_step,
 )
 
@@ -188,33 +185,6 @@ def test_nonfinite_loss_stops_all_ranks_and_keeps_the_checkpoint(tiny_shards_mod
     assert all(t.isfinite().all() for t in load_file(saved[-1] / "autoencoder.safetensors").values())
 
 
-def _two_ranks(args: list[str]) -> list[subprocess.Popen]:
-    """Two training processes started without a launcher (as srun starts them), each in its own process group."""
-    port, procs = free_port(), []
-    for rank in (0, 1):
-        rank_env = {
-            **env(),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "ACCELERATE_USE_CPU": "true",
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, *args],
-                cwd=ROOT,
-                env=rank_env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-            )
-        )
-    return procs
-
-
 def _wait_for_steps(procs: list[subprocess.Popen], run_dir: Path, steps: int) -> None:
     from tests.runkit import steps_logged
 
@@ -230,7 +200,7 @@ def test_a_dead_rank_ends_the_others_within_the_timeout(tiny_shards_module: Path
     args = train_args(
         tiny_shards_module, tmp_path, "dead", "wae_mmd", "train.max_steps=100000", "train.collective_timeout_s=60"
     )
-    procs = _two_ranks(args)
+    procs = two_ranks(args)
     run_dir = tmp_path / "mnist" / "dead"
     _wait_for_steps(procs, run_dir, 5)
     procs[1].kill()
@@ -248,7 +218,7 @@ def test_a_stopped_rank_is_named_by_the_others(tiny_shards_module: Path, tmp_pat
     args = train_args(
         tiny_shards_module, tmp_path, "frozen", "wae_mmd", "train.max_steps=100000", "train.collective_timeout_s=15"
     )
-    procs = _two_ranks(args)
+    procs = two_ranks(args)
     run_dir = tmp_path / "mnist" / "frozen"
     try:
         _wait_for_steps(procs, run_dir, 6)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.paths import ROOT
-from tests.runkit import ACCELERATE, ddp, env, free_port, run, train_args
+from tests.runkit import ACCELERATE, ddp, env, free_port, run, train_args, two_ranks
 from tests.test_tracking_outage import Server
 from vegan_scale.distributed.accelerator import build_accelerator
 from vegan_scale.errors import ConfigError
@@ -144,17 +143,7 @@ def test_simulated_two_nodes(tiny_shards: Path, tmp_path: Path) -> None:
 
 def _ranks_ending(mode: str) -> list[tuple[int, str]]:
     """(exit status, output) of each of two ranks of tests/multiproc/teardown.py, started without a launcher."""
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "tests/multiproc/teardown.py"), mode],
-            env={**env(), "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
+    procs = two_ranks([str(ROOT / "tests/multiproc/teardown.py"), mode])
     try:
         outputs = [proc.communicate(timeout=120)[0] for proc in procs]
     finally:  # a rank that never ends (a Python whose teardown makes such a thread wait) is not left behind

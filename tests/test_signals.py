@@ -17,6 +17,7 @@ from tests.runkit import (
     ddp,
     exit_status,
     finish,
+    processes,
     run,
     same_weights,
     single,
@@ -97,16 +98,8 @@ def test_sigterm_to_every_process_under_accelerate_launch(tiny_shards_module: Pa
 
 
 def _group_members(pgid: int) -> list[int]:
-    """The processes still in process group ``pgid`` (from /proc)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:  # ended meanwhile
-            continue
-        if int(fields[2]) == pgid:
-            members.append(int(stat.parent.name))
-    return members
+    """The processes still in process group ``pgid``."""
+    return [pid for pid, fields in processes().items() if int(fields[2]) == pgid]
 
 
 def _catches(pid: int, sig: signal.Signals) -> bool:

@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vegan_scale.process_exit import leave
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/celeba64/wae_mmd_resnet.yaml"
 MODES = {"DDP": "cpu_ddp.yaml", "ZeRO-2": "cpu_zero2.yaml", "ZeRO-3": "cpu_zero3.yaml"}
@@ -107,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args.worker)
-        return
+        leave(0)  # not through the interpreter's teardown while gloo's threads may still release tensors
     accelerate = str(Path(sys.executable).parent / "accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(ROOT / ".data" / "torch_extensions")}
     rows = {}

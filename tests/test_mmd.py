@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vegan_scale.models.outputs import LatentCodes
-from vegan_scale.penalties import mmd
+from vegan_scale.penalties import kernel_mmd, mmd
 from vegan_scale.penalties.kernel_mmd import SPEC, MMDConfig
 from vegan_scale.priors import Prior
 
@@ -48,9 +48,17 @@ def value_and_grads(fn, z, p, **kw):
     return value.detach(), gz, gp
 
 
+@pytest.fixture(params=["one pass", "a pass per block"])
+def passes(request, monkeypatch):
+    """Both ways of evaluating the blocks: together, the slope kept (small batches), or one block at a time, the
+    distances recomputed in backward (above kernel_mmd.SMALL pairs)."""
+    if request.param == "a pass per block":
+        monkeypatch.setattr(kernel_mmd, "SMALL", 0)
+
+
 @pytest.mark.parametrize("kernel", ["imq", "rbf"])
 @pytest.mark.parametrize(("n", "m", "d", "sigma2"), [(7, 5, 1, 1.0), (6, 9, 3, 0.5), (10, 4, 8, 2.0), (2, 3, 2, 1.0)])
-def test_value_and_gradients_match_float64_double_loop(kernel, n, m, d, sigma2):
+def test_value_and_gradients_match_float64_double_loop(kernel, n, m, d, sigma2, passes):
     """Value and both input gradients equal the autograd of a float64 double-loop U-statistic."""
     z, p = samples(n, m, d, seed=n * 100 + m * 10 + d)
     v, gz, gp = value_and_grads(mmd, z, p, kernel=kernel, sigma2=sigma2)
@@ -62,7 +70,7 @@ def test_value_and_gradients_match_float64_double_loop(kernel, n, m, d, sigma2):
 
 
 @pytest.mark.parametrize("kernel", ["imq", "rbf"])
-def test_gradcheck(kernel):
+def test_gradcheck(kernel, passes):
     """torch.autograd.gradcheck: analytic backward against finite differences, both inputs."""
     z, p = samples(5, 4, 3, seed=3)
     z.requires_grad_()
@@ -71,7 +79,7 @@ def test_gradcheck(kernel):
 
 
 @pytest.mark.parametrize("kernel", ["imq", "rbf"])
-def test_one_tensor_on_both_sides(kernel):
+def test_one_tensor_on_both_sides(kernel, passes):
     """mmd(z, z) and mmd(w[:n], w[n:]) match the double-loop reference, gradients accumulated through autograd."""
     z, _ = samples(6, 2, 3, seed=4)
     v, g = _value_grad_one(lambda t: mmd(t, t, kernel), z)
@@ -172,8 +180,9 @@ def test_unbiased_under_the_null_and_positive_under_a_shift(kernel, one_thread):
     assert shifted.mean() > 20 * se_shift
 
 
-def test_backward_keeps_no_pairwise_buffers():
-    """Tensors saved for backward during mmd's forward are only the inputs: none has n*m (or n*n) elements."""
+def test_backward_keeps_no_pairwise_buffers_above_the_small_size(monkeypatch):
+    """Above kernel_mmd.SMALL pairs, the tensors saved for backward are only the inputs: none has n*m (or n*n)
+    elements; below it, only the kernel's slope (one float per pair) is kept besides them."""
     n, m, d = 40, 30, 3
     z, p = samples(n, m, d, dtype=torch.float32, seed=10)
     z.requires_grad_()
@@ -190,9 +199,12 @@ def test_backward_keeps_no_pairwise_buffers():
             fn(z, p)
         return sizes
 
+    small = saved_sizes(lambda a, b: mmd(a, b, "imq"))
+    assert sum(small) == (n + m) * d + n * n + m * m + n * m
+    monkeypatch.setattr(kernel_mmd, "SMALL", n * n + m * m + n * m - 1)
     sizes = saved_sizes(lambda a, b: mmd(a, b, "imq"))
     assert sizes and max(sizes) <= max(n, m) * d
-    assert sum(sizes) <= 4 * (n + m) * d  # each block saves its two inputs
+    assert sum(sizes) == (n + m) * d
     # positive control: a plain autograd implementation does keep pairwise buffers
     naive = saved_sizes(lambda a, b: (torch.cdist(a, b) ** 2).add(1.0).reciprocal().mean())
     assert max(naive) >= n * m

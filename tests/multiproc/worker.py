@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 
 from tests.multiproc.harness import REGISTRY, Context
+from vegan_scale.process_exit import leave
 
 
 def main(out_dir: Path, names: list[str]) -> None:
@@ -31,3 +32,4 @@ def main(out_dir: Path, names: list[str]) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2:])
+    leave(0)  # not through the interpreter's teardown while gloo's threads may still release tensors

@@ -1,13 +1,17 @@
 """Maximum mean discrepancy between Q_Z and P_Z: the WAE-MMD penalty.
 
-``mmd`` is the unbiased U-statistic of MMD^2 (WAE paper, Algorithm 2; tolstikhin/wae ``mmd_penalty``). Each of
-its three blocks is the mean of k over pairs of rows, computed by :class:`_KernelMean`, a custom autograd function:
+``mmd`` is the unbiased U-statistic of MMD^2 (WAE paper, Algorithm 2; tolstikhin/wae ``mmd_penalty``), a weighted
+sum of the kernel over three blocks of pairs (codes, prior samples, codes against prior samples), computed by
+:func:`kernel_sums` (a custom autograd function):
 
 * one squared-distance matrix per block (the matmul trick ``|x|^2 + |y|^2 - 2 x y^T``) serves every kernel scale;
 * kernels are evaluated in float32 (float64 inputs stay float64) with autocast disabled, because the distance
   trick cancels badly in half precision;
-* nothing of size n x m is kept for backward: the distances are recomputed there and the gradient is two matmuls,
-  so memory is O(n m) transient and O((n + m) d) between forward and backward, whatever the number of scales.
+* at a training batch (up to SMALL pairs in all) the blocks share one buffer, so each kernel scale is one
+  operation, and the forward keeps the kernel's slope (one float per pair) for the backward;
+* above that, each block is evaluated alone and nothing of size n x m is kept for backward: the distances are
+  recomputed there and the gradient is two matmuls, so memory is O(n m) transient and O((n + m) d) between
+  forward and backward, whatever the number of scales.
 
 Kernels (C = 2 * d * sigma2 = E|z - z'|^2 for two independent draws of a prior with per-coordinate variance sigma2):
 
@@ -49,11 +53,9 @@ def mmd(z: Tensor, z_prior: Tensor, kernel: str = "imq", sigma2: float = 1.0, ba
     _check(z, z_prior, kernel)
     c = median_constants(z, z_prior) if bandwidth == "median" else kernel_constants(kernel, z.shape[1], sigma2)
     n, m = len(z), len(z_prior)
-    return (
-        kernel_sum(z, z, kernel, c, diagonal=0) / (n * (n - 1))
-        + kernel_sum(z_prior, z_prior, kernel, c, diagonal=0) / (m * (m - 1))
-        - 2 * kernel_sum(z, z_prior, kernel, c) / (n * m)
-    )
+    blocks = (Block(0, 0, 1 / (n * (n - 1)), diagonal=0), Block(1, 1, 1 / (m * (m - 1)), diagonal=0),
+              Block(0, 1, -2 / (n * m)))  # fmt: skip
+    return kernel_sums((z, z_prior), blocks, kernel, c)
 
 
 def global_mmd(
@@ -75,11 +77,12 @@ def global_mmd(
     c = median_constants(codes, prior) if bandwidth == "median" else kernel_constants(kernel, z.shape[1], sigma2)
     n, m = len(z), len(z_prior)
     big_n, big_m = n * world, m * world
-    partial = (
-        kernel_sum(z, codes, kernel, c, diagonal=rank * n, symmetric=True) / (big_n * (big_n - 1))
-        + kernel_sum(z_prior.detach(), prior, kernel, c, diagonal=rank * m) / (big_m * (big_m - 1))
-        - 2 * kernel_sum(z, prior, kernel, c) / (big_n * big_m)
+    blocks = (
+        Block(0, 1, 1 / (big_n * (big_n - 1)), diagonal=rank * n, symmetric=True),
+        Block(2, 3, 1 / (big_m * (big_m - 1)), diagonal=rank * m),
+        Block(0, 3, -2 / (big_n * big_m)),
     )
+    partial = kernel_sums((z, codes, z_prior.detach(), prior), blocks, kernel, c)
     return sum_over_processes(partial, group)
 
 
@@ -113,95 +116,154 @@ def kernel_constants(kernel: str, dim: int, sigma2: float) -> tuple[float, ...]:
     return tuple(base * s for s in IMQ_SCALES) if kernel == "imq" else (base,)
 
 
-def kernel_sum(
-    x: Tensor,
-    y: Tensor,
-    kernel: str,
-    constants: tuple[float, ...],
-    *,
-    diagonal: int | None = None,
-    symmetric: bool = False,
-) -> Tensor:
-    """sum_{i,j} k(x_i, y_j), leaving out the pairs (i, diagonal + i) when ``diagonal`` is given.
+@dataclass(frozen=True)
+class Block:
+    """weight * sum_{i,j} k(a_i, b_j) for a = tensors[left], b = tensors[right] of :func:`kernel_sums`.
 
-    ``symmetric``: ``y`` holds ``x``'s rows (as a constant copy) among others, so each pair's other half,
-    k(y_j, x_i), also depends on x; the gradient to x counts both halves.
+    ``diagonal``: the pairs (i, diagonal + i) are left out. ``symmetric``: ``b`` holds ``a``'s rows (as a constant
+    copy) among others, so each pair's other half, k(b_j, a_i), also depends on ``a``: the gradient to ``a`` counts
+    both halves. A block with ``left == right`` (one tensor on both sides) gets both halves as well.
     """
-    return _KernelSum.apply(x, y, kernel, constants, diagonal, symmetric)
+
+    left: int
+    right: int
+    weight: float
+    diagonal: int | None = None
+    symmetric: bool = False
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+SMALL = 1 << 20  # pairs (4 MiB of float32) up to which all blocks share one pass and the slope is kept
 
 
-def _squared_distances(x: Tensor, y: Tensor) -> Tensor:
-    sq = x.pow(2).sum(dim=1, keepdim=True) + y.pow(2).sum(dim=1)
+def kernel_sums(
+    tensors: tuple[Tensor, ...], blocks: tuple[Block, ...], kernel: str, constants: tuple[float, ...]
+) -> Tensor:
+    """The sum over ``blocks`` of their weighted kernel sums, differentiable in every tensor.
+
+    At a training batch the cost is the number of operations, not their arithmetic (a hundred codes: 10,000 pairs
+    a block), so up to SMALL pairs in all the blocks are evaluated together: their distances are laid out in one
+    buffer, each kernel scale is one operation over all of them, and the forward keeps the kernel's slope for the
+    backward. Above that, each block is a pass of its own and the backward recomputes its distances instead of
+    storing them: memory between forward and backward is the inputs only, and three buffers of the largest block
+    during either.
+    """
+    small = sum(len(tensors[b.left]) * len(tensors[b.right]) for b in blocks) <= SMALL
+    return _KernelSums.apply(kernel, constants, blocks, small, *tensors)
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _squared_distances(x: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
+    """|x_i - y_j|^2 for all pairs, into ``out`` when given."""
+    sq = torch.add(x.pow(2).sum(dim=1, keepdim=True), y.pow(2).sum(dim=1), out=out)
     return sq.addmm_(x, y.T, alpha=-2.0).clamp_min_(0.0)
 
 
-def _kernel_and_slope(d: Tensor, kernel: str, constants: tuple[float, ...], slope: bool) -> Tensor:
-    """k(d) summed over the kernel's constants, or its derivative dk/dd when ``slope``; d is overwritten."""
+def _kernel_and_slope(
+    d: Tensor, kernel: str, constants: tuple[float, ...], value: bool, slope: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """k(d) summed over the kernel's constants and its derivative dk/dd, each only if asked; d is overwritten."""
     if kernel == "rbf":
         (c,) = constants
         k = d.mul_(-1.0 / c).exp_()
-        return k.mul_(-1.0 / c) if slope else k
-    out = torch.zeros_like(d)
+        if not slope:
+            return k, None
+        return (k, k * (-1.0 / c)) if value else (None, k.mul_(-1.0 / c))
+    k = torch.zeros_like(d) if value else None
+    s = torch.zeros_like(d) if slope else None
     for c in constants:
-        t = torch.add(d, c).reciprocal_()
-        if slope:
-            out.addcmul_(t, t, value=-c)
-        else:
-            out.add_(t, alpha=c)
-    return out
+        r = torch.add(d, c).reciprocal_()
+        if k is not None:
+            k.add_(r, alpha=c)
+        if s is not None:
+            s.addcmul_(r, r, value=-c)
+    return k, s
 
 
-def _kernel_matrix(
-    x: Tensor, y: Tensor, kernel: str, constants: tuple[float, ...], diagonal: int | None, slope: bool
-) -> Tensor:
-    k = _kernel_and_slope(_squared_distances(x, y), kernel, constants, slope)
-    if diagonal is not None:
-        k.diagonal(offset=diagonal).zero_()
-    return k
+def _kernel_blocks(
+    xs: list[Tensor], blocks: tuple[Block, ...], kernel: str, constants: tuple[float, ...], value: bool, slope: bool
+) -> tuple[list[Tensor] | None, list[Tensor] | None]:
+    """k and dk/dd (each only if asked) of each block of pairs, its left-out pairs zero: views of one buffer."""
+    shapes = [(len(xs[b.left]), len(xs[b.right])) for b in blocks]
+    sizes = [a * b for a, b in shapes]
+    d = torch.empty(sum(sizes), dtype=xs[0].dtype, device=xs[0].device)
+    for flat, block, shape in zip(d.split(sizes), blocks, shapes, strict=True):
+        _squared_distances(xs[block.left], xs[block.right], out=flat.view(shape))
+    out = []
+    for buffer in _kernel_and_slope(d, kernel, constants, value, slope):
+        if buffer is None:
+            out.append(None)
+            continue
+        views = [flat.view(shape) for flat, shape in zip(buffer.split(sizes), shapes, strict=True)]
+        for view, block in zip(views, blocks, strict=True):
+            if block.diagonal is not None:
+                view.diagonal(offset=block.diagonal).zero_()
+        out.append(views)
+    return out[0], out[1]
 
 
-class _KernelSum(torch.autograd.Function):
-    """sum_{i,j} k(|x_i - y_j|^2), recomputing the distances in backward instead of storing n x m buffers."""
+class _KernelSums(torch.autograd.Function):
+    """The weighted kernel sums of :func:`kernel_sums`; inputs: the kernel, its constants, the blocks, whether they
+    are small (one pass, the slope kept), then the tensors."""
 
     @staticmethod
     def forward(
-        ctx, x: Tensor, y: Tensor, kernel: str, constants: tuple[float, ...], diagonal: int | None, symmetric: bool
+        ctx, kernel: str, constants: tuple[float, ...], blocks: tuple[Block, ...], small: bool, *tensors: Tensor
     ) -> Tensor:
-        ctx.save_for_backward(x, y)
-        ctx.args = (kernel, constants, diagonal)
-        ctx.same, ctx.symmetric = x is y, symmetric
-        dtype = _compute_dtype(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return _kernel_matrix(x.to(dtype), y.to(dtype), *ctx.args, slope=False).sum()
+        ctx.args, ctx.tensors = (kernel, constants, blocks), len(tensors)
+        keep = small and any(t.requires_grad for t in tensors)
+        kept: list[Tensor] = []
+        with torch.autocast(device_type=tensors[0].device.type, enabled=False):
+            xs = [t.to(_compute_dtype(*tensors)) for t in tensors]
+            if small:
+                values, slopes = _kernel_blocks(xs, blocks, kernel, constants, value=True, slope=keep)
+                total = _weighted_sum(blocks, values)
+                kept = slopes if keep else []
+            else:  # a block at a time, each one's buffers freed before the next
+                total = sum(
+                    _weighted_sum((b,), _kernel_blocks(xs, (b,), kernel, constants, value=True, slope=False)[0])
+                    for b in blocks
+                )
+        ctx.save_for_backward(*tensors, *kept)
+        return total
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, y = ctx.saved_tensors
-        dtype = _compute_dtype(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            xc, yc = x.to(dtype), y.to(dtype)
-            g = _kernel_matrix(xc, yc, *ctx.args, slope=True).mul_(2.0 * grad_out.to(dtype))
-            # d|x_i - y_j|^2 / dx_i = 2 (x_i - y_j), and the negative of that for y_j. When x is y (or y holds a
-            # copy of x's rows), each pair's other half contributes as much again to x's gradient.
-            grad_x = grad_y = None
-            if ctx.needs_input_grad[0]:
-                grad_x = g.sum(dim=1, keepdim=True) * xc - g @ yc
-                if ctx.same or ctx.symmetric:
-                    grad_x = 2 * grad_x
-            if ctx.needs_input_grad[1] and not ctx.same:
-                grad_y = g.sum(dim=0).unsqueeze(1) * yc - g.T @ xc
-        return (
-            None if grad_x is None else grad_x.to(x.dtype),
-            None if grad_y is None else grad_y.to(y.dtype),
-            None,
-            None,
-            None,
-            None,
-        )
+        saved = ctx.saved_tensors
+        tensors, kept = saved[: ctx.tensors], saved[ctx.tensors :]
+        kernel, constants, blocks = ctx.args
+        wanted = ctx.needs_input_grad[4:]
+        grads: list[Tensor | None] = [None] * len(tensors)
+        with torch.autocast(device_type=tensors[0].device.type, enabled=False):
+            xs = [t.to(_compute_dtype(*tensors)) for t in tensors]
+            scale = 2.0 * grad_out.to(xs[0].dtype)  # d|x_i - y_j|^2 / dx_i = 2 (x_i - y_j); -2 (x_i - y_j) for y_j
+            for i, b in enumerate(blocks):
+                if not (wanted[b.left] or wanted[b.right]):
+                    continue
+                if kept:
+                    g = kept[i] * (scale * b.weight)
+                else:  # recomputed, worked on in place
+                    g = _kernel_blocks(xs, (b,), kernel, constants, value=False, slope=True)[1][0].mul_(
+                        scale * b.weight
+                    )
+                if wanted[b.left]:
+                    halves = 2 if b.left == b.right or b.symmetric else 1
+                    _add(grads, b.left, (g.sum(dim=1, keepdim=True) * xs[b.left] - g @ xs[b.right]) * halves)
+                if wanted[b.right] and b.left != b.right:
+                    _add(grads, b.right, g.sum(dim=0).unsqueeze(1) * xs[b.right] - g.T @ xs[b.left])
+                del g  # one block's buffer at a time
+        grads = [g if g is None else g.to(t.dtype) for g, t in zip(grads, tensors, strict=True)]
+        return (None, None, None, None, *grads)
+
+
+def _weighted_sum(blocks: tuple[Block, ...], values: list[Tensor]) -> Tensor:
+    return sum(b.weight * v.sum() for b, v in zip(blocks, values, strict=True))
+
+
+def _add(grads: list[Tensor | None], index: int, value: Tensor) -> None:
+    grads[index] = value if grads[index] is None else grads[index] + value
 
 
 @dataclass

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,16 +168,20 @@ def test_images_and_config_are_artifacts(tracked: TrackedRun) -> None:
 
 
 def test_the_model_is_an_mlflow_model(tracked: TrackedRun, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The run's model ``model`` loads with MLflow's own pyfunc loader and with vegan_scale.load from runs:/ and
-    from the registry (models:/NAME/1, tracking.register_as), with the run's exported weights; its signature
-    says what it takes; predict reconstructs like the network, and gives codes with params."""
+    """The run's model ``model`` loads with MLflow's own pyfunc loader (without a warning about its predict
+    method) and with vegan_scale.load from runs:/ and from the registry (models:/NAME/1, tracking.register_as),
+    with the run's exported weights; its signature says what it takes; predict reconstructs like the network,
+    and gives codes with params."""
     import mlflow.pyfunc
     import numpy as np
     import torch
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.server.uri)
     exported = vegan_scale.load(tracked.run_dir / "export")
-    pyfunc = mlflow.pyfunc.load_model(f"runs:/{tracked.run_id}/model")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pyfunc = mlflow.pyfunc.load_model(f"runs:/{tracked.run_id}/model")
+    assert not [w for w in caught if "predict" in str(w.message)], [str(w.message) for w in caught]
     assert str(pyfunc.metadata.signature.inputs.inputs[0].shape) == "(-1, 1, 28, 28)"
     images = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
     want = exported.reconstruct(torch.from_numpy(images)).numpy()

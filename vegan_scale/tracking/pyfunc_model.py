@@ -26,8 +26,9 @@ class AutoEncoderModel(PythonModel):
     def load_context(self, context: Any) -> None:
         self.model = load_export(context.artifacts["export"])
 
-    # Not annotated: MLflow derives a schema from predict's type hints, and the logged signature is the schema.
-    def predict(self, context, model_input, params=None):
+    # model_input as np.ndarray: MLflow derives no schema from that hint (the logged signature is the schema) and,
+    # unlike a missing hint, does not warn at every import of this file (each model logging and loading).
+    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         output = (params or {}).get("output", OUTPUTS[0])
         if output not in OUTPUTS:
             raise ValueError(f"params.output={output!r}: choose one of {', '.join(OUTPUTS)}")

@@ -26,6 +26,7 @@ complete is :mod:`vegan_scale.rundir`'s to say. Tensors are safetensors; the few
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import random
@@ -36,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vegan_scale import atomic
@@ -46,6 +48,18 @@ STATE = "state.json"
 CONFIG = "config.yaml"
 SCALER = "scaler.pt"
 AUTOENCODER, CRITIC = "autoencoder", "critic"  # the trained modules, by the names their files carry
+
+
+# What a write that fails raises: OSError (a full disk or quota, read-only or failing storage, with its errno) or,
+# from safetensors' writer, SafetensorError ("I/O error: No space left on device"). torch.save's own writer would
+# say only "unexpected pos", so the small torch files are serialized in memory and written by Python.
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    path.write_bytes(buffer.getvalue())
 
 
 def tmp_dir(root: Path, step: int) -> Path:
@@ -67,7 +81,7 @@ def write_rank_state(directory: Path, rank: int) -> None:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(state, rank_state_file(directory, rank))
+    _torch_save(state, rank_state_file(directory, rank))
 
 
 def read_rank_state(directory: Path, rank: int) -> dict[str, Any]:
@@ -113,7 +127,7 @@ def save_module(
 
 def save_scaler(directory: Path, state: dict[str, Any]) -> None:
     """The fp16 gradient scaler's state (tensors and plain values, readable with weights_only)."""
-    torch.save(state, directory / SCALER)
+    _torch_save(state, directory / SCALER)
 
 
 def read_scaler(directory: Path) -> dict[str, Any] | None:

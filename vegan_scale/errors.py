@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad command line or configuration, missing data
     NONFINITE_LOSS = 65  # a loss became NaN/inf (sysexits EX_DATAERR); the last checkpoint is intact
     LOST_RANK = 69  # another process of the job, or the data, stopped answering (EX_UNAVAILABLE)
+    STORAGE = 74  # a file of the run could not be written: full disk, quota, read-only storage (EX_IOERR)
     PREEMPTED = 75  # stopped on request after a checkpoint; requeue to continue (EX_TEMPFAIL)
     INTERRUPTED = 130  # Ctrl-C, after a checkpoint (128 + SIGINT)
 
@@ -65,6 +66,13 @@ class LostRankError(VeganError):
     """Another process of the job died or stopped answering within the collective timeout."""
 
     exit_code = ExitCode.LOST_RANK
+
+
+class StorageError(VeganError):
+    """A file of the run could not be written (a full disk or quota, a read-only or failing file system); the
+    message names it, what is intact and what to do."""
+
+    exit_code = ExitCode.STORAGE
 
 
 class CheckpointError(VeganError):

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from vegan_scale.errors import (
     LostRankError,
     NonFiniteLossError,
     PreemptedError,
+    StorageError,
     exit_status,
 )
 from vegan_scale.rundir import checkpoint_name
@@ -86,7 +89,10 @@ def _run_to_the_end(run: Run, stops: StopRequests) -> None:
     finally:
         # the status first: under a launcher, other processes ending may get this one killed before long
         if run.accelerator.is_main_process:
-            run.dir.write_exit_status(code, reason, run.step)
+            try:
+                run.dir.write_exit_status(code, reason, run.step)
+            except OSError as e:  # a full disk must not hide the error that ended the run behind this one
+                log.error("could not write %s: %s", run.dir.exit_status, e)
         run.records.close(final_status(code))
 
 
@@ -271,9 +277,10 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
     run.where.at(step, "checkpoint")
     start = time.perf_counter()
     directory = checkpoint.tmp_dir(root, step)
-    checkpoint.write_rank_state(directory, acc.process_index)
-    for module in run.modules:
-        module.save(directory)
+    with _written(run, directory, step):
+        checkpoint.write_rank_state(directory, acc.process_index)
+        for module in run.modules:
+            module.save(directory)
     acc.wait_for_everyone()
     if acc.is_main_process:
         if acc.scaler is not None:
@@ -289,12 +296,29 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
             "mode": distribution_mode(acc),
             "mlflow_run_id": run.records.tracker.run_id if run.records.tracker else None,
         }
-        checkpoint.write_state(directory, state, to_yaml(run.cfg))
-        path = checkpoint.commit(root, step, run.cfg.checkpoint.keep_last_k)
+        with _written(run, directory, step):
+            checkpoint.write_state(directory, state, to_yaml(run.cfg))
+            path = checkpoint.commit(root, step, run.cfg.checkpoint.keep_last_k)
         seconds = time.perf_counter() - start
         log.info("checkpoint %s written in %.2f s", path, seconds)
         run.records.metrics(step, {"perf/checkpoint_s": seconds})
     acc.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def _written(run: Run, directory: Path, step: int) -> Iterator[None]:
+    """Where the files of checkpoint ``step`` are written: a write that fails (a full disk or quota, read-only or
+    failing storage) removes the partial checkpoint, which frees its space, and stops the run with a StorageError
+    that says what is intact and what to do (not a traceback, and no partial files left to fill the disk)."""
+    try:
+        yield
+    except checkpoint.WRITE_ERRORS as e:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise StorageError(
+            f"checkpoint {checkpoint_name(step)} could not be written in {directory.parent}: {e}. Its partial "
+            f"files were removed; {_kept(run)}. Free space there (or raise the quota; a lower "
+            "checkpoint.keep_last_k keeps fewer), then train.resume=auto with the same run.name continues the run"
+        ) from None
 
 
 def _export(run: Run) -> None:

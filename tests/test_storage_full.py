@@ -1,11 +1,13 @@
 """A file system that fills up under a run, with real processes: the trainer runs on a small tmpfs of its own (in
-a private mount namespace, so no privileges are needed and nothing is left mounted), which holds the first
-checkpoint but not the second, as a full disk or an exhausted quota on shared storage would."""
+a private mount namespace, so no privileges are needed and nothing is left mounted), sized to hold the first
+checkpoint but not the second, or the checkpoints but not the export, as a full disk or an exhausted quota on
+shared storage would."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ from tests.runkit import exit_status, run, same_weights, single, train_args
 
 pytestmark = pytest.mark.distributed
 
-SIZE = "15m"  # the runkit's WAE-GAN checkpoint is about 10 MB (the critic's weights and Adam state): one fits
+CHECKPOINT_ONLY = "15m"  # the runkit's WAE-GAN checkpoint is about 10 MB (the critic's weights and Adam state)
+NO_EXPORT = "10100k"  # a 5-step run takes about 9,990 kB before its export, which takes about 210 kB
 
 # Mount a tmpfs of $1 bytes on $2, run the rest of the arguments there, copy what they left to $3, keep their code.
 ON_A_SMALL_DISK = (
@@ -35,11 +38,8 @@ def test_a_full_disk_at_a_checkpoint_stops_the_run_cleanly_and_it_resumes_exactl
     checkpoint, the system's reason and what to do; the partial checkpoint is removed and the first one is intact;
     exit_status.json says so. Given room, train.resume=auto continues from the first checkpoint and ends with the
     weights of an uninterrupted run."""
-    disk, kept = tmp_path / "disk", tmp_path / "root"
-    disk.mkdir()
-    kept.mkdir()
-    trainer = single(train_args(tiny_shards_module, disk, "run"))
-    proc = run(["unshare", "-rm", "sh", "-c", ON_A_SMALL_DISK, "sh", SIZE, str(disk), str(kept), *trainer])
+    kept = tmp_path / "root"
+    proc = _on_a_small_disk(CHECKPOINT_ONLY, tmp_path, lambda disk: train_args(tiny_shards_module, disk, "run"))
     assert proc.returncode == 74, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     run_dir = kept / "mnist" / "run"
@@ -57,3 +57,36 @@ def test_a_full_disk_at_a_checkpoint_stops_the_run_cleanly_and_it_resumes_exactl
     assert "step_00000005 (step 5)" in again.stdout + again.stderr
     assert same_weights(run_dir / "export" / "model.safetensors", reference / "export" / "model.safetensors")
     assert exit_status(run_dir)["code"] == 0
+
+
+@pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")
+def test_a_full_disk_at_the_export_names_the_command_that_writes_it(tiny_shards_module: Path, tmp_path: Path) -> None:
+    """The final checkpoint fits, the export does not: exit 74, the error names the export and the command that
+    writes it once there is room, no partial export is left; that command then writes the final checkpoint's
+    weights."""
+    kept = tmp_path / "root"
+    args = lambda disk: train_args(  # noqa: E731
+        tiny_shards_module, disk, "run", "wae_gan", "train.max_steps=5", "tracking.backend=none"
+    )
+    proc = _on_a_small_disk(NO_EXPORT, tmp_path, args)
+    assert proc.returncode == 74, proc.stderr[-3000:]
+    run_dir, disk_run_dir = kept / "mnist" / "run", tmp_path / "disk" / "mnist" / "run"
+    reason = exit_status(run_dir)["reason"]
+    for words in ("the export could not be written", "No space left on device", "step_00000005, is intact",
+                  f"vegan-scale export {disk_run_dir} --out {disk_run_dir / 'export'}"):  # fmt: skip
+        assert words in reason and words in proc.stderr, (words, reason)
+    assert not (run_dir / "export").exists()
+
+    export = run(single(["-m", "vegan_scale", "export", str(run_dir), "--out", str(run_dir / "export")]))
+    assert export.returncode == 0, export.stderr[-3000:]
+    final = run_dir / "checkpoints" / "step_00000005" / "autoencoder.safetensors"
+    assert same_weights(run_dir / "export" / "model.safetensors", final)
+
+
+def _on_a_small_disk(size: str, tmp_path: Path, args: Callable[[Path], list[str]]) -> subprocess.CompletedProcess:
+    """The trainer with ``args(disk)`` on a tmpfs of ``size`` at tmp_path/disk; what it left is copied to
+    tmp_path/root (the tmpfs goes with its namespace)."""
+    disk, kept = tmp_path / "disk", tmp_path / "root"
+    disk.mkdir()
+    kept.mkdir()
+    return run(["unshare", "-rm", "sh", "-c", ON_A_SMALL_DISK, "sh", size, str(disk), str(kept), *single(args(disk))])

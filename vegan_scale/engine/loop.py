@@ -215,6 +215,9 @@ NONFINITE_TERMS = {
 }
 
 
+RESUME = "train.resume=auto with the same run.name continues the run"
+
+
 def _kept(run: Run) -> str:
     """What a run that stops on an error leaves to resume from, for its message."""
     saved = run.dir.newest_checkpoint()
@@ -277,7 +280,7 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
     run.where.at(step, "checkpoint")
     start = time.perf_counter()
     directory = checkpoint.tmp_dir(root, step)
-    with _written(run, directory, step):
+    with _written(run, directory, f"checkpoint {checkpoint_name(step)}", RESUME):
         checkpoint.write_rank_state(directory, acc.process_index)
         for module in run.modules:
             module.save(directory)
@@ -296,7 +299,7 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
             "mode": distribution_mode(acc),
             "mlflow_run_id": run.records.tracker.run_id if run.records.tracker else None,
         }
-        with _written(run, directory, step):
+        with _written(run, directory, f"checkpoint {checkpoint_name(step)}", RESUME):
             checkpoint.write_state(directory, state, to_yaml(run.cfg))
             path = checkpoint.commit(root, step, run.cfg.checkpoint.keep_last_k)
         seconds = time.perf_counter() - start
@@ -306,18 +309,18 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
 
 
 @contextlib.contextmanager
-def _written(run: Run, directory: Path, step: int) -> Iterator[None]:
-    """Where the files of checkpoint ``step`` are written: a write that fails (a full disk or quota, read-only or
-    failing storage) removes the partial checkpoint, which frees its space, and stops the run with a StorageError
-    that says what is intact and what to do (not a traceback, and no partial files left to fill the disk)."""
+def _written(run: Run, partial: Path, what: str, then: str) -> Iterator[None]:
+    """Where ``what`` (a checkpoint, the export) is written, into the directory ``partial`` until complete: a write
+    that fails (a full disk or quota, read-only or failing storage) removes the partial directory, which frees its
+    space, and stops the run with a StorageError saying what is intact and, after freeing space, ``then`` (not a
+    traceback, and no partial files left to fill the disk)."""
     try:
         yield
     except checkpoint.WRITE_ERRORS as e:
-        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
         raise StorageError(
-            f"checkpoint {checkpoint_name(step)} could not be written in {directory.parent}: {e}. Its partial "
-            f"files were removed; {_kept(run)}. Free space there (or raise the quota; a lower "
-            "checkpoint.keep_last_k keeps fewer), then train.resume=auto with the same run.name continues the run"
+            f"{what} could not be written in {partial.parent}: {e}. Its partial files were removed; {_kept(run)}. "
+            f"Free space there (or raise the quota; a lower checkpoint.keep_last_k keeps fewer), then {then}"
         ) from None
 
 
@@ -327,7 +330,8 @@ def _export(run: Run) -> None:
     export exists."""
     weights = run.modules.autoencoder.full_state_dict()
     if run.accelerator.is_main_process:
-        path = export.write(run.dir.export, weights, dataclasses.asdict(run.cfg))
+        with _written(run, run.dir.export, "the export", f"`vegan-scale export {run.dir.path} --out {run.dir.export}`"):
+            path = export.write(run.dir.export, weights, dataclasses.asdict(run.cfg))
         log.info("model exported to %s", path)
         run.records.export(run.step, path)
     run.accelerator.wait_for_everyone()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runkit import exit_status, run, same_weights, single, train_args
+from tests.runkit import ddp, exit_status, run, same_weights, single, train_args
 
 pytestmark = pytest.mark.distributed
 
@@ -83,10 +83,34 @@ def test_a_full_disk_at_the_export_names_the_command_that_writes_it(tiny_shards_
     assert same_weights(run_dir / "export" / "model.safetensors", final)
 
 
-def _on_a_small_disk(size: str, tmp_path: Path, args: Callable[[Path], list[str]]) -> subprocess.CompletedProcess:
-    """The trainer with ``args(disk)`` on a tmpfs of ``size`` at tmp_path/disk; what it left is copied to
-    tmp_path/root (the tmpfs goes with its namespace)."""
+@pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")
+def test_a_full_disk_at_a_checkpoint_of_two_processes_ends_the_job_at_once(
+    tiny_shards_module: Path, tmp_path: Path
+) -> None:
+    """Under DDP (accelerate launch, 2 processes) the main process, which writes the checkpoint's files, stops with
+    74 while the other waits for it: the launcher ends the job within seconds (no hang until the collective
+    timeout), reporting 1 as launchers do, and exit_status.json holds 74 and the reason; no partial files."""
+    proc = _on_a_small_disk(
+        CHECKPOINT_ONLY, tmp_path, lambda disk: train_args(tiny_shards_module, disk, "run"), ddp, timeout=120
+    )
+    assert proc.returncode != 0
+    run_dir = tmp_path / "root" / "mnist" / "run"
+    assert exit_status(run_dir)["code"] == 74, proc.stderr[-3000:]
+    assert "checkpoint step_00000010 could not be written" in exit_status(run_dir)["reason"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000005"]
+
+
+def _on_a_small_disk(
+    size: str,
+    tmp_path: Path,
+    args: Callable[[Path], list[str]],
+    launch: Callable[[list[str]], list[str]] = single,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """The trainer with ``args(disk)``, started by ``launch``, on a tmpfs of ``size`` at tmp_path/disk; what it
+    left is copied to tmp_path/root (the tmpfs goes with its namespace)."""
     disk, kept = tmp_path / "disk", tmp_path / "root"
     disk.mkdir()
     kept.mkdir()
-    return run(["unshare", "-rm", "sh", "-c", ON_A_SMALL_DISK, "sh", size, str(disk), str(kept), *single(args(disk))])
+    command = ["unshare", "-rm", "sh", "-c", ON_A_SMALL_DISK, "sh", size, str(disk), str(kept), *launch(args(disk))]
+    return run(command, timeout=timeout)

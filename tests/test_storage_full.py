@@ -5,6 +5,7 @@ shared storage would."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -98,6 +99,27 @@ def test_a_full_disk_at_a_checkpoint_of_two_processes_ends_the_job_at_once(
     assert exit_status(run_dir)["code"] == 74, proc.stderr[-3000:]
     assert "checkpoint step_00000010 could not be written" in exit_status(run_dir)["reason"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000005"]
+
+
+@pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")
+@pytest.mark.parametrize("free_kb", [4, 12, 24])
+def test_a_disk_with_almost_no_room_names_the_file_it_could_not_write(
+    free_kb: int, tiny_shards_module: Path, tmp_path: Path
+) -> None:
+    """A few kB left (a 1 MB tmpfs, the rest taken before the run): whichever small file fails first (train.log,
+    the rank's heartbeat, metrics.jsonl, an evaluation figure: it depends on the room), the run stops with 74 and
+    an error naming that file and the system's reason, never a traceback (train.log's own failure is one warning)."""
+    filler = f'head -c {1024 * (1024 - free_kb)} /dev/zero > "$2/filler"; '
+    script = ON_A_SMALL_DISK.replace("|| exit 90; ", "|| exit 90; " + filler)
+    disk, kept = tmp_path / "disk", tmp_path / "root"
+    disk.mkdir()
+    kept.mkdir()
+    args = train_args(tiny_shards_module, disk, "run", "wae_gan", "checkpoint.every_steps=0", "tracking.backend=none")
+    proc = run(["unshare", "-rm", "sh", "-c", script, "sh", "1m", str(disk), str(kept), *single(args)])
+    assert proc.returncode == 74, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    named = re.search(r"error: (\S+) could not be written: No space left on device", proc.stderr)
+    assert named and Path(named[1]).is_relative_to(disk / "mnist" / "run"), proc.stderr[-3000:]
 
 
 def _on_a_small_disk(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from vegan_scale.config.load import load_config
+from vegan_scale.errors import storage_error
 from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.registry import ExperimentConfig, load_export
 
@@ -29,6 +30,10 @@ def train(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = (),
     cfg = load_config(ExperimentConfig, config, overrides)
     try:
         return train_loop(cfg, stops)
+    except OSError as e:  # a full disk or quota, read-only storage: the file named, exit code 74
+        if (storage := storage_error(e)) is None:
+            raise
+        raise storage from e
     finally:
         shutdown()
 

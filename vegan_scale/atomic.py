@@ -67,9 +67,21 @@ def writing(path: Path) -> Iterator[Path]:
     publish_file(tmp, path)
 
 
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Writes to ``path`` inside: an OSError that does not say which file (a failed ``write`` or ``flush`` on an open
+    file: a full disk) is raised again naming it, so that the error a person reads names the file."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
 def write_bytes(path: Path, data: bytes) -> Path:
     """Publish ``data`` as ``path``, atomically and durably."""
-    with writing(path) as tmp, open(tmp, "wb") as f:
+    with naming(path), writing(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
     return path

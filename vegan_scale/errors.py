@@ -7,6 +7,7 @@ reason to ``exit_status.json`` in the run directory; see docs/design.md.
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
 
 
@@ -81,8 +82,24 @@ class CheckpointError(VeganError):
     exit_code = ExitCode.USAGE
 
 
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # no room, no quota left, read-only
+
+
+def storage_error(error: BaseException) -> StorageError | None:
+    """A write that failed for want of room or of a writable file system, as the StorageError a person can act on;
+    None for any other error. (Checkpoints and the export say more: what is intact, how to go on.)"""
+    if not isinstance(error, OSError) or error.errno not in STORAGE_ERRNOS:
+        return None
+    return StorageError(
+        f"{error.filename or 'a file of the run'} could not be written: {error.strerror}. Free space there (or raise "
+        "the quota), then train.resume=auto with the same run.name continues the run from its last complete "
+        "checkpoint"
+    )
+
+
 def exit_status(error: BaseException) -> tuple[int, str]:
     """(exit code, reason) of a run that ended with ``error``, as exit_status.json records it."""
+    error = storage_error(error) or error
     if isinstance(error, VeganError):
         return int(error.exit_code), str(error)
     if isinstance(error, KeyboardInterrupt):

@@ -71,11 +71,23 @@ def held() -> Iterator[list[logging.LogRecord]]:
         yield handler.buffer
 
 
+class _LogFile(logging.FileHandler):
+    """train.log: a record it cannot write (a full disk) is said once on the console, not with a traceback per
+    record; the console keeps every record, and the error that stops the run names the file it could not write."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord | None) -> None:
+        if not self.failed:
+            self.failed = True
+            print(f"warning: {self.baseFilename} cannot be written ({sys.exc_info()[1]})", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def to_file(path: Path, earlier: list[logging.LogRecord] | None = None) -> Iterator[None]:
     """Inside the block, every record of the package (INFO and up) is also appended to ``path``, after the
     ``earlier`` ones (from :func:`held`)."""
-    handler = logging.FileHandler(path)
+    handler = _LogFile(path)
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.addFilter(RankStamp())
     for record in earlier or []:
@@ -84,7 +96,10 @@ def to_file(path: Path, earlier: list[logging.LogRecord] | None = None) -> Itera
         with _handling(handler):
             yield
     finally:
-        handler.close()
+        try:
+            handler.close()
+        except OSError:  # its last records could not be flushed (a full disk): said once, as for any record
+            handler.handleError(None)
 
 
 @contextlib.contextmanager

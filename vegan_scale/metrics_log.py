@@ -40,8 +40,10 @@ class MetricsLog:
         self._file: TextIO = path.open("a")
 
     def append(self, step: int, values: dict[str, float]) -> None:
-        self._file.write(json.dumps({"step": step, **values}) + "\n")
-        self._file.flush()
+        with atomic.naming(self.path):
+            self._file.write(json.dumps({"step": step, **values}) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        with atomic.naming(self.path):
+            self._file.close()

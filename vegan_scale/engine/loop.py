@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import DistributedType, gather_object
 from tqdm import tqdm
 
-from vegan_scale import checkpoint, export, logs
+from vegan_scale import atomic, checkpoint, export, logs
 from vegan_scale.config.load import to_yaml
 from vegan_scale.distributed.accelerator import distribution_mode
 from vegan_scale.distributed.agreement import Agreement, Flag
@@ -268,7 +268,8 @@ def _evaluate(run: Run, step: int) -> None:
         return
     for key, image in result.figures.items():
         path = run.dir.figure(key, step)
-        image.save(path)
+        with atomic.naming(path):
+            image.save(path)
         run.records.figure(step, key, path)
     run.records.metrics(step, result.metrics)
     log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
@@ -330,7 +331,12 @@ def _export(run: Run) -> None:
     export exists."""
     weights = run.modules.autoencoder.full_state_dict()
     if run.accelerator.is_main_process:
-        with _written(run, run.dir.export, "the export", f"`vegan-scale export {run.dir.path} --out {run.dir.export}`"):
+        then = (
+            f"`vegan-scale export {run.dir.path} --out {run.dir.export}` writes it from there"
+            if run.dir.newest_checkpoint()
+            else "train again: with checkpoint.every_steps=0 the export was the only copy of the weights"
+        )
+        with _written(run, run.dir.export, "the export", then):
             path = export.write(run.dir.export, weights, dataclasses.asdict(run.cfg))
         log.info("model exported to %s", path)
         run.records.export(run.step, path)

@@ -20,9 +20,11 @@ pytestmark = pytest.mark.distributed
 CHECKPOINT_ONLY = "15m"  # the runkit's WAE-GAN checkpoint is about 10 MB (the critic's weights and Adam state)
 NO_EXPORT = "10100k"  # a 5-step run takes about 9,990 kB before its export, which takes about 210 kB
 
-# Mount a tmpfs of $1 bytes on $2, run the rest of the arguments there, copy what they left to $3, keep their code.
+# Mount a tmpfs of $1 bytes on $2, take $4 bytes of it, run the rest of the arguments there, copy what they left to
+# $3, keep their code.
 ON_A_SMALL_DISK = (
-    'mount -t tmpfs -o size="$1" tmpfs "$2" || exit 90; d=$2; o=$3; shift 3; "$@"; rc=$?; cp -a "$d"/. "$o"/; exit $rc'
+    'mount -t tmpfs -o size="$1" tmpfs "$2" || exit 90; head -c "$4" /dev/zero > "$2/.taken"; d=$2; o=$3; shift 4; '
+    '"$@"; rc=$?; rm "$d/.taken"; cp -a "$d"/. "$o"/; exit $rc'
 )
 
 
@@ -109,13 +111,11 @@ def test_a_disk_with_almost_no_room_names_the_file_it_could_not_write(
     """A few kB left (a 1 MB tmpfs, the rest taken before the run): whichever small file fails first (train.log,
     the rank's heartbeat, metrics.jsonl, an evaluation figure: it depends on the room), the run stops with 74 and
     an error naming that file and the system's reason, never a traceback (train.log's own failure is one warning)."""
-    filler = f'head -c {1024 * (1024 - free_kb)} /dev/zero > "$2/filler"; '
-    script = ON_A_SMALL_DISK.replace("|| exit 90; ", "|| exit 90; " + filler)
-    disk, kept = tmp_path / "disk", tmp_path / "root"
-    disk.mkdir()
-    kept.mkdir()
-    args = train_args(tiny_shards_module, disk, "run", "wae_gan", "checkpoint.every_steps=0", "tracking.backend=none")
-    proc = run(["unshare", "-rm", "sh", "-c", script, "sh", "1m", str(disk), str(kept), *single(args)])
+    args = lambda disk: train_args(  # noqa: E731
+        tiny_shards_module, disk, "run", "wae_gan", "checkpoint.every_steps=0", "tracking.backend=none"
+    )
+    proc = _on_a_small_disk("1m", tmp_path, args, taken=1024 * (1024 - free_kb))
+    disk = tmp_path / "disk"
     assert proc.returncode == 74, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     named = re.search(r"error: (\S+) could not be written: No space left on device", proc.stderr)
@@ -128,11 +128,14 @@ def _on_a_small_disk(
     args: Callable[[Path], list[str]],
     launch: Callable[[list[str]], list[str]] = single,
     timeout: float = 600,
+    taken: int = 0,
 ) -> subprocess.CompletedProcess:
-    """The trainer with ``args(disk)``, started by ``launch``, on a tmpfs of ``size`` at tmp_path/disk; what it
-    left is copied to tmp_path/root (the tmpfs goes with its namespace)."""
+    """The trainer with ``args(disk)``, started by ``launch``, on a tmpfs of ``size`` at tmp_path/disk of which
+    ``taken`` bytes are used before it starts; what it left is copied to tmp_path/root (the tmpfs goes with its
+    namespace)."""
     disk, kept = tmp_path / "disk", tmp_path / "root"
     disk.mkdir()
     kept.mkdir()
-    command = ["unshare", "-rm", "sh", "-c", ON_A_SMALL_DISK, "sh", size, str(disk), str(kept), *launch(args(disk))]
+    sizes = (size, str(disk), str(kept), str(taken))
+    command = ["unshare", "-rm", "sh", "-c", ON_A_SMALL_DISK, "sh", *sizes, *launch(args(disk))]
     return run(command, timeout=timeout)

@@ -82,6 +82,9 @@ class CheckpointError(VeganError):
     exit_code = ExitCode.USAGE
 
 
+RESUME = "train.resume=auto with the same run.name continues the run"  # what to do once the cause is mended
+
+
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # no room, no quota left, read-only
 
 
@@ -92,8 +95,7 @@ def storage_error(error: BaseException) -> StorageError | None:
         return None
     return StorageError(
         f"{error.filename or 'a file of the run'} could not be written: {error.strerror}. Free space there (or raise "
-        "the quota), then train.resume=auto with the same run.name continues the run from its last complete "
-        "checkpoint"
+        f"the quota), then {RESUME} from its last complete checkpoint"
     )
 
 

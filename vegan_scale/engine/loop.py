@@ -34,6 +34,7 @@ from vegan_scale.engine.run import Run, build_run
 from vegan_scale.engine.schedule import lr_factor
 from vegan_scale.engine.step import train_step
 from vegan_scale.errors import (
+    RESUME,
     DataError,
     DataStallError,
     ExitCode,
@@ -215,9 +216,6 @@ NONFINITE_TERMS = {
 }
 
 
-RESUME = "train.resume=auto with the same run.name continues the run"
-
-
 def _kept(run: Run) -> str:
     """What a run that stops on an error leaves to resume from, for its message."""
     saved = run.dir.newest_checkpoint()
@@ -280,8 +278,8 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
     acc, root = run.accelerator, run.dir.checkpoints
     run.where.at(step, "checkpoint")
     start = time.perf_counter()
-    directory = checkpoint.tmp_dir(root, step)
-    with _written(run, directory, f"checkpoint {checkpoint_name(step)}", RESUME):
+    directory, what = checkpoint.tmp_dir(root, step), f"checkpoint {checkpoint_name(step)}"
+    with _written(run, directory, what, RESUME):
         checkpoint.write_rank_state(directory, acc.process_index)
         for module in run.modules:
             module.save(directory)
@@ -300,7 +298,7 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
             "mode": distribution_mode(acc),
             "mlflow_run_id": run.records.tracker.run_id if run.records.tracker else None,
         }
-        with _written(run, directory, f"checkpoint {checkpoint_name(step)}", RESUME):
+        with _written(run, directory, what, RESUME):
             checkpoint.write_state(directory, state, to_yaml(run.cfg))
             path = checkpoint.commit(root, step, run.cfg.checkpoint.keep_last_k)
         seconds = time.perf_counter() - start

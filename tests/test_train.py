@@ -149,10 +149,11 @@ def test_mixed_precision_trains(precision: str, tiny_shards: Path, tmp_path: Pat
 
 def test_bf16_weights_copy_trains_like_float32_and_continues_exactly(tiny_shards: Path, tmp_path: Path) -> None:
     """train.low_precision_weights (bf16 compute, float32 masters and optimizer) follows float32 training: from the
-    same seed over 60 WAE-MMD steps, each logged 10-step mean loss within 5% of the float32 run's (bf16 keeps 8
-    bits, so single steps differ by about 1% and the two runs drift apart slowly; measured: at most 1.7%); the
-    checkpoint holds float32 weights and moments; and a run stopped at step 30 and continued ends with the
-    uninterrupted run's weights bit for bit (the copy is rebuilt from the loaded masters)."""
+    same seed over 60 WAE-MMD steps, the mean of the six logged 10-step mean losses within 3% of the float32 run's,
+    and each of them within 10% (bf16 keeps 8 bits, so single steps differ by about 1% and the two runs drift apart
+    as chaotic trajectories do; measured over seeds 0-9: the mean within 0.1-2.3%, the farthest 10-step mean
+    1.8-7.3%); the checkpoint holds float32 weights and moments; and a run stopped at step 30 and continued ends
+    with the uninterrupted run's weights bit for bit (the copy is rebuilt from the loaded masters)."""
     copy = ["train.mixed_precision=bf16", "train.low_precision_weights=true"]
 
     def run(name: str, steps: int, precision: list[str]) -> Path:
@@ -179,8 +180,10 @@ def test_bf16_weights_copy_trains_like_float32_and_continues_exactly(tiny_shards
         for name, d in (("float32", reference), ("copy", whole))
     }
     assert len(losses["copy"]) == 6 and losses["copy"][-1] < 0.6 * losses["copy"][0]
+    ours, theirs = sum(losses["copy"]), sum(losses["float32"])
+    assert abs(ours - theirs) <= 0.03 * abs(theirs), losses
     for ours, theirs in zip(losses["copy"], losses["float32"], strict=True):
-        assert abs(ours - theirs) <= 0.05 * abs(theirs), losses
+        assert abs(ours - theirs) <= 0.10 * abs(theirs), losses
     for file in (whole / "checkpoints" / "step_00000060").glob("autoencoder*.safetensors"):
         assert {v.dtype for v in load_file(file).values()} <= {torch.float32, torch.int64}, file
     assert same_weights(continued / "export" / "model.safetensors", whole / "export" / "model.safetensors")

@@ -11,11 +11,11 @@ the tests of the math do.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,8 +24,10 @@ TRUNCATION = 2.0  # truncated normal draws lie within this many deviations
 
 
 def mix_seed(*values: int) -> int:
-    """A 63-bit seed from several integers (NumPy's seed sequence: well mixed, the same on every platform)."""
-    return int(np.random.SeedSequence(list(values)).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+    """A 63-bit seed from several integers: their BLAKE2b hash, well mixed and the same on every platform, and
+    about 1 us (NumPy's seed sequence, used before, took 30 us in a training step, twice a step)."""
+    data = b"".join(value.to_bytes(16, "little", signed=True) for value in values)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,17 @@ def _draw(
 def truncated_normal(noise: StepNoise | None, key: str, like: Tensor, std: float) -> Tensor:
     """Normal noise shaped like ``like`` with deviation ``std``, truncated at TRUNCATION deviations (by the inverse
     of the normal distribution function on uniform draws, as torch's trunc_normal_)."""
-    low = 0.5 * (1 + math.erf(-TRUNCATION / math.sqrt(2)))
-    u = uniform(noise, key, tuple(like.shape), like)  # a new tensor: worked on in place (an input's size, every step)
-    return u.mul_(2 * (1 - 2 * low)).add_(2 * low - 1).erfinv_().mul_(std * math.sqrt(2))
+    edge = math.erf(TRUNCATION / math.sqrt(2))  # erfinv(+-edge) = +-TRUNCATION / sqrt(2)
+    u = _draw(_uniform_on(-edge, edge), noise, key, tuple(like.shape), like, None)
+    return u.erfinv_().mul_(std * math.sqrt(2))  # a new tensor, worked on in place (an input's size, every step)
+
+
+def _uniform_on(low: float, high: float) -> Callable[..., Tensor]:
+    """torch.rand's signature for uniform draws on [low, high): one pass, where rand and an affine map take three."""
+
+    def draw(
+        shape: tuple[int, ...], *, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        return torch.empty(shape, device=device, dtype=dtype).uniform_(low, high, generator=generator)
+
+    return draw

@@ -5,6 +5,7 @@ shared storage would."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -101,6 +102,35 @@ def test_a_full_disk_at_a_checkpoint_of_two_processes_ends_the_job_at_once(
     assert exit_status(run_dir)["code"] == 74, proc.stderr[-3000:]
     assert "checkpoint step_00000010 could not be written" in exit_status(run_dir)["reason"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000005"]
+
+
+def test_a_write_failing_on_one_process_stops_every_process_with_its_reason(
+    tiny_shards_module: Path, tmp_path: Path
+) -> None:
+    """Under DDP, only the second process cannot write its part of a checkpoint (its random generators' state):
+    here a file size limit of its own (``ulimit -f``, which SLURM carries from the submitting shell to the tasks),
+    as a node-local quota or a storage error seen by one node would do. Every process stops with 74 and the same
+    error, naming that process and the system's reason; the main process removes the partial checkpoint (not the
+    failing one from under the main process's writes, which then reported "No such file or directory"); the
+    checkpoint before is intact."""
+    limits = tmp_path / "limits"
+    limits.mkdir()
+    (limits / "sitecustomize.py").write_text(  # in every Python process started below; acts in rank 1's only
+        "import os, resource\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+    )
+    path = os.pathsep.join(filter(None, [str(limits), os.environ.get("PYTHONPATH")]))
+    command = ["env", f"PYTHONPATH={path}", *ddp(train_args(tiny_shards_module, tmp_path, "run"))]
+    proc = run(command, timeout=120)
+    assert proc.returncode != 0
+    run_dir = tmp_path / "mnist" / "run"
+    reason = exit_status(run_dir)["reason"]
+    assert exit_status(run_dir)["code"] == 74, proc.stderr[-3000:]
+    for words in ("checkpoint step_00000005 could not be written", "process 1: ", "File too large", "rng_rank1.pt"):
+        assert words in reason, (words, reason)
+    assert "No such file or directory" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == []
 
 
 @pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")

@@ -59,7 +59,8 @@ WRITE_ERRORS = (OSError, SafetensorError)
 def _torch_save(obj: Any, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    path.write_bytes(buffer.getvalue())
+    with atomic.naming(path):
+        path.write_bytes(buffer.getvalue())
 
 
 def tmp_dir(root: Path, step: int) -> Path:

@@ -279,11 +279,10 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
     run.where.at(step, "checkpoint")
     start = time.perf_counter()
     directory, what = checkpoint.tmp_dir(root, step), f"checkpoint {checkpoint_name(step)}"
-    with _written(run, directory, what, RESUME):
-        checkpoint.write_rank_state(directory, acc.process_index)
+    with _written(run, directory, what, RESUME):  # the modules' files: the main process writes them
         for module in run.modules:
             module.save(directory)
-    acc.wait_for_everyone()
+    _write_rank_states(run, directory, what)
     if acc.is_main_process:
         if acc.scaler is not None:
             checkpoint.save_scaler(directory, acc.scaler.state_dict())
@@ -316,11 +315,34 @@ def _written(run: Run, partial: Path, what: str, then: str) -> Iterator[None]:
     try:
         yield
     except checkpoint.WRITE_ERRORS as e:
+        raise _not_written(run, partial, what, str(e), then) from None
+
+
+def _write_rank_states(run: Run, directory: Path, what: str) -> None:
+    """Collective: every process writes the state of its random generators into the checkpoint. The processes
+    agree on the outcome, so that a write failing on any of them (its own disk quota or file size limit, a
+    storage error seen by one node) stops all of them with the same error naming that process, rather than the
+    others meeting a vanished peer or a removed directory."""
+    acc = run.accelerator
+    try:
+        checkpoint.write_rank_state(directory, acc.process_index)
+        failure = ""
+    except checkpoint.WRITE_ERRORS as e:
+        failure = f"process {acc.process_index}: {e}"
+    failures = [f for f in gather_object([failure]) if f]
+    if failures:
+        raise _not_written(run, directory, what, "; ".join(failures), RESUME)
+
+
+def _not_written(run: Run, partial: Path, what: str, reason: str, then: str) -> StorageError:
+    """The error of a ``what`` that could not be written for ``reason``; the main process removes its partial
+    directory (only the main process does, so that no other process pulls it from under its writes)."""
+    if run.accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
-        raise StorageError(
-            f"{what} could not be written in {partial.parent}: {e}. Its partial files were removed; {_kept(run)}. "
-            f"Free space there (or raise the quota; a lower checkpoint.keep_last_k keeps fewer), then {then}"
-        ) from None
+    return StorageError(
+        f"{what} could not be written in {partial.parent}: {reason}. Its partial files were removed; {_kept(run)}. "
+        f"Free space there (or raise the quota; a lower checkpoint.keep_last_k keeps fewer), then {then}"
+    )
 
 
 def _export(run: Run) -> None:

@@ -11,7 +11,6 @@ the tests of the math do.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,15 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vegan_scale.seeds import mix_seed
+
 KEYS = ("prior", "encoder", "input", "decoder", "directions")  # what a step draws; each has its own stream
 TRUNCATION = 2.0  # truncated normal draws lie within this many deviations
-
-
-def mix_seed(*values: int) -> int:
-    """A 63-bit seed from several integers: their BLAKE2b hash, well mixed and the same on every platform, and
-    about 1 us (NumPy's seed sequence, used before, took 30 us in a training step, twice a step)."""
-    data = b"".join(value.to_bytes(16, "little", signed=True) for value in values)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import torch
 
 from vegan_scale.data.index import ShardIndex
 from vegan_scale.errors import DataError
+from vegan_scale.seeds import mix_seed
 
 Piece = tuple[str, int, int]  # (shard url, samples to pass over, samples to take)
 
@@ -70,14 +71,9 @@ class EpochOrder:
         """[len(lanes), L_j]: for each of ``lanes``, the order in which the block's batches take its elements."""
         _, _, length = self.block(j * self.batches_per_block)
         keys = torch.rand(
-            self.global_batch, length, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, j))
+            self.global_batch, length, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, j))
         )
         return keys[lanes.start : lanes.stop].argsort(dim=1).numpy()
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from several integers (NumPy's seed sequence: well mixed, the same on every platform)."""
-    return int(np.random.SeedSequence(list(values)).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
 
 
 def pieces(urls: tuple[str, ...], counts: tuple[int, ...], start: int, length: int) -> list[Piece]:

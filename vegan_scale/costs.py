@@ -34,9 +34,6 @@ def reconstruction_cost(
     if kind == "bernoulli":
         per_pixel = F.binary_cross_entropy_with_logits(recon.logits.to(dtype), x, reduction="none")
         return factor * per_pixel.flatten(1).sum(dim=1)
-    diff = (x - recon.sample(noise).to(dtype)).flatten(1)
-    if kind == "l2sq":
-        return factor * diff.pow(2).sum(dim=1)
-    if kind == "l2":
-        return factor * torch.sqrt(1e-8 + diff.pow(2).sum(dim=1))
-    return factor * diff.abs().sum(dim=1)
+    per_pixel = F.l1_loss if kind == "l1" else F.mse_loss  # |difference| or its square, in one pass each way
+    total = per_pixel(recon.sample(noise).to(dtype), x, reduction="none").flatten(1).sum(dim=1)
+    return factor * (torch.sqrt(1e-8 + total) if kind == "l2" else total)

@@ -104,6 +104,47 @@ def test_a_full_disk_at_a_checkpoint_of_two_processes_ends_the_job_at_once(
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000005"]
 
 
+# The tracking store's tables, then no room left on its disk: $1 the store made elsewhere, $2 the disk, $3 the run
+# directory, then the trainer; after it, the room back and `vegan-scale sync` (the trainer's Python) run.
+STORE_ON_A_FULL_DISK = (
+    's=$1; d=$2; r=$3; shift 3; cp "$s" "$d/mlflow.db" || exit 91; head -c 64m /dev/zero > "$d/.fill" 2>/dev/null; '
+    '"$@"; rc=$?; rm "$d/.fill"; "$1" -m vegan_scale sync "$r" || exit 92; exit $rc'
+)
+
+
+@pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")
+def test_a_tracking_store_on_a_full_disk_is_one_line_and_sync_sends_the_run_later(
+    tiny_shards_module: Path, tmp_path: Path
+) -> None:
+    """MLflow's sqlite store on a disk with no room left, the run directory elsewhere: training goes on to the end
+    (exit 0); the console says why the store fails in one line ("database or disk is full", which MLflow's and
+    SQLAlchemy's wrappers hide) and names the sync command, without MLflow's traceback at every retry; once there is
+    room, that command sends the whole run, the model included, without MLflow's progress bars and warnings."""
+    from mlflow.tracking import MlflowClient
+
+    seed = tmp_path / "seed.db"
+    MlflowClient(f"sqlite:///{seed}").search_experiments()  # creates the store's tables, where there is room
+    disk, runs = tmp_path / "disk", tmp_path / "runs"
+    run_dir = runs / "mnist" / "run"
+    args = lambda disk: train_args(  # noqa: E731
+        tiny_shards_module, runs, "run", "wae_mmd", "train.max_steps=10", "tracking.log_every=5",
+        f"tracking.uri=sqlite:///{disk}/mlflow.db", "tracking.close_timeout_s=3",
+    )  # fmt: skip
+    launch = lambda cmd: ["sh", "-c", STORE_ON_A_FULL_DISK, "sh", str(seed), str(disk), str(run_dir), *single(cmd)]  # noqa: E731
+    proc = _on_a_small_disk("2m", tmp_path, args, launch)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-3000:]
+    assert "fails (database or disk is full); training goes on" in proc.stdout, console[-3000:]
+    assert f"vegan-scale sync {run_dir}" in proc.stdout
+    for noise in ("Traceback", "Downloading artifacts", "input example"):  # nor, at sync, MLflow's own chatter
+        assert noise not in console, (noise, console[-3000:])
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'root' / 'mlflow.db'}")  # the store, copied off the disk
+    (found,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert found.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "train/loss")] == [5, 10]
+
+
 def test_a_write_failing_on_one_process_stops_every_process_with_its_reason(
     tiny_shards_module: Path, tmp_path: Path
 ) -> None:

@@ -62,15 +62,14 @@ class Tracker:
         self._thread.start()
         # Opening the run (and, for a new sqlite store, creating its tables) happens before the first step: a
         # process killed while MLflow migrates a sqlite file leaves it unusable, so that window stays out of training.
+        # MLflow logs each failed database call with its traceback before raising it: a store on a full disk would
+        # print one at every retry, for the whole run. The tracker reports a failing store once, in one line.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         open_run = functools.partial(self._open_run, new, resume_notes)
         try:
             open_run()
         except Exception as e:
-            log.warning(
-                "MLflow at %s cannot open the run yet (%s); retrying in the background",
-                uri,
-                str(e).splitlines()[0][:200],
-            )
+            log.warning("MLflow at %s cannot open the run yet (%s); retrying in the background", uri, reason(e))
             self._submit(open_run)
 
     @classmethod
@@ -192,8 +191,7 @@ def _send(task: Callable[[], None], uri: str, run_dir: RunDir) -> None:
 
     def warn_once(error: Exception, wait: float) -> None:
         if not failing:
-            first = str(error).splitlines()[0][:200]
-            log.warning("MLflow at %s fails (%s); training goes on, updates wait and are retried", uri, first)
+            log.warning("MLflow at %s fails (%s); training goes on, updates wait and are retried", uri, reason(error))
         failing.append(error)
 
     try:
@@ -203,3 +201,11 @@ def _send(task: Callable[[], None], uri: str, run_dir: RunDir) -> None:
         return
     if failing:
         log.warning("MLflow at %s answers again; sending what waited", uri)
+
+
+def reason(error: BaseException) -> str:
+    """Why a call failed, in one line: the message of its innermost cause. A sqlite store's "database or disk is
+    full" reaches the tracker under SQLAlchemy's and MLflow's wrappers, whose first lines say neither."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

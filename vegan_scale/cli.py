@@ -361,12 +361,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-# The MLflow client's own HTTP behaviour, unless the user chose otherwise: no telemetry, and failures reported at
-# once (a send is retried by vegan_scale's tracker, in order, for as long as the server is away).
+# The MLflow client's own behaviour, unless the user chose otherwise: no telemetry, failures reported at once (a send
+# is retried by vegan_scale's tracker, in order, for as long as the server is away), no progress bars in the console
+# while it copies the model's local files.
 MLFLOW_CLIENT_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 
@@ -394,7 +396,3 @@ def run() -> NoReturn:
     """The program's process (``vegan-scale``, ``python -m vegan_scale``): :func:`main`, then :func:`leave` with its
     exit code. A crash (an exception that is not a VeganError) ends as Python ends it."""
     leave(main())
-
-
-if __name__ == "__main__":
-    run()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -39,7 +38,6 @@ def save_pyfunc(export_dir: Path, config_file: Path, path: Path) -> Path:
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-    _quiet_saves()
     data = export.read_sections(export_dir)["data"]
     images = (-1, data["channels"], data["image_size"], data["image_size"])
     signature = ModelSignature(
@@ -49,25 +47,17 @@ def save_pyfunc(export_dir: Path, config_file: Path, path: Path) -> Path:
     )
     import torch
 
-    mlflow.pyfunc.save_model(
-        path=str(path),
-        python_model=str(CODE),
-        artifacts={ARTIFACT: str(export_dir), CONFIG_ARTIFACT: str(config_file)},
-        signature=signature,
-        pip_requirements=[f"vegan-scale=={provenance.version()}", f"torch=={torch.__version__.split('+')[0]}"],
-    )
+    with warnings.catch_warnings():  # MLflow warns, on the console of every run, that no input example was given:
+        # the signature is explicit, and an example would have MLflow load and run the model at every logging
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")  # after colour codes
+        mlflow.pyfunc.save_model(
+            path=str(path),
+            python_model=str(CODE),
+            artifacts={ARTIFACT: str(export_dir), CONFIG_ARTIFACT: str(config_file)},
+            signature=signature,
+            pip_requirements=[f"vegan-scale=={provenance.version()}", f"torch=={torch.__version__.split('+')[0]}"],
+        )
     return path
-
-
-def _quiet_saves() -> None:
-    """What MLflow prints while it saves this model says nothing to the person reading a run's console (or a SLURM
-    log), between the trainer's lines: a progress bar per artifact it copies from local disk ("Downloading
-    artifacts"), and a warning that no input example was given (the signature is explicit; an example would have
-    MLflow load and run the model at every logging). Both are turned off for the process: the progress bars unless
-    $MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR is set, the warning by a filter of its own text."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    no_example = ".*An input example was not provided when logging the model"  # after MLflow's colour codes
-    warnings.filterwarnings("ignore", message=no_example)
 
 
 def log_model(

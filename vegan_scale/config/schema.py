@@ -152,7 +152,11 @@ class TrainConfig:
         bounds=at_least(1),
     )
     mixed_precision: str = param(
-        "no", "Autocast precision of the networks; kernels and penalties stay float32.", choices=("no", "bf16", "fp16")
+        "no",
+        "Autocast precision of the networks; kernels and penalties stay float32. bf16 is faster only where the "
+        "hardware computes it (an Ampere or later GPU; a CPU with AVX-512 BF16 or AMX): elsewhere it is emulated, "
+        "slower than float32, and the run says so.",
+        choices=("no", "bf16", "fp16"),
     )
     low_precision_weights: bool = param(
         False,

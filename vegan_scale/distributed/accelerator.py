@@ -11,6 +11,7 @@ so DeepSpeed runs name the gloo backend instead.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,6 +28,8 @@ from accelerate.utils import (
 from vegan_scale.checkpoint import AUTOENCODER
 from vegan_scale.distributed import deepspeed_support
 from vegan_scale.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def deepspeed_requested() -> bool:
@@ -68,10 +71,36 @@ def build_accelerator(
             )
         group = InitProcessGroupKwargs(timeout=timeout, **({} if cuda else {"backend": "gloo"}))
         plugins = deepspeed_support.plugins(models)
-        return Accelerator(mixed_precision=mixed_precision, deepspeed_plugin=plugins, kwargs_handlers=[group])
-    group = InitProcessGroupKwargs(timeout=timeout)
-    ddp = DistributedDataParallelKwargs(bucket_cap_mb=bucket_mb)
-    return Accelerator(mixed_precision=mixed_precision, cpu=not cuda, kwargs_handlers=[group, ddp])
+        accelerator = Accelerator(mixed_precision=mixed_precision, deepspeed_plugin=plugins, kwargs_handlers=[group])
+    else:
+        group = InitProcessGroupKwargs(timeout=timeout)
+        ddp = DistributedDataParallelKwargs(bucket_cap_mb=bucket_mb)
+        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not cuda, kwargs_handlers=[group, ddp])
+    if mixed_precision == "bf16" and accelerator.local_process_index == 0:  # once a node
+        _warn_if_bf16_emulated(cuda)
+    return accelerator
+
+
+def _warn_if_bf16_emulated(cuda: bool) -> None:
+    if not bf16_emulated(cuda):
+        return
+    device = "GPU has no bf16 arithmetic (compute capability below 8.0)" if cuda else "CPU has no bf16 instructions"
+    log.warning(
+        "train.mixed_precision=bf16: this %s, so bf16 is emulated and runs slower than float32 (2-2.5x on a CPU "
+        "without AVX-512 BF16 or AMX, docs/performance.md); set train.mixed_precision=no for speed",
+        device,
+    )
+
+
+def bf16_emulated(cuda: bool) -> bool:
+    """Whether bf16 products run without native instructions here, so that bf16 is slower than float32, not faster:
+    a CUDA GPU older than Ampere, or an x86 CPU without AVX-512 BF16 and AMX. Other CPUs are not known: False."""
+    if cuda:
+        return not torch.cuda.is_bf16_supported(including_emulation=False)
+    capabilities = torch.cpu.get_capabilities()
+    if capabilities.get("architecture") != "x86_64":
+        return False
+    return not (capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
 def distribution_mode(accelerator: Accelerator) -> str:

@@ -86,7 +86,7 @@ def _warn_if_bf16_emulated(cuda: bool) -> None:
         return
     device = "GPU has no bf16 arithmetic (compute capability below 8.0)" if cuda else "CPU has no bf16 instructions"
     log.warning(
-        "train.mixed_precision=bf16: this %s, so bf16 is emulated and runs slower than float32 (2-2.5x on a CPU "
+        "train.mixed_precision=bf16: this %s, so bf16 is emulated and runs slower than float32 (2-3x on a CPU "
         "without AVX-512 BF16 or AMX, docs/performance.md); set train.mixed_precision=no for speed",
         device,
     )

@@ -179,6 +179,10 @@ def main() -> None:
         print(f"ratio vegan_scale / pythae, {what}: {ratio:.2f}x")
     what, ratio, _ = min(ratios, key=lambda r: r[1] / r[2])
     print(f"headline: vegan_scale runs {ratio:.2f}x pythae ({what}), the closest to its target")
+    from vegan_scale.distributed.accelerator import bf16_emulated
+
+    if bf16_emulated(cuda=False):  # the best-setting target was set where bf16 runs natively
+        print("note: this CPU has no bf16 instructions (AVX-512 BF16 or AMX): the best setting is float32 for both")
 
 
 if __name__ == "__main__":

@@ -73,13 +73,16 @@ class Trainable:
     optimizer: torch.optim.Optimizer
     accelerator: Accelerator
     low_precision: LowPrecisionCopy | None = None
+    # The module as given to accelerate's prepare, which wraps it without replacing it (DDP's and DeepSpeed's
+    # ``.module``; compiling is in place): what accelerate's unwrap_model would find, without that call's import of
+    # DeepSpeed in every run (1.2 s of a process's start) and its reads of the installed packages' metadata.
+    given: nn.Module | None = None  # None: ``module`` is not wrapped
     input_dtype: torch.dtype = field(init=False)  # the module's own precision, which inputs must match
     stepped: torch.optim.Optimizer = field(init=False)  # what step() steps
 
     def __post_init__(self) -> None:
         # Found once (float64 for exactness checks; DeepSpeed's half-precision modes keep the module in that
-        # precision): the loop needs it at every micro-batch, and accelerate's unwrap_model reads the installed
-        # packages' metadata at each call (about 1.4 ms, a quarter of a small network's step).
+        # precision): the loop needs it at every micro-batch.
         self.input_dtype = next(self.raw.parameters()).dtype
         # accelerate's optimizer wrapper, without a gradient scaler (fp16) to drive, only calls the optimizer, after
         # two more metadata reads (0.2 ms a step) and, to zero the gradients, an inspection of the optimizer's
@@ -98,7 +101,7 @@ class Trainable:
         """The unwrapped module, float32 master of a bf16 copy (its parameters are partitioned under ZeRO-3)."""
         if self.low_precision is not None:
             return self.low_precision.master
-        return self.accelerator.unwrap_model(self.module)
+        return self.module if self.given is None else self.given
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.engine is None:
@@ -241,8 +244,8 @@ def prepare(
     if grad_compression == "bf16" and isinstance(wrapped, DistributedDataParallel):
         wrapped.register_comm_hook(None, bf16_allreduce_hook)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        deepspeed_support.match_buffers_to_parameters(accelerator.unwrap_model(wrapped))
-    return Trainable(name, wrapped, optimizer, accelerator, low_precision)
+        deepspeed_support.match_buffers_to_parameters(module)
+    return Trainable(name, wrapped, optimizer, accelerator, low_precision, given=module)
 
 
 def select_plugin(accelerator: Accelerator, name: str) -> None:

@@ -81,8 +81,8 @@ def test_bf16_weights_copy_under_deepspeed_is_refused(monkeypatch: pytest.Monkey
 @pytest.mark.skipif(platform.machine() != "x86_64" or not Path("/proc/cpuinfo").exists(), reason="x86 Linux CPUs")
 def test_emulated_bf16_is_named(caplog: pytest.LogCaptureFixture) -> None:
     """bf16 asked for on a CPU without bf16 instructions (AVX-512 BF16 or AMX, as the kernel lists the CPU's
-    flags) is named once, with the setting that makes the run faster; float32 runs, and bf16 on such a CPU, are
-    not warned about. Which of the two this machine shows depends on its CPU."""
+    flags) is named once, with the setting that makes the run faster; float32 runs, and bf16 on a CPU with those
+    instructions, are not warned about. Which of the two this machine shows depends on its CPU."""
     flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)[1].split())
     native = bool({"avx512_bf16", "amx_bf16"} & flags)
     with caplog.at_level(logging.WARNING, logger="vegan_scale"):

@@ -73,9 +73,9 @@ class Trainable:
     optimizer: torch.optim.Optimizer
     accelerator: Accelerator
     low_precision: LowPrecisionCopy | None = None
-    # The module as given to accelerate's prepare, which wraps it without replacing it (DDP's and DeepSpeed's
-    # ``.module``; compiling is in place): what accelerate's unwrap_model would find, without that call's import of
-    # DeepSpeed in every run (1.2 s of a process's start) and its reads of the installed packages' metadata.
+    # The module as given to :func:`prepare` (the float32 master where a bf16 copy is what is wrapped). accelerate's
+    # prepare wraps without replacing (DDP's and DeepSpeed's ``.module``; compiling is in place), so this is what its
+    # unwrap_model would find, without that call's import of DeepSpeed in every run (1.2 s of a process's start).
     given: nn.Module | None = None  # None: ``module`` is not wrapped
     input_dtype: torch.dtype = field(init=False)  # the module's own precision, which inputs must match
     stepped: torch.optim.Optimizer = field(init=False)  # what step() steps
@@ -99,8 +99,6 @@ class Trainable:
     @property
     def raw(self) -> nn.Module:
         """The unwrapped module, float32 master of a bf16 copy (its parameters are partitioned under ZeRO-3)."""
-        if self.low_precision is not None:
-            return self.low_precision.master
         return self.module if self.given is None else self.given
 
     def backward(self, loss: torch.Tensor) -> None:

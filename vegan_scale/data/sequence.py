@@ -96,9 +96,11 @@ class SequenceReader:
 
     def good_after(self, rest: Stretch, position: int, count: int) -> Stretch:
         """The first ``count`` good samples of ``rest`` and then of S from ``position`` on, wrapping around the
-        epoch; a DataError after a whole pass without enough."""
+        epoch; a DataError after a whole pass without enough. S is read ahead in chunks that start at twice the
+        count and double: little is read (and read again later) when few samples are bad, and a long run of bad
+        ones takes few reads."""
         found, have, seen = [rest[rest.good]], int(rest.good.sum()), 0
-        total, chunk = self.order.samples, 256
+        total, chunk = self.order.samples, 2 * count
         while have < count:
             if seen >= total:
                 raise DataError(
@@ -108,7 +110,7 @@ class SequenceReader:
             take = min(chunk, total - at, total - seen)
             more = self.read(at, take, {})
             found.append(more[more.good])
-            have, seen = have + len(found[-1]), seen + take
+            have, seen, chunk = have + len(found[-1]), seen + take, 2 * chunk
         return Stretch.cat(found)[:count]
 
     def read(self, start: int, length: int, skipped: dict[str, int]) -> Stretch:

@@ -35,7 +35,9 @@ def env() -> dict[str, str]:
 
 
 def train_args(shards: Path, root: Path, name: str, recipe: str = "wae_gan", *extra: str) -> list[str]:
-    """A small deterministic run: MLP on tiny shards, a checkpoint every 5 steps, checks every 2."""
+    """A small deterministic run: MLP on tiny shards, a checkpoint every 5 steps, checks every 2. Not tracked
+    (``tracking.backend=mlflow`` in ``extra`` turns MLflow on): importing MLflow and creating a fresh store's
+    tables add 4 s to every process start, and most tests read the run directory."""
     return [
         "-m",
         "vegan_scale",
@@ -51,6 +53,7 @@ def train_args(shards: Path, root: Path, name: str, recipe: str = "wae_gan", *ex
         "train.max_steps=40",
         "train.deterministic=true",
         "train.check_every=2",
+        "tracking.backend=none",
         "tracking.log_every=1",
         "eval.every_steps=20",
         "eval.num_samples=40",
@@ -170,6 +173,12 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
 
 def exit_status(run_dir: Path) -> dict:
     return json.loads((run_dir / "exit_status.json").read_text())
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """The training loss of each step, as the run wrote it down in metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
 
 
 def same_weights(a: Path, b: Path) -> bool:

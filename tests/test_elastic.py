@@ -9,14 +9,13 @@ Equal per-step losses (to 1e-9 in float64) mean the same batches, sample by samp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.runkit import ddp, run, single, train_args
+from tests.runkit import ddp, losses, run, single, train_args
 
 pytestmark = pytest.mark.distributed
 
@@ -46,11 +45,6 @@ def train(shards: Path, root: Path, recipe: str, layout: str, steps: int, extra:
     proc = run(launch(layout, args), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "mnist" / "run", proc.stdout + proc.stderr
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
 
 
 def relative_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

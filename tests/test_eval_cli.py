@@ -31,6 +31,7 @@ def run_dir(mnist_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
         "eval.every_steps=20",
         "checkpoint.every_steps=20",
         "tracking.log_every=10",
+        "tracking.backend=mlflow",
     ]
     done = runkit.run(runkit.single(args))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -74,6 +74,7 @@ def tracked(mnist_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "train.deterministic=false",
         "train.check_every=50",
         f"tracking.log_every={LOG_EVERY}",
+        "tracking.backend=mlflow",
         f"tracking.uri={server.uri}",
         "tracking.system_metrics=true",
         f"tracking.register_as={REGISTERED}",

@@ -80,10 +80,12 @@ def test_signal_to_the_whole_process_group(
 def test_sigterm_to_every_process_under_accelerate_launch(tiny_shards_module: Path, tmp_path: Path) -> None:
     """`accelerate launch` with 2 processes, each with a loader worker: SIGTERM to the launcher, the ranks and the
     workers, in the second epoch (the workers read on from one epoch into the next). Both ranks agree on one step,
-    the checkpoint is written, exit_status.json says 75 (the launcher's own code is its business); the run then
-    continues to the end."""
+    the checkpoint is written, exit_status.json says 75 (the launcher's own code is its business) and the MLflow
+    run KILLED; the run then continues to the end, and MLflow shows it FINISHED."""
     run_dir = tmp_path / "mnist" / "launched"
-    args = train_args(tiny_shards_module, tmp_path, "launched", "wae_mmd", "data.num_workers=1")
+    args = train_args(
+        tiny_shards_module, tmp_path, "launched", "wae_mmd", "data.num_workers=1", "tracking.backend=mlflow"
+    )
     proc = start(ddp(args))
     wait_for_step(proc, run_dir, EPOCH + 2)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -92,9 +94,18 @@ def test_sigterm_to_every_process_under_accelerate_launch(tiny_shards_module: Pa
     assert status["code"] == 75 and EPOCH + 2 <= status["step"] < 40, (status, out[-3000:])
     assert (run_dir / "checkpoints" / f"step_{status['step']:08d}" / "COMPLETE").exists()
     assert not re.search(r'File ".*/vegan_scale/', out), out[-3000:]  # the launcher may trace its own signal
+    assert _mlflow_status(run_dir) == "KILLED"
     again = run(ddp(args))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert exit_status(run_dir)["code"] == 0
+    assert exit_status(run_dir)["code"] == 0 and _mlflow_status(run_dir) == "FINISHED"
+
+
+def _mlflow_status(run_dir: Path) -> str:
+    """The status of the run in its local MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir.parents[1] / 'mlflow.db'}")
+    return client.get_run((run_dir / "mlflow_run_id").read_text().strip()).info.status
 
 
 def _group_members(pgid: int) -> list[int]:

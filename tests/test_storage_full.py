@@ -128,7 +128,7 @@ def test_a_tracking_store_on_a_full_disk_is_one_line_and_sync_sends_the_run_late
     run_dir = runs / "mnist" / "run"
     args = lambda disk: train_args(  # noqa: E731
         tiny_shards_module, runs, "run", "wae_mmd", "train.max_steps=10", "tracking.log_every=5",
-        f"tracking.uri=sqlite:///{disk}/mlflow.db", "tracking.close_timeout_s=3",
+        "tracking.backend=mlflow", f"tracking.uri=sqlite:///{disk}/mlflow.db", "tracking.close_timeout_s=3",
     )  # fmt: skip
     launch = lambda cmd: ["sh", "-c", STORE_ON_A_FULL_DISK, "sh", str(seed), str(disk), str(run_dir), *single(cmd)]  # noqa: E731
     proc = _on_a_small_disk("2m", tmp_path, args, launch)

@@ -84,7 +84,7 @@ def test_quiet_console_keeps_the_log_file(tiny_shards: Path, tmp_path: Path) -> 
     """`train --quiet` prints no progress lines; train.log in the run directory still has them all. A healthy CPU
     run has nothing to warn about, DeepSpeed's guess at the accelerator included (it warned on every CPU run).
     Nor does a run without DeepSpeed import it (1.2 s of each process's start; Python's import log says)."""
-    args = train_args(tiny_shards, tmp_path, "quiet", "wae_mmd", "train.max_steps=4")
+    args = train_args(tiny_shards, tmp_path, "quiet", "wae_mmd", "train.max_steps=4", "tracking.backend=mlflow")
     args.insert(args.index("train") + 1, "--quiet")
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", *args], cwd=ROOT, capture_output=True, text=True, timeout=300

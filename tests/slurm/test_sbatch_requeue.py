@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 
 BIN = Path(sys.executable).parent
 CONFIG = ROOT / "configs" / "mnist" / "wae_mmd.yaml"
-STEPS, CHECKPOINT_EVERY, CHECK_EVERY = 300, 25, 5
+STEPS, CHECKPOINT_EVERY, CHECK_EVERY = 150, 25, 5
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 CLUSTER = Path(__file__).resolve().parent / "cluster.sh"
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
@@ -97,7 +97,8 @@ STYLES = {
 
 
 def _overrides(shards: Path, root: Path) -> list[str]:
-    """A small deterministic run, long enough (a few seconds) for the stop to arrive mid-way."""
+    """A small deterministic run, long enough (about 6 s of steps; a stop takes effect within 0.2 s of `scancel`) for
+    the stop to arrive mid-way."""
     return [
         f"data.train={shards / 'train'}",
         f"data.test={shards / 'test'}",

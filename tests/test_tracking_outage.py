@@ -1,13 +1,22 @@
 """A real MLflow tracking server (on 127.0.0.1) that goes away and comes back: training never stops for it and
-no metric is lost."""
+no metric is lost.
+
+One test stops the server's process and starts it again. The others cut the connection to a server that keeps
+running (:class:`Link`, a relay that refuses connections and drops the open ones while cut), which is what a client
+sees of a server that went away; they share one server, since starting `mlflow server` takes 8-10 s here.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,6 +76,71 @@ class Server:
         return sorted(m.step for m in history)
 
 
+class Link:
+    """A TCP relay from a port of its own to a server's: while cut, connections are refused and the open ones
+    dropped, as when the server goes away; restored, it listens again on the same port."""
+
+    def __init__(self, server: Server) -> None:
+        self.server, self.port = server, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._listener: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def restore(self) -> Link:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def cut(self) -> None:
+        if self._listener is None:
+            return
+        with self._lock:
+            dropped, self._open = [self._listener, *self._open], set()
+        self._listener = None
+        for sock in dropped:
+            _close(sock)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.server.port), timeout=10)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._open |= {client, upstream}
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pipe, args=(source, sink), daemon=True).start()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    for sock in (source, sink):
+        _close(sock)
+
+
+def _close(sock: socket.socket) -> None:
+    """Shut down first: that wakes a thread blocked in accept() or recv() on the socket, which close() alone does
+    not."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
 STEPS = 200
 
 
@@ -76,6 +150,22 @@ def server(tmp_path: Path):
     s.root.mkdir()
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One running server for the tests that cut their link to it."""
+    s = Server(tmp_path_factory.mktemp("server"))
+    yield s.start()
+    s.stop()
+
+
+@pytest.fixture()
+def link(shared: Server) -> Iterator[Link]:
+    """A link to the shared server, cut until the test restores it."""
+    made = Link(shared)
+    yield made
+    made.cut()
 
 
 def _args(shards: Path, root: Path, name: str, uri: str, *extra: str) -> list[str]:
@@ -110,42 +200,36 @@ def test_server_outage_mid_run_loses_nothing(tiny_shards: Path, tmp_path: Path, 
     assert server.steps(run_dir) == list(range(1, STEPS + 1))
 
 
-def test_unreachable_at_start(tiny_shards: Path, tmp_path: Path, server: Server) -> None:
+def test_unreachable_at_start(tiny_shards: Path, tmp_path: Path, link: Link) -> None:
     """A server that does not answer at start stops the run with exit code 2 and a way out; with
     tracking.on_unreachable=continue the run trains, and a server that appears later receives every step."""
-    refused = run(single(_args(tiny_shards, tmp_path, "refused", server.uri)))
+    refused = run(single(_args(tiny_shards, tmp_path, "refused", link.uri)))
     assert refused.returncode == 2 and "tracking.on_unreachable=continue" in refused.stderr
     run_dir = tmp_path / "mnist" / "late"
-    proc = start(single(_args(tiny_shards, tmp_path, "late", server.uri, "tracking.on_unreachable=continue")))
+    proc = start(single(_args(tiny_shards, tmp_path, "late", link.uri, "tracking.on_unreachable=continue")))
     wait_for_step(proc, run_dir, 20)
-    server.start()
+    link.restore()
     code, out = finish(proc)
     assert code == 0, out[-3000:]
-    assert server.steps(run_dir) == list(range(1, STEPS + 1))
+    assert link.server.steps(run_dir) == list(range(1, STEPS + 1))
 
 
-def test_sync_sends_what_the_server_missed(tiny_shards: Path, tmp_path: Path, server: Server) -> None:
+def test_sync_sends_what_the_server_missed(tiny_shards: Path, tmp_path: Path, link: Link) -> None:
     """A run whose server left before the end (close timeout 1 s) says how to catch up; `vegan-scale sync` then
     sends exactly the missing steps."""
-    server.start()
+    link.restore()
     run_dir = tmp_path / "mnist" / "later"
-    proc = start(single(_args(tiny_shards, tmp_path, "later", server.uri, "tracking.close_timeout_s=1")))
+    proc = start(single(_args(tiny_shards, tmp_path, "later", link.uri, "tracking.close_timeout_s=1")))
     wait_for_step(proc, run_dir, 30)
-    server.stop()
+    link.cut()
     code, out = finish(proc)
     assert code == 0 and f"vegan-scale sync {run_dir}" in out
-    server.start()
-    before = server.steps(run_dir)
-    assert before and before[-1] < 300
-    synced = subprocess.run(
-        [sys.executable, "-m", "vegan_scale", "sync", str(run_dir), "--uri", server.uri],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    link.restore()
+    before = link.server.steps(run_dir)
+    assert before and before[-1] < STEPS
+    synced = _sync(run_dir, link.uri)
     assert synced.returncode == 0, synced.stderr[-2000:]
-    assert server.steps(run_dir) == list(range(1, STEPS + 1))
+    assert link.server.steps(run_dir) == list(range(1, STEPS + 1))
 
 
 def _sync(run_dir: Path, uri: str) -> subprocess.CompletedProcess:
@@ -184,7 +268,7 @@ def _server_view(server: Server, run_dir: Path) -> dict:
     }
 
 
-def test_sync_creates_the_run_a_server_never_saw(tiny_shards: Path, tmp_path: Path, server: Server) -> None:
+def test_sync_creates_the_run_a_server_never_saw(tiny_shards: Path, tmp_path: Path, link: Link) -> None:
     """tracking.on_unreachable=continue and a server that never answered while the run trained: `vegan-scale sync`
     later creates the MLflow run and sends params, every metric, the figures, the config and the exported model,
     and sets the final status; a second sync changes nothing."""
@@ -193,7 +277,7 @@ def test_sync_creates_the_run_a_server_never_saw(tiny_shards: Path, tmp_path: Pa
         tiny_shards,
         tmp_path,
         "never",
-        server.uri,
+        link.uri,
         "tracking.on_unreachable=continue",
         "tracking.close_timeout_s=1",
         "train.max_steps=30",
@@ -202,10 +286,10 @@ def test_sync_creates_the_run_a_server_never_saw(tiny_shards: Path, tmp_path: Pa
     trained = run(single(args))
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert not (run_dir / "mlflow_run_id").exists()
-    server.start()
-    first = _sync(run_dir, server.uri)
+    link.restore()
+    first = _sync(run_dir, link.uri)
     assert first.returncode == 0, first.stderr[-3000:]
-    view = _server_view(server, run_dir)
+    view = _server_view(link.server, run_dir)
     assert view["status"] == "FINISHED"
     assert view["params"]["penalty.kind"] == "mmd" and view["params"]["train.max_steps"] == "30"
     assert [step for step, _ in view["metrics"]["train/loss"]] == list(range(1, 31))
@@ -214,26 +298,26 @@ def test_sync_creates_the_run_a_server_never_saw(tiny_shards: Path, tmp_path: Pa
     assert "MLmodel" in view["models"][0][2]
     figures = len(list((run_dir / "figures").glob("*.png")))
     assert figures == 6 and len([a for a in view["artifacts"] if a.startswith("images/")]) >= figures
-    again = _sync(run_dir, server.uri)
+    again = _sync(run_dir, link.uri)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert _server_view(server, run_dir) == view
+    assert _server_view(link.server, run_dir) == view
 
 
-def test_sync_after_a_mid_run_outage_finishes_the_run(tiny_shards: Path, tmp_path: Path, server: Server) -> None:
+def test_sync_after_a_mid_run_outage_finishes_the_run(tiny_shards: Path, tmp_path: Path, link: Link) -> None:
     """The server went away mid-run and the run ended before it came back: sync sends the rest, the figures and the
     model, and the run no longer shows RUNNING."""
-    server.start()
+    link.restore()
     run_dir = tmp_path / "mnist" / "gone"
     extra = ("tracking.close_timeout_s=1", "train.max_steps=60", "eval.every_steps=30")
-    proc = start(single(_args(tiny_shards, tmp_path, "gone", server.uri, *extra)))
+    proc = start(single(_args(tiny_shards, tmp_path, "gone", link.uri, *extra)))
     wait_for_step(proc, run_dir, 5)
-    server.stop()
+    link.cut()
     code, out = finish(proc)
     assert code == 0, out[-3000:]
-    server.start()
-    assert _server_view(server, run_dir)["status"] == "RUNNING"
-    synced = _sync(run_dir, server.uri)
+    link.restore()
+    assert _server_view(link.server, run_dir)["status"] == "RUNNING"
+    synced = _sync(run_dir, link.uri)
     assert synced.returncode == 0, synced.stderr[-3000:]
-    view = _server_view(server, run_dir)
+    view = _server_view(link.server, run_dir)
     assert view["status"] == "FINISHED" and [m[:2] for m in view["models"]] == [("model", "READY")]
     assert [step for step, _ in view["metrics"]["train/loss"]] == list(range(1, 61))

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from vegan_scale.tracking import models
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000
+METRICS_PER_REQUEST = 1000  # MLflow's limit for one log_batch
 FIGURE_STEP_TAG = "vegan_scale.figures.{key}.last_step"  # what a continued run or sync need not send again
 # Which of the MLflow UI's views an experiment belongs in: a trainer's runs belong in the model-training one (a
 # reserved experiment tag, which MLflow's UI reads where its view is not chosen UI-wide).
@@ -157,14 +159,24 @@ class MlflowRun:
             self._last[figure_key] = int(tags.get(FIGURE_STEP_TAG.format(key=key), -1))
         return self._last[figure_key]
 
-    def send_metrics(self, step: int, values: dict[str, float]) -> None:
+    def send_metrics(self, rows: Iterable[tuple[int, dict[str, float]]]) -> None:
+        """The values of ``rows`` (step, metrics) the server lacks: of each key, those of a step after the last one
+        it holds or that came before in ``rows`` (a step repeated by a continued run keeps its first values). They
+        go in requests of up to MLflow's limit: a request per step took 20 s for 200 steps held back by an outage."""
         from mlflow.entities import Metric
 
-        new = {k: v for k, v in values.items() if step > self._last_metric_step(k)}
-        if new:
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in new.items()])
-            self._last.update(dict.fromkeys(new, step))
+        now, last, new = int(time.time() * 1000), {}, []
+        for step, values in rows:
+            for key, value in values.items():
+                if key not in last:
+                    last[key] = self._last_metric_step(key)
+                if step > last[key]:
+                    new.append(Metric(key, value, now, step))
+                    last[key] = step
+        for i in range(0, len(new), METRICS_PER_REQUEST):
+            sent = new[i : i + METRICS_PER_REQUEST]
+            self.client.log_batch(self.run_id, metrics=sent)
+            self._last.update((m.key, m.step) for m in sent)
 
     def send_figure(self, step: int, key: str, path: Path) -> None:
         from PIL import Image
@@ -199,8 +211,8 @@ class MlflowRun:
 
     def send_run_dir(self, run_dir: RunDir) -> None:
         """Send the lines of a run directory's metrics.jsonl the server lacks."""
-        for line in metrics_log.read(run_dir.metrics):
-            self.send_metrics(line["step"], {k: v for k, v in line.items() if k != "step"})
+        lines = metrics_log.read(run_dir.metrics)
+        self.send_metrics((line["step"], {k: v for k, v in line.items() if k != "step"}) for line in lines)
 
 
 def final_status(exit_code: int) -> str:

@@ -58,6 +58,8 @@ class Tracker:
         self.mlflow: MlflowRun | None = None
         self.pending = 0
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._rows: list[tuple[int, dict[str, float]]] = []  # metrics not yet taken by the sending thread
+        self._rows_lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
         # Opening the run (and, for a new sqlite store, creating its tables) happens before the first step: a
@@ -139,8 +141,20 @@ class Tracker:
             self._monitor = None
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
-        """Send metrics for ``step`` (already in metrics.jsonl)."""
-        self._submit(lambda: self.mlflow.send_metrics(step, values))
+        """Send metrics for ``step`` (already in metrics.jsonl). The sending thread takes every row waiting when it
+        gets to one, so that what piled up while the server was slow or away goes in a few requests."""
+        with self._rows_lock:
+            self._rows.append((step, values))
+        self._submit(functools.partial(self._send_rows, []))
+
+    def _send_rows(self, taken: list[tuple[int, dict[str, float]]]) -> None:
+        """Send the rows waiting, taken into ``taken`` at the first try: a retry sends the same ones."""
+        if not taken:
+            with self._rows_lock:
+                taken.extend(self._rows)
+                self._rows.clear()
+        if taken:
+            self.mlflow.send_metrics(taken)
 
     def log_figure(self, step: int, key: str, path: Path) -> None:
         """Send an image already saved in the run directory (shown in MLflow's image view, with its step)."""

@@ -165,7 +165,9 @@ class MlflowRun:
         go in requests of up to MLflow's limit: a request per step took 20 s for 200 steps held back by an outage."""
         from mlflow.entities import Metric
 
-        now, last, new = int(time.time() * 1000), {}, []
+        now = int(time.time() * 1000)
+        last: dict[str, int] = {}  # of each key, the last step sent or held
+        new: list[Metric] = []
         for step, values in rows:
             for key, value in values.items():
                 if key not in last:

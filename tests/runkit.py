@@ -10,11 +10,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
 
 from tests.paths import ROOT
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
@@ -181,6 +185,15 @@ def losses(run_dir: Path) -> dict[int, float]:
     """The training loss of each step, as the run wrote it down in metrics.jsonl."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+
+def local_mlflow(run_dir: Path) -> tuple[MlflowClient, str]:
+    """A client of the MLflow store a run tracked into by default (``mlflow.db`` in its ``run.root``), and the id of
+    the run's MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    store = run_dir.parents[1] / "mlflow.db"
+    return MlflowClient(f"sqlite:///{store}"), (run_dir / "mlflow_run_id").read_text().strip()
 
 
 def same_weights(a: Path, b: Path) -> bool:

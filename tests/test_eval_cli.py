@@ -57,10 +57,8 @@ def test_eval_reports_writes_and_logs(run_dir: Path, mnist_shards: Path) -> None
     assert model["recon_mse"] == pytest.approx(squared.mean().item(), rel=1e-5)
     assert model["recon_cost"] == pytest.approx(0.05 * squared.sum(dim=1).mean().item(), rel=1e-5)  # l2sq's factor
 
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent.parent / 'mlflow.db'}")
-    logged = client.get_run((run_dir / "mlflow_run_id").read_text().strip()).data.metrics
+    client, run_id = runkit.local_mlflow(run_dir)
+    logged = client.get_run(run_id).data.metrics
     assert logged["final/fid"] == pytest.approx(model["fid"])
     assert logged["final/real/fid"] == pytest.approx(real["fid"])
 

@@ -20,6 +20,7 @@ from tests.runkit import (
     exit_status,
     finish,
     kill_group,
+    local_mlflow,
     losses,
     run,
     same_weights,
@@ -35,10 +36,8 @@ pytestmark = pytest.mark.distributed
 
 def _mlflow_losses(run_dir: Path) -> dict[int, float]:
     """The training loss of each step in the run's MLflow store (a step held twice fails)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{run_dir.parents[1] / 'mlflow.db'}")
-    history = client.get_metric_history((run_dir / "mlflow_run_id").read_text().strip(), "train/loss")
+    client, run_id = local_mlflow(run_dir)
+    history = client.get_metric_history(run_id, "train/loss")
     values = {m.step: m.value for m in history}
     assert len(values) == len(history), sorted(m.step for m in history)
     return values

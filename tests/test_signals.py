@@ -17,6 +17,7 @@ from tests.runkit import (
     ddp,
     exit_status,
     finish,
+    local_mlflow,
     processes,
     run,
     same_weights,
@@ -102,10 +103,8 @@ def test_sigterm_to_every_process_under_accelerate_launch(tiny_shards_module: Pa
 
 def _mlflow_status(run_dir: Path) -> str:
     """The status of the run in its local MLflow store."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{run_dir.parents[1] / 'mlflow.db'}")
-    return client.get_run((run_dir / "mlflow_run_id").read_text().strip()).info.status
+    client, run_id = local_mlflow(run_dir)
+    return client.get_run(run_id).info.status
 
 
 def _group_members(pgid: int) -> list[int]:

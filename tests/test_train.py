@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.paths import ROOT
-from tests.runkit import same_weights, train_args
+from tests.runkit import local_mlflow, same_weights, train_args
 from vegan_scale.config.load import load_config
 from vegan_scale.engine.loop import train
 from vegan_scale.registry import ExperimentConfig
@@ -60,10 +60,8 @@ def test_short_mnist_run_learns_and_is_tracked(mnist_shards: Path, tmp_path: Pat
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000060", "step_00000120"]
     assert (run_dir / "config.yaml").read_text().startswith("schema_version: 1")
 
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    client, run_id = local_mlflow(run_dir)
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["penalty.kind"] == "mmd" and run.data.params["optim.lr"] == "0.001"
     history = client.get_metric_history(run.info.run_id, "train/recon")

@@ -5,6 +5,7 @@ traceback; the continuation ends where an uninterrupted run ends."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ from tests.runkit import (
     exit_status,
     finish,
     local_mlflow,
+    losses,
     processes,
     run,
     same_weights,
@@ -63,8 +65,9 @@ def test_signal_to_the_whole_process_group(
     sig: str, expected: int, at: int, tiny_shards_module: Path, with_workers: Path, tmp_path: Path
 ) -> None:
     """`kill -<sig> -- -PGID` mid-run reaches the trainer and its two loader workers: the workers leave the stop to
-    the trainer, which checkpoints at its next check; the continuation is bit for bit the uninterrupted run. Sent in
-    the first epoch, or in the second, to workers that have read on from one epoch into the next."""
+    the trainer, which checkpoints at its next check; the continuation is bit for bit the uninterrupted run, and
+    metrics.jsonl holds the loss of every step once, as the uninterrupted run's (the stopped step's included). Sent
+    in the first epoch, or in the second, to workers that have read on from one epoch into the next."""
     run_dir = tmp_path / "mnist" / "group"
     args = train_args(tiny_shards_module, tmp_path, "group", "wae_gan", WORKERS)
     proc = start(single(args))  # its own session: the process group of a job
@@ -76,13 +79,15 @@ def test_signal_to_the_whole_process_group(
     again = run(single(args))
     assert again.returncode == 0, again.stderr[-3000:]
     assert same_weights(run_dir / "export" / "model.safetensors", with_workers)
+    assert _loss_rows(run_dir) == _loss_rows(with_workers.parents[1]) == list(range(1, 41))
+    assert losses(run_dir) == losses(with_workers.parents[1])
 
 
 def test_sigterm_to_every_process_under_accelerate_launch(tiny_shards_module: Path, tmp_path: Path) -> None:
     """`accelerate launch` with 2 processes, each with a loader worker: SIGTERM to the launcher, the ranks and the
     workers, in the second epoch (the workers read on from one epoch into the next). Both ranks agree on one step,
     the checkpoint is written, exit_status.json says 75 (the launcher's own code is its business) and the MLflow
-    run KILLED; the run then continues to the end, and MLflow shows it FINISHED."""
+    run KILLED; the run then continues to the end, and MLflow shows it FINISHED with the loss of every step once."""
     run_dir = tmp_path / "mnist" / "launched"
     args = train_args(
         tiny_shards_module, tmp_path, "launched", "wae_mmd", "data.num_workers=1", "tracking.backend=mlflow"
@@ -99,6 +104,14 @@ def test_sigterm_to_every_process_under_accelerate_launch(tiny_shards_module: Pa
     again = run(ddp(args))
     assert again.returncode == 0, again.stderr[-3000:]
     assert exit_status(run_dir)["code"] == 0 and _mlflow_status(run_dir) == "FINISHED"
+    client, run_id = local_mlflow(run_dir)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, 41))
+
+
+def _loss_rows(run_dir: Path) -> list[int]:
+    """The step of each row of metrics.jsonl that holds a training loss, in order."""
+    rows = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [row["step"] for row in rows if "train/loss" in row]
 
 
 def _mlflow_status(run_dir: Path) -> str:

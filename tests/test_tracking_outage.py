@@ -3,13 +3,15 @@ no metric is lost.
 
 One test stops the server's process and starts it again. The others cut the connection to a server that keeps
 running (:class:`Link`, a relay that refuses connections and drops the open ones while cut), which is what a client
-sees of a server that went away; they share one server, since starting `mlflow server` takes 8-10 s here.
+sees of a server that went away, or silence it (connections accepted, never answered: a server that hangs); they
+share one server, since starting `mlflow server` takes 8-10 s here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.paths import ROOT
-from tests.runkit import finish, free_port, run, single, start, train_args, wait_for_step
+from tests.runkit import ddp, exit_status, finish, free_port, run, single, start, train_args, wait_for_step
 
 pytestmark = pytest.mark.distributed
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
@@ -77,8 +79,9 @@ class Server:
 
 
 class Link:
-    """A TCP relay from a port of its own to a server's: while cut, connections are refused and the open ones
-    dropped, as when the server goes away; restored, it listens again on the same port."""
+    """A TCP relay from a port of its own to a server's. Cut, connections are refused and the open ones dropped, as
+    when the server goes away; silenced, they are accepted and never answered, as from a server that hangs or a route
+    that drops packets; restored, it relays again on the same port."""
 
     def __init__(self, server: Server) -> None:
         self.server, self.port = server, free_port()
@@ -88,12 +91,19 @@ class Link:
         self._lock = threading.Lock()
 
     def restore(self) -> Link:
+        return self._listen(relay=True)
+
+    def silence(self) -> Link:
+        return self._listen(relay=False)
+
+    def _listen(self, relay: bool) -> Link:
+        self.cut()
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         listener.listen(64)
         self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        threading.Thread(target=self._accept, args=(listener, relay), daemon=True).start()
         return self
 
     def cut(self) -> None:
@@ -105,12 +115,16 @@ class Link:
         for sock in dropped:
             _close(sock)
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket, relay: bool) -> None:
         while True:
             try:
                 client, _ = listener.accept()
             except OSError:  # cut
                 return
+            if not relay:  # held open, unanswered, until cut
+                with self._lock:
+                    self._open.add(client)
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.server.port), timeout=10)
             except OSError:
@@ -230,6 +244,39 @@ def test_sync_sends_what_the_server_missed(tiny_shards: Path, tmp_path: Path, li
     synced = _sync(run_dir, link.uri)
     assert synced.returncode == 0, synced.stderr[-2000:]
     assert link.server.steps(run_dir) == list(range(1, STEPS + 1))
+
+
+def test_a_server_that_stops_answering_then_sigterm_to_every_process(
+    tiny_shards: Path, tmp_path: Path, link: Link
+) -> None:
+    """Under `accelerate launch` with 2 processes, the server stops answering at step 5 (connections accepted, no
+    reply: the client's requests wait for their timeout) and at step 30 SIGTERM reaches the launcher and both ranks.
+    Training never waited for the server; the ranks stop together with a checkpoint, and the main one leaves within
+    its close timeout rather than after the hung request, naming `vegan-scale sync`, which later sends every step
+    and the run's KILLED status."""
+    link.restore()
+    run_dir = tmp_path / "mnist" / "hung"
+    args = _args(tiny_shards, tmp_path, "hung", link.uri, "tracking.close_timeout_s=2", "train.max_steps=1000")
+    proc = start(ddp(args))
+    wait_for_step(proc, run_dir, 5)
+    link.silence()
+    wait_for_step(proc, run_dir, 30)
+    signalled = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, out = finish(proc)
+    assert time.monotonic() - signalled < 10, out[-3000:]  # MLflow's request timeout is 20 s
+    status = exit_status(run_dir)
+    assert status["code"] == 75 and 30 <= status["step"] < 1000, (status, out[-3000:])
+    assert (run_dir / "checkpoints" / f"step_{status['step']:08d}" / "COMPLETE").exists()
+    assert f"vegan-scale sync {run_dir}" in out, out[-3000:]
+    link.restore()
+    before = link.server.steps(run_dir)
+    assert before and before[-1] < status["step"]
+    synced = _sync(run_dir, link.uri)
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    view = _server_view(link.server, run_dir)
+    assert [step for step, _ in view["metrics"]["train/loss"]] == list(range(1, status["step"] + 1))
+    assert view["status"] == "KILLED"
 
 
 def _sync(run_dir: Path, uri: str) -> subprocess.CompletedProcess:

@@ -266,7 +266,10 @@ class TrackingConfig:
         "as a new version; load it with vegan_scale.load('models:/NAME/VERSION').",
     )
     log_every: int = param(
-        50, "Steps between metric flushes (means over the interval, one device sync each).", bounds=at_least(1)
+        50,
+        "Steps between metric flushes (means over the interval, one device sync each); each checkpoint and a stop "
+        "also flush, so that a continued run's metrics miss no step.",
+        bounds=at_least(1),
     )
     close_timeout_s: float = param(
         60.0,

@@ -138,10 +138,11 @@ def _fit(run: Run, stops: StopRequests) -> None:
     progress = tqdm(
         total=run.steps.total, initial=run.steps.start, disable=not interactive, dynamic_ncols=True, desc="train"
     )
-    interval_start, step = time.perf_counter(), run.steps.start
+    interval = _Interval(run, metrics, feed, progress if interactive else None)
+    step = run.steps.start
     run.step = step
     try:
-        _agree(run, agreement, stops, feed, step)  # a stop asked for while the run started
+        _stop_if(run, _agree(run, agreement, stops, feed, step), feed, step)  # a stop asked for while the run started
         while step < run.steps.total:
             lr_scale = lr_factor(step / run.steps.per_epoch, cfg.optim.lr_milestones, cfg.optim.lr_factors)
             run.where.at(step + 1, "training step (forward, backward, gradient all-reduce)")
@@ -158,21 +159,16 @@ def _fit(run: Run, stops: StopRequests) -> None:
             progress.update()
             last = step == run.steps.total
             saving = cfg.checkpoint.every_steps and (step % cfg.checkpoint.every_steps == 0 or last)
+            stop = None
             if step % cfg.train.check_every == 0 or last or saving:  # never checkpoint what a failure has touched
                 if saving:
                     for module in run.modules:
                         agreement.raise_if(Flag.NONFINITE_PARAMS, ~module.parameters_finite(), step)
-                _agree(run, agreement, stops, feed, step)
-            if step % cfg.tracking.log_every == 0 or last:
-                run.where.at(step, "metrics all-reduce")
-                values, steps = metrics.flush(lambda t: acc.reduce(t, "mean") if acc.num_processes > 1 else t)
-                data_time, skipped = feed.take_counts(acc.num_processes)
-                elapsed = time.perf_counter() - interval_start
-                values |= {"train/lr": cfg.optim.lr * lr_scale, "train/epoch": float(feed.epoch), **skipped}
-                values["train/penalty_weight"] = run.objective.weight
-                values |= reporting.perf_metrics(run, steps, elapsed, data_time, agreement.last_check_ms)
-                reporting.report(run, step, values, progress if interactive else None)
-                interval_start = time.perf_counter()
+                stop = _agree(run, agreement, stops, feed, step)
+            # A checkpoint's steps are all in the metrics: a continuation from it starts after them.
+            if step % cfg.tracking.log_every == 0 or last or saving or stop:
+                interval.flush(step, lr_scale)
+            _stop_if(run, stop, feed, step)
             if step % cfg.eval.every_steps == 0 or last:
                 _evaluate(run, step)
             if saving:
@@ -196,8 +192,30 @@ def _adapt_weight(run: Run, terms: dict[str, torch.Tensor]) -> None:
         log.info("penalty weight (adaptive lambda) now %.4g", run.objective.weight)
 
 
-def _agree(run: Run, agreement: Agreement, stops: StopRequests, feed: DataFeed, step: int) -> None:
-    """Collective: add this process's stop request to its flags, agree with every rank, act together."""
+class _Interval:
+    """The metrics since the last flush, and the time they took."""
+
+    def __init__(self, run: Run, metrics: MetricBuffer, feed: DataFeed, progress: tqdm | None) -> None:
+        self.run, self.metrics, self.feed, self.progress = run, metrics, feed, progress
+        self.start = time.perf_counter()
+
+    def flush(self, step: int, lr_scale: float) -> None:
+        """Collective: the interval's means over every rank, with its rates, recorded at ``step``."""
+        run, acc = self.run, self.run.accelerator
+        run.where.at(step, "metrics all-reduce")
+        values, steps = self.metrics.flush(lambda t: acc.reduce(t, "mean") if acc.num_processes > 1 else t)
+        data_time, skipped = self.feed.take_counts(acc.num_processes)
+        elapsed = time.perf_counter() - self.start
+        values |= {"train/lr": run.cfg.optim.lr * lr_scale, "train/epoch": float(self.feed.epoch), **skipped}
+        values["train/penalty_weight"] = run.objective.weight
+        values |= reporting.perf_metrics(run, steps, elapsed, data_time, self.feed.agreement.last_check_ms)
+        reporting.report(run, step, values, self.progress)
+        self.start = time.perf_counter()
+
+
+def _agree(run: Run, agreement: Agreement, stops: StopRequests, feed: DataFeed, step: int) -> Flag | None:
+    """Collective: add this process's stop request to its flags, agree with every rank, act together on errors;
+    returns the stop every rank agreed on, if any (the caller records the step's metrics before it stops)."""
     requested = stops.poll()
     if requested is not None:
         flag = Flag.INTERRUPT if requested == Stop.INTERRUPT else Flag.PREEMPT
@@ -205,7 +223,8 @@ def _agree(run: Run, agreement: Agreement, stops: StopRequests, feed: DataFeed, 
     run.where.at(step, "agreement check")
     raised = agreement.check()
     run.where.heartbeat()
-    _act_on_flags(run, raised, feed, step)
+    _raise_errors(run, raised, feed)
+    return next((flag for flag in (Flag.INTERRUPT, Flag.PREEMPT) if flag in raised), None)
 
 
 NONFINITE_TERMS = {
@@ -222,7 +241,7 @@ def _kept(run: Run) -> str:
     return f"the last complete checkpoint, {saved}, is intact" if saved else "no checkpoint was written yet"
 
 
-def _act_on_flags(run: Run, raised: dict[Flag, int], feed: DataFeed, step: int) -> None:
+def _raise_errors(run: Run, raised: dict[Flag, int], feed: DataFeed) -> None:
     """Collective: every rank calls it at the same step and raises the same error."""
     if Flag.DATA_ERROR in raised or Flag.DATA_STALL in raised:
         messages = gather_object([f"process {run.accelerator.process_index}: {feed.error}" if feed.error else ""])
@@ -238,20 +257,20 @@ def _act_on_flags(run: Run, raised: dict[Flag, int], feed: DataFeed, step: int) 
             f"{terms} became NaN or infinite at step {first}; {_kept(run)}. Try a lower optim.lr or "
             "penalty.weight, or train.mixed_precision=no"
         )
-    for flag, error in ((Flag.INTERRUPT, InterruptedRunError), (Flag.PREEMPT, PreemptedError)):
-        if flag in raised:
-            what = (Stop.INTERRUPT if flag == Flag.INTERRUPT else Stop.PREEMPT).value
-            if step == run.steps.start:  # asked while the run started: nothing was trained to save
-                raise error(
-                    f"stopped on {what} before step {step + 1}; train.resume=auto with the same run.name runs it"
-                )
-            saved = run.dir.newest_checkpoint()
-            if saved is None or saved.name != checkpoint_name(step):
-                _save_checkpoint(run, step, feed.epoch)
-            raise error(
-                f"stopped at step {step} on {what}, after writing its checkpoint; train.resume=auto with the "
-                "same run.name continues it"
-            )
+
+
+def _stop_if(run: Run, stop: Flag | None, feed: DataFeed, step: int) -> None:
+    """Collective: on an agreed stop, checkpoint step ``step`` and raise its error."""
+    if stop is None:
+        return
+    error, what = (InterruptedRunError, Stop.INTERRUPT) if stop == Flag.INTERRUPT else (PreemptedError, Stop.PREEMPT)
+    if step == run.steps.start:  # asked while the run started: nothing was trained to save
+        raise error(f"stopped on {what.value} before step {step + 1}; train.resume=auto with the same run.name runs it")
+    _save_checkpoint(run, step, feed.epoch)
+    raise error(
+        f"stopped at step {step} on {what.value}, after writing its checkpoint; train.resume=auto with the same "
+        "run.name continues it"
+    )
 
 
 def _evaluate(run: Run, step: int) -> None:

@@ -181,10 +181,10 @@ def exit_status(run_dir: Path) -> dict:
     return json.loads((run_dir / "exit_status.json").read_text())
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    """The training loss of each step, as the run wrote it down in metrics.jsonl."""
+def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    """The training loss (or metric ``key``) at each step, as the run wrote it down in metrics.jsonl."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+    return {row["step"]: row[key] for row in rows if key in row}
 
 
 def local_mlflow(run_dir: Path) -> tuple[MlflowClient, str]:

@@ -86,10 +86,14 @@ def test_stop_request_checkpoints_and_exits(
     tiny_shards_module: Path, reference: Path, tmp_path: Path, how: str
 ) -> None:
     """A stop request (the flag file, or SIGTERM to the process alone) ends a single process after a checkpoint:
-    exit 75, the code in exit_status.json too; the continuation ends where the uninterrupted run did. SIGUSR1 and
-    SIGINT (130) are tested sent to every process of the run, workers included (tests/test_signals.py)."""
+    exit 75, the code in exit_status.json too; the continuation ends where the uninterrupted run did. The stop is
+    seen at step 20 (the first check after step 7), which is due an evaluation: it is made before the stop, and
+    the continued run's records hold every step's loss and both evaluations, as the uninterrupted run's. SIGUSR1
+    and SIGINT (130) are tested sent to every process of the run, workers included (tests/test_signals.py)."""
     run_dir = tmp_path / "mnist" / "stopped"
-    proc = start(single(train_args(tiny_shards_module, tmp_path, "stopped")))
+    args = train_args(tiny_shards_module, tmp_path, "stopped", "wae_gan", "train.check_every=20")
+    args += ["checkpoint.every_steps=20"]
+    proc = start(single(args))
     wait_for_step(proc, run_dir, 7)
     if how == "flag file":
         (run_dir / "PREEMPT").touch()
@@ -99,11 +103,15 @@ def test_stop_request_checkpoints_and_exits(
     expected = 75
     assert code == expected, out[-3000:]
     status = exit_status(run_dir)
-    assert status["code"] == expected and (run_dir / "checkpoints" / f"step_{status['step']:08d}" / "COMPLETE").exists()
-    again = run(single(train_args(tiny_shards_module, tmp_path, "stopped")))
+    assert status["code"] == expected and status["step"] == 20
+    assert (run_dir / "checkpoints" / "step_00000020" / "COMPLETE").exists()
+    assert list(losses(run_dir, "eval/recon")) == [20]
+    again = run(single(args))
     assert again.returncode == 0, again.stderr[-3000:]
     assert not (run_dir / "PREEMPT").exists()
     assert same_weights(run_dir / "export" / "model.safetensors", reference / "export" / "model.safetensors")
+    for key in ("train/loss", "eval/recon", "eval/latent_mmd"):
+        assert losses(run_dir, key) == losses(reference, key), key
 
 
 def test_stop_request_under_a_launcher(tiny_shards_module: Path, tmp_path: Path) -> None:

@@ -165,12 +165,12 @@ def _fit(run: Run, stops: StopRequests) -> None:
                     for module in run.modules:
                         agreement.raise_if(Flag.NONFINITE_PARAMS, ~module.parameters_finite(), step)
                 stop = _agree(run, agreement, stops, feed, step)
-            # A checkpoint's steps are all in the metrics: a continuation from it starts after them.
+            # A checkpoint's steps are all in the records (metrics, a due evaluation): a continuation starts after.
             if step % cfg.tracking.log_every == 0 or last or saving or stop:
                 interval.flush(step, lr_scale)
-            _stop_if(run, stop, feed, step)
             if step % cfg.eval.every_steps == 0 or last:
                 _evaluate(run, step)
+            _stop_if(run, stop, feed, step)
             if saving:
                 _save_checkpoint(run, step, feed.epoch)
     finally:

@@ -55,14 +55,14 @@ def resolve_experiment(configured: str | None, run_experiment: str) -> str:
     return configured or os.environ.get("MLFLOW_EXPERIMENT_NAME") or run_experiment
 
 
-def check_reachable(uri: str, on_unreachable: str) -> None:
-    """A tracking server must answer at start, unless the user chose to train without it."""
+def check_reachable(uri: str, on_unreachable: str) -> bool:
+    """A tracking server must answer at start, unless the user chose to train without it; whether it answered."""
     if not uri.startswith(("http://", "https://")):
-        return
+        return True
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
             response.read()
-        return
+        return True
     except (urllib.error.URLError, OSError) as e:
         problem = f"the MLflow server at {uri} does not answer ({e})"
     if on_unreachable == "error":
@@ -71,6 +71,7 @@ def check_reachable(uri: str, on_unreachable: str) -> None:
             "without it (metrics stay in the run directory; `vegan-scale sync RUN_DIR` sends them later)"
         )
     log.warning("%s; training anyway and retrying in the background", problem)
+    return False
 
 
 @dataclass(frozen=True)

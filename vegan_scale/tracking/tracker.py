@@ -47,10 +47,12 @@ class Tracker:
         system_metrics: bool = False,
         node_id: str | None = None,
         register_as: str | None = None,
+        answered: bool = True,
     ) -> None:
         """``resume_notes`` is None for a new run, else the allowed setting changes of a continued one;
         ``system_metrics`` adds MLflow's sampler of this node's CPU, memory, disk, network (and GPU) use, labelled
-        ``node_id`` in a run of several nodes; ``register_as`` registers the logged model under that name."""
+        ``node_id`` in a run of several nodes; ``register_as`` registers the logged model under that name;
+        ``answered``: whether the server answered at start (if not, the run is opened in the background only)."""
         self.run_dir, self.uri, self.close_timeout_s = run_dir, uri, close_timeout_s
         self.register_as, self.params = register_as, new.params
         self.system_metrics, self.node_id = system_metrics, node_id
@@ -68,6 +70,9 @@ class Tracker:
         # print one at every retry, for the whole run. The tracker reports a failing store once, in one line.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         open_run = functools.partial(self._open_run, new, resume_notes)
+        if not answered:  # a server that hangs would hold the first step for a request's whole timeout
+            self._submit(open_run)
+            return
         try:
             open_run()
         except Exception as e:
@@ -90,7 +95,7 @@ class Tracker:
         if t.backend == "none":
             return None
         uri = resolve_uri(t.uri, Path(cfg.run.root))
-        check_reachable(uri, t.on_unreachable)
+        answered = check_reachable(uri, t.on_unreachable)
         tracker = cls(
             run_dir,
             uri=uri,
@@ -100,6 +105,7 @@ class Tracker:
             system_metrics=t.system_metrics,
             node_id=node_id,
             register_as=t.register_as,
+            answered=answered,
         )
         tracker.log_artifact(run_dir.config)
         return tracker

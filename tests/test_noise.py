@@ -95,7 +95,7 @@ def test_a_step_split_over_processes_draws_what_one_process_draws(encoder, decod
 @pytest.mark.parametrize(("encoder", "decoder", "prior"), KINDS)
 def test_the_step_draws_are_traced_by_torch_compile(encoder, decoder, prior):
     """train.compile compiles the auto-encoder, whose forward draws the step's noise: Dynamo traces it (the
-    generators' seeding, NumPy's mixing of Python integers, is left to Python) and the traced forward draws what
+    generators' seeding, a hash of Python integers, is left to Python) and the traced forward draws what
     the eager one draws. The eager backend: tracing is what can fail here, and it needs no compiler."""
     torch._dynamo.reset()
     model = build_autoencoder(

@@ -83,6 +83,32 @@ def test_signal_to_the_whole_process_group(
     assert losses(run_dir) == losses(with_workers.parents[1])
 
 
+def test_a_second_ctrl_c_interrupts_at_once(tiny_shards_module: Path, with_workers: Path, tmp_path: Path) -> None:
+    """Ctrl-C twice (SIGINT to the group, the second before the run reached its next check): the run stops at once,
+    wherever it was, with exit 130 and no checkpoint of its own; its loader workers end with it, and the continuation
+    from the last complete checkpoint is bit for bit the uninterrupted run."""
+    run_dir = tmp_path / "mnist" / "twice"
+    args = train_args(tiny_shards_module, tmp_path, "twice", "wae_gan", WORKERS, "train.check_every=20")
+    args += ["checkpoint.every_steps=20"]  # checks at steps 20 and 40 only: the second Ctrl-C comes between
+    proc = start(single(args))
+    wait_for_step(proc, run_dir, 22)
+    os.killpg(proc.pid, signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while "Ctrl-C: stopping" not in (run_dir / "train.log").read_text():
+        assert time.monotonic() < deadline, "the first Ctrl-C was not acknowledged"
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGINT)
+    code, out = finish(proc)
+    assert code == 130 and "Traceback" not in out, out[-3000:]
+    status = exit_status(run_dir)
+    assert status["code"] == 130 and "second Ctrl-C" in status["reason"] and 22 <= status["step"] < 40, status
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000020"]
+    assert not _group_members(proc.pid)
+    again = run(single(args))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert same_weights(run_dir / "export" / "model.safetensors", with_workers)
+
+
 def test_sigterm_to_every_process_under_accelerate_launch(tiny_shards_module: Path, tmp_path: Path) -> None:
     """`accelerate launch` with 2 processes, each with a loader worker: SIGTERM to the launcher, the ranks and the
     workers, in the second epoch (the workers read on from one epoch into the next). Both ranks agree on one step,

@@ -238,16 +238,20 @@ def test_unreachable_at_start(tiny_shards: Path, tmp_path: Path, link: Link) -> 
 def test_a_server_that_stops_answering_then_sigterm_to_every_process(
     tiny_shards: Path, tmp_path: Path, link: Link
 ) -> None:
-    """Under `accelerate launch` with 2 processes, the server stops answering at step 5 (connections accepted, no
-    reply: the client's requests wait for their timeout) and at step 30 SIGTERM reaches the launcher and both ranks.
-    Training never waited for the server; the ranks stop together with a checkpoint, and the main one leaves within
-    its close timeout rather than after the hung request, naming `vegan-scale sync`, which later sends every step
-    and the run's KILLED status."""
+    """Under `accelerate launch` with 2 processes, the server stops answering once it has some of the run
+    (connections accepted, no reply: the client's requests wait for their timeout), and at step 30 SIGTERM reaches
+    the launcher and both ranks. Training never waited for the server; the ranks stop together with a checkpoint,
+    and the main one leaves within its close timeout rather than after the hung request, naming `vegan-scale
+    sync`, which later sends every step and the run's KILLED status."""
     link.restore()
     run_dir = tmp_path / "mnist" / "hung"
     args = _args(tiny_shards, tmp_path, "hung", link.uri, "tracking.close_timeout_s=2", "train.max_steps=1000")
     proc = start(ddp(args))
     wait_for_step(proc, run_dir, 5)
+    deadline = time.monotonic() + 60
+    while not link.server.steps(run_dir):  # the server has had some of the run
+        assert time.monotonic() < deadline, "no step reached the server"
+        time.sleep(0.05)
     link.silence()
     wait_for_step(proc, run_dir, 30)
     signalled = time.monotonic()
@@ -259,8 +263,7 @@ def test_a_server_that_stops_answering_then_sigterm_to_every_process(
     assert (run_dir / "checkpoints" / f"step_{status['step']:08d}" / "COMPLETE").exists()
     assert f"vegan-scale sync {run_dir}" in out, out[-3000:]
     link.restore()
-    before = link.server.steps(run_dir)
-    assert before and before[-1] < status["step"]
+    assert 0 < len(link.server.steps(run_dir)) < status["step"]
     synced = _sync(run_dir, link.uri)
     assert synced.returncode == 0, synced.stderr[-3000:]
     view = _server_view(link.server, run_dir)

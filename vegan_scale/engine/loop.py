@@ -121,7 +121,7 @@ def _lost_peer(error: Exception) -> bool:
 
 def _fit(run: Run, stops: StopRequests) -> None:
     cfg, acc = run.cfg, run.accelerator
-    agreement, metrics = Agreement(acc.device, acc.num_processes), MetricBuffer()
+    agreement = Agreement(acc.device, acc.num_processes)
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     feed = DataFeed(
         run.stream,
@@ -138,7 +138,7 @@ def _fit(run: Run, stops: StopRequests) -> None:
     progress = tqdm(
         total=run.steps.total, initial=run.steps.start, disable=not interactive, dynamic_ncols=True, desc="train"
     )
-    interval = _Interval(run, metrics, feed, progress if interactive else None)
+    interval = _Interval(run, feed, progress if interactive else None)
     step = run.steps.start
     run.step = step
     try:
@@ -155,7 +155,7 @@ def _fit(run: Run, stops: StopRequests) -> None:
                     agreement.raise_if(flag, ~torch.isfinite(terms[key]), step)
             if cfg.penalty.weight_schedule == "adaptive" and step % cfg.penalty.adaptive_every == 0:
                 _adapt_weight(run, terms)
-            metrics.add(terms)
+            interval.metrics.add(terms)
             progress.update()
             last = step == run.steps.total
             saving = cfg.checkpoint.every_steps and (step % cfg.checkpoint.every_steps == 0 or last)
@@ -195,8 +195,9 @@ def _adapt_weight(run: Run, terms: dict[str, torch.Tensor]) -> None:
 class _Interval:
     """The metrics since the last flush, and the time they took."""
 
-    def __init__(self, run: Run, metrics: MetricBuffer, feed: DataFeed, progress: tqdm | None) -> None:
-        self.run, self.metrics, self.feed, self.progress = run, metrics, feed, progress
+    def __init__(self, run: Run, feed: DataFeed, progress: tqdm | None) -> None:
+        self.run, self.feed, self.progress = run, feed, progress
+        self.metrics = MetricBuffer()
         self.start = time.perf_counter()
 
     def flush(self, step: int, lr_scale: float) -> None:

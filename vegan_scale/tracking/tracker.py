@@ -150,8 +150,10 @@ class Tracker:
         """Send metrics for ``step`` (already in metrics.jsonl). The sending thread takes every row waiting when it
         gets to one, so that what piled up while the server was slow or away goes in a few requests."""
         with self._rows_lock:
+            queued = bool(self._rows)  # rows not taken yet: the send queued with the first of them takes this one
             self._rows.append((step, values))
-        self._submit(functools.partial(self._send_rows, []))
+        if not queued:
+            self._submit(functools.partial(self._send_rows, []))
 
     def _send_rows(self, taken: list[tuple[int, dict[str, float]]]) -> None:
         """Send the rows waiting, taken into ``taken`` at the first try: a retry sends the same ones."""
@@ -159,8 +161,7 @@ class Tracker:
             with self._rows_lock:
                 taken.extend(self._rows)
                 self._rows.clear()
-        if taken:
-            self.mlflow.send_metrics(taken)
+        self.mlflow.send_metrics(taken)
 
     def log_figure(self, step: int, key: str, path: Path) -> None:
         """Send an image already saved in the run directory (shown in MLflow's image view, with its step)."""

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -159,13 +160,21 @@ def steps_logged(run_dir: Path) -> int:
 
 
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
+    wait_until(f"step {step}", lambda: steps_logged(run_dir) >= step, proc, timeout)
+
+
+def wait_until(
+    what: str, condition: Callable[[], object], proc: subprocess.Popen, timeout: float = 300, every: float = 0.05
+) -> None:
+    """Poll ``condition`` every ``every`` seconds until it holds; fails naming ``what`` when training ended first
+    (with its output) or past ``timeout``."""
     deadline = time.monotonic() + timeout
-    while steps_logged(run_dir) < step:
+    while not condition():
         if proc.poll() is not None:
-            raise AssertionError(f"training ended (code {proc.returncode}) before step {step}:\n{proc.stdout.read()}")
+            raise AssertionError(f"training ended (code {proc.returncode}) before {what}:\n{proc.stdout.read()}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"step {step} not reached within {timeout} s")
-        time.sleep(0.05)
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(every)
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.paths import ROOT
-from tests.runkit import ddp, exit_status, finish, free_port, run, single, start, train_args, wait_for_step
+from tests.runkit import ddp, exit_status, finish, free_port, run, single, start, train_args, wait_for_step, wait_until
 
 pytestmark = pytest.mark.distributed
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
@@ -248,10 +248,7 @@ def test_a_server_that_stops_answering_then_sigterm_to_every_process(
     args = _args(tiny_shards, tmp_path, "hung", link.uri, "tracking.close_timeout_s=2", "train.max_steps=1000")
     proc = start(ddp(args))
     wait_for_step(proc, run_dir, 5)
-    deadline = time.monotonic() + 60
-    while not link.server.steps(run_dir):  # the server has had some of the run
-        assert time.monotonic() < deadline, "no step reached the server"
-        time.sleep(0.05)
+    wait_until("a step on the server", lambda: link.server.steps(run_dir), proc, timeout=60)
     link.silence()
     wait_for_step(proc, run_dir, 30)
     signalled = time.monotonic()

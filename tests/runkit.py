@@ -190,10 +190,15 @@ def exit_status(run_dir: Path) -> dict:
     return json.loads((run_dir / "exit_status.json").read_text())
 
 
+def metric_rows(run_dir: Path, key: str = "train/loss") -> list[tuple[int, float]]:
+    """(step, value) of each row of metrics.jsonl that holds the training loss (or metric ``key``), in order."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row[key]) for row in rows if key in row]
+
+
 def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
     """The training loss (or metric ``key``) at each step, as the run wrote it down in metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row[key] for row in rows if key in row}
+    return dict(metric_rows(run_dir, key))
 
 
 def local_mlflow(run_dir: Path) -> tuple[MlflowClient, str]:

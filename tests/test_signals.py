@@ -5,7 +5,6 @@ traceback; the continuation ends where an uninterrupted run ends."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -20,6 +19,7 @@ from tests.runkit import (
     finish,
     local_mlflow,
     losses,
+    metric_rows,
     processes,
     run,
     same_weights,
@@ -80,7 +80,8 @@ def test_signal_to_the_whole_process_group(
     again = run(single(args))
     assert again.returncode == 0, again.stderr[-3000:]
     assert same_weights(run_dir / "export" / "model.safetensors", with_workers)
-    assert _loss_rows(run_dir) == _loss_rows(with_workers.parents[1]) == list(range(1, 41))
+    steps = [[step for step, _ in metric_rows(d)] for d in (run_dir, with_workers.parents[1])]
+    assert steps[0] == steps[1] == list(range(1, 41))  # every step once, in order
     assert losses(run_dir) == losses(with_workers.parents[1])
 
 
@@ -131,12 +132,6 @@ def test_sigterm_to_every_process_under_accelerate_launch(tiny_shards_module: Pa
     assert exit_status(run_dir)["code"] == 0 and _mlflow_status(run_dir) == "FINISHED"
     client, run_id = local_mlflow(run_dir)
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, 41))
-
-
-def _loss_rows(run_dir: Path) -> list[int]:
-    """The step of each row of metrics.jsonl that holds a training loss, in order."""
-    rows = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
-    return [row["step"] for row in rows if "train/loss" in row]
 
 
 def _mlflow_status(run_dir: Path) -> str:

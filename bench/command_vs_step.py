@@ -34,12 +34,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from step_under_test import training_step  # noqa: E402
 
-from vegan_scale.config.load import load_config  # noqa: E402
 from vegan_scale.data.index import read_index  # noqa: E402
 from vegan_scale.data.pipeline import load_images  # noqa: E402
 from vegan_scale.distributed.accelerator import BatchLayout  # noqa: E402
 from vegan_scale.engine.feed import open_stream  # noqa: E402
-from vegan_scale.registry import ExperimentConfig  # noqa: E402
+from vegan_scale.experiment import load_experiment  # noqa: E402
 
 CASES = (  # label, network overrides, timed steps, logging interval, target
     ("conv pair", ["model.network=pythae_conv"], 30, 10, 0.95),
@@ -51,9 +50,7 @@ BATCH = 100
 def loader_batches() -> Iterator:
     """The command's stream of batches (the real MNIST shards, one loader worker), epoch after epoch."""
     shards = ROOT / ".data/shards/mnist/train"
-    cfg = load_config(
-        ExperimentConfig, ROOT / "configs/mnist/wae_mmd.yaml", ["data.num_workers=1", f"data.train={shards}"]
-    )
+    cfg = load_experiment(ROOT / "configs/mnist/wae_mmd.yaml", ["data.num_workers=1", f"data.train={shards}"])
     stream = open_stream(cfg, SimpleNamespace(process_index=0, num_processes=1), BatchLayout.derive(BATCH, 1, None))
     return (batch for _, batch in stream.epochs(0))
 

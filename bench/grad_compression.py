@@ -68,11 +68,11 @@ def train(root: Path, name: str, compression: str, steps: int) -> tuple[int, lis
 def parameters() -> int:
     import torch
 
-    from vegan_scale.config.load import load_config
-    from vegan_scale.registry import ExperimentConfig, build_model
+    from vegan_scale.experiment import load_experiment
+    from vegan_scale.registry import build_model
 
     with torch.device("meta"):
-        model = build_model(load_config(ExperimentConfig, ROOT / "configs/mnist/quickstart.yaml"))
+        model = build_model(load_experiment(ROOT / "configs/mnist/quickstart.yaml"))
     return sum(p.numel() for p in model.parameters())
 
 

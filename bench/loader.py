@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vegan_scale.config.load import load_config
 from vegan_scale.costs import reconstruction_cost
 from vegan_scale.data.index import ShardIndex, read_index
 from vegan_scale.data.pipeline import TrainStream
@@ -44,7 +43,8 @@ from vegan_scale.data.shardio import iter_tar_samples, split_name
 from vegan_scale.data.sources import ArraySource
 from vegan_scale.data.write import write_shards
 from vegan_scale.engine.objective import pot_objective
-from vegan_scale.registry import ExperimentConfig, build_model, build_penalty, build_prior
+from vegan_scale.experiment import load_experiment
+from vegan_scale.registry import build_model, build_penalty, build_prior
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT / ".data" / "shards" / "mnist" / "train"
@@ -147,7 +147,7 @@ def read_amplification(directory: Path, shape: tuple[int, int, int], world: int)
 
 
 def train_rate(config: str, overrides: list[str], steps: int) -> float:
-    cfg = load_config(ExperimentConfig, ROOT / config, overrides)
+    cfg = load_experiment(ROOT / config, overrides)
     torch.manual_seed(0)
     model, penalty, prior = build_model(cfg), build_penalty(cfg), build_prior(cfg)
     params = list(model.parameters()) + (list(penalty.critic.parameters()) if penalty.critic else [])

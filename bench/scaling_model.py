@@ -34,8 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vegan_scale.config.load import load_config  # noqa: E402
-from vegan_scale.registry import ExperimentConfig, build_model  # noqa: E402
+from vegan_scale.experiment import load_experiment  # noqa: E402
+from vegan_scale.registry import build_model  # noqa: E402
 
 # Assumptions (no GPU here to measure them on): an H100 SXM node of 8 GPUs.
 PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak
@@ -68,7 +68,7 @@ NETWORKS = (
 
 def measure(network: Network) -> tuple[int, float]:
     """(parameters, training FLOPs per sample) of the network's auto-encoder, counted on the meta device."""
-    cfg = load_config(ExperimentConfig, ROOT / network.config, list(network.overrides))
+    cfg = load_experiment(ROOT / network.config, list(network.overrides))
     with torch.device("meta"):
         model = build_model(cfg)
         x = torch.rand(2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)

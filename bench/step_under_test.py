@@ -10,12 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from vegan_scale.config.load import load_config
 from vegan_scale.distributed.accelerator import BatchLayout, apply_layout, build_accelerator
 from vegan_scale.engine.modules import build_modules
 from vegan_scale.engine.objective import POT
 from vegan_scale.engine.step import train_step
-from vegan_scale.registry import ExperimentConfig
+from vegan_scale.experiment import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 100
@@ -23,8 +22,7 @@ BATCH = 100
 
 def training_step(network: str, overrides: list[str], images: Path) -> Callable[[], torch.Tensor]:
     """One WAE-MMD optimizer step per call (the MNIST recipe on ``network``, batch 100); returns the loss."""
-    cfg = load_config(
-        ExperimentConfig,
+    cfg = load_experiment(
         ROOT / "configs/mnist/wae_mmd.yaml",
         [f"model.network={network}", "model.mlp.hidden=[512]", "penalty.mmd.scope=local", *overrides],
     )

@@ -56,14 +56,14 @@ def worker(out: Path) -> None:
 
     import torch
 
-    from vegan_scale.config.load import load_config
     from vegan_scale.costs import reconstruction_cost
     from vegan_scale.distributed import deepspeed_support, trainable
     from vegan_scale.distributed.accelerator import BatchLayout, apply_layout, build_accelerator
     from vegan_scale.engine.objective import pot_objective
-    from vegan_scale.registry import ExperimentConfig, build_model, build_penalty, build_prior
+    from vegan_scale.experiment import load_experiment
+    from vegan_scale.registry import build_model, build_penalty, build_prior
 
-    cfg = load_config(ExperimentConfig, CONFIG, ["train.global_batch_size=4"])
+    cfg = load_experiment(CONFIG, ["train.global_batch_size=4"])
     acc = build_accelerator(cfg.train.mixed_precision)
     layout = BatchLayout.derive(4, acc.num_processes, None)
     apply_layout(acc, layout, cfg.train.mixed_precision)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tests.paths import ROOT
 from vegan_scale.config.fields import describe
 from vegan_scale.config.reference import markdown
-from vegan_scale.registry import ExperimentConfig
+from vegan_scale.experiment import ExperimentConfig
 
 REFERENCE = ROOT / "docs" / "configuration.md"
 REGENERATE = ".venv/bin/python -m vegan_scale config --reference > docs/configuration.md"

@@ -13,16 +13,16 @@ import yaml
 
 import vegan_scale
 from vegan_scale import export
-from vegan_scale.config.load import load_config
 from vegan_scale.errors import ConfigError
-from vegan_scale.registry import ExperimentConfig, build_model
+from vegan_scale.experiment import load_experiment
+from vegan_scale.registry import build_model
 
 SMALL = ["model.network=mlp", "model.mlp.hidden=[16]", "model.latent_dim=4"]
 
 
 @pytest.fixture()
 def exported(tmp_path: Path) -> Path:
-    cfg = load_config(ExperimentConfig, None, SMALL)
+    cfg = load_experiment(None, SMALL)
     torch.manual_seed(0)
     return export.write(tmp_path / "export", build_model(cfg).state_dict(), dataclasses.asdict(cfg))
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from vegan_scale.models.outputs import LatentCodes
-from vegan_scale.penalties import kernel_mmd, mmd
-from vegan_scale.penalties.kernel_mmd import SPEC, MMDConfig
+from vegan_scale.penalties import kernel_mmd
+from vegan_scale.penalties.kernel_mmd import mmd
+from vegan_scale.penalties.options import MMDConfig
 from vegan_scale.priors import Prior
 
 SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -213,7 +214,7 @@ def test_backward_keeps_no_pairwise_buffers_above_the_small_size(monkeypatch):
 def test_penalty_uses_the_prior_variance():
     """The registered builder's penalty equals the reference with sigma2 = the prior's per-coordinate variance."""
     prior = Prior("sphere", 3, 2.0)
-    penalty = SPEC.build(MMDConfig(kernel="rbf"), prior, "deterministic")
+    penalty = kernel_mmd.build(MMDConfig(kernel="rbf"), prior, "deterministic")
     z, p = samples(6, 6, 3, seed=11)
 
     torch.testing.assert_close(penalty(LatentCodes(z=z), p), naive_mmd(z, p, "rbf", 4.0 / 3.0), rtol=1e-12, atol=1e-14)

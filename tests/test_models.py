@@ -8,10 +8,11 @@ from torch import nn
 
 from vegan_scale.models import conv, mlp
 from vegan_scale.models.autoencoder import LOGVAR_BOUND, Decoder, Encoder, build_autoencoder
+from vegan_scale.models.options import ConvConfig, MLPConfig
 from vegan_scale.models.outputs import Reconstruction
 from vegan_scale.priors import Prior
 
-NETWORKS = {"mlp": (mlp.SPEC, mlp.MLPConfig(hidden=[32])), "conv": (conv.SPEC, conv.ConvConfig(width=4))}
+NETWORKS = {"mlp": (mlp.SPEC, MLPConfig(hidden=[32])), "conv": (conv.SPEC, ConvConfig(width=4))}
 SHAPES = [(1, 28, 28), (3, 64, 64)]
 
 
@@ -167,7 +168,7 @@ PAPER_DECODERS = {28: [(1024, 7), (512, 14), (256, 28)], 64: [(1024, 8), (512, 1
 def test_conv_architecture_matches_the_wae_paper(shape, kernel):
     """width=128: encoder convs 128-256-512-1024 (4x4 for 28, 5x5 for 64); decoder from 1024 x s0 x s0, halving."""
     torch.manual_seed(7)
-    cfg = conv.ConvConfig(width=128)
+    cfg = ConvConfig(width=128)
     c, side, _ = shape
     encoder, features = conv.conv_encoder_body(cfg, shape)
     enc_convs = [m for m in encoder.modules() if isinstance(m, nn.Conv2d)]
@@ -193,12 +194,12 @@ def test_conv_architecture_matches_the_wae_paper(shape, kernel):
 def test_conv_decoder_rejects_non_square_images():
     """The conv decoder needs square images (ValueError otherwise)."""
     with pytest.raises(ValueError, match="square"):
-        conv.conv_decoder_body(conv.ConvConfig(width=4), 4, (1, 28, 32))
+        conv.conv_decoder_body(ConvConfig(width=4), 4, (1, 28, 32))
 
 
 def test_mlp_bodies():
     """The MLP encoder is Flatten-Linear-ReLU per hidden width; the decoder mirrors the widths back to the image."""
-    cfg = mlp.MLPConfig(hidden=[32, 16])
+    cfg = MLPConfig(hidden=[32, 16])
     encoder, features = mlp.mlp_encoder_body(cfg, (1, 28, 28))
     assert features == 16
     linears = [(m.in_features, m.out_features) for m in encoder.modules() if isinstance(m, nn.Linear)]
@@ -206,4 +207,4 @@ def test_mlp_bodies():
     decoder = mlp.mlp_decoder_body(cfg, 5, (1, 28, 28))
     linears = [(m.in_features, m.out_features) for m in decoder.modules() if isinstance(m, nn.Linear)]
     assert linears == [(5, 16), (16, 32), (32, 784)]
-    assert mlp.mlp_encoder_body(mlp.MLPConfig(hidden=[]), (3, 4, 4))[1] == 48
+    assert mlp.mlp_encoder_body(MLPConfig(hidden=[]), (3, 4, 4))[1] == 48

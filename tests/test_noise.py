@@ -10,6 +10,7 @@ from vegan_scale.costs import reconstruction_cost
 from vegan_scale.engine.objective import pot_objective
 from vegan_scale.models import mlp
 from vegan_scale.models.autoencoder import build_autoencoder
+from vegan_scale.models.options import MLPConfig
 from vegan_scale.noise import StepNoise, normal, truncated_normal, uniform
 from vegan_scale.penalties.sliced import SlicedPenalty
 from vegan_scale.priors import Prior
@@ -75,7 +76,7 @@ def test_a_step_split_over_processes_draws_what_one_process_draws(encoder, decod
     cost are the same."""
     torch.manual_seed(0)
     model = build_autoencoder(
-        mlp.SPEC, mlp.MLPConfig(hidden=[16]), (1, 8, 8), Prior(prior, 3), encoder, decoder, 4, input_noise=0.05
+        mlp.SPEC, MLPConfig(hidden=[16]), (1, 8, 8), Prior(prior, 3), encoder, decoder, 4, input_noise=0.05
     ).double()
     x = torch.rand(GLOBAL, 1, 8, 8, dtype=torch.float64)
     penalty = SlicedPenalty(projections=6, p=2.0, scope="local")
@@ -99,7 +100,7 @@ def test_the_step_draws_are_traced_by_torch_compile(encoder, decoder, prior):
     the eager one draws. The eager backend: tracing is what can fail here, and it needs no compiler."""
     torch._dynamo.reset()
     model = build_autoencoder(
-        mlp.SPEC, mlp.MLPConfig(hidden=[16]), (1, 8, 8), Prior(prior, 3), encoder, decoder, 4, input_noise=0.05
+        mlp.SPEC, MLPConfig(hidden=[16]), (1, 8, 8), Prior(prior, 3), encoder, decoder, 4, input_noise=0.05
     )
     x, noise = torch.rand(GLOBAL, 1, 8, 8), StepNoise(5, 2, range(GLOBAL), GLOBAL)
     eager, traced = model(x, noise), torch.compile(model, backend="eager", fullgraph=False)(x, noise)

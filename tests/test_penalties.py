@@ -10,15 +10,11 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from vegan_scale.models.outputs import LatentCodes
-from vegan_scale.penalties import (
-    adversarial,
-    critic_log_loss,
-    gaussian_kl,
-    kl,
-    non_saturating_loss,
-    sliced,
-    sliced_wasserstein,
-)
+from vegan_scale.penalties import adversarial, kl, sliced
+from vegan_scale.penalties.adversarial import critic_log_loss, non_saturating_loss
+from vegan_scale.penalties.kl import gaussian_kl
+from vegan_scale.penalties.options import AdversarialConfig, KLConfig, SlicedConfig
+from vegan_scale.penalties.sliced import sliced_wasserstein
 from vegan_scale.priors import Prior
 
 
@@ -54,7 +50,7 @@ def test_gaussian_kl_is_zero_at_the_prior_and_float32_under_autocast():
 def test_kl_penalty_builder_and_call():
     """The built KL penalty reads codes.mean/logvar and uses the prior's variance; reference: torch.distributions."""
     prior = Prior("gaussian", 3, 2.0)
-    penalty = kl.build(kl.KLConfig(), prior, "gaussian")
+    penalty = kl.build(KLConfig(), prior, "gaussian")
     g = torch.Generator().manual_seed(2)
     mean, logvar = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g).double()
     codes = LatentCodes(z=torch.zeros(5, 3), mean=mean, logvar=logvar)
@@ -69,7 +65,7 @@ def test_kl_penalty_builder_and_call():
 def test_kl_penalty_refuses_non_gaussian_encoder_or_prior(encoder, prior_kind):
     """The KL builder raises ValueError unless both the encoder and the prior are Gaussian."""
     with pytest.raises(ValueError, match="kl needs"):
-        kl.build(kl.KLConfig(), Prior(prior_kind, 2), encoder)
+        kl.build(KLConfig(), Prior(prior_kind, 2), encoder)
 
 
 def brute_force_sw(z, p, directions, power):
@@ -124,10 +120,10 @@ def test_random_directions_are_unit_vectors(dtype):
 def test_sliced_penalty_builder():
     """The sliced builder rejects projections < 1 or p < 1; its penalty is 0 for identical samples."""
     with pytest.raises(ValueError):
-        sliced.build(sliced.SlicedConfig(projections=0), Prior("gaussian", 2), "deterministic")
+        sliced.build(SlicedConfig(projections=0), Prior("gaussian", 2), "deterministic")
     with pytest.raises(ValueError):
-        sliced.build(sliced.SlicedConfig(p=0.5), Prior("gaussian", 2), "deterministic")
-    penalty = sliced.build(sliced.SlicedConfig(projections=3), Prior("gaussian", 2), "deterministic")
+        sliced.build(SlicedConfig(p=0.5), Prior("gaussian", 2), "deterministic")
+    penalty = sliced.build(SlicedConfig(projections=3), Prior("gaussian", 2), "deterministic")
     z = torch.randn(8, 2, generator=torch.Generator().manual_seed(5))
     assert penalty(LatentCodes(z=z), z[torch.randperm(8)]).item() == pytest.approx(0.0, abs=1e-6)
 
@@ -146,7 +142,7 @@ def test_critic_and_encoder_log_losses_by_hand():
 def test_adversarial_penalty_gradients_reach_codes_not_critic():
     """The encoder's penalty back-propagates into the codes only; the critic's .grad stays None."""
     torch.manual_seed(7)
-    penalty = adversarial.build(adversarial.AdversarialConfig(hidden=16, layers=2), Prior("gaussian", 3), "gaussian")
+    penalty = adversarial.build(AdversarialConfig(hidden=16, layers=2), Prior("gaussian", 3), "gaussian")
     z = torch.randn(6, 3, requires_grad=True)
     value = penalty(LatentCodes(z=z), torch.randn(6, 3))
     with torch.no_grad():  # reference: the same loss through the critic called the ordinary way
@@ -160,7 +156,7 @@ def test_adversarial_penalty_gradients_reach_codes_not_critic():
 def test_adversarial_critic_loss_trains_the_critic_only():
     """critic_loss gives the critic gradients and none to the codes; its value is the hand-written log-loss."""
     torch.manual_seed(8)
-    penalty = adversarial.build(adversarial.AdversarialConfig(hidden=16, layers=2), Prior("gaussian", 3), "gaussian")
+    penalty = adversarial.build(AdversarialConfig(hidden=16, layers=2), Prior("gaussian", 3), "gaussian")
     z_q, z_p = torch.randn(5, 3, requires_grad=True), torch.randn(4, 3)
     loss = penalty.critic_loss(penalty.critic, z_q, z_p)
     with torch.no_grad():

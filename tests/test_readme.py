@@ -18,8 +18,7 @@ from tests.paths import ROOT
 from tests.runkit import env
 from vegan_scale import sweep
 from vegan_scale.cli import parser
-from vegan_scale.config.load import load_config
-from vegan_scale.registry import ExperimentConfig
+from vegan_scale.experiment import load_experiment
 
 README = ROOT / "README.md"
 LAUNCH_README = ROOT / "launch" / "README.md"
@@ -197,7 +196,7 @@ def test_launch_commands_run_as_pasted() -> None:
             config, overrides = experiment(words)
             if config is None:  # prose naming the form of a command (`launch/run.sh CONFIG [key=value ...]`)
                 continue
-            n, batch = processes(words), load_config(ExperimentConfig, ROOT / config, overrides).train.global_batch_size
+            n, batch = processes(words), load_experiment(ROOT / config, overrides).train.global_batch_size
             checked += 1
             if batch % n:
                 wrong.append(f"{path.name}: {command}  ({n} processes, train.global_batch_size={batch})")

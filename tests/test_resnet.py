@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vegan_scale.models.autoencoder import build_autoencoder
-from vegan_scale.models.resnet import SPEC, ResNetConfig
+from vegan_scale.models.options import ResNetConfig
+from vegan_scale.models.resnet import SPEC
 from vegan_scale.priors import Prior
 
 

@@ -14,21 +14,22 @@ import pytest
 import torch
 
 from tests.paths import ROOT
-from vegan_scale.config.load import load_config
 from vegan_scale.costs import reconstruction_cost
 from vegan_scale.engine.loop import train
 from vegan_scale.engine.pretrain import pretrain_encoder
 from vegan_scale.engine.schedule import lr_factor
 from vegan_scale.errors import NonFiniteLossError
+from vegan_scale.experiment import load_experiment
 from vegan_scale.models import mlp
 from vegan_scale.models.autoencoder import build_autoencoder, init_weights
+from vegan_scale.models.options import MLPConfig
 from vegan_scale.models.outputs import Reconstruction
 from vegan_scale.noise import truncated_normal
 from vegan_scale.penalties.adversarial import PriorTrick
 from vegan_scale.penalties.kernel_mmd import mmd
 from vegan_scale.penalties.moments import moment_matching_loss
 from vegan_scale.priors import Prior
-from vegan_scale.registry import ExperimentConfig, build_model
+from vegan_scale.registry import build_model
 
 RNG = np.random.default_rng(7)
 
@@ -52,7 +53,7 @@ def _tiny_autoencoder(**options: object) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_autoencoder(
         mlp.SPEC,
-        mlp.MLPConfig(hidden=[32]),
+        MLPConfig(hidden=[32]),
         (1, 8, 8),
         Prior("gaussian", 3),
         "deterministic",
@@ -120,7 +121,7 @@ def test_median_bandwidth_needs_the_rbf_kernel() -> None:
     from vegan_scale.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"penalty\.mmd\.bandwidth=median needs penalty\.mmd\.kernel=rbf"):
-        load_config(ExperimentConfig, None, ["penalty.mmd.bandwidth=median"])
+        load_experiment(None, ["penalty.mmd.bandwidth=median"])
 
 
 def test_initialisation_is_the_official_normal() -> None:
@@ -168,14 +169,13 @@ def test_symmetric_range_quadruples_the_squared_cost() -> None:
 
 def test_learning_rate_is_a_tenth_from_epoch_50() -> None:
     """The official manual schedule: decay / 2 at epoch 30, then / 5 at epoch 50."""
-    cfg = load_config(ExperimentConfig, ROOT / "configs/mnist/wae_mmd.yaml")
+    cfg = load_experiment(ROOT / "configs/mnist/wae_mmd.yaml")
     factors = [lr_factor(e, cfg.optim.lr_milestones, cfg.optim.lr_factors) for e in (0, 29.9, 30, 49.9, 50, 99)]
     assert factors == [1.0, 1.0, 0.5, 0.5, 0.1, 0.1]
 
 
 def _train_tiny(tiny_shards: Path, root: Path, *overrides: str) -> list[dict]:
-    cfg = load_config(
-        ExperimentConfig,
+    cfg = load_experiment(
         ROOT / "configs/mnist/wae_gan.yaml",
         [
             f"data.train={tiny_shards / 'train'}",
@@ -236,8 +236,7 @@ def test_reencoding_gives_the_critic_the_updated_codes(monkeypatch: pytest.Monke
 
     seen = {}
     for reencode in (True, False):
-        cfg = load_config(
-            ExperimentConfig,
+        cfg = load_experiment(
             ROOT / "configs/mnist/wae_gan.yaml",
             [
                 "model.network=mlp",
@@ -265,8 +264,8 @@ def test_reencoding_gives_the_critic_the_updated_codes(monkeypatch: pytest.Monke
 def test_every_layer_of_a_recipe_model_is_initialised(tmp_path: Path) -> None:
     """The MNIST recipe's init_std reaches every weight of the auto-encoder (conv and linear layers alike)."""
     torch.manual_seed(0)
-    model = build_model(load_config(ExperimentConfig, ROOT / "configs/mnist/wae_mmd.yaml", ["model.conv.width=8"]))
+    model = build_model(load_experiment(ROOT / "configs/mnist/wae_mmd.yaml", ["model.conv.width=8"]))
     for name, p in model.named_parameters():
         if name.endswith("weight") and p.dim() > 1:
             assert p.std().item() < 0.0099999 * 1.2, name
-    assert math.isclose(0.0099999, load_config(ExperimentConfig, ROOT / "configs/mnist/wae_mmd.yaml").model.init_std)
+    assert math.isclose(0.0099999, load_experiment(ROOT / "configs/mnist/wae_mmd.yaml").model.init_std)

@@ -17,7 +17,7 @@ FLOORS = [
     ["errors", "atomic", "retry", "logs", "provenance", "stops", "process_exit", "seeds"],
     ["config", "priors", "noise", "rundir", "metrics_log"],
     ["costs", "models", "penalties", "data", "checkpoint", "export"],
-    ["registry", "distributed", "tracking"],
+    ["experiment", "registry", "distributed", "tracking"],
     ["evaluation"],
     ["engine"],
     ["api", "cli", "sweep", "__init__", "__main__"],

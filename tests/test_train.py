@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 
 from tests.paths import ROOT
 from tests.runkit import local_mlflow, same_weights, train_args
-from vegan_scale.config.load import load_config
 from vegan_scale.engine.loop import train
-from vegan_scale.registry import ExperimentConfig
+from vegan_scale.experiment import load_experiment
 
 SMALL = ["model.conv.width=4", "eval.num_samples=200", "eval.grid_size=4", "data.num_workers=0"]
 
@@ -102,8 +101,7 @@ def test_quiet_console_keeps_the_log_file(tiny_shards: Path, tmp_path: Path) -> 
 @pytest.mark.parametrize("recipe", ["wae_mmd", "wae_gan", "aae", "vae", "swae"])
 def test_every_recipe_trains(recipe: str, tiny_shards: Path, tmp_path: Path) -> None:
     """Each committed recipe runs a few steps on tiny shards and finishes with finite losses."""
-    cfg = load_config(
-        ExperimentConfig,
+    cfg = load_experiment(
         ROOT / f"configs/mnist/{recipe}.yaml",
         [
             *SMALL,
@@ -132,8 +130,7 @@ def test_every_recipe_trains(recipe: str, tiny_shards: Path, tmp_path: Path) -> 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains(precision: str, tiny_shards: Path, tmp_path: Path) -> None:
     """bf16 autocast and fp16 with a gradient scaler run a few WAE-MMD steps to finite losses."""
-    cfg = load_config(
-        ExperimentConfig,
+    cfg = load_experiment(
         ROOT / "configs/mnist/wae_mmd.yaml",
         [
             *SMALL,
@@ -178,7 +175,7 @@ def test_bf16_weights_copy_trains_like_float32_and_continues_exactly(tiny_shards
             "eval.every_steps=60",
             "checkpoint.every_steps=30",
         ]
-        return train(load_config(ExperimentConfig, ROOT / "configs/mnist/wae_mmd.yaml", [*overrides, *precision]))
+        return train(load_experiment(ROOT / "configs/mnist/wae_mmd.yaml", [*overrides, *precision]))
 
     reference, whole = run("float32", 60, []), run("copy", 60, copy)
     run("continued", 30, copy)

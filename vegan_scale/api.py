@@ -6,19 +6,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vegan_scale.config.load import load_config
 from vegan_scale.errors import storage_error
+from vegan_scale.experiment import ExperimentConfig, load_experiment
 from vegan_scale.models.autoencoder import AutoEncoder
-from vegan_scale.registry import ExperimentConfig, load_export
+from vegan_scale.registry import load_export
 
 MODEL_URI_SCHEMES = ("runs:/", "models:/")
 
 
-def train(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = (), stops: Any = None) -> Path:
+def train(
+    config: str | Path | Mapping[str, Any] | ExperimentConfig, overrides: Sequence[str] = (), stops: Any = None
+) -> Path:
     """Train an experiment, as ``vegan-scale train CONFIG [overrides]`` does, and return its run directory.
 
-    ``config`` is an experiment file or the experiment as nested dicts (``inherit`` included); ``overrides`` are
-    ``key.sub=value`` items applied last. Under ``accelerate launch`` every process calls it. Errors are
+    ``config`` is an experiment file, the experiment as nested dicts (``inherit`` included) or one already loaded
+    (:func:`vegan_scale.config.load.load_config`); ``overrides`` are ``key.sub=value`` items applied last, to a
+    file or dicts only. Under ``accelerate launch`` every process calls it. Errors are
     :class:`vegan_scale.errors.VeganError` subclasses whose ``exit_code`` is the CLI's. The process group is ended
     afterwards, so a script may train again. ``stops``: a :class:`vegan_scale.stops.StopRequests` already
     collecting this process's stop requests (the CLI's); by default training collects them while it runs.
@@ -27,7 +30,12 @@ def train(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = (),
     from vegan_scale.distributed.accelerator import shutdown
     from vegan_scale.engine.loop import train as train_loop
 
-    cfg = load_config(ExperimentConfig, config, overrides)
+    if isinstance(config, ExperimentConfig):
+        if overrides:
+            raise ValueError("overrides apply to a configuration file or dicts; set them on the loaded one instead")
+        cfg = config
+    else:
+        cfg = load_experiment(config, overrides)
     try:
         return train_loop(cfg, stops)
     except OSError as e:  # a full disk or quota, read-only storage: the file named, exit code 74

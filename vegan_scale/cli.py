@@ -21,19 +21,22 @@ def _train(args: argparse.Namespace) -> None:
     from vegan_scale.stops import StopRequests
 
     with StopRequests() as stops:  # before the heavy imports: a job may be stopped while it starts
+        from vegan_scale.experiment import load_experiment
+
+        cfg = load_experiment(args.config, args.overrides)  # a bad one is named at once, before torch loads
         import torch
 
         from vegan_scale.api import train
 
         if not torch.cuda.is_available():  # vegan_scale computes on the CPU then; DeepSpeed need not guess and warn
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        train(args.config, args.overrides, stops=stops)
+        train(cfg, stops=stops)
 
 
 def _config(args: argparse.Namespace) -> None:
     from vegan_scale.config.fields import describe
-    from vegan_scale.config.load import load_config, to_yaml
-    from vegan_scale.registry import ExperimentConfig
+    from vegan_scale.config.load import to_yaml
+    from vegan_scale.experiment import ExperimentConfig, load_experiment
 
     if args.reference:
         from vegan_scale.config.reference import markdown
@@ -45,7 +48,7 @@ def _config(args: argparse.Namespace) -> None:
             options = f" [{'|'.join(choices)}]" if choices else ""
             print(f"{key} ({type_name}{options}, default {default!r}): {doc}")
         return
-    print(to_yaml(load_config(ExperimentConfig, args.config, args.overrides)), end="")
+    print(to_yaml(load_experiment(args.config, args.overrides)), end="")
 
 
 def _shards(args: argparse.Namespace) -> None:
@@ -103,15 +106,14 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _sync(args: argparse.Namespace) -> None:
-    from vegan_scale.config.load import load_config
-    from vegan_scale.registry import ExperimentConfig
+    from vegan_scale.experiment import load_experiment
     from vegan_scale.rundir import RunDir
     from vegan_scale.tracking.mlflow_run import resolve_uri, sync
 
     run_dir = RunDir(args.run_dir)
     if not run_dir.is_run():
         raise ConfigError(f"{args.run_dir} is not a run directory (it has no {run_dir.config.name})")
-    cfg = load_config(ExperimentConfig, run_dir.config)
+    cfg = load_experiment(run_dir.config)
     uri = args.uri or resolve_uri(cfg.tracking.uri, Path(cfg.run.root))
     run_id = sync(run_dir, cfg, uri)
     print(f"{args.run_dir}: MLflow run {run_id} at {uri} is up to date")
@@ -345,16 +347,14 @@ def _add_sweep(sub: Any) -> None:
     w.set_defaults(run=_sweep)
 
 
-DESCRIPTION = (
-    "Train penalized optimal-transport generative models (WAE-MMD, WAE-GAN, AAE, VAE, SWAE), then evaluate, "
-    "sample and export them. Each command has its own --help; exit codes are listed in docs/reference.md."
-)
-
-
 def parser() -> argparse.ArgumentParser:
     from vegan_scale.provenance import version
 
-    p = argparse.ArgumentParser(prog="vegan-scale", description=DESCRIPTION)
+    p = argparse.ArgumentParser(
+        prog="vegan-scale",
+        description="Train penalized optimal-transport generative models (WAE-MMD, WAE-GAN, AAE, VAE, SWAE), then "
+        "evaluate, sample and export them. Each command has its own --help; docs/reference.md lists the exit codes.",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     adders = (_add_train, _add_config, _add_export_and_sync, _add_eval_and_sample, _add_shards, _add_index_shards)

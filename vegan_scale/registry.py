@@ -1,8 +1,9 @@
-"""The one place where networks and penalties are listed, and where the typed schema is assembled from them.
+"""How the networks and penalties are built: the builders of each, under the names ``experiment.py`` lists.
 
-Adding a network or a penalty is one new file (its options dataclass, its builder and its math) and one line
-here. This module sits above the math and the config packages and imports down into both; it turns the
-configuration into the plain arguments the math takes.
+Adding a network or a penalty is one new file (its builder and its math), its options in ``models/options.py`` or
+``penalties/options.py`` (kept apart so that a configuration is checked without torch) and one line here and in
+``experiment.py``. This module sits above the math and the config packages and imports down into both; it turns
+the configuration into the plain arguments the math takes.
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from vegan_scale import export
-from vegan_scale.config.fields import Requirement
-from vegan_scale.config.load import load_config
-from vegan_scale.config.schema import assemble
 from vegan_scale.errors import ConfigError
+from vegan_scale.experiment import image_shape, load_experiment
 from vegan_scale.models import conv, mlp, pythae_conv, resnet
 from vegan_scale.models.autoencoder import AutoEncoder, build_autoencoder
 from vegan_scale.models.base import NetworkSpec
 from vegan_scale.penalties import adversarial, kernel_mmd, kl, sliced
-from vegan_scale.penalties.base import LatentPenalty, PenaltySpec
+from vegan_scale.penalties.base import LatentPenalty, PenaltyBuilder
 from vegan_scale.priors import Prior
 
 NETWORKS: dict[str, NetworkSpec] = {
@@ -31,35 +30,12 @@ NETWORKS: dict[str, NetworkSpec] = {
     "resnet": resnet.SPEC,
     "pythae_conv": pythae_conv.SPEC,
 }
-PENALTIES: dict[str, PenaltySpec] = {
-    "mmd": kernel_mmd.SPEC,
-    "adversarial": adversarial.SPEC,
-    "kl": kl.SPEC,
-    "sliced": sliced.SPEC,
+PENALTIES: dict[str, PenaltyBuilder] = {
+    "mmd": kernel_mmd.build,
+    "adversarial": adversarial.build,
+    "kl": kl.build,
+    "sliced": sliced.build,
 }
-
-
-def _requirements() -> tuple[Requirement, ...]:
-    """What each penalty needs of the encoder and the prior, as rules the loader checks."""
-    rules = []
-    for name, spec in PENALTIES.items():
-        for key, allowed in (("model.encoder", spec.encoders), ("prior.kind", spec.priors)):
-            if allowed is not None:
-                rules.append(Requirement("penalty.kind", name, key, allowed))
-        rules.extend(spec.rules)
-    return tuple(rules)
-
-
-ExperimentConfig = assemble(
-    {name: spec.config for name, spec in NETWORKS.items()},
-    {name: spec.config for name, spec in PENALTIES.items()},
-    _requirements(),
-)
-
-
-def image_shape(cfg: Any) -> tuple[int, int, int]:
-    """(C, H, W) of the experiment's images."""
-    return cfg.data.channels, cfg.data.image_size, cfg.data.image_size
 
 
 def build_prior(cfg: Any) -> Prior:
@@ -104,11 +80,11 @@ def load_export(directory: str | Path, device: torch.device | str = "cpu") -> Au
     Nothing in the files is executed or interpolated (see :func:`vegan_scale.export.read_sections`), and the
     weights' shapes are checked before the network is built."""
     directory = Path(directory)
-    cfg = load_config(ExperimentConfig, export.read_sections(directory))
+    cfg = load_experiment(export.read_sections(directory))
     return load_model(cfg, directory / export.MODEL_FILE, device)
 
 
 def build_penalty(cfg: Any) -> LatentPenalty:
     """The latent penalty an experiment describes; its critic, if any, is freshly initialised."""
     kind = cfg.penalty.kind
-    return PENALTIES[kind].build(getattr(cfg.penalty, kind), build_prior(cfg), cfg.model.encoder)
+    return PENALTIES[kind](getattr(cfg.penalty, kind), build_prior(cfg), cfg.model.encoder)

@@ -32,9 +32,8 @@ from typing import Any
 
 import yaml
 
-from vegan_scale.config.load import load_config
 from vegan_scale.errors import ConfigError, ExitCode, VeganError
-from vegan_scale.registry import ExperimentConfig
+from vegan_scale.experiment import load_experiment
 from vegan_scale.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -90,7 +89,7 @@ def tasks(path: str | Path) -> list[Task]:
             f"tracking.tags.sweep_task={index}",
         )
         try:
-            cfg = load_config(ExperimentConfig, config, overrides)
+            cfg = load_experiment(config, overrides)
         except ConfigError as e:
             raise ConfigError(f"{path}: task {index} ({config} {' '.join(overrides)}): {e}") from None
         found.append(Task(index, str(config), overrides, RunDir(Path(cfg.run.root) / cfg.run.experiment / run)))

@@ -121,14 +121,12 @@ def _training_data(ctx: Context, name: str, damage: str = "image") -> tuple[Path
 
 def _train(ctx: Context, on_error: str, damage: str = "image") -> dict:
     """Train with data.on_error=on_error; returns the run directory or the error, the time taken, the shard."""
-    from vegan_scale.config.load import load_config
     from vegan_scale.engine.loop import train
-    from vegan_scale.registry import ExperimentConfig
+    from vegan_scale.experiment import load_experiment
 
     train_dir, test_dir, poisoned = _training_data(ctx, f"data_train_{on_error}_{damage}", damage)
     root = ctx.shared_dir / "runs"
-    cfg = load_config(
-        ExperimentConfig,
+    cfg = load_experiment(
         None,
         [
             "model.network=mlp",

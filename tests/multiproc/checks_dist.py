@@ -85,14 +85,13 @@ def _one_step(ctx: Context, penalty_kind: str) -> dict:
     """One SGD step of the real step code on half a global batch per process, against one process on all of it."""
     from functools import partial
 
-    from vegan_scale.config.load import load_config
     from vegan_scale.costs import reconstruction_cost
     from vegan_scale.distributed import trainable
     from vegan_scale.engine.objective import pot_objective
-    from vegan_scale.registry import ExperimentConfig, build_model, build_penalty
+    from vegan_scale.experiment import load_experiment
+    from vegan_scale.registry import build_model, build_penalty
 
-    cfg = load_config(
-        ExperimentConfig,
+    cfg = load_experiment(
         None,
         [
             "model.network=mlp",
@@ -204,13 +203,12 @@ def one_step_wae_gan_matches_one_process(ctx: Context) -> dict:
 @check
 def ranks_end_with_identical_parameters(ctx: Context) -> dict:
     """Twenty WAE-GAN steps on different data per rank: every rank ends with bit-identical parameters."""
-    from vegan_scale.config.load import load_config
     from vegan_scale.distributed import trainable
     from vegan_scale.engine.objective import pot_objective
-    from vegan_scale.registry import ExperimentConfig, build_model, build_penalty, build_prior
+    from vegan_scale.experiment import load_experiment
+    from vegan_scale.registry import build_model, build_penalty, build_prior
 
-    cfg = load_config(
-        ExperimentConfig,
+    cfg = load_experiment(
         None,
         [
             "model.network=mlp",

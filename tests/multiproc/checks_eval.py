@@ -5,17 +5,17 @@ from __future__ import annotations
 import torch
 
 from tests.multiproc.harness import Context, check
-from vegan_scale.config.load import load_config
 from vegan_scale.evaluation.classifier import load_classifier
 from vegan_scale.evaluation.protocol import EvalResult, EvalSettings, Shares, evaluate
-from vegan_scale.registry import ExperimentConfig, build_model
+from vegan_scale.experiment import load_experiment
+from vegan_scale.registry import build_model
 
 TEST_IMAGES = 38  # halves of 19: blocks of 10 and 9 (padded) over two processes
 
 
 def evaluate_tiny(shares: Shares) -> EvalResult:
     """A seeded small conv auto-encoder on seeded random images, evaluated with the MNIST feature network."""
-    cfg = load_config(ExperimentConfig, None, ["model.conv.width=4", "model.latent_dim=3"])
+    cfg = load_experiment(None, ["model.conv.width=4", "model.latent_dim=3"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     images = torch.randint(0, 256, (TEST_IMAGES, 1, 28, 28), generator=torch.Generator().manual_seed(1))

@@ -28,7 +28,7 @@ from vegan_scale.data.pipeline import Batch, Readers, TrainStream
 from vegan_scale.distributed.accelerator import BatchLayout
 from vegan_scale.distributed.agreement import Agreement, Flag
 from vegan_scale.errors import DataError, DataStallError
-from vegan_scale.registry import image_shape
+from vegan_scale.experiment import image_shape
 from vegan_scale.retry import Backoff
 
 log = logging.getLogger("vegan_scale")

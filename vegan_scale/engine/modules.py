@@ -23,9 +23,10 @@ from vegan_scale.distributed import deepspeed_support, trainable
 from vegan_scale.distributed.trainable import Trainable
 from vegan_scale.engine.pretrain import pretrain
 from vegan_scale.errors import ConfigError
+from vegan_scale.experiment import PENALTIES
 from vegan_scale.models.autoencoder import init_layer
 from vegan_scale.penalties.base import LatentPenalty
-from vegan_scale.registry import PENALTIES, build_model, build_penalty
+from vegan_scale.registry import build_model, build_penalty
 
 
 @dataclass(frozen=True)

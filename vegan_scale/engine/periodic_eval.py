@@ -22,10 +22,10 @@ from vegan_scale.data.pipeline import load_images
 from vegan_scale.engine.feed import stall_timeout_s
 from vegan_scale.engine.objective import Cost
 from vegan_scale.evaluation.grids import figures
+from vegan_scale.experiment import image_shape
 from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.penalties.kernel_mmd import mmd
 from vegan_scale.priors import Prior
-from vegan_scale.registry import image_shape
 
 
 @dataclass(frozen=True)

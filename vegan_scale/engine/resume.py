@@ -41,7 +41,7 @@ from vegan_scale.config.load import flat_keys
 from vegan_scale.distributed.accelerator import distribution_mode
 from vegan_scale.distributed.trainable import Trainable
 from vegan_scale.errors import CheckpointError, ConfigError
-from vegan_scale.registry import ExperimentConfig
+from vegan_scale.experiment import ExperimentConfig
 from vegan_scale.rundir import COMPLETE, RunDir, complete_checkpoints, is_complete
 
 log = logging.getLogger("vegan_scale")

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 
 from vegan_scale import checkpoint, export
-from vegan_scale.config.load import load_config
 from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import load_images
 from vegan_scale.errors import ConfigError
+from vegan_scale.experiment import image_shape, load_experiment
 from vegan_scale.models.autoencoder import AutoEncoder
-from vegan_scale.registry import ExperimentConfig, image_shape, load_model
+from vegan_scale.registry import load_model
 from vegan_scale.rundir import RunDir, is_complete
 
 
@@ -50,7 +50,7 @@ def _from_checkpoint(path: Path, device: torch.device | str) -> ModelSource:
         if run_dir is None:
             raise ConfigError(f"checkpoint {path} has no {checkpoint.CONFIG} and no run directory above it")
         config_file = run_dir.config
-    config = load_config(ExperimentConfig, config_file)
+    config = load_experiment(config_file)
     weights = checkpoint.existing_module_file(path)
     step = checkpoint.read_state(path)["step"]
     run_path = run_dir.path if run_dir else None
@@ -59,7 +59,7 @@ def _from_checkpoint(path: Path, device: torch.device | str) -> ModelSource:
 
 def _from_export(path: Path, device: torch.device | str) -> ModelSource:
     run_dir = RunDir(path.parent) if RunDir(path.parent).is_run() else None
-    config = load_config(ExperimentConfig, run_dir.config if run_dir else export.read_sections(path))
+    config = load_experiment(run_dir.config if run_dir else export.read_sections(path))
     newest = run_dir.newest_checkpoint() if run_dir else None
     step = checkpoint.read_state(newest)["step"] if newest else None
     run_path = run_dir.path if run_dir else None

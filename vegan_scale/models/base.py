@@ -1,4 +1,4 @@
-"""How a network plugs in: a config dataclass and two builders, listed in the registry."""
+"""How a network plugs in: two builders, listed in the registry (its options are in ``models/options.py``)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,5 @@ class NetworkSpec:
     a module mapping codes to image logits.
     """
 
-    config: type
     encoder_body: Callable[[Any, ImageShape], tuple[nn.Module, int]]
     decoder_body: Callable[[Any, int, ImageShape], nn.Module]

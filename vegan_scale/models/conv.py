@@ -11,28 +11,10 @@ that keeps it an integer of at least 7: 7 for 28x28 (two up-sampling layers), 8 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from vegan_scale.config.fields import at_least, param
 from vegan_scale.models.base import ImageShape, NetworkSpec
-
-
-@dataclass
-class ConvConfig:
-    width: int = param(
-        128,
-        "Channels of the first encoder convolution, doubled at each of the four layers "
-        "(the paper's 128-256-512-1024); reduce it for fast CPU runs.",
-        bounds=at_least(1),
-    )
-    kernel_size: int = param(
-        0,
-        "Filter size; 0 picks the paper's choice from the image size (4 for 28x28, 5 for 64x64, 4 otherwise).",
-        bounds=at_least(0),
-    )
-    batch_norm: bool = param(True, "Batch norm after every hidden convolution, as in the paper.")
+from vegan_scale.models.options import ConvConfig
 
 
 def _kernel(cfg: ConvConfig, shape: ImageShape) -> int:
@@ -97,4 +79,4 @@ def conv_decoder_body(cfg: ConvConfig, latent_dim: int, shape: ImageShape) -> nn
     return nn.Sequential(*layers)
 
 
-SPEC = NetworkSpec(ConvConfig, conv_encoder_body, conv_decoder_body)
+SPEC = NetworkSpec(conv_encoder_body, conv_decoder_body)

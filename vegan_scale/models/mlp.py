@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from vegan_scale.config.fields import at_least, param
 from vegan_scale.models.base import ImageShape, NetworkSpec
+from vegan_scale.models.options import MLPConfig
 
 
 def mlp(in_features: int, hidden: list[int], out_features: int) -> nn.Sequential:
@@ -18,13 +16,6 @@ def mlp(in_features: int, hidden: list[int], out_features: int) -> nn.Sequential
         in_features = width
     layers.append(nn.Linear(in_features, out_features))
     return nn.Sequential(*layers)
-
-
-@dataclass
-class MLPConfig:
-    hidden: list[int] = param(
-        [512], "Hidden layer widths of the encoder; the decoder mirrors them.", bounds=at_least(1)
-    )
 
 
 def mlp_encoder_body(cfg: MLPConfig, shape: ImageShape) -> tuple[nn.Module, int]:
@@ -40,4 +31,4 @@ def mlp_decoder_body(cfg: MLPConfig, latent_dim: int, shape: ImageShape) -> nn.M
     return nn.Sequential(mlp(latent_dim, list(reversed(cfg.hidden)), c * h * w), nn.Unflatten(1, shape))
 
 
-SPEC = NetworkSpec(MLPConfig, mlp_encoder_body, mlp_decoder_body)
+SPEC = NetworkSpec(mlp_encoder_body, mlp_decoder_body)

@@ -10,17 +10,11 @@ about 5x more.) The MLP pair is vegan_scale's `mlp` network with one hidden laye
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from vegan_scale.models.base import ImageShape, NetworkSpec
 from vegan_scale.models.layers import Conv2d
-
-
-@dataclass
-class PythaeConvConfig:
-    """No options: the pair is fixed."""
+from vegan_scale.models.options import PythaeConvConfig
 
 
 def _encoder(cfg: PythaeConvConfig, shape: ImageShape) -> tuple[nn.Module, int]:
@@ -46,4 +40,4 @@ def _decoder(cfg: PythaeConvConfig, latent_dim: int, shape: ImageShape) -> nn.Mo
     )
 
 
-SPEC = NetworkSpec(PythaeConvConfig, _encoder, _decoder)
+SPEC = NetworkSpec(_encoder, _decoder)

@@ -14,23 +14,12 @@ depth 1: 1.8M; width 64, depth 2: 43M; width 128, depth 2: 171M; width 256, dept
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from itertools import pairwise
 
 from torch import Tensor, nn
 
-from vegan_scale.config.fields import at_least, param
 from vegan_scale.models.base import ImageShape, NetworkSpec
-
-
-@dataclass
-class ResNetConfig:
-    width: int = param(
-        64, "Channels of the first stage; doubled at every down-sampling (width multiplier).", bounds=at_least(1)
-    )
-    depth: int = param(2, "Residual blocks per stage (depth multiplier).", bounds=at_least(1))
-    max_multiplier: int = param(8, "Channels stop doubling at width * max_multiplier.", bounds=at_least(1))
-    groups: int = param(32, "GroupNorm groups (fewer when a stage has fewer channels).", bounds=at_least(1))
+from vegan_scale.models.options import ResNetConfig
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -86,4 +75,4 @@ def resnet_decoder_body(cfg: ResNetConfig, latent_dim: int, shape: ImageShape) -
     return nn.Sequential(*layers)
 
 
-SPEC = NetworkSpec(ResNetConfig, resnet_encoder_body, resnet_decoder_body)
+SPEC = NetworkSpec(resnet_encoder_body, resnet_decoder_body)

@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from vegan_scale.config.fields import POSITIVE, Requirement, at_least, param
 from vegan_scale.models.autoencoder import init_weights
 from vegan_scale.models.mlp import mlp
 from vegan_scale.models.outputs import LatentCodes
 from vegan_scale.noise import StepNoise
-from vegan_scale.penalties.base import LatentPenalty, Parameters, PenaltySpec
+from vegan_scale.penalties.base import LatentPenalty, Parameters
+from vegan_scale.penalties.options import AdversarialConfig
 from vegan_scale.priors import Prior
 
 
@@ -48,29 +47,6 @@ def critic_log_loss(logits_prior: Tensor, logits_codes: Tensor) -> Tensor:
 def non_saturating_loss(logits_codes: Tensor) -> Tensor:
     """The encoder's adversarial penalty: -mean log D(z~)."""
     return F.binary_cross_entropy_with_logits(logits_codes, torch.ones_like(logits_codes))
-
-
-@dataclass
-class AdversarialConfig:
-    hidden: int = param(
-        512, "Width of each hidden layer of the latent critic (the WAE MNIST recipe uses 512).", bounds=at_least(1)
-    )
-    layers: int = param(4, "Number of hidden layers of the latent critic (0: a linear critic).", bounds=at_least(0))
-    lr: float = param(
-        5e-4,
-        "Adam learning rate of the critic (WAE MNIST recipe: 5e-4); follows the same schedule as the auto-encoder's.",
-        bounds=POSITIVE,
-    )
-    p_trick: bool = param(
-        False,
-        "Add the Gaussian prior's log-density to the critic's logits (the official gan_p_trick; its CelebA recipe).",
-    )
-    reencode: bool = param(
-        False, "The critic's step sees the codes encoded again after the auto-encoder's step (the official order)."
-    )
-    init_std: float | None = param(
-        None, "Normal initialisation of the critic's weights, biases zero (official: 0.0099999).", bounds=POSITIVE
-    )
 
 
 def gaussian_log_density(z: Tensor, sigma2: float) -> Tensor:
@@ -142,12 +118,3 @@ def build(cfg: AdversarialConfig, prior: Prior, encoder: str) -> AdversarialPena
             raise ValueError(f"the p-trick needs a Gaussian prior, got {prior.kind!r}")
         critic = PriorTrick(critic, prior.variance)
     return AdversarialPenalty(critic, cfg.lr, cfg.reencode)
-
-
-SPEC = PenaltySpec(
-    AdversarialConfig,
-    build,
-    "WAE-GAN / AAE: a latent critic with the non-saturating encoder loss",
-    trains_critic=True,
-    rules=(Requirement("penalty.adversarial.p_trick", True, "prior.kind", ("gaussian",)),),
-)

@@ -1,25 +1,24 @@
-"""What every latent penalty D_Z(Q_Z, P_Z) provides, and how a penalty plugs into the schema.
+"""What every latent penalty D_Z(Q_Z, P_Z) provides, and how a penalty plugs in.
 
-A penalty is one file under ``penalties/`` holding its pure-torch math, a config dataclass for its options and a
-``SPEC`` that the registry lists. The engine sees only :class:`LatentPenalty` and asks it what it needs: whether it
-brings a critic of its own to train (and at which learning rate), and how to describe itself; it never reads the
-penalty's options.
+A penalty is one file under ``penalties/`` holding its pure-torch math and a ``build`` function (a
+:data:`PenaltyBuilder`) that the registry lists; its options are in ``penalties/options.py``. The engine sees only
+:class:`LatentPenalty` and asks it what it needs: whether it brings a critic of its own to train (and at which
+learning rate), and how to describe itself; it never reads the penalty's options.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
-from vegan_scale.config.fields import Requirement
 from vegan_scale.models.outputs import LatentCodes
 from vegan_scale.noise import StepNoise
 from vegan_scale.priors import Prior
 
 Parameters = Callable[[], dict[str, Tensor]]  # a module's current parameters, as constants
+PenaltyBuilder = Callable[[Any, Prior, str], "LatentPenalty"]  # (options, prior, encoder kind) -> the penalty
 
 
 class LatentPenalty:
@@ -51,18 +50,3 @@ class LatentPenalty:
     def critic_loss(self, critic: nn.Module, z_q: Tensor, z_p: Tensor) -> Tensor:
         """The critic's own loss, through ``critic`` (this penalty's critic, possibly wrapped for distribution)."""
         raise NotImplementedError(f"{type(self).__name__} has no critic")
-
-
-@dataclass(frozen=True)
-class PenaltySpec:
-    """A registered penalty: its options dataclass, how to build it, a one-line description for the docs, whether it
-    trains a critic, the encoder and prior kinds it works with (None: any), and rules its options bring (dotted
-    keys under ``penalty.<name>``)."""
-
-    config: type
-    build: Callable[[Any, Prior, str], LatentPenalty]  # (options, prior, encoder kind) -> penalty
-    summary: str
-    trains_critic: bool = False
-    encoders: tuple[str, ...] | None = None
-    priors: tuple[str, ...] | None = None
-    rules: tuple[Requirement, ...] = ()  # what its options need of other settings

@@ -32,16 +32,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vegan_scale.config.fields import Requirement, param
 from vegan_scale.models.outputs import LatentCodes
 from vegan_scale.noise import StepNoise
-from vegan_scale.penalties.base import LatentPenalty, PenaltySpec
+from vegan_scale.penalties.base import LatentPenalty
 from vegan_scale.penalties.global_batch import all_gather_rows, scale_gradient, sum_over_processes, world_size
+from vegan_scale.penalties.options import KERNELS, MMDConfig
 from vegan_scale.priors import Prior
 
 IMQ_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
-KERNELS = ("imq", "rbf")
-BANDWIDTHS = ("prior", "median")
 
 
 def mmd(z: Tensor, z_prior: Tensor, kernel: str = "imq", sigma2: float = 1.0, bandwidth: str = "prior") -> Tensor:
@@ -266,29 +264,6 @@ def _add(grads: list[Tensor | None], index: int, value: Tensor) -> None:
     grads[index] = value if grads[index] is None else grads[index] + value
 
 
-@dataclass
-class MMDConfig:
-    kernel: str = param(
-        "imq",
-        "Kernel of the MMD: multi-scale inverse multiquadratic or Gaussian (RBF); scales "
-        "come from the prior's variance.",
-        choices=KERNELS,
-    )
-    bandwidth: str = param(
-        "prior",
-        "RBF bandwidth: prior, from the prior's variance (a kernel independent of the batch); median, the official "
-        "code's median heuristic over the (global) batch, for the paper's IMQ-against-RBF comparison.",
-        choices=BANDWIDTHS,
-    )
-    scope: str = param(
-        "global",
-        "global: the estimator over the codes of all processes (the paper's estimator at the global batch; each "
-        "process computes its rows against all, O(n N d)); local: each process's own batch only (O(n^2 d), a "
-        "noisier estimate). With gradient accumulation, global means across processes within one micro-step.",
-        choices=("global", "local"),
-    )
-
-
 class MMDPenalty(LatentPenalty):
     def __init__(self, kernel: str, sigma2: float, scope: str, bandwidth: str = "prior") -> None:
         self.kernel, self.sigma2, self.scope, self.bandwidth = kernel, sigma2, scope, bandwidth
@@ -309,11 +284,3 @@ class MMDPenalty(LatentPenalty):
 
 def build(cfg: MMDConfig, prior: Prior, encoder: str) -> MMDPenalty:
     return MMDPenalty(cfg.kernel, prior.variance, cfg.scope, cfg.bandwidth)
-
-
-SPEC = PenaltySpec(
-    MMDConfig,
-    build,
-    "WAE-MMD: unbiased MMD^2 between the codes and a prior sample",
-    rules=(Requirement("penalty.mmd.bandwidth", "median", "penalty.mmd.kernel", ("rbf",)),),
-)

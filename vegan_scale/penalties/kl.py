@@ -8,14 +8,14 @@ Gaussian prior, and is computed in closed form.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from vegan_scale.models.outputs import LatentCodes
 from vegan_scale.noise import StepNoise
-from vegan_scale.penalties.base import LatentPenalty, PenaltySpec
+from vegan_scale.penalties.base import LatentPenalty
+from vegan_scale.penalties.options import GAUSSIAN, KLConfig
 from vegan_scale.priors import Prior
 
 
@@ -25,11 +25,6 @@ def gaussian_kl(mean: Tensor, logvar: Tensor, sigma2: float = 1.0) -> Tensor:
         mean, logvar = mean.float(), logvar.float()
     per_coord = (logvar.exp() + mean.pow(2)) / sigma2 - 1.0 - logvar + math.log(sigma2)
     return 0.5 * per_coord.sum(dim=1).mean()
-
-
-@dataclass
-class KLConfig:
-    """The KL penalty has no options of its own: its weight is ``penalty.weight`` (1 for the plain VAE)."""
 
 
 class KLPenalty(LatentPenalty):
@@ -43,22 +38,10 @@ class KLPenalty(LatentPenalty):
         return gaussian_kl(codes.mean, codes.logvar, self.sigma2)
 
 
-ENCODERS = PRIORS = ("gaussian",)  # the closed form needs both sides Gaussian
-
-
 def build(cfg: KLConfig, prior: Prior, encoder: str) -> KLPenalty:
-    if encoder not in ENCODERS or prior.kind not in PRIORS:
+    if encoder not in GAUSSIAN or prior.kind not in GAUSSIAN:
         raise ValueError(
             f"penalty.kind=kl needs model.encoder=gaussian and prior.kind=gaussian "
             f"(got encoder={encoder!r}, prior={prior.kind!r})"
         )
     return KLPenalty(prior.scale)
-
-
-SPEC = PenaltySpec(
-    KLConfig,
-    build,
-    "VAE: closed-form KL from each Gaussian posterior to a Gaussian prior",
-    encoders=ENCODERS,
-    priors=PRIORS,
-)

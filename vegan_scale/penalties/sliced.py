@@ -12,16 +12,14 @@ estimate on the concatenation, so that lambda means the same at every world size
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from vegan_scale.config.fields import at_least, param
 from vegan_scale.models.outputs import LatentCodes
 from vegan_scale.noise import StepNoise
-from vegan_scale.penalties.base import LatentPenalty, PenaltySpec
+from vegan_scale.penalties.base import LatentPenalty
 from vegan_scale.penalties.global_batch import all_gather_rows, scale_gradient, with_own_rows, world_size
+from vegan_scale.penalties.options import SlicedConfig
 from vegan_scale.priors import Prior
 
 
@@ -45,18 +43,6 @@ def sliced_wasserstein(z: Tensor, z_prior: Tensor, directions: Tensor, p: float 
         proj_q = torch.sort(z.to(dtype) @ d.T, dim=0).values
         proj_p = torch.sort(z_prior.to(dtype) @ d.T, dim=0).values
         return (proj_q - proj_p).abs().pow(p).mean()
-
-
-@dataclass
-class SlicedConfig:
-    projections: int = param(50, "Number of random directions per step.", bounds=at_least(1))
-    p: float = param(2.0, "Order p of the sliced Wasserstein distance; the penalty is SW_p^p.", bounds=at_least(1))
-    scope: str = param(
-        "global",
-        "global: the estimate over the codes of all processes (the same as one process's on the whole global "
-        "batch, so lambda means the same at every world size); local: each process's own batch.",
-        choices=("global", "local"),
-    )
 
 
 def global_sliced_wasserstein(z: Tensor, z_prior: Tensor, directions: Tensor, p: float = 2.0) -> Tensor:
@@ -87,6 +73,3 @@ def build(cfg: SlicedConfig, prior: Prior, encoder: str) -> SlicedPenalty:
     if cfg.projections < 1 or cfg.p < 1:
         raise ValueError(f"penalty.sliced needs projections >= 1 and p >= 1 (got {cfg.projections}, {cfg.p})")
     return SlicedPenalty(cfg.projections, cfg.p, cfg.scope)
-
-
-SPEC = PenaltySpec(SlicedConfig, build, "SWAE: sliced Wasserstein distance along random directions")

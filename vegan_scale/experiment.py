@@ -1,0 +1,69 @@
+"""The experiment's schema: the sections of ``config/schema.py`` with one options section for each network and
+penalty, listed here by name (their builders are listed under the same names in ``registry.py``).
+
+Nothing here imports torch, so that ``vegan-scale config``, and ``train`` before it loads torch, read and check a
+configuration in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from vegan_scale.config.fields import Requirement
+from vegan_scale.config.load import load_config
+from vegan_scale.config.schema import assemble
+from vegan_scale.models.options import ConvConfig, MLPConfig, PythaeConvConfig, ResNetConfig
+from vegan_scale.penalties.options import (
+    GAUSSIAN,
+    AdversarialConfig,
+    KLConfig,
+    MMDConfig,
+    PenaltyTraits,
+    SlicedConfig,
+)
+
+NETWORKS: dict[str, type] = {
+    "conv": ConvConfig,
+    "mlp": MLPConfig,
+    "resnet": ResNetConfig,
+    "pythae_conv": PythaeConvConfig,
+}
+PENALTIES: dict[str, PenaltyTraits] = {
+    "mmd": PenaltyTraits(
+        MMDConfig, rules=(Requirement("penalty.mmd.bandwidth", "median", "penalty.mmd.kernel", ("rbf",)),)
+    ),
+    "adversarial": PenaltyTraits(
+        AdversarialConfig,
+        trains_critic=True,
+        rules=(Requirement("penalty.adversarial.p_trick", True, "prior.kind", ("gaussian",)),),
+    ),
+    "kl": PenaltyTraits(KLConfig, encoders=GAUSSIAN, priors=GAUSSIAN),
+    "sliced": PenaltyTraits(SlicedConfig),
+}
+
+
+def _requirements() -> tuple[Requirement, ...]:
+    """What each penalty needs of the encoder and the prior, as rules the loader checks."""
+    rules = []
+    for name, traits in PENALTIES.items():
+        for key, allowed in (("model.encoder", traits.encoders), ("prior.kind", traits.priors)):
+            if allowed is not None:
+                rules.append(Requirement("penalty.kind", name, key, allowed))
+        rules.extend(traits.rules)
+    return tuple(rules)
+
+
+ExperimentConfig = assemble(NETWORKS, {name: traits.options for name, traits in PENALTIES.items()}, _requirements())
+
+
+def image_shape(cfg: Any) -> tuple[int, int, int]:
+    """(C, H, W) of the experiment's images."""
+    return cfg.data.channels, cfg.data.image_size, cfg.data.image_size
+
+
+def load_experiment(source: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Any:
+    """The experiment in ``source`` (a YAML file, nested dicts, or None for the defaults) with ``overrides``
+    applied, every value and rule checked (:func:`vegan_scale.config.load.load_config`)."""
+    return load_config(ExperimentConfig, source, overrides)

@@ -8,7 +8,6 @@ import os
 import pickle
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -196,15 +195,6 @@ def test_nonfinite_loss_stops_all_ranks_and_keeps_the_checkpoint(tiny_shards_mod
     assert all(t.isfinite().all() for t in load_file(saved[-1] / "autoencoder.safetensors").values())
 
 
-def _wait_for_steps(procs: list[subprocess.Popen], run_dir: Path, steps: int) -> None:
-    from tests.runkit import steps_logged
-
-    deadline = time.monotonic() + 120
-    while steps_logged(run_dir) < steps:
-        assert time.monotonic() < deadline and procs[0].poll() is None
-        time.sleep(0.1)
-
-
 def test_a_dead_rank_ends_the_others_within_the_timeout(tiny_shards_module: Path, tmp_path: Path) -> None:
     """Two processes started without a launcher: rank 1 is killed; rank 0 stops with exit code 69 well within
     train.collective_timeout_s instead of hanging."""
@@ -213,7 +203,7 @@ def test_a_dead_rank_ends_the_others_within_the_timeout(tiny_shards_module: Path
     )
     procs = two_ranks(args)
     run_dir = tmp_path / "mnist" / "dead"
-    _wait_for_steps(procs, run_dir, 5)
+    wait_for_step(procs[0], run_dir, 5, timeout=120)
     procs[1].kill()
     start_wait = time.monotonic()
     out, _ = procs[0].communicate(timeout=120)
@@ -232,7 +222,7 @@ def test_a_stopped_rank_is_named_by_the_others(tiny_shards_module: Path, tmp_pat
     procs = two_ranks(args)
     run_dir = tmp_path / "mnist" / "frozen"
     try:
-        _wait_for_steps(procs, run_dir, 6)
+        wait_for_step(procs[0], run_dir, 6, timeout=120)
         os.kill(procs[1].pid, signal.SIGSTOP)
         out, _ = procs[0].communicate(timeout=120)
     finally:

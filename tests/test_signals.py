@@ -167,10 +167,7 @@ def test_signal_during_start_up(
     or while it builds): it still ends with its code and exit status and no traceback, without training."""
     run_dir = tmp_path / "mnist" / "early"
     proc = start(single(train_args(tiny_shards_module, tmp_path, "early", "wae_gan", WORKERS)))
-    deadline = time.monotonic() + 30
-    while not _catches(proc.pid, signal.SIGTERM):
-        assert proc.poll() is None and time.monotonic() < deadline, "the trainer never installed its handlers"
-        time.sleep(0.005)
+    wait_until("the trainer's signal handlers", lambda: _catches(proc.pid, signal.SIGTERM), proc, 30, every=0.005)
     time.sleep(after)
     os.killpg(proc.pid, getattr(signal, sig))
     status = _stopped_cleanly(*finish(proc), run_dir, expected)

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.paths import ROOT
+from tests.runkit import steps_logged
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 
@@ -168,17 +169,6 @@ def _wait(what: str, probe: Callable[[], T | None], timeout: float, log: Path) -
     return value
 
 
-def _steps_logged(run_dir: Path) -> int:
-    steps = [0]
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            steps.append(json.loads(line)["step"])
-        except (ValueError, KeyError):
-            continue  # a line being written
-    return max(steps)
-
-
 def _status(run_dir: Path, code: int) -> dict | None:
     try:
         status = json.loads((run_dir / "exit_status.json").read_text())
@@ -209,7 +199,7 @@ def test_stop_requeue_and_continue_exactly(
     try:
         first = run_dir / "checkpoints" / f"step_{CHECKPOINT_EVERY:08d}" / "COMPLETE"
         progressed = CHECKPOINT_EVERY + 5
-        _wait("a checkpoint and progress", lambda: first.exists() and _steps_logged(run_dir) >= progressed, 120, log)
+        _wait("a checkpoint and progress", lambda: first.exists() and steps_logged(run_dir) >= progressed, 120, log)
         signalled = time.time()
         _slurm(env, "scancel", "--signal=USR1", *style.scancel, job_id)
         stopped = _wait("exit_status.json with code 75", lambda: _status(run_dir, 75), 60, log)
@@ -260,7 +250,7 @@ def test_preempted_by_slurm_continues_exactly(
     try:
         first = run_dir / "checkpoints" / f"step_{CHECKPOINT_EVERY:08d}" / "COMPLETE"
         progressed = CHECKPOINT_EVERY + 5
-        _wait("a checkpoint and progress", lambda: first.exists() and _steps_logged(run_dir) >= progressed, 120, log)
+        _wait("a checkpoint and progress", lambda: first.exists() and steps_logged(run_dir) >= progressed, 120, log)
         _slurm(env, "scontrol", "requeue", job_id)
         stopped = _wait("exit_status.json with code 75", lambda: _status(run_dir, 75), 60, log)
         again = {"Restarts": "1", "JobState": "RUNNING"}

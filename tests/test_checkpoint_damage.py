@@ -13,6 +13,7 @@ import pytest
 
 from tests.runkit import ddp, exit_status, run, same_weights, single, train_args
 from tests.shardkit import truncate
+from tests.test_config import alias_bomb
 
 pytestmark = pytest.mark.distributed
 
@@ -41,6 +42,7 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
     "rng file missing": ("rng_rank0.pt", lambda step: (step / "rng_rank0.pt").unlink()),
     "state.json missing": ("state.json", lambda step: (step / "state.json").unlink()),
     "state.json garbage": ("state.json", lambda step: (step / "state.json").write_text("{not json")),
+    "config.yaml an alias bomb": ("config.yaml", lambda step: (step / "config.yaml").write_text(alias_bomb("model"))),
     "optimizer overwritten": (
         "autoencoder.optim.safetensors",
         lambda step: (step / "autoencoder.optim.safetensors").write_bytes(b"x"),

@@ -22,6 +22,14 @@ from vegan_scale.experiment import ExperimentConfig, load_experiment
 MNIST = ROOT / "configs" / "mnist"
 
 
+def alias_bomb(section: str) -> str:
+    """About 600 bytes of YAML whose ``section`` stands for 10**10 values: ten nested aliases of ten (the "billion
+    laughs"). Every node counted: the mapping, its key, the section's mapping, its 10 keys, and lists a_i of
+    1 + 10 S_(i-1) nodes (S_0 = 11): 12,345,679,023."""
+    lists = [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}' if i else 'x'] * 10)}]" for i in range(10)]
+    return "\n".join([f"{section}:", *lists, ""])
+
+
 def load(path: str | Path | None, *overrides: str):
     return load_experiment(path, list(overrides))
 
@@ -328,6 +336,34 @@ def test_malformed_file(tmp_path, text, words):
     assert str(path) in msg and words in msg
 
 
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (alias_bomb("model"), "12,345,679,023 values with its aliases"),
+        ("run: &a\n  name: *a\n", "refers to a value that contains it"),  # a value inside itself
+        ("run: " + "[" * 20_000 + "]" * 20_000 + "\n", "nested more deeply"),
+        (bytes(range(256)) * 4, "not valid YAML"),  # a binary file named by mistake
+        (b"#" * (5 << 20), "larger than 4 MiB"),  # a shard named by mistake: refused unread
+    ],
+    ids=["alias-bomb", "self-reference", "deep", "binary", "large"],
+)
+def test_a_file_that_is_not_a_configuration_is_refused_at_once(tmp_path, content, words):
+    """Files from colleagues and shared storage that would make the loader hang, exhaust memory or crash are
+    ConfigErrors naming the file."""
+    path = tmp_path / "hostile.yaml"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    msg = config_error(path)
+    assert str(path) in msg and words in msg
+
+
+def test_aliases_that_stay_small_are_allowed(tmp_path):
+    """Anchors, aliases and merge keys that stand for little are plain YAML: the file loads as written out."""
+    text = "optim: {lr: &lr 0.0003}\ntrain: {max_steps: 7, global_batch_size: 50}\neval: {every_steps: 7}\n"
+    aliased = write(tmp_path / "a.yaml", text + "penalty:\n  adversarial: {lr: *lr}\n")
+    written = write(tmp_path / "w.yaml", text + "penalty:\n  adversarial: {lr: 0.0003}\n")
+    assert load(aliased) == load(written) and load(aliased).penalty.adversarial.lr == 0.0003
+
+
 def test_newer_schema_version_refused(tmp_path):
     """A config from a newer schema is refused rather than half-understood."""
     assert "newer" in config_error(None, "schema_version=99")
@@ -412,6 +448,13 @@ def test_every_listed_network_and_penalty_has_a_builder():
     """The networks and penalties the schema lists (experiment.py) are those the registry builds, by name."""
     assert registry.NETWORKS.keys() == experiment.NETWORKS.keys()
     assert registry.PENALTIES.keys() == experiment.PENALTIES.keys()
+
+
+def test_cli_train_refuses_an_alias_bomb_at_once(tmp_path):
+    """The bomb from the command line: exit 2 naming the file, no traceback (before, the loader expanded it for
+    as long as memory lasted)."""
+    result = cli("train", str(write(tmp_path / "bomb.yaml", alias_bomb("model"))))
+    assert_usage_error(result, "bomb.yaml", "aliases")
 
 
 def test_cli_train_wrong_type_exits_2():

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import vegan_scale
+from tests.test_config import alias_bomb
 from vegan_scale import export
 from vegan_scale.errors import ConfigError
 from vegan_scale.experiment import load_experiment
@@ -57,6 +58,14 @@ def test_a_doctored_width_is_refused_before_anything_is_allocated(exported: Path
 def test_interpolation_in_model_yaml_is_refused(exported: Path, value: str) -> None:
     doctor(exported, "prior.kind", value)
     with pytest.raises(ConfigError, match="interpolation"):
+        vegan_scale.load(exported)
+
+
+def test_an_alias_bomb_in_model_yaml_is_refused(exported: Path) -> None:
+    """A model.yaml of 600 bytes whose model section stands for 10**10 values is refused before anything walks
+    it."""
+    (exported / export.CONFIG_FILE).write_text(alias_bomb("model"))
+    with pytest.raises(ConfigError, match=f"{export.CONFIG_FILE}: holds .* values with its aliases"):
         vegan_scale.load(exported)
 
 

@@ -15,6 +15,7 @@ import yaml
 
 from tests.paths import ROOT
 from tests.runkit import env, exit_status, finish, start, train_args, wait_for_step
+from tests.test_config import alias_bomb
 from vegan_scale import sweep
 from vegan_scale.errors import ConfigError
 
@@ -55,6 +56,13 @@ def test_tasks_are_every_config_and_combination_in_order(tmp_path: Path) -> None
 def test_a_bad_grid_is_refused_before_anything_runs(tmp_path: Path, spec: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         sweep.tasks(_grid(tmp_path, **spec))
+
+
+def test_an_alias_bomb_grid_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text(f"name: g\nconfigs: [configs/mnist/wae_mmd.yaml]\n{alias_bomb('grid')}")  # 10**10 tasks
+    with pytest.raises(ConfigError, match=r"grid.yaml: holds .* values with its aliases"):
+        sweep.tasks(path)
 
 
 def test_run_here_two_at_a_time_and_again(tiny_shards: Path, tmp_path: Path) -> None:

@@ -88,9 +88,8 @@ def _shards(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    import yaml
-
     from vegan_scale import checkpoint, export
+    from vegan_scale.config.yaml_file import read_yaml
     from vegan_scale.rundir import RunDir, is_complete
 
     path = args.checkpoint
@@ -101,7 +100,7 @@ def _export(args: argparse.Namespace) -> None:
             raise ConfigError(f"{run_dir.path} holds no complete checkpoint to export")
     if not is_complete(path):
         raise ConfigError(f"{path} is not a complete checkpoint directory (…/checkpoints/step_N with COMPLETE)")
-    config = yaml.safe_load((path / checkpoint.CONFIG).read_text())
+    config = read_yaml(path / checkpoint.CONFIG)
     print(export.write(args.out, checkpoint.read_module(path, checkpoint.AUTOENCODER), config))
 
 

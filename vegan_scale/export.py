@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from vegan_scale import atomic
 from vegan_scale.config.load import flat_keys
+from vegan_scale.config.yaml_file import read_yaml
 from vegan_scale.errors import ConfigError
 
 MODEL_FILE = "model.safetensors"
@@ -65,10 +66,7 @@ def read_sections(directory: Path) -> dict[str, Any]:
     directory = Path(directory)
     _check_is_export(directory)
     path = directory / CONFIG_FILE
-    try:
-        sections = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    sections = read_yaml(path)
     if not isinstance(sections, dict) or set(sections) - set(SECTIONS):
         raise ConfigError(f"{path} must hold only the sections {', '.join(SECTIONS)}: it is not an export's")
     found = [k for k, v in flat_keys(sections).items() if isinstance(v, str) and "${" in v]

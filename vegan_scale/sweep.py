@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from vegan_scale.config.yaml_file import read_yaml
 from vegan_scale.errors import ConfigError, ExitCode, VeganError
 from vegan_scale.experiment import load_experiment
 from vegan_scale.rundir import RunDir
@@ -60,8 +61,8 @@ def tasks(path: str | Path) -> list[Task]:
     """The tasks of a grid file, each checked against the schema (a ConfigError names the file and the task)."""
     path = Path(path)
     try:
-        spec = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        spec = read_yaml(path)
+    except OSError as e:
         raise ConfigError(f"cannot read the grid file {path}: {e}") from None
     if not isinstance(spec, dict) or not {"name", "configs"} <= set(spec) or set(spec) - KEYS:
         raise ConfigError(f"{path}: a grid file holds name, configs, and optionally grid and overrides ({_HOWTO})")

@@ -12,13 +12,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from vegan_scale.config.fields import describe
 from vegan_scale.config.schema import SCHEMA_VERSION
 from vegan_scale.config.validate import check_experiment, check_values, restore_words
+from vegan_scale.config.yaml_file import read_yaml
 from vegan_scale.errors import ConfigError
 
 INHERIT_KEY = "inherit"
@@ -70,10 +70,7 @@ def _file_chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[str, dict]]:
         raise ConfigError(
             f"config file not found: {path}{where}; configs live under configs/, e.g. configs/mnist/wae_mmd.yaml"
         )
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
     return _with_parents(data, str(path), path.parent, (*seen, path))

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from vegan_scale import checkpoint, export
 from vegan_scale.config.load import flat_keys
+from vegan_scale.config.yaml_file import read_yaml
 from vegan_scale.distributed.accelerator import distribution_mode
 from vegan_scale.distributed.trainable import Trainable
 from vegan_scale.errors import CheckpointError, ConfigError
@@ -94,8 +94,8 @@ def _choose(resume: str, run_dir: RunDir) -> list[str] | str:
 def check_policy(path: Path, config: dict[str, Any], world_size: int, mode: str) -> list[str]:
     """Refuse a continuation the policy forbids; returns the allowed changes, as "key: old -> new"."""
     try:
-        saved = flat_keys(yaml.safe_load((path / checkpoint.CONFIG).read_text()))
-    except (OSError, ValueError, AttributeError) as e:  # yaml's errors are ValueErrors; a non-mapping has no items
+        saved = flat_keys(read_yaml(path / checkpoint.CONFIG))
+    except (OSError, ConfigError, AttributeError) as e:  # a non-mapping has no items
         raise CheckpointError(f"{path / checkpoint.CONFIG} cannot be read ({e}): the checkpoint is damaged") from None
     current = flat_keys(config)
     # a key the checkpoint does not name did not exist when it was written: the run had the key's default

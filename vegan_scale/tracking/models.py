@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from vegan_scale import export, provenance
+from vegan_scale.config.yaml_file import read_yaml
 from vegan_scale.errors import ConfigError
 
 MODEL_NAME = "model"
@@ -147,9 +147,9 @@ def _download(uri: str, tracking_uri: str | None, into: Path) -> Path:
             "the registered name and version) and the tracking URI (tracking_uri=... or $MLFLOW_TRACKING_URI)"
         ) from None
     try:
-        flavour = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        flavour = read_yaml(local / "MLmodel")["flavors"]["python_function"]
         return local / flavour["artifacts"][ARTIFACT]["path"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
+    except (OSError, KeyError, TypeError, ConfigError):
         raise ConfigError(
             f"{uri} is not a vegan_scale model (its MLmodel has no pyfunc artifact {ARTIFACT!r}): log models with "
             "vegan-scale train (tracking.backend=mlflow) or `vegan-scale sync`"

@@ -131,6 +131,16 @@ def test_optimizer_state_continues_identically(tmp_path):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("damage", [b"{not json", bytes(range(256)), b"[" * 100_000], ids=["garbage", "binary", "deep"])
+def test_a_damaged_state_json_is_a_checkpoint_error(tmp_path, damage):
+    """Whatever a damaged state.json holds (garbage, bytes that are not UTF-8, nesting deeper than Python follows),
+    reading it is a CheckpointError naming it, which a resume passes over, never a crash."""
+    final = save(tmp_path / "checkpoints", 5)
+    (final / checkpoint.STATE).write_bytes(damage)
+    with pytest.raises(CheckpointError, match=r"state\.json cannot be read"):
+        checkpoint.read_state(final)
+
+
 def test_keep_last_k_prunes_oldest(tmp_path):
     """After five commits with keep_last_k=2 only the last two complete checkpoints remain, latest the newest."""
     for step in range(1, 6):

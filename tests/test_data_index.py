@@ -86,9 +86,10 @@ def test_missing_shard(tiny_shards):
     (tiny_shards / "test" / "tiny-test-000002.tar").write_bytes(b"")
     with pytest.raises(DataError, match=r"does not list tiny-test-000002\.tar"):
         read_index(str(tiny_shards / "test" / "tiny-test-{000000..000002}.tar"))
-    (tiny_shards / "test" / "sizes.json").write_text("{not json")
-    with pytest.raises(DataError, match="not valid JSON"):
-        read_index(str(tiny_shards / "test"))
+    for damage in (b"{not json", bytes(range(256)), b"[" * 100_000):  # garbage, not UTF-8, nested too deeply
+        (tiny_shards / "test" / "sizes.json").write_bytes(damage)
+        with pytest.raises(DataError, match="not valid JSON"):
+            read_index(str(tiny_shards / "test"))
 
 
 @pytest.mark.parametrize("mode", ["epoch", "resampled"])

@@ -152,7 +152,7 @@ def write_state(directory: Path, state: dict[str, Any], config_yaml: str) -> Non
 def read_state(path: Path) -> dict[str, Any]:
     try:
         state = json.loads((path / STATE).read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON or not UTF-8
         raise CheckpointError(f"{path / STATE} cannot be read ({e}): the checkpoint is damaged") from None
     expected = {"step": int, "world_size": int, "deepspeed": bool}
     if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in expected.items()):

@@ -154,14 +154,14 @@ def _fetch_json(url: str) -> object | None:
     data = _fetch(url)
     try:
         return None if data is None else json.loads(data)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested deeper than Python follows
         raise DataError(f"{url} is not valid JSON ({e}); rewrite the shards") from None
 
 
 def _read_json(path: Path) -> object:
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested deeper than Python follows
         raise DataError(f"{path} is not valid JSON ({e}); rewrite the shards") from None
 
 

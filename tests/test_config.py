@@ -364,6 +364,18 @@ def test_aliases_that_stay_small_are_allowed(tmp_path):
     assert load(aliased) == load(written) and load(aliased).penalty.adversarial.lr == 0.0003
 
 
+@pytest.mark.parametrize(
+    "override",
+    ["run.name=../../elsewhere", "run.name=a/b", "run.name=.hidden", f"run.name={'x' * 201}", "run.experiment=../x"],
+)
+def test_a_run_name_is_one_directory_name(override):
+    """run.experiment and run.name each become one directory under run.root: a separator, "..", a hidden name or
+    one longer than file systems allow is refused (a run placed elsewhere would also miss its MLflow store)."""
+    msg = config_error(MNIST / "wae_mmd.yaml", override)
+    assert f"{override.split('=')[0]}=" in msg and "one directory name" in msg
+    assert load(MNIST / "wae_mmd.yaml", "run.name=g-wae_gan-seed0-lr0.001", "run.experiment=results_mnist")
+
+
 def test_newer_schema_version_refused(tmp_path):
     """A config from a newer schema is refused rather than half-understood."""
     assert "newer" in config_error(None, "schema_version=99")

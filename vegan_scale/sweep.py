@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from vegan_scale.config.validate import NAME
 from vegan_scale.config.yaml_file import read_yaml
 from vegan_scale.errors import ConfigError, ExitCode, VeganError
 from vegan_scale.experiment import load_experiment
@@ -40,7 +41,6 @@ from vegan_scale.rundir import RunDir
 log = logging.getLogger(__name__)
 
 KEYS = {"name", "configs", "grid", "overrides"}
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)

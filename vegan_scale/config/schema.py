@@ -23,12 +23,12 @@ class RunConfig:
     experiment: str = param(
         "default",
         "Experiment name: the run directory's parent, and the MLflow experiment unless tracking.experiment or "
-        "$MLFLOW_EXPERIMENT_NAME names another.",
+        "$MLFLOW_EXPERIMENT_NAME names another. Letters, digits, '.', '_' and '-' (one directory name).",
     )
     name: str | None = param(
         None,
         "Run name (run directory and MLflow run); default '<penalty>-<network>-z<latent>-gb<global batch>-lr<lr>-"
-        "<timestamp>', e.g. mmd-conv-z8-gb100-lr0.001-20250101-120000.",
+        "<timestamp>', e.g. mmd-conv-z8-gb100-lr0.001-20250101-120000. Letters, digits, '.', '_' and '-'.",
     )
     seed: int = param(0, "Seed of parameters, prior samples and data order.", bounds=Range(0, 2**63 - 1))
 

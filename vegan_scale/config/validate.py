@@ -8,6 +8,7 @@ penalties' own requirements when it assembles the schema).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from vegan_scale.config.fields import leaves
@@ -46,8 +47,19 @@ def restore_words(schema: type, data: dict) -> None:
             node[leaf] = words[0] if words else node[leaf]
 
 
+# A name that becomes one directory: no separator, no "..", no hidden file, within every file system's limit.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+
+
 def check_experiment(obj: Any) -> None:
     """Rules that span several keys; the values themselves were checked as they were merged."""
+    for key in ("run.experiment", "run.name"):  # the run directory is <run.root>/<run.experiment>/<run.name>
+        name = lookup(obj, key)
+        if name is not None and not NAME.fullmatch(name):
+            raise ConfigError(
+                f"{key}={name!r} must be one directory name: letters, digits, '.', '_' or '-', starting with a letter "
+                "or digit, at most 200 characters (the run directory is <run.root>/<run.experiment>/<run.name>)"
+            )
     o = obj.optim
     if len(o.lr_milestones) != len(o.lr_factors) or list(o.lr_milestones) != sorted(o.lr_milestones):
         raise ConfigError(

@@ -18,7 +18,7 @@ from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import load_images
 from vegan_scale.data.sources import ArraySource
 from vegan_scale.data.write import write_shards
-from vegan_scale.errors import DataError
+from vegan_scale.errors import ConfigError, DataError
 
 
 def decode(ext: str, data: bytes) -> np.ndarray:
@@ -154,6 +154,21 @@ def test_max_shard_bytes_bounds_file_sizes(tmp_path):
     assert all(size <= 20480 for name, size in files.items() if name != "m-000001.tar")
     shapes = [image.shape for _, image, _ in read_back(tmp_path, "m")]
     assert shapes == [(8, 8)] * 5 + [(160, 160)] + [(8, 8)] * 12
+
+
+@pytest.mark.parametrize(("per_shard", "max_bytes"), [(0, None), (-5, None), (None, 0), (None, -1_000_000)])
+def test_a_shard_size_below_one_is_refused(tmp_path, per_shard, max_bytes):
+    """Either bound below one would give every sample a shard of its own (60,000 files for MNIST): refused before
+    anything is written."""
+    with pytest.raises(ConfigError, match="at least one sample and one byte"):
+        write_shards(
+            ListSource([np.zeros((8, 8), np.uint8)] * 3),
+            tmp_path,
+            prefix="m",
+            samples_per_shard=per_shard,
+            max_shard_bytes=max_bytes,
+        )
+    assert not list(tmp_path.iterdir())
 
 
 def test_rewrite_removes_stale_shards_of_its_prefix(tmp_path):

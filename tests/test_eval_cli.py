@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -12,10 +13,13 @@ from PIL import Image
 
 import vegan_scale
 from tests import runkit
+from vegan_scale.config.schema import EvalConfig
 from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import load_images
 from vegan_scale.errors import ConfigError
+from vegan_scale.evaluation import grids
 from vegan_scale.evaluation.model_source import open_model
+from vegan_scale.evaluation.protocol import EvalSettings
 
 pytestmark = pytest.mark.data
 NUM_SAMPLES = 300
@@ -72,6 +76,34 @@ def test_sample_writes_three_grids(run_dir: Path, tmp_path: Path) -> None:
     for name in ("samples", "reconstructions", "interpolations"):
         with Image.open(tmp_path / f"{name}.png") as image:
             assert image.size == (4 * 30 + 2, 4 * 30 + 2)  # 28-pixel tiles, 2-pixel padding
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"num_samples": 0}, "num_samples must be at least 8, not 0"),  # a limit of 0 read the whole test set
+        ({"num_samples": -5}, "num_samples must be at least 8, not -5"),
+        ({"num_samples": 9, "neighbours": 5}, "num_samples must be at least 12"),  # halves of more than k
+        ({"inception_samples": 0}, "inception_samples must be at least 2"),  # was ignored
+    ],
+)
+def test_evaluation_counts_out_of_range_are_refused(settings: dict, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        EvalSettings(**settings)
+
+
+def test_a_grid_out_of_range_is_refused_by_the_command(run_dir: Path, tmp_path: Path) -> None:
+    """`sample --grid 0` divided by zero, `--grid 100000` tried to decode 10**10 images: exit 2, no traceback; the
+    schema's eval.grid_size has the same bound."""
+    for grid in (0, grids.MAX_GRID + 1):
+        with pytest.raises(ConfigError, match=f"1 to {grids.MAX_GRID} rows and columns, not {grid}"):
+            grids.test_images_needed(grid)
+    command = [sys.executable, "-m", "vegan_scale", "sample", str(run_dir), "--out", str(tmp_path), "--grid", "0"]
+    done = runkit.run(command)
+    assert done.returncode == 2 and "1 to 100 rows" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert [f.metadata["bounds"].high for f in dataclasses.fields(EvalConfig) if f.name == "grid_size"] == [
+        grids.MAX_GRID
+    ]
 
 
 def test_sources_agree_and_refuse_other_directories(run_dir: Path, tmp_path: Path) -> None:

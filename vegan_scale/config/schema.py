@@ -233,7 +233,7 @@ class EvalConfig:
     num_samples: int = param(
         1000, "Test images used for the reconstruction error at each evaluation.", bounds=at_least(1)
     )
-    grid_size: int = param(8, "Rows and columns of the sample and reconstruction grids.", bounds=at_least(1))
+    grid_size: int = param(8, "Rows and columns of the sample and reconstruction grids.", bounds=Range(1, 100))
 
 
 @dataclass

@@ -34,7 +34,7 @@ from PIL import Image
 
 from vegan_scale import atomic
 from vegan_scale.data.index import INFO_FILE, SIZES_FILE, offsets_path
-from vegan_scale.errors import DataError
+from vegan_scale.errors import ConfigError, DataError
 
 FORMATS = ("npy", "png", "jpg")
 JPEG_QUALITY = 95
@@ -152,9 +152,16 @@ def write_shards(
 ) -> ShardSummary:
     """Write every sample of ``source`` as shards of at most ``samples_per_shard`` samples and ``max_shard_bytes``."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown shard format {fmt!r}; expected one of {FORMATS}")
+        raise ConfigError(f"unknown shard format {fmt!r}; expected one of {FORMATS}")
+    if (samples_per_shard is not None and samples_per_shard < 1) or (
+        max_shard_bytes is not None and max_shard_bytes < 1
+    ):
+        raise ConfigError(  # else every sample would get a shard of its own
+            f"a shard holds at least one sample and one byte (got samples_per_shard={samples_per_shard}, "
+            f"max_shard_bytes={max_shard_bytes}): pass a positive --samples-per-shard or --max-shard-mb"
+        )
     if len(source) == 0:
-        raise ValueError("no samples to write")
+        raise DataError(f"{description or 'the source'} holds no samples to write")
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (SIZES_FILE, INFO_FILE):  # a write that fails midway must not leave the old index over new shards

@@ -12,7 +12,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vegan_scale.errors import ConfigError
 from vegan_scale.models.autoencoder import AutoEncoder
+
+MAX_GRID = 100  # rows of a grid: 10,000 images decoded at once (eval.grid_size has the same bound)
 
 
 def image_grid(images: Tensor, columns: int, pad: int = 2) -> Image.Image:
@@ -67,6 +70,8 @@ def figures(
 
 def test_images_needed(grid: int) -> int:
     """Test images :func:`write_figures` uses: half a grid of reconstructions, then 2 * grid interpolation ends."""
+    if not 1 <= grid <= MAX_GRID:
+        raise ConfigError(f"a grid has 1 to {MAX_GRID} rows and columns, not {grid}")
     return grid * grid // 2 + 2 * grid
 
 
@@ -74,6 +79,8 @@ def write_figures(model: AutoEncoder, images: Tensor, out: Path, grid: int, seed
     """samples.png (grid x grid decoded prior draws), reconstructions.png and interpolations.png (grid lines of grid
     steps) in ``out``; ``images`` are floats in [0, 1], at least :func:`test_images_needed` of them, the first
     half grid reconstructed and the next 2 * grid interpolated between."""
+    if len(images) < test_images_needed(grid):
+        raise ConfigError(f"a {grid}x{grid} grid needs {test_images_needed(grid)} test images, got {len(images)}")
     device = next(model.parameters()).device
     codes = model.prior.sample(grid * grid, generator=torch.Generator().manual_seed(seed)).to(device)
     torch.manual_seed(seed)  # the noise of Gaussian or implicit encoders

@@ -32,6 +32,7 @@ from torch import Tensor
 from vegan_scale import atomic
 from vegan_scale.costs import reconstruction_cost
 from vegan_scale.data.index import INFO_FILE
+from vegan_scale.errors import ConfigError
 from vegan_scale.evaluation import metrics
 from vegan_scale.evaluation.classifier import CLASSIFIERS, IMAGE_SHAPE, LeNet, load_classifier
 from vegan_scale.evaluation.inception import INSTALL, InceptionFeatures, load_inception
@@ -84,6 +85,19 @@ class EvalSettings:
     kid_subset_size: int = 1000
     neighbours: int = 3
     inception_samples: int | None = None  # cap of the Inception sets; None: 500 on a CPU, uncapped on a GPU
+
+    def __post_init__(self) -> None:
+        """Counts out of range would be taken silently (a limit of 0 or less reads the whole test set)."""
+        least = {"neighbours": 1, "batch_size": 1, "kid_subsets": 1, "kid_subset_size": 2}
+        least |= {"num_samples": 2 * (self.neighbours + 1)}  # each half holds more than `neighbours`
+        least |= {"inception_samples": 2} if self.inception_samples is not None else {}
+        low = [
+            f"{key} must be at least {n}, not {getattr(self, key)}"
+            for key, n in least.items()
+            if getattr(self, key) < n
+        ]
+        if low:
+            raise ConfigError(f"evaluation settings: {'; '.join(low)}")
 
 
 @dataclass

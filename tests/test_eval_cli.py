@@ -92,15 +92,19 @@ def test_evaluation_counts_out_of_range_are_refused(settings: dict, words: str) 
         EvalSettings(**settings)
 
 
-def test_a_grid_out_of_range_is_refused_by_the_command(run_dir: Path, tmp_path: Path) -> None:
-    """`sample --grid 0` divided by zero, `--grid 100000` tried to decode 10**10 images: exit 2, no traceback; the
-    schema's eval.grid_size has the same bound."""
+def test_a_grid_out_of_range_or_an_unusable_out_is_refused_by_the_command(run_dir: Path, tmp_path: Path) -> None:
+    """`sample --grid 0` divided by zero, `--grid 100000` tried to decode 10**10 images, an --out that cannot be a
+    directory ended in a traceback: exit 2, naming the value or the path; the schema's eval.grid_size has the same
+    bound."""
     for grid in (0, grids.MAX_GRID + 1):
         with pytest.raises(ConfigError, match=f"1 to {grids.MAX_GRID} rows and columns, not {grid}"):
             grids.test_images_needed(grid)
     command = [sys.executable, "-m", "vegan_scale", "sample", str(run_dir), "--out", str(tmp_path), "--grid", "0"]
     done = runkit.run(command)
     assert done.returncode == 2 and "1 to 100 rows" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    (tmp_path / "file").touch()  # an --out under a file: the path and the system's reason
+    done = runkit.run([*command[:-3], str(tmp_path / "file" / "grids"), "--grid", "2"])
+    assert done.returncode == 2 and "file/grids: Not a directory" in done.stderr and "Traceback" not in done.stderr
     assert [f.metadata["bounds"].high for f in dataclasses.fields(EvalConfig) if f.name == "grid_size"] == [
         grids.MAX_GRID
     ]

@@ -17,7 +17,7 @@ import yaml
 from tests.paths import ROOT
 from tests.runkit import env
 from vegan_scale import sweep
-from vegan_scale.cli import parser
+from vegan_scale.cli_parser import parser
 from vegan_scale.experiment import load_experiment
 
 README = ROOT / "README.md"

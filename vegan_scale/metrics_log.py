@@ -14,15 +14,18 @@ from vegan_scale import atomic
 
 
 def read(path: Path) -> list[dict]:
-    """The lines of a metrics file (a line cut short by a kill is left out)."""
+    """The lines of a metrics file. A line that is not a metrics row is left out: cut short by a kill, or damaged
+    on storage that lost power (zeros or garbage, bytes that are not UTF-8)."""
     if not path.exists():
         return []
     lines = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested deeper than Python follows
             continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            lines.append(row)
     return lines
 
 

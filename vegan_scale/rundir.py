@@ -22,12 +22,15 @@ last, after everything inside was synced) and not ending in ``.tmp``. Everyone a
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vegan_scale import atomic
+
+log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -121,7 +124,18 @@ class RunDir:
         atomic.write_text(self.exit_status, json.dumps({"code": code, "reason": reason, "step": step}) + "\n")
 
     def read_exit_status(self) -> dict[str, Any] | None:
-        return json.loads(self.exit_status.read_text()) if self.exit_status.exists() else None
+        """The exit status last written, or None when there is none, or none readable: a file damaged on storage
+        is named in a warning and read as absent (the run's outcome unknown), rather than stop `sync` or a sweep."""
+        try:
+            status = json.loads(self.exit_status.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested deeper than Python follows
+            status = e
+        if isinstance(status, dict) and all(isinstance(status.get(k), int) for k in ("code", "step")):
+            return status
+        log.warning("%s is damaged (%.100s); the run's outcome is taken as unknown", self.exit_status, status)
+        return None
 
     def read_mlflow_run_id(self) -> str | None:
         return self.mlflow_run_id.read_text().strip() if self.mlflow_run_id.exists() else None

@@ -1,11 +1,16 @@
-"""metrics.jsonl as a kill or a power loss leaves it: every whole row is read back, nothing else, and a continued
-run keeps the rows up to its checkpoint."""
+"""A run's own records as a kill or a power loss leaves them: metrics.jsonl gives every whole row back, nothing
+else, and a continued run keeps the rows up to its checkpoint; a damaged exit_status.json reads as absent, with a
+warning naming it (sync and sweeps go on)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
+
 from vegan_scale import metrics_log
+from vegan_scale.rundir import RunDir
 
 ROWS = [{"step": 1, "train/loss": 0.5}, {"step": 2, "train/loss": 0.25}, {"step": 3, "eval/recon": 7.0}]
 DAMAGE = [
@@ -29,3 +34,15 @@ def test_whole_rows_are_read_and_damage_is_left_out(tmp_path: Path) -> None:
     metrics_log.truncate(path, 2)  # a run continued from step 2's checkpoint
     assert metrics_log.read(path) == ROWS[:2]
     assert path.read_text() == '{"step": 1, "train/loss": 0.5}\n{"step": 2, "train/loss": 0.25}\n'
+
+
+def test_a_damaged_exit_status_reads_as_absent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = RunDir(tmp_path)
+    assert run_dir.read_exit_status() is None
+    run_dir.write_exit_status(75, "stopped", 40)
+    assert run_dir.read_exit_status() == {"code": 75, "reason": "stopped", "step": 40}
+    for damage in DAMAGE:
+        run_dir.exit_status.write_bytes(damage)
+        with caplog.at_level(logging.WARNING, logger="vegan_scale.rundir"):
+            assert run_dir.read_exit_status() is None
+        assert f"{run_dir.exit_status} is damaged" in caplog.records[-1].getMessage()

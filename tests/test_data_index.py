@@ -86,6 +86,10 @@ def test_missing_shard(tiny_shards):
     (tiny_shards / "test" / "tiny-test-000002.tar").write_bytes(b"")
     with pytest.raises(DataError, match=r"does not list tiny-test-000002\.tar"):
         read_index(str(tiny_shards / "test" / "tiny-test-{000000..000002}.tar"))
+    for damage in (b"{}", b"[]", b'{"image_shape": [1, 28]}', b'{"image_shape": "1x28x28"}'):
+        (tiny_shards / "test" / "dataset.json").write_bytes(damage)
+        with pytest.raises(DataError, match=r"dataset\.json records no image shape"):
+            read_index(str(tiny_shards / "test"))
     for damage in (b"{not json", bytes(range(256)), b"[" * 100_000):  # garbage, not UTF-8, nested too deeply
         (tiny_shards / "test" / "sizes.json").write_bytes(damage)
         with pytest.raises(DataError, match="not valid JSON"):

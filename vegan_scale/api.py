@@ -20,7 +20,7 @@ def train(
     """Train an experiment, as ``vegan-scale train CONFIG [overrides]`` does, and return its run directory.
 
     ``config`` is an experiment file, the experiment as nested dicts (``inherit`` included) or one already loaded
-    (:func:`vegan_scale.config.load.load_config`); ``overrides`` are ``key.sub=value`` items applied last, to a
+    (:func:`vegan_scale.experiment.load_experiment`); ``overrides`` are ``key.sub=value`` items applied last, to a
     file or dicts only. Under ``accelerate launch`` every process calls it. Errors are
     :class:`vegan_scale.errors.VeganError` subclasses whose ``exit_code`` is the CLI's. The process group is ended
     afterwards, so a script may train again. ``stops``: a :class:`vegan_scale.stops.StopRequests` already

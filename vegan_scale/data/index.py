@@ -165,6 +165,16 @@ def _read_json(path: Path) -> object:
         raise DataError(f"{path} is not valid JSON ({e}); rewrite the shards") from None
 
 
+def _image_shape(info: object, where: object) -> tuple[int, ...] | None:
+    """The [channels, height, width] a dataset.json records; None without one (``info`` None: not found)."""
+    if info is None:
+        return None
+    shape = info.get("image_shape") if isinstance(info, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(n) is int and n > 0 for n in shape)):
+        raise DataError(f"{where} records no image shape [channels, height, width]; rewrite the shards")
+    return tuple(shape)
+
+
 def _sizes(value: object, where: str) -> dict[str, int]:
     """A sizes.json's content, checked: shard names to non-negative sample counts."""
     if not isinstance(value, dict) or not all(
@@ -204,7 +214,7 @@ def _local_source(spec: str, weight: float, skip_missing: bool) -> ShardSource:
         unlisted = [n for n in names if n not in sizes]
         raise DataError(f"{sizes_path} does not list {', '.join(unlisted[:3])}; rewrite the shards")
     info_path = directory / INFO_FILE
-    shape = tuple(_read_json(info_path)["image_shape"]) if info_path.exists() else None
+    shape = _image_shape(_read_json(info_path), info_path) if info_path.exists() else None
     counts = tuple(int(sizes[n]) for n in names) if sizes is not None else None
     return ShardSource(spec, tuple(str(directory / n) for n in names), counts, weight, shape)
 
@@ -224,8 +234,7 @@ def _remote_source(spec: str, weight: float) -> ShardSource:
             if unlisted:
                 raise DataError(f"{base}/{SIZES_FILE} does not list {', '.join(unlisted[:3])}")
             counts = tuple(int(sizes[n]) for n in names)
-            info = _fetch_json(f"{base}/{INFO_FILE}")
-            shape = tuple(info["image_shape"]) if isinstance(info, dict) else None
+            shape = _image_shape(_fetch_json(f"{base}/{INFO_FILE}"), f"{base}/{INFO_FILE}")
     return ShardSource(spec, urls, counts, weight, shape)
 
 
@@ -243,8 +252,7 @@ def _bucket_directory(spec: str, weight: float) -> ShardSource:
     outside = [n for n in sizes if "/" in n or n in (".", "..")]
     if outside:
         raise DataError(f"{base}/{SIZES_FILE} lists {outside[0]!r}, which is not an object beside it")
-    info = _fetch_json(f"{base}/{INFO_FILE}")
-    shape = tuple(info["image_shape"]) if isinstance(info, dict) else None
+    shape = _image_shape(_fetch_json(f"{base}/{INFO_FILE}"), f"{base}/{INFO_FILE}")
     names = sorted(sizes)
     return ShardSource(spec, tuple(f"{base}/{n}" for n in names), tuple(sizes[n] for n in names), weight, shape)
 

@@ -317,6 +317,22 @@ def test_folder_source_class_dirs_and_errors(tmp_path):
         FolderSource.scan(tmp_path / "absent", size=8)
 
 
+def test_an_unreadable_image_is_named(tmp_path, monkeypatch):
+    """A file that is not an image, one cut short, and a decompression bomb (an image whose header promises more
+    pixels than PIL allows: lowered here, so that the bomb is small) are DataErrors naming the file, not tracebacks."""
+    good = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 20, 3), np.uint8)).save(good, "PNG")
+    (tmp_path / "text.png").write_bytes(b"hello")
+    (tmp_path / "cut.png").write_bytes(good.getvalue()[:100])
+    Image.new("L", (100, 100)).save(tmp_path / "bomb.png")  # 10,000 pixels, over twice the limit below
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    source = FolderSource.scan(tmp_path, size=8)
+    reasons = ["decompression bomb", "truncated", "cannot identify"]  # bomb.png, cut.png, text.png: sorted paths
+    for i, (path, reason) in enumerate(zip(source.paths, reasons, strict=True)):
+        with pytest.raises(DataError, match=f"cannot read the image {path} .*{reason}.*remove or replace it"):
+            source[i]
+
+
 def test_train_test_split_disjoint_covering_seeded():
     """The two parts are disjoint, cover the source, keep its order, hold round(n * fraction) test samples, and
     depend on the seed only."""

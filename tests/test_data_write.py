@@ -175,12 +175,14 @@ class FailingSource(ListSource):
 
 def test_failed_rewrite_leaves_no_stale_index(tmp_path):
     """A rewrite that fails midway has already replaced the first shards; the old sizes.json must not describe
-    them: reading the directory is a DataError saying sizes.json is missing, not a mix of two writes."""
+    them: reading the directory is a DataError saying sizes.json is missing, not a mix of two writes; and the shard
+    being written is not left behind half done."""
     write_shards(ArraySource(id_images(range(30))), tmp_path, prefix="p", samples_per_shard=10)
     with pytest.raises(OSError, match="unreadable"):
         write_shards(FailingSource([np.zeros((8, 8), np.uint8)] * 30), tmp_path, prefix="p", samples_per_shard=10)
     with pytest.raises(DataError, match=r"sizes\.json is missing"):
         read_index(str(tmp_path))
+    assert not list(tmp_path.glob("*.tmp"))  # the shard being written when it failed is removed, not left half done
 
 
 def test_write_rejects_bad_arguments(tmp_path):

@@ -205,6 +205,12 @@ class FolderSource:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int | None]:
+        try:
+            return self._read(i), None if self.labels is None else self.labels[i]
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, cut short, or enormous
+            raise DataError(f"cannot read the image {self.paths[i]} ({e}); remove or replace it") from None
+
+    def _read(self, i: int) -> np.ndarray:
         with Image.open(self.paths[i]) as img:
             img = img.convert("L" if self.channels == 1 else "RGB")
             w, h = img.size
@@ -215,7 +221,7 @@ class FolderSource:
             img = img.crop((left, top, left + side, top + side))
             if side != self.size:
                 img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
-            return np.asarray(img), None if self.labels is None else self.labels[i]
+            return np.asarray(img)
 
 
 @dataclass

@@ -138,6 +138,19 @@ class _ShardFile:
         atomic.write_bytes(offsets_path(self.path), np.asarray([*self.offsets, end], dtype="<u8").tobytes())
         return size
 
+    def full(self, members: list[tuple[str, bytes]], samples: int | None, max_bytes: int | None) -> bool:
+        """Whether the next sample (``members``) goes to a new shard: this one holds ``samples``, or the file would
+        grow past ``max_bytes`` (a sample larger than that alone still gets a shard of its own)."""
+        if samples is not None and self.samples >= samples:
+            return True
+        new_bytes = sum(_member_bytes(data) for _, data in members)
+        return max_bytes is not None and self.samples > 0 and _file_bytes(self.bytes + new_bytes) > max_bytes
+
+    def discard(self) -> None:
+        """Remove the shard being written: a write that failed leaves no part of it behind."""
+        self.tar.close()
+        self.tmp.unlink(missing_ok=True)
+
 
 def write_shards(
     source: SampleSource,
@@ -169,23 +182,21 @@ def write_shards(
     sizes: dict[str, int] = {}
     total_bytes, shape = 0, None
     shard: _ShardFile | None = None
-    for i, members in enumerate(_encoded(source, fmt, workers)):
-        if shape is None:
-            shape = _chw(source[0][0])
-        new_bytes = sum(_member_bytes(data) for _, data in members)
-        full = shard is not None and (
-            (samples_per_shard is not None and shard.samples >= samples_per_shard)
-            or (
-                max_shard_bytes is not None and shard.samples and _file_bytes(shard.bytes + new_bytes) > max_shard_bytes
-            )
-        )
-        if shard is None or full:
-            if shard is not None:
-                total_bytes += shard.close()
-            shard = _ShardFile(out_dir / f"{prefix}-{len(sizes):06d}.tar")
-            sizes[shard.path.name] = 0
-        shard.add(f"{i:09d}", members)
-        sizes[shard.path.name] += 1
+    try:
+        for i, members in enumerate(_encoded(source, fmt, workers)):
+            if shape is None:
+                shape = _chw(source[0][0])
+            if shard is None or shard.full(members, samples_per_shard, max_shard_bytes):
+                if shard is not None:
+                    total_bytes += shard.close()
+                shard = _ShardFile(out_dir / f"{prefix}-{len(sizes):06d}.tar")
+                sizes[shard.path.name] = 0
+            shard.add(f"{i:09d}", members)
+            sizes[shard.path.name] += 1
+    except BaseException:  # a source that fails, a full disk, Ctrl-C
+        if shard is not None:
+            shard.discard()
+        raise
     total_bytes += shard.close()
     _remove_stale(out_dir, prefix, sizes)
     info = {

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from tests.paths import ROOT
 from tests.runkit import local_mlflow, same_weights, train_args
 from vegan_scale.engine.loop import train
+from vegan_scale.errors import ConfigError
 from vegan_scale.experiment import load_experiment
 
 SMALL = ["model.conv.width=4", "eval.num_samples=200", "eval.grid_size=4", "data.num_workers=0"]
@@ -125,6 +126,25 @@ def test_every_recipe_trains(recipe: str, tiny_shards: Path, tmp_path: Path) -> 
         assert "train/critic_loss" in metrics[0]
     figures = sorted(p.name.rsplit("_", 1)[0] for p in (run_dir / "figures").glob("*.png"))
     assert figures == ["interpolations", "reconstructions", "samples"]
+
+
+def test_a_network_larger_than_memory_is_refused_naming_its_settings(tiny_shards: Path, tmp_path: Path) -> None:
+    """A 784-100,000,000-784 MLP with 8 latent dimensions: 2 * (784e8 + 1e8 + 8e8) weights and biases plus 792
+    more, 591 GiB in float32. Counted on the meta device, it is refused naming the network's settings before
+    anything is allocated (torch's own error named only the bytes)."""
+    cfg = load_experiment(
+        ROOT / "configs/mnist/wae_mmd.yaml",
+        [
+            f"data.train={tiny_shards / 'train'}",
+            f"data.test={tiny_shards / 'test'}",
+            f"run.root={tmp_path}",
+            "model.network=mlp",
+            "model.mlp.hidden=[100000000]",
+            "tracking.backend=none",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"158,600,000,792 parameters: 590\.8 GiB .*reduce model\.mlp"):
+        train(cfg)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,7 @@ def build_modules(cfg: Any, accelerator: Accelerator, new: bool) -> tuple[Module
             "train.dtype=float64 under DeepSpeed: its ZeRO optimizers keep float32 masters, so the run would not be "
             "float64; use one process or DDP for float64, or train.dtype=float32"
         )
+    _check_memory(cfg, accelerator)
     torch.manual_seed(cfg.run.seed)  # identical initial parameters on every process
     with _init_context(accelerator):  # under ZeRO-3 the auto-encoder is never whole on one process
         model = build_model(cfg).to(DTYPES[cfg.train.dtype])
@@ -86,6 +88,25 @@ def build_modules(cfg: Any, accelerator: Accelerator, new: bool) -> tuple[Module
         critic = wrap(CRITIC, penalty.critic, adamw(penalty.critic.parameters(), penalty.critic_lr, cfg.optim))
         penalty.use_critic(critic.frozen_parameters)
     return Modules(autoencoder, critic), penalty
+
+
+def _check_memory(cfg: Any, accelerator: Accelerator) -> None:
+    """Refuse a network whose parameters alone outgrow this machine's memory (every process of the node builds the
+    whole network, or its share under ZeRO-3), naming its settings: torch's own error names only the bytes it could
+    not allocate. Counted on the meta device, where building allocates nothing."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in build_model(cfg).parameters())
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    share = count / accelerator.num_processes if _zero3(accelerator) else count
+    need = share * per_node * DTYPES[cfg.train.dtype].itemsize
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory:
+        network = cfg.model.network
+        raise ConfigError(
+            f"model.network={network} with these settings has {count:,} parameters: {need / 2**30:,.1f} GiB on this "
+            f"machine ({per_node} process(es)), more than its {memory / 2**30:,.0f} GiB of memory; reduce "
+            f"model.{network} or model.latent_dim"
+        )
 
 
 def adamw(params: Any, lr: float, optim: Any) -> torch.optim.Optimizer:

@@ -23,6 +23,7 @@ import pytest
 from tests.runkit import free_port, run, single, train_args
 from tests.shardkit import batch_ids, make_shards
 from vegan_scale.data import s3
+from vegan_scale.data.faults import TransientReadError
 from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import TrainStream
 from vegan_scale.errors import DataError
@@ -163,6 +164,23 @@ def test_a_connection_dropped_mid_shard_is_resumed(
     assert got == _batches(str(bucket / "d")) and len(got) == len(set(got))
     retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert any(re.match(rf"shard s3://{BUCKET}/.*retrying in .* from byte [1-9]", m) for m in retried), retried
+
+
+def test_a_server_that_never_answers_is_asked_once_per_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts connections and never answers: one request, failing after one read timeout, is a
+    TransientReadError for vegan_scale's own backoff, whose warnings show every try. botocore's retries are off:
+    before, it retried once, silently, so each try took two timeouts (a hung endpoint held the start 8 minutes)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.extend(iter(lambda: listener.accept()[0], None)), daemon=True).start()
+    _use(f"http://127.0.0.1:{listener.getsockname()[1]}", monkeypatch)
+    monkeypatch.setattr(s3, "TIMEOUT_S", 1)
+    try:
+        with pytest.raises(TransientReadError, match="Read timeout"):
+            s3.fetch("s3://shards/sizes.json")
+        assert len(accepted) == 1
+    finally:
+        listener.close()
 
 
 @pytest.mark.data

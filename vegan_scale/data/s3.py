@@ -43,7 +43,8 @@ def _client() -> Any:
         import boto3
         from botocore.config import Config
 
-        config = Config(retries={"max_attempts": 1}, connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S)
+        # total_max_attempts: botocore reads a client's max_attempts as retries after the first (1 meant two tries)
+        config = Config(retries={"total_max_attempts": 1}, connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S)
         _clients[pid] = boto3.session.Session().client("s3", config=config)
     return _clients[pid]
 

@@ -110,10 +110,15 @@ def distribution_mode(accelerator: Accelerator) -> str:
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
+def processes_per_node(accelerator: Accelerator) -> int:
+    """The processes on each node: $LOCAL_WORLD_SIZE, which the launchers set (torchrun, accelerate launch, the
+    SLURM scripts); without it, all of them."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+
+
 def node_of(accelerator: Accelerator) -> tuple[int, int]:
-    """(this process's node, the number of nodes). Launchers number ranks node by node (torchrun, accelerate
-    launch, the SLURM scripts), each node running $LOCAL_WORLD_SIZE of them."""
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    """(this process's node, the number of nodes). Launchers number ranks node by node."""
+    per_node = processes_per_node(accelerator)
     return accelerator.process_index // per_node, max(1, accelerator.num_processes // per_node)
 
 

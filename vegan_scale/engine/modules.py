@@ -21,6 +21,7 @@ from torch import nn
 
 from vegan_scale.checkpoint import AUTOENCODER, CRITIC
 from vegan_scale.distributed import deepspeed_support, trainable
+from vegan_scale.distributed.accelerator import processes_per_node
 from vegan_scale.distributed.trainable import Trainable
 from vegan_scale.engine.pretrain import pretrain
 from vegan_scale.errors import ConfigError
@@ -96,7 +97,7 @@ def _check_memory(cfg: Any, accelerator: Accelerator) -> None:
     not allocate. Counted on the meta device, where building allocates nothing."""
     with torch.device("meta"):
         count = sum(p.numel() for p in build_model(cfg).parameters())
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    per_node = processes_per_node(accelerator)
     share = count / accelerator.num_processes if _zero3(accelerator) else count
     need = share * per_node * DTYPES[cfg.train.dtype].itemsize
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -129,9 +129,9 @@ def test_every_recipe_trains(recipe: str, tiny_shards: Path, tmp_path: Path) -> 
 
 
 def test_a_network_larger_than_memory_is_refused_naming_its_settings(tiny_shards: Path, tmp_path: Path) -> None:
-    """A 784-100,000,000-784 MLP with 8 latent dimensions: 2 * (784e8 + 1e8 + 8e8) weights and biases plus 792
-    more, 591 GiB in float32. Counted on the meta device, it is refused naming the network's settings before
-    anything is allocated (torch's own error named only the bytes)."""
+    """A 784-10**11-784 MLP with 8 latent dimensions: 2 * (784e11 + 1e11 + 8e11) weights and biases plus 792
+    more, 577 TiB in float32 (158.6e12 * 4 bytes), more than any machine holds. Counted on the meta device, it is
+    refused naming the network's settings before anything is allocated (torch's own error named only the bytes)."""
     cfg = load_experiment(
         ROOT / "configs/mnist/wae_mmd.yaml",
         [
@@ -139,11 +139,11 @@ def test_a_network_larger_than_memory_is_refused_naming_its_settings(tiny_shards
             f"data.test={tiny_shards / 'test'}",
             f"run.root={tmp_path}",
             "model.network=mlp",
-            "model.mlp.hidden=[100000000]",
+            "model.mlp.hidden=[100000000000]",
             "tracking.backend=none",
         ],
     )
-    with pytest.raises(ConfigError, match=r"158,600,000,792 parameters: 590\.8 GiB .*reduce model\.mlp"):
+    with pytest.raises(ConfigError, match=r"158,600,000,000,792 parameters: 590,831\.0 GiB .*reduce model\.mlp"):
         train(cfg)
 
 

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "vegan_scale"
 
 # Floors, lowest first: a module may import modules of its own floor or below, never above.
 FLOORS = [
-    ["errors", "atomic", "retry", "logs", "provenance", "stops", "process_exit", "seeds"],
+    ["errors", "atomic", "stored_json", "retry", "logs", "provenance", "stops", "process_exit", "seeds"],
     ["config", "priors", "noise", "rundir", "metrics_log"],
     ["costs", "models", "penalties", "data", "checkpoint", "export"],
     ["experiment", "registry", "distributed", "tracking"],

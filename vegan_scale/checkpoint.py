@@ -40,7 +40,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vegan_scale import atomic
+from vegan_scale import atomic, stored_json
 from vegan_scale.errors import CheckpointError
 from vegan_scale.rundir import COMPLETE, LATEST, checkpoint_name, complete_checkpoints
 
@@ -151,8 +151,8 @@ def write_state(directory: Path, state: dict[str, Any], config_yaml: str) -> Non
 
 def read_state(path: Path) -> dict[str, Any]:
     try:
-        state = json.loads((path / STATE).read_text())
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON or not UTF-8
+        state = stored_json.loads((path / STATE).read_bytes())
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{path / STATE} cannot be read ({e}): the checkpoint is damaged") from None
     expected = {"step": int, "world_size": int, "deepspeed": bool}
     if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in expected.items()):

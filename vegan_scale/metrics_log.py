@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import TextIO
 
-from vegan_scale import atomic
+from vegan_scale import atomic, stored_json
 
 
 def read(path: Path) -> list[dict]:
@@ -21,8 +21,8 @@ def read(path: Path) -> list[dict]:
     lines = []
     for line in path.read_bytes().splitlines():
         try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested deeper than Python follows
+            row = stored_json.loads(line)
+        except ValueError:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             lines.append(row)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vegan_scale import atomic
+from vegan_scale import atomic, stored_json
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +127,10 @@ class RunDir:
         """The exit status last written, or None when there is none, or none readable: a file damaged on storage
         is named in a warning and read as absent (the run's outcome unknown), rather than stop `sync` or a sweep."""
         try:
-            status = json.loads(self.exit_status.read_bytes())
+            status = stored_json.loads(self.exit_status.read_bytes())
         except FileNotFoundError:
             return None
-        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested deeper than Python follows
+        except ValueError as e:  # damaged
             status = e
         if isinstance(status, dict) and all(isinstance(status.get(k), int) for k in ("code", "step")):
             return status

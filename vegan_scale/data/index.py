@@ -15,7 +15,6 @@ Weights (one per source) set how often resampled mode draws from each source.
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 import urllib.error
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vegan_scale import retry
+from vegan_scale import retry, stored_json
 from vegan_scale.data import s3
 from vegan_scale.data.faults import TransientReadError
 from vegan_scale.errors import DataError
@@ -153,15 +152,15 @@ def _fetch(url: str, backoff: Backoff = FETCH_BACKOFF) -> bytes | None:
 def _fetch_json(url: str) -> object | None:
     data = _fetch(url)
     try:
-        return None if data is None else json.loads(data)
-    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested deeper than Python follows
+        return None if data is None else stored_json.loads(data)
+    except ValueError as e:
         raise DataError(f"{url} is not valid JSON ({e}); rewrite the shards") from None
 
 
 def _read_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text())
-    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested deeper than Python follows
+        return stored_json.loads(path.read_bytes())
+    except ValueError as e:
         raise DataError(f"{path} is not valid JSON ({e}); rewrite the shards") from None
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import resource
+import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,4 +75,32 @@ def test_inherit_in_model_yaml_is_refused(exported: Path, tmp_path: Path) -> Non
     text = (exported / export.CONFIG_FILE).read_text()
     (exported / export.CONFIG_FILE).write_text(f"inherit: {tmp_path / 'other.yaml'}\n{text}")
     with pytest.raises(ConfigError, match="only the sections"):
+        vegan_scale.load(exported)
+
+
+KILLED_BETWEEN_FILES = """
+import dataclasses, os, signal, sys
+from pathlib import Path
+from vegan_scale import atomic, export
+from vegan_scale.experiment import load_experiment
+from vegan_scale.registry import build_model
+
+def killed(path, text):  # the process dies as it starts on the second file: SIGKILL, nothing runs after it
+    os.kill(os.getpid(), signal.SIGKILL)
+
+atomic.write_text = killed
+cfg = load_experiment(None, sys.argv[2:])
+export.write(Path(sys.argv[1]), build_model(cfg).state_dict(), dataclasses.asdict(cfg))
+"""
+
+
+def test_an_export_replaced_in_place_and_killed_between_its_files_is_no_export(exported: Path) -> None:
+    """A second export into the same directory, of a model whose weights have the same shapes but whose prior
+    differs, killed after its weights and before its model.yaml: the directory is refused as an export, not loaded
+    as the new weights under the old configuration (a model that samples from the wrong prior without a word)."""
+    from tests.runkit import run
+
+    proc = run([sys.executable, "-c", KILLED_BETWEEN_FILES, str(exported), *SMALL, "prior.scale=4.0"])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    with pytest.raises(ConfigError, match=f"not an exported model \\(missing {export.CONFIG_FILE}\\)"):
         vegan_scale.load(exported)

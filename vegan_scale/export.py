@@ -33,8 +33,11 @@ def model_sections(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def write(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
-    """Write an export, each file atomically and durably (the weights first: model.yaml marks an export)."""
+    """Write an export, each file atomically and durably. model.yaml marks an export, so it goes last, and a previous
+    export's is removed first: an export replaced in place and interrupted between its two files is no export, never
+    new weights read with the old configuration."""
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).unlink(missing_ok=True)
     weights = {
         k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state_dict.items()
     }

@@ -115,29 +115,31 @@ def start(cmd: list[str], stderr: int = subprocess.STDOUT) -> subprocess.Popen:
 
 def two_ranks(args: list[str]) -> list[subprocess.Popen]:
     """Two processes of a job started without a launcher (as srun starts them), each in its own process group."""
-    port, procs = free_port(), []
-    for rank in (0, 1):
-        rank_env = {
-            **env(),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "ACCELERATE_USE_CPU": "true",
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, *args],
-                cwd=ROOT,
-                env=rank_env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-            )
-        )
-    return procs
+    port = free_port()
+    return [rank_process(args, rank, 2, port) for rank in (0, 1)]
+
+
+def rank_process(args: list[str], rank: int, world: int, port: int) -> subprocess.Popen:
+    """Process ``rank`` of a job of ``world`` processes meeting at 127.0.0.1:``port``, started without a launcher
+    (as srun starts them: the rank in the environment), in its own process group."""
+    rank_env = {
+        **env(),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "ACCELERATE_USE_CPU": "true",
+    }
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=rank_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def processes() -> dict[int, list[str]]:

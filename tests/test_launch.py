@@ -6,13 +6,14 @@ import json
 import logging
 import platform
 import re
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.paths import ROOT
-from tests.runkit import ACCELERATE, ddp, env, free_port, run, train_args, two_ranks
+from tests.runkit import ACCELERATE, ddp, env, free_port, rank_process, run, train_args, two_ranks
 from tests.test_tracking_outage import Server
 from vegan_scale.distributed.accelerator import build_accelerator
 from vegan_scale.errors import ConfigError
@@ -179,3 +180,32 @@ def test_a_process_ends_cleanly_while_a_gloo_thread_still_releases_a_collective(
     control = _ranks_ending("teardown")
     assert all("finished" in output for _, output in control)  # both ranks got as far as their end
     assert any(code < 0 for code, _ in control), f"the interpreter's exit no longer crashes here: {control}"
+
+
+def test_processes_that_never_meet_are_named_with_the_address_to_check(tiny_shards: Path, tmp_path: Path) -> None:
+    """Processes of a two-process job started alone, as when a node never starts or cannot reach the first node's
+    address (the other rank never comes), and one whose port another program holds: each ends within the
+    collective timeout with the address, the setting and what to check (exit 69), or the taken port (exit 2),
+    instead of a TCPStore traceback (exit 1)."""
+    timeout = ("train.collective_timeout_s=3",)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cases = [(0, free_port()), (1, free_port()), (0, taken.getsockname()[1])]
+        procs = [
+            rank_process(train_args(tiny_shards, tmp_path, f"alone{i}", "wae_mmd", *timeout), rank, 2, port)
+            for i, (rank, port) in enumerate(cases)
+        ]
+        try:
+            outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+        finally:
+            for proc in procs:
+                proc.kill()
+    for rank, (proc, output, (_, port)) in enumerate(zip(procs[:2], outputs, cases, strict=False)):
+        assert proc.returncode == 69, output[-3000:]
+        met = f"error: process {rank} of 2: the job's processes did not all meet at 127.0.0.1:{port} within 3 s"
+        assert met in output and "MASTER_ADDR and MASTER_PORT" in output, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+    assert "1/2 clients joined" in outputs[0], outputs[0][-3000:]
+    assert procs[2].returncode == 2, outputs[2][-3000:]
+    assert f"port {cases[2][1]} on 127.0.0.1 is in use by another program" in outputs[2], outputs[2][-3000:]

@@ -27,7 +27,7 @@ from accelerate.utils import (
 
 from vegan_scale.checkpoint import AUTOENCODER
 from vegan_scale.distributed import deepspeed_support
-from vegan_scale.errors import ConfigError
+from vegan_scale.errors import ConfigError, LostRankError, VeganError
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,37 @@ def build_accelerator(
                 "with float32 masters itself: set train.low_precision_weights=false"
             )
         group = InitProcessGroupKwargs(timeout=timeout, **({} if cuda else {"backend": "gloo"}))
-        plugins = deepspeed_support.plugins(models)
-        accelerator = Accelerator(mixed_precision=mixed_precision, deepspeed_plugin=plugins, kwargs_handlers=[group])
+        options = {"deepspeed_plugin": deepspeed_support.plugins(models), "kwargs_handlers": [group]}
     else:
         group = InitProcessGroupKwargs(timeout=timeout)
-        ddp = DistributedDataParallelKwargs(bucket_cap_mb=bucket_mb)
-        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not cuda, kwargs_handlers=[group, ddp])
+        options = {"cpu": not cuda, "kwargs_handlers": [group, DistributedDataParallelKwargs(bucket_cap_mb=bucket_mb)]}
+    try:  # the processes of the job meet here (torch's rendezvous at MASTER_ADDR:MASTER_PORT)
+        accelerator = Accelerator(mixed_precision=mixed_precision, **options)
+    except torch.distributed.DistError as e:
+        raise _rendezvous_error(e, timeout_s) from e
     if mixed_precision == "bf16" and accelerator.local_process_index == 0:  # once a node
         _warn_if_bf16_emulated(cuda)
     return accelerator
+
+
+def _rendezvous_error(error: Exception, timeout_s: float) -> VeganError:
+    """The error a failed rendezvous stands for: the port taken by another program (a usage error), or processes
+    that did not all arrive within the timeout (some did not start, or cannot reach the address)."""
+    env = os.environ.get
+    addr, port = env("MASTER_ADDR", "?"), env("MASTER_PORT", "?")
+    who = f"process {env('RANK', '?')} of {env('WORLD_SIZE', '?')}"
+    if "EADDRINUSE" in str(error):
+        return ConfigError(
+            f"{who} cannot host the job's rendezvous: port {port} on {addr} is in use by another program (another "
+            "job on this node?); choose a free port (MASTER_PORT, or accelerate launch --main_process_port)"
+        )
+    return LostRankError(
+        f"{who}: the job's processes did not all meet at {addr}:{port} within {timeout_s:g} s "
+        f"(train.collective_timeout_s; torch: {str(error).strip()}). Some processes did not start, or cannot reach "
+        f"{addr}:{port}: check that every node's launcher was given the same address and port (MASTER_ADDR and "
+        "MASTER_PORT, or accelerate launch --main_process_ip and --main_process_port), that the address is the "
+        "first node's, and that the port is open between the nodes"
+    )
 
 
 def _warn_if_bf16_emulated(cuda: bool) -> None:

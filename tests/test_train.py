@@ -54,6 +54,7 @@ def test_short_mnist_run_learns_and_is_tracked(mnist_shards: Path, tmp_path: Pat
     train_recon = [m["train/recon"] for m in metrics if "train/recon" in m]
     eval_recon = [m["eval/recon"] for m in metrics if "eval/recon" in m]
     assert len(train_recon) == 6 and len(eval_recon) == 3
+    assert all(m["perf/eval_s"] > 0 for m in metrics if "eval/recon" in m)  # what the stop lead adds for it
     assert train_recon[-1] < 0.6 * train_recon[0]
     assert eval_recon[-1] < eval_recon[0]
     assert json.loads((run_dir / "exit_status.json").read_text())["code"] == 0

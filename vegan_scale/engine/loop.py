@@ -278,6 +278,7 @@ def _evaluate(run: Run, step: int) -> None:
     """Collective: test reconstruction error over every process's share; the main process saves and logs."""
     acc = run.accelerator
     run.where.at(step, "evaluation")
+    start = time.perf_counter()
     sum_over_processes = lambda t: acc.reduce(t, reduction="sum")  # noqa: E731
     result = evaluate(
         run.modules.autoencoder.raw, run.objective.cost, run.eval_set, run.layout.micro, sum_over_processes, acc.gather
@@ -289,8 +290,8 @@ def _evaluate(run: Run, step: int) -> None:
         with atomic.naming(path):
             image.save(path)
         run.records.figure(step, key, path)
-    run.records.metrics(step, result.metrics)
     log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
+    run.records.metrics(step, result.metrics | {"perf/eval_s": time.perf_counter() - start})  # for the stop lead
 
 
 def _save_checkpoint(run: Run, step: int, epoch: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from tests.runkit import (
     ddp,
     exit_status,
     finish,
+    free_port,
     local_mlflow,
     losses,
     metric_rows,
     processes,
+    rank_process,
     run,
     same_weights,
     single,
@@ -172,3 +175,32 @@ def test_signal_during_start_up(
     os.killpg(proc.pid, getattr(signal, sig))
     status = _stopped_cleanly(*finish(proc), run_dir, expected)
     assert status["step"] < 5
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_stop_while_waiting_for_the_other_processes_ends_at_once(tiny_shards_module: Path, tmp_path: Path) -> None:
+    """The first process of a two-process job whose other process never comes, waiting in torch's rendezvous (native
+    code, where Python's signal handlers do not run), signalled as SLURM and Ctrl-C do: it ends at once with the
+    stop's code and one line, not after the 300 s timeout (nor after a second Ctrl-C, which would not be heard)."""
+    ports, procs = {}, {}
+    for sig in ("SIGTERM", "SIGINT"):
+        ports[sig] = free_port()
+        args = train_args(tiny_shards_module, tmp_path, f"waiting-{sig}", "wae_gan", "train.collective_timeout_s=300")
+        procs[sig] = rank_process(args, 0, 2, ports[sig])
+    try:
+        for sig, proc in procs.items():
+            wait_until("the rendezvous", lambda port=ports[sig]: _listening(port), proc, 120)
+            os.killpg(proc.pid, getattr(signal, sig))
+        ended = {sig: finish(proc, timeout=60) for sig, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    for sig, expected in (("SIGTERM", 75), ("SIGINT", 130)):
+        code, out = ended[sig]
+        assert code == expected, out[-3000:]
+        assert f"error: stopped on {sig} while waiting for the other processes of the job at 127.0.0.1:" in out, out
+        assert "Traceback" not in out, out[-3000:]

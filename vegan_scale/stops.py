@@ -13,18 +13,25 @@ before anything heavy is imported):
 Handlers only record the request: a handler that exited in the middle of a collective would leave the other ranks
 hanging. The training loop polls at its agreement checks (and once before its first step), every rank stops at the
 same step, and a checkpoint is written first. Loader workers leave stopping to their training process
-(:mod:`vegan_scale.data.pipeline`).
+(:mod:`vegan_scale.data.pipeline`). Before anything has started, while the process waits in native code for the
+other processes of its job, a stop ends it at once (:func:`ending_at_once`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
+import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+
+from vegan_scale.errors import ExitCode
 
 log = logging.getLogger("vegan_scale")
 
@@ -78,3 +85,39 @@ class StopRequests:
             self.requested = Stop.PREEMPT
             log.warning("%s found: stopping after a checkpoint", self.flag_file)
         return self.requested
+
+
+@contextlib.contextmanager
+def ending_at_once(waiting_for: str) -> Iterator[None]:
+    """While the main thread waits in native code that returns only after a timeout (torch's rendezvous waiting for
+    the other processes of a job, up to train.collective_timeout_s), a stop signal ends the process at once, with the
+    exit code of the stop (75, or 130 for Ctrl-C). Python runs signal handlers in the main thread between bytecodes,
+    so :class:`StopRequests` would hear of the signal only when the wait ends, and a second Ctrl-C would not
+    interrupt it either; here a thread wakes on the signal's byte (``signal.set_wakeup_fd``). Only for waits before
+    anything has started: nothing is lost by ending."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=_end_on_stop_signal, args=(read, waiting_for), name="stop-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(write)  # the watcher reads the end of the pipe and returns
+        watcher.join()
+        os.close(read)
+
+
+def _end_on_stop_signal(read: int, waiting_for: str) -> None:
+    while signals := os.read(read, 64):
+        for signum in signals:
+            if signum in SIGNALS:
+                code = ExitCode.INTERRUPTED if signum == signal.SIGINT else ExitCode.PREEMPTED
+                name = signal.Signals(signum).name
+                sys.stderr.write(f"error: stopped on {name} while waiting for {waiting_for}; nothing had started\n")
+                sys.stderr.flush()
+                os._exit(code)

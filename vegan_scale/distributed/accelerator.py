@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext as _nothing
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -28,6 +29,7 @@ from accelerate.utils import (
 from vegan_scale.checkpoint import AUTOENCODER
 from vegan_scale.distributed import deepspeed_support
 from vegan_scale.errors import ConfigError, LostRankError, VeganError
+from vegan_scale.stops import ending_at_once
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,10 @@ def build_accelerator(
     else:
         group = InitProcessGroupKwargs(timeout=timeout)
         options = {"cpu": not cuda, "kwargs_handlers": [group, DistributedDataParallelKwargs(bucket_cap_mb=bucket_mb)]}
-    try:  # the processes of the job meet here (torch's rendezvous at MASTER_ADDR:MASTER_PORT)
-        accelerator = Accelerator(mixed_precision=mixed_precision, **options)
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # then the processes meet here: torch's rendezvous
+    try:
+        with ending_at_once(f"the other processes of the job at {_meeting_point()}") if several else _nothing():
+            accelerator = Accelerator(mixed_precision=mixed_precision, **options)
     except torch.distributed.DistError as e:
         raise _rendezvous_error(e, timeout_s) from e
     if mixed_precision == "bf16" and accelerator.local_process_index == 0:  # once a node
@@ -87,20 +91,24 @@ def _rendezvous_error(error: Exception, timeout_s: float) -> VeganError:
     """The error a failed rendezvous stands for: the port taken by another program (a usage error), or processes
     that did not all arrive within the timeout (some did not start, or cannot reach the address)."""
     env = os.environ.get
-    addr, port = env("MASTER_ADDR", "?"), env("MASTER_PORT", "?")
-    who = f"process {env('RANK', '?')} of {env('WORLD_SIZE', '?')}"
+    who, where = f"process {env('RANK', '?')} of {env('WORLD_SIZE', '?')}", _meeting_point()
     if "EADDRINUSE" in str(error):
         return ConfigError(
-            f"{who} cannot host the job's rendezvous: port {port} on {addr} is in use by another program (another "
+            f"{who} cannot host the job's rendezvous at {where}: the port is in use by another program (another "
             "job on this node?); choose a free port (MASTER_PORT, or accelerate launch --main_process_port)"
         )
     return LostRankError(
-        f"{who}: the job's processes did not all meet at {addr}:{port} within {timeout_s:g} s "
+        f"{who}: the job's processes did not all meet at {where} within {timeout_s:g} s "
         f"(train.collective_timeout_s; torch: {str(error).strip()}). Some processes did not start, or cannot reach "
-        f"{addr}:{port}: check that every node's launcher was given the same address and port (MASTER_ADDR and "
+        f"{where}: check that every node's launcher was given the same address and port (MASTER_ADDR and "
         "MASTER_PORT, or accelerate launch --main_process_ip and --main_process_port), that the address is the "
         "first node's, and that the port is open between the nodes"
     )
+
+
+def _meeting_point() -> str:
+    """Where the processes of the job meet: MASTER_ADDR:MASTER_PORT, as the launcher set them."""
+    return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
 
 
 def _warn_if_bf16_emulated(cuda: bool) -> None:

@@ -119,9 +119,9 @@ def two_ranks(args: list[str]) -> list[subprocess.Popen]:
     return [rank_process(args, rank, 2, port) for rank in (0, 1)]
 
 
-def rank_process(args: list[str], rank: int, world: int, port: int) -> subprocess.Popen:
+def rank_process(args: list[str], rank: int, world: int, port: int, cwd: Path = ROOT) -> subprocess.Popen:
     """Process ``rank`` of a job of ``world`` processes meeting at 127.0.0.1:``port``, started without a launcher
-    (as srun starts them: the rank in the environment), in its own process group."""
+    (as srun starts them: the rank in the environment), in its own process group, in directory ``cwd``."""
     rank_env = {
         **env(),
         "RANK": str(rank),
@@ -133,7 +133,7 @@ def rank_process(args: list[str], rank: int, world: int, port: int) -> subproces
     }
     return subprocess.Popen(
         [sys.executable, *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=rank_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

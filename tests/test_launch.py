@@ -6,6 +6,7 @@ import json
 import logging
 import platform
 import re
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -210,3 +211,43 @@ def test_processes_that_never_meet_are_named_with_the_address_to_check(tiny_shar
     assert procs[2].returncode == 2, outputs[2][-3000:]
     held = f"cannot host the job's rendezvous at 127.0.0.1:{cases[2][1]}: the port is in use by another program"
     assert held in outputs[2], outputs[2][-3000:]
+
+
+def test_processes_that_do_not_run_the_same_experiment_are_refused(tiny_shards: Path, tmp_path: Path) -> None:
+    """Two two-process jobs whose processes differ as nodes of a cluster can: one given another learning rate on its
+    command line, one whose second node holds a stale copy of the shards (one shard fewer, under the same relative
+    path). Each would train without a word (DDP averages gradients, not learning rates; the order would cut
+    different shard lists); every process is refused instead, naming what differs and who holds what (exit 2)."""
+    for node, shards in (("node0", 5), ("node1", 4)):
+        copy = shutil.copytree(tiny_shards, tmp_path / node / "shards")
+        sizes = json.loads((copy / "train" / "sizes.json").read_text())
+        for name in sorted(sizes)[shards:]:
+            (copy / "train" / name).unlink()
+            del sizes[name]
+        (copy / "train" / "sizes.json").write_text(json.dumps(sizes))
+    relative = ("data.train=shards/train", "data.test=shards/test")
+    lr, data = free_port(), free_port()
+    procs = [
+        rank_process(
+            train_args(tiny_shards, tmp_path, "lr", "wae_mmd", *([] if rank == 0 else ["optim.lr=0.01"])), rank, 2, lr
+        )
+        for rank in (0, 1)
+    ] + [
+        rank_process(
+            train_args(tiny_shards, tmp_path, "data", "wae_mmd", *relative), rank, 2, data, tmp_path / f"node{rank}"
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, output in zip(procs, outputs, strict=True):
+        assert proc.returncode == 2, output[-3000:]
+        assert "error: the processes of the job do not run the same experiment: " in output, output[-3000:]
+    assert re.search(r"optim\.lr is 0\.001 on process 0 \(.+\) but 0\.01 on process 1 \(", outputs[0]), outputs[0]
+    assert re.search(
+        r"training data is 5 shard\(s\), 500 samples, .* on process 0 .* but 4 shard\(s\), 400 samples", outputs[2]
+    ), outputs[2]
+    assert not (tmp_path / "mnist").exists()  # refused before the run directory is written

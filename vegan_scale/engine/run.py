@@ -9,6 +9,8 @@ puts them in order.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from vegan_scale import metrics_log, rundir
-from vegan_scale.config.load import to_yaml
+from vegan_scale import metrics_log, provenance, rundir
+from vegan_scale.config.load import flat_keys, to_yaml
 from vegan_scale.data.pipeline import TrainStream
 from vegan_scale.distributed.accelerator import BatchLayout, apply_layout, build_accelerator, launch_tags, node_of
+from vegan_scale.distributed.agreement import require_same
 from vegan_scale.distributed.whereabouts import Whereabouts
 from vegan_scale.engine import resume
 from vegan_scale.engine.feed import open_stream
@@ -64,6 +67,20 @@ def _run_dir(cfg: Any, accelerator: Accelerator) -> RunDir:
     if accelerator.num_processes > 1:
         broadcast_object_list(name)
     return RunDir(Path(cfg.run.root) / cfg.run.experiment / name[0])
+
+
+def _shared_facts(cfg: Any, stream: TrainStream) -> dict[str, str]:
+    """What every process of the job must hold alike: the resolved configuration, the training shards as this
+    process reads them (their list and sample counts), and the versions of vegan_scale and torch."""
+    index = stream.index
+    counts = index.counts if index.has_counts else []
+    digest = hashlib.sha256(json.dumps([index.urls, counts]).encode()).hexdigest()[:12]
+    samples = f"{sum(counts)} samples" if counts else "sample counts unknown"
+    return {key: repr(value) for key, value in flat_keys(dataclasses.asdict(cfg)).items()} | {
+        "training data": f"{len(index.urls)} shard(s), {samples}, digest {digest}",
+        "vegan_scale version": provenance.version(),
+        "torch version": torch.__version__,
+    }
 
 
 def _records(cfg: Any, run_dir: RunDir, accelerator: Accelerator, start_step: int, notes: list[str] | None) -> Records:
@@ -125,13 +142,14 @@ def build_run(cfg: Any, started_at: float) -> Run:
 
 
 def _assemble(cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: RunDir, started_at: float) -> Run:
+    stream = open_stream(cfg, accelerator, layout)
+    require_same(_shared_facts(cfg, stream), accelerator.num_processes)
     candidates = resume.locate(cfg.train.resume, run_dir, accelerator)
     if cfg.train.resume == "never" and run_dir.holds_run():
         raise ConfigError(
             f"run directory {run_dir.path} already holds a run; choose another run.name, or continue it "
             "with train.resume=auto"
         )
-    stream = open_stream(cfg, accelerator, layout)
     modules, penalty = build_modules(cfg, accelerator, new=not candidates and not cfg.train.init_from)
     config = dataclasses.asdict(cfg)
     if cfg.train.init_from and not candidates:

@@ -183,6 +183,16 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     os.killpg(proc.pid, sig)
 
 
+def outputs(procs: list[subprocess.Popen], timeout: float = 120) -> list[str]:
+    """The output of each process once all have ended; a process still running after ``timeout`` is killed (with
+    every other left running), so that a failed test leaves nothing behind."""
+    try:
+        return [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out

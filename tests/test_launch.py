@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.paths import ROOT
-from tests.runkit import ACCELERATE, ddp, env, free_port, rank_process, run, train_args, two_ranks
+from tests.runkit import ACCELERATE, ddp, env, free_port, outputs, rank_process, run, train_args, two_ranks
 from tests.test_tracking_outage import Server
 from vegan_scale.distributed.accelerator import build_accelerator
 from vegan_scale.errors import ConfigError
@@ -147,10 +147,10 @@ def test_simulated_two_nodes(tiny_shards: Path, tmp_path: Path) -> None:
             )
         )
     try:
-        outputs = [p.communicate(timeout=600)[0] for p in procs]
-        for p, out in zip(procs, outputs, strict=True):
+        ended = [p.communicate(timeout=600)[0] for p in procs]
+        for p, out in zip(procs, ended, strict=True):
             assert p.returncode == 0, out[-4000:]
-        assert "2 process(es) (MULTI_CPU)" in outputs[0]
+        assert "2 process(es) (MULTI_CPU)" in ended[0]
         run_dir = tmp_path / "mnist" / "launch"
         assert json.loads((run_dir / "exit_status.json").read_text())["code"] == 0
         run = MlflowClient(server.uri).get_run((run_dir / "mlflow_run_id").read_text().strip())
@@ -164,12 +164,8 @@ def test_simulated_two_nodes(tiny_shards: Path, tmp_path: Path) -> None:
 def _ranks_ending(mode: str) -> list[tuple[int, str]]:
     """(exit status, output) of each of two ranks of tests/multiproc/teardown.py, started without a launcher."""
     procs = two_ranks([str(ROOT / "tests/multiproc/teardown.py"), mode])
-    try:
-        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
-    finally:  # a rank that never ends (a Python whose teardown makes such a thread wait) is not left behind
-        for proc in procs:
-            proc.kill()
-    return [(proc.returncode, output) for proc, output in zip(procs, outputs, strict=True)]
+    ended = outputs(procs)  # a rank that never ends (a Python whose teardown makes such a thread wait) is killed
+    return [(proc.returncode, output) for proc, output in zip(procs, ended, strict=True)]
 
 
 def test_a_process_ends_cleanly_while_a_gloo_thread_still_releases_a_collective() -> None:
@@ -197,20 +193,16 @@ def test_processes_that_never_meet_are_named_with_the_address_to_check(tiny_shar
             rank_process(train_args(tiny_shards, tmp_path, f"alone{i}", "wae_mmd", *timeout), rank, 2, port)
             for i, (rank, port) in enumerate(cases)
         ]
-        try:
-            outputs = [proc.communicate(timeout=120)[0] for proc in procs]
-        finally:
-            for proc in procs:
-                proc.kill()
-    for rank, (proc, output, (_, port)) in enumerate(zip(procs[:2], outputs, cases, strict=False)):
+        ended = outputs(procs)
+    for rank, (proc, output, (_, port)) in enumerate(zip(procs[:2], ended, cases, strict=False)):
         assert proc.returncode == 69, output[-3000:]
         met = f"error: process {rank} of 2: the job's processes did not all meet at 127.0.0.1:{port} within 3 s"
         assert met in output and "MASTER_ADDR and MASTER_PORT" in output, output[-3000:]
         assert "Traceback" not in output, output[-3000:]
-    assert "1/2 clients joined" in outputs[0], outputs[0][-3000:]
-    assert procs[2].returncode == 2, outputs[2][-3000:]
+    assert "1/2 clients joined" in ended[0], ended[0][-3000:]
+    assert procs[2].returncode == 2, ended[2][-3000:]
     held = f"cannot host the job's rendezvous at 127.0.0.1:{cases[2][1]}: the port is in use by another program"
-    assert held in outputs[2], outputs[2][-3000:]
+    assert held in ended[2], ended[2][-3000:]
 
 
 def test_processes_that_do_not_run_the_same_experiment_are_refused(tiny_shards: Path, tmp_path: Path) -> None:
@@ -238,16 +230,31 @@ def test_processes_that_do_not_run_the_same_experiment_are_refused(tiny_shards: 
         )
         for rank in (0, 1)
     ]
-    try:
-        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    for proc, output in zip(procs, outputs, strict=True):
+    ended = outputs(procs)
+    for proc, output in zip(procs, ended, strict=True):
         assert proc.returncode == 2, output[-3000:]
         assert "error: the processes of the job do not run the same experiment: " in output, output[-3000:]
-    assert re.search(r"optim\.lr is 0\.001 on process 0 \(.+\) but 0\.01 on process 1 \(", outputs[0]), outputs[0]
+    assert re.search(r"optim\.lr is 0\.001 on process 0 \(.+\) but 0\.01 on process 1 \(", ended[0]), ended[0]
     assert re.search(
-        r"training data is 5 shard\(s\), 500 samples, .* on process 0 .* but 4 shard\(s\), 400 samples", outputs[2]
-    ), outputs[2]
+        r"training data is 5 shard\(s\), 500 samples, .* on process 0 .* but 4 shard\(s\), 400 samples", ended[2]
+    ), ended[2]
     assert not (tmp_path / "mnist").exists()  # refused before the run directory is written
+
+
+def test_a_run_directory_the_processes_do_not_share_is_refused(tiny_shards: Path, tmp_path: Path) -> None:
+    """A two-process job whose run.root is on each node's own disk (simulated: a relative run.root and each process
+    in a directory of its own): each process would write a run directory of its own, and every checkpoint would miss
+    the other's part. The process that cannot see the main process's run directory is named, every process stops
+    (exit 2) before the first step, and the main process's exit status says why."""
+    port, procs = free_port(), []
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+        args = train_args(tiny_shards, tmp_path, "local", "wae_mmd", "run.root=runs", "train.collective_timeout_s=20")
+        procs.append(rank_process(args, rank, 2, port, tmp_path / f"node{rank}"))
+    ended = outputs(procs)
+    for proc, output in zip(procs, ended, strict=True):
+        assert proc.returncode == 2, output[-3000:]
+        assert "error: run.root: process 1 (" in output and "cannot see the run directory" in output, output[-3000:]
+    status = json.loads((tmp_path / "node0/runs/mnist/local/exit_status.json").read_text())
+    assert status["code"] == 2 and "cannot see the run directory" in status["reason"], status
+    assert not (tmp_path / "node0/runs/mnist/local/metrics.jsonl").read_text()  # no step was trained

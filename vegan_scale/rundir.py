@@ -11,7 +11,8 @@
       eval.json          what `vegan-scale eval` measured
       PREEMPT            a stop request (created by a batch script's trap)
       ranks/             rank<R>.json: each process's last step and phase (a heartbeat at every agreement
-                         check; after a collective's timeout, its report with rank<R>.stack.txt)
+                         check; after a collective's timeout, its report with rank<R>.stack.txt); shared: a
+                         token the main process writes at start, which every process must read back
       exit_status.json   {"code", "reason", "step"}: written last, read by batch scripts (launchers turn worker
                          exit codes into 1)
 
@@ -79,6 +80,7 @@ class RunDir:
     eval_json = _entry("eval.json")
     stop_request = _entry("PREEMPT")
     ranks = _entry("ranks")
+    shared = _entry("ranks/shared")
     exit_status = _entry("exit_status.json")
 
     @classmethod

@@ -19,7 +19,11 @@ SCHEMA_VERSION = 1
 
 @dataclass
 class RunConfig:
-    root: str = param("runs", "Directory holding run directories and the local MLflow store (mlflow.db).")
+    root: str = param(
+        "runs",
+        "Directory holding run directories and the local MLflow store (mlflow.db); in a job of several nodes, on a "
+        "file system every node shares (checked at start).",
+    )
     experiment: str = param(
         "default",
         "Experiment name: the run directory's parent, and the MLflow experiment unless tracking.experiment or "

@@ -5,17 +5,25 @@ traceback; the continuation ends where an uninterrupted run ends."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import signal
 import socket
+import subprocess
+import sys
+import termios
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.paths import ROOT
 from tests.runkit import (
     ddp,
+    env,
     exit_status,
     finish,
     free_port,
@@ -28,6 +36,7 @@ from tests.runkit import (
     same_weights,
     single,
     start,
+    steps_logged,
     train_args,
     wait_for_step,
     wait_until,
@@ -204,3 +213,64 @@ def test_a_stop_while_waiting_for_the_other_processes_ends_at_once(tiny_shards_m
         assert code == expected, out[-3000:]
         assert f"error: stopped on {sig} while waiting for the other processes of the job at 127.0.0.1:" in out, out
         assert "Traceback" not in out, out[-3000:]
+
+
+def _in_a_terminal(args: list[str]) -> tuple[subprocess.Popen, int, list[bytes]]:
+    """The trainer in a session of its own whose controlling terminal is a new pseudo-terminal (as in an SSH
+    session): the process, the terminal's master side, and what the terminal shows (read by a thread, so that the
+    trainer never waits for a reader)."""
+    master, terminal = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env(),
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+    )
+    os.close(terminal)
+    shown: list[bytes] = []
+
+    def read() -> None:
+        with contextlib.suppress(OSError):  # EIO once the trainer's side is closed
+            while chunk := os.read(master, 65536):
+                shown.append(chunk)
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc, master, shown
+
+
+def test_the_terminal_closing_stops_after_a_checkpoint(
+    tiny_shards_module: Path, with_workers: Path, tmp_path: Path
+) -> None:
+    """The terminal of an interactive run closes (an SSH session drops) mid-run: the kernel sends SIGHUP to the
+    trainer and its loader workers, and every later write to the terminal fails. The run stops as on SIGTERM, as
+    torchrun treats SIGHUP (the workers leave it to the trainer; a checkpoint, exit 75, its exit status), the
+    console going to /dev/null; the continuation ends where the uninterrupted run ends. Before, SIGHUP killed it
+    at once and lost every step since its last checkpoint."""
+    run_dir = tmp_path / "mnist" / "hangup"
+    args = train_args(tiny_shards_module, tmp_path, "hangup", "wae_gan", WORKERS)
+    proc, master, shown = _in_a_terminal(args)
+    try:
+        deadline = time.monotonic() + 120
+        while steps_logged(run_dir) < 7 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, b"".join(shown)[-3000:]
+        os.close(master)  # the terminal closes: SIGHUP
+        code = proc.wait(timeout=120)
+    finally:  # a failed test leaves nothing running
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (run_dir / "train.log").read_text()
+    assert code == 75, log[-3000:]
+    assert "SIGHUP: stopping after a checkpoint" in log and "Traceback" not in log, log[-3000:]
+    status = exit_status(run_dir)
+    assert status["code"] == 75 and 7 <= status["step"] < 40, status
+    assert (run_dir / "checkpoints" / f"step_{status['step']:08d}").is_dir()
+    assert not _group_members(proc.pid)  # the loader workers ended with their trainer
+    again = run(single(args))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert same_weights(run_dir / "export" / "model.safetensors", with_workers)
+    assert losses(run_dir) == losses(with_workers.parents[1])

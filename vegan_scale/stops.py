@@ -8,6 +8,9 @@ before anything heavy is imported):
 
 * ``<run_dir>/PREEMPT``: a file a batch script's trap creates (the way through any launcher; see launch/slurm);
 * SIGUSR1 or SIGTERM delivered to the process (srun without a launcher, a forwarded SIGTERM, a process group);
+* SIGHUP, the terminal closing (an SSH session that drops): the same, as torchrun treats it, and the console that
+  is a terminal is sent to /dev/null from then on, since writing to a closed terminal fails (the main process's
+  train.log keeps the log);
 * SIGINT (Ctrl-C): the same, but the run exits 130; a second Ctrl-C interrupts at once.
 
 Handlers only record the request: a handler that exited in the middle of a collective would leave the other ranks
@@ -35,7 +38,7 @@ from vegan_scale.errors import ExitCode
 
 log = logging.getLogger("vegan_scale")
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 class Stop(enum.Enum):
@@ -51,11 +54,13 @@ class StopRequests:
         self.requested: Stop | None = None
         self.since = time.time()  # a flag file older than this was for an earlier attempt
         self._previous: dict[int, object] = {}
+        self._terminals: list[int] = []  # the standard streams that are a terminal (after a hang-up, none says so)
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is not threading.main_thread():
             log.warning("running outside the main thread: signals cannot be caught; only the PREEMPT file stops it")
             return self
+        self._terminals = [fd for fd in (1, 2) if os.isatty(fd)]
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -70,6 +75,8 @@ class StopRequests:
         self.flag_file = flag_file
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            _leave_closed_terminal(self._terminals)
         if signum == signal.SIGINT:
             if self.requested == Stop.INTERRUPT:
                 raise KeyboardInterrupt  # the second Ctrl-C: stop now
@@ -85,6 +92,15 @@ class StopRequests:
             self.requested = Stop.PREEMPT
             log.warning("%s found: stopping after a checkpoint", self.flag_file)
         return self.requested
+
+
+def _leave_closed_terminal(terminals: list[int]) -> None:
+    """After a hang-up, every write to the terminal fails (EIO), and a progress bar or the last lines of the run would
+    end it with an error instead of its checkpoint: the standard streams that were a terminal go to /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in terminals:
+        os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 @contextlib.contextmanager

@@ -43,12 +43,12 @@ from vegan_scale.data.sequence import SequenceReader
 from vegan_scale.data.shardio import read_samples
 from vegan_scale.errors import DataError, DataStallError
 from vegan_scale.retry import Backoff
+from vegan_scale.stops import SIGNALS
 
 log = logging.getLogger("vegan_scale.data")
 
 MODES = ("epoch", "resampled")
 ON_ERROR = ("raise", "skip")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what a job is stopped with (vegan_scale.stops)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images uint8 [B, C, H, W], labels [B], skips [reasons]
 
@@ -250,7 +250,7 @@ def _start(loader: DataLoader) -> Iterator:
     if not loader.num_workers or threading.current_thread() is not threading.main_thread():
         blocks = iter(loader)
     else:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             blocks = iter(loader)
         finally:
@@ -271,10 +271,9 @@ def _leave_stopping_to_the_trainer(release: Any, worker_id: int) -> None:
         if release.is_set():
             os._exit(0)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    for sig in SIGNALS:
+        signal.signal(sig, on_sigterm if sig == signal.SIGTERM else signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
 BY_VALUE_BYTES = 8 << 20  # arrays of a block up to this size cross from a loader worker by value (see _Block)

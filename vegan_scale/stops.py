@@ -134,6 +134,7 @@ def _end_on_stop_signal(read: int, waiting_for: str) -> None:
             if signum in SIGNALS:
                 code = ExitCode.INTERRUPTED if signum == signal.SIGINT else ExitCode.PREEMPTED
                 name = signal.Signals(signum).name
-                sys.stderr.write(f"error: stopped on {name} while waiting for {waiting_for}; nothing had started\n")
-                sys.stderr.flush()
+                with contextlib.suppress(OSError, ValueError):  # a terminal that closed (SIGHUP), a closed stream
+                    sys.stderr.write(f"error: stopped on {name} while waiting for {waiting_for}; nothing had started\n")
+                    sys.stderr.flush()
                 os._exit(code)

@@ -5,22 +5,15 @@ rank raised it, in a small device tensor (infinity when not raised). A rank rais
 only, so no step waits for it; every ``train.check_every`` steps, and before every checkpoint, all ranks
 all-reduce the tensor (minimum) at the same step and act on the result together. One collective of a few numbers
 and one device sync per check, its wall time reported as ``perf/agree_ms``.
-
-Before any of that, at start, every rank must hold the same experiment (:func:`require_same`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import socket
 import time
 from enum import IntEnum
 
 import torch
-
-from vegan_scale.errors import ConfigError
 
 
 class Flag(IntEnum):
@@ -58,43 +51,3 @@ class Agreement:
         values = first.tolist()
         self.last_check_ms = (time.perf_counter() - start) * 1e3
         return {f: int(values[f]) for f in Flag if values[f] != math.inf}
-
-
-def require_same(facts: dict[str, str], world_size: int) -> None:
-    """Collective, at start: every process of the job must hold the same ``facts`` (its resolved configuration, its
-    view of the data, its installation). Processes that differ would train apart without a word: DDP averages
-    gradients but not learning rates, and processes that see different shard lists draw overlapping or missing
-    samples. A difference is a ConfigError on every process, naming the keys that differ and who holds what.
-    One small collective (a digest each); the facts themselves travel only when the digests differ."""
-    if world_size == 1:
-        return
-    digests: list[str | None] = [None] * world_size
-    torch.distributed.all_gather_object(digests, hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest())
-    if len(set(digests)) == 1:
-        return
-    everyone: list[tuple[str, dict[str, str]] | None] = [None] * world_size
-    torch.distributed.all_gather_object(everyone, (socket.gethostname(), facts))
-    raise ConfigError(
-        f"the processes of the job do not run the same experiment: {_differences(everyone)}. Every process must read "
-        "the same experiment file with the same overrides, the same shards and the same installation: one command "
-        "line for every node, and the files on a file system every node shares"
-    )
-
-
-def _differences(everyone: list, keys_shown: int = 3, processes_shown: int = 4) -> str:
-    """The first keys whose values differ, each value with the processes (and hosts) that hold it."""
-    keys = sorted({key for _, facts in everyone for key in facts})
-    differing = [key for key in keys if len({facts.get(key) for _, facts in everyone}) > 1]
-    described = []
-    for key in differing[:keys_shown]:
-        holders: dict[str | None, list[str]] = {}
-        for rank, (host, facts) in enumerate(everyone):
-            holders.setdefault(facts.get(key), []).append(f"{rank} ({host})")
-        values = [
-            f"{value} on process {', '.join(who[:processes_shown])}"
-            + (f" and {len(who) - processes_shown} more" if len(who) > processes_shown else "")
-            for value, who in holders.items()
-        ]
-        described.append(f"{key} is {' but '.join(values)}")
-    more = f" (and {len(differing) - keys_shown} more key(s))" if len(differing) > keys_shown else ""
-    return "; ".join(described) + more

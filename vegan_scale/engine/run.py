@@ -9,26 +9,20 @@ puts them in order.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import secrets
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list
 
-from vegan_scale import atomic, metrics_log, provenance, rundir
-from vegan_scale.config.load import flat_keys, to_yaml
+from vegan_scale import metrics_log, rundir
+from vegan_scale.config.load import to_yaml
 from vegan_scale.data.pipeline import TrainStream
 from vegan_scale.distributed.accelerator import BatchLayout, apply_layout, build_accelerator, launch_tags, node_of
-from vegan_scale.distributed.agreement import require_same
 from vegan_scale.distributed.whereabouts import Whereabouts
-from vegan_scale.engine import resume
+from vegan_scale.engine import job, resume
 from vegan_scale.engine.feed import open_stream
 from vegan_scale.engine.modules import Modules, build_modules, module_names
 from vegan_scale.engine.objective import POT
@@ -70,54 +64,6 @@ def _run_dir(cfg: Any, accelerator: Accelerator) -> RunDir:
     if accelerator.num_processes > 1:
         broadcast_object_list(name)
     return RunDir(Path(cfg.run.root) / cfg.run.experiment / name[0])
-
-
-def _shared_facts(cfg: Any, stream: TrainStream) -> dict[str, str]:
-    """What every process of the job must hold alike: the resolved configuration, the training shards as this
-    process reads them (their list and sample counts), and the versions of vegan_scale and torch."""
-    index = stream.index
-    counts = index.counts if index.has_counts else []
-    digest = hashlib.sha256(json.dumps([index.urls, counts]).encode()).hexdigest()[:12]
-    samples = f"{sum(counts)} samples" if counts else "sample counts unknown"
-    return {key: repr(value) for key, value in flat_keys(dataclasses.asdict(cfg)).items()} | {
-        "training data": f"{len(index.urls)} shard(s), {samples}, digest {digest}",
-        "vegan_scale version": provenance.version(),
-        "torch version": torch.__version__,
-    }
-
-
-def _require_shared(run_dir: RunDir, accelerator: Accelerator, wait_s: float) -> None:
-    """Collective: every process must see the run directory the main process writes, since a checkpoint holds
-    every process's part and the report of a hang reads every process's heartbeat. A run.root on each node's own
-    disk (/tmp, a local scratch) would have each node write a run directory of its own, and every checkpoint miss
-    the other nodes' parts, found only when a continuation refuses them all. The main process writes a token; the
-    others read it back, waiting up to ``wait_s`` for a shared file system to show it."""
-    if accelerator.num_processes == 1:
-        return
-    token = [f"{socket.gethostname()} {secrets.token_hex(8)}"]
-    if accelerator.is_main_process:
-        run_dir.ranks.mkdir(exist_ok=True)
-        atomic.write_text(run_dir.shared, token[0])
-    broadcast_object_list(token)
-    deadline = time.monotonic() + wait_s
-    while not (seen := _holds(run_dir.shared, token[0])) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    me = f"process {accelerator.process_index} ({socket.gethostname()})"
-    blind = gather_object([] if seen else [me])
-    if blind:
-        raise ConfigError(
-            f"run.root: {', '.join(blind)} cannot see the run directory {run_dir.path} that process 0 "
-            f"({token[0].split()[0]}) writes (its {run_dir.shared.name} token did not show within {wait_s:g} s). "
-            "Every node must see the same run directory, on a file system they all share (not /tmp or a node's "
-            "own disk): a checkpoint holds every process's part"
-        )
-
-
-def _holds(path: Path, text: str) -> bool:
-    try:
-        return path.read_text() == text
-    except OSError:  # not there (yet)
-        return False
 
 
 def _records(cfg: Any, run_dir: RunDir, accelerator: Accelerator, start_step: int, notes: list[str] | None) -> Records:
@@ -180,7 +126,7 @@ def build_run(cfg: Any, started_at: float) -> Run:
 
 def _assemble(cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: RunDir, started_at: float) -> Run:
     stream = open_stream(cfg, accelerator, layout)
-    require_same(_shared_facts(cfg, stream), accelerator.num_processes)
+    job.same_experiment(cfg, stream, accelerator)
     candidates = resume.locate(cfg.train.resume, run_dir, accelerator)
     if cfg.train.resume == "never" and run_dir.holds_run():
         raise ConfigError(
@@ -210,7 +156,7 @@ def _assemble(cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: 
             cfg, run_dir, accelerator, start_step, (resumed.notes if resumed else []) if continuing else None
         )
     records.node = _node_sampler(cfg, accelerator, records, continuing)
-    _require_shared(run_dir, accelerator, cfg.train.collective_timeout_s / 10)
+    job.shared_run_dir(run_dir, accelerator, cfg.train.collective_timeout_s / 10)
     return Run(
         cfg=cfg,
         accelerator=accelerator,

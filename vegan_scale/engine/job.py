@@ -1,0 +1,122 @@
+"""What the processes of one job must share, checked at start, before the first step.
+
+A job's processes are started apart (a launcher per node, srun's tasks), each reads its own command line, files and
+installation, and DDP checks none of it: processes that differ train on without a word. So each process shows the
+others what it runs (its resolved configuration, its training shards as it reads them, the versions of vegan_scale
+and torch) and that it sees the run directory the main process writes; a difference stops every process with a
+message naming it and who holds what.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import secrets
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+
+from vegan_scale import atomic, provenance
+from vegan_scale.config.load import flat_keys
+from vegan_scale.data.pipeline import TrainStream
+from vegan_scale.errors import ConfigError
+from vegan_scale.rundir import RunDir
+
+
+def same_experiment(cfg: Any, stream: TrainStream, accelerator: Accelerator) -> None:
+    """Collective: every process must run the same experiment (:func:`_facts`)."""
+    _require_same(_facts(cfg, stream), accelerator.num_processes)
+
+
+def _facts(cfg: Any, stream: TrainStream) -> dict[str, str]:
+    """What every process of the job must hold alike: the resolved configuration, the training shards as this
+    process reads them (their list and sample counts), and the versions of vegan_scale and torch."""
+    index = stream.index
+    counts = index.counts if index.has_counts else []
+    digest = hashlib.sha256(json.dumps([index.urls, counts]).encode()).hexdigest()[:12]
+    samples = f"{sum(counts)} samples" if counts else "sample counts unknown"
+    return {key: repr(value) for key, value in flat_keys(dataclasses.asdict(cfg)).items()} | {
+        "training data": f"{len(index.urls)} shard(s), {samples}, digest {digest}",
+        "vegan_scale version": provenance.version(),
+        "torch version": torch.__version__,
+    }
+
+
+def shared_run_dir(run_dir: RunDir, accelerator: Accelerator, wait_s: float) -> None:
+    """Collective: every process must see the run directory the main process writes, since a checkpoint holds
+    every process's part and the report of a hang reads every process's heartbeat. A run.root on each node's own
+    disk (/tmp, a local scratch) would have each node write a run directory of its own, and every checkpoint miss
+    the other nodes' parts, found only when a continuation refuses them all. The main process writes a token; the
+    others read it back, waiting up to ``wait_s`` for a shared file system to show it."""
+    if accelerator.num_processes == 1:
+        return
+    token = [f"{socket.gethostname()} {secrets.token_hex(8)}"]
+    if accelerator.is_main_process:
+        run_dir.ranks.mkdir(exist_ok=True)
+        atomic.write_text(run_dir.shared, token[0])
+    broadcast_object_list(token)
+    deadline = time.monotonic() + wait_s
+    while not (seen := _holds(run_dir.shared, token[0])) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    me = f"process {accelerator.process_index} ({socket.gethostname()})"
+    blind = gather_object([] if seen else [me])
+    if blind:
+        raise ConfigError(
+            f"run.root: {', '.join(blind)} cannot see the run directory {run_dir.path} that process 0 "
+            f"({token[0].split()[0]}) writes (its {run_dir.shared.name} token did not show within {wait_s:g} s). "
+            "Every node must see the same run directory, on a file system they all share (not /tmp or a node's "
+            "own disk): a checkpoint holds every process's part"
+        )
+
+
+def _holds(path: Path, text: str) -> bool:
+    try:
+        return path.read_text() == text
+    except OSError:  # not there (yet)
+        return False
+
+
+def _require_same(facts: dict[str, str], world_size: int) -> None:
+    """Collective, at start: every process of the job must hold the same ``facts`` (its resolved configuration, its
+    view of the data, its installation). Processes that differ would train apart without a word: DDP averages
+    gradients but not learning rates, and processes that see different shard lists draw overlapping or missing
+    samples. A difference is a ConfigError on every process, naming the keys that differ and who holds what.
+    One small collective (a digest each); the facts themselves travel only when the digests differ."""
+    if world_size == 1:
+        return
+    digests: list[str | None] = [None] * world_size
+    torch.distributed.all_gather_object(digests, hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest())
+    if len(set(digests)) == 1:
+        return
+    everyone: list[tuple[str, dict[str, str]] | None] = [None] * world_size
+    torch.distributed.all_gather_object(everyone, (socket.gethostname(), facts))
+    raise ConfigError(
+        f"the processes of the job do not run the same experiment: {_differences(everyone)}. Every process must read "
+        "the same experiment file with the same overrides, the same shards and the same installation: one command "
+        "line for every node, and the files on a file system every node shares"
+    )
+
+
+def _differences(everyone: list, keys_shown: int = 3, processes_shown: int = 4) -> str:
+    """The first keys whose values differ, each value with the processes (and hosts) that hold it."""
+    keys = sorted({key for _, facts in everyone for key in facts})
+    differing = [key for key in keys if len({facts.get(key) for _, facts in everyone}) > 1]
+    described = []
+    for key in differing[:keys_shown]:
+        holders: dict[str | None, list[str]] = {}
+        for rank, (host, facts) in enumerate(everyone):
+            holders.setdefault(facts.get(key), []).append(f"{rank} ({host})")
+        values = [
+            f"{value} on process {', '.join(who[:processes_shown])}"
+            + (f" and {len(who) - processes_shown} more" if len(who) > processes_shown else "")
+            for value, who in holders.items()
+        ]
+        described.append(f"{key} is {' but '.join(values)}")
+    more = f" (and {len(differing) - keys_shown} more key(s))" if len(differing) > keys_shown else ""
+    return "; ".join(described) + more

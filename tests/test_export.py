@@ -104,3 +104,23 @@ def test_an_export_replaced_in_place_and_killed_between_its_files_is_no_export(e
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     with pytest.raises(ConfigError, match=f"not an exported model \\(missing {export.CONFIG_FILE}\\)"):
         vegan_scale.load(exported)
+
+
+def test_an_export_among_other_files_is_refused_and_over_an_earlier_one_replaces_it(
+    exported: Path, tmp_path: Path
+) -> None:
+    """`export --out .` in a project directory, or into a run's checkpoints/, would mix the export with what is
+    there: refused, naming what is there, and nothing written. Over an earlier export (a run exported again), it is
+    replaced."""
+    cfg = load_experiment(None, SMALL)
+    torch.manual_seed(1)
+    weights = build_model(cfg).state_dict()  # not the weights already exported (seed 0)
+    crowded = tmp_path / "crowded"
+    crowded.mkdir()
+    (crowded / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"crowded holds other files \(notes\.txt\): an export goes into a new"):
+        export.write(crowded, weights, dataclasses.asdict(cfg))
+    assert sorted(p.name for p in crowded.iterdir()) == ["notes.txt"]
+    export.write(exported, weights, dataclasses.asdict(cfg))
+    assert sorted(p.name for p in exported.iterdir()) == [export.MODEL_FILE, export.CONFIG_FILE]
+    assert all(torch.equal(weights[k], v) for k, v in export.read(exported)[0].items())

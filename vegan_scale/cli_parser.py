@@ -37,7 +37,9 @@ def _add_export_and_sync(sub: Any) -> None:
         "model.safetensors + model.yaml, loadable with vegan_scale.load and without DeepSpeed.",
     )
     e.add_argument("checkpoint", type=Path, help="a checkpoint directory (…/checkpoints/step_N) or a run directory")
-    e.add_argument("--out", type=Path, required=True, help="output directory")
+    e.add_argument(
+        "--out", type=Path, required=True, help="output directory: a new or empty one, or an earlier export to replace"
+    )
 
     y = sub.add_parser(
         "sync",

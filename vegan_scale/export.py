@@ -24,6 +24,7 @@ from vegan_scale.errors import ConfigError
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model.yaml"
 SECTIONS = ("data", "model", "prior")
+OWN_FILES = {name + suffix for name in (MODEL_FILE, CONFIG_FILE) for suffix in ("", atomic.TMP_SUFFIX)}
 
 
 def model_sections(config: dict[str, Any]) -> dict[str, Any]:
@@ -33,10 +34,17 @@ def model_sections(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def write(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
-    """Write an export, each file atomically and durably. model.yaml marks an export, so it goes last, and a previous
-    export's is removed first: an export replaced in place and interrupted between its two files is no export, never
-    new weights read with the old configuration."""
+    """Write an export, each file atomically and durably, into a new or empty directory or over an earlier export
+    (never among other files, which would read as part of it). model.yaml marks an export, so it goes last, and a
+    previous export's is removed first: an export replaced in place and interrupted between its two files is no
+    export, never new weights read with the old configuration."""
     directory.mkdir(parents=True, exist_ok=True)
+    others = sorted(p.name for p in directory.iterdir() if p.name not in OWN_FILES)
+    if others:
+        raise ConfigError(
+            f"{directory} holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}): an export "
+            "goes into a new or empty directory, or over an earlier export; choose another output directory"
+        )
     (directory / CONFIG_FILE).unlink(missing_ok=True)
     weights = {
         k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state_dict.items()

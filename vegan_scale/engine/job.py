@@ -30,8 +30,22 @@ from vegan_scale.rundir import RunDir
 
 
 def same_experiment(cfg: Any, stream: TrainStream, accelerator: Accelerator) -> None:
-    """Collective: every process must run the same experiment (:func:`_facts`)."""
-    _require_same(_facts(cfg, stream), accelerator.num_processes)
+    """Collective: every process of the job must hold the same :func:`_facts` (its resolved configuration, its view
+    of the data, its installation). Processes that differ would train apart without a word: DDP averages gradients
+    but not learning rates, and processes that see different shard lists draw overlapping or missing samples. A
+    difference is a ConfigError on every process, naming the keys that differ and who holds what. One small
+    collective (a digest each); the facts themselves travel only when the digests differ."""
+    if accelerator.num_processes == 1:
+        return
+    facts = _facts(cfg, stream)
+    if len(set(gather_object([hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()]))) == 1:
+        return
+    everyone = gather_object([(socket.gethostname(), facts)])
+    raise ConfigError(
+        f"the processes of the job do not run the same experiment: {_differences(everyone)}. Every process must read "
+        "the same experiment file with the same overrides, the same shards and the same installation: one command "
+        "line for every node, and the files on a file system every node shares"
+    )
 
 
 def _facts(cfg: Any, stream: TrainStream) -> dict[str, str]:
@@ -80,27 +94,6 @@ def _holds(path: Path, text: str) -> bool:
         return path.read_text() == text
     except OSError:  # not there (yet)
         return False
-
-
-def _require_same(facts: dict[str, str], world_size: int) -> None:
-    """Collective, at start: every process of the job must hold the same ``facts`` (its resolved configuration, its
-    view of the data, its installation). Processes that differ would train apart without a word: DDP averages
-    gradients but not learning rates, and processes that see different shard lists draw overlapping or missing
-    samples. A difference is a ConfigError on every process, naming the keys that differ and who holds what.
-    One small collective (a digest each); the facts themselves travel only when the digests differ."""
-    if world_size == 1:
-        return
-    digests: list[str | None] = [None] * world_size
-    torch.distributed.all_gather_object(digests, hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest())
-    if len(set(digests)) == 1:
-        return
-    everyone: list[tuple[str, dict[str, str]] | None] = [None] * world_size
-    torch.distributed.all_gather_object(everyone, (socket.gethostname(), facts))
-    raise ConfigError(
-        f"the processes of the job do not run the same experiment: {_differences(everyone)}. Every process must read "
-        "the same experiment file with the same overrides, the same shards and the same installation: one command "
-        "line for every node, and the files on a file system every node shares"
-    )
 
 
 def _differences(everyone: list, keys_shown: int = 3, processes_shown: int = 4) -> str:

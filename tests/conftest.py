@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.paths import MNIST_SHARDS, MNIST_WHEEL
+from tests.runkit import MlflowServer
 from vegan_scale.data.sources import ArraySource
 from vegan_scale.data.write import write_shards
 
@@ -18,6 +20,15 @@ def mnist_shards() -> Path:
     if not (MNIST_SHARDS / "train" / "sizes.json").exists():
         pytest.skip(f"real MNIST shards not found at {MNIST_SHARDS}; run `make data`")
     return MNIST_SHARDS
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One `mlflow server` for the session (starting one takes 8-10 s); each test reads its own runs back, by id or
+    by an experiment name of its own. A test may stop it; start() runs it again on the same port and store."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    yield server.start()
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -226,3 +227,57 @@ def same_weights(a: Path, b: Path) -> bool:
     """Whether two exports (or checkpoint weight files) hold bit-identical tensors."""
     wa, wb = load_file(a), load_file(b)
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+
+
+class MlflowServer:
+    """`mlflow server` with one worker on a sqlite store; stop() and start() again keep the store and the port, and
+    start() on a running server leaves it as it is."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MlflowServer:
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        cmd = [
+            MLFLOW,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("mlflow server did not start within 60 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            self.proc.wait(timeout=30)
+
+    def steps(self, run_dir: Path, key: str = "train/loss") -> list[int]:
+        from mlflow.tracking import MlflowClient
+
+        history = MlflowClient(self.uri).get_metric_history((run_dir / "mlflow_run_id").read_text().strip(), key)
+        return sorted(m.step for m in history)

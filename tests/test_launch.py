@@ -1,4 +1,6 @@
-"""Every CPU launch mode of launch/ started for real with `accelerate launch`, one short run each."""
+"""The CPU launch modes of launch/ started for real: two simulated nodes under `accelerate launch`, ranks started as
+srun starts them, and what every process refuses at start (a batch the world cannot divide, processes that never
+meet, differ or do not share a run directory). DDP, ZeRO-2 and ZeRO-3 on one node run in test_elastic's chains."""
 
 from __future__ import annotations
 
@@ -14,8 +16,18 @@ from pathlib import Path
 import pytest
 
 from tests.paths import ROOT
-from tests.runkit import ACCELERATE, ddp, env, free_port, outputs, rank_process, run, train_args, two_ranks
-from tests.test_tracking_outage import Server
+from tests.runkit import (
+    ACCELERATE,
+    MlflowServer,
+    ddp,
+    env,
+    free_port,
+    outputs,
+    rank_process,
+    run,
+    train_args,
+    two_ranks,
+)
 from vegan_scale.distributed.accelerator import build_accelerator
 from vegan_scale.errors import ConfigError
 
@@ -39,21 +51,6 @@ def _train_args(shards: Path, root: Path, recipe: str, *extra: str) -> list[str]
 
 def _launch(config: str, shards: Path, root: Path, recipe: str, *extra: str) -> subprocess.CompletedProcess:
     return run(ddp(_train_args(shards, root, recipe, *extra), config))
-
-
-def _finished(proc: subprocess.CompletedProcess, run_dir: Path, processes: int, kind: str) -> None:
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    assert f"{processes} process(es) ({kind})" in output
-    assert json.loads((run_dir / "exit_status.json").read_text())["code"] == 0
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert 6 in steps and (run_dir / "checkpoints" / "step_00000006" / "COMPLETE").exists()
-
-
-def test_cpu_ddp_two_processes(tiny_shards: Path, tmp_path: Path) -> None:
-    """launch/accelerate/cpu_ddp.yaml starts 2 DDP processes (not the single process --cpu would) for WAE-GAN."""
-    proc = _launch("cpu_ddp.yaml", tiny_shards, tmp_path, "wae_gan")
-    _finished(proc, tmp_path / "mnist" / "launch", 2, "MULTI_CPU")
 
 
 def test_global_batch_the_world_cannot_divide_is_refused(tiny_shards: Path, tmp_path: Path) -> None:
@@ -96,29 +93,12 @@ def test_emulated_bf16_is_named(caplog: pytest.LogCaptureFixture) -> None:
     assert native or "set train.mixed_precision=no" in named[0]
 
 
-@pytest.mark.parametrize(("config", "recipe"), [("cpu_zero2.yaml", "wae_mmd"), ("cpu_zero3.yaml", "wae_gan")])
-def test_cpu_deepspeed(tiny_shards: Path, tmp_path: Path, config: str, recipe: str) -> None:
-    """DeepSpeed ZeRO-2 and ZeRO-3 with 2 processes over gloo; under ZeRO-3 WAE-GAN runs two engines.
-
-    The checkpoint holds whole weights and Adam state by parameter name (no engine's partition files), so it
-    continues in any layout.
-    """
-    proc = _launch(config, tiny_shards, tmp_path, recipe)
-    _finished(proc, tmp_path / "mnist" / "launch", 2, "DEEPSPEED")
-    saved = tmp_path / "mnist" / "launch" / "checkpoints" / "step_00000006"
-    for module in ("autoencoder", "critic"):
-        for kind in ("safetensors", "optim.safetensors"):
-            assert (saved / f"{module}.{kind}").is_file() == (module == "autoencoder" or recipe == "wae_gan")
-    assert not [path for path in saved.iterdir() if path.is_dir()]
-
-
-def test_simulated_two_nodes(tiny_shards: Path, tmp_path: Path) -> None:
+def test_simulated_two_nodes(tiny_shards: Path, tmp_path: Path, mlflow_server: MlflowServer) -> None:
     """Two 'machines' of one process each on 127.0.0.1 (launch/accelerate/ddp_multinode.yaml, c10d rendezvous),
     tracked by an MLflow server with system metrics on: each node's metrics are in the run, labelled by node."""
     from mlflow.tracking import MlflowClient
 
-    (tmp_path / "server").mkdir()
-    server = Server(tmp_path / "server").start()
+    server = mlflow_server.start()
     tracked = ("tracking.backend=mlflow", f"tracking.uri={server.uri}", "tracking.system_metrics=true")
     port = free_port()
     procs = []
@@ -146,16 +126,13 @@ def test_simulated_two_nodes(tiny_shards: Path, tmp_path: Path) -> None:
                 cmd, cwd=ROOT, env=env() | sampling, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
         )
-    try:
-        ended = [p.communicate(timeout=600)[0] for p in procs]
-        for p, out in zip(procs, ended, strict=True):
-            assert p.returncode == 0, out[-4000:]
-        assert "2 process(es) (MULTI_CPU)" in ended[0]
-        run_dir = tmp_path / "mnist" / "launch"
-        assert json.loads((run_dir / "exit_status.json").read_text())["code"] == 0
-        run = MlflowClient(server.uri).get_run((run_dir / "mlflow_run_id").read_text().strip())
-    finally:
-        server.stop()
+    ended = outputs(procs, timeout=600)
+    for p, out in zip(procs, ended, strict=True):
+        assert p.returncode == 0, out[-4000:]
+    assert "2 process(es) (MULTI_CPU)" in ended[0]
+    run_dir = tmp_path / "mnist" / "launch"
+    assert json.loads((run_dir / "exit_status.json").read_text())["code"] == 0
+    run = MlflowClient(server.uri).get_run((run_dir / "mlflow_run_id").read_text().strip())
     assert run.data.tags["dist.nodes"] == "2"
     for node in ("node0", "node1"):
         assert f"system/{node}/cpu_utilization_percentage" in run.data.metrics, sorted(run.data.metrics)

@@ -15,7 +15,6 @@ import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +22,7 @@ import pytest
 
 import vegan_scale
 from tests.paths import ROOT
-from tests.runkit import env, single, train_args
-from tests.test_tracking_outage import Server
+from tests.runkit import MlflowServer, env, single, train_args
 from vegan_scale.errors import ConfigError
 
 pytestmark = [pytest.mark.distributed, pytest.mark.data]
@@ -48,20 +46,19 @@ CHROMIUM_FLAGS = (
 
 @dataclass
 class TrackedRun:
-    server: Server
+    server: MlflowServer
     run_dir: Path
     run_id: str
     link: str  # the UI link the run printed at its end
 
 
 @pytest.fixture(scope="module")
-def tracked(mnist_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackedRun]:
-    """WAE-MMD (a small MLP) on real MNIST for 200 steps, tracked by a fresh server, with system metrics on and the
-    environment of a requeued SLURM job; the run name and the experiment come from their defaults and
+def tracked(mnist_shards: Path, tmp_path_factory: pytest.TempPathFactory, mlflow_server: MlflowServer) -> TrackedRun:
+    """WAE-MMD (a small MLP) on real MNIST for 200 steps, tracked by the session's server, with system metrics on
+    and the environment of a requeued SLURM job; the run name and the experiment come from their defaults and
     $MLFLOW_EXPERIMENT_NAME."""
     root = tmp_path_factory.mktemp("mlflow")
-    (root / "server").mkdir()
-    server = Server(root / "server").start()
+    server = mlflow_server.start()
     args = train_args(
         mnist_shards,
         root / "runs",
@@ -90,13 +87,10 @@ def tracked(mnist_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "SLURM_RESTART_COUNT": "1",
     }
     done = subprocess.run(single(args), cwd=ROOT, env={**env(), **extra}, capture_output=True, text=True, timeout=300)
-    try:
-        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-        (run_dir,) = (root / "runs" / "mnist").iterdir()
-        (link,) = [line.split("open ", 1)[1] for line in done.stdout.splitlines() if line.startswith("MLflow:")]
-        yield TrackedRun(server, run_dir, (run_dir / "mlflow_run_id").read_text().strip(), link.strip())
-    finally:
-        server.stop()
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    (run_dir,) = (root / "runs" / "mnist").iterdir()
+    (link,) = [line.split("open ", 1)[1] for line in done.stdout.splitlines() if line.startswith("MLflow:")]
+    return TrackedRun(server, run_dir, (run_dir / "mlflow_run_id").read_text().strip(), link.strip())
 
 
 def _client(tracked: TrackedRun):

@@ -3,8 +3,8 @@ no metric is lost.
 
 One test stops the server's process and starts it again. The others cut the connection to a server that keeps
 running (:class:`Link`, a relay that refuses connections and drops the open ones while cut), which is what a client
-sees of a server that went away, or silence it (connections accepted, never answered: a server that hangs); they
-share one server, since starting `mlflow server` takes 8-10 s here.
+sees of a server that went away, or silence it (connections accepted, never answered: a server that hangs). All
+use the session's server (conftest's ``mlflow_server``).
 """
 
 from __future__ import annotations
@@ -17,65 +17,27 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.paths import ROOT
-from tests.runkit import ddp, exit_status, finish, free_port, run, single, start, train_args, wait_for_step, wait_until
+from tests.runkit import (
+    MlflowServer,
+    ddp,
+    exit_status,
+    finish,
+    free_port,
+    run,
+    single,
+    start,
+    train_args,
+    wait_for_step,
+    wait_until,
+)
 
 pytestmark = pytest.mark.distributed
-MLFLOW = str(Path(sys.executable).parent / "mlflow")
-
-
-class Server:
-    """`mlflow server` with one worker on a sqlite store; stop() and start() again keep the store and the port."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Server:
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        cmd = [
-            MLFLOW,
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(self.root / "artifacts"),
-        ]
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2):
-                    return self
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError("mlflow server did not start within 60 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            self.proc.wait(timeout=30)
-
-    def steps(self, run_dir: Path, key: str = "train/loss") -> list[int]:
-        from mlflow.tracking import MlflowClient
-
-        history = MlflowClient(self.uri).get_metric_history((run_dir / "mlflow_run_id").read_text().strip(), key)
-        return sorted(m.step for m in history)
 
 
 class Link:
@@ -83,7 +45,7 @@ class Link:
     when the server goes away; silenced, they are accepted and never answered, as from a server that hangs or a route
     that drops packets; restored, it relays again on the same port."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: MlflowServer) -> None:
         self.server, self.port = server, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self._listener: socket.socket | None = None
@@ -159,25 +121,10 @@ STEPS = 200
 
 
 @pytest.fixture()
-def server(tmp_path: Path):
-    s = Server(tmp_path / "server")
-    s.root.mkdir()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One running server for the tests that cut their link to it."""
-    s = Server(tmp_path_factory.mktemp("server"))
-    yield s.start()
-    s.stop()
-
-
-@pytest.fixture()
-def link(shared: Server) -> Iterator[Link]:
-    """A link to the shared server, cut until the test restores it."""
-    made = Link(shared)
+def link(mlflow_server: MlflowServer) -> Iterator[Link]:
+    """A link to the shared server (running again if a failed test left it stopped), cut until the test restores
+    it."""
+    made = Link(mlflow_server.start())
     yield made
     made.cut()
 
@@ -198,10 +145,10 @@ def _args(shards: Path, root: Path, name: str, uri: str, *extra: str) -> list[st
     )
 
 
-def test_server_outage_mid_run_loses_nothing(tiny_shards: Path, tmp_path: Path, server: Server) -> None:
-    """The server stops at step 30 and returns later: training goes on (exit 0) and, at the end, the server holds
-    every step exactly once."""
-    server.start()
+def test_server_outage_mid_run_loses_nothing(tiny_shards: Path, tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    """The server's process stops at step 30 and starts again later: training goes on (exit 0) and, at the end,
+    the server holds every step exactly once."""
+    server = mlflow_server
     run_dir = tmp_path / "mnist" / "outage"
     proc = start(single(_args(tiny_shards, tmp_path, "outage", server.uri)))
     wait_for_step(proc, run_dir, 30)
@@ -278,7 +225,7 @@ def _sync(run_dir: Path, uri: str) -> subprocess.CompletedProcess:
     )
 
 
-def _server_view(server: Server, run_dir: Path) -> dict:
+def _server_view(server: MlflowServer, run_dir: Path) -> dict:
     """Everything the server holds of a run: status and end time, params, metric histories, artifacts, and its
     logged models (name, status, files)."""
     from mlflow.tracking import MlflowClient

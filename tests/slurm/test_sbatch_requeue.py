@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.paths import ROOT
-from tests.runkit import steps_logged
+from tests.runkit import MlflowServer, steps_logged
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 
@@ -182,103 +182,125 @@ def _same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("script", list(STYLES))
-def test_stop_requeue_and_continue_exactly(
-    script: str, slurm_cluster: dict[str, str], shards: Path, reference: Path, tmp_path: Path
-) -> None:
-    """USR1 mid-run -> the trainer checkpoints and stops with 75 -> the script requeues the job -> the same job
-    (Restarts=1) continues from that checkpoint and finishes with the uninterrupted run's weights, bit for bit."""
-    style, env = STYLES[script], _job_env(slurm_cluster)
+@dataclass(frozen=True)
+class Interruption:
+    """How a test interrupts a running job: the command (job id appended), what the log shows before the stop, and
+    whether the script requeues the job (after a stop request) or SLURM does (a preemption requeues itself)."""
+
+    command: tuple[str, ...]
+    seen: str
+    script_requeues: bool
+
+
+def _sbatch(env: dict[str, str], script: str, shards: Path, tmp_path: Path) -> tuple[str, Path, Path]:
+    """Submits ``script`` for the small run; the job id, its run directory and its log."""
     root, logs = tmp_path / "runs", tmp_path / "logs"
     logs.mkdir()
-    sbatch = ["sbatch", "--parsable", "--time=10", f"--output={logs}/%x-%j.out", *style.sbatch]
-    started = time.time()
+    sbatch = ["sbatch", "--parsable", "--time=10", f"--output={logs}/%x-%j.out", *STYLES[script].sbatch]
     job_id = _slurm(env, *sbatch, f"launch/slurm/{script}", str(CONFIG), *_overrides(shards, root)).strip()
-    run_dir, log = root / "mnist" / f"slurm-{job_id}", logs / f"vegan-scale-{job_id}.out"
+    return job_id, root / "mnist" / f"slurm-{job_id}", logs / f"vegan-scale-{job_id}.out"
+
+
+def _interrupt(
+    env: dict[str, str], job_id: str, run_dir: Path, log: Path, how: Interruption, restarts: int, past: int
+) -> int:
+    """Once the job has trained 5 steps past the checkpoint of step ``past`` (the first periodic one, or the previous
+    stop's), interrupts it: the trainer checkpoints and stops with 75, and SLURM runs the job again
+    (Restarts=``restarts``). The stop's step."""
+    periodic = run_dir / "checkpoints" / f"step_{CHECKPOINT_EVERY:08d}" / "COMPLETE"
+    progressed = lambda: (past != CHECKPOINT_EVERY or periodic.exists()) and steps_logged(run_dir) >= past + 5  # noqa: E731
+    _wait("a checkpoint and progress", progressed, 120, log)
+    signalled = time.time()
+    _slurm(env, *how.command, job_id)
+    stop = lambda: s if (s := _status(run_dir, 75)) and s["step"] > past else None  # noqa: E731
+    stopped = _wait("exit_status.json with code 75 after this stop", stop, 60, log)
+    stopped_at = (run_dir / "exit_status.json").stat().st_mtime
+    again = {"Restarts": str(restarts), "JobState": "RUNNING"}
+    _wait("the requeued job to run", lambda: again.items() <= _job(env, job_id).items(), 90, log)
+    print(f"stop {restarts} at step {stopped['step']}: exit_status.json written {stopped_at - signalled:.2f} s after")
+    step = stopped["step"]
+    assert past + 5 <= step < STEPS and step % CHECK_EVERY == 0, stopped
+    return step
+
+
+def _check_attempt(text: str, attempt: int, how: Interruption, step: int, run_dir: Path, job_id: str) -> None:
+    """The log of attempt ``attempt`` (0, 1, ...): it saw the interruption, checkpointed at ``step``, stopped there
+    without a trace of vegan_scale's code, and its job was requeued; the next attempt continued from that step."""
+    before = text.partition(f"SLURM_RESTART_COUNT={attempt + 1}")[0].rpartition(f"SLURM_RESTART_COUNT={attempt}")[2]
+    after = text.partition(f"SLURM_RESTART_COUNT={attempt + 1}")[2]
+    saved = re.search(rf"checkpoints/step_{step:08d} written in ([0-9.]+) s", before)
+    assert saved and how.seen in before[: saved.start()], before[-4000:]
+    assert f"stopped at step {step} on a stop request" in before[saved.end() :], before[-4000:]
+    assert not re.search(r'File ".*/vegan_scale/', before), before[-4000:]  # a launcher may trace its own signal
+    assert (f"sbatch: requeueing job {job_id}" in before) == how.script_requeues, before[-4000:]
+    assert f"continuing from {run_dir}/checkpoints/step_{step:08d} (step {step})" in after, after[-4000:]
+
+
+def _run_interrupted(
+    script: str, interruptions: list[Interruption], env: dict[str, str], shards: Path, reference: Path, tmp_path: Path
+) -> None:
+    """Runs ``script``'s job through ``interruptions`` in turn, then to the end: it completes after as many
+    restarts, every attempt stopped and continued as it should, and the weights are the uninterrupted run's, bit
+    for bit."""
+    job_id, run_dir, log = _sbatch(env, script, shards, tmp_path)
     try:
-        first = run_dir / "checkpoints" / f"step_{CHECKPOINT_EVERY:08d}" / "COMPLETE"
-        progressed = CHECKPOINT_EVERY + 5
-        _wait("a checkpoint and progress", lambda: first.exists() and steps_logged(run_dir) >= progressed, 120, log)
-        signalled = time.time()
-        _slurm(env, "scancel", "--signal=USR1", *style.scancel, job_id)
-        stopped = _wait("exit_status.json with code 75", lambda: _status(run_dir, 75), 60, log)
-        stopped_at = (run_dir / "exit_status.json").stat().st_mtime
-        again = {"Restarts": "1", "JobState": "RUNNING"}
-        _wait("the requeued job to run", lambda: again.items() <= _job(env, job_id).items(), 60, log)
-        running_again = time.time()
+        steps = [CHECKPOINT_EVERY]
+        for restarts, how in enumerate(interruptions, 1):
+            steps.append(_interrupt(env, job_id, run_dir, log, how, restarts, past=steps[-1]))
         job = _wait("the job to end", lambda: (j := _job(env, job_id))["JobState"] in TERMINAL and j, 120, log)
     finally:
         subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
     text = log.read_text()
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1" and job["ExitCode"] == "0:0", (job, text[-4000:])
+    restarts = str(len(interruptions))
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == restarts and job["ExitCode"] == "0:0", job
     assert _status(run_dir, 0) == {"code": 0, "reason": "finished", "step": STEPS}
-
-    step = stopped["step"]
-    assert progressed < step < STEPS and step % CHECK_EVERY == 0, stopped
-    before, _, after = text.partition("SLURM_RESTART_COUNT=1")
-    assert "SLURM_RESTART_COUNT=0" in before and after, text[-4000:]
-    saved = re.search(rf"checkpoints/step_{step:08d} written in ([0-9.]+) s", before)
-    assert saved and style.stop_seen in before[: saved.start()], before[-4000:]
-    assert f"stopped at step {step} on a stop request" in before[saved.end() :]
-    assert f"sbatch: requeueing job {job_id}" in before
-    assert f"continuing from {run_dir}/checkpoints/step_{step:08d} (step {step})" in after, after[-4000:]
+    for attempt, (how, step) in enumerate(zip(interruptions, steps[1:], strict=True)):
+        _check_attempt(text, attempt, how, step, run_dir, job_id)
     assert not (run_dir / "PREEMPT").exists()
     assert _same_weights(run_dir / "export" / "model.safetensors", reference)
-    print(
-        f"\n{script}: job {job_id} stopped at step {step}: exit_status.json 75 written {stopped_at - signalled:.2f} s "
-        f"after scancel (checkpoint {saved.group(1)} s); running again {running_again - stopped_at:.1f} s later; "
-        f"whole job {time.time() - started:.1f} s"
-    )
+
+
+# A stop request (USR1) as each script's style receives it, and SLURM's own preemption: `scontrol requeue`, as a
+# preempting job or an operator does, sends SIGTERM to every process of the job (batch shell, launcher, ranks) and
+# SIGKILL after KillWait (5 s here); the trainer must checkpoint and stop inside that grace time.
+USR1 = {
+    script: Interruption(("scancel", "--signal=USR1", *style.scancel), style.stop_seen, True)
+    for script, style in STYLES.items()
+}
+PREEMPTED = Interruption(("scontrol", "requeue"), "SIGTERM", False)
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("script", ["train.sbatch"])  # SIGTERM to every process: the same for both styles
-def test_preempted_by_slurm_continues_exactly(
-    script: str, slurm_cluster: dict[str, str], shards: Path, reference: Path, tmp_path: Path
+def test_train_sbatch_stopped_then_preempted_continues_exactly(
+    slurm_cluster: dict[str, str], shards: Path, reference: Path, tmp_path: Path
 ) -> None:
-    """Real preemption: `scontrol requeue` mid-run, as a preempting job or an operator does. SLURM sends SIGTERM to
-    every process of the job (batch shell, launcher, ranks), then SIGKILL after KillWait (5 s here). The trainer
-    checkpoints and stops with 75 inside the grace time; SLURM runs the job again, which continues from that
-    checkpoint and ends with the uninterrupted run's weights, bit for bit."""
-    style, env = STYLES[script], _job_env(slurm_cluster)
-    root, logs = tmp_path / "runs", tmp_path / "logs"
-    logs.mkdir()
-    sbatch = ["sbatch", "--parsable", "--time=10", f"--output={logs}/%x-%j.out", *style.sbatch]
-    job_id = _slurm(env, *sbatch, f"launch/slurm/{script}", str(CONFIG), *_overrides(shards, root)).strip()
-    run_dir, log = root / "mnist" / f"slurm-{job_id}", logs / f"vegan-scale-{job_id}.out"
-    try:
-        first = run_dir / "checkpoints" / f"step_{CHECKPOINT_EVERY:08d}" / "COMPLETE"
-        progressed = CHECKPOINT_EVERY + 5
-        _wait("a checkpoint and progress", lambda: first.exists() and steps_logged(run_dir) >= progressed, 120, log)
-        _slurm(env, "scontrol", "requeue", job_id)
-        stopped = _wait("exit_status.json with code 75", lambda: _status(run_dir, 75), 60, log)
-        again = {"Restarts": "1", "JobState": "RUNNING"}
-        _wait("the requeued job to run", lambda: again.items() <= _job(env, job_id).items(), 90, log)
-        job = _wait("the job to end", lambda: (j := _job(env, job_id))["JobState"] in TERMINAL and j, 120, log)
-    finally:
-        subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
-    text = log.read_text()
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, text[-4000:])
-    assert _status(run_dir, 0) == {"code": 0, "reason": "finished", "step": STEPS}
-    step = stopped["step"]
-    before, _, after = text.partition("SLURM_RESTART_COUNT=1")
-    assert "SIGTERM" in before and f"checkpoints/step_{step:08d} written" in before, before[-4000:]
-    assert not re.search(r'File ".*/vegan_scale/', before), before[-4000:]  # a launcher may trace its own signal
-    assert f"continuing from {run_dir}/checkpoints/step_{step:08d} (step {step})" in after, after[-4000:]
-    assert _same_weights(run_dir / "export" / "model.safetensors", reference)
+    """train.sbatch (one launcher per node): USR1 to the batch shell mid-run -> the trainer checkpoints and stops
+    with 75 -> the script requeues the job -> the same job (Restarts=1) continues from that checkpoint -> SLURM
+    preempts it (SIGTERM to every process) -> it stops with 75 again and SLURM runs it again (Restarts=2) -> it
+    finishes with the uninterrupted run's weights, bit for bit."""
+    script = "train.sbatch"
+    _run_interrupted(script, [USR1[script], PREEMPTED], _job_env(slurm_cluster), shards, reference, tmp_path)
 
 
 @pytest.mark.timeout(300)
-def test_a_sweep_runs_as_a_job_array(slurm_cluster: dict[str, str], shards: Path, tmp_path: Path) -> None:
+def test_train_srun_native_sbatch_stopped_continues_exactly(
+    slurm_cluster: dict[str, str], shards: Path, reference: Path, tmp_path: Path
+) -> None:
+    """train_srun_native.sbatch (one task per process): USR1 to the tasks mid-run -> checkpoint, 75, requeue, and a
+    continuation that finishes with the uninterrupted run's weights, bit for bit."""
+    script = "train_srun_native.sbatch"
+    _run_interrupted(script, [USR1[script]], _job_env(slurm_cluster), shards, reference, tmp_path)
+
+
+@pytest.mark.timeout(300)
+def test_a_sweep_runs_as_a_job_array(
+    slurm_cluster: dict[str, str], shards: Path, tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
     """launch/slurm/sweep.sbatch over a grid file of 2 seeds: one array task per run, each named after its grid
     point, both finished, and grouped in one MLflow experiment by the sweep's tags and the array's job id."""
     from mlflow.tracking import MlflowClient
 
-    from tests.test_tracking_outage import Server
-
-    (tmp_path / "server").mkdir()
-    server = Server(tmp_path / "server").start()
+    server = mlflow_server.start()
     root, logs = tmp_path / "runs", tmp_path / "logs"
     logs.mkdir()
     common = [o for o in _overrides(shards, root) if not o.startswith(("train.max_steps", "tracking.backend"))]
@@ -299,7 +321,6 @@ def test_a_sweep_runs_as_a_job_array(slurm_cluster: dict[str, str], shards: Path
         runs = client.search_runs([experiment], "tags.sweep = 't'")
     finally:
         subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
-        server.stop()
     assert sorted((r.info.run_name, r.data.tags["sweep_task"], r.data.params["run.seed"]) for r in runs) == [
         ("t-wae_mmd-seed0", "0", "0"),
         ("t-wae_mmd-seed1", "1", "1"),

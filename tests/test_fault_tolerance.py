@@ -217,7 +217,7 @@ def test_a_stopped_rank_is_named_by_the_others(tiny_shards_module: Path, tmp_pat
     after train.collective_timeout_s, it writes where it was with its stack, and its exit status (69) names rank 1
     as the rank that never arrived, with the step of its last heartbeat."""
     args = train_args(
-        tiny_shards_module, tmp_path, "frozen", "wae_mmd", "train.max_steps=100000", "train.collective_timeout_s=15"
+        tiny_shards_module, tmp_path, "frozen", "wae_mmd", "train.max_steps=100000", "train.collective_timeout_s=8"
     )
     procs = two_ranks(args)
     run_dir = tmp_path / "mnist" / "frozen"

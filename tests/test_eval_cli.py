@@ -119,3 +119,35 @@ def test_sources_agree_and_refuse_other_directories(run_dir: Path, tmp_path: Pat
             assert torch.equal(source.model.state_dict()[key], value)
     with pytest.raises(ConfigError, match="neither a run directory"):
         open_model(tmp_path)
+
+
+def test_a_run_that_trains_on_is_evaluated_and_exported_while_it_prunes_its_checkpoints(
+    mnist_shards: Path, tmp_path: Path
+) -> None:
+    """`vegan-scale eval` and `vegan-scale export` of a run still training, which writes a checkpoint at every step
+    and keeps one (checkpoint.keep_last_k=1), so the newest checkpoint is deleted milliseconds after it was found:
+    each reads a whole checkpoint and succeeds, and the one eval read has since been pruned (every eval of such a run
+    used to fail, exit 2, calling the checkpoint damaged or of another version)."""
+    settings = (
+        "train.max_steps=1000000",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last_k=1",
+        "eval.every_steps=1000000",
+    )
+    trainer = runkit.start(runkit.single([*runkit.train_args(mnist_shards, tmp_path, "live", "wae_mmd"), *settings]))
+    run_dir = tmp_path / "mnist" / "live"
+    try:
+        runkit.wait_for_step(trainer, run_dir, 10)
+        evaluated = runkit.run([sys.executable, "-m", "vegan_scale", "eval", str(run_dir), "--num-samples", "100"])
+        exported = runkit.run(
+            [sys.executable, "-m", "vegan_scale", "export", str(run_dir), "--out", str(tmp_path / "x")]
+        )
+        assert trainer.poll() is None, "training ended"
+    finally:
+        runkit.kill_group(trainer)
+        runkit.finish(trainer)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    step = json.loads((run_dir / "eval.json").read_text())["step"]
+    assert not (run_dir / "checkpoints" / f"step_{step:08d}").exists()
+    assert vegan_scale.load(tmp_path / "x") is not None

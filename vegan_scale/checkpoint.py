@@ -190,8 +190,18 @@ def commit(root: Path, step: int, keep_last_k: int) -> Path:
     atomic.write_text(root / LATEST, final.name + "\n")
     complete = complete_checkpoints(root)
     for old in complete[: max(0, len(complete) - max(1, keep_last_k))]:  # never the one just published
-        shutil.rmtree(old)
+        _remove(old)
     return final
+
+
+def _remove(old: Path) -> None:
+    """Delete a checkpoint, first renaming it out of use: whoever looks for the newest (``vegan-scale eval`` on a
+    run that trains on) then finds it whole or not at all, never half deleted, and whoever was reading it sees it
+    gone and reads the newest again (:meth:`vegan_scale.rundir.RunDir.read_newest`)."""
+    gone = atomic.tmp_path(old)
+    shutil.rmtree(gone, ignore_errors=True)  # left by a crash between these two steps
+    old.rename(gone)
+    shutil.rmtree(gone)
 
 
 def module_file(path: Path, name: str = AUTOENCODER) -> Path:

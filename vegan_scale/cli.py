@@ -100,16 +100,15 @@ def _export(args: argparse.Namespace) -> None:
     from vegan_scale.config.yaml_file import read_yaml
     from vegan_scale.rundir import RunDir, is_complete
 
-    path = args.checkpoint
-    run_dir = RunDir(path)
-    if run_dir.checkpoints.is_dir():  # a run directory: its newest complete checkpoint
-        path = run_dir.newest_checkpoint()
-        if path is None:
-            raise ConfigError(f"{run_dir.path} holds no complete checkpoint to export")
-    if not is_complete(path):
-        raise ConfigError(f"{path} is not a complete checkpoint directory (…/checkpoints/step_N with COMPLETE)")
-    config = read_yaml(path / checkpoint.CONFIG)
-    print(export.write(args.out, checkpoint.read_module(path, checkpoint.AUTOENCODER), config))
+    def read(path: Path) -> tuple[dict, dict]:
+        if not is_complete(path):
+            raise ConfigError(f"{path} is not a complete checkpoint directory (…/checkpoints/step_N with COMPLETE)")
+        return checkpoint.read_module(path, checkpoint.AUTOENCODER), read_yaml(path / checkpoint.CONFIG)
+
+    run_dir = RunDir(args.checkpoint)
+    # a run directory: its newest complete checkpoint
+    weights, config = run_dir.read_newest(read) if run_dir.checkpoints.is_dir() else read(args.checkpoint)
+    print(export.write(args.out, weights, config))
 
 
 def _sync(args: argparse.Namespace) -> None:

@@ -59,19 +59,23 @@ def build_model(cfg: Any) -> AutoEncoder:
     )
 
 
-def load_model(cfg: Any, weights: Path, device: torch.device | str = "cpu") -> AutoEncoder:
-    """The auto-encoder ``cfg`` describes with the weights of a safetensors file, in evaluation mode. The file's
-    tensor names and shapes are checked against the network, built without memory (on the meta device), before
-    anything is allocated: a doctored configuration cannot make it build a huge network first."""
+def load_model(
+    cfg: Any, weights: Path | dict[str, torch.Tensor], device: torch.device | str = "cpu", name: str | None = None
+) -> AutoEncoder:
+    """The auto-encoder ``cfg`` describes with the weights of a safetensors file (or read from one: ``name`` says
+    which), in evaluation mode. The tensor names and shapes are checked against the network, built without memory
+    (on the meta device), before anything is allocated: a doctored configuration cannot make it build a huge
+    network first."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
-    found = export.weight_shapes(weights)
+    read = isinstance(weights, dict)
+    found = {k: tuple(v.shape) for k, v in weights.items()} if read else export.weight_shapes(weights)
     if found != expected:
         differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
         details = "; ".join(f"{k}: network {expected.get(k)}, file {found.get(k)}" for k in differ[:4])
-        raise ConfigError(f"{weights} does not hold the weights of the configured network ({details})")
+        raise ConfigError(f"{name or weights} does not hold the weights of the configured network ({details})")
     model = build_model(cfg)
-    model.load_state_dict(load_file(weights))
+    model.load_state_dict(weights if read else load_file(weights))
     return model.to(device).eval()
 
 

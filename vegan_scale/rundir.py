@@ -25,16 +25,20 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vegan_scale import atomic, stored_json
+from vegan_scale.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+READ_ATTEMPTS = 20  # newest checkpoints given up because training pruned them while they were read
+T = TypeVar("T")
 
 
 def checkpoint_name(step: int) -> str:
@@ -113,6 +117,27 @@ class RunDir:
         """The newest complete checkpoint, if there is one."""
         complete = complete_checkpoints(self.checkpoints)
         return complete[-1] if complete else None
+
+    def read_newest(self, read: Callable[[Path], T]) -> T:
+        """``read`` of the newest complete checkpoint, for readers beside a run that may still train: it prunes
+        its oldest checkpoints as it writes new ones (checkpoint.keep_last_k), so the newest of a moment ago can
+        vanish while it is read. A failure with the checkpoint gone from its name is that (a damaged checkpoint
+        stays, and its error stands): the newest is read again."""
+        for _ in range(READ_ATTEMPTS):
+            newest = self.newest_checkpoint()
+            if newest is None:
+                raise ConfigError(f"run directory {self.path} holds no complete checkpoint yet")
+            try:
+                return read(newest)
+            except Exception:  # whatever the reader made of files vanishing under it
+                if newest.exists():
+                    raise
+            log.info("%s was pruned by its run while being read; reading the newest again", newest)
+        raise ConfigError(
+            f"the run in {self.path} replaced its newest checkpoint {READ_ATTEMPTS} times while it was read "
+            "(checkpoint.keep_last_k=1 with frequent checkpoints): read its export/ once it has ended, or a copy "
+            "of a checkpoint"
+        )
 
     def prepare(self, config_yaml: str, started_at: float) -> None:
         """Create the directory and save the resolved configuration. A stop request older than this process was

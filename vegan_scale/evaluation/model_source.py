@@ -43,25 +43,40 @@ class ModelSource:
         return load_images(read_index(test_data or self.config.data.test), self.image_shape, limit)[0]
 
 
-def _from_checkpoint(path: Path, device: torch.device | str) -> ModelSource:
-    run_dir = RunDir.containing(path)
+@dataclass(frozen=True)
+class _Checkpoint:
+    """What evaluation needs of a checkpoint, read at once: a run that trains on may delete it a moment later."""
+
+    path: Path
+    step: int
+    weights: dict[str, torch.Tensor]
+    config: Any  # read last: once its file is read, checking it takes long and needs no file
+
+
+def _read_checkpoint(path: Path) -> _Checkpoint:
     config_file = path / checkpoint.CONFIG
     if not config_file.exists():  # checkpoints of early versions hold no config.yaml: the run's is the same
+        run_dir = RunDir.containing(path)
         if run_dir is None:
             raise ConfigError(f"checkpoint {path} has no {checkpoint.CONFIG} and no run directory above it")
         config_file = run_dir.config
-    config = load_experiment(config_file)
-    weights = checkpoint.existing_module_file(path)
     step = checkpoint.read_state(path)["step"]
-    run_path = run_dir.path if run_dir else None
-    return ModelSource(load_model(config, weights, device), config, run_path, step, weights)
+    weights = checkpoint.read_module(path, checkpoint.AUTOENCODER)
+    return _Checkpoint(path, step, weights, load_experiment(config_file))
+
+
+def _from_checkpoint(read: _Checkpoint, device: torch.device | str) -> ModelSource:
+    run_dir = RunDir.containing(read.path)
+    weights = checkpoint.module_file(read.path)
+    model = load_model(read.config, read.weights, device, name=str(weights))
+    return ModelSource(model, read.config, run_dir.path if run_dir else None, read.step, weights)
 
 
 def _from_export(path: Path, device: torch.device | str) -> ModelSource:
     run_dir = RunDir(path.parent) if RunDir(path.parent).is_run() else None
     config = load_experiment(run_dir.config if run_dir else export.read_sections(path))
-    newest = run_dir.newest_checkpoint() if run_dir else None
-    step = checkpoint.read_state(newest)["step"] if newest else None
+    saved = run_dir is not None and run_dir.newest_checkpoint() is not None
+    step = run_dir.read_newest(lambda newest: checkpoint.read_state(newest)["step"]) if saved else None
     run_path = run_dir.path if run_dir else None
     weights = path / export.MODEL_FILE
     return ModelSource(load_model(config, weights, device), config, run_path, step, weights)
@@ -71,17 +86,14 @@ def open_model(path: Path, device: torch.device | str = "cpu") -> ModelSource:
     """The model at ``path`` (run directory, checkpoint or export) with its configuration; ConfigError otherwise."""
     path = Path(path)
     if is_complete(path):
-        return _from_checkpoint(path, device)
+        return _from_checkpoint(_read_checkpoint(path), device)
     if (path / export.MODEL_FILE).exists():
         return _from_export(path, device)
     run_dir = RunDir(path)
     if run_dir.is_run():
         if (run_dir.export / export.MODEL_FILE).exists():
             return _from_export(run_dir.export, device)
-        newest = run_dir.newest_checkpoint()
-        if newest is not None:
-            return _from_checkpoint(newest, device)
-        raise ConfigError(f"run directory {path} holds neither an export/ nor a complete checkpoint yet")
+        return _from_checkpoint(run_dir.read_newest(_read_checkpoint), device)
     raise ConfigError(
         f"{path} is neither a run directory (config.yaml), a checkpoint (…/checkpoints/step_N with "
         f"COMPLETE) nor an exported model ({export.MODEL_FILE} + {export.CONFIG_FILE})"

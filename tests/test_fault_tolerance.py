@@ -21,6 +21,7 @@ from tests.runkit import (
     kill_group,
     local_mlflow,
     losses,
+    metric_rows,
     run,
     same_weights,
     single,
@@ -259,3 +260,36 @@ def test_init_from_export(tiny_shards_module: Path, tmp_path: Path) -> None:
     assert same_weights(tmp_path / "mnist" / "warm" / "export" / "model.safetensors", exported / "model.safetensors")
     other = run(single([*args, "run.name=other", "model.mlp.hidden=[16]"]))
     assert other.returncode == 2 and "model.mlp.hidden" in other.stderr
+
+
+def test_a_run_started_again_while_it_trains_is_refused_and_touches_nothing(
+    tiny_shards_module: Path, tmp_path: Path
+) -> None:
+    """The same run started a second time while it trains (a job submitted again with the same run name), under
+    accelerate launch with 2 processes: every process of the second stops with exit 2, naming the process that
+    holds the run, and writes nothing there (before, it continued from the first's checkpoints and wrote into the
+    same files). The first trains on as if alone: stopped later, every step's loss is written down once."""
+    run_dir = tmp_path / "mnist" / "twice"
+    args = train_args(
+        tiny_shards_module, tmp_path, "twice", "wae_mmd", "train.max_steps=100000", "tracking.log_every=5"
+    )
+    first = start(single(args))
+    try:
+        wait_for_step(first, run_dir, 10)
+        config = (run_dir / "config.yaml").stat().st_mtime_ns
+        second = run(ddp(args))
+        assert first.poll() is None and not (run_dir / "exit_status.json").exists()
+        assert (run_dir / "config.yaml").stat().st_mtime_ns == config
+        os.killpg(first.pid, signal.SIGTERM)
+        code, out = finish(first)
+    finally:
+        if first.poll() is None:
+            kill_group(first)
+    # the launcher reports its workers' exit in a traceback of its own
+    assert second.returncode != 0 and not re.search(r'File ".*/vegan_scale/', second.stderr), second.stderr[-3000:]
+    refusals = [line for line in second.stderr.splitlines() if line.startswith("error: run directory")]
+    assert len(refusals) == 2 and f"process {first.pid} on" in refusals[0], second.stderr[-3000:]
+    assert "in use by another training of this run" in refusals[0] and refusals[0] == refusals[1]
+    assert code == 75, out[-3000:]
+    steps, stop = [step for step, _ in metric_rows(run_dir)], exit_status(run_dir)["step"]
+    assert steps == [*range(5, stop + 1, 5), *([stop] if stop % 5 else [])], steps  # and the stop's step

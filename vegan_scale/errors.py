@@ -34,6 +34,10 @@ class ConfigError(VeganError):
     exit_code = ExitCode.USAGE
 
 
+class RunDirInUseError(ConfigError):
+    """Another training process holds the run directory (the same run started twice): nothing of it is touched."""
+
+
 class DataError(VeganError):
     """Missing or malformed data; the message names the path and how to get or fix it."""
 

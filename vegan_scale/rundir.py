@@ -12,7 +12,8 @@
       PREEMPT            a stop request (created by a batch script's trap)
       ranks/             rank<R>.json: each process's last step and phase (a heartbeat at every agreement
                          check; after a collective's timeout, its report with rank<R>.stack.txt); shared: a
-                         token the main process writes at start, which every process must read back
+                         token the main process writes at start, which every process must read back; lock:
+                         locked by the main process of the training that writes the directory, which it names
       exit_status.json   {"code", "reason", "step"}: written last, read by batch scripts (launchers turn worker
                          exit codes into 1)
 
@@ -22,13 +23,16 @@ last, after everything inside was synced) and not ending in ``.tmp``. Everyone a
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from vegan_scale import atomic, stored_json
 from vegan_scale.errors import ConfigError
@@ -85,6 +89,7 @@ class RunDir:
     stop_request = _entry("PREEMPT")
     ranks = _entry("ranks")
     shared = _entry("ranks/shared")
+    lock = _entry("ranks/lock")
     exit_status = _entry("exit_status.json")
 
     @classmethod
@@ -138,6 +143,28 @@ class RunDir:
             "(checkpoint.keep_last_k=1 with frequent checkpoints): read its export/ once it has ended, or a copy "
             "of a checkpoint"
         )
+
+    def take_lock(self) -> tuple[IO[str] | None, str | None]:
+        """Lock the run directory for this process until it closes the file returned (or ends, however it ends):
+        (the file, None); or (None, who holds it) when another process does. A file system without locks (some
+        FUSE mounts, Lustre without its flock option) gives (None, None), with a warning."""
+        self.ranks.mkdir(parents=True, exist_ok=True)
+        file = self.lock.open("a+")
+        try:
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # POSIX locks: NFS's lock manager serves them
+        except (BlockingIOError, PermissionError):  # held
+            file.seek(0)
+            holder = file.read().strip() or "a process that has not named itself yet"
+            file.close()
+            return None, holder
+        except OSError as e:
+            log.warning("cannot lock %s (%s): a second training of this run would not be noticed", self.lock, e)
+            file.close()
+            return None, None
+        file.truncate(0)
+        file.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        file.flush()
+        return file, None
 
     def prepare(self, config_yaml: str, started_at: float) -> None:
         """Create the directory and save the resolved configuration. A stop request older than this process was

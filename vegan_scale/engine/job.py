@@ -4,7 +4,8 @@ A job's processes are started apart (a launcher per node, srun's tasks), each re
 installation, and DDP checks none of it: processes that differ train on without a word. So each process shows the
 others what it runs (its resolved configuration, its training shards as it reads them, the versions of vegan_scale
 and torch) and that it sees the run directory the main process writes; a difference stops every process with a
-message naming it and who holds what.
+message naming it and who holds what. The main process also locks the run directory, which one training of the
+run at a time may write.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import secrets
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from accelerate import Accelerator
@@ -25,7 +26,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from vegan_scale import atomic, provenance
 from vegan_scale.config.load import flat_keys
 from vegan_scale.data.pipeline import TrainStream
-from vegan_scale.errors import ConfigError
+from vegan_scale.errors import ConfigError, RunDirInUseError
 from vegan_scale.rundir import RunDir
 
 
@@ -87,6 +88,24 @@ def shared_run_dir(run_dir: RunDir, accelerator: Accelerator, wait_s: float) -> 
             "Every node must see the same run directory, on a file system they all share (not /tmp or a node's "
             "own disk): a checkpoint holds every process's part"
         )
+
+
+def own_run_dir(run_dir: RunDir, accelerator: Accelerator) -> IO[str] | None:
+    """Collective: the main process locks the run directory for the run, before anything is written there (its
+    lock file, to close when the run ends, is returned there). A second training of the same run (a job submitted
+    again while the first runs, one run.name given twice) would write the same checkpoints, metrics and exit status
+    and continue from checkpoints the first is pruning; it stops instead, every process with the same error,
+    naming the process that holds the run, and touches nothing."""
+    lock, holder = run_dir.take_lock() if accelerator.is_main_process else (None, None)
+    held = [holder]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(held)
+    if held[0] is not None:
+        raise RunDirInUseError(
+            f"run directory {run_dir.path} is in use by another training of this run ({held[0]}): wait for it to "
+            "end or stop it, or choose another run.name"
+        )
+    return lock
 
 
 def _holds(path: Path, text: str) -> bool:

@@ -95,6 +95,8 @@ def _run_to_the_end(run: Run, stops: StopRequests) -> None:
             except OSError as e:  # a full disk must not hide the error that ended the run behind this one
                 log.error("could not write %s: %s", run.dir.exit_status, e)
         run.records.close(final_status(code))
+        if run.lock is not None:
+            run.lock.close()
 
 
 def _lost_peer_reason(run: Run, error: Exception) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from accelerate import Accelerator
@@ -29,7 +29,7 @@ from vegan_scale.engine.objective import POT
 from vegan_scale.engine.periodic_eval import EvalSet
 from vegan_scale.engine.records import Records
 from vegan_scale.engine.schedule import Steps
-from vegan_scale.errors import ConfigError, exit_status
+from vegan_scale.errors import ConfigError, RunDirInUseError, exit_status
 from vegan_scale.metrics_log import MetricsLog
 from vegan_scale.rundir import RunDir
 from vegan_scale.tracking.system_metrics import SystemMetrics
@@ -52,6 +52,7 @@ class Run:
     records: Records  # the main process's; empty elsewhere
     where: Whereabouts  # this process's step and phase, for the report of a hang
     step: int = 0  # the last step completed, kept current by the loop (for the exit status)
+    lock: IO[str] | None = None  # the main process's lock of the run directory, closed when the run ends
 
 
 def _run_dir(cfg: Any, accelerator: Accelerator) -> RunDir:
@@ -119,7 +120,8 @@ def build_run(cfg: Any, started_at: float) -> Run:
     try:
         return _assemble(cfg, accelerator, layout, run_dir, started_at)
     except BaseException as error:
-        if accelerator.is_main_process and run_dir.path.is_dir():
+        # the status of this attempt, unless the directory is another training's
+        if accelerator.is_main_process and run_dir.path.is_dir() and not isinstance(error, RunDirInUseError):
             run_dir.write_exit_status(*exit_status(error), step=0)
         raise
 
@@ -150,6 +152,7 @@ def _assemble(cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: 
     )
     records = Records()
     continuing = resumed is not None or run_dir.holds_run()  # over an attempt that saved no checkpoint yet
+    lock = job.own_run_dir(run_dir, accelerator)
     if accelerator.is_main_process:
         run_dir.prepare(to_yaml(cfg), started_at)
         records = _records(
@@ -169,4 +172,5 @@ def _assemble(cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: 
         eval_set=eval_set,
         records=records,
         where=Whereabouts(run_dir.ranks, accelerator.process_index, accelerator.num_processes, started_at),
+        lock=lock,
     )

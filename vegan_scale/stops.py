@@ -15,9 +15,12 @@ before anything heavy is imported):
 
 Handlers only record the request: a handler that exited in the middle of a collective would leave the other ranks
 hanging. The training loop polls at its agreement checks (and once before its first step), every rank stops at the
-same step, and a checkpoint is written first. Loader workers leave stopping to their training process
-(:mod:`vegan_scale.data.pipeline`). Before anything has started, while the process waits in native code for the
-other processes of its job, a stop ends it at once (:func:`ending_at_once`).
+same step, and a checkpoint is written first. Nor do handlers log: one runs in the main thread wherever that was
+interrupted, which can be inside a write to train.log or the console, and a second write into the same buffered
+file there fails ("reentrant call": the line was lost); a thread logs what they say, waiting its turn for the file.
+Loader workers leave stopping to their training process (:mod:`vegan_scale.data.pipeline`). Before anything has
+started, while the process waits in native code for the other processes of its job, a stop ends it at once
+(:func:`ending_at_once`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import contextlib
 import enum
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -55,12 +59,16 @@ class StopRequests:
         self.since = time.time()  # a flag file older than this was for an earlier attempt
         self._previous: dict[int, object] = {}
         self._terminals: list[int] = []  # the standard streams that are a terminal (after a hang-up, none says so)
+        self._said: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # put() is safe in a signal handler
+        self._sayer: threading.Thread | None = None
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is not threading.main_thread():
             log.warning("running outside the main thread: signals cannot be caught; only the PREEMPT file stops it")
             return self
         self._terminals = [fd for fd in (1, 2) if os.isatty(fd)]
+        self._sayer = threading.Thread(target=self._say, name="stop-requests", daemon=True)
+        self._sayer.start()
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -69,6 +77,14 @@ class StopRequests:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self._sayer is not None:  # what the handlers said is logged before this returns
+            self._said.put(None)
+            self._sayer.join()
+            self._sayer = None
+
+    def _say(self) -> None:
+        while (message := self._said.get()) is not None:
+            log.warning(message)
 
     def watch(self, flag_file: Path) -> None:
         """Also stop when ``flag_file`` appears (known once the run directory is)."""
@@ -81,10 +97,10 @@ class StopRequests:
             if self.requested == Stop.INTERRUPT:
                 raise KeyboardInterrupt  # the second Ctrl-C: stop now
             self.requested = Stop.INTERRUPT
-            log.warning("Ctrl-C: stopping after a checkpoint at the next check (Ctrl-C again to stop at once)")
+            self._said.put("Ctrl-C: stopping after a checkpoint at the next check (Ctrl-C again to stop at once)")
         elif self.requested is None:
             self.requested = Stop.PREEMPT
-            log.warning("%s: stopping after a checkpoint at the next check", signal.Signals(signum).name)
+            self._said.put(f"{signal.Signals(signum).name}: stopping after a checkpoint at the next check")
 
     def poll(self) -> Stop | None:
         """The stop this process has been asked for, if any (checks the flag file)."""

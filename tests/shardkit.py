@@ -141,7 +141,8 @@ def truncate(path: Path, keep: int) -> None:
 
 
 class RunsShell:
-    """Unpickling this runs ``touch marker``: what a hostile member would carry."""
+    """Unpickling this runs ``touch marker``: what a hostile pickle (a shard member, a data file, a checkpoint's
+    generator state) would carry."""
 
     def __init__(self, marker: Path) -> None:
         self.marker = marker

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.shardkit import RunsShell
 from vegan_scale import checkpoint
 from vegan_scale.checkpoint import commit, read_module, read_optimizer
 from vegan_scale.distributed.trainable import load_optimizer_by_name, optimizer_by_name
@@ -26,16 +26,6 @@ def save(root: Path, step: int, keep_last_k: int = 2, modules: dict | None = Non
         checkpoint.save_module(directory, name, weights, optim)
     checkpoint.write_state(directory, state or {"step": step}, "schema_version: 1\n")
     return commit(root, step, keep_last_k)
-
-
-class _TouchesMarker:
-    """Unpickling this runs a shell command that creates a marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_layout_after_commit(tmp_path):
@@ -185,7 +175,7 @@ def test_malicious_rank_state_refused(tmp_path, fmt):
     runs nothing; an optimizer file replaced by one is not a safetensors file and is refused as damaged."""
     final = save(tmp_path, 1)
     marker = tmp_path / "pwned"
-    evil = {"torch": _TouchesMarker(marker)}
+    evil = {"torch": RunsShell(marker)}
     payload = pickle.dumps(evil, protocol=2)
     if fmt == "torch.save":
         torch.save(evil, final / "rng_rank0.pt")

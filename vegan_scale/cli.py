@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -162,7 +161,7 @@ def _log_eval(source: Any, run_dir: Any, result: Any, eval_json: Path) -> None:
     try:
         run_id = log_to_run(run_dir, uri, source.step or 0, values, eval_json)
     except Exception as e:  # eval.json holds everything; a tracking failure must not hide the result
-        print(f"warning: metrics not logged to MLflow at {uri}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+        logs.say(f"warning: metrics not logged to MLflow at {uri}: {str(e).splitlines()[0][:300]}")
         return
     print(f"logged {len(values)} metrics to MLflow run {run_id} at {uri}")
 
@@ -222,18 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except (PreemptedError, InterruptedRunError) as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        logs.say(f"stopped: {e}")
         return int(e.exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C: at once, without a checkpoint
-        print("interrupted", file=sys.stderr)
+        logs.say("interrupted")
         return int(ExitCode.INTERRUPTED)
     except VeganError as e:
-        print(f"error: {e}", file=sys.stderr)
+        logs.say(f"error: {e}")
         return int(e.exit_code)
     except OSError as e:  # a path given that cannot be used (--out under a file, no permission): named, no traceback
         if e.filename is None:
             raise
-        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        logs.say(f"error: {e.filename}: {e.strerror}")
         return int(ExitCode.STORAGE if storage_error(e) else ExitCode.USAGE)
     return int(ExitCode.OK)
 

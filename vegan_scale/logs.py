@@ -46,6 +46,13 @@ class RankStamp(logging.Filter):
         return record.levelno >= self.main_only_below or record.rank == 0
 
 
+def say(line: str) -> None:
+    """One line on stderr in one write. The processes of a job share the stream, and ``print`` writes the text and
+    its newline apart: another process's line then lands between them, and two errors read as one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def to_console(quiet: bool = False) -> logging.Handler:
     """The CLI's console: INFO and up from the main process (WARNING and up with ``quiet``), warnings and errors
     from every process, each line stamped with time, level and rank so that interleaved processes can be told
@@ -80,7 +87,7 @@ class _LogFile(logging.FileHandler):
     def handleError(self, record: logging.LogRecord | None) -> None:
         if not self.failed:
             self.failed = True
-            print(f"warning: {self.baseFilename} cannot be written ({sys.exc_info()[1]})", file=sys.stderr)
+            say(f"warning: {self.baseFilename} cannot be written ({sys.exc_info()[1]})")
 
 
 @contextlib.contextmanager

@@ -31,13 +31,13 @@ import logging
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
+from vegan_scale import logs
 from vegan_scale.errors import ExitCode
 
 log = logging.getLogger("vegan_scale")
@@ -151,6 +151,5 @@ def _end_on_stop_signal(read: int, waiting_for: str) -> None:
                 code = ExitCode.INTERRUPTED if signum == signal.SIGINT else ExitCode.PREEMPTED
                 name = signal.Signals(signum).name
                 with contextlib.suppress(OSError, ValueError):  # a terminal that closed (SIGHUP), a closed stream
-                    sys.stderr.write(f"error: stopped on {name} while waiting for {waiting_for}; nothing had started\n")
-                    sys.stderr.flush()
+                    logs.say(f"error: stopped on {name} while waiting for {waiting_for}; nothing had started")
                 os._exit(code)

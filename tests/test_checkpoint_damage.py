@@ -73,10 +73,14 @@ def test_auto_passes_over_damaged_newest_checkpoints(
     """The newest checkpoints each damaged in another way (DAMAGE, one per checkpoint): the run names each one with
     its damaged file, passes over it for the one before, continues from the oldest, intact one and ends with the
     weights of an uninterrupted run, so nothing of a damaged checkpoint was applied. The planted pickle is refused
-    unread: its command never runs."""
+    unread: its command never runs. Partial checkpoints an attempt left (``step_N.tmp``, one holding a rank file
+    of a larger world) are removed at start, so none of their files is published."""
     run_dir, steps = _copy(checkpointed, tmp_path)
     for (_, damage), step in zip(DAMAGE.values(), steps, strict=False):
         damage(step)
+    for partial in ("step_00000040.tmp", "step_00000041.tmp"):  # 40: a step the continuation checkpoints
+        (run_dir / "checkpoints" / partial).mkdir()
+        (run_dir / "checkpoints" / partial / "rng_rank3.pt").write_bytes(b"stale")
     again = run(single(train_args(tiny_shards_module, tmp_path / "root", "run")))
     output = again.stdout + again.stderr
     assert again.returncode == 0, output[-3000:]
@@ -91,6 +95,8 @@ def test_auto_passes_over_damaged_newest_checkpoints(
     assert f"continuing from {steps[-1]}" in output and oldest in output and oldest in log
     assert same_weights(run_dir / "export" / "model.safetensors", reference / "export" / "model.safetensors")
     assert exit_status(run_dir)["code"] == 0
+    assert "step_00000041.tmp" in log and not list((run_dir / "checkpoints").glob("*.tmp"))
+    assert not (run_dir / "checkpoints" / "step_00000040" / "rng_rank3.pt").exists()
 
 
 def test_a_damaged_checkpoint_named_by_path_is_refused(checkpointed: Path, tiny_shards_module: Path, tmp_path: Path):

@@ -27,6 +27,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -168,8 +169,14 @@ class RunDir:
 
     def prepare(self, config_yaml: str, started_at: float) -> None:
         """Create the directory and save the resolved configuration. A stop request older than this process was
-        for the attempt it stopped, not for this one; a newer one (sent while this process was starting) stands."""
+        for the attempt it stopped, not for this one; a newer one (sent while this process was starting) stands.
+        Partial checkpoints (``step_N.tmp``, left by an attempt that ended while it wrote or pruned one) are removed:
+        a checkpoint of the same step would be written into one and publish its stale files (another world size's
+        rank files, a ZeRO partition). Only the training that holds the lock (:meth:`take_lock`) calls this."""
         self.figures.mkdir(parents=True, exist_ok=True)
+        for partial in self.checkpoints.glob(f"step_*{atomic.TMP_SUFFIX}"):
+            log.info("removing %s, a checkpoint an earlier attempt did not finish writing or removing", partial)
+            shutil.rmtree(partial)
         atomic.write_text(self.config, config_yaml)
         if self.stop_request.exists() and self.stop_request.stat().st_mtime < started_at:
             self.stop_request.unlink(missing_ok=True)

@@ -4,7 +4,7 @@
 #   make train                      train the default experiment (WAE-MMD on MNIST, CPU, a few minutes)
 #   make train ARGS='train.max_steps=500 model.conv.width=32'
 #   make train CONFIG=configs/mnist/wae_gan.yaml
-#   make test                       run the test suite
+#   make test                       run the test suite (two workers; TEST_WORKERS=0 runs it in one process)
 #   make lint                       ruff check and format check
 #   make data                       download MNIST (hash-checked) and write its shards (and Fashion-MNIST's)
 #   make bench                      every benchmark of docs/performance.md
@@ -20,6 +20,8 @@ CONFIG ?= configs/mnist/quickstart.yaml
 ARGS ?=
 DATA ?= .data
 PYTEST_ARGS ?=
+# pytest-xdist workers; a test file stays on one worker (its module fixtures are built once)
+TEST_WORKERS ?= 2
 
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
@@ -64,7 +66,7 @@ $(DS_CPU_COMM_OP): | $(VENV)/.installed
 		"from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 
 test: setup data $(DS_CPU_COMM_OP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # pythae 0.1.2 in an environment of its own (beside the same torch), for bench/vs_pythae.py
 bench-env: .venv-pythae/.installed

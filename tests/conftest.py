@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.paths import MNIST_SHARDS, MNIST_WHEEL
 from tests.runkit import MlflowServer
 from vegan_scale.data.sources import ArraySource
 from vegan_scale.data.write import write_shards
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs two workers), each worker and every process it starts compute on one
+    thread: the workers share the cores, and torch's default of a thread per core makes OpenMP's threads wait for
+    each other (a training test took five times as long)."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

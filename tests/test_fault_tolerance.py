@@ -243,8 +243,9 @@ def test_a_run_started_again_while_it_trains_is_refused_and_touches_nothing(
 ) -> None:
     """The same run started a second time while it trains (a job submitted again with the same run name), under
     accelerate launch with 2 processes: every process of the second stops with exit 2, naming the process that
-    holds the run, and writes nothing there (before, it continued from the first's checkpoints and wrote into the
-    same files). The first trains on as if alone: stopped later, every step's loss is written down once."""
+    holds the run, before it reads the first's checkpoints, and writes nothing there (before, it continued from
+    the first's checkpoints and wrote into the same files). The first trains on as if alone: stopped later, every
+    step's loss is written down once."""
     run_dir = tmp_path / "mnist" / "twice"
     args = train_args(
         tiny_shards_module, tmp_path, "twice", "wae_mmd", "train.max_steps=100000", "tracking.log_every=5"
@@ -266,6 +267,7 @@ def test_a_run_started_again_while_it_trains_is_refused_and_touches_nothing(
     refusals = [line for line in second.stderr.splitlines() if line.startswith("error: run directory")]
     assert len(refusals) == 2 and f"process {first.pid} on" in refusals[0], second.stderr[-3000:]
     assert "in use by another training of this run" in refusals[0] and refusals[0] == refusals[1]
+    assert "continuing from" not in second.stdout + second.stderr  # refused before it read the first's checkpoints
     assert code == 75, out[-3000:]
     steps, stop = [step for step, _ in metric_rows(run_dir)], exit_status(run_dir)["step"]
     assert steps == [*range(5, stop + 1, 5), *([stop] if stop % 5 else [])], steps  # and the stop's step

@@ -90,20 +90,24 @@ def shared_run_dir(run_dir: RunDir, accelerator: Accelerator, wait_s: float) -> 
         )
 
 
-def own_run_dir(run_dir: RunDir, accelerator: Accelerator) -> IO[str] | None:
-    """Collective: the main process locks the run directory for the run, before anything is written there (its
-    lock file, to close when the run ends, is returned there). A second training of the same run (a job submitted
-    again while the first runs, one run.name given twice) would write the same checkpoints, metrics and exit status
-    and continue from checkpoints the first is pruning; it stops instead, every process with the same error,
-    naming the process that holds the run, and touches nothing."""
-    lock, holder = run_dir.take_lock() if accelerator.is_main_process else (None, None)
-    held = [holder]
+def own_run_dir(run_dir: RunDir, accelerator: Accelerator, held: IO[str] | None, create: bool) -> IO[str] | None:
+    """Collective: the main process locks the run directory for the run (its lock file, to close when the run ends,
+    is returned there). A second training of the same run (a job submitted again while the first runs, one
+    run.name given twice) would read the checkpoints the first is pruning and write the same metrics, checkpoints
+    and exit status; it stops instead, every process with the same error, naming the process that holds the run,
+    and touches nothing. Called first before anything reads the directory, where only one that exists (a run to
+    continue) is locked (``create=False``: a new run's directory is created last, once nothing can fail on bad
+    input), then before the directory is first written, which keeps the lock ``held`` from the first call."""
+    lock, holder = held, None
+    if accelerator.is_main_process and held is None and (create or run_dir.path.is_dir()):
+        lock, holder = run_dir.take_lock()
+    refusal = [holder]
     if accelerator.num_processes > 1:
-        broadcast_object_list(held)
-    if held[0] is not None:
+        broadcast_object_list(refusal)
+    if refusal[0] is not None:
         raise RunDirInUseError(
-            f"run directory {run_dir.path} is in use by another training of this run ({held[0]}): wait for it to "
-            "end or stop it, or choose another run.name"
+            f"run directory {run_dir.path} is in use by another training of this run ({refusal[0]}): wait for it "
+            "to end or stop it, or choose another run.name"
         )
     return lock
 

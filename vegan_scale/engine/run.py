@@ -118,7 +118,8 @@ def build_run(cfg: Any, started_at: float) -> Run:
     apply_layout(accelerator, layout, cfg.train.mixed_precision)
     run_dir = _run_dir(cfg, accelerator)
     try:
-        return _assemble(cfg, accelerator, layout, run_dir, started_at)
+        lock = job.own_run_dir(run_dir, accelerator, held=None, create=False)  # a run to continue, before it is read
+        return _assemble(cfg, accelerator, layout, run_dir, started_at, lock)
     except BaseException as error:
         # the status of this attempt, unless the directory is another training's
         if accelerator.is_main_process and run_dir.path.is_dir() and not isinstance(error, RunDirInUseError):
@@ -126,7 +127,9 @@ def build_run(cfg: Any, started_at: float) -> Run:
         raise
 
 
-def _assemble(cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: RunDir, started_at: float) -> Run:
+def _assemble(
+    cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: RunDir, started_at: float, lock: IO[str] | None
+) -> Run:
     stream = open_stream(cfg, accelerator, layout)
     job.same_experiment(cfg, stream, accelerator)
     candidates = resume.locate(cfg.train.resume, run_dir, accelerator)
@@ -152,7 +155,7 @@ def _assemble(cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: 
     )
     records = Records()
     continuing = resumed is not None or run_dir.holds_run()  # over an attempt that saved no checkpoint yet
-    lock = job.own_run_dir(run_dir, accelerator)
+    lock = job.own_run_dir(run_dir, accelerator, held=lock, create=True)  # a new run, before it is first written
     if accelerator.is_main_process:
         run_dir.prepare(to_yaml(cfg), started_at)
         records = _records(

@@ -553,6 +553,7 @@ def test_every_numeric_key_has_a_range():
         ("checkpoint.every_steps=-1", ">= 0"),
         ("optim.betas=[0.5,1.5]", "[0, 1)"),
         ("data.stall_timeout_s=900", "train.collective_timeout_s"),
+        ("run.seed=4294967296", "[0, 4294967295]"),  # torch's CPU generator would run seed 0 again
     ],
 )
 def test_values_out_of_range_name_the_key(override, rule):

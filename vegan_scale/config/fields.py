@@ -31,10 +31,16 @@ class Range:
 
     def __str__(self) -> str:
         if self.high is None:
-            return f"{'>=' if self.low_inclusive else '>'} {self.low:g}"
+            return f"{'>=' if self.low_inclusive else '>'} {_number(self.low)}"
         if self.low is None:
-            return f"{'<=' if self.high_inclusive else '<'} {self.high:g}"
-        return f"{'[' if self.low_inclusive else '('}{self.low:g}, {self.high:g}{']' if self.high_inclusive else ')'}"
+            return f"{'<=' if self.high_inclusive else '<'} {_number(self.high)}"
+        low, high = _number(self.low), _number(self.high)
+        return f"{'[' if self.low_inclusive else '('}{low}, {high}{']' if self.high_inclusive else ')'}"
+
+
+def _number(bound: float | None) -> str:
+    """An integer bound in full (a seed's 4294967295, not 4.29497e+09), any other as %g."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 POSITIVE = Range(0, low_inclusive=False)

@@ -34,7 +34,12 @@ class RunConfig:
         "Run name (run directory and MLflow run); default '<penalty>-<network>-z<latent>-gb<global batch>-lr<lr>-"
         "<timestamp>', e.g. mmd-conv-z8-gb100-lr0.001-20250101-120000. Letters, digits, '.', '_' and '-'.",
     )
-    seed: int = param(0, "Seed of parameters, prior samples and data order.", bounds=Range(0, 2**63 - 1))
+    seed: int = param(
+        0,
+        "Seed of parameters, prior samples and data order. At most 2^32 - 1: torch's CPU generator keeps the low 32 "
+        "bits of a seed, so a larger one would repeat a smaller one's run.",
+        bounds=Range(0, 2**32 - 1),
+    )
 
 
 @dataclass

@@ -1,10 +1,14 @@
 """A run's own records as a kill or a power loss leaves them: metrics.jsonl gives every whole row back, nothing
 else, and a continued run keeps the rows up to its checkpoint; a damaged exit_status.json reads as absent, with a
-warning naming it (sync and sweeps go on)."""
+warning naming it (sync and sweeps go on); the run directory's lock, held for a process that is gone, is cleared
+as the refusal says."""
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +50,34 @@ def test_a_damaged_exit_status_reads_as_absent(tmp_path: Path, caplog: pytest.Lo
         with caplog.at_level(logging.WARNING, logger="vegan_scale.rundir"):
             assert run_dir.read_exit_status() is None
         assert f"{run_dir.exit_status} is damaged" in caplog.records[-1].getMessage()
+
+
+def test_a_lock_left_by_a_process_that_is_gone_is_cleared_by_removing_its_file(tmp_path: Path) -> None:
+    """A lock the file system keeps for a process on a failed node (NFSv3 can, until the node returns), stood for by
+    a live process of another host's name: the run directory is refused naming that holder, and once the operator
+    removes ranks/lock, as the refusal says, a new file takes a new lock."""
+    run_dir = RunDir(tmp_path)
+    run_dir.ranks.mkdir()
+    run_dir.lock.write_text("process 4242 on node-17, since 2026-11-30 03:00:00\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir.lock)], stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert run_dir.take_lock() == (None, "process 4242 on node-17, since 2026-11-30 03:00:00")
+        run_dir.lock.unlink()
+        lock, refused_by = run_dir.take_lock()
+        assert lock is not None and refused_by is None and f"process {os.getpid()} on" in run_dir.lock.read_text()
+        lock.close()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+HOLD = """
+import fcntl, sys
+f = open(sys.argv[1], "a")
+fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("held", flush=True)
+sys.stdin.read()
+"""

@@ -107,7 +107,8 @@ def own_run_dir(run_dir: RunDir, accelerator: Accelerator, held: IO[str] | None,
     if refusal[0] is not None:
         raise RunDirInUseError(
             f"run directory {run_dir.path} is in use by another training of this run ({refusal[0]}): wait for it "
-            "to end or stop it, or choose another run.name"
+            "to end or stop it, or choose another run.name. If that process is gone (its node failed, and the shared "
+            f"file system still holds its lock, as NFSv3 can until the node returns), remove {run_dir.lock}"
         )
     return lock
 

@@ -197,9 +197,9 @@ def commit(root: Path, step: int, keep_last_k: int) -> Path:
 def _remove(old: Path) -> None:
     """Delete a checkpoint, first renaming it out of use: whoever looks for the newest (``vegan-scale eval`` on a
     run that trains on) then finds it whole or not at all, never half deleted, and whoever was reading it sees it
-    gone and reads the newest again (:meth:`vegan_scale.rundir.RunDir.read_newest`)."""
+    gone and reads the newest again (:meth:`vegan_scale.rundir.RunDir.read_newest`). One left by a crash between
+    the two steps was removed when the run started (:meth:`vegan_scale.rundir.RunDir.prepare`)."""
     gone = atomic.tmp_path(old)
-    shutil.rmtree(gone, ignore_errors=True)  # left by a crash between these two steps
     old.rename(gone)
     shutil.rmtree(gone)
 

@@ -16,6 +16,7 @@ from tests.paths import ROOT
 from vegan_scale import experiment, registry
 from vegan_scale.config.fields import Range, describe, leaves
 from vegan_scale.config.load import to_yaml
+from vegan_scale.config.yaml_file import read_yaml
 from vegan_scale.errors import ConfigError
 from vegan_scale.experiment import ExperimentConfig, load_experiment
 
@@ -564,9 +565,98 @@ def test_values_out_of_range_name_the_key(override, rule):
     assert key in str(info.value) and rule in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("train.max_steps=1" + "0" * 400, "more than 64 bits"),  # float() of it overflowed
+        ("run.seed=" + "9" * 30, "more than 64 bits"),
+        ("train.max_steps=${nowhere}", "nowhere"),
+        ("train.max_steps=${train.max_steps}", "train.max_steps"),  # refers to itself
+        ("run.name=${oc.env:VEGAN_SCALE_TEST_UNSET}", "VEGAN_SCALE_TEST_UNSET"),
+        ("optim.lr=${optim.betas}", "optim.lr"),
+        ("optim.lr=[", "not valid YAML"),
+        ("optim.betas[0]=0.9", "names joined by dots"),
+        ("optim.betas.0=0.9", "names joined by dots"),
+        ("train..max_steps=3", "names joined by dots"),
+        ("tracking.tags.a.b=1", "tracking.tags.a must be text"),
+        ("optim.betas=[0.5]", "two numbers"),
+        ("optim.betas=[0.5,0.9,0.99]", "two numbers"),
+        ("train.max_steps=", "write train.max_steps=null"),  # an unset shell variable must not lift the step cap
+    ],
+)
+def test_hostile_overrides_are_one_line_errors(override, words):
+    """Overrides that used to end in a traceback (OverflowError, OmegaConf's interpolation errors, YAML's scanner,
+    a TypeError from merging into a list, a tag that is a mapping) or in torch's IndexError at the first step (two
+    betas) are ConfigErrors naming the override; an empty value is not taken for null."""
+    msg = config_error(MNIST / "wae_mmd.yaml", override)
+    assert words in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("train: {max_steps: 1" + "0" * 400 + "}\n", "more than 64 bits"),
+        ("train: {max_steps: '${nowhere}'}\n", "nowhere"),
+        ("tracking: {tags: {x: [1]}}\n", "tracking.tags.x must be text"),
+    ],
+)
+def test_hostile_values_in_a_file_name_the_file(tmp_path, text, words):
+    path = write(tmp_path / "bad.yaml", text)
+    msg = config_error(path)
+    assert str(path) in msg and words in msg
+
+
+def test_text_keys_take_the_override_as_typed():
+    """YAML reads 010 as 8 and 0x10 as 16: run.name=010 and run.name=8 would have shared a run directory."""
+    cfg = load(MNIST / "quickstart.yaml", "run.name=010", "run.experiment=0x10", "tracking.tags.x=[1]")
+    assert (cfg.run.name, cfg.run.experiment, cfg.tracking.tags["x"]) == ("010", "0x10", "[1]")
+    assert load(MNIST / "quickstart.yaml", "run.name='1e5'").run.name == "1e5"  # quoted: YAML's string
+    assert load(MNIST / "quickstart.yaml", "run.name=null").run.name is None
+    assert load(MNIST / "quickstart.yaml", "train.mixed_precision=no").train.mixed_precision == "no"
+
+
+def test_a_config_that_is_a_pipe_or_a_symlink_loop_is_refused_at_once(tmp_path):
+    """A FIFO with no writer would block the reader forever; a loop of links made Path.resolve raise."""
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    (tmp_path / "loop1.yaml").symlink_to(tmp_path / "loop2.yaml")
+    (tmp_path / "loop2.yaml").symlink_to(tmp_path / "loop1.yaml")
+    assert "not a regular file" in config_error(fifo)
+    assert "loop1.yaml" in config_error(tmp_path / "loop1.yaml")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_yaml(fifo)  # what sweep files and a checkpoint's config.yaml are read with
+
+
+def test_a_stored_configuration_is_plain_data(tmp_path, monkeypatch):
+    """A run's config.yaml is written resolved; an interpolation in one came from someone else and would have sent
+    an environment variable to the tracking server (`vegan-scale sync`, `eval`)."""
+    monkeypatch.setenv("VEGAN_SCALE_TEST_SECRET", "s3cr3t")
+    cfg = load(MNIST / "quickstart.yaml")
+    resolved = yaml.safe_load(to_yaml(cfg))
+    assert experiment.load_stored_experiment(write(tmp_path / "ok.yaml", yaml.safe_dump(resolved))) == cfg
+    resolved["tracking"]["uri"] = "sqlite:////tmp/${oc.env:VEGAN_SCALE_TEST_SECRET}.db"
+    with pytest.raises(ConfigError, match=r"tracking\.uri") as info:
+        experiment.load_stored_experiment(write(tmp_path / "config.yaml", yaml.safe_dump(resolved)))
+    assert "s3cr3t" not in str(info.value)
+
+
 def test_out_of_range_train_exits_2_before_making_a_run_directory(tmp_path):
     result = cli("train", "configs/mnist/quickstart.yaml", "train.micro_batch_size=-10", f"run.root={tmp_path}")
     assert_usage_error(result, "train.micro_batch_size", ">= 1")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_tracking_uri_of_no_store_exits_2_before_making_a_run_directory(tmp_path):
+    """A misspelt URI (or MLflow 3's refused file store) trained to the end with its tracking failing, exit 0."""
+    uri = f"file://{tmp_path}/mlruns"
+    result = cli(
+        "train",
+        "configs/mnist/quickstart.yaml",
+        "tracking.backend=mlflow",
+        f"tracking.uri={uri}",
+        f"run.root={tmp_path}",
+    )
+    assert_usage_error(result, uri, "sqlite:///")
     assert not any(tmp_path.iterdir())
 
 

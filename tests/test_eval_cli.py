@@ -13,6 +13,7 @@ from PIL import Image
 
 import vegan_scale
 from tests import runkit
+from vegan_scale.cli_parser import parser
 from vegan_scale.config.schema import EvalConfig
 from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import load_images
@@ -108,6 +109,17 @@ def test_a_grid_out_of_range_or_an_unusable_out_is_refused_by_the_command(run_di
     assert [f.metadata["bounds"].high for f in dataclasses.fields(EvalConfig) if f.name == "grid_size"] == [
         grids.MAX_GRID
     ]
+
+
+@pytest.mark.parametrize("command", [["eval", "RUN"], ["sample", "RUN", "--out", "X"], ["shards", "npz", "--out", "X"]])
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "1" + "0" * 24, "x"])
+def test_a_seed_out_of_range_is_a_usage_error(command: list[str], seed: str, capsys: pytest.CaptureFixture) -> None:
+    """A seed past 2^32 - 1 ended in an OverflowError from torch (or repeated a smaller seed's draws), and -1 was
+    taken: each seed argument has run.seed's range, checked by the parser (exit 2)."""
+    option = "--split-seed" if command[0] == "shards" else "--seed"
+    with pytest.raises(SystemExit) as info:
+        parser().parse_args([*command, option, seed])
+    assert info.value.code == 2 and option in capsys.readouterr().err
 
 
 def test_sources_agree_and_refuse_other_directories(run_dir: Path, tmp_path: Path) -> None:

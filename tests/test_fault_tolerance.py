@@ -127,12 +127,18 @@ def test_stop_request_under_a_launcher(tiny_shards_module: Path, tmp_path: Path)
 
 
 def test_resume_policy(tiny_shards_module: Path, tmp_path: Path) -> None:
-    """Continuing with another network is refused with the key named (exit 2); a longer run may continue, also from
-    a checkpoint written before a key existed (the key's default is what that run did)."""
+    """Continuing with another network is refused with the key named (exit 2), and so is train.resume=never; neither
+    refusal touches the finished run's exit status. A longer run may continue, also from a checkpoint written before
+    a key existed (the key's default is what that run did)."""
     args = train_args(tiny_shards_module, tmp_path, "policy", "wae_mmd", "train.max_steps=5")
     assert run(single(args)).returncode == 0
+    status = tmp_path / "mnist" / "policy" / "exit_status.json"
+    finished = status.read_text()
     changed = run(single([*args, "model.mlp.hidden=[16]"]))
     assert changed.returncode == 2 and "model.mlp.hidden" in changed.stderr
+    never = run(single([*args, "train.resume=never"]))
+    assert never.returncode == 2 and "already holds a run" in never.stderr
+    assert status.read_text() == finished and json.loads(finished)["code"] == 0
     saved = tmp_path / "mnist" / "policy" / "checkpoints" / "step_00000005" / "config.yaml"
     older = yaml.safe_load(saved.read_text())
     del older["train"]["grad_compression"]  # as an older version wrote it
@@ -143,6 +149,19 @@ def test_resume_policy(tiny_shards_module: Path, tmp_path: Path) -> None:
     longer = run(single([*args, "train.max_steps=8"]))
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "continuing from" in longer.stdout + longer.stderr
+
+
+def test_a_directory_holding_no_run_but_other_files_is_refused_and_kept(tiny_shards_module: Path, tmp_path: Path):
+    """run.root or run.name naming someone's directory: training wrote its config.yaml over theirs and its
+    train.log among their files. It is refused (exit 2) naming what it holds, and nothing in it changes."""
+    theirs = tmp_path / "mnist" / "theirs"
+    theirs.mkdir(parents=True)
+    for name in ("config.yaml", "notes.txt"):
+        (theirs / name).write_text("theirs\n")
+    refused = run(single(train_args(tiny_shards_module, tmp_path, "theirs", "wae_mmd", "train.max_steps=2")))
+    assert refused.returncode == 2 and "holds no run but other files (notes.txt)" in refused.stderr, refused.stderr
+    assert sorted(p.name for p in theirs.iterdir()) == ["config.yaml", "notes.txt"]
+    assert (theirs / "config.yaml").read_text() == "theirs\n"
 
 
 def test_nonfinite_loss_stops_all_ranks_and_keeps_the_checkpoint(tiny_shards_module: Path, tmp_path: Path) -> None:

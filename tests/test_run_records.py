@@ -81,3 +81,19 @@ fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 print("held", flush=True)
 sys.stdin.read()
 """
+
+
+def test_strangers_are_what_a_directory_without_a_run_holds_besides_a_run_s_entries(tmp_path: Path) -> None:
+    """A batch script's PREEMPT and a run's own names (their temporary names too) are a run's; once a run has
+    started, whatever its users keep beside it is theirs."""
+    run_dir = RunDir(tmp_path / "run")
+    assert run_dir.strangers() == []  # not there yet
+    run_dir.path.mkdir()
+    for name in ("PREEMPT", "config.yaml", "config.yaml.tmp", "train.log"):
+        (run_dir.path / name).touch()
+    assert run_dir.strangers() == []
+    (run_dir.path / "notes.txt").touch()
+    (run_dir.path / "data").mkdir()
+    assert run_dir.strangers() == ["data", "notes.txt"]
+    run_dir.ranks.mkdir()  # an attempt took the lock: a run's directory
+    assert run_dir.strangers() == []

@@ -51,6 +51,22 @@ def test_tasks_are_every_config_and_combination_in_order(tmp_path: Path) -> None
         ({"name": "g", "configs": ["configs/mnist/wae_mmd.yaml"], "grid": {"run.seed": 3}}, "needs a list"),
         ({"name": "a b", "configs": ["configs/mnist/wae_mmd.yaml"]}, "name 'a b'"),
         ({"name": "g", "config": ["configs/mnist/wae_mmd.yaml"]}, "holds name, configs"),
+        # fields of the wrong type, which ended in a TypeError or an AttributeError
+        ({"name": "g", "configs": [5]}, "configs must be a list of experiment files"),
+        ({"name": "g", "configs": [{"a": 1}]}, "configs must be a list of experiment files"),
+        ({"name": "g", "configs": ["configs/mnist/wae_mmd.yaml"], "grid": {1: [1]}}, "grid a mapping of keys"),
+        ({"name": "g", "configs": ["configs/mnist/wae_mmd.yaml"], "overrides": 5}, "overrides a list"),
+        ({"name": "g", "configs": ["configs/mnist/wae_mmd.yaml"], "overrides": "train.epochs=20"}, "overrides a list"),
+        ({"name": None, "configs": ["configs/mnist/wae_mmd.yaml"]}, "name None must be text"),
+        # 10**10 tasks from 500 bytes: counted before any is made (it used to run until killed)
+        (
+            {
+                "name": "g",
+                "configs": ["configs/mnist/wae_mmd.yaml"],
+                "grid": {f"k{i}": list(range(10)) for i in range(10)},
+            },
+            "makes 10,000,000,000 tasks",
+        ),
     ],
 )
 def test_a_bad_grid_is_refused_before_anything_runs(tmp_path: Path, spec: dict, message: str) -> None:

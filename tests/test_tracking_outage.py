@@ -269,6 +269,11 @@ def test_sync_creates_the_run_a_server_never_saw(tiny_shards: Path, tmp_path: Pa
     trained = run(single(args))
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert not (run_dir / "mlflow_run_id").exists()
+    # the server still away, then a URI of no tracking store: one line each, not MLflow's traceback
+    for uri, code, words in ((link.uri, 69, "and that its server answers"), ("bogus://x", 2, "not a store MLflow")):
+        refused = _sync(run_dir, uri)
+        assert refused.returncode == code and words in refused.stderr, refused.stderr[-3000:]
+        assert "Traceback" not in refused.stderr and not (run_dir / "mlflow_run_id").exists()
     link.restore()
     first = _sync(run_dir, link.uri)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -111,14 +111,14 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _sync(args: argparse.Namespace) -> None:
-    from vegan_scale.experiment import load_experiment
+    from vegan_scale.experiment import load_stored_experiment
     from vegan_scale.rundir import RunDir
     from vegan_scale.tracking.mlflow_run import resolve_uri, sync
 
     run_dir = RunDir(args.run_dir)
     if not run_dir.is_run():
         raise ConfigError(f"{args.run_dir} is not a run directory (it has no {run_dir.config.name})")
-    cfg = load_experiment(run_dir.config)
+    cfg = load_stored_experiment(run_dir.config)
     uri = args.uri or resolve_uri(cfg.tracking.uri, Path(cfg.run.root))
     run_id = sync(run_dir, cfg, uri)
     print(f"{args.run_dir}: MLflow run {run_id} at {uri} is up to date")

@@ -9,6 +9,19 @@ from typing import Any
 
 from vegan_scale.provenance import version
 
+MAX_SEED = 2**32 - 1  # run.seed's bound: torch's CPU generator keeps the low 32 bits of a seed
+
+
+def _seed(text: str) -> int:
+    """A seed argument, within run.seed's range: a larger one would repeat a smaller one's draws."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: a seed is in [0, {MAX_SEED}]")
+    return value
+
 
 def _add_train(sub: Any) -> None:
     t = sub.add_parser("train", help="train an experiment", description="Train the experiment CONFIG describes.")
@@ -79,7 +92,7 @@ def _add_eval_and_sample(sub: Any) -> None:
         "--classifier",
         help="feature network: mnist, fashion_mnist or a .safetensors file (default: by the test shards' data set)",
     )
-    v.add_argument("--seed", type=int, default=0, help="seed of the split, the prior samples and KID's subsets")
+    v.add_argument("--seed", type=_seed, default=0, help="seed of the split, the prior samples and KID's subsets")
 
     m = sub.add_parser(
         "sample",
@@ -90,7 +103,7 @@ def _add_eval_and_sample(sub: Any) -> None:
     _model_and_data(m)
     m.add_argument("--out", type=Path, required=True, help="output directory")
     m.add_argument("--grid", type=int, default=10, help="rows and columns of each grid")
-    m.add_argument("--seed", type=int, default=0, help="seed of the prior samples")
+    m.add_argument("--seed", type=_seed, default=0, help="seed of the prior samples")
 
 
 def _add_shards(sub: Any) -> None:
@@ -133,7 +146,7 @@ def _add_shards(sub: Any) -> None:
         default=0,
         help="hold out the last N training samples as val/ (for choosing hyper-parameters; test/ stays untouched)",
     )
-    s.add_argument("--split-seed", type=int, default=0, help="folder, npz: seed of the train/test split")
+    s.add_argument("--split-seed", type=_seed, default=0, help="folder, npz: seed of the train/test split")
 
 
 def _add_index_shards(sub: Any) -> None:

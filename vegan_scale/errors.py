@@ -16,7 +16,7 @@ class ExitCode(IntEnum):
     CRASH = 1  # unexpected exception (traceback printed)
     USAGE = 2  # bad command line or configuration, missing data
     NONFINITE_LOSS = 65  # a loss became NaN/inf (sysexits EX_DATAERR); the last checkpoint is intact
-    LOST_RANK = 69  # another process of the job, or the data, stopped answering (EX_UNAVAILABLE)
+    LOST_RANK = 69  # another process of the job, the data or the tracking store stopped answering (EX_UNAVAILABLE)
     STORAGE = 74  # a file of the run could not be written: full disk, quota, read-only storage (EX_IOERR)
     PREEMPTED = 75  # stopped on request after a checkpoint; requeue to continue (EX_TEMPFAIL)
     INTERRUPTED = 130  # Ctrl-C, after a checkpoint (128 + SIGINT)
@@ -34,8 +34,14 @@ class ConfigError(VeganError):
     exit_code = ExitCode.USAGE
 
 
-class RunDirInUseError(ConfigError):
-    """Another training process holds the run directory (the same run started twice): nothing of it is touched."""
+class RunRefusedError(ConfigError):
+    """This attempt does not take over the run in its directory (another training holds it, ``train.resume=never``,
+    or settings the run cannot change): nothing of the run is touched, its exit_status.json included, so that a
+    finished run stays finished for ``sync`` and a sweep."""
+
+
+class RunDirInUseError(RunRefusedError):
+    """Another training process holds the run directory (the same run started twice)."""
 
 
 class DataError(VeganError):
@@ -47,6 +53,13 @@ class DataError(VeganError):
 class DataStallError(VeganError):
     """The data stopped coming: no batch within data.stall_timeout_s (a read that never returned: a stuck file
     system, a FIFO), or a loader worker that ended (killed by the out-of-memory killer)."""
+
+    exit_code = ExitCode.LOST_RANK
+
+
+class TrackingError(VeganError):
+    """The tracking store did not answer, or refused what `vegan-scale sync` sent (a run it does not hold): nothing
+    of the run directory changed, and the same command sends what is missing once the store is right."""
 
     exit_code = ExitCode.LOST_RANK
 

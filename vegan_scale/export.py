@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vegan_scale import atomic
-from vegan_scale.config.load import flat_keys
+from vegan_scale.config.load import flat_keys, refuse_references
 from vegan_scale.config.yaml_file import read_yaml
 from vegan_scale.errors import ConfigError
 
@@ -80,9 +80,7 @@ def read_sections(directory: Path) -> dict[str, Any]:
     sections = read_yaml(path)
     if not isinstance(sections, dict) or set(sections) - set(SECTIONS):
         raise ConfigError(f"{path} must hold only the sections {', '.join(SECTIONS)}: it is not an export's")
-    found = [k for k, v in flat_keys(sections).items() if isinstance(v, str) and "${" in v]
-    if found:
-        raise ConfigError(f"{path} holds interpolations ({', '.join(found)}): an export's model.yaml is plain data")
+    refuse_references(sections, path)
     return sections
 
 

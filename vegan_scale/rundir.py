@@ -68,8 +68,12 @@ def default_run_name(penalty: str, network: str, latent_dim: int, global_batch: 
     return f"{penalty}-{network}-z{latent_dim}-gb{global_batch}-lr{lr:g}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+_ENTRIES: set[str] = set()  # the names a run writes at the top of its directory
+
+
 def _entry(name: str) -> property:
     """A path inside the run directory, as a read-only attribute of :class:`RunDir`."""
+    _ENTRIES.add(name.split("/")[0])
     return property(lambda self: self.path / name, doc=f"<run_dir>/{name}")
 
 
@@ -106,6 +110,14 @@ class RunDir:
     def holds_run(self) -> bool:
         """Whether a run has started here (it may have saved no checkpoint yet)."""
         return self.exit_status.exists() or self.metrics.exists()
+
+    def strangers(self) -> list[str]:
+        """What a directory that holds no run holds besides a run's own entries (and their temporary names): a
+        training must not write its config.yaml and train.log among someone else's files (run.root or run.name
+        naming the wrong directory). Once a run has started here, what its users keep beside it is theirs."""
+        if not self.path.is_dir() or self.holds_run() or self.ranks.exists() or self.checkpoints.exists():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.name.removesuffix(atomic.TMP_SUFFIX) not in _ENTRIES)
 
     def figure(self, key: str, step: int) -> Path:
         return self.figures / f"{key}_{step:08d}.png"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import re
 import signal
 import subprocess
@@ -41,6 +42,7 @@ from vegan_scale.rundir import RunDir
 log = logging.getLogger(__name__)
 
 KEYS = {"name", "configs", "grid", "overrides"}
+MAX_TASKS = 10_000  # expanded and checked one by one before anything runs
 
 
 @dataclass(frozen=True)
@@ -66,14 +68,31 @@ def tasks(path: str | Path) -> list[Task]:
         raise ConfigError(f"cannot read the grid file {path}: {e}") from None
     if not isinstance(spec, dict) or not {"name", "configs"} <= set(spec) or set(spec) - KEYS:
         raise ConfigError(f"{path}: a grid file holds name, configs, and optionally grid and overrides ({_HOWTO})")
-    name, configs = str(spec["name"]), spec["configs"]
-    grid, common = spec.get("grid") or {}, [str(o) for o in spec.get("overrides") or []]
-    if not NAME.fullmatch(name):
-        raise ConfigError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-' (it starts run names)")
-    if not isinstance(configs, list) or not configs or not isinstance(grid, dict):
-        raise ConfigError(f"{path}: configs must be a list of experiment files and grid a mapping ({_HOWTO})")
+    name, configs, grid, common = spec["name"], spec["configs"], spec.get("grid") or {}, spec.get("overrides") or []
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ConfigError(
+            f"{path}: name {name!r} must be text of letters, digits, '.', '_' or '-' (it starts run names; quote a "
+            "number)"
+        )
+    if (
+        not configs
+        or not _strings(configs)
+        or not _strings(common)
+        or not isinstance(grid, dict)
+        or not _strings(list(grid))
+    ):
+        raise ConfigError(
+            f"{path}: configs must be a list of experiment files, overrides a list of key=value, and grid a mapping "
+            f"of keys ({_HOWTO})"
+        )
     if any(not isinstance(values, list) or not values for values in grid.values()):
         raise ConfigError(f"{path}: every grid key needs a list of values ({_HOWTO})")
+    count = math.prod(len(values) for values in grid.values()) * len(configs)
+    if count > MAX_TASKS:
+        raise ConfigError(
+            f"{path}: the grid makes {count:,} tasks, more than the {MAX_TASKS:,} a sweep may hold (SLURM's default "
+            "MaxArraySize is 1001); split it into several grid files"
+        )
     stems = [Path(c).stem for c in configs]
     if len(set(stems)) != len(stems):
         raise ConfigError(f"{path}: two configs are named {stems}: the run names would collide")
@@ -99,6 +118,11 @@ def tasks(path: str | Path) -> list[Task]:
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ConfigError(f"{path}: grid points share run names ({', '.join(twice[:3])}): make the values differ")
     return found
+
+
+def _strings(items: Any) -> bool:
+    """Whether ``items`` is a list of text (an empty list of overrides is one)."""
+    return isinstance(items, list) and all(isinstance(item, str) for item in items)
 
 
 def _slug(value: Any) -> str:

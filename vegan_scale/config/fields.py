@@ -23,7 +23,7 @@ class Range:
     high_inclusive: bool = True
 
     def contains(self, value: float) -> bool:
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # an int is compared exactly, however large
             return False
         if self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive)):
             return False

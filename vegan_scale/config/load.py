@@ -8,14 +8,16 @@ came from, the dotted key, and a close match for a misspelt key. The result is a
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from vegan_scale.config.fields import describe
+from vegan_scale.config.fields import describe, leaves, type_name
 from vegan_scale.config.schema import SCHEMA_VERSION
 from vegan_scale.config.validate import check_experiment, check_values, restore_words
 from vegan_scale.config.yaml_file import read_yaml
@@ -31,15 +33,50 @@ def load_config(schema: type, path: str | Path | Mapping[str, Any] | None, overr
     ``path`` may also be the experiment itself, as nested mappings (the Python API's dict form); its ``inherit``
     files are then found relative to the working directory.
     """
-    cfg = OmegaConf.structured(schema)
     if isinstance(path, Mapping):
         sources = _with_parents(dict(path), "the configuration passed in", Path.cwd(), ())
     else:
         sources = _file_chain(Path(path), ()) if path is not None else []
-    for source, data in sources:
+    return _compose(
+        schema, sources, [(f"command-line override {item!r}", _parse_override(schema, item)) for item in overrides]
+    )
+
+
+def load_stored(schema: type, path: Path) -> Any:
+    """A configuration a run wrote (the config.yaml of a run or a checkpoint), read as plain data: the trainer
+    writes every value resolved, so an interpolation or an ``inherit`` in one came from someone else, and reading it
+    could leak the environment (``${oc.env:...}``) to a tracking server or read other files."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a configuration must be a mapping of keys, got {type(data).__name__}")
+    refuse_references(data, path)
+    return _compose(schema, [(str(path), data)], [])
+
+
+def refuse_references(data: dict, path: Path) -> None:
+    """Stored data (a run's config.yaml, an export's model.yaml) may hold no interpolation (``${...}``, which could
+    read the environment) and no ``inherit`` (which could read other files); a ConfigError names what it holds."""
+    found = [key for key, text in _strings(data) if "${" in text] + ([INHERIT_KEY] if INHERIT_KEY in data else [])
+    if found:
+        raise ConfigError(
+            f"{path} holds interpolations or inherit ({', '.join(found)}): a stored configuration is plain data, "
+            "written resolved by vegan_scale; restore the file as it was written"
+        )
+
+
+def _strings(data: Any, key: str = "") -> list[tuple[str, str]]:
+    """(dotted key, text) of every string in nested dicts and lists."""
+    if isinstance(data, dict):
+        return [found for k, v in data.items() for found in _strings(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(data, list):
+        return [found for i, v in enumerate(data) for found in _strings(v, f"{key}[{i}]")]
+    return [(key, data)] if isinstance(data, str) else []
+
+
+def _compose(schema: type, sources: list[tuple[str, dict]], overrides: list[tuple[str, dict]]) -> Any:
+    cfg = OmegaConf.structured(schema)
+    for source, data in [*sources, *overrides]:
         cfg = _merge(schema, cfg, data, source)
-    for item in overrides:
-        cfg = _merge(schema, cfg, _parse_override(item), f"command-line override {item!r}")
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
@@ -61,12 +98,17 @@ def to_yaml(cfg: Any) -> str:
 
 def _file_chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[str, dict]]:
     """(name, data) of the file's ancestors, parents first, then the file itself."""
-    path = path.resolve()
+    try:
+        path = path.resolve()
+    except (OSError, RuntimeError) as e:  # a loop of symbolic links
+        raise ConfigError(f"config file {path} cannot be resolved: {e}") from None
     if path in seen:
         chain = " -> ".join(str(p) for p in (*seen, path))
         raise ConfigError(f"circular inherit: {chain}")
+    where = f" (inherited by {seen[-1]})" if seen else ""
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"config file {path}{where} is not a regular file (a directory, a device or a pipe)")
     if not path.is_file():
-        where = f" (inherited by {seen[-1]})" if seen else ""
         raise ConfigError(
             f"config file not found: {path}{where}; configs live under configs/, e.g. configs/mnist/wae_mmd.yaml"
         )
@@ -88,22 +130,56 @@ def _with_parents(data: dict, name: str, base: Path, seen: tuple[Path, ...]) -> 
     return [*chain, (name, data)]
 
 
-def _parse_override(item: str) -> dict:
-    key, sep, _ = item.partition("=")
+KEY_PART = re.compile(r"[A-Za-z_][\w-]*")
+
+
+def _parse_override(schema: type, item: str) -> dict:
+    """``key.sub=value`` as nested dicts. The value is YAML, except for a key that holds text, which takes it as
+    typed: YAML reads ``run.name=010`` as the number 8 and ``0x10`` as 16, so two runs would share a directory."""
+    key, sep, text = item.partition("=")
     if not sep or not key or key.startswith("-"):
         raise ConfigError(
             f"override {item!r} is not of the form key.sub=value (no leading dashes), e.g. train.max_steps=200"
         )
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist([item]))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"override {item!r}: {_first_line(e)}") from None
+    parts = key.split(".")
+    if not all(KEY_PART.fullmatch(part) for part in parts):
+        raise ConfigError(
+            f"override {item!r}: the key must be names joined by dots, e.g. train.max_steps=200; a list is given "
+            "whole, e.g. optim.betas=[0.5,0.999]"
+        )
+    if not text:
+        raise ConfigError(f"override {item!r} has no value: write {key}=null to unset it")
+    if text[0] in "'\"" or text in ("null", "~") or not _takes_text(schema, key):
+        try:
+            return OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {item!r}: {_first_line(e)}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_first_line(e)})") from None
+    value: Any = text
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def _takes_text(schema: type, key: str) -> bool:
+    """Whether ``key`` holds text: a str key, or an entry of a dict[str, str] one (tracking.tags.<name>)."""
+    for name, field, _ in leaves(schema):
+        kind = type_name(field)
+        if name == key:
+            return kind in ("str", "str | None")
+        if key.rpartition(".")[0] == name:
+            return kind == "dict[str, str]"
+    return False
 
 
 def _merge(schema: type, cfg: DictConfig, data: dict, source: str) -> DictConfig:
     restore_words(schema, data)
     try:
         merged = OmegaConf.merge(cfg, data)
+        # Every earlier source passed this check, so a value out of bounds now came from this one. The check
+        # resolves interpolations (${...}), which may name a key or a variable that is not there.
+        check_values(schema, merged, f"{source}: ")
     except ConfigKeyError as e:
         key = e.full_key or str(e.key)
         hint = _close_match(schema, key)
@@ -111,8 +187,8 @@ def _merge(schema: type, cfg: DictConfig, data: dict, source: str) -> DictConfig
     except OmegaConfBaseException as e:
         where = f"key '{e.full_key}': " if e.full_key else ""
         raise ConfigError(f"{source}: {where}{_first_line(e)}") from None
-    # Every earlier source passed this check, so a value out of bounds now came from this one.
-    check_values(schema, merged, f"{source}: ")
+    except (TypeError, ValueError) as e:  # OmegaConf's own, e.g. a mapping merged into a list
+        raise ConfigError(f"{source}: {e}") from None
     return merged
 
 

@@ -11,21 +11,28 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from vegan_scale.config.fields import leaves
+from vegan_scale.config.fields import leaves, type_name
 from vegan_scale.errors import ConfigError
 
 
 def check_values(schema: type, obj: Any, where: str = "") -> None:
-    """Every leaf of ``obj`` (a schema instance or an OmegaConf tree of it) within its choices and range."""
+    """Every leaf of ``obj`` (a schema instance or an OmegaConf tree of it) within its choices and range, its
+    integers within 64 bits (steps and seeds become int64 tensors), and the entries of a text mapping text."""
     for key, field, _ in leaves(schema):
         value = lookup(obj, key)
         choices, bounds = field.metadata.get("choices"), field.metadata.get("bounds")
         if choices and value not in choices:
             raise ConfigError(f"{where}{key}={value!r} is not one of {', '.join(choices)}")
+        if type_name(field) == "dict[str, str]":
+            for name, entry in value.items():
+                if not isinstance(entry, (str, int, float, bool)):
+                    raise ConfigError(f"{where}{key}.{name} must be text, not a mapping or a list")
         if bounds is None or value is None:
             continue
         numbers = [value] if isinstance(value, (int, float)) else list(value)  # a list: every element
-        if not all(bounds.contains(float(n)) for n in numbers):
+        if any(isinstance(n, int) and not -(2**63) <= n < 2**63 for n in numbers):
+            raise ConfigError(f"{where}{key} holds an integer of more than 64 bits: it must be {bounds}")
+        if not all(bounds.contains(n) for n in numbers):
             shown = value if isinstance(value, (int, float)) else numbers
             raise ConfigError(f"{where}{key}={shown} is out of range: it must be {bounds}")
 
@@ -61,6 +68,8 @@ def check_experiment(obj: Any) -> None:
                 "or digit, at most 200 characters (the run directory is <run.root>/<run.experiment>/<run.name>)"
             )
     o = obj.optim
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas must hold two numbers, Adam's beta1 and beta2 (got {list(o.betas)})")
     if len(o.lr_milestones) != len(o.lr_factors) or list(o.lr_milestones) != sorted(o.lr_milestones):
         raise ConfigError(
             "optim.lr_milestones must be increasing and as long as optim.lr_factors "

@@ -6,11 +6,14 @@ that contains itself. Every walk over such data (validation, OmegaConf, the comp
 settings) hangs, runs out of memory or recurses without end. Configuration files, grid files, checkpoints'
 config.yaml and exports' model.yaml come from other people and from shared storage, so each is measured before it
 is built: aliases are allowed while the data they stand for stay small. A file that is not YAML at all (a shard or
-a checkpoint named by mistake, a device) is refused by its size or its bytes, not read whole or decoded in Python.
+a checkpoint named by mistake) is refused by its size or its bytes, not read whole or decoded in Python, and one
+that is not a regular file (a device, a pipe) before anything is read.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,12 @@ def read_yaml(path: Path) -> Any:
     deeper than Python can follow, holds a value that contains itself, or stands for more than MAX_VALUES values
     once its aliases are expanded. OSError (a missing file) is left to the caller, which knows what the file is for.
     """
-    with path.open("rb") as f:
+    # Opened without blocking, so that a pipe with no writer (a FIFO named by mistake) is refused, not waited on.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path} is not a regular file (a pipe, a device or a directory), so not a configuration")
+    with os.fdopen(fd, "rb") as f:
         data = f.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_BYTES >> 20} MiB, so not a configuration; is it the right file?")

@@ -26,7 +26,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from vegan_scale import atomic, provenance
 from vegan_scale.config.load import flat_keys
 from vegan_scale.data.pipeline import TrainStream
-from vegan_scale.errors import ConfigError, RunDirInUseError
+from vegan_scale.errors import ConfigError, RunDirInUseError, RunRefusedError
 from vegan_scale.rundir import RunDir
 
 
@@ -97,20 +97,37 @@ def own_run_dir(run_dir: RunDir, accelerator: Accelerator, held: IO[str] | None,
     and exit status; it stops instead, every process with the same error, naming the process that holds the run,
     and touches nothing. Called first before anything reads the directory, where only one that exists (a run to
     continue) is locked (``create=False``: a new run's directory is created last, once nothing can fail on bad
-    input), then before the directory is first written, which keeps the lock ``held`` from the first call."""
-    lock, holder = held, None
-    if accelerator.is_main_process and held is None and (create or run_dir.path.is_dir()):
-        lock, holder = run_dir.take_lock()
-    refusal = [holder]
+    input), then before the directory is first written, which keeps the lock ``held`` from the first call. A
+    directory that holds no run but other files (:meth:`RunDir.strangers`) is refused the same way."""
+    lock, refusal = held, [None]
+    if accelerator.is_main_process and held is None:
+        refusal = [_someone_elses(run_dir)]
+        if refusal[0] is None and (create or run_dir.path.is_dir()):
+            lock, holder = run_dir.take_lock()
+            refusal = [holder and _in_use(run_dir, holder)]
     if accelerator.num_processes > 1:
         broadcast_object_list(refusal)
     if refusal[0] is not None:
-        raise RunDirInUseError(
-            f"run directory {run_dir.path} is in use by another training of this run ({refusal[0]}): wait for it "
-            "to end or stop it, or choose another run.name. If that process is gone (its node failed, and the shared "
-            f"file system still holds its lock, as NFSv3 can until the node returns), remove {run_dir.lock}"
-        )
+        raise refusal[0]
     return lock
+
+
+def _someone_elses(run_dir: RunDir) -> RunRefusedError | None:
+    strangers = run_dir.strangers()
+    if not strangers:
+        return None
+    return RunRefusedError(
+        f"run directory {run_dir.path} holds no run but other files ({', '.join(strangers[:5])}): a training "
+        "would write its config.yaml and train.log among them; choose another run.root or run.name"
+    )
+
+
+def _in_use(run_dir: RunDir, holder: str) -> RunDirInUseError:
+    return RunDirInUseError(
+        f"run directory {run_dir.path} is in use by another training of this run ({holder}): wait for it to end or "
+        "stop it, or choose another run.name. If that process is gone (its node failed, and the shared file system "
+        f"still holds its lock, as NFSv3 can until the node returns), remove {run_dir.lock}"
+    )
 
 
 def _holds(path: Path, text: str) -> bool:

@@ -40,7 +40,7 @@ from vegan_scale.config.load import flat_keys
 from vegan_scale.config.yaml_file import read_yaml
 from vegan_scale.distributed.accelerator import distribution_mode
 from vegan_scale.distributed.trainable import Trainable
-from vegan_scale.errors import CheckpointError, ConfigError
+from vegan_scale.errors import CheckpointError, ConfigError, RunRefusedError
 from vegan_scale.experiment import ExperimentConfig
 from vegan_scale.rundir import COMPLETE, RunDir, complete_checkpoints, is_complete
 
@@ -104,7 +104,7 @@ def check_policy(path: Path, config: dict[str, Any], world_size: int, mode: str)
     refused = sorted(k for k in changed if k not in MAY_CHANGE and not k.startswith(MAY_CHANGE_PREFIXES))
     if refused:
         details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in refused)
-        raise ConfigError(
+        raise RunRefusedError(
             f"cannot continue {path} with a different {', '.join(refused)} ({details}). These shape the "
             "model, the optimisation or the data order; start a new run (train.init_from=EXPORT starts "
             "one from a model's weights) or restore the checkpoint's values"

@@ -29,7 +29,7 @@ from vegan_scale.engine.objective import POT
 from vegan_scale.engine.periodic_eval import EvalSet
 from vegan_scale.engine.records import Records
 from vegan_scale.engine.schedule import Steps
-from vegan_scale.errors import ConfigError, RunDirInUseError, exit_status
+from vegan_scale.errors import RunRefusedError, exit_status
 from vegan_scale.metrics_log import MetricsLog
 from vegan_scale.rundir import RunDir
 from vegan_scale.tracking.system_metrics import SystemMetrics
@@ -121,8 +121,8 @@ def build_run(cfg: Any, started_at: float) -> Run:
         lock = job.own_run_dir(run_dir, accelerator, held=None, create=False)  # a run to continue, before it is read
         return _assemble(cfg, accelerator, layout, run_dir, started_at, lock)
     except BaseException as error:
-        # the status of this attempt, unless the directory is another training's
-        if accelerator.is_main_process and run_dir.path.is_dir() and not isinstance(error, RunDirInUseError):
+        # the status of this attempt, unless it refused to take the run over
+        if accelerator.is_main_process and run_dir.path.is_dir() and not isinstance(error, RunRefusedError):
             run_dir.write_exit_status(*exit_status(error), step=0)
         raise
 
@@ -130,11 +130,12 @@ def build_run(cfg: Any, started_at: float) -> Run:
 def _assemble(
     cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: RunDir, started_at: float, lock: IO[str] | None
 ) -> Run:
+    Tracker.check(cfg)
     stream = open_stream(cfg, accelerator, layout)
     job.same_experiment(cfg, stream, accelerator)
     candidates = resume.locate(cfg.train.resume, run_dir, accelerator)
     if cfg.train.resume == "never" and run_dir.holds_run():
-        raise ConfigError(
+        raise RunRefusedError(
             f"run directory {run_dir.path} already holds a run; choose another run.name, or continue it "
             "with train.resume=auto"
         )

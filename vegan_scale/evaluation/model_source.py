@@ -20,7 +20,7 @@ from vegan_scale import checkpoint, export
 from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import load_images
 from vegan_scale.errors import ConfigError
-from vegan_scale.experiment import image_shape, load_experiment
+from vegan_scale.experiment import image_shape, load_experiment, load_stored_experiment
 from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.registry import load_model
 from vegan_scale.rundir import RunDir, is_complete
@@ -62,7 +62,7 @@ def _read_checkpoint(path: Path) -> _Checkpoint:
         config_file = run_dir.config
     step = checkpoint.read_state(path)["step"]
     weights = checkpoint.read_module(path, checkpoint.AUTOENCODER)
-    return _Checkpoint(path, step, weights, load_experiment(config_file))
+    return _Checkpoint(path, step, weights, load_stored_experiment(config_file))
 
 
 def _from_checkpoint(read: _Checkpoint, device: torch.device | str) -> ModelSource:
@@ -74,7 +74,7 @@ def _from_checkpoint(read: _Checkpoint, device: torch.device | str) -> ModelSour
 
 def _from_export(path: Path, device: torch.device | str) -> ModelSource:
     run_dir = RunDir(path.parent) if RunDir(path.parent).is_run() else None
-    config = load_experiment(run_dir.config if run_dir else export.read_sections(path))
+    config = load_stored_experiment(run_dir.config) if run_dir else load_experiment(export.read_sections(path))
     saved = run_dir is not None and run_dir.newest_checkpoint() is not None
     step = run_dir.read_newest(lambda newest: checkpoint.read_state(newest)["step"]) if saved else None
     run_path = run_dir.path if run_dir else None

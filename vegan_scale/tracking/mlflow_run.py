@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -24,7 +25,7 @@ from typing import Any
 from vegan_scale import metrics_log, provenance
 from vegan_scale.config.fields import in_use
 from vegan_scale.config.load import flat_keys
-from vegan_scale.errors import ConfigError, ExitCode
+from vegan_scale.errors import ConfigError, ExitCode, TrackingError
 from vegan_scale.rundir import RunDir
 from vegan_scale.tracking import models
 
@@ -55,8 +56,27 @@ def resolve_experiment(configured: str | None, run_experiment: str) -> str:
     return configured or os.environ.get("MLFLOW_EXPERIMENT_NAME") or run_experiment
 
 
+# What MLflow tracks to: a server, or a database through SQLAlchemy (sqlite:///PATH, postgresql://..., a driver
+# after a "+": postgresql+psycopg2://...), or Databricks. MLflow 3 refuses a plain directory (file:).
+STORE_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_uri(uri: str) -> None:
+    """Refuse a tracking URI MLflow cannot track to, at once: a misspelt one would never answer, and a run would
+    train for hours with its tracking failing in the background."""
+    scheme = re.match(r"([A-Za-z][\w.-]*)(\+[\w.-]+)?:", uri)
+    if uri != "databricks" and (scheme is None or scheme[1].lower() not in STORE_SCHEMES):
+        raise ConfigError(
+            f"tracking URI {uri!r} is not a store MLflow tracks to: use http(s)://HOST:PORT for a server or "
+            "sqlite:///PATH/mlflow.db for a file (MLflow 3 no longer writes plain directories); set it with "
+            "tracking.uri, --uri or $MLFLOW_TRACKING_URI"
+        )
+
+
 def check_reachable(uri: str, on_unreachable: str) -> bool:
-    """A tracking server must answer at start, unless the user chose to train without it; whether it answered."""
+    """A tracking server must answer at start, unless the user chose to train without it; whether it answered.
+    A URI of no tracking store is refused either way (:func:`check_uri`)."""
+    check_uri(uri)
     if not uri.startswith(("http://", "https://")):
         return True
     try:
@@ -228,7 +248,22 @@ def final_status(exit_code: int) -> str:
 def sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
     """Bring a run directory's MLflow run up to date with the directory, creating it when the server never saw it:
     params, metrics, figures, the configuration and the exported model, then the final status from
-    exit_status.json. Only what the server lacks is sent: running it twice changes nothing. Returns the run id."""
+    exit_status.json. Only what the server lacks is sent: running it twice changes nothing. Returns the run id.
+    A server that refuses or does not answer, or a store that does not hold the run, is a TrackingError."""
+    from mlflow.exceptions import MlflowException
+
+    check_uri(uri)
+    try:
+        return _sync(run_dir, cfg, uri)
+    except (MlflowException, OSError) as e:
+        raise TrackingError(
+            f"cannot bring {run_dir.path} up to date in MLflow at {uri}: {str(e).strip().splitlines()[0][:300]}; "
+            "check the URI (--uri, else the run's tracking.uri) and that its server answers, then sync again: it "
+            "sends only what the store lacks"
+        ) from None
+
+
+def _sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
     run_id, params = run_dir.read_mlflow_run_id(), as_params(cfg)
     if run_id is None:
         run = MlflowRun.create(uri, NewRun.of(cfg, run_dir, uri, {"sync": "created by vegan-scale sync"}))

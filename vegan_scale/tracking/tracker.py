@@ -23,7 +23,7 @@ from vegan_scale import retry
 from vegan_scale.retry import Backoff
 from vegan_scale.rundir import RunDir
 from vegan_scale.tracking import models
-from vegan_scale.tracking.mlflow_run import MlflowRun, NewRun, check_reachable, resolve_uri, ui_command
+from vegan_scale.tracking.mlflow_run import MlflowRun, NewRun, check_reachable, check_uri, resolve_uri, ui_command
 from vegan_scale.tracking.system_metrics import SystemMetrics
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,13 @@ class Tracker:
         except Exception as e:
             log.warning("MLflow at %s cannot open the run yet (%s); retrying in the background", uri, _reason(e))
             self._submit(open_run)
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        """Refuse, before the run directory is made, a tracking URI MLflow cannot track to
+        (:func:`~vegan_scale.tracking.mlflow_run.check_uri`); whether a server answers is seen when the run starts."""
+        if cfg.tracking.backend != "none":
+            check_uri(resolve_uri(cfg.tracking.uri, Path(cfg.run.root)))
 
     @classmethod
     def for_run(

@@ -37,9 +37,8 @@ def load_config(schema: type, path: str | Path | Mapping[str, Any] | None, overr
         sources = _with_parents(dict(path), "the configuration passed in", Path.cwd(), ())
     else:
         sources = _file_chain(Path(path), ()) if path is not None else []
-    return _compose(
-        schema, sources, [(f"command-line override {item!r}", _parse_override(schema, item)) for item in overrides]
-    )
+    overridden = [(f"command-line override {item!r}", _parse_override(schema, item)) for item in overrides]
+    return _compose(schema, [*sources, *overridden])
 
 
 def load_stored(schema: type, path: Path) -> Any:
@@ -50,7 +49,7 @@ def load_stored(schema: type, path: Path) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a configuration must be a mapping of keys, got {type(data).__name__}")
     refuse_references(data, path)
-    return _compose(schema, [(str(path), data)], [])
+    return _compose(schema, [(str(path), data)])
 
 
 def refuse_references(data: dict, path: Path) -> None:
@@ -73,9 +72,10 @@ def _strings(data: Any, key: str = "") -> list[tuple[str, str]]:
     return [(key, data)] if isinstance(data, str) else []
 
 
-def _compose(schema: type, sources: list[tuple[str, dict]], overrides: list[tuple[str, dict]]) -> Any:
+def _compose(schema: type, sources: list[tuple[str, dict]]) -> Any:
+    """The schema with each (name, data) source merged in order, resolved and checked as a whole."""
     cfg = OmegaConf.structured(schema)
-    for source, data in [*sources, *overrides]:
+    for source, data in sources:
         cfg = _merge(schema, cfg, data, source)
     try:
         obj = OmegaConf.to_object(cfg)

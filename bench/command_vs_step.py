@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from step_under_test import training_step  # noqa: E402
 
+from vegan_scale.data.images import load_images  # noqa: E402
 from vegan_scale.data.index import read_index  # noqa: E402
-from vegan_scale.data.pipeline import load_images  # noqa: E402
 from vegan_scale.distributed.accelerator import BatchLayout  # noqa: E402
 from vegan_scale.engine.feed import open_stream  # noqa: E402
 from vegan_scale.experiment import load_experiment  # noqa: E402

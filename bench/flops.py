@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from step_under_test import training_step  # noqa: E402
 
+from vegan_scale.data.images import load_images  # noqa: E402
 from vegan_scale.data.index import read_index  # noqa: E402
-from vegan_scale.data.pipeline import load_images  # noqa: E402
 from vegan_scale.distributed.accelerator import bf16_emulated  # noqa: E402
 
 COPY = ["train.mixed_precision=bf16", "train.low_precision_weights=true"]  # bf16 weights kept between steps

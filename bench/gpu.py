@@ -35,8 +35,8 @@ from flops import matmul_peak, step_flops  # noqa: E402
 from loader import MNIST, loader_rate, smooth_images  # noqa: E402
 from step_under_test import training_step  # noqa: E402
 
+from vegan_scale.data.images import load_images  # noqa: E402
 from vegan_scale.data.index import read_index  # noqa: E402
-from vegan_scale.data.pipeline import load_images  # noqa: E402
 from vegan_scale.data.sources import ArraySource  # noqa: E402
 from vegan_scale.data.write import write_shards  # noqa: E402
 

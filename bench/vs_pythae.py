@@ -133,8 +133,8 @@ def main() -> None:
         sys.exit(f"{PYTHAE_PYTHON} not found: run `make bench-env` first (pythae 0.1.2 in its own environment)")
     import numpy as np
 
+    from vegan_scale.data.images import load_images
     from vegan_scale.data.index import read_index
-    from vegan_scale.data.pipeline import load_images
 
     best: dict[tuple[str, str], float] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,12 +5,14 @@ start-up failure is recorded in exit_status.json."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from tests.runkit import ddp, exit_status, run, same_weights, single, train_args
 from tests.shardkit import RunsShell, truncate
@@ -44,7 +46,26 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
         "autoencoder.optim.safetensors",
         lambda step: (step / "autoencoder.optim.safetensors").write_bytes(b"x"),
     ),
+    "state.json of another step": ("state.json", lambda step: _restep(step / "state.json", -1)),
+    "a weight turned NaN, the size kept": (
+        "autoencoder.safetensors",
+        lambda step: _nan(step / "autoencoder.safetensors"),
+    ),
 }
+
+
+def _nan(file: Path) -> None:
+    weights = load_file(file)
+    next(iter(weights.values())).view(-1)[0] = float("nan")
+    save_file(weights, file)
+
+
+def _restep(state: Path, by: int) -> None:
+    """state.json naming another step than its checkpoint's name (``step`` moved by ``by``)."""
+    data = json.loads(state.read_text())
+    state.write_text(json.dumps(data | {"step": data["step"] + by}))
+
+
 EVERY = 4  # steps between the checkpoints of the run the tests damage
 
 
@@ -78,6 +99,9 @@ def test_auto_passes_over_damaged_newest_checkpoints(
     run_dir, steps = _copy(checkpointed, tmp_path)
     for (_, damage), step in zip(DAMAGE.values(), steps, strict=False):
         damage(step)
+    # an operator's copy of the oldest checkpoint under a name of their own: not a checkpoint of the run (it
+    # listed after every step_N and was continued from, again at every start, while pruning removed the newest)
+    shutil.copytree(steps[-1], run_dir / "checkpoints" / "step_backup")
     for partial in ("step_00000040.tmp", "step_00000041.tmp"):  # 40: a step the continuation checkpoints
         (run_dir / "checkpoints" / partial).mkdir()
         (run_dir / "checkpoints" / partial / "rng_rank3.pt").write_bytes(b"stale")
@@ -97,6 +121,7 @@ def test_auto_passes_over_damaged_newest_checkpoints(
     assert exit_status(run_dir)["code"] == 0
     assert "step_00000041.tmp" in log and not list((run_dir / "checkpoints").glob("*.tmp"))
     assert not (run_dir / "checkpoints" / "step_00000040" / "rng_rank3.pt").exists()
+    assert (run_dir / "checkpoints" / "step_backup" / "COMPLETE").exists()  # theirs, kept
 
 
 def test_a_damaged_checkpoint_named_by_path_is_refused(checkpointed: Path, tiny_shards_module: Path, tmp_path: Path):
@@ -109,6 +134,21 @@ def test_a_damaged_checkpoint_named_by_path_is_refused(checkpointed: Path, tiny_
     assert "autoencoder.optim.safetensors" in again.stderr and "Traceback" not in again.stderr
     status = exit_status(run_dir)
     assert status["code"] == 2 and "autoencoder.optim.safetensors" in status["reason"]
+
+
+def test_a_file_in_a_checkpoint_s_place_is_named_not_taken_for_a_full_disk(
+    checkpointed: Path, tiny_shards_module: Path, tmp_path: Path
+):
+    """The newest checkpoint's directory replaced by a file: the run continues from the one before, and writing that
+    step again fails on the file. It said to free space (exit 74) at every attempt; it now says to move the file."""
+    _, (newest, *_) = _copy(checkpointed, tmp_path)
+    shutil.rmtree(newest)
+    newest.write_text("not a checkpoint")
+    last = f"train.max_steps={EVERY * (len(DAMAGE) + 1)}"  # the fixture's last step: that checkpoint is written again
+    again = run(single(train_args(tiny_shards_module, tmp_path / "root", "run", "wae_gan", last)))
+    assert again.returncode == 74, again.stderr[-3000:]
+    assert str(newest) in again.stderr and "Move away what the error names" in again.stderr, again.stderr[-3000:]
+    assert "Free space" not in again.stderr and newest.read_text() == "not a checkpoint"
 
 
 def test_no_intact_checkpoint_refuses_to_start_over(checkpointed: Path, tiny_shards_module: Path, tmp_path: Path):

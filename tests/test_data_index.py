@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.shardkit import make_shards, serve
-from vegan_scale.data.index import read_index
+from vegan_scale.data.index import offsets_path, read_index, read_offsets
+from vegan_scale.data.order import epoch_order
 from vegan_scale.data.pipeline import TrainStream
 from vegan_scale.errors import DataError
 
@@ -145,3 +147,37 @@ def test_sizes_json_with_bad_counts_is_refused(tmp_path: Path, sizes: object) ->
     (tmp_path / "sizes.json").write_text(json.dumps(sizes))
     with pytest.raises(DataError, match="not a mapping of shard names to sample counts"):
         read_index(str(tmp_path))
+
+
+def test_sizes_json_counting_more_than_a_shard_can_hold_is_refused(tmp_path: Path) -> None:
+    """10**30 overflowed the order's seeds (a traceback), 10**12 made skip mode read ahead without end: a count
+    beyond what the shard's bytes can hold is damage, named with the command that writes the file again."""
+    make_shards(tmp_path, [5])
+    (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": 10**30}))
+    with pytest.raises(DataError, match=r"counts 10{30} samples in s-000000.tar, more than its \d+ bytes"):
+        read_index(str(tmp_path))
+
+
+def test_resampled_shards_that_hold_no_samples_are_refused(tmp_path: Path) -> None:
+    """Counts all 0 (a damaged sizes.json, or empty shards indexed): resampled mode drew shards forever at start-up,
+    at full CPU and deaf to SIGTERM."""
+    (tmp_path / "s-000000.tar").write_bytes(bytes(1024))  # a tar without members
+    (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": 0}))
+    with pytest.raises(DataError, match="hold no samples"):
+        epoch_order(read_index(str(tmp_path)), 0, 0, "resampled", 1000, 10, 100)
+
+
+def test_an_offsets_index_older_than_its_shard_or_past_its_end_is_not_used(tmp_path: Path) -> None:
+    """A shard written again (here: cut short) beside its old .idx: the offsets pointed into other samples, and the
+    reader delivered wrong samples without a word. It is read from its start instead (slower, never wrong)."""
+    (url,) = make_shards(tmp_path, [6], offsets=True)
+    shard, index = Path(url), offsets_path(Path(url))
+    offsets = read_offsets(url, 6)
+    assert offsets is not None
+    os.utime(index, (shard.stat().st_mtime - 10,) * 2)
+    assert read_offsets(url, 6) is None
+    os.utime(index, (shard.stat().st_mtime + 10,) * 2)
+    assert read_offsets(url, 6) is not None
+    os.truncate(shard, offsets[-1] - 512)  # the last offset now lies past the end
+    os.utime(index, (shard.stat().st_mtime + 10,) * 2)
+    assert read_offsets(url, 6) is None

@@ -32,8 +32,9 @@ from tests.shardkit import (
     truncate,
 )
 from vegan_scale.data.decode import SKIP_REASONS
+from vegan_scale.data.images import load_images
 from vegan_scale.data.index import ShardIndex, read_index
-from vegan_scale.data.pipeline import TrainStream, load_images
+from vegan_scale.data.pipeline import TrainStream
 from vegan_scale.errors import DataError
 
 SHAPE = (1, 8, 8)
@@ -526,3 +527,16 @@ def test_short_shard_is_counted_when_skipping(tmp_path):
     assert len(batches) == s.order(0).steps == 5
     check_pixels(batches)
     assert skip_counts(batches) == {"short_shard": 5}
+
+
+def test_images_read_at_start_follow_on_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The encoder's pre-training pool and the evaluation images are read at start: a shard cut short stopped the
+    run there even with data.on_error=skip, whose use the error advised."""
+    urls = make_shards(tmp_path, [6, 6, 6], side=28)
+    truncate(Path(urls[1]), 3000)  # inside its second sample
+    index = read_index(str(tmp_path))
+    with pytest.raises(DataError, match=r"s-000001\.tar"):
+        load_images(index, (1, 28, 28), 15)
+    images, labels = load_images(index, (1, 28, 28), 15, on_error="skip")
+    assert len(images) == len(labels) == 12  # the first shard's 6 and the last shard's 6
+    assert "bad data passed over while reading 12 images" in caplog.text and "corrupt_shard" in caplog.text

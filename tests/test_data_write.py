@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from tests.shardkit import batch_ids, id_images, read_tar, sample_members, write_tar
+from vegan_scale.data.images import load_images
 from vegan_scale.data.index import read_index
-from vegan_scale.data.pipeline import load_images
 from vegan_scale.data.sources import ArraySource
 from vegan_scale.data.write import write_shards
 from vegan_scale.errors import ConfigError, DataError

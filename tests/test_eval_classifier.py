@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests.paths import ROOT
+from vegan_scale.data.images import load_images
 from vegan_scale.data.index import read_index
-from vegan_scale.data.pipeline import load_images
 from vegan_scale.evaluation.classifier import CLASSIFIERS, FEATURES, IMAGE_SHAPE, load_classifier, weights_path
 
 DATA = {

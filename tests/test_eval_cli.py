@@ -15,8 +15,8 @@ import vegan_scale
 from tests import runkit
 from vegan_scale.cli_parser import parser
 from vegan_scale.config.schema import EvalConfig
+from vegan_scale.data.images import load_images
 from vegan_scale.data.index import read_index
-from vegan_scale.data.pipeline import load_images
 from vegan_scale.errors import ConfigError
 from vegan_scale.evaluation import grids
 from vegan_scale.evaluation.model_source import open_model

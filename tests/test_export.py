@@ -56,6 +56,21 @@ def test_a_doctored_width_is_refused_before_anything_is_allocated(exported: Path
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: under 100 MB
 
 
+def test_weights_damaged_in_place_are_refused(exported: Path) -> None:
+    """Bytes damaged in place keep the file's size; a weight turned NaN loaded silently, and eval and sample printed
+    NaN metrics and blank images with exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    file = exported / export.MODEL_FILE
+    weights, size = load_file(file), file.stat().st_size
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, file)
+    assert file.stat().st_size == size
+    with pytest.raises(ConfigError, match=f"{name} holds NaN"):
+        vegan_scale.load(exported)
+
+
 @pytest.mark.parametrize("value", ["${oc.env:HOME}", "${model.latent_dim}"])
 def test_interpolation_in_model_yaml_is_refused(exported: Path, value: str) -> None:
     doctor(exported, "prior.kind", value)

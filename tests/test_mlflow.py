@@ -8,6 +8,7 @@ The UI test saves its screenshot under pytest's tmp_path; docs/mlflow-ui.png was
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -194,6 +195,29 @@ def test_the_model_is_an_mlflow_model(tracked: TrackedRun, monkeypatch: pytest.M
     assert logged.name == "model" and logged.params["train.max_steps"] == str(STEPS)
     files = {a.path for a in client.list_logged_model_artifacts(logged.model_id, "artifacts")}
     assert "artifacts/config.yaml" in files, files
+
+
+def test_a_continued_run_that_exports_again_replaces_its_model(tracked: TrackedRun, tmp_path: Path) -> None:
+    """A run continued past its end exports again, and its one model takes the new files. Linking the run to that
+    model a second time broke the store's unique constraint: `vegan-scale sync` after a continuation failed, and a
+    tracked continuation warned that MLflow refused an update."""
+    from safetensors.torch import load_file, save_file
+
+    from vegan_scale.tracking import models
+
+    client = _client(tracked)
+    run_id = client.create_run(client.get_run(tracked.run_id).info.experiment_id).info.run_id
+    config, later = tracked.run_dir / "config.yaml", tmp_path / "export"
+    shutil.copytree(tracked.run_dir / "export", later)
+    first = models.log_model(client, run_id, tracked.run_dir / "export", config, {}, 10, None)
+    weights = load_file(later / "model.safetensors")
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, later / "model.safetensors")
+    assert models.log_model(client, run_id, later, config, {}, 20, None) == first
+    assert [out.model_id for out in client.get_run(run_id).outputs.model_outputs] == [first]
+    assert (
+        client.get_logged_model(first).tags[models.WEIGHTS_TAG]
+        == hashlib.sha256((later / "model.safetensors").read_bytes()).hexdigest()
+    )
 
 
 def test_a_missing_model_is_named(tracked: TrackedRun) -> None:

@@ -26,7 +26,7 @@ DAMAGE = [
 ]
 
 
-def test_whole_rows_are_read_and_damage_is_left_out(tmp_path: Path) -> None:
+def test_whole_rows_are_read_and_damage_is_left_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "metrics.jsonl"
     log = metrics_log.MetricsLog(path)
     for row in ROWS[:2]:
@@ -35,9 +35,23 @@ def test_whole_rows_are_read_and_damage_is_left_out(tmp_path: Path) -> None:
     with path.open("ab") as f:
         f.write(b"\n".join(DAMAGE) + b"\n" + b'{"step": 3, "eval/recon": 7.0}\n' + b'{"step": 4, "train/lo')
     assert metrics_log.read(path) == ROWS  # the torn last line (a kill mid-write) is left out too
+    assert "damaged line(s) left out, their metrics lost" in caplog.text  # counted: a continuation drops them
     metrics_log.truncate(path, 2)  # a run continued from step 2's checkpoint
     assert metrics_log.read(path) == ROWS[:2]
     assert path.read_text() == '{"step": 1, "train/loss": 0.5}\n{"step": 2, "train/loss": 0.25}\n'
+
+
+@pytest.mark.parametrize("content", [bytes(range(200, 220)), b"../../../../etc\n", b"ABC\n"])
+def test_a_damaged_mlflow_run_id_reads_as_absent(tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture):
+    """Random bytes were a UnicodeDecodeError traceback in sync; a path was sent to the server as a run id."""
+    run_dir = RunDir(tmp_path)
+    run_dir.write_mlflow_run_id("0123456789abcdef0123456789abcdef")
+    assert run_dir.read_mlflow_run_id() == "0123456789abcdef0123456789abcdef"
+    run_dir.mlflow_run_id.write_bytes(content)
+    assert run_dir.read_mlflow_run_id() is None and "mlflow_run_id is damaged" in caplog.text
+    run_dir.mlflow_run_id.unlink()
+    run_dir.mlflow_run_id.mkdir()
+    assert run_dir.read_mlflow_run_id() is None
 
 
 def test_a_damaged_exit_status_reads_as_absent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -50,6 +64,9 @@ def test_a_damaged_exit_status_reads_as_absent(tmp_path: Path, caplog: pytest.Lo
         with caplog.at_level(logging.WARNING, logger="vegan_scale.rundir"):
             assert run_dir.read_exit_status() is None
         assert f"{run_dir.exit_status} is damaged" in caplog.records[-1].getMessage()
+    run_dir.exit_status.unlink()
+    run_dir.exit_status.mkdir()  # a directory in its place was an IsADirectoryError in sync
+    assert run_dir.read_exit_status() is None
 
 
 def test_a_lock_left_by_a_process_that_is_gone_is_cleared_by_removing_its_file(tmp_path: Path) -> None:

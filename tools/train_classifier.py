@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from vegan_scale.data.images import load_images
 from vegan_scale.data.index import read_index
-from vegan_scale.data.pipeline import load_images
 from vegan_scale.evaluation.classifier import CLASSIFIERS, IMAGE_SHAPE, WEIGHTS_DIR, LeNet
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from vegan_scale import atomic, stored_json
 from vegan_scale.errors import CheckpointError
-from vegan_scale.rundir import COMPLETE, LATEST, checkpoint_name, complete_checkpoints
+from vegan_scale.rundir import COMPLETE, LATEST, checkpoint_name, complete_checkpoints, named_step
 
 STATE = "state.json"
 CONFIG = "config.yaml"
@@ -157,6 +157,12 @@ def read_state(path: Path) -> dict[str, Any]:
     expected = {"step": int, "world_size": int, "deepspeed": bool}
     if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in expected.items()):
         raise CheckpointError(f"{path / STATE} lacks the step, world size or mode: the checkpoint is damaged")
+    named = named_step(path)
+    if state["step"] < 0 or (named is not None and state["step"] != named):
+        raise CheckpointError(
+            f"{path / STATE} holds step {state['step']} in {path.name}: the checkpoint is damaged, or another was "
+            "copied under its name"
+        )
     return state
 
 
@@ -244,9 +250,19 @@ def read_optimizer(path: Path, name: str) -> dict[str, torch.Tensor]:
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(file)
+        tensors = load_file(file)
     except Exception as e:  # safetensors reports a damaged header or short file in several ways
         raise CheckpointError(f"{file} cannot be read ({_first_line(e)}): it is damaged") from None
+    broken = first_non_finite(tensors)
+    if broken is not None:  # a run checks its parameters before each checkpoint: this is damage, not training
+        raise CheckpointError(f"{file}: {broken} holds NaN or infinite values, which no checkpoint is written with")
+    return tensors
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor with a NaN or an infinity: bytes damaged in place keep a file's
+    size, and a weight turned NaN would otherwise end every continuation as a loss gone NaN."""
+    return next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
 
 
 def safe_load(path: Path, allowed: list[type] = (), map_location: Any = None) -> Any:

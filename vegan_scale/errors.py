@@ -116,6 +116,12 @@ def storage_error(error: BaseException) -> StorageError | None:
     )
 
 
+def in_the_way(error: BaseException) -> bool:
+    """Whether a write failed because something else holds its place (a file where a directory goes, or the
+    reverse), which freeing space does not mend."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOTEMPTY)
+
+
 def exit_status(error: BaseException) -> tuple[int, str]:
     """(exit code, reason) of a run that ended with ``error``, as exit_status.json records it."""
     error = storage_error(error) or error

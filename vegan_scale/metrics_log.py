@@ -7,25 +7,34 @@ It is the run's own record: a tracking server that was away is sent what it lack
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TextIO
 
 from vegan_scale import atomic, stored_json
 
+log = logging.getLogger(__name__)
+
 
 def read(path: Path) -> list[dict]:
-    """The lines of a metrics file. A line that is not a metrics row is left out: cut short by a kill, or damaged
-    on storage that lost power (zeros or garbage, bytes that are not UTF-8)."""
+    """The lines of a metrics file. A line that is not a metrics row is left out: cut short by a kill (the last),
+    or damaged on storage that lost power (zeros or garbage, bytes that are not UTF-8), which a warning counts: a
+    continuation rewrites the file without them, and sync cannot send them."""
     if not path.exists():
         return []
-    lines = []
-    for line in path.read_bytes().splitlines():
+    lines, damaged = [], 0
+    raw = path.read_bytes().splitlines()
+    for i, line in enumerate(raw):
         try:
             row = stored_json.loads(line)
         except ValueError:
-            continue
+            row = None
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             lines.append(row)
+        elif i < len(raw) - 1:
+            damaged += 1
+    if damaged:
+        log.warning("%s: %d damaged line(s) left out, their metrics lost", path, damaged)
     return lines
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from vegan_scale import export
+from vegan_scale import checkpoint, export
 from vegan_scale.errors import ConfigError
 from vegan_scale.experiment import image_shape, load_experiment
 from vegan_scale.models import conv, mlp, pythae_conv, resnet
@@ -74,8 +74,12 @@ def load_model(
         differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
         details = "; ".join(f"{k}: network {expected.get(k)}, file {found.get(k)}" for k in differ[:4])
         raise ConfigError(f"{name or weights} does not hold the weights of the configured network ({details})")
+    state = weights if read else load_file(weights)
+    broken = checkpoint.first_non_finite(state)
+    if broken is not None:
+        raise ConfigError(f"{name or weights}: {broken} holds NaN or infinite values: the weights are damaged")
     model = build_model(cfg)
-    model.load_state_dict(weights if read else load_file(weights))
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 

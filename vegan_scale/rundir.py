@@ -27,6 +27,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -47,8 +48,15 @@ T = TypeVar("T")
 
 
 def checkpoint_name(step: int) -> str:
-    """``step_00001000``: zero-padded, so that names sort by step."""
+    """``step_00001000``: zero-padded, so that names list by step."""
     return f"step_{step:08d}"
+
+
+def named_step(checkpoint: Path) -> int | None:
+    """The step in a checkpoint's name (``step_00001000``: 1000), None for any other name: an operator's copy
+    (``step_backup``), a partial one (``step_00001000.tmp``)."""
+    found = re.fullmatch(r"step_(\d{8,})", checkpoint.name)
+    return int(found[1]) if found else None
 
 
 def is_complete(checkpoint: Path) -> bool:
@@ -57,10 +65,13 @@ def is_complete(checkpoint: Path) -> bool:
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """The complete checkpoint directories under a ``checkpoints/`` folder, oldest first."""
+    """The complete checkpoint directories under a ``checkpoints/`` folder, by step, oldest first. Only names
+    :func:`checkpoint_name` writes count: a copy under another name would be taken for the newest, continued from
+    again and again, while pruning removed the real newest ones."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and is_complete(p))
+    found = [(named_step(p), p) for p in root.glob("step_*")]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None) if p.is_dir() and is_complete(p)]
 
 
 def default_run_name(penalty: str, network: str, latent_dim: int, global_batch: int, lr: float) -> str:
@@ -203,7 +214,7 @@ class RunDir:
             status = stored_json.loads(self.exit_status.read_bytes())
         except FileNotFoundError:
             return None
-        except ValueError as e:  # damaged
+        except (ValueError, OSError) as e:  # damaged, or a directory in its place
             status = e
         if isinstance(status, dict) and all(isinstance(status.get(k), int) for k in ("code", "step")):
             return status
@@ -211,7 +222,21 @@ class RunDir:
         return None
 
     def read_mlflow_run_id(self) -> str | None:
-        return self.mlflow_run_id.read_text().strip() if self.mlflow_run_id.exists() else None
+        """The MLflow run of this directory, or None when there is none, or none readable: a damaged file is named
+        in a warning and read as absent, so that a new MLflow run is made and sent everything again from
+        metrics.jsonl (the old one cannot be found without its id)."""
+        try:
+            text: Any = self.mlflow_run_id.read_bytes().decode("ascii").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            text = e
+        if isinstance(text, str) and re.fullmatch(r"[0-9a-f]{32}", text):  # MLflow's ids: a UUID's hex digits
+            return text
+        log.warning(
+            "%s is damaged (%.100r); a new MLflow run will be made for this directory", self.mlflow_run_id, text
+        )
+        return None
 
     def write_mlflow_run_id(self, run_id: str) -> None:
         atomic.write_text(self.mlflow_run_id, run_id + "\n")

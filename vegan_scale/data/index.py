@@ -93,18 +93,21 @@ def read_offsets(url: str, count: int) -> list[int] | None:
     """The byte offset of each of a shard's ``count`` samples and of their end, from its .idx (local files,
     http(s) URLs and S3 objects), or None where there is none, or where it does not fit the shard (then the
     reader passes over the samples before the ones it wants instead)."""
+    end = None  # the shard's size, where it is known
     if url.startswith(("http://", "https://", s3.SCHEME)):
         data = _fetch(url + OFFSETS_SUFFIX)
     elif url.startswith("pipe:"):
         return None
     else:
-        path = offsets_path(Path(url.removeprefix("file://")))
-        data = path.read_bytes() if path.is_file() else None
+        shard = Path(url.removeprefix("file://"))
+        path, end = offsets_path(shard), shard.stat().st_size if shard.is_file() else None
+        data = path.read_bytes() if path.is_file() and not _older(path, shard) else None
     if data is None:
         return None
     offsets = np.frombuffer(data, dtype="<u8") if len(data) % 8 == 0 else np.zeros(0, dtype="<u8")
     if (
         len(offsets) != count + 1
+        or (end is not None and offsets[-1] > end)
         or offsets[0] != 0
         or np.any(offsets[:-1] % 512)
         or np.any(offsets[:-1] >= offsets[1:])
@@ -114,6 +117,16 @@ def read_offsets(url: str, count: int) -> list[int] | None:
         )
         return None
     return offsets.tolist()
+
+
+def _older(index: Path, shard: Path) -> bool:
+    """Whether a shard's .idx is older than the shard: the writer writes it after the shard, so the shard was
+    written again since (its offsets would point into other samples). The reader then reads from the shard's start,
+    which is slower, never wrong."""
+    if index.stat().st_mtime < shard.stat().st_mtime:
+        log.warning("%s is older than %s: the shard was written again; reading it from its start", index, shard)
+        return True
+    return False
 
 
 def _expand(pattern: str) -> list[str]:
@@ -215,6 +228,15 @@ def _local_source(spec: str, weight: float, skip_missing: bool) -> ShardSource:
     info_path = directory / INFO_FILE
     shape = _image_shape(_read_json(info_path), info_path) if info_path.exists() else None
     counts = tuple(int(sizes[n]) for n in names) if sizes is not None else None
+    # More samples than bytes is damage to the sizes.json (a count of 10**30 overflowed the order's seeds; 10**12
+    # made skip mode read ahead without end). A shard cut short, down to nothing, is the reader's to find and
+    # data.on_error's to handle, so the bound is a byte a sample.
+    for name, count in zip(names, counts or (), strict=False):
+        if count > (room := (directory / name).stat().st_size) > 0:
+            raise DataError(
+                f"{sizes_path} counts {count} samples in {name}, more than its {room} bytes: the sizes.json is "
+                f"damaged; write it again with `vegan-scale index-shards {directory}`"
+            )
     return ShardSource(spec, tuple(str(directory / n) for n in names), counts, weight, shape)
 
 

@@ -105,7 +105,13 @@ def epoch_order(
         return EpochOrder(seed, epoch, tuple(urls[i] for i in order), tuple(counts[i] for i in order),
                           global_batch, batches_per_block)  # fmt: skip
     wanted = epoch_samples or index.num_samples
-    sources = [src for src in index.sources if src.urls]  # skip_missing may have left a source without shards
+    # skip_missing may have left a source without shards; one whose shards hold no sample can never be drawn from
+    sources = [src for src in index.sources if src.urls and sum(src.counts) > 0]
+    if not sources:
+        raise DataError(
+            f"the training shards of {[s.spec for s in index.sources]} hold no samples (their sizes.json counts "
+            "are all 0): nothing can be drawn in resampled mode; write the shards again, or check their sizes.json"
+        )
     weights = np.array([src.weight for src in sources]) / sum(src.weight for src in sources)
     drawn: list[tuple[str, int]] = []
     total = 0

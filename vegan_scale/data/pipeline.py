@@ -36,11 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vegan_scale.data.decode import SKIP_REASONS, decode_sample
+from vegan_scale.data.decode import SKIP_REASONS
 from vegan_scale.data.index import ShardIndex
 from vegan_scale.data.order import EpochOrder, epoch_order, rank_lanes, worker_lanes
 from vegan_scale.data.sequence import SequenceReader
-from vegan_scale.data.shardio import read_samples
 from vegan_scale.errors import DataError, DataStallError
 from vegan_scale.retry import Backoff
 from vegan_scale.stops import SIGNALS
@@ -343,46 +342,3 @@ class _Blocks(IterableDataset):
             if not self.endless:
                 return
             epoch, step = epoch + 1, 0
-
-
-def load_images(
-    index: ShardIndex,
-    shape: tuple[int, int, int],
-    limit: int,
-    retry: Backoff | None = None,
-    stall_timeout_s: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``limit`` samples of the shards in order, decoded in this process (for evaluation and encoder
-    pre-training). With ``stall_timeout_s``, no sample for that long (a read that never returns) is a
-    DataStallError naming the shard; the reading thread is left behind, blocked where the kernel holds it."""
-    retry = retry or Backoff()
-    progress: dict[str, Any] = {"url": index.urls[0], "items": [], "error": None}
-
-    def read() -> None:
-        try:
-            for url in index.urls:
-                progress["url"] = url
-                for sample in read_samples(url, retry):
-                    progress["items"].append(decode_sample(sample, shape))
-                    if len(progress["items"]) == limit:
-                        return
-        except BaseException as e:  # handed to the caller's thread
-            progress["error"] = e
-
-    reader = threading.Thread(target=read, name="load-images", daemon=True)
-    reader.start()
-    seen = -1
-    while reader.is_alive():
-        reader.join(stall_timeout_s)
-        if reader.is_alive() and len(progress["items"]) == seen:
-            raise DataStallError(
-                f"no sample for {stall_timeout_s:g} s (data.stall_timeout_s) from {progress['url']}: a read does "
-                "not return (a stuck file system, a FIFO?)"
-            )
-        seen = len(progress["items"])
-    if progress["error"] is not None:
-        raise progress["error"]
-    items = progress["items"]
-    if not items:
-        raise DataError(f"no samples in {index.urls[0]} ...")
-    return torch.stack([i[0] for i in items]), torch.tensor([i[1] for i in items], dtype=torch.int64)

@@ -233,6 +233,8 @@ def index_shards(directory: Path) -> dict[str, int]:
         raise DataError(f"no *.tar shards in {directory}: give the directory that holds them")
     sizes = {}
     for shard in shards:
+        if shard.stat().st_size == 0:  # even a tar without members ends in two blocks of zeros
+            raise DataError(f"{shard} is empty (0 bytes), not a tar: write it again or remove it")
         with shard.open("rb") as stream:
             offsets = sample_offsets(stream, str(shard))
         atomic.write_bytes(offsets_path(shard), np.asarray(offsets, dtype="<u8").tobytes())

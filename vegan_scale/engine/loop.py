@@ -44,6 +44,7 @@ from vegan_scale.errors import (
     PreemptedError,
     StorageError,
     exit_status,
+    in_the_way,
 )
 from vegan_scale.rundir import checkpoint_name
 from vegan_scale.stops import Stop, StopRequests
@@ -338,7 +339,7 @@ def _written(run: Run, partial: Path, what: str, then: str) -> Iterator[None]:
     try:
         yield
     except checkpoint.WRITE_ERRORS as e:
-        raise _not_written(run, partial, what, str(e), then) from None
+        raise _not_written(run, partial, what, str(e), then, room=not in_the_way(e)) from None
 
 
 def _write_rank_states(run: Run, directory: Path, what: str) -> None:
@@ -357,14 +358,20 @@ def _write_rank_states(run: Run, directory: Path, what: str) -> None:
         raise _not_written(run, directory, what, "; ".join(failures), RESUME)
 
 
-def _not_written(run: Run, partial: Path, what: str, reason: str, then: str) -> StorageError:
-    """The error of a ``what`` that could not be written for ``reason``; the main process removes its partial
-    directory (only the main process does, so that no other process pulls it from under its writes)."""
+def _not_written(run: Run, partial: Path, what: str, reason: str, then: str, room: bool = True) -> StorageError:
+    """The error of a ``what`` that could not be written for ``reason`` (for want of ``room``, or another, such as
+    a file in a checkpoint's place); the main process removes its partial directory (only the main process does,
+    so that no other process pulls it from under its writes)."""
     if run.accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
+    mend = (
+        "Free space there (or raise the quota; a lower checkpoint.keep_last_k keeps fewer)"
+        if room
+        else "Move away what the error names (something in the place the run writes to)"
+    )
     return StorageError(
         f"{what} could not be written in {partial.parent}: {reason}. Its partial files were removed; {_kept(run)}. "
-        f"Free space there (or raise the quota; a lower checkpoint.keep_last_k keeps fewer), then {then}"
+        f"{mend}, then {then}"
     )
 
 

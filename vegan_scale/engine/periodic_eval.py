@@ -17,8 +17,8 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
+from vegan_scale.data.images import load_images
 from vegan_scale.data.index import read_index
-from vegan_scale.data.pipeline import load_images
 from vegan_scale.engine.feed import stall_timeout_s
 from vegan_scale.engine.objective import Cost
 from vegan_scale.evaluation.grids import figures
@@ -43,8 +43,11 @@ class EvalSet:
         """Every process takes an equal share of the first ``eval.num_samples`` test images (equal, so that all
         run the same forward passes, which ZeRO-3's collective forward needs)."""
         world, shape = accelerator.num_processes, image_shape(cfg)
-        index = read_index(cfg.data.test, image_shape=shape, key="data.test")
-        images = load_images(index, shape, cfg.eval.num_samples, stall_timeout_s=stall_timeout_s(cfg))[0]
+        skip = cfg.data.on_error == "skip"
+        index = read_index(cfg.data.test, image_shape=shape, key="data.test", skip_missing=skip)
+        images = load_images(
+            index, shape, cfg.eval.num_samples, stall_timeout_s=stall_timeout_s(cfg), on_error=cfg.data.on_error
+        )[0]
         usable = len(images) - len(images) % world
         images = images[:usable].to(accelerator.device).float() / 255
         grid = cfg.eval.grid_size

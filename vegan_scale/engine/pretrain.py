@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from vegan_scale.data.images import load_images
 from vegan_scale.data.index import read_index
-from vegan_scale.data.pipeline import load_images
 from vegan_scale.distributed import deepspeed_support
 from vegan_scale.engine.feed import stall_timeout_s
 from vegan_scale.errors import NonFiniteLossError
@@ -66,7 +66,8 @@ def pretrain(cfg: Any, model: AutoEncoder) -> None:
         return
     shape = image_shape(cfg)
     index = read_index(cfg.data.train, image_shape=shape, key="data.train", skip_missing=cfg.data.on_error == "skip")
-    pool = load_images(index, shape, POOL_BATCHES * t.encoder_pretrain_batch, stall_timeout_s=stall_timeout_s(cfg))[0]
+    wanted = POOL_BATCHES * t.encoder_pretrain_batch
+    pool = load_images(index, shape, wanted, stall_timeout_s=stall_timeout_s(cfg), on_error=cfg.data.on_error)[0]
     with deepspeed_support.gathered(model.encoder, modify=True):
         steps, loss = pretrain_encoder(
             model,

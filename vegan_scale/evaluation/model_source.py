@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from vegan_scale import checkpoint, export
+from vegan_scale.data.images import load_images
 from vegan_scale.data.index import read_index
-from vegan_scale.data.pipeline import load_images
 from vegan_scale.errors import ConfigError
 from vegan_scale.experiment import image_shape, load_experiment, load_stored_experiment
 from vegan_scale.models.autoencoder import AutoEncoder

@@ -25,7 +25,7 @@ from typing import Any
 from vegan_scale import metrics_log, provenance
 from vegan_scale.config.fields import in_use
 from vegan_scale.config.load import flat_keys
-from vegan_scale.errors import ConfigError, ExitCode, TrackingError
+from vegan_scale.errors import ConfigError, DataError, ExitCode, TrackingError
 from vegan_scale.rundir import RunDir
 from vegan_scale.tracking import models
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000
 METRICS_PER_REQUEST = 1000  # MLflow's limit for one log_batch
+METRIC_NAME = re.compile(r"[\w\-. /]{1,250}")  # the names MLflow takes: letters, digits and _ - . space /
 FIGURE_STEP_TAG = "vegan_scale.figures.{key}.last_step"  # what a continued run or sync need not send again
 # Which of the MLflow UI's views an experiment belongs in: a trainer's runs belong in the model-training one (a
 # reserved experiment tag, which MLflow's UI reads where its view is not chosen UI-wide).
@@ -206,8 +207,13 @@ class MlflowRun:
 
         if step <= self._last_figure_step(key):
             return
-        with Image.open(path) as img:
-            self.client.log_image(self.run_id, img.copy(), key=key, step=step)
+        try:
+            with Image.open(path) as img:
+                image = img.copy()
+        except OSError as e:  # cut short or damaged on storage: the figures after it still go
+            log.warning("%s cannot be read (%s): that figure is not sent", path, e)
+            return
+        self.client.log_image(self.run_id, image, key=key, step=step)
         self.client.set_tag(self.run_id, FIGURE_STEP_TAG.format(key=key), str(step))
         self._last[f"figure:{key}"] = step
 
@@ -235,7 +241,12 @@ class MlflowRun:
     def send_run_dir(self, run_dir: RunDir) -> None:
         """Send the lines of a run directory's metrics.jsonl the server lacks."""
         lines = metrics_log.read(run_dir.metrics)
-        self.send_metrics((line["step"], {k: v for k, v in line.items() if k != "step"}) for line in lines)
+        rows = [(line["step"], {k: v for k, v in line.items() if k != "step"}) for line in lines]
+        named = [(step, {k: v for k, v in values.items() if METRIC_NAME.fullmatch(k)}) for step, values in rows]
+        left = sum(len(values) for _, values in rows) - sum(len(values) for _, values in named)
+        if left:  # a byte damaged inside a name: MLflow would refuse the whole batch
+            log.warning("%s: %d value(s) under names MLflow refuses left out", run_dir.metrics, left)
+        self.send_metrics(named)
 
 
 def final_status(exit_code: int) -> str:
@@ -255,7 +266,11 @@ def sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
     check_uri(uri)
     try:
         return _sync(run_dir, cfg, uri)
-    except (MlflowException, OSError) as e:
+    except OSError as e:  # a file of the run directory (MLflow wraps its own network errors)
+        raise DataError(
+            f"cannot bring {run_dir.path} up to date in MLflow: {e}; mend or remove that file, then sync again"
+        ) from None
+    except MlflowException as e:
         raise TrackingError(
             f"cannot bring {run_dir.path} up to date in MLflow at {uri}: {str(e).strip().splitlines()[0][:300]}; "
             "check the URI (--uri, else the run's tracking.uri) and that its server answers, then sync again: it "

@@ -76,7 +76,8 @@ def log_model(
     from mlflow.entities import LoggedModelOutput
 
     weights = hashlib.sha256((export_dir / export.MODEL_FILE).read_bytes()).hexdigest()
-    experiment_id = client.get_run(run_id).info.experiment_id
+    run = client.get_run(run_id)
+    experiment_id = run.info.experiment_id
     existing = _run_model(client, experiment_id, run_id)
     if existing is not None and existing.status == "READY" and existing.tags.get(WEIGHTS_TAG) == weights:
         return None
@@ -89,7 +90,9 @@ def log_model(
         client.log_model_artifacts(existing.model_id, str(local))
     client.set_logged_model_tags(existing.model_id, {WEIGHTS_TAG: weights})
     client.finalize_logged_model(existing.model_id, "READY")
-    client.log_outputs(run_id, [LoggedModelOutput(existing.model_id, step)])
+    # The store keeps one link per run and model: a continued run that exports again only replaces the files.
+    if not any(out.model_id == existing.model_id for out in (run.outputs.model_outputs if run.outputs else [])):
+        client.log_outputs(run_id, [LoggedModelOutput(existing.model_id, step)])
     if register_as:
         register(client, register_as, run_id, existing)
     return existing.model_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -53,7 +54,13 @@ def test_layout_after_commit(tmp_path):
     assert sorted(p.name for p in final.iterdir()) == sorted(["COMPLETE", *parts])
     assert (root / "latest").read_text().strip() == "step_00001000"
     listed = {name: (final / name).stat().st_size for name in parts if name != "state.json"}  # with sizes
-    assert json.loads((final / "state.json").read_text()) == {"step": 1000, "epoch": 2, "files": listed}
+    digests = {name: hashlib.sha256((final / name).read_bytes()).hexdigest() for name in listed}  # and digests
+    assert json.loads((final / "state.json").read_text()) == {
+        "step": 1000,
+        "epoch": 2,
+        "files": listed,
+        "sha256": digests,
+    }
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00001000"]  # no .tmp left
     assert complete_checkpoints(root) == [final]
 

@@ -5,6 +5,7 @@ start-up failure is recorded in exit_status.json."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import shutil
@@ -23,11 +24,14 @@ pytestmark = pytest.mark.distributed
 
 def _plant_pickle(step: Path) -> None:
     """The random-generator file (the one pickle a checkpoint holds; tensors are safetensors) replaced by a pickle
-    that touches ``pwned`` in the run directory, padded to the size state.json lists (as an attacker who read it
-    would)."""
+    that touches ``pwned`` in the run directory, padded to the size state.json lists, its digest there replaced
+    (as an attacker who can write the checkpoint would)."""
     target = step / "rng_rank0.pt"
     evil = pickle.dumps({"torch": RunsShell(step.parents[1] / "pwned")}, protocol=2)
     target.write_bytes(evil + b"\0" * (target.stat().st_size - len(evil)))
+    state = json.loads((step / "state.json").read_text())  # and its digest, so that the unpickler is what refuses
+    state["sha256"]["rng_rank0.pt"] = hashlib.sha256(target.read_bytes()).hexdigest()
+    (step / "state.json").write_text(json.dumps(state))
 
 
 # what is damaged: the file the refusal must name, and the damage
@@ -49,14 +53,19 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
     "state.json of another step": ("state.json", lambda step: _restep(step / "state.json", -1)),
     "a weight turned NaN, the size kept": (
         "autoencoder.safetensors",
-        lambda step: _nan(step / "autoencoder.safetensors"),
+        lambda step: _change(step / "autoencoder.safetensors", float("nan")),
+    ),
+    "a weight changed in place, finite, the size kept": (
+        "critic.safetensors",
+        lambda step: _change(step / "critic.safetensors", 0.5),
     ),
 }
 
 
-def _nan(file: Path) -> None:
+def _change(file: Path, value: float) -> None:
+    """One weight of a file set to ``value``: the file keeps its size, and state.json's sizes still match."""
     weights = load_file(file)
-    next(iter(weights.values())).view(-1)[0] = float("nan")
+    next(iter(weights.values())).view(-1)[0] = value
     save_file(weights, file)
 
 

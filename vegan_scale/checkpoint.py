@@ -10,7 +10,7 @@ Layout under ``<run_dir>/checkpoints/``::
       rng_rank<R>.pt            every process's random generator states (torch, CUDA, Python, NumPy)
       scaler.pt                 the fp16 gradient scaler's state (fp16 runs)
       state.json                step, micro-batches consumed, epoch, world size, distribution mode, MLflow run id,
-                                and every other file of the checkpoint with its size (what a resume requires)
+                                and every other file of the checkpoint with its size and sha256 (what a resume checks)
       config.yaml               the resolved configuration the run had when it saved
       COMPLETE                  written last: a directory without it is ignored
     latest                      name of the newest complete checkpoint, replaced atomically
@@ -26,6 +26,7 @@ complete is :mod:`vegan_scale.rundir`'s to say. Tensors are safetensors; the few
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -141,12 +142,15 @@ def write_state(directory: Path, state: dict[str, Any], config_yaml: str) -> Non
     then ``state.json``: the step, data position and run identity, and every file of the checkpoint with its size,
     which a resume requires (see :func:`verify`)."""
     (directory / CONFIG).write_text(config_yaml)
-    files = {
-        str(p.relative_to(directory)): p.stat().st_size
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != STATE
-    }
-    (directory / STATE).write_text(json.dumps({**state, "files": files}, indent=1))
+    paths = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != STATE]
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in paths}
+    digests = {str(p.relative_to(directory)): _sha256(p) for p in paths}
+    (directory / STATE).write_text(json.dumps({**state, "files": files, "sha256": digests}, indent=1))
+
+
+def _sha256(file: Path) -> str:
+    with file.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -167,8 +171,9 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def verify(path: Path) -> dict[str, Any]:
-    """The state of a checkpoint whose every promised file is there and whole (by size); else a CheckpointError
-    naming the file. Cheap (no file is read but state.json): the loaders check the contents."""
+    """The state of a checkpoint whose every promised file is there and whole (by size, then by its sha256: bytes
+    damaged in place keep a file's size); else a CheckpointError naming the file. Each file is read once for its
+    digest (a fraction of a second for the conv pair's 200 MB), then by its loader."""
     state = read_state(path)
     files = state.get("files")
     if not isinstance(files, dict):
@@ -176,6 +181,7 @@ def verify(path: Path) -> dict[str, Any]:
             f"{path / STATE} lists no files: the checkpoint was written by an earlier version of vegan_scale; "
             "continue from a checkpoint of this version, or start a new run from its weights (train.init_from)"
         )
+    digests = state.get("sha256") if isinstance(state.get("sha256"), dict) else {}  # none before they were kept
     for name, size in files.items():
         file = path / name
         if not file.is_file():
@@ -184,6 +190,10 @@ def verify(path: Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"refusing to load {file}: it holds {file.stat().st_size} bytes where {STATE} lists {size} "
                 "(damaged or replaced)"
+            )
+        if name in digests and _sha256(file) != digests[name]:
+            raise CheckpointError(
+                f"refusing to load {file}: its bytes differ from those written ({STATE}'s sha256): damaged in place"
             )
     return state
 

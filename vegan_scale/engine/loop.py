@@ -303,10 +303,12 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
     run.where.at(step, "checkpoint")
     start = time.perf_counter()
     directory, what = checkpoint.tmp_dir(root, step), f"checkpoint {checkpoint_name(step)}"
+    # Every process's own part first, agreed: written after the modules, another process's file could recreate the
+    # partial directory the main process had just removed on a failed write.
+    _write_rank_states(run, directory, what)
     with _written(run, directory, what, RESUME):  # the modules' files: the main process writes them
         for module in run.modules:
             module.save(directory)
-    _write_rank_states(run, directory, what)
     if acc.is_main_process:
         if acc.scaler is not None:
             checkpoint.save_scaler(directory, acc.scaler.state_dict())

@@ -142,9 +142,9 @@ def write_state(directory: Path, state: dict[str, Any], config_yaml: str) -> Non
     then ``state.json``: the step, data position and run identity, and every file of the checkpoint with its size,
     which a resume requires (see :func:`verify`)."""
     (directory / CONFIG).write_text(config_yaml)
-    paths = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != STATE]
-    files = {str(p.relative_to(directory)): p.stat().st_size for p in paths}
-    digests = {str(p.relative_to(directory)): _sha256(p) for p in paths}
+    paths = {str(p.relative_to(directory)): p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != STATE}
+    files = {name: p.stat().st_size for name, p in paths.items()}
+    digests = {name: _sha256(p) for name, p in paths.items()}
     (directory / STATE).write_text(json.dumps({**state, "files": files, "sha256": digests}, indent=1))
 
 

@@ -16,6 +16,7 @@ Weights (one per source) set how often resampled mode draws from each source.
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import urllib.error
 import urllib.request
@@ -100,8 +101,15 @@ def read_offsets(url: str, count: int) -> list[int] | None:
         return None
     else:
         shard = Path(url.removeprefix("file://"))
-        path, end = offsets_path(shard), shard.stat().st_size if shard.is_file() else None
-        data = path.read_bytes() if path.is_file() and not _older(path, shard) else None
+        path = offsets_path(shard)
+        if not path.is_file():
+            return None
+        try:
+            made = shard.stat()  # once: its size bounds the offsets, its time dates the .idx
+        except OSError:  # the shard is gone: its reader says so
+            made = None
+        end = made.st_size if made else None
+        data = None if made and _older(path, made) else path.read_bytes()
     if data is None:
         return None
     offsets = np.frombuffer(data, dtype="<u8") if len(data) % 8 == 0 else np.zeros(0, dtype="<u8")
@@ -119,12 +127,12 @@ def read_offsets(url: str, count: int) -> list[int] | None:
     return offsets.tolist()
 
 
-def _older(index: Path, shard: Path) -> bool:
-    """Whether a shard's .idx is older than the shard: the writer writes it after the shard, so the shard was
-    written again since (its offsets would point into other samples). The reader then reads from the shard's start,
-    which is slower, never wrong."""
-    if index.stat().st_mtime < shard.stat().st_mtime:
-        log.warning("%s is older than %s: the shard was written again; reading it from its start", index, shard)
+def _older(index: Path, shard: os.stat_result) -> bool:
+    """Whether a shard's .idx is older than the shard (``shard``: its stat): the writer writes it after the shard,
+    so the shard was written again since (its offsets would point into other samples). The reader then reads from
+    the shard's start, which is slower, never wrong."""
+    if index.stat().st_mtime < shard.st_mtime:
+        log.warning("%s is older than its shard: the shard was written again; reading it from its start", index)
         return True
     return False
 

@@ -241,9 +241,11 @@ class MlflowRun:
     def send_run_dir(self, run_dir: RunDir) -> None:
         """Send the lines of a run directory's metrics.jsonl the server lacks."""
         lines = metrics_log.read(run_dir.metrics)
-        rows = [(line["step"], {k: v for k, v in line.items() if k != "step"}) for line in lines]
-        named = [(step, {k: v for k, v in values.items() if METRIC_NAME.fullmatch(k)}) for step, values in rows]
-        left = sum(len(values) for _, values in rows) - sum(len(values) for _, values in named)
+        named = [
+            (line["step"], {k: v for k, v in line.items() if k != "step" and METRIC_NAME.fullmatch(k)})
+            for line in lines
+        ]
+        left = sum(len(line) - 1 for line in lines) - sum(len(values) for _, values in named)
         if left:  # a byte damaged inside a name: MLflow would refuse the whole batch
             log.warning("%s: %d value(s) under names MLflow refuses left out", run_dir.metrics, left)
         self.send_metrics(named)

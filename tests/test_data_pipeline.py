@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import pickle
 import subprocess
 import sys
@@ -527,6 +528,41 @@ def test_short_shard_is_counted_when_skipping(tmp_path):
     assert len(batches) == s.order(0).steps == 5
     check_pixels(batches)
     assert skip_counts(batches) == {"short_shard": 5}
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_shard_longer_than_sizes_json(tmp_path: Path, on_error: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A shard holding more samples than sizes.json says (written again, counted by hand), read without an .idx:
+    the samples after the count were passed over without a word. A DataError naming the shard and the fix; in skip
+    mode a warning, and the counted samples train."""
+    make_shards(tmp_path, [10, 10])
+    (tmp_path / "sizes.json").write_text('{"s-000000.tar": 10, "s-000001.tar": 5}')
+    s = stream(read_index(str(tmp_path)), 5, on_error=on_error)
+    if on_error == "raise":
+        message = epoch_error(s.epoch(0))
+        assert "s-000001.tar holds more samples than the 5 sizes.json gives it" in message and "index-shards" in message
+        return
+    with caplog.at_level(logging.WARNING, logger="vegan_scale.data"):
+        batches = list(s.epoch(0))
+    assert sorted(batch_ids(batches)) == list(range(15)) and not skip_counts(batches)
+    assert "s-000001.tar holds more samples than the 5" in caplog.text
+
+
+def test_a_shard_of_exactly_its_count_reads_no_further(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The look past a shard's counted end finds its end: no warning, every sample once."""
+    make_shards(tmp_path, [10, 5])
+    with caplog.at_level(logging.WARNING, logger="vegan_scale.data"):
+        batches = list(stream(read_index(str(tmp_path)), 5).epoch(0))
+    assert sorted(batch_ids(batches)) == list(range(15)) and not caplog.text
+
+
+def test_a_shard_drawn_in_part_keeps_its_index(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Resampled mode's last draw takes part of a shard; the shard's .idx was checked against that part's count, found
+    not to fit, and passed over with a warning (the shard then read from its start)."""
+    make_shards(tmp_path, [10], offsets=True)
+    with caplog.at_level(logging.WARNING, logger="vegan_scale.data"):
+        batches = list(stream(read_index(str(tmp_path)), 5, mode="resampled", epoch_samples=5).epoch(0))
+    assert len(batches) == 1 and set(batch_ids(batches)) <= set(range(10)) and not caplog.text
 
 
 def test_images_read_at_start_follow_on_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -318,6 +318,7 @@ class _Blocks(IterableDataset):
         s = self.stream
         lanes = worker_lanes(rank_lanes(s.global_batch, s.world_size, s.rank), s.readers_per_rank, worker)
         urls = s.index.urls
+        sizes = dict(zip(urls, s.index.counts, strict=True))
 
         def entering(url: str) -> None:
             if s.readers is not None:
@@ -326,7 +327,7 @@ class _Blocks(IterableDataset):
         epoch, step = self.epoch, self.step
         while True:
             order = s.order(epoch)
-            reader = SequenceReader(order, s.image_shape, s.on_error, s.retry, entering)
+            reader = SequenceReader(order, sizes, s.image_shape, s.on_error, s.retry, entering)
             while step < order.steps:
                 j, first, length = order.block(step)
                 reader.skipped.clear()

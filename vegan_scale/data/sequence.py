@@ -68,12 +68,15 @@ class SequenceReader:
     def __init__(
         self,
         order: EpochOrder,
+        sizes: dict[str, int],
         shape: tuple[int, int, int],
         on_error: str,
         retry: Backoff,
         entering: Callable[[str], None] = lambda url: None,
     ) -> None:
         self.order, self.shape, self.on_error, self.retry = order, shape, on_error, retry
+        # each shard's sample count, as sizes.json gives it: the order's may be fewer (resampled mode's last draw)
+        self.sizes = sizes
         self.entering = entering  # told each shard the reader starts reading (to name a stalled read)
         self.offsets: dict[str, list[int] | None] = {}  # the .idx of each shard met, read once per epoch
         self.skipped: dict[str, int] = {}  # bad samples of the current block, by reason
@@ -120,7 +123,7 @@ class SequenceReader:
         parts = []
         for url, skip, take in pieces(self.order.urls, self.order.counts, start, length):
             if url not in self.offsets:
-                self.offsets[url] = read_offsets(url, self.order.counts[self.order.urls.index(url)])
+                self.offsets[url] = read_offsets(url, self.sizes[url])
             self.entering(url)
             offsets = self.offsets[url]
             arrays = read_stretch(url, skip, take, offsets, self.shape, self.retry) if offsets is not None else None
@@ -128,7 +131,8 @@ class SequenceReader:
                 parts.append(Stretch(*arrays, torch.ones(take, dtype=torch.bool)))
                 continue
             found, got, reason = [], 0, None
-            for sample in _shard_samples(url, skip, take, offsets, self.on_error, self.retry):
+            to_end = offsets is None and skip + take == self.sizes[url]
+            for sample in _shard_samples(url, skip, take, offsets, self.on_error, self.retry, to_end):
                 reason = sample.get("__error__", reason)
                 found.append(_decode(sample, self.shape, self.on_error, skipped))
                 got += 1
@@ -140,15 +144,20 @@ class SequenceReader:
 
 
 def _shard_samples(
-    url: str, skip: int, take: int, offsets: list[int] | None, on_error: str, retry: Backoff
+    url: str, skip: int, take: int, offsets: list[int] | None, on_error: str, retry: Backoff, to_end: bool = False
 ) -> Iterator[Sample]:
     """Samples ``skip`` to ``skip + take`` of one shard. In skip mode a shard error is an error marker in place of
     the sample it hit: with the shard's offsets the reading goes on at the next sample, without them the rest of
-    the piece is lost (the caller counts it)."""
+    the piece is lost (the caller counts it). ``to_end``: the piece ends where sizes.json says the shard ends, and
+    is read without the shard's offsets (whose length checks the count): a sample after it is one the count leaves
+    out, which no reader would ever read (:func:`_uncounted`)."""
     position, end = skip, skip + take
     while position < end:
         try:
-            for sample in read_samples(url, retry, position, end - position, offsets):
+            for sample in read_samples(url, retry, position, None if to_end else end - position, offsets):
+                if position == end:
+                    _uncounted(url, end, on_error)
+                    return
                 position += 1
                 yield sample
             if position < end:
@@ -168,6 +177,19 @@ def _shard_samples(
 
 class ShortShard(ShardError):
     reason = "short_shard"
+
+
+def _uncounted(url: str, count: int, on_error: str) -> None:
+    """A shard holds more samples than the ``count`` sizes.json gives it (a shard written again, a count made by
+    hand): the ones after the count would be passed over without a word. A DataError, or in skip mode a warning
+    (every sample read is good; the run trains on the counted ones)."""
+    message = (
+        f"shard {url} holds more samples than the {count} sizes.json gives it: the ones after them are never read; "
+        "count them again with `vegan-scale index-shards DIRECTORY`"
+    )
+    if on_error == "raise":
+        raise DataError(message + ", or set data.on_error=skip to train on the counted ones")
+    log.warning("%s", message)
 
 
 def _decode(sample: Sample, shape: tuple[int, int, int], on_error: str, skipped: dict[str, int]) -> Item | None:

@@ -164,9 +164,20 @@ def launch_tags(accelerator: Accelerator) -> dict[str, str]:
     return tags
 
 
+_ENDED: list[torch.distributed.ProcessGroup] = []  # the last process group ended: kept, never destroyed (see shutdown)
+
+
 def shutdown() -> None:
-    """End the process group, once training is over (not inside ``train``, so Python callers may train again)."""
+    """End the process group, once training is over (not inside ``train``, so Python callers may train again).
+
+    The group is ended but its object kept: destroying a gloo group joins its worker threads with the interpreter's
+    lock held, and a worker still releasing the tensors of the last collective needs that lock. A refusal raised
+    right after an agreement (a run directory the processes do not share) let the model's reducer drop the group's
+    last reference as the error left the program, and on a busy node the process hung there, its error printed.
+    The object goes when the process ends (without Python's teardown, :mod:`vegan_scale.process_exit`) or when a
+    later training of the same process ends its own group, long after this one's last collective."""
     if torch.distributed.is_initialized():
+        _ENDED[:] = [torch.distributed.group.WORLD]
         torch.distributed.destroy_process_group()
 
 

@@ -3,11 +3,13 @@
 An export directory holds ``model.safetensors`` (the auto-encoder's full weights, float32, whatever the run's
 precision and distribution mode) and ``model.yaml`` (the ``data``, ``model`` and ``prior`` sections of the run's
 configuration: a partial experiment file). Loading needs neither DeepSpeed nor accelerate and executes nothing
-from the files.
+from the files. The weights file's metadata holds the sha256 of its tensors, checked at every load: bytes damaged in
+place keep the file's size and its values finite.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from vegan_scale.errors import ConfigError
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model.yaml"
 SECTIONS = ("data", "model", "prior")
+DIGEST_KEY = "sha256"  # in the weights file's metadata
 OWN_FILES = {name + suffix for name in (MODEL_FILE, CONFIG_FILE) for suffix in ("", atomic.TMP_SUFFIX)}
 
 
@@ -50,7 +53,7 @@ def write(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str
         k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state_dict.items()
     }
     with atomic.writing(directory / MODEL_FILE) as tmp:
-        save_file(weights, tmp)
+        save_file(weights, tmp, metadata={DIGEST_KEY: _digest(weights)})
     atomic.write_text(directory / CONFIG_FILE, yaml.safe_dump(model_sections(config), sort_keys=False))
     return directory
 
@@ -59,7 +62,31 @@ def read(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """(weights, path of model.yaml) of an export directory; a clear error when it is not one."""
     directory = Path(directory)
     _check_is_export(directory)
-    return load_file(directory / MODEL_FILE), directory / CONFIG_FILE
+    return load_weights(directory / MODEL_FILE), directory / CONFIG_FILE
+
+
+def load_weights(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an export's weights file, refused when they differ from those written (the sha256 its
+    metadata holds; exports of versions before it have none, and are read unchecked)."""
+    tensors = load_file(file)
+    with safe_open(str(file), framework="pt") as f:
+        written = (f.metadata() or {}).get(DIGEST_KEY)
+    if written is not None and _digest(tensors) != written:
+        raise ConfigError(
+            f"refusing to load {file}: its tensors differ from those written (the sha256 in its metadata): damaged in "
+            "place; export the model again from its checkpoint (`vegan-scale export CHECKPOINT --out DIR`)"
+        )
+    return tensors
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors' names, types, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _check_is_export(directory: Path) -> None:

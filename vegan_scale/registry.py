@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from vegan_scale import checkpoint, export
 from vegan_scale.errors import ConfigError
@@ -74,7 +73,7 @@ def load_model(
         differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
         details = "; ".join(f"{k}: network {expected.get(k)}, file {found.get(k)}" for k in differ[:4])
         raise ConfigError(f"{name or weights} does not hold the weights of the configured network ({details})")
-    state = weights if read else load_file(weights)
+    state = weights if read else export.load_weights(weights)
     broken = checkpoint.first_non_finite(state)
     if broken is not None:
         raise ConfigError(f"{name or weights}: {broken} holds NaN or infinite values: the weights are damaged")

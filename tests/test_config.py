@@ -615,6 +615,24 @@ def test_text_keys_take_the_override_as_typed():
     assert load(MNIST / "quickstart.yaml", "train.mixed_precision=no").train.mixed_precision == "no"
 
 
+def test_text_keys_in_a_file_keep_the_text_as_written(tmp_path):
+    """YAML 1.1 reads plain 010 as 8, 0x10 as 16, no as false and 1:30 as 90: in a file, as on the command line, a
+    key that holds text keeps what was written (run 010 and run 8 shared a directory). Numbers stay numbers, and a
+    list stays a list (refused as a tag), in a file and in the files it inherits."""
+    parent = write(tmp_path / "parent.yaml", f"inherit: {MNIST / 'quickstart.yaml'}\nrun: {{experiment: 0x10}}\n")
+    child = write(
+        tmp_path / "child.yaml",
+        "inherit: parent.yaml\nrun: {name: 010}\ntracking: {tags: {a: no, b: 1:30, c: 1_000, d: '07'}}\n"
+        "train: {max_steps: 010}\n",
+    )
+    cfg = load(child)
+    assert (cfg.run.name, cfg.run.experiment, cfg.train.max_steps) == ("010", "0x10", 8)
+    assert cfg.tracking.tags == {"a": "no", "b": "1:30", "c": "1_000", "d": "07"}
+    assert parent.exists() and "tracking.tags.x must be text" in config_error(
+        write(tmp_path / "list.yaml", "tracking: {tags: {x: [010]}}\n")
+    )
+
+
 def test_a_config_that_is_a_pipe_or_a_symlink_loop_is_refused_at_once(tmp_path):
     """A FIFO with no writer would block the reader forever; a loop of links made Path.resolve raise."""
     fifo = tmp_path / "fifo.yaml"

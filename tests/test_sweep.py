@@ -44,6 +44,17 @@ def test_tasks_are_every_config_and_combination_in_order(tmp_path: Path) -> None
     assert lists[1].overrides[0] == "model.mlp.hidden=[512, 512]"
 
 
+def test_grid_values_of_text_keys_keep_the_text_as_written(tmp_path: Path) -> None:
+    """A grid over a key that holds text, written plainly: YAML read 010 and 0x8 as the number 8, so both tasks
+    trained as experiment 8, under one run directory's parent."""
+    grid = tmp_path / "grid.yaml"
+    config = ROOT / "configs/mnist/wae_mmd.yaml"
+    grid.write_text(f"name: g\nconfigs: [{config}]\ngrid: {{run.experiment: [010, 0x8]}}\n")
+    found = sweep.tasks(grid)
+    assert [t.overrides[0] for t in found] == ["run.experiment='010'", "run.experiment='0x8'"]
+    assert [t.run_dir.path.parent.name for t in found] == ["010", "0x8"]
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

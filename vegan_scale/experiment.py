@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vegan_scale.config.fields import Requirement
-from vegan_scale.config.load import load_config, load_stored
+from vegan_scale.config.load import load_config, load_stored, takes_text
 from vegan_scale.config.schema import assemble
 from vegan_scale.models.options import ConvConfig, MLPConfig, PythaeConvConfig, ResNetConfig
 from vegan_scale.penalties.options import (
@@ -67,6 +67,11 @@ def load_experiment(source: str | Path | Mapping[str, Any] | None, overrides: Se
     """The experiment in ``source`` (a YAML file, nested dicts, or None for the defaults) with ``overrides``
     applied, every value and rule checked (:func:`vegan_scale.config.load.load_config`)."""
     return load_config(ExperimentConfig, source, overrides)
+
+
+def text_key(key: str) -> bool:
+    """Whether the experiment's dotted ``key`` holds text (a YAML reader keeps its values as written)."""
+    return takes_text(ExperimentConfig, key)
 
 
 def load_stored_experiment(path: Path) -> Any:

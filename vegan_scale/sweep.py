@@ -36,7 +36,7 @@ import yaml
 from vegan_scale.config.validate import NAME
 from vegan_scale.config.yaml_file import read_yaml
 from vegan_scale.errors import ConfigError, ExitCode, VeganError
-from vegan_scale.experiment import load_experiment
+from vegan_scale.experiment import load_experiment, text_key
 from vegan_scale.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def tasks(path: str | Path) -> list[Task]:
     """The tasks of a grid file, each checked against the schema (a ConfigError names the file and the task)."""
     path = Path(path)
     try:
-        spec = read_yaml(path)
+        spec = read_yaml(path, lambda key: key.startswith("grid.") and text_key(key.removeprefix("grid.")))
     except OSError as e:
         raise ConfigError(f"cannot read the grid file {path}: {e}") from None
     if not isinstance(spec, dict) or not {"name", "configs"} <= set(spec) or set(spec) - KEYS:

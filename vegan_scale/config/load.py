@@ -34,9 +34,9 @@ def load_config(schema: type, path: str | Path | Mapping[str, Any] | None, overr
     files are then found relative to the working directory.
     """
     if isinstance(path, Mapping):
-        sources = _with_parents(dict(path), "the configuration passed in", Path.cwd(), ())
+        sources = _with_parents(schema, dict(path), "the configuration passed in", Path.cwd(), ())
     else:
-        sources = _file_chain(Path(path), ()) if path is not None else []
+        sources = _file_chain(schema, Path(path), ()) if path is not None else []
     overridden = [(f"command-line override {item!r}", _parse_override(schema, item)) for item in overrides]
     return _compose(schema, [*sources, *overridden])
 
@@ -96,7 +96,7 @@ def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def _file_chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[str, dict]]:
+def _file_chain(schema: type, path: Path, seen: tuple[Path, ...]) -> list[tuple[str, dict]]:
     """(name, data) of the file's ancestors, parents first, then the file itself."""
     try:
         path = path.resolve()
@@ -112,13 +112,13 @@ def _file_chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[str, dict]]:
         raise ConfigError(
             f"config file not found: {path}{where}; configs live under configs/, e.g. configs/mnist/wae_mmd.yaml"
         )
-    data = read_yaml(path) or {}
+    data = read_yaml(path, lambda key: takes_text(schema, key)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
-    return _with_parents(data, str(path), path.parent, (*seen, path))
+    return _with_parents(schema, data, str(path), path.parent, (*seen, path))
 
 
-def _with_parents(data: dict, name: str, base: Path, seen: tuple[Path, ...]) -> list[tuple[str, dict]]:
+def _with_parents(schema: type, data: dict, name: str, base: Path, seen: tuple[Path, ...]) -> list[tuple[str, dict]]:
     """The sources of ``data`` (named ``name``): its ``inherit`` files (relative to ``base``), then itself."""
     parents = data.pop(INHERIT_KEY, None)
     parents = [] if parents is None else [parents] if isinstance(parents, str) else parents
@@ -126,7 +126,7 @@ def _with_parents(data: dict, name: str, base: Path, seen: tuple[Path, ...]) -> 
         raise ConfigError(f"{name}: '{INHERIT_KEY}' must be a file name or a list of file names, got {parents!r}")
     chain: list[tuple[str, dict]] = []
     for parent in parents:
-        chain += _file_chain(base / parent, seen)
+        chain += _file_chain(schema, base / parent, seen)
     return [*chain, (name, data)]
 
 
@@ -149,7 +149,7 @@ def _parse_override(schema: type, item: str) -> dict:
         )
     if not text:
         raise ConfigError(f"override {item!r} has no value: write {key}=null to unset it")
-    if text[0] in "'\"" or text in ("null", "~") or not _takes_text(schema, key):
+    if text[0] in "'\"" or text in ("null", "~") or not takes_text(schema, key):
         try:
             return OmegaConf.to_container(OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
@@ -162,7 +162,7 @@ def _parse_override(schema: type, item: str) -> dict:
     return value
 
 
-def _takes_text(schema: type, key: str) -> bool:
+def takes_text(schema: type, key: str) -> bool:
     """Whether ``key`` holds text: a str key, or an entry of a dict[str, str] one (tracking.tags.<name>)."""
     for name, field, _ in leaves(schema):
         kind = type_name(field)

@@ -8,12 +8,17 @@ config.yaml and exports' model.yaml come from other people and from shared stora
 is built: aliases are allowed while the data they stand for stay small. A file that is not YAML at all (a shard or
 a checkpoint named by mistake) is refused by its size or its bytes, not read whole or decoded in Python, and one
 that is not a regular file (a device, a pipe) before anything is read.
+
+YAML 1.1 reads plain scalars by their look: ``010`` is the number 8, ``0x10`` 16, ``1_000`` 1000, ``no`` false,
+``1:30`` 90. Under a key that holds text (a run name, a tag) the reader keeps them as written, so that
+``run: {name: 010}`` does not name run 8.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +28,13 @@ from vegan_scale.errors import ConfigError
 
 MAX_VALUES = 100_000  # with aliases expanded; a configuration holds a few hundred
 MAX_BYTES = 4 << 20  # a configuration is a few kilobytes of text
+STR_TAG = "tag:yaml.org,2002:str"
+RETYPED = {f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "bool")}  # by a plain scalar's look
 
 
-def read_yaml(path: Path) -> Any:
-    """The data of the YAML file at ``path`` (None when it is empty), built by PyYAML's safe loader.
+def read_yaml(path: Path, takes_text: Callable[[str], bool] = lambda key: False) -> Any:
+    """The data of the YAML file at ``path`` (None when it is empty), built by PyYAML's safe loader; a plain scalar
+    under a dotted key for which ``takes_text`` holds (in a list there too) is kept as the text written.
 
     A ConfigError names the file when it is larger than MAX_BYTES or not valid YAML (text in UTF-8 or UTF-16), nests
     deeper than Python can follow, holds a value that contains itself, or stands for more than MAX_VALUES values
@@ -52,6 +60,7 @@ def read_yaml(path: Path) -> Any:
                 f"{path}: holds {values:,} values with its aliases (*name) expanded, more than the {MAX_VALUES:,} a "
                 "configuration may hold; write the values out, or nest fewer aliases"
             )
+        _keep_text(node, "", takes_text)
         return loader.construct_document(node)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
@@ -78,3 +87,17 @@ def _values(node: yaml.Node, sizes: dict[int, int | None], path: Path) -> int:
     size = 1 + sum(_values(child, sizes, path) for child in children)
     sizes[id(node)] = size
     return size
+
+
+def _keep_text(node: yaml.Node, key: str, takes_text: Callable[[str], bool]) -> None:
+    """Tag as text the plain scalars under keys that hold text (``key``: the dotted key of ``node``). The walk
+    follows aliases, as measured by :func:`_values` first."""
+    if isinstance(node, yaml.MappingNode):
+        for name, value in node.value:
+            if isinstance(name, yaml.ScalarNode):
+                _keep_text(value, f"{key}.{name.value}" if key else name.value, takes_text)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _keep_text(item, key, takes_text)
+    elif node.style is None and node.tag in RETYPED and takes_text(key):
+        node.tag = STR_TAG

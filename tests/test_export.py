@@ -143,7 +143,8 @@ def test_an_export_among_other_files_is_refused_and_over_an_earlier_one_replaces
 ) -> None:
     """`export --out .` in a project directory, or into a run's checkpoints/, would mix the export with what is
     there: refused, naming what is there, and nothing written. Over an earlier export (a run exported again), it is
-    replaced."""
+    replaced, with the evaluation `vegan-scale eval` wrote beside the earlier one (it refused the new export, and
+    measured other weights)."""
     cfg = load_experiment(None, SMALL)
     torch.manual_seed(1)
     weights = build_model(cfg).state_dict()  # not the weights already exported (seed 0)
@@ -153,6 +154,7 @@ def test_an_export_among_other_files_is_refused_and_over_an_earlier_one_replaces
     with pytest.raises(ConfigError, match=r"crowded holds other files \(notes\.txt\): an export goes into a new"):
         export.write(crowded, weights, dataclasses.asdict(cfg))
     assert sorted(p.name for p in crowded.iterdir()) == ["notes.txt"]
+    (exported / export.EVAL_FILE).write_text("{}")
     export.write(exported, weights, dataclasses.asdict(cfg))
     assert sorted(p.name for p in exported.iterdir()) == [export.MODEL_FILE, export.CONFIG_FILE]
     assert all(torch.equal(weights[k], v) for k, v in export.read(exported)[0].items())

@@ -125,6 +125,7 @@ def _sync(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from vegan_scale import export
     from vegan_scale.distributed.accelerator import build_accelerator, shutdown
     from vegan_scale.evaluation.model_source import open_model
     from vegan_scale.evaluation.protocol import EvalSettings, Shares, evaluate_source
@@ -145,7 +146,7 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"{source.weights} (step {source.step}):\n{result.table()}")
     extra = {"weights": str(source.weights), "step": source.step}
     run_dir = RunDir(source.run_dir) if source.run_dir else None
-    out = result.write(run_dir.eval_json if run_dir else args.source / "eval.json", extra)
+    out = result.write(run_dir.eval_json if run_dir else args.source / export.EVAL_FILE, extra)
     print(f"wrote {out}")
     if run_dir is not None and source.config.tracking.backend != "none":
         _log_eval(source, run_dir, result, out)

@@ -27,7 +27,8 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model.yaml"
 SECTIONS = ("data", "model", "prior")
 DIGEST_KEY = "sha256"  # in the weights file's metadata
-OWN_FILES = {name + suffix for name in (MODEL_FILE, CONFIG_FILE) for suffix in ("", atomic.TMP_SUFFIX)}
+EVAL_FILE = "eval.json"  # what `vegan-scale eval` of an export outside a run writes beside it
+OWN_FILES = {name + suffix for name in (MODEL_FILE, CONFIG_FILE, EVAL_FILE) for suffix in ("", atomic.TMP_SUFFIX)}
 
 
 def model_sections(config: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +41,8 @@ def write(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str
     """Write an export, each file atomically and durably, into a new or empty directory or over an earlier export
     (never among other files, which would read as part of it). model.yaml marks an export, so it goes last, and a
     previous export's is removed first: an export replaced in place and interrupted between its two files is no
-    export, never new weights read with the old configuration."""
+    export, never new weights read with the old configuration. The previous export's evaluation (``eval.json``)
+    goes too: it measured other weights."""
     directory.mkdir(parents=True, exist_ok=True)
     others = sorted(p.name for p in directory.iterdir() if p.name not in OWN_FILES)
     if others:
@@ -49,6 +51,7 @@ def write(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str
             "goes into a new or empty directory, or over an earlier export; choose another output directory"
         )
     (directory / CONFIG_FILE).unlink(missing_ok=True)
+    (directory / EVAL_FILE).unlink(missing_ok=True)
     weights = {
         k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state_dict.items()
     }

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -131,6 +134,56 @@ def test_sources_agree_and_refuse_other_directories(run_dir: Path, tmp_path: Pat
             assert torch.equal(source.model.state_dict()[key], value)
     with pytest.raises(ConfigError, match="neither a run directory"):
         open_model(tmp_path)
+
+
+def _copy_with(run_dir: Path, tmp_path: Path, name: str, change: Callable[[bytes], bytes], forged: bool) -> Path:
+    """A copy of the run (without its export) whose last checkpoint's file ``name`` is changed; ``forged``: its size
+    and digest in state.json too, as someone who can write the checkpoint would."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export"))
+    step = copy / "checkpoints" / "step_00000020"
+    (step / name).write_bytes(change((step / name).read_bytes()))
+    if forged:
+        state = json.loads((step / "state.json").read_text())
+        state["files"][name] = (step / name).stat().st_size
+        state["sha256"][name] = hashlib.sha256((step / name).read_bytes()).hexdigest()
+        (step / "state.json").write_text(json.dumps(state))
+    return step
+
+
+CHECKPOINT_READERS = (["export", "--out", "x"], ["eval"], ["sample", "--out", "y"])
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "forged", "words"),
+    [  # a weight changed in place: size kept, values finite
+        ("autoencoder.safetensors", lambda raw: raw[:-4] + bytes([raw[-4] ^ 1]) + raw[-3:], False, "bytes differ"),
+        ("config.yaml", lambda raw: b"- a\n", True, "config.yaml: a configuration must be a mapping"),
+        (  # another network: the export's model.yaml would not fit its weights
+            "config.yaml",
+            lambda raw: raw.replace(b"latent_dim: 8", b"latent_dim: 9"),
+            True,
+            "does not hold the weights of the configured network",
+        ),
+    ],
+    ids=["weights changed", "config not a mapping", "config of another network"],
+)
+def test_export_eval_and_sample_check_the_checkpoint_they_read(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, name: str, change, forged: bool, words: str
+) -> None:
+    """`vegan-scale export`, `eval` and `sample` read a checkpoint as a resume does: a weight changed in place came
+    out as a clean export with a valid digest, exit 0; a config.yaml that is no configuration was a traceback, and
+    one of another network made an export whose model.yaml did not fit its weights. Each is now one line, exit 2,
+    and nothing is written."""
+    from vegan_scale.cli import main
+
+    step = _copy_with(run_dir, tmp_path, name, change, forged)
+    for command, *options in CHECKPOINT_READERS:
+        out = [str(tmp_path / option) if option in ("x", "y") else option for option in options]
+        assert main([command, str(step), *out]) == 2, command
+        said = capsys.readouterr()
+        assert words in said.out + said.err, command
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_a_run_that_trains_on_is_evaluated_and_exported_while_it_prunes_its_checkpoints(

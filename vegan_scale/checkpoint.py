@@ -33,6 +33,7 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -170,19 +171,24 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def verify(path: Path) -> dict[str, Any]:
+def verify(path: Path, names: Collection[str] | None = None) -> dict[str, Any]:
     """The state of a checkpoint whose every promised file is there and whole (by size, then by its sha256: bytes
     damaged in place keep a file's size); else a CheckpointError naming the file. Each file is read once for its
-    digest (a fraction of a second for the conv pair's 200 MB), then by its loader."""
+    digest (a fraction of a second for the conv pair's 200 MB), then by its loader. ``names``: only these files, for
+    a reader of the weights (an export, an evaluation), which checkpoints of earlier versions (no list) pass."""
     state = read_state(path)
     files = state.get("files")
     if not isinstance(files, dict):
+        if names is not None:
+            return state
         raise CheckpointError(
             f"{path / STATE} lists no files: the checkpoint was written by an earlier version of vegan_scale; "
             "continue from a checkpoint of this version, or start a new run from its weights (train.init_from)"
         )
     digests = state.get("sha256") if isinstance(state.get("sha256"), dict) else {}  # none before they were kept
     for name, size in files.items():
+        if names is not None and name not in names:
+            continue
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"refusing to load {path}: {file} is missing, though {STATE} lists it")

@@ -95,19 +95,19 @@ def _shards(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from vegan_scale import checkpoint, export
-    from vegan_scale.config.yaml_file import read_yaml
-    from vegan_scale.rundir import RunDir, is_complete
+    import dataclasses
 
-    def read(path: Path) -> tuple[dict, dict]:
-        if not is_complete(path):
-            raise ConfigError(f"{path} is not a complete checkpoint directory (…/checkpoints/step_N with COMPLETE)")
-        return checkpoint.read_module(path, checkpoint.AUTOENCODER), read_yaml(path / checkpoint.CONFIG)
+    from vegan_scale import checkpoint, export
+    from vegan_scale.evaluation.model_source import read_checkpoint
+    from vegan_scale.registry import load_model
+    from vegan_scale.rundir import RunDir
 
     run_dir = RunDir(args.checkpoint)
     # a run directory: its newest complete checkpoint
-    weights, config = run_dir.read_newest(read) if run_dir.checkpoints.is_dir() else read(args.checkpoint)
-    print(export.write(args.out, weights, config))
+    read = run_dir.read_newest(read_checkpoint) if run_dir.checkpoints.is_dir() else read_checkpoint(args.checkpoint)
+    # the weights checked against the network the configuration describes, which model.yaml will say
+    model = load_model(read.config, read.weights, name=str(checkpoint.module_file(read.path)))
+    print(export.write(args.out, model.state_dict(), dataclasses.asdict(read.config)))
 
 
 def _sync(args: argparse.Namespace) -> None:

@@ -53,14 +53,18 @@ class _Checkpoint:
     config: Any  # read last: once its file is read, checking it takes long and needs no file
 
 
-def _read_checkpoint(path: Path) -> _Checkpoint:
+def read_checkpoint(path: Path) -> _Checkpoint:
+    """The auto-encoder's weights, step and configuration of a complete checkpoint, the files read checked against
+    its state.json as a resume checks them (an export written from damaged weights would carry a valid digest)."""
+    if not is_complete(path):
+        raise ConfigError(f"{path} is not a complete checkpoint directory (…/checkpoints/step_N with COMPLETE)")
     config_file = path / checkpoint.CONFIG
     if not config_file.exists():  # checkpoints of early versions hold no config.yaml: the run's is the same
         run_dir = RunDir.containing(path)
         if run_dir is None:
             raise ConfigError(f"checkpoint {path} has no {checkpoint.CONFIG} and no run directory above it")
         config_file = run_dir.config
-    step = checkpoint.read_state(path)["step"]
+    step = checkpoint.verify(path, (checkpoint.module_file(path).name, checkpoint.CONFIG))["step"]
     weights = checkpoint.read_module(path, checkpoint.AUTOENCODER)
     return _Checkpoint(path, step, weights, load_stored_experiment(config_file))
 
@@ -86,14 +90,14 @@ def open_model(path: Path, device: torch.device | str = "cpu") -> ModelSource:
     """The model at ``path`` (run directory, checkpoint or export) with its configuration; ConfigError otherwise."""
     path = Path(path)
     if is_complete(path):
-        return _from_checkpoint(_read_checkpoint(path), device)
+        return _from_checkpoint(read_checkpoint(path), device)
     if (path / export.MODEL_FILE).exists():
         return _from_export(path, device)
     run_dir = RunDir(path)
     if run_dir.is_run():
         if (run_dir.export / export.MODEL_FILE).exists():
             return _from_export(run_dir.export, device)
-        return _from_checkpoint(run_dir.read_newest(_read_checkpoint), device)
+        return _from_checkpoint(run_dir.read_newest(read_checkpoint), device)
     raise ConfigError(
         f"{path} is neither a run directory (config.yaml), a checkpoint (…/checkpoints/step_N with "
         f"COMPLETE) nor an exported model ({export.MODEL_FILE} + {export.CONFIG_FILE})"

@@ -126,6 +126,29 @@ def test_stop_request_under_a_launcher(tiny_shards_module: Path, tmp_path: Path)
     assert status["code"] == 75 and (run_dir / "checkpoints" / f"step_{status['step']:08d}" / "COMPLETE").exists()
 
 
+def test_a_run_moved_renamed_and_continued_with_other_workers_ends_as_the_uninterrupted_one(
+    tiny_shards_module: Path, reference: Path, tmp_path: Path
+) -> None:
+    """A run killed mid-way, its directory moved under another experiment and name, and continued with two loader
+    workers where it had none: where the run lies and the worker count shape nothing (the batches are the same at
+    any worker count), so it ends with the uninterrupted run's weights, bit for bit. Both were refused as settings
+    that "shape the model, the optimisation or the data order"."""
+    args = train_args(tiny_shards_module, tmp_path, "before", "wae_gan")
+    proc = start(single(args))
+    wait_for_step(proc, tmp_path / "mnist" / "before", 17)
+    kill_group(proc)
+    finish(proc)
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "mnist" / "before").rename(tmp_path / "moved" / "after")
+    moved = [*args, "run.name=after", "run.experiment=moved", "data.num_workers=2"]
+    again = run(single(moved))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing from" in again.stdout + again.stderr
+    assert same_weights(
+        tmp_path / "moved" / "after" / "export" / "model.safetensors", reference / "export" / "model.safetensors"
+    )
+
+
 def test_resume_policy(tiny_shards_module: Path, tmp_path: Path) -> None:
     """Continuing with another network is refused with the key named (exit 2), and so is train.resume=never; neither
     refusal touches the finished run's exit status. A longer run may continue, also from a checkpoint written before

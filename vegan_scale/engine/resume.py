@@ -6,10 +6,11 @@ observe the run may change:
 
 * may change: ``train.max_steps``, ``train.epochs`` (how long), ``train.check_every``,
   ``train.collective_timeout_s``, ``train.resume``, ``train.init_from``, ``data.read_attempts``,
-  ``data.stall_timeout_s``, and the ``eval``,
-  ``checkpoint``, ``tracking`` and ``run.root`` settings;
+  ``data.stall_timeout_s``, ``data.num_workers`` (the batches are the same at any worker count), the ``eval``,
+  ``checkpoint`` and ``tracking`` settings, and where the run lies (``run.root``, ``run.experiment``, ``run.name``:
+  a run directory moved or renamed);
 * everything else is refused with the list of differing keys, notably the network, prior, penalty, optimizer,
-  batch, precision, seed and data (``data.num_workers`` included: the batch order is defined per worker).
+  batch, precision, seed and data.
 
 The world size and the distribution mode (one process, DDP, ZeRO-2, ZeRO-3) may change: the checkpoint holds
 whole weights and optimizer state by parameter name, the data order and every sample's random numbers are functions
@@ -47,7 +48,7 @@ from vegan_scale.rundir import COMPLETE, RunDir, complete_checkpoints, is_comple
 log = logging.getLogger("vegan_scale")
 
 DEFAULTS = flat_keys(dataclasses.asdict(ExperimentConfig()))
-MAY_CHANGE_PREFIXES = ("eval.", "checkpoint.", "tracking.", "run.root")
+MAY_CHANGE_PREFIXES = ("eval.", "checkpoint.", "tracking.", "run.root", "run.experiment", "run.name")
 MAY_CHANGE = frozenset(
     {
         "train.max_steps",
@@ -59,6 +60,7 @@ MAY_CHANGE = frozenset(
         "train.init_from",
         "data.read_attempts",
         "data.stall_timeout_s",
+        "data.num_workers",
     }
 )
 

@@ -138,6 +138,20 @@ def test_a_damaged_state_json_is_a_checkpoint_error(tmp_path, damage):
         checkpoint.read_state(final)
 
 
+@pytest.mark.parametrize("weight", ["abc", None, float("inf"), float("nan"), -5, True])
+def test_a_penalty_weight_that_is_no_weight_is_damage(tmp_path, weight):
+    """The adaptive lambda a continuation takes up from state.json: text or null were a traceback inside the
+    objective, infinity a "loss became NaN, lower optim.lr" (exit 65), a negative weight trained on without a word.
+    Each is a CheckpointError naming the file (a resume passes over it); a weight >= 0 is read."""
+    final = save(tmp_path / "checkpoints", 5)
+    state = {**json.loads((final / checkpoint.STATE).read_text()), "world_size": 1, "deepspeed": False}
+    (final / checkpoint.STATE).write_text(json.dumps({**state, "penalty_weight": weight}))
+    with pytest.raises(CheckpointError, match=r"state\.json holds penalty_weight .*not a finite weight >= 0"):
+        checkpoint.read_state(final)
+    (final / checkpoint.STATE).write_text(json.dumps({**state, "penalty_weight": 2.5}))
+    assert checkpoint.read_state(final)["penalty_weight"] == 2.5
+
+
 def test_keep_last_k_prunes_oldest(tmp_path):
     """After five commits with keep_last_k=2 only the last two complete checkpoints remain, latest the newest."""
     for step in range(1, 6):

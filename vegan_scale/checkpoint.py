@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import pickle
 import random
 import re
@@ -162,6 +163,9 @@ def read_state(path: Path) -> dict[str, Any]:
     expected = {"step": int, "world_size": int, "deepspeed": bool}
     if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in expected.items()):
         raise CheckpointError(f"{path / STATE} lacks the step, world size or mode: the checkpoint is damaged")
+    weight = state.get("penalty_weight", 0.0)  # the adaptive lambda where the run left it (absent: the config's)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < math.inf:
+        raise CheckpointError(f"{path / STATE} holds penalty_weight {weight!r}, not a finite weight >= 0: damaged")
     named = named_step(path)
     if state["step"] < 0 or (named is not None and state["step"] != named):
         raise CheckpointError(

@@ -115,13 +115,14 @@ def test_missing_objects_are_named(bucket: Path) -> None:
         read_index("s3://no-such-bucket/d/")
 
 
-class _DroppingProxy:
+class _Proxy:
     """A TCP proxy to the S3 server that cuts one connection after ``after`` bytes of a response larger than that
-    (the middle of a shard's body), as a load balancer or a flaky network does; every other byte passes."""
+    (the middle of a shard's body), as a load balancer or a flaky network does, or (``ranges=False``) takes the
+    Range header out of every request, as a server that ignores it; every other byte passes."""
 
-    def __init__(self, target: str, after: int) -> None:
+    def __init__(self, target: str, after: float = float("inf"), ranges: bool = True) -> None:
         host, port = target.removeprefix("http://").split(":")
-        self.target, self.after, self.dropped = (host, int(port)), after, 0
+        self.target, self.after, self.ranges, self.dropped = (host, int(port)), after, ranges, 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -137,6 +138,8 @@ class _DroppingProxy:
         sent = 0
         try:
             while data := source.recv(65536):
+                if not response and not self.ranges:
+                    data = re.sub(rb"(?im)^range:[^\r\n]*\r\n", b"", data)
                 if response and not self.dropped and sent + len(data) > self.after:
                     sink.sendall(data[: self.after - sent])
                     self.dropped += 1
@@ -156,7 +159,7 @@ def test_a_connection_dropped_mid_shard_is_resumed(
 ) -> None:
     """The body of a shard stops after 10 kB: the read is retried from the bytes already received (a Range
     request), and the batches are those of the shards on disk, every sample once."""
-    proxy = _DroppingProxy(server, after=10_000)  # inside a shard's body, some samples in (about 2 kB each)
+    proxy = _Proxy(server, after=10_000)  # inside a shard's body, some samples in (about 2 kB each)
     _use(proxy.url, monkeypatch)
     with caplog.at_level(logging.WARNING, logger="vegan_scale.data"):
         got = _batches(f"s3://{BUCKET}/{bucket.name}/d/")
@@ -164,6 +167,16 @@ def test_a_connection_dropped_mid_shard_is_resumed(
     assert got == _batches(str(bucket / "d")) and len(got) == len(set(got))
     retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert any(re.match(rf"shard s3://{BUCKET}/.*retrying in .* from byte [1-9]", m) for m in retried), retried
+
+
+def test_a_server_that_ignores_range_requests_gives_the_same_batches(bucket: Path, server: str, monkeypatch) -> None:
+    """An S3-compatible server that ignores Range and sends whole objects: each reader used to take the object's
+    first bytes for the stretch it asked for, and trained on repeated and missing samples without a word. The
+    answer's Content-Range tells; without one the reader passes over the bytes before its stretch, as over HTTP."""
+    proxy = _Proxy(server, ranges=False)
+    _use(proxy.url, monkeypatch)
+    got = _batches(f"s3://{BUCKET}/{bucket.name}/d/")
+    assert got == _batches(str(bucket / "d")) and len(got) == len(set(got))
 
 
 def test_a_server_that_never_answers_is_asked_once_per_attempt(monkeypatch: pytest.MonkeyPatch) -> None:

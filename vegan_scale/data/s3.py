@@ -15,6 +15,7 @@ with backoff, resuming after the samples it delivered (botocore's own retries ar
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from vegan_scale.data.faults import ShardError, ShardMissing, TransientReadError
@@ -83,22 +84,26 @@ def _failure(error: Exception, url: str) -> Exception:
     return TransientReadError(f"S3 request for {url} failed: {error}")
 
 
-def open_object(url: str, start: int = 0, end: int | None = None) -> _Body:
-    """The bytes [start, end) of an object, as a stream (a Range request when a part is wanted)."""
+def open_object(url: str, start: int = 0, end: int | None = None) -> tuple[_Body, bool]:
+    """(the bytes [start, end) of an object as a stream, whether it starts at byte ``start``): a Range request when
+    a part is wanted, which a server may ignore and send the whole object (as HTTP servers may), known by the
+    Content-Range of its answer."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split(url)
     ranged = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else {}
     try:
-        return _Body(_client().get_object(Bucket=bucket, Key=key, **ranged)["Body"], url)
+        answer = _client().get_object(Bucket=bucket, Key=key, **ranged)
     except (BotoCoreError, ClientError, OSError) as e:
         raise _failure(e, url) from e
+    sent = re.fullmatch(r"bytes (\d+)-\d+/(?:\d+|\*)", answer.get("ContentRange") or "")
+    return _Body(answer["Body"], url), start == 0 or (sent is not None and int(sent.group(1)) == start)
 
 
 def fetch(url: str) -> bytes | None:
     """A small object whole (sizes.json, an .idx), None when it does not exist; TransientReadError to retry."""
     try:
-        with_body = open_object(url)
+        with_body, _ = open_object(url)
     except ShardMissing:
         return None
     try:

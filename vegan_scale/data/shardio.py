@@ -90,7 +90,7 @@ def open_url(url: str, start: int = 0, end: int | None = None) -> tuple[BinaryIO
     (seeked). With ``end``, a local file or URL is read no further than that byte (object stores bill what they
     send)."""
     if s3.is_s3(url):
-        return s3.open_object(url, start, end), True
+        return s3.open_object(url, start, end)
     if url.startswith(("http://", "https://")):
         wanted = f"bytes={start}-{'' if end is None else end - 1}"
         request = urllib.request.Request(url, headers={"Range": wanted} if start or end is not None else {})

@@ -7,11 +7,13 @@ HTTP server serves a shard directory with scripted failures.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import tarfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -194,6 +196,25 @@ class _Handler(SimpleHTTPRequestHandler):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
+        elif fault == "endless":  # a body without end, no length announced
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                while True:
+                    self.wfile.write(bytes(65536))
+        elif fault == "trickle":  # a byte every 0.1 s, for 3 s: no socket read waits long
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(30):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            self.close_connection = True
+        elif fault == "garbled":  # not an HTTP answer
+            self.wfile.write(b"garbage\r\n\r\n")
+            self.close_connection = True
         elif self.headers.get("Range", "").startswith("bytes="):  # "bytes=N-" or "bytes=N-M" (M included)
             first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
             start, end = int(first), int(last) + 1 if last else None
@@ -213,8 +234,9 @@ class _Handler(SimpleHTTPRequestHandler):
 
 class ShardServer:
     """Serves ``root`` on 127.0.0.1; ``faults[name]`` lists what the next requests of that file get: "503",
-    "404", "half" (half the body, then the connection drops) or None (served normally, honouring "Range: bytes=N-"
-    and "bytes=N-M"). Records every request."""
+    "404", "half" (half the body, then the connection drops), "endless" (a body without end), "trickle" (a byte at a
+    time), "garbled" (no HTTP answer) or None (served normally, honouring "Range: bytes=N-" and "bytes=N-M").
+    Records every request."""
 
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -13,6 +13,7 @@ from vegan_scale.data.index import offsets_path, read_index, read_offsets
 from vegan_scale.data.order import epoch_order
 from vegan_scale.data.pipeline import TrainStream
 from vegan_scale.errors import DataError
+from vegan_scale.retry import Backoff
 
 GREY = (1, 28, 28)
 
@@ -151,11 +152,34 @@ def test_sizes_json_with_bad_counts_is_refused(tmp_path: Path, sizes: object) ->
 
 def test_sizes_json_counting_more_than_a_shard_can_hold_is_refused(tmp_path: Path) -> None:
     """10**30 overflowed the order's seeds (a traceback), 10**12 made skip mode read ahead without end: a count
-    beyond what the shard's bytes can hold is damage, named with the command that writes the file again."""
+    beyond what the shard's bytes can hold is damage, named with the command that writes the file again; over
+    HTTP, where the bytes are not known, a count beyond any shard's is."""
     make_shards(tmp_path, [5])
-    (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": 10**30}))
-    with pytest.raises(DataError, match=r"counts 10{30} samples in s-000000.tar, more than its \d+ bytes"):
+    (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": 10**7}))
+    with pytest.raises(DataError, match=r"counts 10000000 samples in s-000000.tar, more than its \d+ bytes"):
         read_index(str(tmp_path))
+    (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": 10**30}))
+    with serve(tmp_path) as server, pytest.raises(DataError, match=r"counts 10{30} samples .*more than any shard"):
+        read_index(f"{server.url}/s-000000.tar")
+
+
+@pytest.mark.parametrize("fault", ["endless", "trickle", "garbled"])
+def test_a_server_that_misbehaves_with_a_shard_list_is_named_in_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """sizes.json over HTTP from a server that sends without end (the process was killed for its memory), a byte at
+    a time (a socket's timeout never fired: start-up hung, deaf to SIGTERM) or no HTTP at all (a traceback): a
+    DataError naming the file, after the fetch's tries."""
+    from vegan_scale.data import index
+
+    monkeypatch.setattr(index, "MAX_FETCH_BYTES", 1 << 20)
+    monkeypatch.setattr(index, "FETCH_DEADLINE_S", 1.0)
+    make_shards(tmp_path, [5])
+    with serve(tmp_path) as server:
+        server.faults["sizes.json"] = [fault] * 2
+        with pytest.raises(DataError, match=r"sizes\.json"):
+            index._fetch(f"{server.url}/sizes.json", Backoff(attempts=2, backoff_s=0.01))
+        assert server.count("sizes.json") == (1 if fault == "endless" else 2)
 
 
 def test_resampled_shards_that_hold_no_samples_are_refused(tmp_path: Path) -> None:

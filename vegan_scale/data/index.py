@@ -15,13 +15,17 @@ Weights (one per source) set how often resampled mode draws from each source.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import posixpath
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -32,12 +36,16 @@ from vegan_scale.errors import DataError
 from vegan_scale.retry import Backoff
 
 log = logging.getLogger("vegan_scale.data")
+T = TypeVar("T")
 
 SIZES_FILE = "sizes.json"
 INFO_FILE = "dataset.json"
 OFFSETS_SUFFIX = ".idx"
 SOURCE_SEPARATOR = "::"
 FETCH_BACKOFF = Backoff(attempts=4)
+FETCH_DEADLINE_S = 60.0  # one try at a small file: a server trickling bytes never trips a socket's timeout
+MAX_FETCH_BYTES = 256 << 20  # a sizes.json of a million shards is 40 MB, an .idx of a million samples 8 MB
+MAX_SHARD_SAMPLES = 1 << 31  # far above any shard (a 1 GB shard of 28x28 images holds 1.3M samples)
 HOWTO = "write shards with `vegan-scale shards mnist --out DIR` (or `make data`) and point data.train/data.test at DIR"
 
 
@@ -152,22 +160,51 @@ def _fetch(url: str, backoff: Backoff = FETCH_BACKOFF) -> bytes | None:
 
     def fetch() -> bytes | None:
         if s3.is_s3(url):
-            return s3.fetch(url)
-        try:
-            with urllib.request.urlopen(url, timeout=30) as response:
-                return response.read()
-        except urllib.error.HTTPError as e:
-            if e.code in (403, 404, 410):
-                return None
-            raise
+            data = s3.fetch(url, MAX_FETCH_BYTES + 1)
+        else:
+            try:
+                with urllib.request.urlopen(url, timeout=30) as response:
+                    data = response.read(MAX_FETCH_BYTES + 1)
+            except urllib.error.HTTPError as e:
+                if e.code in (403, 404, 410):
+                    return None
+                raise
+        if data is not None and len(data) > MAX_FETCH_BYTES:
+            raise DataError(f"{url} is larger than {MAX_FETCH_BYTES >> 20} MiB, so not a shard list or index")
+        return data
 
     return retry.call(
-        fetch,
+        lambda: _within(FETCH_DEADLINE_S, fetch, url),
         backoff,
-        transient=lambda e: isinstance(e, (urllib.error.URLError, OSError, TransientReadError)),
+        transient=lambda e: isinstance(
+            e, (urllib.error.URLError, http.client.HTTPException, OSError, TransientReadError)
+        ),
         on_retry=lambda e, wait: log.warning("fetching %s failed (%s); retrying in %.0f s", url, e, wait),
         give_up=lambda e: DataError(f"cannot fetch {url} after {backoff.attempts} attempts: {e}"),
     )
+
+
+def _within(seconds: float, fn: Callable[[], T], url: str) -> T:
+    """``fn()``, or a TransientReadError when it has not returned within ``seconds``: a server that sends a byte
+    now and then keeps every socket read under its timeout for ever. ``fn`` runs in a thread of its own, left
+    behind (a daemon, blocked on its socket) when it is late."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as e:  # handed to the caller
+            outcome.append((False, e))
+
+    worker = threading.Thread(target=run, name=f"fetch {url}", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if not outcome:
+        raise TransientReadError(f"{url} did not arrive within {seconds:g} s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _fetch_json(url: str) -> object | None:
@@ -201,6 +238,12 @@ def _sizes(value: object, where: str) -> dict[str, int]:
         isinstance(n, str) and isinstance(c, int) and not isinstance(c, bool) and c >= 0 for n, c in value.items()
     ):
         raise DataError(f"{where} is not a mapping of shard names to sample counts; rewrite the shards")
+    huge = next((n for n, c in value.items() if c > MAX_SHARD_SAMPLES), None)
+    if huge is not None:  # 10**30 overflowed the order's seeds; a remote shard's bytes are not known to bound it
+        raise DataError(
+            f"{where} counts {value[huge]} samples in {huge}, more than any shard holds (at most {MAX_SHARD_SAMPLES}): "
+            "it is damaged; write it again with `vegan-scale index-shards`"
+        )
     return value
 
 

@@ -100,13 +100,14 @@ def open_object(url: str, start: int = 0, end: int | None = None) -> tuple[_Body
     return _Body(answer["Body"], url), start == 0 or (sent is not None and int(sent.group(1)) == start)
 
 
-def fetch(url: str) -> bytes | None:
-    """A small object whole (sizes.json, an .idx), None when it does not exist; TransientReadError to retry."""
+def fetch(url: str, limit: int = -1) -> bytes | None:
+    """A small object whole (sizes.json, an .idx), or its first ``limit`` bytes; None when it does not exist;
+    TransientReadError to retry."""
     try:
         with_body, _ = open_object(url)
     except ShardMissing:
         return None
     try:
-        return with_body.read()
+        return with_body.read(limit)
     finally:
         with_body.close()

@@ -68,6 +68,25 @@ def test_a_read_that_never_returns_stops_the_run_naming_the_shard(
     assert ("no checkpoint was written yet" in status["reason"]) == (not saved), (status, saved)
 
 
+def test_evaluation_images_that_never_come_are_an_error_in_bounded_time(tmp_path: Path) -> None:
+    """`vegan-scale eval` and `sample` read their test images with no stall timeout: a shard that never answers (a
+    FIFO here, a stuck file system or a server that stalls) held the command for ever. They now use the run's
+    data.stall_timeout_s, as training does."""
+    from vegan_scale.errors import DataStallError
+    from vegan_scale.evaluation.model_source import ModelSource
+    from vegan_scale.experiment import load_experiment
+
+    fifo = shards_with_a_fifo(tmp_path / "test", 1, 0)
+    source = ModelSource(None, load_experiment(None, ["data.stall_timeout_s=1"]), None, None, tmp_path / "weights")
+    started = time.monotonic()
+    try:
+        with pytest.raises(DataStallError, match=r"no sample for 1 s .* from .*\.tar"):
+            source.test_images(500, str(tmp_path / "test"))
+        assert time.monotonic() - started < 30
+    finally:  # the reading thread left behind, blocked in the FIFO's open, is let go
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
 def test_one_stalled_rank_stops_every_rank(tiny_shards: Path, tmp_path: Path) -> None:
     """Two processes, rank 1's first shard a FIFO: rank 0 waits for rank 1 in a collective, rank 1 gives up on the
     read after the stall timeout, and both stop at the next check with the stall named (exit status 69)."""

@@ -63,6 +63,12 @@ def image_shape(cfg: Any) -> tuple[int, int, int]:
     return cfg.data.channels, cfg.data.image_size, cfg.data.image_size
 
 
+def stall_timeout_s(cfg: Any) -> float:
+    """How long a read may go without returning a sample: data.stall_timeout_s, by default half the collective
+    timeout (so that a stalled rank names its shard before its peers' collectives time out)."""
+    return cfg.data.stall_timeout_s or cfg.train.collective_timeout_s / 2
+
+
 def load_experiment(source: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Any:
     """The experiment in ``source`` (a YAML file, nested dicts, or None for the defaults) with ``overrides``
     applied, every value and rule checked (:func:`vegan_scale.config.load.load_config`)."""

@@ -122,9 +122,9 @@ class SequenceReader:
         or one that does not pass its checks, sample by sample."""
         parts = []
         for url, skip, take in pieces(self.order.urls, self.order.counts, start, length):
+            self.entering(url)  # before its .idx is fetched: a stall there names the shard too
             if url not in self.offsets:
                 self.offsets[url] = read_offsets(url, self.sizes[url])
-            self.entering(url)
             offsets = self.offsets[url]
             arrays = read_stretch(url, skip, take, offsets, self.shape, self.retry) if offsets is not None else None
             if arrays is not None:

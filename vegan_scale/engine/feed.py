@@ -36,12 +36,6 @@ log = logging.getLogger("vegan_scale")
 WORKER_CHECK_S = 1.0  # how often the training thread, waiting for a batch, looks whether a loader worker ended
 
 
-def stall_timeout_s(cfg: Any) -> float:
-    """How long a read may go without returning a sample: data.stall_timeout_s, by default half the collective
-    timeout (so that a stalled rank names its shard before its peers' collectives time out)."""
-    return cfg.data.stall_timeout_s or cfg.train.collective_timeout_s / 2
-
-
 def open_stream(cfg: Any, accelerator: Accelerator, layout: BatchLayout) -> TrainStream:
     """This process's stream of training micro-batches, as the ``data`` section describes it."""
     d, shape = cfg.data, image_shape(cfg)

@@ -27,7 +27,7 @@ from vegan_scale.config.load import to_yaml
 from vegan_scale.distributed.accelerator import distribution_mode
 from vegan_scale.distributed.agreement import Agreement, Flag
 from vegan_scale.engine import reporting
-from vegan_scale.engine.feed import DataFeed, stall_timeout_s
+from vegan_scale.engine.feed import DataFeed
 from vegan_scale.engine.metric_buffer import MetricBuffer
 from vegan_scale.engine.periodic_eval import evaluate
 from vegan_scale.engine.run import Run, build_run
@@ -46,6 +46,7 @@ from vegan_scale.errors import (
     exit_status,
     in_the_way,
 )
+from vegan_scale.experiment import stall_timeout_s
 from vegan_scale.rundir import checkpoint_name
 from vegan_scale.stops import Stop, StopRequests
 from vegan_scale.tracking.mlflow_run import final_status

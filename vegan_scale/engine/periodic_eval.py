@@ -19,10 +19,9 @@ from PIL import Image
 
 from vegan_scale.data.images import load_images
 from vegan_scale.data.index import read_index
-from vegan_scale.engine.feed import stall_timeout_s
 from vegan_scale.engine.objective import Cost
 from vegan_scale.evaluation.grids import figures
-from vegan_scale.experiment import image_shape
+from vegan_scale.experiment import image_shape, stall_timeout_s
 from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.penalties.kernel_mmd import mmd
 from vegan_scale.priors import Prior

@@ -20,9 +20,8 @@ import torch
 from vegan_scale.data.images import load_images
 from vegan_scale.data.index import read_index
 from vegan_scale.distributed import deepspeed_support
-from vegan_scale.engine.feed import stall_timeout_s
 from vegan_scale.errors import NonFiniteLossError
-from vegan_scale.experiment import image_shape
+from vegan_scale.experiment import image_shape, stall_timeout_s
 from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.penalties.moments import moment_matching_loss
 

@@ -20,7 +20,7 @@ from vegan_scale import checkpoint, export
 from vegan_scale.data.images import load_images
 from vegan_scale.data.index import read_index
 from vegan_scale.errors import ConfigError
-from vegan_scale.experiment import image_shape, load_experiment, load_stored_experiment
+from vegan_scale.experiment import image_shape, load_experiment, load_stored_experiment, stall_timeout_s
 from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.registry import load_model
 from vegan_scale.rundir import RunDir, is_complete
@@ -39,8 +39,10 @@ class ModelSource:
         return image_shape(self.config)
 
     def test_images(self, limit: int, test_data: str | None = None) -> torch.Tensor:
-        """The first ``limit`` images (uint8 [N, C, H, W]) of the run's test shards, or of ``test_data``."""
-        return load_images(read_index(test_data or self.config.data.test), self.image_shape, limit)[0]
+        """The first ``limit`` images (uint8 [N, C, H, W]) of the run's test shards, or of ``test_data``; a read
+        that stops returning samples is an error after the run's stall timeout, as in training."""
+        index = read_index(test_data or self.config.data.test)
+        return load_images(index, self.image_shape, limit, stall_timeout_s=stall_timeout_s(self.config))[0]
 
 
 @dataclass(frozen=True)

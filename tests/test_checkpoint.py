@@ -152,6 +152,27 @@ def test_a_penalty_weight_that_is_no_weight_is_damage(tmp_path, weight):
     assert checkpoint.read_state(final)["penalty_weight"] == 2.5
 
 
+def test_a_checkpoint_linked_from_other_storage_is_pruned_by_its_link(tmp_path):
+    """An operator moved an old checkpoint to other storage and linked it back: pruning it failed (rmtree refuses
+    a link) after the new checkpoint was published, stopping the run as "could not be written" and leaving a
+    step_N.tmp link on which every later start failed. The link goes, what it points to stays; a link left as a
+    partial checkpoint is removed at start the same way."""
+    from vegan_scale.rundir import RunDir
+
+    root = tmp_path / "run" / "checkpoints"
+    save(root, 10)
+    elsewhere = tmp_path / "elsewhere" / "step_00000010"
+    elsewhere.parent.mkdir()
+    (root / "step_00000010").rename(elsewhere)
+    (root / "step_00000010").symlink_to(elsewhere)
+    save(root, 20, keep_last_k=1)
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000020"] and elsewhere.is_dir()
+    assert not [p for p in root.iterdir() if p.is_symlink()]
+    (root / "step_00000030.tmp").symlink_to(elsewhere)
+    RunDir(tmp_path / "run").prepare("{}\n", 0.0)
+    assert not (root / "step_00000030.tmp").is_symlink() and elsewhere.is_dir()
+
+
 def test_keep_last_k_prunes_oldest(tmp_path):
     """After five commits with keep_last_k=2 only the last two complete checkpoints remain, latest the newest."""
     for step in range(1, 6):

@@ -92,12 +92,21 @@ def write_text(path: Path, text: str) -> Path:
     return write_bytes(path, text.encode())
 
 
+def remove(path: Path) -> None:
+    """Remove the entry ``path``, whatever it is: a directory with what it holds, or a file or a symbolic link
+    itself, never what a link points to (an operator's checkpoint moved to other storage and linked back)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def publish_dir(tmp: Path, final: Path) -> Path:
     """Rename a fully written directory ``tmp`` to ``final`` (replacing an older ``final``), after syncing what is
     inside it, and sync the parent so that the rename lasts."""
     fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists() or final.is_symlink():
+        remove(final)
     os.replace(tmp, final)
     fsync_dir(final.parent)
     return final

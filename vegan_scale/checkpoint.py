@@ -29,11 +29,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import pickle
 import random
 import re
-import shutil
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ from safetensors.torch import load_file, save_file
 from vegan_scale import atomic, stored_json
 from vegan_scale.errors import CheckpointError
 from vegan_scale.rundir import COMPLETE, LATEST, checkpoint_name, complete_checkpoints, named_step
+
+log = logging.getLogger(__name__)
 
 STATE = "state.json"
 CONFIG = "config.yaml"
@@ -216,7 +218,10 @@ def commit(root: Path, step: int, keep_last_k: int) -> Path:
     atomic.write_text(root / LATEST, final.name + "\n")
     complete = complete_checkpoints(root)
     for old in complete[: max(0, len(complete) - max(1, keep_last_k))]:  # never the one just published
-        _remove(old)
+        try:
+            _remove(old)
+        except OSError as e:  # the checkpoint is written: an old one that stays is no reason to stop
+            log.warning("could not remove the old checkpoint %s (%s); remove it by hand", old, e)
     return final
 
 
@@ -224,10 +229,11 @@ def _remove(old: Path) -> None:
     """Delete a checkpoint, first renaming it out of use: whoever looks for the newest (``vegan-scale eval`` on a
     run that trains on) then finds it whole or not at all, never half deleted, and whoever was reading it sees it
     gone and reads the newest again (:meth:`vegan_scale.rundir.RunDir.read_newest`). One left by a crash between
-    the two steps was removed when the run started (:meth:`vegan_scale.rundir.RunDir.prepare`)."""
+    the two steps was removed when the run started (:meth:`vegan_scale.rundir.RunDir.prepare`). A checkpoint that
+    is a link to other storage loses its link only."""
     gone = atomic.tmp_path(old)
     old.rename(gone)
-    shutil.rmtree(gone)
+    atomic.remove(gone)
 
 
 def module_file(path: Path, name: str = AUTOENCODER) -> Path:

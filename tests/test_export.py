@@ -27,7 +27,7 @@ SMALL = ["model.network=mlp", "model.mlp.hidden=[16]", "model.latent_dim=4"]
 def exported(tmp_path: Path) -> Path:
     cfg = load_experiment(None, SMALL)
     torch.manual_seed(0)
-    return export.write(tmp_path / "export", build_model(cfg).state_dict(), dataclasses.asdict(cfg))
+    return export.write(tmp_path / "export", build_model(cfg).state_dict(), dataclasses.asdict(cfg), 0)
 
 
 def doctor(directory: Path, key: str, value: object) -> None:
@@ -122,7 +122,7 @@ def killed(path, text):  # the process dies as it starts on the second file: SIG
 
 atomic.write_text = killed
 cfg = load_experiment(None, sys.argv[2:])
-export.write(Path(sys.argv[1]), build_model(cfg).state_dict(), dataclasses.asdict(cfg))
+export.write(Path(sys.argv[1]), build_model(cfg).state_dict(), dataclasses.asdict(cfg), 0)
 """
 
 
@@ -152,9 +152,9 @@ def test_an_export_among_other_files_is_refused_and_over_an_earlier_one_replaces
     crowded.mkdir()
     (crowded / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"crowded holds other files \(notes\.txt\): an export goes into a new"):
-        export.write(crowded, weights, dataclasses.asdict(cfg))
+        export.write(crowded, weights, dataclasses.asdict(cfg), 0)
     assert sorted(p.name for p in crowded.iterdir()) == ["notes.txt"]
     (exported / export.EVAL_FILE).write_text("{}")
-    export.write(exported, weights, dataclasses.asdict(cfg))
+    export.write(exported, weights, dataclasses.asdict(cfg), 0)
     assert sorted(p.name for p in exported.iterdir()) == [export.MODEL_FILE, export.CONFIG_FILE]
     assert all(torch.equal(weights[k], v) for k, v in export.read(exported)[0].items())

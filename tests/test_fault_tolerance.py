@@ -149,6 +149,29 @@ def test_a_run_moved_renamed_and_continued_with_other_workers_ends_as_the_uninte
     )
 
 
+def test_a_continuation_does_not_show_the_previous_attempts_outcome(tiny_shards_module: Path, tmp_path: Path) -> None:
+    """A finished run continued for more steps, killed past its next checkpoint: its exit_status.json said
+    "finished" at the old step (`sync` set the MLflow run FINISHED, a sweep skipped it), and `vegan-scale eval` of
+    the run evaluated the old export labelled with the newest checkpoint's step. The continuation removes the old
+    status when it starts; the export keeps its step, and the run's newest checkpoint is what a reader of the run
+    gets."""
+    from vegan_scale import export
+    from vegan_scale.evaluation.model_source import open_model
+
+    run_dir = tmp_path / "mnist" / "cont"
+    args = train_args(tiny_shards_module, tmp_path, "cont", "wae_mmd")
+    assert run(single([*args, "train.max_steps=10"])).returncode == 0
+    assert exit_status(run_dir)["step"] == 10 and export.step_of(run_dir / "export") == 10
+    proc = start(single([*args, "train.max_steps=400"]))
+    wait_for_step(proc, run_dir, 17)  # past the checkpoint of step 15
+    kill_group(proc)
+    finish(proc)
+    assert not (run_dir / "exit_status.json").exists()
+    source = open_model(run_dir)
+    assert source.step >= 15 and source.weights.parent.name == f"step_{source.step:08d}"
+    assert open_model(run_dir / "export").step == 10
+
+
 def test_resume_policy(tiny_shards_module: Path, tmp_path: Path) -> None:
     """Continuing with another network is refused with the key named (exit 2), and so is train.resume=never; neither
     refusal touches the finished run's exit status. A longer run may continue, also from a checkpoint written before

@@ -107,7 +107,7 @@ def _export(args: argparse.Namespace) -> None:
     read = run_dir.read_newest(read_checkpoint) if run_dir.checkpoints.is_dir() else read_checkpoint(args.checkpoint)
     # the weights checked against the network the configuration describes, which model.yaml will say
     model = load_model(read.config, read.weights, name=str(checkpoint.module_file(read.path)))
-    print(export.write(args.out, model.state_dict(), dataclasses.asdict(read.config)))
+    print(export.write(args.out, model.state_dict(), dataclasses.asdict(read.config), read.step))
 
 
 def _sync(args: argparse.Namespace) -> None:

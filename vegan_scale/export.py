@@ -26,7 +26,7 @@ from vegan_scale.errors import ConfigError
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model.yaml"
 SECTIONS = ("data", "model", "prior")
-DIGEST_KEY = "sha256"  # in the weights file's metadata
+DIGEST_KEY, STEP_KEY = "sha256", "step"  # in the weights file's metadata
 EVAL_FILE = "eval.json"  # what `vegan-scale eval` of an export outside a run writes beside it
 OWN_FILES = {name + suffix for name in (MODEL_FILE, CONFIG_FILE, EVAL_FILE) for suffix in ("", atomic.TMP_SUFFIX)}
 
@@ -37,12 +37,13 @@ def model_sections(config: dict[str, Any]) -> dict[str, Any]:
     return {"data": data, "model": config["model"], "prior": config["prior"]}
 
 
-def write(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+def write(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any], step: int) -> Path:
     """Write an export, each file atomically and durably, into a new or empty directory or over an earlier export
     (never among other files, which would read as part of it). model.yaml marks an export, so it goes last, and a
     previous export's is removed first: an export replaced in place and interrupted between its two files is no
     export, never new weights read with the old configuration. The previous export's evaluation (``eval.json``)
-    goes too: it measured other weights."""
+    goes too: it measured other weights. ``step``: the training step of the weights, kept in the weights file's
+    metadata (:func:`step_of`)."""
     directory.mkdir(parents=True, exist_ok=True)
     others = sorted(p.name for p in directory.iterdir() if p.name not in OWN_FILES)
     if others:
@@ -56,7 +57,7 @@ def write(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str
         k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state_dict.items()
     }
     with atomic.writing(directory / MODEL_FILE) as tmp:
-        save_file(weights, tmp, metadata={DIGEST_KEY: _digest(weights)})
+        save_file(weights, tmp, metadata={DIGEST_KEY: _digest(weights), STEP_KEY: str(step)})
     atomic.write_text(directory / CONFIG_FILE, yaml.safe_dump(model_sections(config), sort_keys=False))
     return directory
 
@@ -80,6 +81,13 @@ def load_weights(file: Path) -> dict[str, torch.Tensor]:
             "place; export the model again from its checkpoint (`vegan-scale export CHECKPOINT --out DIR`)"
         )
     return tensors
+
+
+def step_of(directory: Path) -> int | None:
+    """The training step of an export's weights; None for an export written before it was kept."""
+    with safe_open(str(Path(directory) / MODEL_FILE), framework="pt") as f:
+        step = (f.metadata() or {}).get(STEP_KEY)
+    return int(step) if step is not None and step.isdigit() else None
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

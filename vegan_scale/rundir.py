@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -195,11 +194,14 @@ class RunDir:
         for the attempt it stopped, not for this one; a newer one (sent while this process was starting) stands.
         Partial checkpoints (``step_N.tmp``, left by an attempt that ended while it wrote or pruned one) are removed:
         a checkpoint of the same step would be written into one and publish its stale files (another world size's
-        rank files, a ZeRO partition). Only the training that holds the lock (:meth:`take_lock`) calls this."""
+        rank files, a ZeRO partition). So is the previous attempt's exit status: while this one trains, a reader
+        (`sync`, a sweep, a batch script) would take the run for finished. Only the training that holds the lock
+        (:meth:`take_lock`) calls this."""
         self.figures.mkdir(parents=True, exist_ok=True)
+        atomic.remove(self.exit_status)
         for partial in self.checkpoints.glob(f"step_*{atomic.TMP_SUFFIX}"):
             log.info("removing %s, a checkpoint an earlier attempt did not finish writing or removing", partial)
-            shutil.rmtree(partial)
+            atomic.remove(partial)
         atomic.write_text(self.config, config_yaml)
         if self.stop_request.exists() and self.stop_request.stat().st_mtime < started_at:
             self.stop_request.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """What to evaluate: a model and the run it came from, found from a run directory, a checkpoint or an export.
 
-* a run directory: its ``export/`` (the final model), else its newest complete checkpoint; ``config.yaml`` holds
-  the run's full configuration (cost, kernel, test data, tracking);
+* a run directory: its ``export/`` (the final model), unless it has none or a checkpoint newer than it (a
+  continuation training on past its previous attempt's export), else its newest complete checkpoint;
+  ``config.yaml`` holds the run's full configuration (cost, kernel, test data, tracking);
 * a checkpoint directory (``…/checkpoints/step_N``): its ``autoencoder.safetensors`` (written in every mode,
   consolidated under DeepSpeed) and ``config.yaml``; its run directory is two levels up;
 * an export directory (``model.safetensors`` + ``model.yaml``): the network only; when it is a run's ``export/``,
@@ -23,7 +24,7 @@ from vegan_scale.errors import ConfigError
 from vegan_scale.experiment import image_shape, load_experiment, load_stored_experiment, stall_timeout_s
 from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.registry import load_model
-from vegan_scale.rundir import RunDir, is_complete
+from vegan_scale.rundir import RunDir, is_complete, named_step
 
 
 @dataclass
@@ -81,11 +82,19 @@ def _from_checkpoint(read: _Checkpoint, device: torch.device | str) -> ModelSour
 def _from_export(path: Path, device: torch.device | str) -> ModelSource:
     run_dir = RunDir(path.parent) if RunDir(path.parent).is_run() else None
     config = load_stored_experiment(run_dir.config) if run_dir else load_experiment(export.read_sections(path))
-    saved = run_dir is not None and run_dir.newest_checkpoint() is not None
-    step = run_dir.read_newest(lambda newest: checkpoint.read_state(newest)["step"]) if saved else None
+    step = export.step_of(path)
+    if step is None and run_dir is not None and run_dir.newest_checkpoint() is not None:  # an export of old
+        step = run_dir.read_newest(lambda newest: checkpoint.read_state(newest)["step"])
     run_path = run_dir.path if run_dir else None
     weights = path / export.MODEL_FILE
     return ModelSource(load_model(config, weights, device), config, run_path, step, weights)
+
+
+def _newer_checkpoint(run_dir: RunDir) -> bool:
+    """Whether the run holds a checkpoint newer than its export: a continuation that trains on (or was stopped)
+    past the step of its previous attempt's export, whose model is then not the run's latest."""
+    newest, step = run_dir.newest_checkpoint(), export.step_of(run_dir.export)
+    return newest is not None and step is not None and (named_step(newest) or 0) > step
 
 
 def open_model(path: Path, device: torch.device | str = "cpu") -> ModelSource:
@@ -97,7 +106,7 @@ def open_model(path: Path, device: torch.device | str = "cpu") -> ModelSource:
         return _from_export(path, device)
     run_dir = RunDir(path)
     if run_dir.is_run():
-        if (run_dir.export / export.MODEL_FILE).exists():
+        if (run_dir.export / export.MODEL_FILE).exists() and not _newer_checkpoint(run_dir):
             return _from_export(run_dir.export, device)
         return _from_checkpoint(run_dir.read_newest(read_checkpoint), device)
     raise ConfigError(

@@ -173,6 +173,24 @@ def test_a_checkpoint_linked_from_other_storage_is_pruned_by_its_link(tmp_path):
     assert not (root / "step_00000030.tmp").is_symlink() and elsewhere.is_dir()
 
 
+def test_resuming_from_an_older_checkpoint_of_the_run_is_refused_while_newer_ones_stay(tmp_path):
+    """train.resume=PATH naming one of the run's own checkpoints older than its newest: the continuation's new
+    checkpoints were pruned as soon as written (pruning keeps the newest steps), and a later resume=auto went back
+    to the old newest, past the new run's end. Refused, naming the newer ones and both ways out; the newest, or a
+    checkpoint of another directory, is taken."""
+    from vegan_scale.engine.resume import _choose
+    from vegan_scale.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    for step in (5, 10, 15):
+        save(run.checkpoints, step, keep_last_k=3)
+    refused = _choose(str(run.checkpoints / "step_00000005"), run)
+    assert "older than the run's newest checkpoints (step_00000010, step_00000015)" in str(refused)
+    assert _choose(str(run.checkpoints / "step_00000015"), run) == [str(run.checkpoints / "step_00000015")]
+    other = save(tmp_path / "other" / "checkpoints", 5)
+    assert _choose(str(other), run) == [str(other)]
+
+
 def test_keep_last_k_prunes_oldest(tmp_path):
     """After five commits with keep_last_k=2 only the last two complete checkpoints remain, latest the newest."""
     for step in range(1, 6):

@@ -105,8 +105,8 @@ def publish_dir(tmp: Path, final: Path) -> Path:
     """Rename a fully written directory ``tmp`` to ``final`` (replacing an older ``final``), after syncing what is
     inside it, and sync the parent so that the rename lasts."""
     fsync_tree(tmp)
-    if final.exists() or final.is_symlink():
-        remove(final)
+    if final.exists():
+        shutil.rmtree(final)  # an older copy of the step; a file in its place is someone's (the error names it)
     os.replace(tmp, final)
     fsync_dir(final.parent)
     return final

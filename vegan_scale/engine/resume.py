@@ -43,7 +43,7 @@ from vegan_scale.distributed.accelerator import distribution_mode
 from vegan_scale.distributed.trainable import Trainable
 from vegan_scale.errors import CheckpointError, ConfigError, RunRefusedError
 from vegan_scale.experiment import ExperimentConfig
-from vegan_scale.rundir import COMPLETE, RunDir, complete_checkpoints, is_complete
+from vegan_scale.rundir import COMPLETE, RunDir, complete_checkpoints, is_complete, named_step
 
 log = logging.getLogger("vegan_scale")
 
@@ -90,7 +90,16 @@ def _choose(resume: str, run_dir: RunDir) -> list[str] | str:
             f"train.resume={resume} is not a complete checkpoint directory (…/checkpoints/step_N with a "
             f"{COMPLETE} file); half-written checkpoints are never loaded"
         )
-    return [str(Path(resume))]
+    path, newer, step = Path(resume), [], named_step(Path(resume))
+    if step is not None and path.resolve().parent == run_dir.checkpoints.resolve():  # one of this run's own
+        newer = [p.name for p in complete_checkpoints(run_dir.checkpoints) if named_step(p) > step]
+    if newer:  # pruning would take the new checkpoints, and resume=auto would go back to the old newest
+        return (
+            f"train.resume={resume} is older than the run's newest checkpoints ({', '.join(newer[-3:])}): a run "
+            "continued from it writes its steps again while those stay the run's newest. Move them out of "
+            f"{run_dir.checkpoints} first (to keep them), or continue from the newest with train.resume=auto"
+        )
+    return [str(path)]
 
 
 def check_policy(path: Path, config: dict[str, Any], world_size: int, mode: str) -> list[str]:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -170,6 +172,27 @@ def test_a_continuation_does_not_show_the_previous_attempts_outcome(tiny_shards_
     source = open_model(run_dir)
     assert source.step >= 15 and source.weights.parent.name == f"step_{source.step:08d}"
     assert open_model(run_dir / "export").step == 10
+
+
+def test_a_continuation_over_other_shards_in_the_same_place_is_refused(tmp_path: Path) -> None:
+    """The training shards written again in the same directory (other images, other counts) between two attempts:
+    the continuation went on in another data order, its epochs of another length, without a word. The checkpoint
+    records the shards it was written over (their list and counts), and a continuation over others is refused,
+    naming both."""
+    from tests.conftest import synthetic_images, write_tiny_shards
+    from vegan_scale.data.sources import ArraySource
+    from vegan_scale.data.write import write_shards
+
+    shards = write_tiny_shards(tmp_path / "data")
+    args = train_args(shards, tmp_path, "moved_data", "wae_mmd")
+    assert run(single([*args, "train.max_steps=5"])).returncode == 0
+    shutil.rmtree(shards / "train")
+    write_shards(ArraySource(synthetic_images(300, seed=9), np.arange(300) % 10), shards / "train", prefix="other")
+    again = run(single([*args, "train.max_steps=8"]))
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "the training shards are not those step_00000005 was written over (then 5 shard(s), 500 samples" in (
+        again.stderr
+    ), again.stderr[-3000:]
 
 
 def test_resume_policy(tiny_shards_module: Path, tmp_path: Path) -> None:

@@ -52,15 +52,21 @@ def same_experiment(cfg: Any, stream: TrainStream, accelerator: Accelerator) -> 
 def _facts(cfg: Any, stream: TrainStream) -> dict[str, str]:
     """What every process of the job must hold alike: the resolved configuration, the training shards as this
     process reads them (their list and sample counts), and the versions of vegan_scale and torch."""
+    return {key: repr(value) for key, value in flat_keys(dataclasses.asdict(cfg)).items()} | {
+        "training data": training_data(stream),
+        "vegan_scale version": provenance.version(),
+        "torch version": torch.__version__,
+    }
+
+
+def training_data(stream: TrainStream) -> str:
+    """The training shards as this process reads them, in a line: their number, their samples and a digest of
+    their list and counts (what the data order follows)."""
     index = stream.index
     counts = index.counts if index.has_counts else []
     digest = hashlib.sha256(json.dumps([index.urls, counts]).encode()).hexdigest()[:12]
     samples = f"{sum(counts)} samples" if counts else "sample counts unknown"
-    return {key: repr(value) for key, value in flat_keys(dataclasses.asdict(cfg)).items()} | {
-        "training data": f"{len(index.urls)} shard(s), {samples}, digest {digest}",
-        "vegan_scale version": provenance.version(),
-        "torch version": torch.__version__,
-    }
+    return f"{len(index.urls)} shard(s), {samples}, digest {digest}"
 
 
 def shared_run_dir(run_dir: RunDir, accelerator: Accelerator, wait_s: float) -> None:

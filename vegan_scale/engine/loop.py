@@ -26,7 +26,7 @@ from vegan_scale import atomic, checkpoint, export, logs
 from vegan_scale.config.load import to_yaml
 from vegan_scale.distributed.accelerator import distribution_mode
 from vegan_scale.distributed.agreement import Agreement, Flag
-from vegan_scale.engine import reporting
+from vegan_scale.engine import job, reporting
 from vegan_scale.engine.feed import DataFeed
 from vegan_scale.engine.metric_buffer import MetricBuffer
 from vegan_scale.engine.periodic_eval import evaluate
@@ -323,6 +323,7 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
             "deepspeed": acc.distributed_type == DistributedType.DEEPSPEED,
             "mode": distribution_mode(acc),
             "mlflow_run_id": run.records.tracker.run_id if run.records.tracker else None,
+            "data": job.training_data(run.stream),
         }
         with _written(run, directory, what, RESUME):
             checkpoint.write_state(directory, state, to_yaml(run.cfg))

@@ -130,6 +130,27 @@ def check_policy(path: Path, config: dict[str, Any], world_size: int, mode: str)
     return notes
 
 
+def same_data(path: Path, state: dict[str, Any], data: str, on_error: str) -> None:
+    """The training shards must be those the checkpoint was written over (their list and counts): the data order
+    and the epochs' ends follow them, and shards written again in the same place (other shards, other counts)
+    would continue the run on another order without a word. Refused; in ``data.on_error=skip``, where shards
+    missing at start are passed over, a warning. Checkpoints of earlier versions record no data."""
+    written = state.get("data")
+    if written is None or written == data:
+        return
+    message = (
+        f"the training shards are not those {path.name} was written over (then {written}; now {data}): the data "
+        "order follows them"
+    )
+    if on_error == "skip":
+        log.warning("%s; continuing (data.on_error=skip)", message)
+        return
+    raise RunRefusedError(
+        f"cannot continue {path}: {message}. Restore the shards it was trained on, or start a new run "
+        "(train.init_from=EXPORT starts one from a model's weights)"
+    )
+
+
 @dataclass(frozen=True)
 class Resumed:
     path: Path
@@ -139,11 +160,17 @@ class Resumed:
 
 
 def restore(
-    candidates: list[Path], named: bool, modules: list[Trainable], accelerator: Accelerator, config: dict[str, Any]
+    candidates: list[Path],
+    named: bool,
+    modules: list[Trainable],
+    accelerator: Accelerator,
+    config: dict[str, Any],
+    data: str,
 ) -> Resumed | None:
     """Collective: restore the first candidate that loads whole (see the module's docstring): every module's
     weights and optimizer state, this process's random generators and the gradient scaler. ``named``: the user
-    named the one candidate (``train.resume=PATH``), which is then refused rather than passed over."""
+    named the one candidate (``train.resume=PATH``), which is then refused rather than passed over. ``data``: the
+    training shards as read now (:func:`vegan_scale.engine.job.training_data`), to compare with the checkpoint's."""
     mode = distribution_mode(accelerator)
     failures = []
     for path in candidates:
@@ -151,6 +178,7 @@ def restore(
         try:
             state = checkpoint.verify(path)
             notes = check_policy(path, config, accelerator.num_processes, mode)
+            same_data(path, state, data, config["data"]["on_error"])
             read = _read(path, state, modules, accelerator)
         except CheckpointError as e:
             problem = f"process {accelerator.process_index}: {e}"

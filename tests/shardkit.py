@@ -220,7 +220,11 @@ class _Handler(SimpleHTTPRequestHandler):
             start, end = int(first), int(last) + 1 if last else None
             with self.state.lock:
                 self.state.ranges.append((name, start, end))
-            body = Path(self.translate_path(self.path)).read_bytes()[start:end]
+            whole = Path(self.translate_path(self.path)).read_bytes()
+            if start >= len(whole):  # no byte there, as real servers answer
+                self.send_error(416, "range not satisfiable")
+                return
+            body = whole[start:end]
             self.send_response(206)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

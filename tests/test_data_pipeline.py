@@ -565,6 +565,25 @@ def test_a_shard_drawn_in_part_keeps_its_index(tmp_path: Path, caplog: pytest.Lo
     assert len(batches) == 1 and set(batch_ids(batches)) <= set(range(10)) and not caplog.text
 
 
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_remote_shard_cut_short_beside_its_index(tmp_path: Path, on_error: str) -> None:
+    """A shard cut short on its server (a partial upload) with its .idx whole: the reader entering it past its end
+    got HTTP 416, retried as a passing failure and then given up on with a DataError that skip mode could not skip,
+    blaming "HTTP 416". It is a short shard: named as one, and in skip mode its lost samples are counted and the
+    batches full, as for the same shard on disk."""
+    urls = make_shards(tmp_path, [10, 10, 10], offsets=True)
+    truncate(Path(urls[1]), Path(urls[1]).stat().st_size // 3)
+    with serve(tmp_path) as server:
+        index = read_index(f"{server.url}/s-{{000000..000002}}.tar")
+        s = stream(index, 5, on_error=on_error, shuffle_buffer=0)
+        if on_error == "raise":
+            assert "shorter than its .idx says" in epoch_error(s.epoch(0))
+            return
+        batches = list(s.epoch(0))
+    assert len(batches) == 6 and skip_counts(batches).get("short_shard", 0) > 0
+    check_pixels(batches)
+
+
 def test_images_read_at_start_follow_on_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The encoder's pre-training pool and the evaluation images are read at start: a shard cut short stopped the
     run there even with data.on_error=skip, whose use the error advised."""

@@ -19,5 +19,14 @@ class ShardCorrupt(ShardError):
     reason = "corrupt_shard"
 
 
+CUT_SHORT = "it is shorter than its .idx says (cut short, or written again without its .idx); rewrite it"
+
+
+class ShortShard(ShardError):
+    """A shard that ends before the samples its sizes.json or .idx promise (cut short, a partial upload)."""
+
+    reason = "short_shard"
+
+
 class TransientReadError(Exception):
     """A read failure worth retrying (network, remote server, pipe command)."""

@@ -18,7 +18,7 @@ import os
 import re
 from typing import Any
 
-from vegan_scale.data.faults import ShardError, ShardMissing, TransientReadError
+from vegan_scale.data.faults import CUT_SHORT, ShardError, ShardMissing, ShortShard, TransientReadError
 
 SCHEME = "s3://"
 TIMEOUT_S = 60
@@ -81,6 +81,8 @@ def _failure(error: Exception, url: str) -> Exception:
         code = str(error.response.get("Error", {}).get("Code", ""))
         if code in MISSING:
             return ShardMissing(f"{url} does not exist or cannot be read ({code})")
+        if code == "InvalidRange":  # no byte there: the object ends before the samples its .idx places
+            return ShortShard(f"{url} ends before the bytes asked for (InvalidRange): {CUT_SHORT}")
     return TransientReadError(f"S3 request for {url} failed: {error}")
 
 

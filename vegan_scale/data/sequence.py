@@ -15,6 +15,7 @@ import torch
 
 from vegan_scale.data.arrays import read_stretch
 from vegan_scale.data.decode import SampleError, decode_sample
+from vegan_scale.data.faults import ShortShard
 from vegan_scale.data.index import read_offsets
 from vegan_scale.data.order import EpochOrder, pieces
 from vegan_scale.data.shardio import Sample, ShardError, ShardMissing, read_samples
@@ -173,10 +174,6 @@ def _shard_samples(
             if offsets is None or isinstance(e, (ShortShard, ShardMissing)):
                 return
             position += 1  # enter the shard again at the next sample
-
-
-class ShortShard(ShardError):
-    reason = "short_shard"
 
 
 def _uncounted(url: str, count: int, on_error: str) -> None:

@@ -29,7 +29,14 @@ from typing import Any, BinaryIO
 
 from vegan_scale import retry
 from vegan_scale.data import s3
-from vegan_scale.data.faults import ShardCorrupt, ShardError, ShardMissing, TransientReadError
+from vegan_scale.data.faults import (
+    CUT_SHORT,
+    ShardCorrupt,
+    ShardError,
+    ShardMissing,
+    ShortShard,
+    TransientReadError,
+)
 from vegan_scale.errors import DataError
 from vegan_scale.retry import Backoff
 
@@ -100,6 +107,8 @@ def open_url(url: str, start: int = 0, end: int | None = None) -> tuple[BinaryIO
         except urllib.error.HTTPError as e:
             if e.code in PERMANENT_HTTP:
                 raise ShardMissing(f"shard {url} does not exist (HTTP {e.code})") from None
+            if e.code == 416:  # no byte there: the shard ends before the samples its .idx places
+                raise ShortShard(f"shard {url} ends before byte {start} (HTTP 416): {CUT_SHORT}") from None
             raise TransientReadError(f"HTTP {e.code} for {url}") from e
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             raise TransientReadError(f"cannot reach {url}: {e}") from e

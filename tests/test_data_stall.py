@@ -16,7 +16,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tests.runkit import ddp, exit_status, finish, processes, run, single, start, train_args, wait_for_step
+from tests.runkit import (
+    ddp,
+    exit_status,
+    finish,
+    processes,
+    run,
+    single,
+    start,
+    train_args,
+    wait_for_step,
+    wait_until,
+)
 from tests.shardkit import read_only_by
 from vegan_scale.data.index import read_index
 from vegan_scale.data.pipeline import Readers, TrainStream
@@ -66,6 +77,26 @@ def test_a_read_that_never_returns_stops_the_run_naming_the_shard(
     assert status["code"] == 69 and fifo.name in status["reason"]
     saved = list((tmp_path / "mnist" / "stall" / "checkpoints").glob("step_*"))
     assert ("no checkpoint was written yet" in status["reason"]) == (not saved), (status, saved)
+
+
+def test_a_stop_request_while_the_data_does_not_come_stops_the_run_at_once(tiny_shards: Path, tmp_path: Path) -> None:
+    """SIGTERM to the job (a preemption) while a read never returns: the stop was held until data.stall_timeout_s
+    ran out (300 s by default, far past SLURM's KillWait), then the run ended as a stall (69), not as stopped. A
+    stop asked for while no batch has come for 10 s ends the wait: the run stops at once (75, to be continued),
+    without a checkpoint (the steps since the last one trained on no new data), naming the shard."""
+    fifo = shards_with_a_fifo(tmp_path / "stuck", 1, 0)
+    args = train_args(tiny_shards, tmp_path, "stall", "wae_mmd", f"data.train={fifo.parent}", "data.num_workers=0")
+    args += ["train.encoder_pretrain_steps=0"]  # its image pool would meet the FIFO first
+    proc = start(single([*args, "data.stall_timeout_s=240", "train.collective_timeout_s=600"]))
+    wait_until("the run's directory", lambda: (tmp_path / "mnist" / "stall" / "train.log").exists(), proc)
+    time.sleep(2)  # into the wait for the first batch
+    signalled = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, output = finish(proc, timeout=120)
+    assert code == 75, output[-3000:]
+    assert time.monotonic() - signalled < 60
+    status = exit_status(tmp_path / "mnist" / "stall")
+    assert status["code"] == 75 and "while the data did not come" in status["reason"] and fifo.name in status["reason"]
 
 
 def test_evaluation_images_that_never_come_are_an_error_in_bounded_time(tmp_path: Path) -> None:

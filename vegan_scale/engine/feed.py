@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from vegan_scale.retry import Backoff
 log = logging.getLogger("vegan_scale")
 
 WORKER_CHECK_S = 1.0  # how often the training thread, waiting for a batch, looks whether a loader worker ended
+STOP_PATIENCE_S = 10.0  # a batch not come for this long when a stop is asked for: the data stall the stop ends
 
 
 def open_stream(cfg: Any, accelerator: Accelerator, layout: BatchLayout) -> TrainStream:
@@ -69,10 +70,12 @@ class DataFeed:
         memory_format: torch.memory_format = torch.contiguous_format,
         stall_timeout_s: float = 300.0,
         symmetric: bool = False,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         """``start``: micro-batches already consumed (by the run this one continues); ``symmetric``: batches in
-        [-1, 1] rather than [0, 1] (data.input_range)."""
+        [-1, 1] rather than [0, 1] (data.input_range); ``stopping``: whether this process was asked to stop."""
         self.stream, self.agreement, self.device, self.announce = stream, agreement, device, announce
+        self.stopping = stopping
         self.memory_format, self.stall_timeout_s, self.symmetric = memory_format, stall_timeout_s, symmetric
         self.epoch, offset = divmod(start, stream.batches_per_epoch)
         self.error: str | None = None
@@ -121,8 +124,8 @@ class DataFeed:
     def _take(self) -> None:
         try:
             epoch, item = self._wait()
-        except queue.Empty:
-            self._fail(Flag.DATA_STALL, self._stall_message())
+        except _NoBatch as e:
+            self._fail(Flag.DATA_STALL, self._stall_message(e.waited_s))
             return
         if isinstance(item, DataError):
             self._fail(Flag.DATA_ERROR, worker_message(item))
@@ -141,20 +144,25 @@ class DataFeed:
         self._last = images.contiguous(memory_format=self.memory_format)
 
     def _wait(self) -> tuple[int, Batch | BaseException]:
-        """The fetcher's next item; queue.Empty after the stall timeout. While none comes, a loader worker that
-        ended is the item: the fetcher may never say so, waiting for the rest of a block the worker was writing."""
-        deadline = time.monotonic() + self.stall_timeout_s
+        """The fetcher's next item; _NoBatch after the stall timeout, or sooner when a stop is asked for after
+        STOP_PATIENCE_S without one (a stop's grace time, SLURM's KillWait, is shorter than the stall timeout). While
+        none comes, a loader worker that ended is the item: the fetcher may never say so, waiting for the rest of a
+        block the worker was writing."""
+        started = time.monotonic()
+        deadline = started + self.stall_timeout_s
         while (left := deadline - time.monotonic()) > 0:
             with contextlib.suppress(queue.Empty):
                 return self._queue.get(timeout=min(left, WORKER_CHECK_S))
             if self.stream.readers is not None and (ended := self.stream.readers.ended()) is not None:
                 return -1, ended
-        raise queue.Empty
+            if time.monotonic() - started >= STOP_PATIENCE_S and self.stopping():
+                raise _NoBatch(time.monotonic() - started)
+        raise _NoBatch(self.stall_timeout_s)
 
-    def _stall_message(self) -> str:
+    def _stall_message(self, waited_s: float) -> str:
         readers = self.stream.readers.shards(self.stream.index.urls) if self.stream.readers else []
         message = (
-            f"no batch for {self.stall_timeout_s:g} s (data.stall_timeout_s): a read does not return; "
+            f"no batch for {waited_s:.0f} s (data.stall_timeout_s={self.stall_timeout_s:g}): a read does not return; "
             + "; ".join(readers)
         )
         log.error("%s", message)
@@ -188,6 +196,14 @@ class DataFeed:
         data_time, self.data_time, self.skipped = self.data_time, 0.0, torch.zeros_like(self.skipped)
         counts = {f"data/skipped/{r}": float(n) for r, n in zip(SKIP_REASONS, skipped.tolist(), strict=True) if n}
         return data_time, counts
+
+
+class _NoBatch(Exception):
+    """No batch came for ``waited_s`` seconds."""
+
+    def __init__(self, waited_s: float) -> None:
+        super().__init__(f"no batch for {waited_s:.0f} s")
+        self.waited_s = waited_s
 
 
 def worker_message(error: DataError) -> str:

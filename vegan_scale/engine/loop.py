@@ -26,7 +26,7 @@ from vegan_scale import atomic, checkpoint, export, logs
 from vegan_scale.config.load import to_yaml
 from vegan_scale.distributed.accelerator import distribution_mode
 from vegan_scale.distributed.agreement import Agreement, Flag
-from vegan_scale.engine import job, reporting
+from vegan_scale.engine import job, reporting, verdict
 from vegan_scale.engine.feed import DataFeed
 from vegan_scale.engine.metric_buffer import MetricBuffer
 from vegan_scale.engine.periodic_eval import evaluate
@@ -35,12 +35,9 @@ from vegan_scale.engine.schedule import lr_factor
 from vegan_scale.engine.step import train_step
 from vegan_scale.errors import (
     RESUME,
-    DataError,
-    DataStallError,
     ExitCode,
     InterruptedRunError,
     LostRankError,
-    NonFiniteLossError,
     PreemptedError,
     StorageError,
     exit_status,
@@ -85,7 +82,7 @@ def _run_to_the_end(run: Run, stops: StopRequests) -> None:
             code, reason = exit_status(e)
             raise
         code, reason = int(ExitCode.LOST_RANK), _lost_peer_reason(run, e)
-        raise LostRankError(f"{reason}; {_kept(run)}") from e
+        raise LostRankError(f"{reason}; {verdict.kept(run)}") from e
     except BaseException as e:
         code, reason = exit_status(e)
         raise
@@ -136,6 +133,7 @@ def _fit(run: Run, stops: StopRequests) -> None:
         layout,
         stall_timeout_s(cfg),
         cfg.data.input_range == "symmetric",
+        lambda: stops.poll() is not None,
     )
     # A progress bar on a terminal; in a log file (SLURM, CI) one line per metric flush instead.
     interactive = acc.is_main_process and sys.stderr.isatty()
@@ -146,7 +144,8 @@ def _fit(run: Run, stops: StopRequests) -> None:
     step = run.steps.start
     run.step = step
     try:
-        _stop_if(run, _agree(run, agreement, stops, feed, step), feed, step)  # a stop asked for while the run started
+        # a stop asked for while the run started
+        _stop_if(run, verdict.agree(run, agreement, stops, feed, step), feed, step)
         while step < run.steps.total:
             lr_scale = lr_factor(step / run.steps.per_epoch, cfg.optim.lr_milestones, cfg.optim.lr_factors)
             run.where.at(step + 1, "training step (forward, backward, gradient all-reduce)")
@@ -154,7 +153,7 @@ def _fit(run: Run, stops: StopRequests) -> None:
             step += 1
             run.step = step
 
-            for flag, key in NONFINITE_TERMS.items():
+            for flag, key in verdict.NONFINITE_TERMS.items():
                 if key in terms:
                     agreement.raise_if(flag, ~torch.isfinite(terms[key]), step)
             if cfg.penalty.weight_schedule == "adaptive" and step % cfg.penalty.adaptive_every == 0:
@@ -168,7 +167,7 @@ def _fit(run: Run, stops: StopRequests) -> None:
                 if saving:
                     for module in run.modules:
                         agreement.raise_if(Flag.NONFINITE_PARAMS, ~module.parameters_finite(), step)
-                stop = _agree(run, agreement, stops, feed, step)
+                stop = verdict.agree(run, agreement, stops, feed, step)
             # A checkpoint's steps are all in the records (metrics, a due evaluation): a continuation starts after.
             if step % cfg.tracking.log_every == 0 or last or saving or stop:
                 interval.flush(step, lr_scale)
@@ -216,52 +215,6 @@ class _Interval:
         values |= reporting.perf_metrics(run, steps, elapsed, data_time, self.feed.agreement.last_check_ms)
         reporting.report(run, step, values, self.progress)
         self.start = time.perf_counter()
-
-
-def _agree(run: Run, agreement: Agreement, stops: StopRequests, feed: DataFeed, step: int) -> Flag | None:
-    """Collective: add this process's stop request to its flags, agree with every rank, act together on errors;
-    returns the stop every rank agreed on, if any (the caller records the step's metrics before it stops)."""
-    requested = stops.poll()
-    if requested is not None:
-        flag = Flag.INTERRUPT if requested == Stop.INTERRUPT else Flag.PREEMPT
-        agreement.raise_if(flag, torch.ones((), dtype=torch.bool, device=run.accelerator.device), step)
-    run.where.at(step, "agreement check")
-    raised = agreement.check()
-    run.where.heartbeat()
-    _raise_errors(run, raised, feed)
-    return next((flag for flag in (Flag.INTERRUPT, Flag.PREEMPT) if flag in raised), None)
-
-
-NONFINITE_TERMS = {
-    Flag.NONFINITE_RECON: "train/recon",
-    Flag.NONFINITE_PENALTY: "train/penalty",
-    Flag.NONFINITE_CRITIC: "train/critic_loss",
-    Flag.NONFINITE_PARAMS: "the parameters",  # checked before each checkpoint, not per step (no key in the terms)
-}
-
-
-def _kept(run: Run) -> str:
-    """What a run that stops on an error leaves to resume from, for its message."""
-    saved = run.dir.newest_checkpoint()
-    return f"the last complete checkpoint, {saved}, is intact" if saved else "no checkpoint was written yet"
-
-
-def _raise_errors(run: Run, raised: dict[Flag, int], feed: DataFeed) -> None:
-    """Collective: every rank calls it at the same step and raises the same error."""
-    if Flag.DATA_ERROR in raised or Flag.DATA_STALL in raised:
-        messages = gather_object([f"process {run.accelerator.process_index}: {feed.error}" if feed.error else ""])
-        text = "; ".join(m for m in messages if m)
-        if Flag.DATA_STALL in raised:
-            raise DataStallError(f"{text}; {_kept(run)}")
-        raise DataError(f"{text} (data.on_error=skip would skip bad samples)")
-    nonfinite = {flag: raised[flag] for flag in NONFINITE_TERMS if flag in raised}
-    if nonfinite:
-        first = min(nonfinite.values())
-        terms = ", ".join(NONFINITE_TERMS[f] for f, s in nonfinite.items() if s == first)
-        raise NonFiniteLossError(
-            f"{terms} became NaN or infinite at step {first}; {_kept(run)}. Try a lower optim.lr or "
-            "penalty.weight, or train.mixed_precision=no"
-        )
 
 
 def _stop_if(run: Run, stop: Flag | None, feed: DataFeed, step: int) -> None:
@@ -374,8 +327,8 @@ def _not_written(run: Run, partial: Path, what: str, reason: str, then: str, roo
         else "Move away what the error names (something in the place the run writes to)"
     )
     return StorageError(
-        f"{what} could not be written in {partial.parent}: {reason}. Its partial files were removed; {_kept(run)}. "
-        f"{mend}, then {then}"
+        f"{what} could not be written in {partial.parent}: {reason}. Its partial files were removed; "
+        f"{verdict.kept(run)}. {mend}, then {then}"
     )
 
 

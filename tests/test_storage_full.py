@@ -145,6 +145,28 @@ def test_a_tracking_store_on_a_full_disk_is_one_line_and_sync_sends_the_run_late
     assert [m.step for m in client.get_metric_history(found.info.run_id, "train/loss")] == [5, 10]
 
 
+@pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")
+def test_sync_of_a_run_directory_it_cannot_write_creates_no_run(tiny_shards_module: Path, tmp_path: Path) -> None:
+    """`vegan-scale sync` of a run the server never saw, its directory on a read-only mount: the MLflow run was
+    created, then keeping its id failed (exit 2, "mend or remove that file"), and every try left another run in the
+    store, RUNNING for ever. It is refused before anything is created, as storage (74), saying what to do."""
+    from mlflow.tracking import MlflowClient
+
+    runs = tmp_path / "runs"
+    assert run(single(train_args(tiny_shards_module, runs, "ro", "wae_mmd", "train.max_steps=2"))).returncode == 0
+    run_dir, store = runs / "mnist" / "ro", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sync = single(["-m", "vegan_scale", "sync", str(run_dir), "--uri", store])
+    read_only = ["unshare", "-rm", "sh", "-c", 'mount --bind -o ro "$1" "$1" && shift && exec "$@"', "sh", str(run_dir)]
+    for _ in range(2):
+        proc = run([*read_only, *sync], timeout=300)
+        assert proc.returncode == 74, proc.stderr[-3000:]
+        said = proc.stdout + proc.stderr
+        assert "cannot be written" in said and "no MLflow run was created" in said, said[-3000:]
+    client = MlflowClient(store)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert not (run_dir / "mlflow_run_id").exists()
+
+
 def test_a_write_failing_on_one_process_stops_every_process_with_its_reason(
     tiny_shards_module: Path, tmp_path: Path
 ) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 from vegan_scale import metrics_log, provenance
 from vegan_scale.config.fields import in_use
 from vegan_scale.config.load import flat_keys
-from vegan_scale.errors import ConfigError, DataError, ExitCode, TrackingError
+from vegan_scale.errors import ConfigError, DataError, ExitCode, StorageError, TrackingError
 from vegan_scale.rundir import RunDir
 from vegan_scale.tracking import models
 
@@ -283,6 +283,12 @@ def sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
 def _sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
     run_id, params = run_dir.read_mlflow_run_id(), as_params(cfg)
     if run_id is None:
+        if not os.access(run_dir.path, os.W_OK):  # the new run's id could not be kept: every try would make another
+            raise StorageError(
+                f"{run_dir.path} cannot be written (a read-only file system, or no permission): sync keeps the MLflow "
+                f"run it creates in {run_dir.mlflow_run_id.name} there, and would create another at every try. Make "
+                "the directory writable (or sync a copy of it), then sync again; no MLflow run was created"
+            )
         run = MlflowRun.create(uri, NewRun.of(cfg, run_dir, uri, {"sync": "created by vegan-scale sync"}))
         run_dir.write_mlflow_run_id(run.run_id)
     else:

@@ -205,3 +205,12 @@ def test_an_offsets_index_older_than_its_shard_or_past_its_end_is_not_used(tmp_p
     os.truncate(shard, offsets[-1] - 512)  # the last offset now lies past the end
     os.utime(index, (shard.stat().st_mtime + 10,) * 2)
     assert read_offsets(url, 6) is None
+
+
+def test_index_shards_of_a_url_says_it_reads_local_directories(capsys: pytest.CaptureFixture) -> None:
+    """`vegan-scale index-shards s3://bucket/d/` read the URL as the path s3:/bucket/d ("no *.tar shards")."""
+    from vegan_scale.cli_parser import parser
+
+    with pytest.raises(SystemExit) as info:
+        parser().parse_args(["index-shards", "s3://bucket/d/"])
+    assert info.value.code == 2 and "index-shards reads a local directory" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,55 @@ def test_a_server_that_ignores_range_requests_gives_the_same_batches(bucket: Pat
     _use(proxy.url, monkeypatch)
     got = _batches(f"s3://{BUCKET}/{bucket.name}/d/")
     assert got == _batches(str(bucket / "d")) and len(got) == len(set(got))
+
+
+class _Refusing(BaseHTTPRequestHandler):
+    """An S3 endpoint that answers every request with the S3 error its server was given."""
+
+    def do_GET(self) -> None:
+        status, code = self.server.error  # type: ignore[attr-defined]
+        body = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>refused</Message></Error>".encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "words"),
+    [
+        (403, "AccessDenied", r"cannot be read with these credentials \(AccessDenied\)"),
+        (400, "ExpiredToken", "credentials were refused reading .* \\(ExpiredToken\\): renew or correct them"),
+        (403, "InvalidAccessKeyId", "credentials were refused"),
+    ],
+)
+def test_refused_credentials_are_said_at_once(monkeypatch: pytest.MonkeyPatch, status: int, code: str, words: str):
+    """Access refused to a bucket's sizes.json read as "sizes.json does not exist; upload a directory", and expired
+    or unknown credentials were retried as passing failures before a message that did not say so. Each is said at
+    once, naming the object and what to do."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    server.error = (status, code)  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    _use(f"http://127.0.0.1:{server.server_address[1]}", monkeypatch)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DataError, match=words):
+            read_index("s3://shards/d/")
+        assert time.monotonic() - started < 5
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_endpoint_that_is_not_a_url_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS_ENDPOINT_URL_S3 without its scheme was a ValueError traceback from boto3."""
+    _use("127.0.0.1:9000", monkeypatch)
+    with pytest.raises(DataError, match=r"AWS_ENDPOINT_URL_S3 .* must be a URL"):
+        read_index("s3://shards/d/")
 
 
 def test_a_server_that_never_answers_is_asked_once_per_attempt(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,6 +23,17 @@ def _seed(text: str) -> int:
     return value
 
 
+def _local_directory(text: str) -> Path:
+    """A directory on this machine: index-shards reads every shard whole, so a bucket's or a server's shards are
+    indexed from a local copy (a URL read as a path became s3:/bucket/..., "no shards there")."""
+    if "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text} is a URL: index-shards reads a local directory; index a local copy of the shards, then upload "
+            "its sizes.json and .tar.idx files beside them"
+        )
+    return Path(text)
+
+
 def _add_train(sub: Any) -> None:
     t = sub.add_parser("train", help="train an experiment", description="Train the experiment CONFIG describes.")
     t.add_argument("config", type=Path, help="experiment YAML, e.g. configs/mnist/wae_mmd.yaml")
@@ -157,7 +168,7 @@ def _add_index_shards(sub: Any) -> None:
         "the training order needs) and, beside each shard, <shard>.tar.idx (where each sample starts, so that a "
         "reader enters a shard at any sample). 'vegan-scale shards' writes both itself.",
     )
-    i.add_argument("directories", type=Path, nargs="+", metavar="DIRECTORY")
+    i.add_argument("directories", type=_local_directory, nargs="+", metavar="DIRECTORY")
 
 
 def _add_sweep(sub: Any) -> None:

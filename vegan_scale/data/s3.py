@@ -7,7 +7,9 @@ requests) work as they do on a file system. Credentials, region and endpoint com
 (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` or a profile, ``AWS_DEFAULT_REGION``, and ``AWS_ENDPOINT_URL_S3``
 or ``AWS_ENDPOINT_URL`` for a server other than AWS).
 
-Failures are told apart as for HTTP: a missing key or bucket, or access refused, is :class:`ShardMissing` at once;
+Failures are told apart as for HTTP: a missing key or bucket, or access refused, is :class:`ShardMissing` at once
+(a shard a reader in skip mode passes over; access refused to a sizes.json or .idx is said, not taken for absence);
+credentials refused or missing, or an endpoint that is not a URL, is a DataError at once (no retry mends them);
 a dropped connection, a timeout, throttling or a 5xx is a :class:`TransientReadError`, which the reader retries
 with backoff, resuming after the samples it delivered (botocore's own retries are off: one policy, one log line).
 """
@@ -19,10 +21,13 @@ import re
 from typing import Any
 
 from vegan_scale.data.faults import CUT_SHORT, ShardError, ShardMissing, ShortShard, TransientReadError
+from vegan_scale.errors import DataError
 
 SCHEME = "s3://"
 TIMEOUT_S = 60
-MISSING = ("NoSuchKey", "NoSuchBucket", "404", "403", "AccessDenied", "InvalidBucketName")
+MISSING = ("NoSuchKey", "NoSuchBucket", "404", "InvalidBucketName")
+DENIED = ("403", "AccessDenied")
+CREDENTIALS = ("ExpiredToken", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "TokenRefreshRequired")
 _clients: dict[int, Any] = {}  # one client per process: loader workers are forked and must not share connections
 
 
@@ -69,18 +74,28 @@ class _Body:
         self.body.close()
 
 
-def _failure(error: Exception, url: str) -> Exception:
-    """The error a boto3 failure stands for: missing (named), credentials (how to give them) or transient."""
-    from botocore.exceptions import ClientError, NoCredentialsError
+class AccessDenied(ShardMissing):
+    """An object the credentials may not read: missing for a reader that skips, not "absent" for a fetch."""
 
-    if isinstance(error, NoCredentialsError):
-        return ShardError(
-            f"no AWS credentials to read {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+
+def _failure(error: Exception, url: str) -> Exception:
+    """The error a boto3 failure stands for: missing (named), refused or credentials (how to give them, never
+    retried: a retry cannot mend them) or transient."""
+    from botocore.exceptions import ClientError, NoCredentialsError, ProfileNotFound
+
+    if isinstance(error, NoCredentialsError | ProfileNotFound):
+        return DataError(
+            f"no AWS credentials to read {url} ({error}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or an "
+            "AWS_PROFILE that exists"
         )
     if isinstance(error, ClientError):
         code = str(error.response.get("Error", {}).get("Code", ""))
         if code in MISSING:
-            return ShardMissing(f"{url} does not exist or cannot be read ({code})")
+            return ShardMissing(f"{url} does not exist ({code})")
+        if code in DENIED:
+            return AccessDenied(f"{url} cannot be read with these credentials ({code}): grant them read access")
+        if code in CREDENTIALS:
+            return DataError(f"the AWS credentials were refused reading {url} ({code}): renew or correct them")
         if code == "InvalidRange":  # no byte there: the object ends before the samples its .idx places
             return ShortShard(f"{url} ends before the bytes asked for (InvalidRange): {CUT_SHORT}")
     return TransientReadError(f"S3 request for {url} failed: {error}")
@@ -98,6 +113,11 @@ def open_object(url: str, start: int = 0, end: int | None = None) -> tuple[_Body
         answer = _client().get_object(Bucket=bucket, Key=key, **ranged)
     except (BotoCoreError, ClientError, OSError) as e:
         raise _failure(e, url) from e
+    except ValueError as e:  # boto3 refuses an endpoint that is not a URL when it makes the client
+        raise DataError(
+            f"cannot reach {url}: {e}; AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL) must be a URL, e.g. "
+            "http://127.0.0.1:9000"
+        ) from None
     sent = re.fullmatch(r"bytes (\d+)-\d+/(?:\d+|\*)", answer.get("ContentRange") or "")
     return _Body(answer["Body"], url), start == 0 or (sent is not None and int(sent.group(1)) == start)
 
@@ -107,6 +127,8 @@ def fetch(url: str, limit: int = -1) -> bytes | None:
     TransientReadError to retry."""
     try:
         with_body, _ = open_object(url)
+    except AccessDenied:
+        raise
     except ShardMissing:
         return None
     try:

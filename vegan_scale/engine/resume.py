@@ -99,7 +99,7 @@ def _choose(resume: str, run_dir: RunDir) -> list[str] | str:
             "continued from it writes its steps again while those stay the run's newest. Move them out of "
             f"{run_dir.checkpoints} first (to keep them), or continue from the newest with train.resume=auto"
         )
-    return [str(path)]
+    return [str(path.resolve())]  # as the main process sees it: the others may start in other directories
 
 
 def check_policy(path: Path, config: dict[str, Any], world_size: int, mode: str) -> list[str]:

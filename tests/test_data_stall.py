@@ -79,22 +79,31 @@ def test_a_read_that_never_returns_stops_the_run_naming_the_shard(
     assert ("no checkpoint was written yet" in status["reason"]) == (not saved), (status, saved)
 
 
-def test_a_stop_request_while_the_data_does_not_come_stops_the_run_at_once(tiny_shards: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pretrain", [0, 5], ids=["training stream", "images read at start"])
+def test_a_stop_request_while_the_data_does_not_come_stops_the_run_at_once(
+    pretrain: int, tiny_shards: Path, tmp_path: Path
+) -> None:
     """SIGTERM to the job (a preemption) while a read never returns: the stop was held until data.stall_timeout_s
     ran out (300 s by default, far past SLURM's KillWait), then the run ended as a stall (69), not as stopped. A
     stop asked for while no batch has come for 10 s ends the wait: the run stops at once (75, to be continued),
-    without a checkpoint (the steps since the last one trained on no new data), naming the shard."""
+    naming the shard; in the training stream without a checkpoint (the steps since the last one trained on no new
+    data), in the encoder's pre-training pool before the run has begun."""
     fifo = shards_with_a_fifo(tmp_path / "stuck", 1, 0)
     args = train_args(tiny_shards, tmp_path, "stall", "wae_mmd", f"data.train={fifo.parent}", "data.num_workers=0")
-    args += ["train.encoder_pretrain_steps=0"]  # its image pool would meet the FIFO first
-    proc = start(single([*args, "data.stall_timeout_s=240", "train.collective_timeout_s=600"]))
-    wait_until("the run's directory", lambda: (tmp_path / "mnist" / "stall" / "train.log").exists(), proc)
-    time.sleep(2)  # into the wait for the first batch
+    args += [f"train.encoder_pretrain_steps={pretrain}", "data.stall_timeout_s=240", "train.collective_timeout_s=600"]
+    proc = start(single(args))
+    started = tmp_path / "mnist" / "stall" / "train.log"
+    if not pretrain:  # the run directory is written once the run is built, just before the first batch
+        wait_until("the run to start", started.exists, proc)
+    time.sleep(6 if pretrain else 2)  # into the wait for the data (the pool is read while the run is built)
     signalled = time.monotonic()
     os.killpg(proc.pid, signal.SIGTERM)
     code, output = finish(proc, timeout=120)
     assert code == 75, output[-3000:]
-    assert time.monotonic() - signalled < 60
+    assert time.monotonic() - signalled < 60 and fifo.name in output, output[-3000:]
+    if pretrain:  # a new run stopped while it was built leaves no run directory
+        assert "while the images read at start did not come" in output and not started.exists(), output[-3000:]
+        return
     status = exit_status(tmp_path / "mnist" / "stall")
     assert status["code"] == 75 and "while the data did not come" in status["reason"] and fifo.name in status["reason"]
 

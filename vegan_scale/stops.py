@@ -43,6 +43,9 @@ from vegan_scale.errors import ExitCode
 log = logging.getLogger("vegan_scale")
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+# A wait for data this long when a stop is asked for is a stall the stop ends (SLURM's KillWait is shorter than
+# data.stall_timeout_s); a merely slow read delivers sooner.
+STOP_PATIENCE_S = 10.0
 
 
 class Stop(enum.Enum):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,10 +15,13 @@ from vegan_scale.data.decode import SampleError, decode_sample
 from vegan_scale.data.faults import ShardError
 from vegan_scale.data.index import ShardIndex
 from vegan_scale.data.shardio import read_samples
-from vegan_scale.errors import DataError, DataStallError
+from vegan_scale.errors import DataError, DataStallError, PreemptedError
 from vegan_scale.retry import Backoff
+from vegan_scale.stops import STOP_PATIENCE_S
 
 log = logging.getLogger("vegan_scale.data")
+
+WAKE_S = 1.0  # how often the waiting thread looks at the reader's progress and for a stop
 
 
 def load_images(
@@ -26,11 +31,14 @@ def load_images(
     retry: Backoff | None = None,
     stall_timeout_s: float | None = None,
     on_error: str = "raise",
+    stopping: Callable[[], bool] = lambda: False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``limit`` samples of the shards in order, decoded in this process (for evaluation and encoder
     pre-training). With ``stall_timeout_s``, no sample for that long (a read that never returns) is a
-    DataStallError naming the shard; the reading thread is left behind, blocked where the kernel holds it. With
-    ``on_error=skip`` a bad sample, or the rest of a bad shard, is passed over and counted in a warning."""
+    DataStallError naming the shard; the reading thread is left behind, blocked where the kernel holds it. A stop
+    asked for (``stopping``) once no sample has come for STOP_PATIENCE_S ends the wait sooner, as a stop: the run
+    is starting, so nothing is lost. With ``on_error=skip`` a bad sample, or the rest of a bad shard, is passed over
+    and counted in a warning."""
     retry = retry or Backoff()
     progress: dict[str, Any] = {"url": index.urls[0], "items": [], "error": None}
     skipped: dict[str, int] = {}
@@ -59,15 +67,22 @@ def load_images(
 
     reader = threading.Thread(target=read, name="load-images", daemon=True)
     reader.start()
-    seen = -1
+    seen, since = -1, time.monotonic()
     while reader.is_alive():
-        reader.join(stall_timeout_s)
-        if reader.is_alive() and len(progress["items"]) == seen:
+        reader.join(WAKE_S)
+        now = time.monotonic()
+        if not reader.is_alive() or len(progress["items"]) != seen:
+            seen, since = len(progress["items"]), now
+        elif stall_timeout_s is not None and now - since >= stall_timeout_s:
             raise DataStallError(
                 f"no sample for {stall_timeout_s:g} s (data.stall_timeout_s) from {progress['url']}: a read does "
                 "not return (a stuck file system, a FIFO?)"
             )
-        seen = len(progress["items"])
+        elif now - since >= STOP_PATIENCE_S and stopping():
+            raise PreemptedError(
+                f"stopped on a stop request while the images read at start did not come (no sample for "
+                f"{now - since:.0f} s from {progress['url']}); the run had not begun, so nothing is lost"
+            )
     if progress["error"] is not None:
         raise progress["error"]
     items = progress["items"]

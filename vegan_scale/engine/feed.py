@@ -30,11 +30,11 @@ from vegan_scale.distributed.agreement import Agreement, Flag
 from vegan_scale.errors import DataError, DataStallError
 from vegan_scale.experiment import image_shape
 from vegan_scale.retry import Backoff
+from vegan_scale.stops import STOP_PATIENCE_S
 
 log = logging.getLogger("vegan_scale")
 
 WORKER_CHECK_S = 1.0  # how often the training thread, waiting for a batch, looks whether a loader worker ended
-STOP_PATIENCE_S = 10.0  # a batch not come for this long when a stop is asked for: the data stall the stop ends
 
 
 def open_stream(cfg: Any, accelerator: Accelerator, layout: BatchLayout) -> TrainStream:

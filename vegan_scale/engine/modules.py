@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,9 +54,12 @@ def module_names(cfg: Any) -> tuple[str, ...]:
     return (AUTOENCODER, CRITIC) if PENALTIES[cfg.penalty.kind].trains_critic else (AUTOENCODER,)
 
 
-def build_modules(cfg: Any, accelerator: Accelerator, new: bool) -> tuple[Modules, LatentPenalty]:
+def build_modules(
+    cfg: Any, accelerator: Accelerator, new: bool, stopping: Callable[[], bool] = lambda: False
+) -> tuple[Modules, LatentPenalty]:
     """The auto-encoder and the penalty (with its critic, if any), built identically on every process and wrapped.
-    ``new``: a run that starts from its initial parameters, whose encoder is pre-trained when the config asks."""
+    ``new``: a run that starts from its initial parameters, whose encoder is pre-trained when the config asks
+    (``stopping``: whether a stop was asked for, which ends a stalled read of its images)."""
     if cfg.train.dtype == "float64" and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError(
             "train.dtype=float64 under DeepSpeed: its ZeRO optimizers keep float32 masters, so the run would not be "
@@ -69,7 +72,7 @@ def build_modules(cfg: Any, accelerator: Accelerator, new: bool) -> tuple[Module
     if cfg.model.init_std is not None and _zero3(accelerator):
         deepspeed_support.initialise(model, functools.partial(init_layer, std=cfg.model.init_std))
     if new:
-        pretrain(cfg, model)
+        pretrain(cfg, model, stopping)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile:

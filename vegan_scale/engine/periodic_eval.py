@@ -38,14 +38,21 @@ class EvalSet:
     prior_reference: torch.Tensor  # a fixed prior sample as large as the whole evaluation set, for the latent MMD
 
     @classmethod
-    def load(cls, cfg: Any, accelerator: Accelerator, prior: Prior) -> EvalSet:
+    def load(
+        cls, cfg: Any, accelerator: Accelerator, prior: Prior, stopping: Callable[[], bool] = lambda: False
+    ) -> EvalSet:
         """Every process takes an equal share of the first ``eval.num_samples`` test images (equal, so that all
         run the same forward passes, which ZeRO-3's collective forward needs)."""
         world, shape = accelerator.num_processes, image_shape(cfg)
         skip = cfg.data.on_error == "skip"
         index = read_index(cfg.data.test, image_shape=shape, key="data.test", skip_missing=skip)
         images = load_images(
-            index, shape, cfg.eval.num_samples, stall_timeout_s=stall_timeout_s(cfg), on_error=cfg.data.on_error
+            index,
+            shape,
+            cfg.eval.num_samples,
+            stall_timeout_s=stall_timeout_s(cfg),
+            on_error=cfg.data.on_error,
+            stopping=stopping,
         )[0]
         usable = len(images) - len(images) % world
         images = images[:usable].to(accelerator.device).float() / 255

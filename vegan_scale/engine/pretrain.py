@@ -13,6 +13,7 @@ partitioned back.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ def pretrain_encoder(
     return steps, loss.item()
 
 
-def pretrain(cfg: Any, model: AutoEncoder) -> None:
+def pretrain(cfg: Any, model: AutoEncoder, stopping: Callable[[], bool] = lambda: False) -> None:
     """Pre-train ``model``'s encoder as the configuration asks (nothing when train.encoder_pretrain_steps is 0)."""
     t = cfg.train
     if not t.encoder_pretrain_steps:
@@ -66,7 +67,9 @@ def pretrain(cfg: Any, model: AutoEncoder) -> None:
     shape = image_shape(cfg)
     index = read_index(cfg.data.train, image_shape=shape, key="data.train", skip_missing=cfg.data.on_error == "skip")
     wanted = POOL_BATCHES * t.encoder_pretrain_batch
-    pool = load_images(index, shape, wanted, stall_timeout_s=stall_timeout_s(cfg), on_error=cfg.data.on_error)[0]
+    pool = load_images(
+        index, shape, wanted, stall_timeout_s=stall_timeout_s(cfg), on_error=cfg.data.on_error, stopping=stopping
+    )[0]
     with deepspeed_support.gathered(model.encoder, modify=True):
         steps, loss = pretrain_encoder(
             model,

@@ -9,6 +9,7 @@ puts them in order.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -94,11 +95,12 @@ def _node_sampler(cfg: Any, accelerator: Accelerator, records: Records, continui
     return SystemMetrics(run_id, uri, f"node{node}", resume=continuing)
 
 
-def build_run(cfg: Any, started_at: float) -> Run:
+def build_run(cfg: Any, started_at: float, stopping: Callable[[], bool] = lambda: False) -> Run:
     """Build every part; the run directory is written last, once nothing can fail on bad input any more. A
     failure after the run directory is known, in a run directory that exists (a run being continued), is recorded in
     its exit_status.json, so that a batch script never reads the previous attempt's status. ``started_at``: when
-    this process started listening for stop requests (an older PREEMPT file was for an earlier attempt)."""
+    this process started listening for stop requests (an older PREEMPT file was for an earlier attempt);
+    ``stopping``: whether one came (a read at start that stalls then ends at once, as a stop)."""
     t = cfg.train
     accelerator = build_accelerator(
         t.mixed_precision,
@@ -119,7 +121,7 @@ def build_run(cfg: Any, started_at: float) -> Run:
     run_dir = _run_dir(cfg, accelerator)
     try:
         lock = job.own_run_dir(run_dir, accelerator, held=None, create=False)  # a run to continue, before it is read
-        return _assemble(cfg, accelerator, layout, run_dir, started_at, lock)
+        return _assemble(cfg, accelerator, layout, run_dir, started_at, lock, stopping)
     except BaseException as error:
         # the status of this attempt, unless it refused to take the run over
         if accelerator.is_main_process and run_dir.path.is_dir() and not isinstance(error, RunRefusedError):
@@ -128,7 +130,13 @@ def build_run(cfg: Any, started_at: float) -> Run:
 
 
 def _assemble(
-    cfg: Any, accelerator: Accelerator, layout: BatchLayout, run_dir: RunDir, started_at: float, lock: IO[str] | None
+    cfg: Any,
+    accelerator: Accelerator,
+    layout: BatchLayout,
+    run_dir: RunDir,
+    started_at: float,
+    lock: IO[str] | None,
+    stopping: Callable[[], bool],
 ) -> Run:
     Tracker.check(cfg)
     stream = open_stream(cfg, accelerator, layout)
@@ -139,12 +147,12 @@ def _assemble(
             f"run directory {run_dir.path} already holds a run; choose another run.name, or continue it "
             "with train.resume=auto"
         )
-    modules, penalty = build_modules(cfg, accelerator, new=not candidates and not cfg.train.init_from)
+    modules, penalty = build_modules(cfg, accelerator, not candidates and not cfg.train.init_from, stopping)
     config = dataclasses.asdict(cfg)
     if cfg.train.init_from and not candidates:
         resume.start_from_export(Path(cfg.train.init_from), modules.autoencoder, config)
     objective = POT.of(cfg, penalty)
-    eval_set = EvalSet.load(cfg, accelerator, objective.prior)
+    eval_set = EvalSet.load(cfg, accelerator, objective.prior, stopping)
     torch.manual_seed(cfg.run.seed + 1 + accelerator.process_index)  # what draws outside a step's StepNoise
     named = cfg.train.resume not in ("auto", "never")
     resumed = resume.restore(candidates, named, list(modules), accelerator, config, job.training_data(stream))

@@ -186,6 +186,33 @@ def test_export_eval_and_sample_check_the_checkpoint_they_read(
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_an_export_interrupted_between_its_files_is_no_export(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An export killed after its weights and before its model.yaml (its marker): `eval RUN` read those weights
+    with the run's configuration as the run's model, and `sync` began logging the model, failed on the missing file
+    and left it PENDING in the store. The run's newest checkpoint is read instead, the directory itself is refused
+    naming what it lacks, and sync sends the rest of the run with a warning saying how to write the export again."""
+    from mlflow.tracking import MlflowClient
+
+    from vegan_scale import export
+    from vegan_scale.cli import main
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("mlflow_run_id"))
+    (copy / "export" / export.CONFIG_FILE).unlink()
+    source = open_model(copy)
+    assert source.weights.parent.name == "step_00000020" and source.step == 20
+    with pytest.raises(ConfigError, match=r"not an exported model \(missing model\.yaml"):
+        open_model(copy / "export")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["sync", str(copy), "--uri", store]) == 0
+    said = capsys.readouterr()
+    assert "is not a whole export" in said.out + said.err and "vegan-scale export" in said.out + said.err
+    client = MlflowClient(store)
+    assert not client.search_logged_models([e.experiment_id for e in client.search_experiments()])
+
+
 def test_a_run_that_trains_on_is_evaluated_and_exported_while_it_prunes_its_checkpoints(
     mnist_shards: Path, tmp_path: Path
 ) -> None:

@@ -65,7 +65,7 @@ def write(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str
 def read(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """(weights, path of model.yaml) of an export directory; a clear error when it is not one."""
     directory = Path(directory)
-    _check_is_export(directory)
+    check_is_export(directory)
     return load_weights(directory / MODEL_FILE), directory / CONFIG_FILE
 
 
@@ -100,7 +100,14 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _check_is_export(directory: Path) -> None:
+def is_export(directory: Path) -> bool:
+    """Whether ``directory`` holds a whole export: model.yaml, written last, marks one (weights without it are an
+    export interrupted between its two files)."""
+    return all((directory / f).exists() for f in (MODEL_FILE, CONFIG_FILE))
+
+
+def check_is_export(directory: Path) -> None:
+    """A ConfigError naming what an export directory lacks, unless it is one."""
     missing = [f for f in (MODEL_FILE, CONFIG_FILE) if not (directory / f).exists()]
     if missing:
         raise ConfigError(
@@ -113,7 +120,7 @@ def read_sections(directory: Path) -> dict[str, Any]:
     """model.yaml of an export as plain data: it may hold no interpolation (``${...}``, which could read the
     environment) and no ``inherit`` (which could read other files); a ConfigError says what it holds instead."""
     directory = Path(directory)
-    _check_is_export(directory)
+    check_is_export(directory)
     path = directory / CONFIG_FILE
     sections = read_yaml(path)
     if not isinstance(sections, dict) or set(sections) - set(SECTIONS):

@@ -1,7 +1,8 @@
 """What to evaluate: a model and the run it came from, found from a run directory, a checkpoint or an export.
 
-* a run directory: its ``export/`` (the final model), unless it has none or a checkpoint newer than it (a
-  continuation training on past its previous attempt's export), else its newest complete checkpoint;
+* a run directory: its ``export/`` (the final model), unless it has none, or none whole (interrupted between its
+  two files), or a checkpoint newer than it (a continuation training on past its previous attempt's export), else
+  its newest complete checkpoint;
   ``config.yaml`` holds the run's full configuration (cost, kernel, test data, tracking);
 * a checkpoint directory (``…/checkpoints/step_N``): its ``autoencoder.safetensors`` (written in every mode,
   consolidated under DeepSpeed) and ``config.yaml``; its run directory is two levels up;
@@ -103,10 +104,11 @@ def open_model(path: Path, device: torch.device | str = "cpu") -> ModelSource:
     if is_complete(path):
         return _from_checkpoint(read_checkpoint(path), device)
     if (path / export.MODEL_FILE).exists():
+        export.check_is_export(path)  # weights without their model.yaml: an export interrupted
         return _from_export(path, device)
     run_dir = RunDir(path)
     if run_dir.is_run():
-        if (run_dir.export / export.MODEL_FILE).exists() and not _newer_checkpoint(run_dir):
+        if export.is_export(run_dir.export) and not _newer_checkpoint(run_dir):
             return _from_export(run_dir.export, device)
         return _from_checkpoint(run_dir.read_newest(read_checkpoint), device)
     raise ConfigError(

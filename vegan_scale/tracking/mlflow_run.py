@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vegan_scale import metrics_log, provenance
+from vegan_scale import export, metrics_log, provenance
 from vegan_scale.config.fields import in_use
 from vegan_scale.config.load import flat_keys
 from vegan_scale.errors import ConfigError, DataError, ExitCode, StorageError, TrackingError
@@ -299,9 +299,17 @@ def _sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
         run.send_figure(step, key, path)
     run.send_artifacts(run_dir.config, None)
     status = run_dir.read_exit_status()
-    if run_dir.export.is_dir():
+    if export.is_export(run_dir.export):
         step = status["step"] if status is not None else 0
         models.log_model(run.client, run.run_id, run_dir.export, run_dir.config, params, step, cfg.tracking.register_as)
+    elif run_dir.export.is_dir():  # logging it failed half-way, leaving a model PENDING in the store
+        log.warning(
+            "%s is not a whole export (an export interrupted between its files): its model is not sent; write it "
+            "again with `vegan-scale export %s --out %s`, then sync again",
+            run_dir.export,
+            run_dir.path,
+            run_dir.export,
+        )
     if status is not None:
         run.finish(final_status(status["code"]))
     return run.run_id

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vegan_scale import atomic
 from vegan_scale.config.load import flat_keys, refuse_references
@@ -72,8 +72,8 @@ def read(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
 def load_weights(file: Path) -> dict[str, torch.Tensor]:
     """The tensors of an export's weights file, refused when they differ from those written (the sha256 its
     metadata holds; exports of versions before it have none, and are read unchecked)."""
-    tensors = load_file(file)
-    with safe_open(str(file), framework="pt") as f:
+    with safe_open(str(file), framework="pt") as f:  # the tensors and the metadata, in one opening
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
         written = (f.metadata() or {}).get(DIGEST_KEY)
     if written is not None and _digest(tensors) != written:
         raise ConfigError(
@@ -103,17 +103,21 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 def is_export(directory: Path) -> bool:
     """Whether ``directory`` holds a whole export: model.yaml, written last, marks one (weights without it are an
     export interrupted between its two files)."""
-    return all((directory / f).exists() for f in (MODEL_FILE, CONFIG_FILE))
+    return not _missing(directory)
 
 
 def check_is_export(directory: Path) -> None:
     """A ConfigError naming what an export directory lacks, unless it is one."""
-    missing = [f for f in (MODEL_FILE, CONFIG_FILE) if not (directory / f).exists()]
+    missing = _missing(directory)
     if missing:
         raise ConfigError(
             f"{directory} is not an exported model (missing {', '.join(missing)}); export one with "
             "`vegan-scale export CHECKPOINT --out DIR` or use a run's export/ directory"
         )
+
+
+def _missing(directory: Path) -> list[str]:
+    return [f for f in (MODEL_FILE, CONFIG_FILE) if not (directory / f).exists()]
 
 
 def read_sections(directory: Path) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -43,9 +43,13 @@ from vegan_scale.errors import ExitCode
 log = logging.getLogger("vegan_scale")
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-# A wait for data this long when a stop is asked for is a stall the stop ends (SLURM's KillWait is shorter than
-# data.stall_timeout_s); a merely slow read delivers sooner.
-STOP_PATIENCE_S = 10.0
+STOP_PATIENCE_S = 10.0  # a wait for data this long when a stop is asked for: a stall the stop ends
+
+
+def ends_wait(waited_s: float, stopping: Callable[[], bool]) -> bool:
+    """Whether a wait for data that has lasted ``waited_s`` ends now because a stop was asked for (``stopping``):
+    SLURM's KillWait is shorter than data.stall_timeout_s, and a merely slow read delivers within STOP_PATIENCE_S."""
+    return waited_s >= STOP_PATIENCE_S and stopping()
 
 
 class Stop(enum.Enum):
@@ -104,6 +108,10 @@ class StopRequests:
         elif self.requested is None:
             self.requested = Stop.PREEMPT
             self._said.put(f"{signal.Signals(signum).name}: stopping after a checkpoint at the next check")
+
+    def asked(self) -> bool:
+        """Whether a stop has been asked for (:meth:`poll`), for a wait that a stop ends."""
+        return self.poll() is not None
 
     def poll(self) -> Stop | None:
         """The stop this process has been asked for, if any (checks the flag file)."""

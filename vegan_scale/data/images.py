@@ -17,7 +17,7 @@ from vegan_scale.data.index import ShardIndex
 from vegan_scale.data.shardio import read_samples
 from vegan_scale.errors import DataError, DataStallError, PreemptedError
 from vegan_scale.retry import Backoff
-from vegan_scale.stops import STOP_PATIENCE_S
+from vegan_scale.stops import ends_wait
 
 log = logging.getLogger("vegan_scale.data")
 
@@ -36,8 +36,8 @@ def load_images(
     """The first ``limit`` samples of the shards in order, decoded in this process (for evaluation and encoder
     pre-training). With ``stall_timeout_s``, no sample for that long (a read that never returns) is a
     DataStallError naming the shard; the reading thread is left behind, blocked where the kernel holds it. A stop
-    asked for (``stopping``) once no sample has come for STOP_PATIENCE_S ends the wait sooner, as a stop: the run
-    is starting, so nothing is lost. With ``on_error=skip`` a bad sample, or the rest of a bad shard, is passed over
+    asked for (``stopping``) ends the wait sooner (:func:`vegan_scale.stops.ends_wait`), as a stop: the run is
+    starting, so nothing is lost. With ``on_error=skip`` a bad sample, or the rest of a bad shard, is passed over
     and counted in a warning."""
     retry = retry or Backoff()
     progress: dict[str, Any] = {"url": index.urls[0], "items": [], "error": None}
@@ -78,7 +78,7 @@ def load_images(
                 f"no sample for {stall_timeout_s:g} s (data.stall_timeout_s) from {progress['url']}: a read does "
                 "not return (a stuck file system, a FIFO?)"
             )
-        elif now - since >= STOP_PATIENCE_S and stopping():
+        elif ends_wait(now - since, stopping):
             raise PreemptedError(
                 f"stopped on a stop request while the images read at start did not come (no sample for "
                 f"{now - since:.0f} s from {progress['url']}); the run had not begun, so nothing is lost"

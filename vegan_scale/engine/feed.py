@@ -30,7 +30,7 @@ from vegan_scale.distributed.agreement import Agreement, Flag
 from vegan_scale.errors import DataError, DataStallError
 from vegan_scale.experiment import image_shape
 from vegan_scale.retry import Backoff
-from vegan_scale.stops import STOP_PATIENCE_S
+from vegan_scale.stops import ends_wait
 
 log = logging.getLogger("vegan_scale")
 
@@ -144,8 +144,8 @@ class DataFeed:
         self._last = images.contiguous(memory_format=self.memory_format)
 
     def _wait(self) -> tuple[int, Batch | BaseException]:
-        """The fetcher's next item; _NoBatch after the stall timeout, or sooner when a stop is asked for after
-        STOP_PATIENCE_S without one (a stop's grace time, SLURM's KillWait, is shorter than the stall timeout). While
+        """The fetcher's next item; _NoBatch after the stall timeout, or sooner when a stop ends the wait
+        (:func:`vegan_scale.stops.ends_wait`). While
         none comes, a loader worker that ended is the item: the fetcher may never say so, waiting for the rest of a
         block the worker was writing."""
         started = time.monotonic()
@@ -155,7 +155,7 @@ class DataFeed:
                 return self._queue.get(timeout=min(left, WORKER_CHECK_S))
             if self.stream.readers is not None and (ended := self.stream.readers.ended()) is not None:
                 return -1, ended
-            if time.monotonic() - started >= STOP_PATIENCE_S and self.stopping():
+            if ends_wait(time.monotonic() - started, self.stopping):
                 raise _NoBatch(time.monotonic() - started)
         raise _NoBatch(self.stall_timeout_s)
 

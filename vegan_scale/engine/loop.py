@@ -60,7 +60,7 @@ def train(cfg: Any, stops: StopRequests | None = None) -> Path:
     with contextlib.ExitStack() as stack:
         stops = stops or stack.enter_context(StopRequests())
         with logs.held() as earlier:  # train.log does not exist before the run is built
-            run = build_run(cfg, stops.since, lambda: stops.poll() is not None)
+            run = build_run(cfg, stops.since, stops.asked)
         stops.watch(run.dir.stop_request)
         main = run.accelerator.is_main_process
         with logs.to_file(run.dir.train_log, earlier) if main else contextlib.nullcontext():
@@ -133,7 +133,7 @@ def _fit(run: Run, stops: StopRequests) -> None:
         layout,
         stall_timeout_s(cfg),
         cfg.data.input_range == "symmetric",
-        lambda: stops.poll() is not None,
+        stops.asked,
     )
     # A progress bar on a terminal; in a log file (SLURM, CI) one line per metric flush instead.
     interactive = acc.is_main_process and sys.stderr.isatty()

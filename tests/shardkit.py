@@ -184,10 +184,8 @@ class _Handler(SimpleHTTPRequestHandler):
             self.state.requests.append(name)
             faults = self.state.faults.get(name)
             fault = faults.pop(0) if faults else None
-        if fault == "503":
-            self.send_error(503, "busy")
-        elif fault == "404":
-            self.send_error(404, "gone")
+        if fault is not None and fault.isdigit():  # an HTTP error status
+            self.send_error(int(fault))
         elif fault == "half":  # the whole length announced, half the bytes sent, then the connection dropped
             body = Path(self.translate_path(self.path)).read_bytes()
             self.send_response(200)
@@ -237,10 +235,10 @@ class _Handler(SimpleHTTPRequestHandler):
 
 
 class ShardServer:
-    """Serves ``root`` on 127.0.0.1; ``faults[name]`` lists what the next requests of that file get: "503",
-    "404", "half" (half the body, then the connection drops), "endless" (a body without end), "trickle" (a byte at a
-    time), "garbled" (no HTTP answer) or None (served normally, honouring "Range: bytes=N-" and "bytes=N-M").
-    Records every request."""
+    """Serves ``root`` on 127.0.0.1; ``faults[name]`` lists what the next requests of that file get: an HTTP
+    error status ("503", "404", "403"), "half" (half the body, then the connection drops), "endless" (a body
+    without end), "trickle" (a byte at a time), "garbled" (no HTTP answer) or None (served normally, honouring
+    "Range: bytes=N-" and "bytes=N-M"). Records every request."""
 
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -129,6 +129,20 @@ def test_http_source_counts_from_sizes_json(tmp_path):
         assert not bare.has_counts and bare.image_shape is None and len(bare.urls) == 2
 
 
+@pytest.mark.parametrize("name", ["sizes.json", "s-000001.tar.idx"])
+def test_a_refused_shard_list_or_index_is_said_not_taken_for_absent(tmp_path: Path, name: str) -> None:
+    """A sizes.json or .idx the server refuses (HTTP 403, as a bucket does for a file its reader may not see) was
+    taken for absent: "no sizes.json, run index-shards" for a list that exists, a shard read from its start for an
+    .idx that exists. Said at once (never retried), naming the file and both remedies, as for S3's AccessDenied."""
+    make_shards(tmp_path, [4, 6], offsets=True)
+    with serve(tmp_path) as server:
+        server.faults[name] = ["403"] * 3
+        with pytest.raises(DataError, match=rf"{name} cannot be read \(HTTP 403\): grant read access, or upload"):
+            index = read_index(f"{server.url}/s-{{000000..000001}}.tar")
+            read_offsets(index.urls[1], index.counts[1])
+        assert server.count(name) == 1
+
+
 def test_local_paths_are_not_urls(tmp_path: Path):
     """A local directory whose name has a colon is still a local source."""
     make_shards(tmp_path / "a:b", [3])

@@ -177,13 +177,18 @@ def test_http_dropped_connection_resumes(shard, caplog):
     assert any("retrying" in r.getMessage() for r in caplog.records)
 
 
-def test_http_404_is_missing_at_once(shard):
-    """A 404 is ShardMissing on the first request, with no retry and no backoff."""
+@pytest.mark.parametrize(
+    ("status", "words"),
+    [("404", r"does not exist \(HTTP 404\)"), ("403", r"cannot be read \(HTTP 403\): grant read access, or upload")],
+)
+def test_http_404_is_missing_at_once(shard, status: str, words: str) -> None:
+    """A 404 is ShardMissing on the first request, with no retry and no backoff; a 403 too (a reader that skips bad
+    shards skips it), saying that the server refused it rather than that it does not exist."""
     path, _ = shard
     with serve(path.parent) as server:
-        server.faults[path.name] = ["404"]
+        server.faults[path.name] = [status]
         start = time.perf_counter()
-        with pytest.raises(ShardMissing, match="HTTP 404"):
+        with pytest.raises(ShardMissing, match=words):
             list(read_samples(f"{server.url}/{path.name}", Backoff(attempts=3, backoff_s=5)))
         assert time.perf_counter() - start < 2
         assert server.count(path.name) == 1

@@ -15,6 +15,18 @@ class ShardMissing(ShardError):
     reason = "missing_shard"
 
 
+class AccessDenied(ShardMissing):
+    """A file the server refuses to send (HTTP 401/403, S3 AccessDenied): missing to a reader that skips bad shards,
+    never "absent" to the fetch of a sizes.json or .idx, since a refusal hides whether the file exists."""
+
+
+REFUSED_HTTP = (401, 403)
+REFUSED = (
+    "grant read access, or upload the file if it is missing (a bucket that may not be listed refuses files that do "
+    "not exist too; vegan-scale index-shards DIRECTORY writes sizes.json and the .idx files)"
+)
+
+
 class ShardCorrupt(ShardError):
     reason = "corrupt_shard"
 

@@ -20,7 +20,15 @@ import os
 import re
 from typing import Any
 
-from vegan_scale.data.faults import CUT_SHORT, ShardError, ShardMissing, ShortShard, TransientReadError
+from vegan_scale.data.faults import (
+    CUT_SHORT,
+    REFUSED,
+    AccessDenied,
+    ShardError,
+    ShardMissing,
+    ShortShard,
+    TransientReadError,
+)
 from vegan_scale.errors import DataError
 
 SCHEME = "s3://"
@@ -74,10 +82,6 @@ class _Body:
         self.body.close()
 
 
-class AccessDenied(ShardMissing):
-    """An object the credentials may not read: missing for a reader that skips, not "absent" for a fetch."""
-
-
 def _failure(error: Exception, url: str) -> Exception:
     """The error a boto3 failure stands for: missing (named), refused or credentials (how to give them, never
     retried: a retry cannot mend them) or transient."""
@@ -93,7 +97,7 @@ def _failure(error: Exception, url: str) -> Exception:
         if code in MISSING:
             return ShardMissing(f"{url} does not exist ({code})")
         if code in DENIED:
-            return AccessDenied(f"{url} cannot be read with these credentials ({code}): grant them read access")
+            return AccessDenied(f"{url} cannot be read with these credentials ({code}): {REFUSED}")
         if code in CREDENTIALS:
             return DataError(f"the AWS credentials were refused reading {url} ({code}): renew or correct them")
         if code == "InvalidRange":  # no byte there: the object ends before the samples its .idx places

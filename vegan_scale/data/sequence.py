@@ -179,14 +179,19 @@ def _shard_samples(
 def _uncounted(url: str, count: int, on_error: str) -> None:
     """A shard holds more samples than the ``count`` sizes.json gives it (a shard written again, a count made by
     hand): the ones after the count would be passed over without a word. A DataError, or in skip mode a warning
-    (every sample read is good; the run trains on the counted ones)."""
+    (every sample read is good; the run trains on the counted ones), once a process for each shard."""
     message = (
         f"shard {url} holds more samples than the {count} sizes.json gives it: the ones after them are never read; "
         "count them again with `vegan-scale index-shards DIRECTORY`"
     )
     if on_error == "raise":
         raise DataError(message + ", or set data.on_error=skip to train on the counted ones")
-    log.warning("%s", message)
+    if url not in _UNCOUNTED_SAID:
+        _UNCOUNTED_SAID.add(url)
+        log.warning("%s", message)
+
+
+_UNCOUNTED_SAID: set[str] = set()  # the shards :func:`_uncounted` warned of in this process: once, not every epoch
 
 
 def _decode(sample: Sample, shape: tuple[int, int, int], on_error: str, skipped: dict[str, int]) -> Item | None:

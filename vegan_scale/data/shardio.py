@@ -9,7 +9,8 @@ without being read into objects.
 
 Failures are told apart:
 
-* a shard that does not exist (missing file, HTTP 404/403/410) is :class:`ShardMissing`, never retried;
+* a shard that does not exist (missing file, HTTP 400/404/410) is :class:`ShardMissing`, never retried, and one the
+  server refuses (HTTP 401/403) its subclass :class:`AccessDenied`;
 * a transient failure (dropped connection, timeout, HTTP 5xx or 429, a failing ``pipe:`` command) is retried
   with exponential backoff, resuming after the samples already delivered, and logged;
 * a shard whose bytes end inside a member or carry a bad header is :class:`ShardCorrupt`.
@@ -31,6 +32,9 @@ from vegan_scale import retry
 from vegan_scale.data import s3
 from vegan_scale.data.faults import (
     CUT_SHORT,
+    REFUSED,
+    REFUSED_HTTP,
+    AccessDenied,
     ShardCorrupt,
     ShardError,
     ShardMissing,
@@ -47,7 +51,7 @@ CHUNK = 1 << 20  # the largest single read
 MAX_MEMBER_BYTES = 1 << 30  # a tar member larger than this is damage, not an image
 OCTAL = re.compile(rb"[0-7]*")
 HTTP_TIMEOUT_S = 60.0
-PERMANENT_HTTP = (400, 401, 403, 404, 410)
+PERMANENT_HTTP = (400, 404, 410)
 
 Sample = dict[str, object]  # {"__key__": str, "__url__": str, "<ext>": bytes, ...}
 
@@ -105,6 +109,8 @@ def open_url(url: str, start: int = 0, end: int | None = None) -> tuple[BinaryIO
             response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)
             return _HTTPBody(response, url), start == 0 or response.status == 206  # 200: the server ignored Range
         except urllib.error.HTTPError as e:
+            if e.code in REFUSED_HTTP:
+                raise AccessDenied(f"shard {url} cannot be read (HTTP {e.code}): {REFUSED}") from None
             if e.code in PERMANENT_HTTP:
                 raise ShardMissing(f"shard {url} does not exist (HTTP {e.code})") from None
             if e.code == 416:  # no byte there: the shard ends before the samples its .idx places

@@ -377,6 +377,15 @@ def test_a_run_name_is_one_directory_name(override):
     assert load(MNIST / "wae_mmd.yaml", "run.name=g-wae_gan-seed0-lr0.001", "run.experiment=results_mnist")
 
 
+@pytest.mark.parametrize("value", ["AUTO", "Never", "auto ", "''"])
+def test_a_resume_word_misspelt_is_not_taken_for_a_path(value: str) -> None:
+    """train.resume=AUTO was taken for the path of a checkpoint directory named AUTO: refused at the config's
+    check, saying the words and the path it takes."""
+    msg = config_error(MNIST / "wae_mmd.yaml", f"train.resume={value}")
+    assert "would be read as the path of a checkpoint: write auto or never" in msg
+    assert load(MNIST / "wae_mmd.yaml", "train.resume=runs/x/checkpoints/step_10").train.resume.endswith("step_10")
+
+
 def test_newer_schema_version_refused(tmp_path):
     """A config from a newer schema is refused rather than half-understood."""
     assert "newer" in config_error(None, "schema_version=99")

@@ -136,12 +136,13 @@ def mutate(raw: bytes, rng: random.Random) -> bytes:
 @pytest.mark.timeout(120)
 def test_fuzzed_shards_give_named_errors_or_clean_reads(shards, tmp_path):
     """400 seeded mutations of real shard bytes (npy and png): reading and decoding each either succeeds or raises a
-    DataError naming the shard, within a second; nothing else escapes, nothing hangs."""
+    DataError naming the shard, within a second of CPU time (a loaded machine stretches wall time, not work: the
+    limit catches a size field read as gigabytes to walk); nothing else escapes, nothing hangs (the test's timeout)."""
     rng, outcomes = random.Random(1234), {"read": 0, "ShardCorrupt": 0, "SampleError": 0, "DataError": 0}
     for case in range(400):
         fmt = "npy" if case % 2 else "png"
         path = damaged(tmp_path, mutate(shards[fmt], rng), f"case{case}.tar")
-        start = time.perf_counter()
+        start = time.process_time()
         try:
             read_all(path)
             outcomes["read"] += 1
@@ -149,7 +150,7 @@ def test_fuzzed_shards_give_named_errors_or_clean_reads(shards, tmp_path):
             assert str(path) in str(e), f"case {case}: {e}"
             kind = type(e).__name__
             outcomes[kind if kind in outcomes else "DataError"] += 1
-        assert time.perf_counter() - start < 1.0, f"case {case} took {time.perf_counter() - start:.1f} s"
+        assert time.process_time() - start < 1.0, f"case {case} took {time.process_time() - start:.1f} s of CPU"
     assert outcomes["ShardCorrupt"] > 50 and outcomes["SampleError"] > 10 and outcomes["read"] > 10, outcomes
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -227,7 +228,7 @@ def _sync(run_dir: Path, uri: str) -> subprocess.CompletedProcess:
 
 def _server_view(server: MlflowServer, run_dir: Path) -> dict:
     """Everything the server holds of a run: status and end time, params, metric histories, artifacts, and its
-    logged models (name, status, files)."""
+    logged models (name, status, files) and the steps they were logged at."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(server.uri)
@@ -248,6 +249,7 @@ def _server_view(server: MlflowServer, run_dir: Path) -> dict:
         "metrics": histories,
         "artifacts": artifacts,
         "models": models,
+        "model_steps": [out.step for out in run.outputs.model_outputs] if run.outputs else [],
     }
 
 
@@ -290,12 +292,20 @@ def test_sync_creates_the_run_a_server_never_saw(tiny_shards: Path, tmp_path: Pa
     assert [step for step, _ in view["metrics"]["train/loss"]] == list(range(1, 31))
     assert "config.yaml" in view["artifacts"]
     assert [(name, status) for name, status, _ in view["models"]] == [("model", "READY")]
-    assert "MLmodel" in view["models"][0][2]
+    assert "MLmodel" in view["models"][0][2] and view["model_steps"] == [30]
     figures = len(list((run_dir / "figures").glob("*.png")))
     assert figures == 6 and len([a for a in view["artifacts"] if a.startswith("images/")]) >= figures - 1
     again = _sync(run_dir, link.uri)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _server_view(link.server, run_dir) == view
+    # a run directory without its exit status (the process killed after its export): the model is logged at the
+    # export's step, not at step 0
+    killed = tmp_path / "mnist" / "killed"
+    shutil.copytree(run_dir, killed)
+    (killed / "exit_status.json").unlink()
+    (killed / "mlflow_run_id").unlink()
+    assert _sync(killed, link.uri).returncode == 0
+    assert _server_view(link.server, killed)["model_steps"] == [30]
 
 
 def test_sync_after_a_mid_run_outage_finishes_the_run(tiny_shards: Path, tmp_path: Path, link: Link) -> None:

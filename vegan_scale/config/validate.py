@@ -67,6 +67,12 @@ def check_experiment(obj: Any) -> None:
                 f"{key}={name!r} must be one directory name: letters, digits, '.', '_' or '-', starting with a letter "
                 "or digit, at most 200 characters (the run directory is <run.root>/<run.experiment>/<run.name>)"
             )
+    resume = obj.train.resume
+    if resume not in ("auto", "never") and resume.strip().lower() in ("auto", "never", ""):
+        raise ConfigError(
+            f"train.resume={resume!r} would be read as the path of a checkpoint: write auto or never (lowercase, "
+            "no spaces), or a checkpoint directory's path (…/checkpoints/step_N)"
+        )
     o = obj.optim
     if len(o.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, Adam's beta1 and beta2 (got {list(o.betas)})")

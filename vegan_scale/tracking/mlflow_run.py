@@ -300,7 +300,9 @@ def _sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
     run.send_artifacts(run_dir.config, None)
     status = run_dir.read_exit_status()
     if export.is_export(run_dir.export):
-        step = status["step"] if status is not None else 0
+        step = export.step_of(run_dir.export)  # None for an export written before the step was kept in it
+        if step is None:
+            step = status["step"] if status is not None else 0
         models.log_model(run.client, run.run_id, run_dir.export, run_dir.config, params, step, cfg.tracking.register_as)
     elif run_dir.export.is_dir():  # logging it failed half-way, leaving a model PENDING in the store
         log.warning(

@@ -320,7 +320,12 @@ def test_diamond_inherit_is_not_circular(tmp_path):
 @pytest.mark.parametrize(
     ("text", "words"),
     [
-        ("model: [unclosed\n", "not valid YAML"),
+        ("model: [unclosed\n", "not valid YAML at line 2, column 1: expected ',' or ']'"),
+        ("train:\n\tmax_steps: 3\n", "not valid YAML at line 2, column 1: found character '\\t'"),
+        (
+            "train:\n  max_steps: [1, 2\nmodel: {}\n",
+            "line 3, column 6: expected ',' or ']', but got ':' (while parsing a flow sequence at line 2, column 14)",
+        ),
         ("- a\n- b\n", "mapping"),
         ("inherit:\nmodel: {latent_dim: 3}\n", None),
         ("inherit: 3\n", "inherit"),
@@ -328,7 +333,8 @@ def test_diamond_inherit_is_not_circular(tmp_path):
     ],
 )
 def test_malformed_file(tmp_path, text, words):
-    """Invalid YAML, a non-mapping or a malformed inherit is a ConfigError naming the file; an empty inherit is none."""
+    """Invalid YAML (said on one line with its place), a non-mapping or a malformed inherit is a ConfigError naming
+    the file; an empty inherit is none."""
     path = write(tmp_path / "bad.yaml", text)
     if words is None:
         assert load(path).model.latent_dim == 3

@@ -63,9 +63,20 @@ def read_yaml(path: Path, takes_text: Callable[[str], bool] = lambda key: False)
         _keep_text(node, "", takes_text)
         return loader.construct_document(node)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML{_told(e)}") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested more deeply than Python can follow; it is not a configuration") from None
+
+
+def _told(error: yaml.YAMLError) -> str:
+    """PyYAML's error on one line, with its place as an editor counts (line and column from 1): its own text spans
+    several lines and names the parser's input ("<byte string>"), not the file."""
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return f": {' '.join(str(error).split())}"
+    told = f" at line {error.problem_mark.line + 1}, column {error.problem_mark.column + 1}: {error.problem}"
+    if error.context and error.context_mark is not None:
+        told += f" ({error.context} at line {error.context_mark.line + 1}, column {error.context_mark.column + 1})"
+    return told
 
 
 def _values(node: yaml.Node, sizes: dict[int, int | None], path: Path) -> int:

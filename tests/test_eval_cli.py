@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -186,13 +187,16 @@ def test_export_eval_and_sample_check_the_checkpoint_they_read(
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_an_export_interrupted_between_its_files_is_no_export(
-    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+@pytest.mark.parametrize("damage", ["interrupted", "cut short"])
+def test_an_export_interrupted_or_cut_short_is_no_export(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, damage: str
 ) -> None:
     """An export killed after its weights and before its model.yaml (its marker): `eval RUN` read those weights
     with the run's configuration as the run's model, and `sync` began logging the model, failed on the missing file
     and left it PENDING in the store. The run's newest checkpoint is read instead, the directory itself is refused
-    naming what it lacks, and sync sends the rest of the run with a warning saying how to write the export again."""
+    naming what it lacks, and sync sends the rest of the run with a warning saying how to write the export again.
+    Weights cut short were a safetensors traceback from eval, sample and sync (which left its new run RUNNING): eval
+    names the file and the fix, and sync sends and finishes the rest of the run with the same warning."""
     from mlflow.tracking import MlflowClient
 
     from vegan_scale import export
@@ -200,17 +204,29 @@ def test_an_export_interrupted_between_its_files_is_no_export(
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("mlflow_run_id"))
-    (copy / "export" / export.CONFIG_FILE).unlink()
-    source = open_model(copy)
-    assert source.weights.parent.name == "step_00000020" and source.step == 20
-    with pytest.raises(ConfigError, match=r"not an exported model \(missing model\.yaml"):
+    if damage == "interrupted":
+        (copy / "export" / export.CONFIG_FILE).unlink()
+        source = open_model(copy)
+        assert source.weights.parent.name == "step_00000020" and source.step == 20
+        words = r"not an exported model \(missing model\.yaml"
+    else:
+        with (copy / "export" / export.MODEL_FILE).open("r+b") as f:
+            f.truncate(300)
+        words = (
+            r"model\.safetensors is not a readable safetensors file .*: damaged or cut short; export the model again"
+        )
+        with pytest.raises(ConfigError, match=words):
+            open_model(copy)
+    with pytest.raises(ConfigError, match=words):
         open_model(copy / "export")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["sync", str(copy), "--uri", store]) == 0
     said = capsys.readouterr()
-    assert "is not a whole export" in said.out + said.err and "vegan-scale export" in said.out + said.err
+    assert re.search(f"{words}.*; its model is not sent: write it again with `vegan-scale export", said.out + said.err)
     client = MlflowClient(store)
-    assert not client.search_logged_models([e.experiment_id for e in client.search_experiments()])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not client.search_logged_models(experiments)
+    assert [r.info.status for r in client.search_runs(experiments)] == ["FINISHED"]
 
 
 def test_a_run_that_trains_on_is_evaluated_and_exported_while_it_prunes_its_checkpoints(

@@ -166,8 +166,9 @@ def test_images_and_config_are_artifacts(tracked: TrackedRun) -> None:
 def test_the_model_is_an_mlflow_model(tracked: TrackedRun, monkeypatch: pytest.MonkeyPatch) -> None:
     """The run's model ``model`` loads with MLflow's own pyfunc loader (without a warning about its predict
     method) and with vegan_scale.load from runs:/ and from the registry (models:/NAME/1, tracking.register_as),
-    with the run's exported weights; its signature says what it takes; predict reconstructs like the network,
-    and gives codes with params."""
+    with the run's exported weights, the store named by $MLFLOW_TRACKING_URI or by argument (the registry was looked
+    up in $MLFLOW_TRACKING_URI's whatever the argument said); its signature says what it takes; predict
+    reconstructs like the network, and gives codes with params."""
     import mlflow.pyfunc
     import numpy as np
     import torch
@@ -186,6 +187,9 @@ def test_the_model_is_an_mlflow_model(tracked: TrackedRun, monkeypatch: pytest.M
     for uri in (f"runs:/{tracked.run_id}/model", f"models:/{REGISTERED}/1"):
         loaded = vegan_scale.load(uri)
         assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in exported.state_dict().items()), uri
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the store given by argument, the registry's lookup included
+    loaded = vegan_scale.load(f"models:/{REGISTERED}/1", tracking_uri=tracked.server.uri)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in exported.state_dict().items())
     client = _client(tracked)
     version = client.get_model_version(REGISTERED, "1")
     assert version.run_id == tracked.run_id
@@ -341,3 +345,26 @@ def test_a_sampler_stopped_within_its_first_interval_still_logs_its_node(tmp_pat
     sampler.stop()
     metrics = client.get_run(run.info.run_id).data.metrics
     assert "system/node1/cpu_utilization_percentage" in metrics, sorted(metrics)
+
+
+@pytest.mark.parametrize(
+    ("uri", "words"),
+    [
+        ("http://127.0.0.1:notaport", "not a server's address"),
+        ("http://[::1", "not a server's address"),
+        ("https://:5000", "not a server's address"),
+        ("sqlite:///", "a database in memory"),
+        ("sqlite://", "a database in memory"),
+        ("bogus://x", "not a store MLflow tracks to"),
+    ],
+)
+def test_a_tracking_uri_that_cannot_work_is_refused_before_training(uri: str, words: str) -> None:
+    """A port that is not a number or an unclosed IPv6 address was a traceback from the first request, after the run
+    directory was made (its exit status "crashed"); an in-memory sqlite store trained with every update failing.
+    Each is refused at the configuration's check, naming the URI and the two forms that work."""
+    from vegan_scale.tracking.mlflow_run import check_uri
+
+    with pytest.raises(ConfigError, match=f"tracking URI '.*' is {words}.*use http\\(s\\)://HOST:PORT"):
+        check_uri(uri)
+    for good in ("http://127.0.0.1:5000", "https://mlflow.example.org", "sqlite:///runs/mlflow.db", "databricks"):
+        check_uri(good)

@@ -10,12 +10,14 @@ place keep the file's size and its values finite.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vegan_scale import atomic
@@ -72,7 +74,7 @@ def read(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
 def load_weights(file: Path) -> dict[str, torch.Tensor]:
     """The tensors of an export's weights file, refused when they differ from those written (the sha256 its
     metadata holds; exports of versions before it have none, and are read unchecked)."""
-    with safe_open(str(file), framework="pt") as f:  # the tensors and the metadata, in one opening
+    with _opened(file) as f:  # the tensors and the metadata, in one opening
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
         written = (f.metadata() or {}).get(DIGEST_KEY)
     if written is not None and _digest(tensors) != written:
@@ -85,7 +87,7 @@ def load_weights(file: Path) -> dict[str, torch.Tensor]:
 
 def step_of(directory: Path) -> int | None:
     """The training step of an export's weights; None for an export written before it was kept."""
-    with safe_open(str(Path(directory) / MODEL_FILE), framework="pt") as f:
+    with _opened(Path(directory) / MODEL_FILE) as f:
         step = (f.metadata() or {}).get(STEP_KEY)
     return int(step) if step is not None and step.isdigit() else None
 
@@ -135,11 +137,22 @@ def read_sections(directory: Path) -> dict[str, Any]:
 
 def weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     """The name and shape of every tensor in a safetensors file, from its header (no tensor is read)."""
+    with _opened(file) as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+
+
+@contextmanager
+def _opened(file: Path) -> Iterator[Any]:
+    """A safetensors file opened for reading; a ConfigError naming it when it cannot be read (a header cut short or
+    damaged, a directory in its place), so that every reader of an export says the same."""
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
-    except Exception as e:  # a damaged header is reported in several ways
-        raise ConfigError(f"{file} is not a readable safetensors file ({str(e)[:200]})") from None
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(
+            f"{file} is not a readable safetensors file ({str(e)[:200]}): damaged or cut short; export the model "
+            "again from its checkpoint (`vegan-scale export CHECKPOINT --out DIR`)"
+        ) from None
 
 
 def check_compatible(directory: Path, config: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -66,12 +67,28 @@ def check_uri(uri: str) -> None:
     """Refuse a tracking URI MLflow cannot track to, at once: a misspelt one would never answer, and a run would
     train for hours with its tracking failing in the background."""
     scheme = re.match(r"([A-Za-z][\w.-]*)(\+[\w.-]+)?:", uri)
-    if uri != "databricks" and (scheme is None or scheme[1].lower() not in STORE_SCHEMES):
-        raise ConfigError(
-            f"tracking URI {uri!r} is not a store MLflow tracks to: use http(s)://HOST:PORT for a server or "
-            "sqlite:///PATH/mlflow.db for a file (MLflow 3 no longer writes plain directories); set it with "
-            "tracking.uri, --uri or $MLFLOW_TRACKING_URI"
-        )
+    kind = scheme[1].lower() if scheme else None
+    if uri != "databricks" and kind not in STORE_SCHEMES:
+        problem = "is not a store MLflow tracks to"
+    elif kind in ("http", "https") and not _host_and_port(uri):
+        problem = "is not a server's address (a host, and a port of digits if any)"
+    elif kind == "sqlite" and uri.split(":", 1)[1].strip("/") in ("", ":memory:"):
+        problem = "is a database in memory, gone when the process ends"
+    else:
+        return
+    raise ConfigError(
+        f"tracking URI {uri!r} {problem}: use http(s)://HOST:PORT for a server or sqlite:///PATH/mlflow.db for a "
+        "file (MLflow 3 no longer writes plain directories); set it with tracking.uri, --uri or $MLFLOW_TRACKING_URI"
+    )
+
+
+def _host_and_port(uri: str) -> bool:
+    """Whether an http(s) URI has a host and, if it gives a port, a valid one (urllib raises on reading it)."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        return bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:  # a port that is not a number or out of range, an unclosed [IPv6 address
+        return False
 
 
 def check_reachable(uri: str, on_unreachable: str) -> bool:
@@ -299,22 +316,31 @@ def _sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
         run.send_figure(step, key, path)
     run.send_artifacts(run_dir.config, None)
     status = run_dir.read_exit_status()
-    if export.is_export(run_dir.export):
-        step = export.step_of(run_dir.export)  # None for an export written before the step was kept in it
-        if step is None:
-            step = status["step"] if status is not None else 0
-        models.log_model(run.client, run.run_id, run_dir.export, run_dir.config, params, step, cfg.tracking.register_as)
-    elif run_dir.export.is_dir():  # logging it failed half-way, leaving a model PENDING in the store
-        log.warning(
-            "%s is not a whole export (an export interrupted between its files): its model is not sent; write it "
-            "again with `vegan-scale export %s --out %s`, then sync again",
-            run_dir.export,
-            run_dir.path,
-            run_dir.export,
-        )
+    if run_dir.export.is_dir():
+        _send_model(run, run_dir, cfg, params, status["step"] if status is not None else 0)
     if status is not None:
         run.finish(final_status(status["code"]))
     return run.run_id
+
+
+def _send_model(run: MlflowRun, run_dir: RunDir, cfg: Any, params: dict[str, str], last_step: int) -> None:
+    """The run's export as its model, at the export's step (``last_step`` for an export written before the step was
+    kept in it). An export interrupted between its files, or with weights that cannot be read, is not sent (logging
+    it would fail half-way, leaving a model PENDING in the store): a warning says how to write it again, and the
+    rest of the run is sent."""
+    try:
+        export.check_is_export(run_dir.export)
+        step = export.step_of(run_dir.export)
+    except ConfigError as e:
+        log.warning(
+            "%s; its model is not sent: write it again with `vegan-scale export %s --out %s`, then sync again",
+            e,
+            run_dir.path,
+            run_dir.export,
+        )
+        return
+    step = last_step if step is None else step
+    models.log_model(run.client, run.run_id, run_dir.export, run_dir.config, params, step, cfg.tracking.register_as)
 
 
 def log_to_run(run_dir: RunDir, uri: str, step: int, values: dict[str, float], artifact: Path | None = None) -> str:

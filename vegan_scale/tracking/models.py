@@ -135,14 +135,28 @@ def downloaded_export(uri: str, tracking_uri: str | None) -> Iterator[Path]:
         yield _download(uri, tracking_uri, Path(tmp))
 
 
+def _registered_source(uri: str, tracking_uri: str | None) -> str:
+    """Where a registered model's files are (``models:/NAME/VERSION``, ``@ALIAS`` or ``/STAGE``), looked up in the
+    registry of ``tracking_uri``: MLflow's download looks a name up in the process's registry ($MLFLOW_TRACKING_URI)
+    whatever tracking URI it is given. Any other URI as it is."""
+    if tracking_uri is None or not uri.startswith("models:/"):
+        return uri
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    return client.get_model_version_download_uri(*get_model_name_and_version(client, uri))
+
+
 def _download(uri: str, tracking_uri: str | None, into: Path) -> Path:
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
     where = tracking_uri or "the tracking URI in $MLFLOW_TRACKING_URI (or MLflow's default)"
     try:
+        source = _registered_source(uri, tracking_uri)
         local = Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into), tracking_uri=tracking_uri)
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into), tracking_uri=tracking_uri)
         )
     except (MlflowException, OSError) as e:
         raise ConfigError(

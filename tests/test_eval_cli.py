@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -227,6 +228,36 @@ def test_an_export_interrupted_or_cut_short_is_no_export(
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert not client.search_logged_models(experiments)
     assert [r.info.status for r in client.search_runs(experiments)] == ["FINISHED"]
+
+
+def test_a_sync_beside_another_holder_of_the_run_is_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Two syncs of one run directory at once each created an MLflow run (and logged the model twice), as a sync
+    beside the run's training could: sync holds the run directory's lock as a training does, and is refused while
+    another process holds it, naming that process; once it has ended, sync goes ahead."""
+    from vegan_scale.cli import main
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("mlflow_run_id"))
+    hold = "import sys, time, pathlib; from vegan_scale.rundir import RunDir; "
+    hold += "lock = RunDir(pathlib.Path(sys.argv[1])).take_lock(); "
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold + "print(lock[1], flush=True); time.sleep(60)", str(copy)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        assert holder.stdout.readline().strip() == "None"  # it holds the lock
+        assert main(["sync", str(copy), "--uri", store]) == 2
+        said = capsys.readouterr()
+        assert f"is in use by process {holder.pid} on" in said.out + said.err
+        assert not (copy / "mlflow_run_id").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["sync", str(copy), "--uri", store]) == 0
 
 
 def test_a_run_that_trains_on_is_evaluated_and_exported_while_it_prunes_its_checkpoints(

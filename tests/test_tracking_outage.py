@@ -327,3 +327,41 @@ def test_sync_after_a_mid_run_outage_finishes_the_run(tiny_shards: Path, tmp_pat
     view = _server_view(link.server, run_dir)
     assert view["status"] == "FINISHED" and [m[:2] for m in view["models"]] == [("model", "READY")]
     assert [step for step, _ in view["metrics"]["train/loss"]] == list(range(1, 61))
+
+
+def test_a_run_is_created_once_whatever_fails_after_the_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Creating the MLflow run was retried whole: a failure after the server made it (the answer to create_run
+    lost, its params refused) left a second RUNNING run of the same name with every param, one per failure. The id
+    is kept as soon as the run exists, and a retry finds a run whose answer was lost by its creator's token."""
+    from mlflow.tracking import MlflowClient
+
+    from vegan_scale.tracking.mlflow_run import MlflowRun, NewRun
+
+    uri, new, kept = f"sqlite:///{tmp_path / 'mlflow.db'}", NewRun("e", "r", {"t": "1"}, {"a": "1", "b": "2"}, None), []
+    faults = {"create_run": 1, "log_batch": 1}
+    real_create, real_batch = MlflowClient.create_run, MlflowClient.log_batch
+
+    def create_run(self, *args, **kwargs):
+        made = real_create(self, *args, **kwargs)
+        if faults["create_run"]:
+            faults["create_run"] -= 1
+            raise ConnectionError("the answer to create_run lost")
+        return made
+
+    def log_batch(self, *args, **kwargs):
+        if faults["log_batch"] and kwargs.get("params"):
+            faults["log_batch"] -= 1
+            raise ConnectionError("params refused")
+        return real_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_run", create_run)
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    for attempt in range(3):
+        try:
+            run = MlflowRun.create(uri, new, kept.append)
+            break
+        except ConnectionError:
+            assert attempt < 2
+    client = MlflowClient(uri)
+    (held,) = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+    assert held.info.run_id == run.run_id and set(kept) == {run.run_id} and held.data.params == new.params

@@ -18,15 +18,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vegan_scale import export, metrics_log, provenance
 from vegan_scale.config.fields import in_use
 from vegan_scale.config.load import flat_keys
-from vegan_scale.errors import ConfigError, DataError, ExitCode, StorageError, TrackingError
+from vegan_scale.errors import ConfigError, DataError, ExitCode, RunDirInUseError, StorageError, TrackingError
 from vegan_scale.rundir import RunDir
 from vegan_scale.tracking import models
 
@@ -36,6 +37,7 @@ MAX_PARAM_LENGTH = 6000
 METRICS_PER_REQUEST = 1000  # MLflow's limit for one log_batch
 METRIC_NAME = re.compile(r"[\w\-. /]{1,250}")  # the names MLflow takes: letters, digits and _ - . space /
 FIGURE_STEP_TAG = "vegan_scale.figures.{key}.last_step"  # what a continued run or sync need not send again
+CREATED_BY_TAG = "vegan_scale.created_by"  # a token of the process that created the run: its retries find it
 # Which of the MLflow UI's views an experiment belongs in: a trainer's runs belong in the model-training one (a
 # reserved experiment tag, which MLflow's UI reads where its view is not chosen UI-wide).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -121,6 +123,7 @@ class NewRun:
     tags: dict[str, str]  # a continued run adds this attempt's tags to the run it reopens
     params: dict[str, str]
     artifact_root: Path | None  # where a new experiment keeps its artifacts (None: the server's default)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # CREATED_BY_TAG's value
 
     @classmethod
     def of(cls, cfg: Any, run_dir: RunDir, uri: str, tags: dict[str, str]) -> NewRun:
@@ -150,8 +153,10 @@ class MlflowRun:
         self._new = new  # a new run holds nothing yet: no need to ask
 
     @classmethod
-    def create(cls, uri: str, new: NewRun) -> MlflowRun:
-        from mlflow.entities import Param
+    def create(cls, uri: str, new: NewRun, keep: Callable[[str], None]) -> MlflowRun:
+        """A new run with its params; ``keep`` records its id as soon as the server has made it, so that a retry
+        after a later failure (its params refused, the process killed) adds to it rather than make another. A retry
+        whose earlier request made the run but lost the answer finds that run by ``new.token``."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
@@ -165,11 +170,16 @@ class MlflowRun:
             experiment_id = client.create_experiment(
                 new.experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND])
             )
-        run = cls(uri, client.create_run(experiment_id, run_name=new.name, tags=new.tags).info.run_id, new=True)
+        made = client.search_runs([experiment_id], f"tags.`{CREATED_BY_TAG}` = '{new.token}'", max_results=1)
+        if made:
+            run_id = made[0].info.run_id
+        else:
+            tags = {**new.tags, CREATED_BY_TAG: new.token}
+            run_id = client.create_run(experiment_id, run_name=new.name, tags=tags).info.run_id
+        keep(run_id)
+        run = cls(uri, run_id, new=not made)
         run.experiment_id = experiment_id
-        items = [Param(k, v) for k, v in new.params.items()]
-        for i in range(0, len(items), 100):
-            client.log_batch(run.run_id, params=items[i : i + 100])
+        run.send_params(new.params)
         return run
 
     @classmethod
@@ -238,7 +248,7 @@ class MlflowRun:
         """The params the run lacks (a param, once logged, cannot change)."""
         from mlflow.entities import Param
 
-        held = self.client.get_run(self.run_id).data.params
+        held = {} if self._new else self.client.get_run(self.run_id).data.params
         missing = [Param(k, v) for k, v in params.items() if k not in held]
         for i in range(0, len(missing), 100):
             self.client.log_batch(self.run_id, params=missing[i : i + 100])
@@ -279,22 +289,34 @@ def sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
     """Bring a run directory's MLflow run up to date with the directory, creating it when the server never saw it:
     params, metrics, figures, the configuration and the exported model, then the final status from
     exit_status.json. Only what the server lacks is sent: running it twice changes nothing. Returns the run id.
-    A server that refuses or does not answer, or a store that does not hold the run, is a TrackingError."""
+    A server that refuses or does not answer, or a store that does not hold the run, is a TrackingError. It holds
+    the run directory's lock, as a training does: a second sync, or one beside the training, would create a second
+    MLflow run or log the model twice."""
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     check_uri(uri)
+    try:
+        lock, holder = run_dir.take_lock()
+    except OSError:  # a directory it cannot write, where sync cannot keep a new run's id either (see _sync)
+        lock, holder = None, None
+    if holder is not None:
+        raise RunDirInUseError(f"{run_dir.path} is in use by {holder}: sync it again once that process has ended")
     try:
         return _sync(run_dir, cfg, uri)
     except OSError as e:  # a file of the run directory (MLflow wraps its own network errors)
         raise DataError(
             f"cannot bring {run_dir.path} up to date in MLflow: {e}; mend or remove that file, then sync again"
         ) from None
-    except MlflowException as e:
+    except (MlflowException, SQLAlchemyError) as e:  # a sqlite store's own errors are not all MLflow's
         raise TrackingError(
             f"cannot bring {run_dir.path} up to date in MLflow at {uri}: {str(e).strip().splitlines()[0][:300]}; "
             "check the URI (--uri, else the run's tracking.uri) and that its server answers, then sync again: it "
             "sends only what the store lacks"
         ) from None
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def _sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
@@ -306,8 +328,9 @@ def _sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
                 f"run it creates in {run_dir.mlflow_run_id.name} there, and would create another at every try. Make "
                 "the directory writable (or sync a copy of it), then sync again; no MLflow run was created"
             )
-        run = MlflowRun.create(uri, NewRun.of(cfg, run_dir, uri, {"sync": "created by vegan-scale sync"}))
-        run_dir.write_mlflow_run_id(run.run_id)
+        run = MlflowRun.create(
+            uri, NewRun.of(cfg, run_dir, uri, {"sync": "created by vegan-scale sync"}), run_dir.write_mlflow_run_id
+        )
     else:
         run = MlflowRun(uri, run_id, new=False)
         run.send_params(params)

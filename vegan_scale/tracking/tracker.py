@@ -143,8 +143,7 @@ class Tracker:
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self.mlflow.send_run_dir(self.run_dir)  # what an earlier, killed run still had queued
         else:
-            self.mlflow = MlflowRun.create(self.uri, new)
-            self.run_dir.write_mlflow_run_id(self.mlflow.run_id)
+            self.mlflow = MlflowRun.create(self.uri, new, self.run_dir.write_mlflow_run_id)
         if self.system_metrics:
             self._monitor = SystemMetrics(self.mlflow.run_id, self.uri, self.node_id, resume=resume_notes is not None)
 

@@ -365,3 +365,23 @@ def test_a_run_is_created_once_whatever_fails_after_the_request(tmp_path: Path, 
     client = MlflowClient(uri)
     (held,) = client.search_runs([client.get_experiment_by_name("e").experiment_id])
     assert held.info.run_id == run.run_id and set(kept) == {run.run_id} and held.data.params == new.params
+
+
+def test_a_store_that_refuses_the_run_is_said_once_and_holds_no_end(tiny_shards: Path, tmp_path: Path) -> None:
+    """The run's experiment deleted in the store: opening the run was refused, then every update failed on the run
+    never opened, retried as a passing failure for the whole run and, at its end, for tracking.close_timeout_s (a
+    6-step run took 70 s), which ended saying to sync "once the server answers". The refusal is said once with the
+    store's reason, the updates dropped are counted at the end with the fix, and the run ends at once."""
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store)
+    client.delete_experiment(client.create_experiment("mnist"))
+    started = time.monotonic()
+    trained = run(single(_args(tiny_shards, tmp_path, "refused", store, "train.max_steps=6")))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert time.monotonic() - started < 60  # 120 s of close_timeout_s before
+    said = trained.stdout + trained.stderr
+    assert said.count("MLflow refused") == 2, said[-3000:]
+    assert "MLflow refused to open the run (" in said and "the opening of the run among them" in said
+    assert f"`vegan-scale sync {tmp_path / 'mnist' / 'refused'}`" in said and "tracking.experiment" in said

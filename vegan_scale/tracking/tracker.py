@@ -59,6 +59,7 @@ class Tracker:
         self._monitor: SystemMetrics | None = None
         self.mlflow: MlflowRun | None = None
         self.pending = 0
+        self.refused = 0  # updates MLflow refused, or dropped because it refused to open the run
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._rows: list[tuple[int, dict[str, float]]] = []  # metrics not yet taken by the sending thread
         self._rows_lock = threading.Lock()
@@ -69,7 +70,7 @@ class Tracker:
         # MLflow logs each failed database call with its traceback before raising it: a store on a full disk would
         # print one at every retry, for the whole run. The tracker reports a failing store once, in one line.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-        open_run = functools.partial(self._open_run, new, resume_notes)
+        open_run = self._opening = functools.partial(self._open_run, new, resume_notes)
         if not answered:  # a server that hangs would hold the first step for a request's whole timeout
             self._submit(open_run)
             return
@@ -207,13 +208,33 @@ class Tracker:
 
     def _work(self) -> None:
         while (task := self._queue.get()) is not None:
-            _send(task, self.uri, self.run_dir)
+            if self.mlflow is None and task is not self._opening:  # MLflow refused to open the run: nothing to add to
+                self.refused += 1
+            elif (refusal := _send(task, self.uri)) is not None:
+                self.refused += 1
+                if self.refused == 1:  # a run deleted in the store refuses every update: said once, counted at close
+                    log.warning(
+                        "MLflow refused %s (%s); it stays in %s, and later refusals are counted when the run ends",
+                        "to open the run" if self.mlflow is None else "an update",
+                        _reason(refusal),
+                        self.run_dir.path,
+                    )
             self.pending -= 1
+        if self.refused:
+            log.warning(
+                "MLflow refused %d update(s) of this run%s; everything is in %s: mend the store (an experiment or run "
+                "deleted there: restore it, or name another with tracking.experiment) and send it with "
+                "`vegan-scale sync %s`",
+                self.refused,
+                "" if self.mlflow else ", the opening of the run among them",
+                self.run_dir.path,
+                self.run_dir.path,
+            )
 
 
-def _send(task: Callable[[], None], uri: str, run_dir: RunDir) -> None:
-    """Run a task, retrying transient failures with backoff for as long as it takes; a request the server refuses
-    is dropped (the run directory keeps it)."""
+def _send(task: Callable[[], None], uri: str) -> Exception | None:
+    """Run a task, retrying transient failures with backoff for as long as it takes; the server's refusal, if it
+    refuses it (the run directory keeps what it carried)."""
     failing: list[Exception] = []
 
     def warn_once(error: Exception, wait: float) -> None:
@@ -224,10 +245,10 @@ def _send(task: Callable[[], None], uri: str, run_dir: RunDir) -> None:
     try:
         retry.call(task, SEND_BACKOFF, lambda e: getattr(e, "error_code", None) not in PERMANENT_ERRORS, warn_once)
     except Exception as e:  # refused: tracking must never end training
-        log.warning("MLflow refused an update (%s); it stays in %s", e, run_dir.metrics)
-        return
+        return e
     if failing:
         log.warning("MLflow at %s answers again; sending what waited", uri)
+    return None
 
 
 def _reason(error: BaseException) -> str:

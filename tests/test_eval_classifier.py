@@ -41,3 +41,22 @@ def test_classifier_accuracy_on_the_real_test_set(name: str) -> None:
     assert len(labels) == 10_000
     assert (predicted == labels).double().mean().item() >= threshold
     assert features.shape == (10, FEATURES)
+
+
+@pytest.mark.parametrize("damage", ["cut short", "another network", "a directory"])
+def test_weights_that_are_no_classifier_are_named(tmp_path, damage: str) -> None:
+    """A classifier file cut short, another network's weights (an export's) or a directory named like a weight file
+    were tracebacks from safetensors or load_state_dict; each is one line naming the file and how to write one."""
+    from safetensors.torch import save_file
+
+    from vegan_scale.errors import ConfigError
+
+    path = tmp_path / "c.safetensors"
+    if damage == "cut short":
+        path.write_bytes(weights_path("mnist").read_bytes()[:300])
+    elif damage == "another network":
+        save_file({"encoder.weight": torch.zeros(3, 3)}, path)
+    else:
+        path.mkdir()
+    with pytest.raises(ConfigError, match=rf"{path}.*(not a readable safetensors|classifier's weights \(a LeNet)"):
+        load_classifier(str(path))

@@ -98,6 +98,23 @@ def test_evaluation_counts_out_of_range_are_refused(settings: dict, words: str) 
         EvalSettings(**settings)
 
 
+def test_test_data_too_small_or_a_classifier_of_other_images_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    """Test shards of 7 images with the classifier's metrics were k-NN's traceback (their count was checked against
+    --num-samples, not against the images read); the MNIST classifier on a model of 3x32x32 images was a
+    convolution's. Each is one line naming the data or the two shapes, before anything is computed."""
+    from tests.shardkit import make_shards
+    from vegan_scale.evaluation.protocol import Shares, evaluate_source
+    from vegan_scale.experiment import load_experiment
+
+    make_shards(tmp_path / "seven", [7], side=28)
+    source = open_model(run_dir)
+    with pytest.raises(ConfigError, match=r"the test data .*seven holds 7 images; the evaluation needs at least 8"):
+        evaluate_source(source, EvalSettings(num_samples=100), Shares(), test_data=str(tmp_path / "seven"))
+    source.config = load_experiment(run_dir / "config.yaml", ["data.channels=3", "data.image_size=32"])
+    with pytest.raises(ConfigError, match="--classifier mnist reads 1x28x28 images, and this model's are 3x32x32"):
+        evaluate_source(source, EvalSettings(num_samples=100), Shares(), classifier="mnist")
+
+
 def test_a_grid_out_of_range_or_an_unusable_out_is_refused_by_the_command(run_dir: Path, tmp_path: Path) -> None:
     """`sample --grid 0` divided by zero, `--grid 100000` tried to decode 10**10 images, an --out that cannot be a
     directory ended in a traceback: exit 2, naming the value or the path; the schema's eval.grid_size has the same

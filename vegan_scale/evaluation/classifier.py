@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from vegan_scale import export
 from vegan_scale.errors import ConfigError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -68,5 +68,11 @@ def load_classifier(name: str, device: torch.device | str = "cpu") -> LeNet:
     if not path.exists():
         raise ConfigError(f"classifier weights {path} not found; write them with tools/train_classifier.py")
     model = LeNet()
-    model.load_state_dict(load_file(path))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if export.weight_shapes(path) != expected:  # another network's weights (an export's, say)
+        raise ConfigError(
+            f"{path} does not hold the evaluation classifier's weights (a LeNet for {IMAGE_SHAPE} images); write "
+            "them with tools/train_classifier.py"
+        )
+    model.load_state_dict(export.load_weights(path))
     return model.to(device).eval()

@@ -245,7 +245,14 @@ def evaluate_source(
     """
     cfg, device = source.config, next(source.model.parameters()).device
     shape, spec = source.image_shape, test_data or cfg.data.test
+    if classifier is not None and shape != IMAGE_SHAPE:
+        raise ConfigError(
+            f"--classifier {classifier} reads {'x'.join(map(str, IMAGE_SHAPE))} images, and this model's are "
+            f"{'x'.join(map(str, shape))}: leave --classifier out (its metrics are then skipped)"
+        )
     images = source.test_images(settings.num_samples, spec)
+    if len(images) < (least := 2 * (settings.neighbours + 1)):  # each half holds more than `neighbours`
+        raise ConfigError(f"the test data {spec} holds {len(images)} images; the evaluation needs at least {least}")
     skipped: dict[str, str] = {}
     name = classifier or pick_classifier(spec, shape)
     if name is None:

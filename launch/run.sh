@@ -50,6 +50,9 @@ if ! [[ $nproc =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 
+# torch's launcher, signalled with its processes, kills them 30 s later, often before the checkpoint the signal asks
+# for: the stop gets as long as whoever sent the signal allows.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}
 if [[ $mode == ddp && $nproc == 1 ]]; then # one process needs no launcher
   cmd=("$PYTHON" -m vegan_scale train "$@")
 else

@@ -255,6 +255,30 @@ def test_processes_that_do_not_run_the_same_experiment_are_refused(tiny_shards: 
     assert not (tmp_path / "mnist").exists()  # refused before the run directory is written
 
 
+def test_a_process_that_fails_at_start_up_is_named_by_the_others_as_lost(tiny_shards: Path, tmp_path: Path) -> None:
+    """A two-process job whose test data is missing on one node (simulated: a relative data.test and each process
+    in a directory of its own): that process ends with its data error (exit 2), and the other, waiting for it in a
+    start-up collective, printed gloo's traceback and exited 1, its exit status "crashed: RuntimeError: Connection
+    reset by peer". It now says that another process stopped answering during the set-up, and where to look (exit
+    69, the same in its exit status)."""
+    port, procs = free_port(), []
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+        args = train_args(
+            tiny_shards, tmp_path, "lost", "wae_mmd", "data.test=shards/test", "train.collective_timeout_s=20"
+        )
+        procs.append(rank_process(args, rank, 2, port, tmp_path / f"node{rank}"))
+    (tmp_path / "node0" / "shards").mkdir()
+    (tmp_path / "node0" / "shards" / "test").symlink_to(tiny_shards / "test")
+    ended = outputs(procs)
+    assert procs[1].returncode == 2 and "shards/test" in ended[1], ended[1][-3000:]
+    assert procs[0].returncode == 69, ended[0][-3000:]
+    assert "another process stopped answering while the run was being set up" in ended[0], ended[0][-3000:]
+    assert "Traceback" not in ended[0], ended[0][-3000:]
+    status = tmp_path / "mnist" / "lost" / "exit_status.json"
+    assert not status.exists() or json.loads(status.read_text())["code"] == 69
+
+
 def test_a_run_directory_the_processes_do_not_share_is_refused(tiny_shards: Path, tmp_path: Path) -> None:
     """A two-process job whose run.root is on each node's own disk (simulated: a relative run.root and each process
     in a directory of its own): each process would write a run directory of its own, and every checkpoint would miss

@@ -24,16 +24,23 @@ request_stop() {
 trap 'request_stop USR1' USR1
 trap 'request_stop TERM' TERM
 
-# The run directory the trainer will use, from the resolved configuration. This also checks the configuration before
-# anything is launched: a bad key ends the job here with the trainer's message and exit code 2.
+# The run directory the trainer will use, and its train.collective_timeout_s (whole seconds), from the resolved
+# configuration. This also checks the configuration before anything is launched: a bad key ends the job here with the
+# trainer's message and exit code 2.
 resolve_run_dir() {
   local resolved
   resolved=$("$PYTHON" -m vegan_scale config "$@") || exit $?
-  run_dir=$("$PYTHON" -c '
-import sys, yaml
-run = yaml.safe_load(sys.stdin)["run"]
-print("/".join(str(run[k]) for k in ("root", "experiment", "name")))' <<<"$resolved")
+  IFS=$'\t' read -r collective_timeout_s run_dir < <("$PYTHON" -c '
+import math, sys, yaml
+cfg = yaml.safe_load(sys.stdin)
+run = "/".join(str(cfg["run"][k]) for k in ("root", "experiment", "name"))
+print(math.ceil(cfg["train"]["collective_timeout_s"]), run, sep="\t")' <<<"$resolved")
 }
+
+# torch's launcher, signalled with its processes (scancel, preemption, the time limit), kills them 30 s later
+# whatever SLURM allows, often before the checkpoint the signal asks for: give them as long as SLURM's own KillWait
+# and GraceTime do.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}
 
 # Processes per node: GPUS_PER_NODE, else the GPUs SLURM gave this node, else the GPUs nvidia-smi lists.
 processes_per_node() {

@@ -16,6 +16,8 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+
 from vegan_scale import atomic
 
 REPORT_WAIT_S = 5.0  # how long the main process waits for the other processes' reports after its own timeout
@@ -82,3 +84,23 @@ def _last_seen(rank: int, record: dict | None) -> str:
         return f"rank {rank}: no heartbeat in this attempt"
     ago = time.time() - record["time"]
     return f"rank {rank} last reported step {record['step']}, {record['phase']}, {ago:.0f} s ago"
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another process is gone (gloo and NCCL phrase it in several ways)."""
+    text = str(error).lower()
+    return isinstance(error, torch.distributed.DistError) or (
+        isinstance(error, RuntimeError)
+        and any(
+            phrase in text
+            for phrase in (
+                "connection closed",
+                "connection reset",
+                "timed out",
+                "timeout",
+                "broken pipe",
+                "peer",
+                "nccl",
+            )
+        )
+    )

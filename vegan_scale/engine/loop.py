@@ -26,6 +26,7 @@ from vegan_scale import atomic, checkpoint, export, logs
 from vegan_scale.config.load import to_yaml
 from vegan_scale.distributed.accelerator import distribution_mode
 from vegan_scale.distributed.agreement import Agreement, Flag
+from vegan_scale.distributed.whereabouts import lost_peer
 from vegan_scale.engine import job, reporting, verdict
 from vegan_scale.engine.feed import DataFeed
 from vegan_scale.engine.metric_buffer import MetricBuffer
@@ -78,7 +79,7 @@ def _run_to_the_end(run: Run, stops: StopRequests) -> None:
         _fit(run, stops)
         code, reason = int(ExitCode.OK), "finished"
     except (torch.distributed.DistError, RuntimeError) as e:
-        if run.accelerator.num_processes == 1 or not _lost_peer(e):
+        if run.accelerator.num_processes == 1 or not lost_peer(e):
             code, reason = exit_status(e)
             raise
         code, reason = int(ExitCode.LOST_RANK), _lost_peer_reason(run, e)
@@ -108,15 +109,6 @@ def _lost_peer_reason(run: Run, error: Exception) -> str:
         f"another process stopped answering during the {where.phase} of step {where.step}"
         f"{f': {missing}' if missing else ''} ({str(error).splitlines()[0]}); what each process was doing, with "
         f"its stack, is in {where.directory}"
-    )
-
-
-def _lost_peer(error: Exception) -> bool:
-    """Whether a collective failed because another process is gone (gloo and NCCL phrase it in several ways)."""
-    text = str(error).lower()
-    return isinstance(error, torch.distributed.DistError) or any(
-        phrase in text
-        for phrase in ("connection closed", "connection reset", "timed out", "timeout", "broken pipe", "peer", "nccl")
     )
 
 

@@ -22,7 +22,7 @@ from vegan_scale import metrics_log, rundir
 from vegan_scale.config.load import to_yaml
 from vegan_scale.data.pipeline import TrainStream
 from vegan_scale.distributed.accelerator import BatchLayout, apply_layout, build_accelerator, launch_tags, node_of
-from vegan_scale.distributed.whereabouts import Whereabouts
+from vegan_scale.distributed.whereabouts import Whereabouts, lost_peer
 from vegan_scale.engine import job, resume
 from vegan_scale.engine.feed import open_stream
 from vegan_scale.engine.modules import Modules, build_modules, module_names
@@ -30,7 +30,7 @@ from vegan_scale.engine.objective import POT
 from vegan_scale.engine.periodic_eval import EvalSet
 from vegan_scale.engine.records import Records
 from vegan_scale.engine.schedule import Steps
-from vegan_scale.errors import RunRefusedError, exit_status
+from vegan_scale.errors import LostRankError, RunRefusedError, exit_status
 from vegan_scale.metrics_log import MetricsLog
 from vegan_scale.rundir import RunDir
 from vegan_scale.tracking.system_metrics import SystemMetrics
@@ -123,10 +123,26 @@ def build_run(cfg: Any, started_at: float, stopping: Callable[[], bool] = lambda
         lock = job.own_run_dir(run_dir, accelerator, held=None, create=False)  # a run to continue, before it is read
         return _assemble(cfg, accelerator, layout, run_dir, started_at, lock, stopping)
     except BaseException as error:
+        lost = _lost_at_start(error) if accelerator.num_processes > 1 else None
         # the status of this attempt, unless it refused to take the run over
         if accelerator.is_main_process and run_dir.path.is_dir() and not isinstance(error, RunRefusedError):
-            run_dir.write_exit_status(*exit_status(error), step=0)
+            run_dir.write_exit_status(*exit_status(lost or error), step=0)
+        if lost is not None:
+            raise lost from error
         raise
+
+
+def _lost_at_start(error: BaseException) -> LostRankError | None:
+    """A collective of the start-up that failed because another process is gone (it failed on its data or its
+    configuration, was killed, or froze past the collective timeout): said as such, exit 69, where the transport's
+    traceback said nothing of the cause. That process's own output says what ended it."""
+    if not lost_peer(error):
+        return None
+    return LostRankError(
+        f"another process stopped answering while the run was being set up, before its first step "
+        f"({str(error).strip().splitlines()[0][:200]}): its own output says why (a process that failed on its data or "
+        "its configuration ends with that message)"
+    )
 
 
 def _assemble(

@@ -49,6 +49,11 @@ if ! [[ $nproc =~ ^[1-9][0-9]*$ ]]; then
   echo "NPROC=$nproc: a positive number of processes" >&2
   exit 2
 fi
+port=${MASTER_PORT:-29500}
+if ! [[ $port =~ ^[1-9][0-9]{0,4}$ ]] || ((port > 65535)); then
+  echo "MASTER_PORT=$port: a port number from 1 to 65535" >&2
+  exit 2
+fi
 
 # torch's launcher, signalled with its processes, kills them 30 s later, often before the checkpoint the signal asks
 # for: the stop gets as long as whoever sent the signal allows.
@@ -60,7 +65,7 @@ else
     "$PYTHON" -m accelerate.commands.launch
     --config_file "$root/launch/accelerate/$file"
     --num_processes "$nproc"
-    --main_process_port "${MASTER_PORT:-29500}"
+    --main_process_port "$port"
     -m vegan_scale train "$@"
   )
 fi

@@ -1,4 +1,5 @@
-"""launch/run.sh with DRY_RUN=1: the command it would run for each setup, and its refusals (no training here)."""
+"""launch/run.sh with DRY_RUN=1: the command it would run for each setup, and its refusals; the SLURM batch scripts
+run without SLURM (no training here)."""
 
 from __future__ import annotations
 
@@ -100,7 +101,27 @@ def test_bad_mode_is_a_usage_error() -> None:
     assert not proc.stdout
 
 
-@pytest.mark.parametrize(("args", "settings", "message"), [((CONFIG,), {"NPROC": "0"}, "NPROC=0"), ((), {}, "usage:")])
+@pytest.mark.parametrize(
+    ("args", "settings", "message"),
+    [
+        ((CONFIG,), {"NPROC": "0"}, "NPROC=0"),
+        ((), {}, "usage:"),
+        ((CONFIG,), {"MASTER_PORT": "99999"}, "MASTER_PORT=99999: a port number from 1 to 65535"),  # was a traceback
+        ((CONFIG,), {"MASTER_PORT": "x"}, "MASTER_PORT=x"),
+    ],
+)
 def test_other_usage_errors(args: tuple[str, ...], settings: dict[str, str], message: str) -> None:
     proc = run_sh(*args, DEVICE="cpu", **settings)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "train_srun_native.sbatch"])  # sweep.sbatch: its usage line
+def test_a_batch_script_run_without_slurm_says_how_to_submit_it(script: str) -> None:
+    """`bash launch/slurm/train.sbatch CONFIG` outside a job ended on "SLURM_SUBMIT_DIR: unbound variable": it says
+    to submit it with sbatch, and what runs without SLURM, before anything starts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "VEGAN_SCALE_ROOT"))}
+    done = subprocess.run(
+        ["bash", f"launch/slurm/{script}", CONFIG], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0 and "submit this script with sbatch" in done.stderr, done.stderr
+    assert "without SLURM" in done.stderr and "unbound variable" not in done.stderr

@@ -48,7 +48,16 @@ def run_dir(mnist_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return root / "mnist" / "short"
 
 
-def test_eval_reports_writes_and_logs(run_dir: Path, mnist_shards: Path) -> None:
+def test_eval_reports_writes_and_logs(run_dir: Path, mnist_shards: Path, tmp_path: Path) -> None:
+    """`vegan-scale eval RUN` prints, writes eval.json and logs it to the run's MLflow run; logging the same
+    evaluation again added a second point to every final/ metric at the same step, and `sync` never sent an
+    evaluation whose logging had failed (a run the server never saw lacked it for good): neither is so now."""
+    from mlflow.tracking import MlflowClient
+
+    from vegan_scale.cli import main
+    from vegan_scale.rundir import RunDir
+    from vegan_scale.tracking.mlflow_run import log_evaluation
+
     done = runkit.run([sys.executable, "-m", "vegan_scale", "eval", str(run_dir), "--num-samples", str(NUM_SAMPLES)])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "FID (LeNet features)" in done.stdout and "real data" in done.stdout
@@ -71,6 +80,13 @@ def test_eval_reports_writes_and_logs(run_dir: Path, mnist_shards: Path) -> None
     logged = client.get_run(run_id).data.metrics
     assert logged["final/fid"] == pytest.approx(model["fid"])
     assert logged["final/real/fid"] == pytest.approx(real["fid"])
+    assert log_evaluation(RunDir(run_dir), client.tracking_uri) == run_id  # the same evaluation again
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "final/fid")] == [(20, model["fid"])]
+    copy, store = tmp_path / "copy", f"sqlite:///{tmp_path / 'other.db'}"  # a run this store never saw
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("mlflow_run_id"))
+    assert main(["sync", str(copy), "--uri", store]) == 0
+    synced = MlflowClient(store).get_run((copy / "mlflow_run_id").read_text().strip()).data.metrics
+    assert synced["final/fid"] == model["fid"] and synced["final/real/recall"] == real["recall"]
 
 
 def test_sample_writes_three_grids(run_dir: Path, tmp_path: Path) -> None:

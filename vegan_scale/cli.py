@@ -149,22 +149,23 @@ def _eval(args: argparse.Namespace) -> None:
     out = result.write(run_dir.eval_json if run_dir else args.source / export.EVAL_FILE, extra)
     print(f"wrote {out}")
     if run_dir is not None and source.config.tracking.backend != "none":
-        _log_eval(source, run_dir, result, out)
+        _log_eval(source, run_dir)
 
 
-def _log_eval(source: Any, run_dir: Any, result: Any, eval_json: Path) -> None:
-    """The evaluation's metrics (final/…, the floor as final/real/…) and eval.json, into the run's MLflow run."""
-    from vegan_scale.tracking.mlflow_run import log_to_run, resolve_uri
+def _log_eval(source: Any, run_dir: Any) -> None:
+    """The evaluation's eval.json, into the run's MLflow run."""
+    from vegan_scale.tracking.mlflow_run import log_evaluation, resolve_uri
 
-    values = {f"final/{k}": v for k, v in result.model.items()}
-    values |= {f"final/real/{k}": v for k, v in result.real.items()}
     uri = resolve_uri(source.config.tracking.uri, run_dir.path.parent.parent)  # <run.root>/<experiment>/<name>
     try:
-        run_id = log_to_run(run_dir, uri, source.step or 0, values, eval_json)
+        run_id = log_evaluation(run_dir, uri)
     except Exception as e:  # eval.json holds everything; a tracking failure must not hide the result
-        logs.say(f"warning: metrics not logged to MLflow at {uri}: {str(e).splitlines()[0][:300]}")
+        logs.say(
+            f"warning: metrics not logged to MLflow at {uri}: {str(e).splitlines()[0][:300]}; "
+            f"`vegan-scale sync {run_dir.path}` sends them once it answers"
+        )
         return
-    print(f"logged {len(values)} metrics to MLflow run {run_id} at {uri}")
+    print(f"logged the evaluation to MLflow run {run_id} at {uri}")
 
 
 def _sample(args: argparse.Namespace) -> None:

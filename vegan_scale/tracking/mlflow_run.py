@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vegan_scale import export, metrics_log, provenance
+from vegan_scale import export, metrics_log, provenance, stored_json
 from vegan_scale.config.fields import in_use
 from vegan_scale.config.load import flat_keys
 from vegan_scale.errors import ConfigError, DataError, ExitCode, RunDirInUseError, StorageError, TrackingError
@@ -265,6 +265,22 @@ class MlflowRun:
         if self.client.get_run(self.run_id).info.status != status:
             self.client.set_terminated(self.run_id, status=status)
 
+    def send_evaluation(self, path: Path) -> None:
+        """An evaluation's eval.json: its metrics (final/…, the floor as final/real/…) at the step of the weights it
+        measured, each where the run does not hold that value at that step already (an evaluation logged twice, or
+        sent again by sync, adds nothing), and the file among the artifacts."""
+        from mlflow.entities import Metric
+
+        report = stored_json.loads(path.read_bytes())
+        step, now = report.get("step") or 0, int(time.time() * 1000)
+        values = {f"final/{k}": v for k, v in report["model"].items()}
+        values |= {f"final/real/{k}": v for k, v in report["real"].items()}
+        held = {k: {(m.step, m.value) for m in self.client.get_metric_history(self.run_id, k)} for k in values}
+        new = [Metric(k, float(v), now, step) for k, v in values.items() if (step, v) not in held[k]]
+        if new:
+            self.client.log_batch(self.run_id, metrics=new)
+        self.client.log_artifact(self.run_id, str(path))
+
     def send_run_dir(self, run_dir: RunDir) -> None:
         """Send the lines of a run directory's metrics.jsonl the server lacks."""
         lines = metrics_log.read(run_dir.metrics)
@@ -338,6 +354,13 @@ def _sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
     for key, step, path in run_dir.saved_figures():
         run.send_figure(step, key, path)
     run.send_artifacts(run_dir.config, None)
+    if run_dir.eval_json.is_file():  # `vegan-scale eval` whose logging failed, or a run the server never saw
+        try:
+            run.send_evaluation(run_dir.eval_json)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning(
+                "%s cannot be read (%s): its metrics are not sent; run `vegan-scale eval` again", run_dir.eval_json, e
+            )
     status = run_dir.read_exit_status()
     if run_dir.export.is_dir():
         _send_model(run, run_dir, cfg, params, status["step"] if status is not None else 0)
@@ -366,17 +389,12 @@ def _send_model(run: MlflowRun, run_dir: RunDir, cfg: Any, params: dict[str, str
     models.log_model(run.client, run.run_id, run_dir.export, run_dir.config, params, step, cfg.tracking.register_as)
 
 
-def log_to_run(run_dir: RunDir, uri: str, step: int, values: dict[str, float], artifact: Path | None = None) -> str:
-    """Add metrics at ``step`` (and a file among the artifacts) to a run directory's existing MLflow run, finished
-    or not, as ``vegan-scale eval`` does after training; returns the run id. Sent once, without retries: the caller
-    has the values in a file of its own."""
-    from mlflow.entities import Metric
-
+def log_evaluation(run_dir: RunDir, uri: str) -> str:
+    """Send what ``vegan-scale eval`` wrote in the run's eval.json to its existing MLflow run, finished or not
+    (:meth:`MlflowRun.send_evaluation`); returns the run id. Sent once, without retries: eval.json keeps the values,
+    and ``vegan-scale sync`` sends them later."""
     run = MlflowRun.of_run_dir(uri, run_dir)
-    now = int(time.time() * 1000)
-    run.client.log_batch(run.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
-    if artifact is not None:
-        run.client.log_artifact(run.run_id, str(artifact))
+    run.send_evaluation(run_dir.eval_json)
     return run.run_id
 
 

@@ -8,7 +8,6 @@ The UI test saves its screenshot under pytest's tmp_path; docs/mlflow-ui.png was
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -201,27 +200,34 @@ def test_the_model_is_an_mlflow_model(tracked: TrackedRun, monkeypatch: pytest.M
     assert "artifacts/config.yaml" in files, files
 
 
-def test_a_continued_run_that_exports_again_replaces_its_model(tracked: TrackedRun, tmp_path: Path) -> None:
-    """A run continued past its end exports again, and its one model takes the new files. Linking the run to that
-    model a second time broke the store's unique constraint: `vegan-scale sync` after a continuation failed, and a
-    tracked continuation warned that MLflow refused an update."""
+def test_a_continued_run_that_exports_again_logs_a_new_model(tracked: TrackedRun, tmp_path: Path) -> None:
+    """A run continued past its end exports again: a new model, which runs:/RUN/model then loads, and a new
+    registered version, while the first version keeps its weights (the one model's files were replaced, so a
+    registered version changed its weights after it was registered). Logging the same export again (a retry, a
+    sync) adds nothing. Linking the run to a model a second time broke the store's unique constraint."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     from vegan_scale.tracking import models
 
-    client = _client(tracked)
+    client, name = _client(tracked), "vegan-scale-continued-check"
     run_id = client.create_run(client.get_run(tracked.run_id).info.experiment_id).info.run_id
     config, later = tracked.run_dir / "config.yaml", tmp_path / "export"
     shutil.copytree(tracked.run_dir / "export", later)
-    first = models.log_model(client, run_id, tracked.run_dir / "export", config, {}, 10, None)
+    first = models.log_model(client, run_id, tracked.run_dir / "export", config, {}, 10, name)
     weights = load_file(later / "model.safetensors")
     save_file({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, later / "model.safetensors")
-    assert models.log_model(client, run_id, later, config, {}, 20, None) == first
-    assert [out.model_id for out in client.get_run(run_id).outputs.model_outputs] == [first]
-    assert (
-        client.get_logged_model(first).tags[models.WEIGHTS_TAG]
-        == hashlib.sha256((later / "model.safetensors").read_bytes()).hexdigest()
-    )
+    second = models.log_model(client, run_id, later, config, {}, 20, name)
+    assert second != first and models.log_model(client, run_id, later, config, {}, 20, name) == second
+    assert sorted((o.step, o.model_id) for o in client.get_run(run_id).outputs.model_outputs) == [
+        (10, first),
+        (20, second),
+    ]
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+    uri = tracked.server.uri
+    for source, export_dir in ((f"runs:/{run_id}/model", later), (f"models:/{name}/1", tracked.run_dir / "export")):
+        loaded = vegan_scale.load(source, tracking_uri=uri).state_dict()
+        assert all(torch.equal(v, loaded[k]) for k, v in vegan_scale.load(export_dir).state_dict().items()), source
 
 
 def test_a_missing_model_is_named(tracked: TrackedRun) -> None:

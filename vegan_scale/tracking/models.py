@@ -68,38 +68,41 @@ def log_model(
     params: dict[str, str],
     step: int,
     register_as: str | None,
-) -> str | None:
+) -> str:
     """Log an export (with the run's ``config_file`` and the ``params`` it used) as the run's model ``model`` and,
-    with ``register_as``, as a new version of that registered model. Idempotent: a retry, or ``vegan-scale sync``,
-    reuses the run's model and uploads nothing when it already holds these weights; a run continued and exported
-    again replaces the files of its one model. Returns the logged model's id, or None when nothing changed."""
+    with ``register_as``, as a version of that registered model; returns the logged model's id. Idempotent: a
+    retry, or ``vegan-scale sync``, reuses the run's newest model (the one ``runs:/<run_id>/model`` resolves to),
+    uploads nothing when it already holds these weights, and registers it once. A finished model is never changed,
+    since registered versions point at its files: a run continued and exported again logs a new model, which
+    ``runs:/<run_id>/model`` then resolves to."""
     from mlflow.entities import LoggedModelOutput
 
     weights = hashlib.sha256((export_dir / export.MODEL_FILE).read_bytes()).hexdigest()
     run = client.get_run(run_id)
     experiment_id = run.info.experiment_id
-    existing = _run_model(client, experiment_id, run_id)
-    if existing is not None and existing.status == "READY" and existing.tags.get(WEIGHTS_TAG) == weights:
-        return None
-    if existing is None:
-        existing = client.create_logged_model(
+    model = _run_model(client, experiment_id, run_id)
+    finished = model is not None and model.status == "READY"
+    if model is None or (finished and model.tags.get(WEIGHTS_TAG) != weights):  # a finished model is never changed
+        model = client.create_logged_model(
             experiment_id, name=MODEL_NAME, source_run_id=run_id, params=params, model_type="vegan_scale.AutoEncoder"
         )
-    with tempfile.TemporaryDirectory(prefix="vegan-scale-pyfunc-") as tmp:
-        local = save_pyfunc(export_dir, config_file, Path(tmp) / MODEL_NAME)
-        client.log_model_artifacts(existing.model_id, str(local))
-    client.set_logged_model_tags(existing.model_id, {WEIGHTS_TAG: weights})
-    client.finalize_logged_model(existing.model_id, "READY")
-    # The store keeps one link per run and model: a continued run that exports again only replaces the files.
-    if not any(out.model_id == existing.model_id for out in (run.outputs.model_outputs if run.outputs else [])):
-        client.log_outputs(run_id, [LoggedModelOutput(existing.model_id, step)])
+        finished = False
+    if not finished:  # a new model, or one whose upload an earlier attempt did not finish
+        with tempfile.TemporaryDirectory(prefix="vegan-scale-pyfunc-") as tmp:
+            local = save_pyfunc(export_dir, config_file, Path(tmp) / MODEL_NAME)
+            client.log_model_artifacts(model.model_id, str(local))
+        client.set_logged_model_tags(model.model_id, {WEIGHTS_TAG: weights})
+        client.finalize_logged_model(model.model_id, "READY")
+    if not any(out.model_id == model.model_id for out in (run.outputs.model_outputs if run.outputs else [])):
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])  # one link per run and model
     if register_as:
-        register(client, register_as, run_id, existing)
-    return existing.model_id
+        register(client, register_as, run_id, model)
+    return model.model_id
 
 
 def _run_model(client: Any, experiment_id: str, run_id: str) -> Any | None:
-    """The run's logged model named ``model``, if it has one (the one ``runs:/<run_id>/model`` resolves to)."""
+    """The run's newest logged model named ``model``, if it has one: the one ``runs:/<run_id>/model`` resolves to
+    (MLflow takes the first of the same search, newest first)."""
     page_token = None
     while True:
         page = client.search_logged_models(
@@ -114,9 +117,9 @@ def _run_model(client: Any, experiment_id: str, run_id: str) -> Any | None:
 
 
 def register(client: Any, name: str, run_id: str, model: Any) -> None:
-    """A new version of registered model ``name`` (created when missing) pointing at a logged model. Its source is
-    the model's artifact location, not ``models:/<model_id>``: a local store would resolve that through the
-    process's global tracking URI rather than this client's."""
+    """A version of registered model ``name`` (created when missing) pointing at a logged model, unless one does
+    already (a retry). Its source is the model's artifact location, not ``models:/<model_id>``: a local store would
+    resolve that through the process's global tracking URI rather than this client's."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -124,6 +127,8 @@ def register(client: Any, name: str, run_id: str, model: Any) -> None:
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+    if any(v.source == model.artifact_location for v in client.search_model_versions(f"name = '{name}'")):
+        return  # (the stores keep no model id in a version: its source names the model)
     client.create_model_version(name, source=model.artifact_location, run_id=run_id, model_id=model.model_id)
 
 
@@ -135,17 +140,21 @@ def downloaded_export(uri: str, tracking_uri: str | None) -> Iterator[Path]:
         yield _download(uri, tracking_uri, Path(tmp))
 
 
-def _registered_source(uri: str, tracking_uri: str | None) -> str:
-    """Where a registered model's files are (``models:/NAME/VERSION``, ``@ALIAS`` or ``/STAGE``), looked up in the
-    registry of ``tracking_uri``: MLflow's download looks a name up in the process's registry ($MLFLOW_TRACKING_URI)
-    whatever tracking URI it is given. Any other URI as it is."""
-    if tracking_uri is None or not uri.startswith("models:/"):
+def _files_of(uri: str, tracking_uri: str | None) -> str:
+    """Where the files of the model at ``uri`` are, looked up in the store at ``tracking_uri``: MLflow's download
+    resolves ``models:/NAME/VERSION`` (``@ALIAS``, ``/STAGE``) and ``runs:/RUN/model`` through the process's store
+    ($MLFLOW_TRACKING_URI) whatever tracking URI it is given. Any other URI, or without ``tracking_uri``, as it is."""
+    if tracking_uri is None or not uri.startswith(("models:/", "runs:/")):
         return uri
     from mlflow.store.artifact.utils.models import get_model_name_and_version
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    return client.get_model_version_download_uri(*get_model_name_and_version(client, uri))
+    if uri.startswith("models:/"):
+        return client.get_model_version_download_uri(*get_model_name_and_version(client, uri))
+    run_id, _, name = uri.removeprefix("runs:/").partition("/")
+    model = _run_model(client, client.get_run(run_id).info.experiment_id, run_id) if name == MODEL_NAME else None
+    return model.artifact_location if model is not None else uri
 
 
 def _download(uri: str, tracking_uri: str | None, into: Path) -> Path:
@@ -154,7 +163,7 @@ def _download(uri: str, tracking_uri: str | None, into: Path) -> Path:
 
     where = tracking_uri or "the tracking URI in $MLFLOW_TRACKING_URI (or MLflow's default)"
     try:
-        source = _registered_source(uri, tracking_uri)
+        source = _files_of(uri, tracking_uri)
         local = Path(
             mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into), tracking_uri=tracking_uri)
         )

@@ -115,6 +115,24 @@ def test_stop_request_checkpoints_and_exits(
         assert losses(run_dir, key) == losses(reference, key), key
 
 
+def test_a_stop_at_the_last_step_finishes_the_run(tiny_shards_module: Path, tmp_path: Path) -> None:
+    """A stop request seen at the run's last step (its only check after the start) ended it with exit 75 and no
+    export: a requeued attempt started only to export. The run has ended: it finishes, exports, and exits 0."""
+    run_dir = tmp_path / "mnist" / "last"
+    proc = start(
+        single(
+            train_args(
+                tiny_shards_module, tmp_path, "last", "wae_mmd", "train.check_every=1000", "checkpoint.every_steps=40"
+            )
+        )
+    )
+    wait_for_step(proc, run_dir, 7)
+    (run_dir / "PREEMPT").touch()
+    code, out = finish(proc)
+    assert code == 0, out[-3000:]
+    assert exit_status(run_dir)["code"] == 0 and (run_dir / "export" / "model.yaml").exists()
+
+
 def test_stop_request_under_a_launcher(tiny_shards_module: Path, tmp_path: Path) -> None:
     """Under accelerate launch the flag file stops both ranks after a checkpoint; the launcher reports 1, the
     marker written after the checkpoint says 75."""

@@ -165,7 +165,9 @@ def _fit(run: Run, stops: StopRequests) -> None:
                 interval.flush(step, lr_scale)
             if step % cfg.eval.every_steps == 0 or last:
                 _evaluate(run, step)
-            _stop_if(run, stop, feed, step)
+            # A stop at the last step: the run has ended, and finishing writes its export (exit 0) where stopping
+            # would leave another attempt to start only to export.
+            _stop_if(run, None if last else stop, feed, step)
             if saving:
                 _save_checkpoint(run, step, feed.epoch)
     finally:

@@ -17,7 +17,8 @@ from tests.paths import ROOT
 from tests.runkit import env, exit_status, finish, start, train_args, wait_for_step
 from tests.test_config import alias_bomb
 from vegan_scale import sweep
-from vegan_scale.errors import ConfigError
+from vegan_scale.errors import ConfigError, VeganError
+from vegan_scale.rundir import RunDir
 
 pytestmark = pytest.mark.distributed
 
@@ -126,3 +127,27 @@ def test_sigterm_to_the_sweep_stops_its_task_after_a_checkpoint(tiny_shards: Pat
     status = exit_status(first)
     assert status["code"] == 75 and (first / "checkpoints" / f"step_{status['step']:08d}" / "COMPLETE").exists()
     assert not (tmp_path / "mnist" / "stop-wae_mmd-seed1").exists()
+
+
+def test_a_stop_that_comes_while_a_task_starts_reaches_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM to the sweep while it started a task (between taking the task and keeping its process) reached the
+    running tasks only: the new one trained to its end. It is passed on to the task once its process exists."""
+    told: list[int] = []
+
+    class Starting:  # a task process, during whose start the sweep is signalled
+        returncode = 75
+
+        def __init__(self, command: list[str]) -> None:
+            signal.raise_signal(signal.SIGTERM)
+
+        def send_signal(self, signum: int) -> None:
+            told.append(signum)
+
+        def poll(self) -> int:
+            return self.returncode
+
+    monkeypatch.setattr(subprocess, "Popen", Starting)
+    task = sweep.Task(0, "configs/mnist/wae_mmd.yaml", (), RunDir(tmp_path / "run"))
+    with pytest.raises(VeganError, match="did not finish"):
+        sweep.run_here([task, task])
+    assert told == [signal.SIGTERM]  # the task started, and only it: the second never started

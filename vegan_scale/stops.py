@@ -2,9 +2,9 @@
 
 A cluster asks a job to stop in several ways, and launchers get in between. SLURM's preemption and ``scancel``, and
 ``accelerate launch``/torchrun when they are signalled, send SIGTERM to every process of the job, loader workers
-included; ``accelerate launch`` and torchrun do not forward SIGUSR1, and kill their workers about 30 s after
-forwarding SIGTERM. So a run listens for all of them, from the moment it starts (the CLI installs the handlers
-before anything heavy is imported):
+included; ``accelerate launch`` and torchrun do not forward SIGUSR1, and kill their workers 30 s after forwarding
+SIGTERM unless TORCH_ELASTIC_SHUTDOWN_TIMEOUT says otherwise (the scripts in launch/ set it). So a run listens for
+all of them, from the moment it starts (the CLI installs the handlers before anything heavy is imported):
 
 * ``<run_dir>/PREEMPT``: a file a batch script's trap creates (the way through any launcher; see launch/slurm);
 * SIGUSR1 or SIGTERM delivered to the process (srun without a launcher, a forwarded SIGTERM, a process group);

@@ -171,8 +171,10 @@ def run_here(found: list[Task], jobs: int = 1) -> None:
             pending.append(task)
     failed: list[tuple[Task, int]] = []
     running: list[tuple[Task, subprocess.Popen]] = []
+    stopping: list[int] = []  # the signal that asked the sweep to stop, once one has
 
     def stop(signum: int, frame: object) -> None:
+        stopping.append(signum)
         pending.clear()
         for _, proc in running:
             proc.send_signal(signum)
@@ -184,7 +186,9 @@ def run_here(found: list[Task], jobs: int = 1) -> None:
                 task = pending.pop(0)
                 log.info("task %d: %s", task.index, task.run_name)
                 command = [sys.executable, "-m", "vegan_scale", "train", task.config, *task.overrides, "--quiet"]
-                running.append((task, subprocess.Popen(command)))
+                running.append((task, proc := subprocess.Popen(command)))
+                if stopping:  # the signal came while this task started, before the handler could see it
+                    proc.send_signal(stopping[0])
             time.sleep(0.5)
             for task, proc in [(t, p) for t, p in running if p.poll() is not None]:
                 running.remove((task, proc))

@@ -56,7 +56,7 @@ def test_eval_reports_writes_and_logs(run_dir: Path, mnist_shards: Path, tmp_pat
 
     from vegan_scale.cli import main
     from vegan_scale.rundir import RunDir
-    from vegan_scale.tracking.mlflow_run import log_evaluation
+    from vegan_scale.tracking.sync import log_evaluation
 
     done = runkit.run([sys.executable, "-m", "vegan_scale", "eval", str(run_dir), "--num-samples", str(NUM_SAMPLES)])
     assert done.returncode == 0, done.stderr[-3000:]

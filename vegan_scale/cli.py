@@ -113,7 +113,8 @@ def _export(args: argparse.Namespace) -> None:
 def _sync(args: argparse.Namespace) -> None:
     from vegan_scale.experiment import load_stored_experiment
     from vegan_scale.rundir import RunDir
-    from vegan_scale.tracking.mlflow_run import resolve_uri, sync
+    from vegan_scale.tracking.mlflow_run import resolve_uri
+    from vegan_scale.tracking.sync import sync
 
     run_dir = RunDir(args.run_dir)
     if not run_dir.is_run():
@@ -154,7 +155,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _log_eval(source: Any, run_dir: Any) -> None:
     """The evaluation's eval.json, into the run's MLflow run."""
-    from vegan_scale.tracking.mlflow_run import log_evaluation, resolve_uri
+    from vegan_scale.tracking.mlflow_run import resolve_uri
+    from vegan_scale.tracking.sync import log_evaluation
 
     uri = resolve_uri(source.config.tracking.uri, run_dir.path.parent.parent)  # <run.root>/<experiment>/<name>
     try:

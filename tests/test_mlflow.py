@@ -361,6 +361,10 @@ def test_a_sampler_stopped_within_its_first_interval_still_logs_its_node(tmp_pat
         ("https://:5000", "not a server's address"),
         ("sqlite:///", "a database in memory"),
         ("sqlite://", "a database in memory"),
+        ("sqlite:///:memory:?x=1", "a database in memory"),
+        ("sqlite:///file::memory:?cache=shared", "a database in memory"),
+        ("http://ho st:5000", "not a server's address"),
+        ("HTTP://host:5000", "not a store MLflow tracks to"),  # its server would never have been asked at start
         ("bogus://x", "not a store MLflow tracks to"),
     ],
 )

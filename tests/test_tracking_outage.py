@@ -332,12 +332,16 @@ def test_sync_after_a_mid_run_outage_finishes_the_run(tiny_shards: Path, tmp_pat
 def test_a_run_is_created_once_whatever_fails_after_the_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Creating the MLflow run was retried whole: a failure after the server made it (the answer to create_run
     lost, its params refused) left a second RUNNING run of the same name with every param, one per failure. The id
-    is kept as soon as the run exists, and a retry finds a run whose answer was lost by its creator's token."""
+    is kept as soon as the run exists, and a retry, here each by another process (a sync run again, a training
+    resumed), finds a run whose answer was lost by the token the run directory keeps."""
     from mlflow.tracking import MlflowClient
 
+    from vegan_scale.rundir import RunDir
     from vegan_scale.tracking.mlflow_run import MlflowRun, NewRun
 
-    uri, new, kept = f"sqlite:///{tmp_path / 'mlflow.db'}", NewRun("e", "r", {"t": "1"}, {"a": "1", "b": "2"}, None), []
+    uri, kept = f"sqlite:///{tmp_path / 'mlflow.db'}", []
+    params = {"a": "1", "b": "2"}
+    new = lambda: NewRun("e", "r", {"t": "1"}, params, None, RunDir(tmp_path / "run").mlflow_token())  # noqa: E731
     faults = {"create_run": 1, "log_batch": 1}
     real_create, real_batch = MlflowClient.create_run, MlflowClient.log_batch
 
@@ -358,13 +362,13 @@ def test_a_run_is_created_once_whatever_fails_after_the_request(tmp_path: Path, 
     monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
     for attempt in range(3):
         try:
-            run = MlflowRun.create(uri, new, kept.append)
+            run = MlflowRun.create(uri, new(), kept.append)
             break
         except ConnectionError:
             assert attempt < 2
     client = MlflowClient(uri)
     (held,) = client.search_runs([client.get_experiment_by_name("e").experiment_id])
-    assert held.info.run_id == run.run_id and set(kept) == {run.run_id} and held.data.params == new.params
+    assert held.info.run_id == run.run_id and set(kept) == {run.run_id} and held.data.params == params
 
 
 def test_a_store_that_refuses_the_run_is_said_once_and_holds_no_end(tiny_shards: Path, tmp_path: Path) -> None:
@@ -385,3 +389,21 @@ def test_a_store_that_refuses_the_run_is_said_once_and_holds_no_end(tiny_shards:
     assert said.count("MLflow refused") == 2, said[-3000:]
     assert "MLflow refused to open the run (" in said and "the opening of the run among them" in said
     assert f"`vegan-scale sync {tmp_path / 'mnist' / 'refused'}`" in said and "tracking.experiment" in said
+
+
+def test_an_evaluation_with_odd_values_is_sent_once(tmp_path: Path) -> None:
+    """eval.json holding NaN (a collapsed model's FID), an infinity or a number written as text got one more point
+    at every sync: NaN never equals itself, sqlite keeps an infinity as the largest float, and "0.5" is not 0.5."""
+    from mlflow.tracking import MlflowClient
+
+    from vegan_scale.tracking.mlflow_run import MlflowRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = MlflowRun(uri, client.create_run(client.create_experiment("e")).info.run_id, new=False)
+    report = tmp_path / "eval.json"
+    report.write_text('{"step": 6, "model": {"fid": NaN, "mse": 0.25, "kid": "0.5"}, "real": {"fid": Infinity}}')
+    for _ in range(3):
+        run.send_evaluation(report)
+    for key in ("final/fid", "final/mse", "final/kid", "final/real/fid"):
+        assert len(client.get_metric_history(run.run_id, key)) == 1, key

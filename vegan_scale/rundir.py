@@ -30,6 +30,7 @@ import os
 import re
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,7 @@ class RunDir:
     ranks = _entry("ranks")
     shared = _entry("ranks/shared")
     lock = _entry("ranks/lock")
+    mlflow_create_token = _entry("ranks/mlflow_create_token")
     exit_status = _entry("exit_status.json")
 
     @classmethod
@@ -239,6 +241,20 @@ class RunDir:
             "%s is damaged (%.100r); a new MLflow run will be made for this directory", self.mlflow_run_id, text
         )
         return None
+
+    def mlflow_token(self) -> str:
+        """The token that tags the MLflow run this directory's first training or sync creates, kept here before
+        the run is created: an attempt that never learnt the run's id (the answer lost, the process killed) finds
+        the run by it rather than create a second."""
+        try:
+            token = self.mlflow_create_token.read_text().strip()
+        except (OSError, UnicodeDecodeError):  # none yet (or unreadable: a new one serves as well)
+            token = ""
+        if not re.fullmatch(r"[0-9a-f]{32}", token):
+            token = uuid.uuid4().hex
+            self.ranks.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self.mlflow_create_token, token + "\n")
+        return token
 
     def write_mlflow_run_id(self, run_id: str) -> None:
         atomic.write_text(self.mlflow_run_id, run_id + "\n")

@@ -11,6 +11,7 @@ chooses MLflow's HTTP timeout and retries (its environment variables).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import sys
@@ -18,9 +19,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ MAX_PARAM_LENGTH = 6000
 METRICS_PER_REQUEST = 1000  # MLflow's limit for one log_batch
 METRIC_NAME = re.compile(r"[\w\-. /]{1,250}")  # the names MLflow takes: letters, digits and _ - . space /
 FIGURE_STEP_TAG = "vegan_scale.figures.{key}.last_step"  # what a continued run or sync need not send again
-CREATED_BY_TAG = "vegan_scale.created_by"  # a token of the process that created the run: its retries find it
+CREATED_BY_TAG = "vegan_scale.created_by"  # the run directory's creation token (RunDir.mlflow_token)
 # Which of the MLflow UI's views an experiment belongs in: a trainer's runs belong in the model-training one (a
 # reserved experiment tag, which MLflow's UI reads where its view is not chosen UI-wide).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -67,13 +67,13 @@ STORE_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "dat
 def check_uri(uri: str) -> None:
     """Refuse a tracking URI MLflow cannot track to, at once: a misspelt one would never answer, and a run would
     train for hours with its tracking failing in the background."""
-    scheme = re.match(r"([A-Za-z][\w.-]*)(\+[\w.-]+)?:", uri)
-    kind = scheme[1].lower() if scheme else None
+    scheme = re.match(r"([a-z][\w.-]*)(\+[\w.-]+)?:", uri)
+    kind = scheme[1] if scheme else None
     if uri != "databricks" and kind not in STORE_SCHEMES:
-        problem = "is not a store MLflow tracks to"
+        problem = "is not a store MLflow tracks to (its scheme in lowercase)"
     elif kind in ("http", "https") and not _host_and_port(uri):
         problem = "is not a server's address (a host, and a port of digits if any)"
-    elif kind == "sqlite" and uri.split(":", 1)[1].strip("/") in ("", ":memory:"):
+    elif kind == "sqlite" and (not uri[7:].strip("/") or ":memory:" in uri or "mode=memory" in uri):
         problem = "is a database in memory, gone when the process ends"
     else:
         return
@@ -87,7 +87,8 @@ def _host_and_port(uri: str) -> bool:
     """Whether an http(s) URI has a host and, if it gives a port, a valid one (urllib raises on reading it)."""
     try:
         parts = urllib.parse.urlsplit(uri)
-        return bool(parts.hostname) and (parts.port is None or parts.port > 0)
+        host = parts.hostname or ""
+        return bool(host) and not any(c.isspace() for c in host) and (parts.port is None or parts.port > 0)
     except ValueError:  # a port that is not a number or out of range, an unclosed [IPv6 address
         return False
 
@@ -122,7 +123,7 @@ class NewRun:
     tags: dict[str, str]  # a continued run adds this attempt's tags to the run it reopens
     params: dict[str, str]
     artifact_root: Path | None  # where a new experiment keeps its artifacts (None: the server's default)
-    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # CREATED_BY_TAG's value
+    token: str  # CREATED_BY_TAG's value, by which an attempt that never learnt the run's id finds it
 
     @classmethod
     def of(cls, cfg: Any, run_dir: RunDir, uri: str, tags: dict[str, str]) -> NewRun:
@@ -137,6 +138,7 @@ class NewRun:
             {**provenance.tags(), **recipe, **tags, **cfg.tracking.tags},
             as_params(cfg),
             artifact_root,
+            run_dir.mlflow_token(),
         )
 
 
@@ -155,7 +157,8 @@ class MlflowRun:
     def create(cls, uri: str, new: NewRun, keep: Callable[[str], None]) -> MlflowRun:
         """A new run with its params; ``keep`` records its id as soon as the server has made it, so that a retry
         after a later failure (its params refused, the process killed) adds to it rather than make another. A retry
-        whose earlier request made the run but lost the answer finds that run by ``new.token``."""
+        (of this process or another: a sync killed, a training resumed) whose request made the run but lost the
+        answer finds that run by ``new.token``."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
@@ -272,10 +275,10 @@ class MlflowRun:
 
         report = stored_json.loads(path.read_bytes())
         step, now = report.get("step") or 0, int(time.time() * 1000)
-        values = {f"final/{k}": v for k, v in report["model"].items()}
-        values |= {f"final/real/{k}": v for k, v in report["real"].items()}
-        held = {k: {(m.step, m.value) for m in self.client.get_metric_history(self.run_id, k)} for k in values}
-        new = [Metric(k, float(v), now, step) for k, v in values.items() if (step, v) not in held[k]]
+        values = {f"final/{k}": float(v) for k, v in report["model"].items()}  # a value that is no number: ValueError
+        values |= {f"final/real/{k}": float(v) for k, v in report["real"].items()}
+        held = {k: [m.value for m in self.client.get_metric_history(self.run_id, k) if m.step == step] for k in values}
+        new = [Metric(k, v, now, step) for k, v in values.items() if not any(_stored(v, h) for h in held[k])]
         if new:
             self.client.log_batch(self.run_id, metrics=new)
         self.client.log_artifact(self.run_id, str(path))
@@ -291,6 +294,14 @@ class MlflowRun:
         if left:  # a byte damaged inside a name: MLflow would refuse the whole batch
             log.warning("%s: %d value(s) under names MLflow refuses left out", run_dir.metrics, left)
         self.send_metrics(named)
+
+
+def _stored(value: float, held: float) -> bool:
+    """Whether ``held``, a metric's value read back from the store, is ``value``: NaN is never equal to itself, and
+    a sqlite store keeps an infinity as the largest float."""
+    if math.isnan(value):
+        return math.isnan(held)
+    return held == value or (math.isinf(value) and held == math.copysign(sys.float_info.max, value))
 
 
 def final_status(exit_code: int) -> str:

@@ -414,6 +414,8 @@ def plant(case: str, root: Path, marker: Path) -> tuple[set[int], str, dict[str,
         return set(range(48, 60)), "truncated", {"corrupt_shard": 12}
     if case == "unreadable":  # after indexing, a directory takes the shard's place
         return set(range(40, 60)), "cannot be read", {"unreadable_shard": 20}
+    if case == "remote_403":  # after indexing, the server refuses the shard (a permission taken away)
+        return set(range(40, 60)), "HTTP 403", {"refused_shard": 20}
     return set(range(40, 60)), "does not exist", {"missing_shard": 20}  # deleted or remote: after indexing
 
 
@@ -427,6 +429,7 @@ CASES = [
     "deleted",
     "unreadable",
     "remote_404",
+    "remote_403",
 ]
 
 
@@ -435,7 +438,7 @@ def bad_data(tmp_path, request):
     """(index, ids that must not appear, message words, expected skip counts, marker) for request.param."""
     case, marker = request.param, tmp_path / "pwned"
     lost, words, counts = plant(case, tmp_path / "d", marker)
-    if case != "remote_404":
+    if not case.startswith("remote"):
         index = read_index(str(tmp_path / "d"))
         if case in ("deleted", "unreadable"):
             (tmp_path / "d" / "s-000002.tar").unlink()
@@ -445,8 +448,11 @@ def bad_data(tmp_path, request):
         return
     with serve(tmp_path) as server:
         index = read_index(f"{server.url}/d/s-{{000000..000003}}.tar")
-        (tmp_path / "d" / "s-000002.tar").unlink()
-        yield index, lost, "HTTP 404", counts, marker
+        if case == "remote_404":
+            (tmp_path / "d" / "s-000002.tar").unlink()
+        else:
+            server.faults["s-000002.tar"] = ["403"] * 100_000  # every request, resampled mode's many draws included
+        yield index, lost, words, counts, marker
 
 
 # resampled mode draws shards at random: 160 draws of 4 shards meet the bad one ((3/4)^160 ~ 1e-20 to miss)

@@ -22,8 +22,9 @@ from vegan_scale.errors import DataError
 
 IMAGE_EXTENSIONS = ("npy", "png", "jpg", "jpeg")
 PICKLE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth", "pt", "mp", "msgpack")
-SKIP_REASONS = (
+SKIP_REASONS = (  # every ShardError's and SampleError's reason (tests/test_data_decode.py holds it to that)
     "missing_shard",
+    "refused_shard",
     "corrupt_shard",
     "unreadable_shard",
     "short_shard",

@@ -16,8 +16,11 @@ class ShardMissing(ShardError):
 
 
 class AccessDenied(ShardMissing):
-    """A file the server refuses to send (HTTP 401/403, S3 AccessDenied): missing to a reader that skips bad shards,
-    never "absent" to the fetch of a sizes.json or .idx, since a refusal hides whether the file exists."""
+    """A file the server refuses to send (HTTP 401/403, S3 AccessDenied): missing to a reader that skips bad shards
+    (counted apart, so that a permission taken away shows as such), never "absent" to the fetch of a sizes.json or
+    .idx, since a refusal hides whether the file exists."""
+
+    reason = "refused_shard"
 
 
 REFUSED_HTTP = (401, 403)

@@ -386,9 +386,18 @@ def test_a_store_that_refuses_the_run_is_said_once_and_holds_no_end(tiny_shards:
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert time.monotonic() - started < 60  # 120 s of close_timeout_s before
     said = trained.stdout + trained.stderr
-    assert said.count("MLflow refused") == 2, said[-3000:]
+    assert said.count("MLflow refused") == 2 and "cannot open the run yet" not in said, said[-3000:]
     assert "MLflow refused to open the run (" in said and "the opening of the run among them" in said
     assert f"`vegan-scale sync {tmp_path / 'mnist' / 'refused'}`" in said and "tracking.experiment" in said
+    # a continued run whose MLflow run was deleted: one warning per metric flush before, the same two lines now
+    client.restore_experiment(client.get_experiment_by_name("mnist").experiment_id)
+    kept = _args(tiny_shards, tmp_path, "kept", store, "train.max_steps=6", "checkpoint.every_steps=6")
+    assert run(single(kept)).returncode == 0
+    client.delete_run((tmp_path / "mnist" / "kept" / "mlflow_run_id").read_text().strip())
+    continued = run(single([*kept, "train.max_steps=9"]))
+    said = continued.stdout + continued.stderr
+    assert continued.returncode == 0 and said.count("MLflow refused") == 2, said[-3000:]
+    assert "MLflow refused to open the run (" in said and "the opening of the run among them" in said
 
 
 def test_an_evaluation_with_odd_values_is_sent_once(tmp_path: Path) -> None:

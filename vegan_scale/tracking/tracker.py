@@ -76,8 +76,9 @@ class Tracker:
             return
         try:
             open_run()
-        except Exception as e:
-            log.warning("MLflow at %s cannot open the run yet (%s); retrying in the background", uri, _reason(e))
+        except Exception as e:  # a refusal is said by the sending thread, once
+            if not _refused(e):
+                log.warning("MLflow at %s cannot open the run yet (%s); retrying in the background", uri, _reason(e))
             self._submit(open_run)
 
     @staticmethod
@@ -132,17 +133,18 @@ class Tracker:
 
         run_id = self.run_dir.read_mlflow_run_id()
         if resume_notes is not None and run_id is not None:
-            self.mlflow = MlflowRun(self.uri, run_id, new=False)
-            client = self.mlflow.client
+            run = MlflowRun(self.uri, run_id, new=False)  # kept once opened: a run deleted in the store refuses
+            client = run.client
             held = client.get_run(run_id)
-            self.mlflow.experiment_id = held.info.experiment_id
+            run.experiment_id = held.info.experiment_id
             count = int(held.data.tags.get("resume.count", "0")) + 1
             client.update_run(run_id, status="RUNNING")
             tags = {**new.tags, "resume.count": str(count)}  # this attempt's launch, commit and restart count
             if resume_notes:
                 tags[f"resume.{count}.changed"] = "; ".join(resume_notes)[:5000]
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-            self.mlflow.send_run_dir(self.run_dir)  # what an earlier, killed run still had queued
+            run.send_run_dir(self.run_dir)  # what an earlier, killed run still had queued
+            self.mlflow = run
         else:
             self.mlflow = MlflowRun.create(self.uri, new, self.run_dir.write_mlflow_run_id)
         if self.system_metrics:
@@ -243,12 +245,17 @@ def _send(task: Callable[[], None], uri: str) -> Exception | None:
         failing.append(error)
 
     try:
-        retry.call(task, SEND_BACKOFF, lambda e: getattr(e, "error_code", None) not in PERMANENT_ERRORS, warn_once)
+        retry.call(task, SEND_BACKOFF, lambda e: not _refused(e), warn_once)
     except Exception as e:  # refused: tracking must never end training
         return e
     if failing:
         log.warning("MLflow at %s answers again; sending what waited", uri)
     return None
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether the server refused a request (retrying cannot help), rather than failed to answer it."""
+    return getattr(error, "error_code", None) in PERMANENT_ERRORS
 
 
 def _reason(error: BaseException) -> str:

@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,6 @@ class NewRun:
     tags: dict[str, str]  # a continued run adds this attempt's tags to the run it reopens
     params: dict[str, str]
     artifact_root: Path | None  # where a new experiment keeps its artifacts (None: the server's default)
-    token: str  # CREATED_BY_TAG's value, by which an attempt that never learnt the run's id finds it
 
     @classmethod
     def of(cls, cfg: Any, run_dir: RunDir, uri: str, tags: dict[str, str]) -> NewRun:
@@ -138,7 +137,6 @@ class NewRun:
             {**provenance.tags(), **recipe, **tags, **cfg.tracking.tags},
             as_params(cfg),
             artifact_root,
-            run_dir.mlflow_token(),
         )
 
 
@@ -154,11 +152,11 @@ class MlflowRun:
         self._new = new  # a new run holds nothing yet: no need to ask
 
     @classmethod
-    def create(cls, uri: str, new: NewRun, keep: Callable[[str], None]) -> MlflowRun:
-        """A new run with its params; ``keep`` records its id as soon as the server has made it, so that a retry
-        after a later failure (its params refused, the process killed) adds to it rather than make another. A retry
-        (of this process or another: a sync killed, a training resumed) whose request made the run but lost the
-        answer finds that run by ``new.token``."""
+    def create(cls, uri: str, new: NewRun, run_dir: RunDir) -> MlflowRun:
+        """``run_dir``'s new run with its params, its id kept in the directory as soon as the server has made it, so
+        that a retry after a later failure (its params refused, the process killed) adds to it rather than make
+        another. A retry (of this process or another: a sync killed, a training resumed) whose request made the run
+        but lost the answer finds that run by the directory's creation token (:meth:`RunDir.mlflow_token`)."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
@@ -172,13 +170,14 @@ class MlflowRun:
             experiment_id = client.create_experiment(
                 new.experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND])
             )
-        made = client.search_runs([experiment_id], f"tags.`{CREATED_BY_TAG}` = '{new.token}'", max_results=1)
+        token = run_dir.mlflow_token()
+        made = client.search_runs([experiment_id], f"tags.`{CREATED_BY_TAG}` = '{token}'", max_results=1)
         if made:
             run_id = made[0].info.run_id
         else:
-            tags = {**new.tags, CREATED_BY_TAG: new.token}
+            tags = {**new.tags, CREATED_BY_TAG: token}
             run_id = client.create_run(experiment_id, run_name=new.name, tags=tags).info.run_id
-        keep(run_id)
+        run_dir.write_mlflow_run_id(run_id)
         run = cls(uri, run_id, new=not made)
         run.experiment_id = experiment_id
         run.send_params(new.params)

@@ -59,9 +59,7 @@ def _sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
                 f"run it creates in {run_dir.mlflow_run_id.name} there, and would create another at every try. Make "
                 "the directory writable (or sync a copy of it), then sync again; no MLflow run was created"
             )
-        run = MlflowRun.create(
-            uri, NewRun.of(cfg, run_dir, uri, {"sync": "created by vegan-scale sync"}), run_dir.write_mlflow_run_id
-        )
+        run = MlflowRun.create(uri, NewRun.of(cfg, run_dir, uri, {"sync": "created by vegan-scale sync"}), run_dir)
     else:
         run = MlflowRun(uri, run_id, new=False)
         run.send_params(params)

@@ -146,7 +146,7 @@ class Tracker:
             run.send_run_dir(self.run_dir)  # what an earlier, killed run still had queued
             self.mlflow = run
         else:
-            self.mlflow = MlflowRun.create(self.uri, new, self.run_dir.write_mlflow_run_id)
+            self.mlflow = MlflowRun.create(self.uri, new, self.run_dir)
         if self.system_metrics:
             self._monitor = SystemMetrics(self.mlflow.run_id, self.uri, self.node_id, resume=resume_notes is not None)
 

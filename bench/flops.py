@@ -48,8 +48,10 @@ TARGETS = [  # (case, target share of its precision's peak)
 ]
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10, device: str = "cpu") -> float:
-    """FLOP/s of the fastest of ``reps`` n x n products (on a GPU, each waited for)."""
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 40, device: str = "cpu") -> float:
+    """FLOP/s of the fastest of ``reps`` n x n products (on a GPU, each waited for). A shared host's rate swings
+    between calls (an AMX host's bf16 product from 0.8 to 2 TFLOP/s within a second): the fastest of many is its
+    peak."""
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     wait = torch.cuda.synchronize if a.is_cuda else lambda: None
     for _ in range(3):

@@ -9,10 +9,10 @@ parameters) and its default MLP pair (`mlp`, hidden 512, 0.8M parameters). pytha
 (timed per epoch by a callback, the first epoch left out as warm-up); vegan_scale runs its training step
 (`vegan_scale.engine.step.train_step`, the code `vegan-scale train` runs) on batches taken from the same tensor.
 The two alternate, one process at a time, and each figure is the best of two runs. vegan_scale is measured at
-several settings, two of them with one optimisation undone (unfused AdamW; torch's nn.Conv2d for the encoder's
-1x1-output layer) to show its effect; the ratios compare the MLP at float32, the conv pair at float32, and the
-conv pair at each tool's best CPU setting (pythae has no CPU mixed precision). The last line is the smallest ratio
-against its target.
+several settings, three of them with one optimisation undone (unfused AdamW; torch's own convolution kernels
+instead of vegan_scale.models.layers', in float32 and bf16) to show its effect; the ratios compare the MLP at
+float32, the conv pair at float32, and the conv pair at each tool's best CPU setting (pythae has no CPU mixed
+precision). The last line is the smallest ratio against its target.
 """
 
 from __future__ import annotations
@@ -28,15 +28,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PYTHAE_PYTHON = ROOT / ".venv-pythae" / "bin" / "python"
 ARCHS = {"mlp": ("mlp", 60), "conv": ("pythae_conv", 6)}  # vegan_scale network name, timed steps
-PLAIN_CONV = "bench.plain_conv"  # not a config key: the worker computes every convolution with torch's nn.Conv2d
+PLAIN_CONV = "bench.plain_conv"  # not a config key: the worker computes every convolution with torch's kernels
+BF16_COPY = ["train.mixed_precision=bf16", "train.low_precision_weights=true"]
 SETTINGS = {  # label -> overrides
     "float32, unfused AdamW": ["optim.fused=false"],
-    "float32, nn.Conv2d for the 1x1 layer": [PLAIN_CONV],
+    "float32, torch's convolutions": [PLAIN_CONV],
     "float32": [],
     "float32, torch.compile": ["train.compile=true"],
     "float32, channels-last": ["train.channels_last=true"],
     "bf16": ["train.mixed_precision=bf16"],
     "bf16, channels-last": ["train.mixed_precision=bf16", "train.channels_last=true"],
+    "bf16, weights copy": [*BF16_COPY],
+    "bf16, weights copy, torch's convolutions": [*BF16_COPY, PLAIN_CONV],
 }
 
 
@@ -91,12 +94,13 @@ def vegan_worker(arch: str, images: Path, steps: int, overrides: list[str]) -> f
     sys.path.insert(0, str(ROOT / "bench"))
     from step_under_test import training_step  # vegan_scale is not installed where pythae runs
 
-    if PLAIN_CONV in overrides:  # the step before vegan_scale.models.layers.Conv2d, for its measured effect
+    if PLAIN_CONV in overrides:  # the step without vegan_scale.models.layers, for its measured effect
         from torch import nn
 
         from vegan_scale.models import layers
 
         layers.Conv2d.forward = nn.Conv2d.forward
+        layers.ConvTranspose2d.forward = nn.ConvTranspose2d.forward
         overrides = [o for o in overrides if o != PLAIN_CONV]
     step = training_step(ARCHS[arch][0], overrides, images)
     for _ in range(max(3, steps // 10)):  # warm-up (and compilation, when asked for)

@@ -6,19 +6,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vegan_scale.models.layers import Conv2d
+from vegan_scale.models import layers
+from vegan_scale.models.layers import Conv2d, ConvTranspose2d
 
 CASES = [  # (in, out, kernel, stride, padding, input side): the first three have one output position
     (5, 7, 4, 2, 1, 3),  # the DCGAN encoder's last layer: the filter meets a 3x3 input inside 1 row/column of padding
     (3, 4, 3, 1, 0, 3),  # the filter covers the input exactly
     (2, 3, 4, 3, 0, 5),  # the filter sees a 4x4 corner of a 5x5 input
-    (3, 4, 4, 2, 1, 8),  # several output positions: the ordinary convolution
+    (3, 4, 4, 2, 1, 8),  # several output positions: the taps gathered into one product on CPU
+    (3, 4, 3, 2, 0, 8),  # the input's last row and column meet no filter
+    (2, 3, 2, 1, 1, 5),  # stride 1: every tap overlaps
 ]
 
 
+@pytest.mark.parametrize("product", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(("c_in", "c_out", "k", "s", "p", "side"), CASES)
-def test_conv2d_equals_the_convolution(c_in, c_out, k, s, p, side, channels_last):
+def test_conv2d_equals_the_convolution(c_in, c_out, k, s, p, side, channels_last, product, monkeypatch):
+    """Both ways, in float64: the taps gathered into one product (as in bf16 on CPU), and the choice made as in
+    float32 (torch's kernel where the filter meets the input more than once)."""
+    if product:
+        monkeypatch.setattr(layers, "_in_bf16", lambda x: True)
     torch.manual_seed(0)
     layer = Conv2d(c_in, c_out, k, s, padding=p).double()
     x = torch.randn(6, c_in, side, side, dtype=torch.float64)
@@ -39,3 +47,58 @@ def test_conv2d_equals_the_convolution(c_in, c_out, k, s, p, side, channels_last
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for mine, theirs in ((x.grad, x_ref.grad), (layer.weight.grad, weight.grad), (layer.bias.grad, bias.grad)):
         torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+
+
+TRANSPOSED = [  # (in, out, kernel, stride, padding, output padding, bias)
+    (5, 7, 3, 2, 1, 0, True),  # pythae's decoder: 4x4 to 7x7
+    (5, 7, 3, 2, 1, 1, True),  # pythae's decoder: 7x7 to 14x14
+    (4, 3, 5, 2, 2, 1, False),  # the WAE paper's decoder: side doubled, no bias before batch norm
+    (3, 2, 4, 2, 1, 0, True),  # taps that overlap by two
+    (3, 2, 5, 1, 2, 0, True),  # stride 1: every tap overlaps
+    (2, 3, 3, 3, 0, 2, True),  # stride above the kernel's reach: gaps, and an output padding past every tap
+    (3, 4, (3, 5), (2, 1), (1, 2), (1, 0), True),  # rectangular everything
+]
+
+
+def _grads(out: torch.Tensor, grad: torch.Tensor, *tensors: torch.Tensor | None) -> list[torch.Tensor]:
+    out.backward(grad)
+    return [t.grad for t in tensors if t is not None]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("c_in", "c_out", "k", "s", "p", "extra", "bias"), TRANSPOSED)
+def test_conv_transpose2d_equals_the_transposed_convolution(c_in, c_out, k, s, p, extra, bias, channels_last):
+    torch.manual_seed(0)
+    layer = ConvTranspose2d(c_in, c_out, k, s, padding=p, output_padding=extra, bias=bias).double()
+    x = torch.randn(3, c_in, 5, 6, dtype=torch.float64)  # not square: rows and columns kept apart
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    ref_x, ref_w = x.detach().clone().requires_grad_(True), layer.weight.detach().clone().requires_grad_(True)
+    ref_b = layer.bias.detach().clone().requires_grad_(True) if bias else None
+
+    out = layer(x)
+    ref = F.conv_transpose2d(ref_x, ref_w, ref_b, s, p, extra)
+    grad = torch.randn_like(ref)
+
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    mine, theirs = _grads(out, grad, x, layer.weight, layer.bias), _grads(ref, grad, ref_x, ref_w, ref_b)
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_transpose2d_takes_the_output_size_and_autocast_as_torch_does():
+    """An ``output_size`` picks the output padding; under bf16 autocast the output is bf16 as torch's is, while
+    the weights' gradients keep their float32."""
+    torch.manual_seed(0)
+    layer = ConvTranspose2d(4, 3, 3, 2, padding=1)
+    x = torch.randn(2, 4, 5, 5)
+    out = layer(x, output_size=[10, 10])
+    torch.testing.assert_close(out, F.conv_transpose2d(x, layer.weight, layer.bias, 2, 1, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = layer(x), torch.nn.ConvTranspose2d.forward(layer, x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0.02, atol=0.02)  # bf16's 8 bits of mantissa
+    out.float().sum().backward()
+    assert layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32

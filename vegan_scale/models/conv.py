@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from vegan_scale.models.base import ImageShape, NetworkSpec
+from vegan_scale.models.layers import Conv2d, ConvTranspose2d
 from vegan_scale.models.options import ConvConfig
 
 
@@ -36,8 +37,8 @@ def same_padding(side: int, k: int, stride: int) -> tuple[int, int]:
 def _padded_conv(c_in: int, c_out: int, k: int, stride: int, side: int, bias: bool) -> list[nn.Module]:
     before, after = same_padding(side, k, stride)
     if before == after:
-        return [nn.Conv2d(c_in, c_out, k, stride=stride, padding=before, bias=bias)]
-    return [nn.ZeroPad2d((before, after, before, after)), nn.Conv2d(c_in, c_out, k, stride=stride, bias=bias)]
+        return [Conv2d(c_in, c_out, k, stride=stride, padding=before, bias=bias)]
+    return [nn.ZeroPad2d((before, after, before, after)), Conv2d(c_in, c_out, k, stride=stride, bias=bias)]
 
 
 def conv_encoder_body(cfg: ConvConfig, shape: ImageShape) -> tuple[nn.Module, int]:
@@ -70,7 +71,7 @@ def conv_decoder_body(cfg: ConvConfig, latent_dim: int, shape: ImageShape) -> nn
     layers: list[nn.Module] = [nn.Linear(latent_dim, c * s0 * s0), nn.Unflatten(1, (c, s0, s0)), nn.ReLU(inplace=True)]
     for _ in range(ups):
         # padding and output_padding chosen so that every layer exactly doubles the side for k = 4 or 5
-        up = nn.ConvTranspose2d(
+        up = ConvTranspose2d(
             c, c // 2, k, stride=2, padding=(k - 1) // 2, output_padding=k % 2, bias=not cfg.batch_norm
         )
         layers += [up, *_norm_relu(c // 2, cfg.batch_norm)]

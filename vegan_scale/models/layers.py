@@ -1,26 +1,53 @@
-"""Layers that compute what their torch.nn namesakes compute, faster where measurement showed a slow kernel."""
+"""Layers that compute what their torch.nn namesakes compute, faster where measurement showed a slow kernel.
+
+On CPU, oneDNN's convolutions ran well below the matmul rate for the shipped networks' layers, most of all in bf16
+on a CPU with AMX (docs/performance.md). There the layers here write a convolution as one matrix product over
+the filter's taps: a convolution gathers each output position's taps from the padded input and multiplies them by
+the weight; a transposed convolution multiplies the input by the weight and sums each tap into its output
+position. Gathering and summing taps are each other's adjoint (:class:`_Collect`, :class:`_Spread`), so each
+pass is one product plus strided copies, in channels-last, the layout the next layer reads without a copy. Each
+layer says where its form was measured to pay; elsewhere, and on GPUs (cuDNN), torch's kernels are used.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+Pair = tuple[int, int]
+TAPS_PER_INPUT = 4  # a convolution's taps gathered are this many times its input at most (4x4 filters, stride 2)
+
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters, same result) that computes a convolution with one output position as a
-    single matrix product.
+    """``nn.Conv2d`` (same parameters, same result) computed as a matrix product where oneDNN's kernel was slow.
 
-    Such a layer, the last of a DCGAN encoder (4x4 filters, stride 2, 3x3 input, 1x1 output), is a linear map of
-    the zero-padded input window. On CPU, oneDNN's backward pass for that shape ran at about a tenth of the matmul
-    peak, several times slower than the equivalent matrix product (bench/flops.py, docs/performance.md). The
-    weight enters the product as a view in its own memory layout (contiguous or channels-last), so that neither
-    pass copies anything the size of the weight, and the arithmetic is the convolution's, padding taps included.
+    Where the filter meets the input once (one output position), on any device: the last layer of a DCGAN encoder
+    (4x4 filters, stride 2, 3x3 input, 1x1 output) is a linear map of the zero-padded input window, and oneDNN's
+    backward pass for that shape ran at about a tenth of the matmul peak. The weight enters the product as a view in
+    its own memory layout (contiguous or channels-last), so that neither pass copies anything the size of the
+    weight, and the arithmetic is the convolution's, padding taps included.
+
+    Elsewhere, on CPU in bf16, when the gathered taps are at most ``TAPS_PER_INPUT`` times the input: pythae's
+    encoder layers took 5, 40 and 25 ms forward and backward at batch 100 so, against 6-8, 56-60 and 125 ms in
+    oneDNN's AMX kernels. In float32 oneDNN's direct convolution was as fast or faster (70-75 against 102-114 ms for
+    the second layer), and a stride-1 layer's sixteen copies of its input cost more than they saved.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._single_output(x.shape[-2], x.shape[-1]):
+        if not _plain(self, x):
             return super().forward(x)
+        if self._single_output(x.shape[-2], x.shape[-1]):
+            return self._window_product(x)
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        if x.device.type == "cpu" and _in_bf16(x) and kh * kw <= TAPS_PER_INPUT * sh * sw:
+            return self._taps_product(x)
+        return super().forward(x)
+
+    def _window_product(self, x: Tensor) -> Tensor:
         (kh, kw), (ph, pw) = self.kernel_size, self.padding
         window = F.pad(x, (pw, pw, ph, ph))[:, :, :kh, :kw]  # what the filter meets, padding included
         weight = self.weight
@@ -28,11 +55,106 @@ class Conv2d(nn.Conv2d):
             window, weight = window.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1)
         return F.linear(window.flatten(1), weight.flatten(1), self.bias)[:, :, None, None]
 
+    def _taps_product(self, x: Tensor) -> Tensor:
+        n, (ph, pw) = x.shape[0], self.padding
+        geometry = zip(x.shape[2:], self.padding, self.kernel_size, self.stride, strict=True)
+        size = [(i + 2 * p - k) // s + 1 for i, p, k, s in geometry]  # the output's side
+        grid = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # [n, H, W, C], zero-padded
+        taps = _Collect.apply(grid, self.stride, size, self.kernel_size).view(n * size[0] * size[1], -1)
+        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # [out, (row, column, in)]
+        return F.linear(taps, weight, self.bias).view(n, *size, -1).permute(0, 3, 1, 2)
+
     def _single_output(self, height: int, width: int) -> bool:
-        """Whether the filter fits the padded input exactly once (and nothing makes the product differ)."""
-        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
-            return False
-        if any(d != 1 for d in self.dilation):
-            return False
+        """Whether the filter fits the padded input exactly once."""
         sizes = zip((height, width), self.kernel_size, self.stride, self.padding, strict=True)
         return all(size + 2 * p >= k and (size + 2 * p - k) // s == 0 for size, k, s, p in sizes)
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` (same parameters, same result) that, on CPU, multiplies the input by every tap of the
+    filter in one matrix product and sums the taps into the output.
+
+    The pythae decoder's first layer (1024 to 512 channels, batch 100, bf16, forward and backward, an Intel CPU
+    with AMX) took 175-380 ms in oneDNN's kernel and 64-79 ms so, the second 167 against 93 ms; float32 gained
+    too. The taps are summed in float32 (or wider), so autocast's only added rounding is the product's output.
+    """
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if x.device.type != "cpu" or not _plain(self, x):
+            return super().forward(x, output_size)
+        extra = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
+        n, c, h, w = x.shape
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        weight = self.weight.permute(0, 2, 3, 1).reshape(c, -1)  # [in, (row, column, out)]
+        taps = (x.permute(0, 2, 3, 1).reshape(n * h * w, c) @ weight).view(n, h, w, kh, kw, -1)
+        reach = [(i - 1) * s + k for i, s, k in zip((h, w), self.stride, (kh, kw), strict=True)]  # what taps cover
+        size = [r - 2 * p + e for r, p, e in zip(reach, self.padding, extra, strict=True)]  # the output's side
+        grid = [max(r, p + o) for r, p, o in zip(reach, self.padding, size, strict=True)]  # taps and output fit
+        grid = _Spread.apply(taps, self.stride, grid)
+        out = grid[:, ph : ph + size[0], pw : pw + size[1]]  # the padding cut away, as by torch
+        out = out + self.bias if self.bias is not None else out
+        return out.to(taps.dtype).permute(0, 3, 1, 2)
+
+
+class _Spread(torch.autograd.Function):
+    """Taps [n, h, w, kh, kw, C] summed into a grid [n, H, W, C]: tap (i, j) of position (y, x) lands on
+    (y * stride + i, x * stride + j). In float32 or wider, whatever the taps' precision. Adjoint of _Collect."""
+
+    @staticmethod
+    def forward(ctx: Any, taps: Tensor, stride: Pair, size: Sequence[int]) -> Tensor:
+        ctx.stride, ctx.positions, ctx.kernel, ctx.dtype = stride, taps.shape[1:3], taps.shape[3:5], taps.dtype
+        return _spread(taps, stride, size)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return _collect(grad, ctx.stride, ctx.positions, ctx.kernel).to(ctx.dtype), None, None
+
+
+class _Collect(torch.autograd.Function):
+    """Taps [n, h, w, kh, kw, C] read from a grid [n, H, W, C]: tap (i, j) of position (y, x) is the grid's
+    (y * stride + i, x * stride + j). Adjoint of _Spread."""
+
+    @staticmethod
+    def forward(ctx: Any, grid: Tensor, stride: Pair, positions: Sequence[int], kernel: Pair) -> Tensor:
+        ctx.stride, ctx.size, ctx.dtype = stride, grid.shape[1:3], grid.dtype
+        return _collect(grid, stride, positions, kernel)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return _spread(grad, ctx.stride, ctx.size).to(ctx.dtype), None, None, None
+
+
+def _spread(taps: Tensor, stride: Pair, size: Sequence[int]) -> Tensor:
+    n, h, w, kh, kw, c = taps.shape
+    grid = taps.new_zeros((n, *size, c), dtype=torch.promote_types(taps.dtype, torch.float32))
+    for i in range(kh):
+        for j in range(kw):
+            grid[:, _every(i, h, stride[0]), _every(j, w, stride[1])] += taps[:, :, :, i, j]
+    return grid
+
+
+def _collect(grid: Tensor, stride: Pair, positions: Sequence[int], kernel: Sequence[int]) -> Tensor:
+    (h, w), (kh, kw) = positions, kernel
+    taps = grid.new_empty((grid.shape[0], h, w, kh, kw, grid.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            taps[:, :, :, i, j] = grid[:, _every(i, h, stride[0]), _every(j, w, stride[1])]
+    return taps
+
+
+def _plain(layer: nn.Conv2d | nn.ConvTranspose2d, x: Tensor) -> bool:
+    """Whether the product forms compute this layer: a batched input, and no groups, dilation or padding mode."""
+    if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str) or x.dim() != 4:
+        return False
+    return all(d == 1 for d in layer.dilation)
+
+
+def _in_bf16(x: Tensor) -> bool:
+    """Whether a CPU layer's product runs in bf16: its input is (a bf16 weights copy), or autocast makes it so."""
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return x.dtype == torch.bfloat16 or autocast
+
+
+def _every(first: int, count: int, stride: int) -> slice:
+    """``count`` positions ``stride`` apart from ``first``."""
+    return slice(first, first + (count - 1) * stride + 1, stride)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from vegan_scale.models.base import ImageShape, NetworkSpec
-from vegan_scale.models.layers import Conv2d
+from vegan_scale.models.layers import Conv2d, ConvTranspose2d
 from vegan_scale.models.options import PythaeConvConfig
 
 
@@ -30,13 +30,13 @@ def _decoder(cfg: PythaeConvConfig, latent_dim: int, shape: ImageShape) -> nn.Mo
     return nn.Sequential(
         nn.Linear(latent_dim, 1024 * 16),
         nn.Unflatten(1, (1024, 4, 4)),
-        nn.ConvTranspose2d(1024, 512, 3, 2, padding=1),
+        ConvTranspose2d(1024, 512, 3, 2, padding=1),
         nn.BatchNorm2d(512),
         nn.ReLU(),
-        nn.ConvTranspose2d(512, 256, 3, 2, padding=1, output_padding=1),
+        ConvTranspose2d(512, 256, 3, 2, padding=1, output_padding=1),
         nn.BatchNorm2d(256),
         nn.ReLU(),
-        nn.ConvTranspose2d(256, shape[0], 3, 2, padding=1, output_padding=1),
+        ConvTranspose2d(256, shape[0], 3, 2, padding=1, output_padding=1),
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from tests.runkit import (
@@ -31,6 +32,7 @@ from tests.runkit import (
     two_ranks,
     wait_for_step,
 )
+from vegan_scale.distributed.whereabouts import lost_peer
 
 pytestmark = pytest.mark.distributed
 
@@ -321,6 +323,25 @@ def test_a_stopped_rank_is_named_by_the_others(tiny_shards_module: Path, tmp_pat
     stack = (run_dir / "ranks" / "rank0.stack.txt").read_text()
     assert "Every thread" in stack and "vegan_scale" in stack and 'File "' in stack
     assert not json.loads((run_dir / "ranks" / "rank1.json").read_text())["timed_out"]  # its last heartbeat
+
+
+def test_only_a_transport_s_failure_counts_as_a_lost_process() -> None:
+    """gloo's own words when its peer exits or stops answering (captured from two gloo processes of torch 2.13,
+    one of them ended or asleep mid all-reduce) and torch's DistError are a lost process (exit 69 and the ranks'
+    whereabouts); a RuntimeError of the run's own that says "timeout" or "peer" is itself, and keeps its exit code."""
+    gloo = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/"
+    lost = [
+        RuntimeError(f"{gloo}pair.cc:553] Connection closed by peer [127.0.0.1]:45721. This is typically caused"),
+        RuntimeError(f"{gloo}unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete"),
+        torch.distributed.DistNetworkError("failed to recv, got 0 bytes"),
+    ]
+    own = [
+        RuntimeError("timeout reading s3://bucket/shard-000001.tar after 3 tries"),
+        RuntimeError("the peer's checkpoint has another shape"),
+        ValueError(f"{gloo}pair.cc:553] Connection closed by peer"),
+    ]
+    assert [lost_peer(e) for e in lost] == [True] * 3
+    assert [lost_peer(e) for e in own] == [False] * 3
 
 
 def test_init_from_export(tiny_shards_module: Path, tmp_path: Path) -> None:

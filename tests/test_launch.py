@@ -195,14 +195,14 @@ def test_lines_of_processes_sharing_stderr_stay_whole() -> None:
 
 def test_processes_that_never_meet_are_named_with_the_address_to_check(tiny_shards: Path, tmp_path: Path) -> None:
     """Processes of a two-process job started alone, as when a node never starts or cannot reach the first node's
-    address (the other rank never comes), and one whose port another program holds: each ends within the
-    collective timeout with the address, the setting and what to check (exit 69), or the taken port (exit 2),
-    instead of a TCPStore traceback (exit 1)."""
+    address (the other rank never comes), one whose port another program holds, and one given a port past 65535:
+    each ends within the collective timeout with the address, the setting and what to check (exit 69), or the
+    taken or impossible port (exit 2), instead of a TCPStore traceback (exit 1)."""
     timeout = ("train.collective_timeout_s=3",)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        cases = [(0, free_port()), (1, free_port()), (0, taken.getsockname()[1])]
+        cases = [(0, free_port()), (1, free_port()), (0, taken.getsockname()[1]), (1, 70000)]
         procs = [
             rank_process(train_args(tiny_shards, tmp_path, f"alone{i}", "wae_mmd", *timeout), rank, 2, port)
             for i, (rank, port) in enumerate(cases)
@@ -217,6 +217,9 @@ def test_processes_that_never_meet_are_named_with_the_address_to_check(tiny_shar
     assert procs[2].returncode == 2, ended[2][-3000:]
     held = f"cannot host the job's rendezvous at 127.0.0.1:{cases[2][1]}: the port is in use by another program"
     assert held in ended[2], ended[2][-3000:]
+    assert procs[3].returncode == 2, ended[3][-3000:]
+    assert "MASTER_PORT='70000' is not a port number (1 to 65535)" in ended[3], ended[3][-3000:]
+    assert "Traceback" not in ended[3], ended[3][-3000:]
 
 
 def test_processes_that_do_not_run_the_same_experiment_are_refused(tiny_shards: Path, tmp_path: Path) -> None:

@@ -77,6 +77,8 @@ def build_accelerator(
         group = InitProcessGroupKwargs(timeout=timeout)
         options = {"cpu": not cuda, "kwargs_handlers": [group, DistributedDataParallelKwargs(bucket_cap_mb=bucket_mb)]}
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # then the processes meet here: torch's rendezvous
+    if several:
+        _check_port(os.environ.get("MASTER_PORT"))
     try:
         with ending_at_once(f"the other processes of the job at {_meeting_point()}") if several else _nothing():
             accelerator = Accelerator(mixed_precision=mixed_precision, **options)
@@ -104,6 +106,16 @@ def _rendezvous_error(error: Exception, timeout_s: float) -> VeganError:
         "MASTER_PORT, or accelerate launch --main_process_ip and --main_process_port), that the address is the "
         "first node's, and that the port is open between the nodes"
     )
+
+
+def _check_port(port: str | None) -> None:
+    """A rendezvous port out of range, as a launcher script's arithmetic or a typo can make it, said as such:
+    torch's store fails on it with a traceback that does not name the variable."""
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigError(
+            f"MASTER_PORT={port!r} is not a port number (1 to 65535): set MASTER_PORT, or accelerate launch "
+            "--main_process_port, to a free port"
+        )
 
 
 def _meeting_point() -> str:

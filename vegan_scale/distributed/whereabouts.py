@@ -20,6 +20,8 @@ import torch
 
 from vegan_scale import atomic
 
+TRANSPORTS = ("gloo", "nccl", "c10d", "processgroup")  # where the text of a collective's failure comes from
+LOST_PHRASES = ("connection closed", "connection reset", "timed out", "timeout", "broken pipe", "peer", "remote")
 REPORT_WAIT_S = 5.0  # how long the main process waits for the other processes' reports after its own timeout
 
 
@@ -87,20 +89,16 @@ def _last_seen(rank: int, record: dict | None) -> str:
 
 
 def lost_peer(error: BaseException) -> bool:
-    """Whether a collective failed because another process is gone (gloo and NCCL phrase it in several ways)."""
+    """Whether a collective failed because another process is gone. torch's store and NCCL raise DistError; gloo
+    raises a plain RuntimeError whose text names its own source file ("[.../gloo/transport/tcp/pair.cc:553]
+    Connection closed by peer", "... unbound_buffer.cc:78] Timed out waiting 5000ms for recv"), so the text must
+    come from a transport as well as say a peer or a timeout: a RuntimeError of the run's own that says "timeout"
+    is not a lost process."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
     text = str(error).lower()
-    return isinstance(error, torch.distributed.DistError) or (
+    return (
         isinstance(error, RuntimeError)
-        and any(
-            phrase in text
-            for phrase in (
-                "connection closed",
-                "connection reset",
-                "timed out",
-                "timeout",
-                "broken pipe",
-                "peer",
-                "nccl",
-            )
-        )
+        and any(transport in text for transport in TRANSPORTS)
+        and any(phrase in text for phrase in LOST_PHRASES)
     )

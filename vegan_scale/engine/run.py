@@ -140,8 +140,9 @@ def _lost_at_start(error: BaseException) -> LostRankError | None:
         return None
     return LostRankError(
         f"another process stopped answering while the run was being set up, before its first step "
-        f"({str(error).strip().splitlines()[0][:200]}): its own output says why (a process that failed on its data or "
-        "its configuration ends with that message)"
+        f"({str(error).strip().splitlines()[0][:200]}): a process that ended says why in its own output (one that "
+        "failed on its data or its configuration ends with that message); one that froze (stopped, or on a hung "
+        "node) writes nothing, and its node's state is for the scheduler to tell"
     )
 
 

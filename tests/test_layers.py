@@ -102,3 +102,19 @@ def test_conv_transpose2d_takes_the_output_size_and_autocast_as_torch_does():
     torch.testing.assert_close(out.float(), ref.float(), rtol=0.02, atol=0.02)  # bf16's 8 bits of mantissa
     out.float().sum().backward()
     assert layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32
+
+
+def test_an_empty_batch_passes_as_through_torch_s_layers(monkeypatch):
+    """A batch of no samples (a last batch cut to nothing) gives the empty output of torch's shape, both ways."""
+    monkeypatch.setattr(layers, "_in_bf16", lambda x: True)
+    for layer, torch_layer, x in (
+        (Conv2d(3, 4, 4, 2, padding=1), torch.nn.Conv2d, torch.randn(0, 3, 6, 6, requires_grad=True)),
+        (
+            ConvTranspose2d(3, 4, 3, 2, padding=1, output_padding=1),
+            torch.nn.ConvTranspose2d,
+            torch.randn(0, 3, 5, 5, requires_grad=True),
+        ),
+    ):
+        out = layer(x)
+        out.sum().backward()
+        assert out.shape == torch_layer.forward(layer, x).shape and x.grad.shape == x.shape

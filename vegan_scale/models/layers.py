@@ -60,9 +60,9 @@ class Conv2d(nn.Conv2d):
         geometry = zip(x.shape[2:], self.padding, self.kernel_size, self.stride, strict=True)
         size = [(i + 2 * p - k) // s + 1 for i, p, k, s in geometry]  # the output's side
         grid = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # [n, H, W, C], zero-padded
-        taps = _Collect.apply(grid, self.stride, size, self.kernel_size).view(n * size[0] * size[1], -1)
+        taps = _Collect.apply(grid, self.stride, size, self.kernel_size).flatten(3).flatten(0, 2)
         weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # [out, (row, column, in)]
-        return F.linear(taps, weight, self.bias).view(n, *size, -1).permute(0, 3, 1, 2)
+        return F.linear(taps, weight, self.bias).view(n, *size, self.out_channels).permute(0, 3, 1, 2)
 
     def _single_output(self, height: int, width: int) -> bool:
         """Whether the filter fits the padded input exactly once."""
@@ -86,7 +86,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         n, c, h, w = x.shape
         (kh, kw), (ph, pw) = self.kernel_size, self.padding
         weight = self.weight.permute(0, 2, 3, 1).reshape(c, -1)  # [in, (row, column, out)]
-        taps = (x.permute(0, 2, 3, 1).reshape(n * h * w, c) @ weight).view(n, h, w, kh, kw, -1)
+        taps = (x.permute(0, 2, 3, 1).reshape(n * h * w, c) @ weight).view(n, h, w, kh, kw, self.out_channels)
         reach = [(i - 1) * s + k for i, s, k in zip((h, w), self.stride, (kh, kw), strict=True)]  # what taps cover
         size = [r - 2 * p + e for r, p, e in zip(reach, self.padding, extra, strict=True)]  # the output's side
         grid = [max(r, p + o) for r, p, o in zip(reach, self.padding, size, strict=True)]  # taps and output fit

@@ -41,6 +41,7 @@ from tests.runkit import (
     wait_for_step,
     wait_until,
 )
+from vegan_scale.atomic import TMP_SUFFIX
 
 pytestmark = pytest.mark.distributed
 
@@ -95,6 +96,23 @@ def test_signal_to_the_whole_process_group(
     steps = [[step for step, _ in metric_rows(d)] for d in (run_dir, with_workers.parents[1])]
     assert steps[0] == steps[1] == list(range(1, 41))  # every step once, in order
     assert losses(run_dir) == losses(with_workers.parents[1])
+
+
+def test_a_stop_during_a_checkpoint_ends_the_run_on_that_checkpoint(tiny_shards_module: Path, tmp_path: Path) -> None:
+    """SIGTERM to the group while a periodic checkpoint is being written (its step_00000004 directory still under its
+    temporary name): the run ends right after that checkpoint, on it. It used to train on to its next check (here
+    the next checkpoint, step 8) and write another: twice the time a stop needs within a scheduler's grace. The
+    networks are wide (2048 units, about 150 MB with the optimizer's moments) so that the write takes a while."""
+    run_dir = tmp_path / "mnist" / "saving"
+    wide = ["model.mlp.hidden=[2048,2048]", "checkpoint.every_steps=4", "train.check_every=1000"]
+    proc = start(single(train_args(tiny_shards_module, tmp_path, "saving", "wae_mmd", *wide)))
+    writing = run_dir / "checkpoints" / f"step_00000004{TMP_SUFFIX}"
+    wait_until("the first checkpoint's writing", writing.exists, proc, every=0.001)
+    os.killpg(proc.pid, signal.SIGTERM)
+    status = _stopped_cleanly(*finish(proc), run_dir, 75)
+    assert status["step"] == 4, status
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_00000004"]
+    assert [step for step, _ in metric_rows(run_dir)] == [1, 2, 3, 4]
 
 
 def test_a_second_ctrl_c_interrupts_at_once(tiny_shards_module: Path, with_workers: Path, tmp_path: Path) -> None:

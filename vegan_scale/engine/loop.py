@@ -170,6 +170,8 @@ def _fit(run: Run, stops: StopRequests) -> None:
             _stop_if(run, None if last else stop, feed, step)
             if saving:
                 _save_checkpoint(run, step, feed.epoch)
+                if not last:  # a stop asked while it was written ends the run on it, not on one more
+                    _stop_if(run, verdict.agree(run, agreement, stops, feed, step), feed, step, saved=True)
     finally:
         feed.close()
         progress.close()
@@ -211,14 +213,15 @@ class _Interval:
         self.start = time.perf_counter()
 
 
-def _stop_if(run: Run, stop: Flag | None, feed: DataFeed, step: int) -> None:
-    """Collective: on an agreed stop, checkpoint step ``step`` and raise its error."""
+def _stop_if(run: Run, stop: Flag | None, feed: DataFeed, step: int, saved: bool = False) -> None:
+    """Collective: on an agreed stop, checkpoint step ``step`` (unless ``saved``) and raise its error."""
     if stop is None:
         return
     error, what = (InterruptedRunError, Stop.INTERRUPT) if stop == Flag.INTERRUPT else (PreemptedError, Stop.PREEMPT)
     if step == run.steps.start:  # asked while the run started: nothing was trained to save
         raise error(f"stopped on {what.value} before step {step + 1}; train.resume=auto with the same run.name runs it")
-    _save_checkpoint(run, step, feed.epoch)
+    if not saved:
+        _save_checkpoint(run, step, feed.epoch)
     raise error(
         f"stopped at step {step} on {what.value}, after writing its checkpoint; train.resume=auto with the same "
         "run.name continues it"

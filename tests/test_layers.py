@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,3 +120,22 @@ def test_an_empty_batch_passes_as_through_torch_s_layers(monkeypatch):
         out = layer(x)
         out.sum().backward()
         assert out.shape == torch_layer.forward(layer, x).shape and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    ("layer", "torch_layer", "shape"),
+    [
+        (Conv2d(3, 4, 4, stride=2), torch.nn.Conv2d, (2, 3, 2, 9)),  # the input smaller than the filter on one side
+        (ConvTranspose2d(3, 4, 1, padding=1), torch.nn.ConvTranspose2d, (2, 3, 1, 1)),  # the padding takes it all
+        (ConvTranspose2d(3, 4, 3, 2, padding=1, output_padding=2), torch.nn.ConvTranspose2d, (2, 3, 5, 5)),
+    ],
+)
+def test_a_geometry_torch_refuses_is_refused_as_torch_does(layer, torch_layer, shape, monkeypatch):
+    """Where torch's layer raises on a geometry (the last: an output padding past the stride), the product forms
+    raise the same error instead of returning an empty or padded-out output."""
+    monkeypatch.setattr(layers, "_in_bf16", lambda x: True)
+    x = torch.randn(shape)
+    with pytest.raises(RuntimeError) as theirs:
+        torch_layer.forward(layer, x)
+    with pytest.raises(RuntimeError, match=re.escape(str(theirs.value)[:40])):
+        layer(x)

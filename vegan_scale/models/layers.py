@@ -6,7 +6,10 @@ the filter's taps: a convolution gathers each output position's taps from the pa
 the weight; a transposed convolution multiplies the input by the weight and sums each tap into its output
 position. Gathering and summing taps are each other's adjoint (:class:`_Collect`, :class:`_Spread`), so each
 pass is one product plus strided copies, in channels-last, the layout the next layer reads without a copy. Each
-layer says where its form was measured to pay; elsewhere, and on GPUs (cuDNN), torch's kernels are used.
+layer says where its form was measured to pay; elsewhere, and on GPUs (cuDNN), torch's kernels are used, as
+they are for a geometry torch refuses (so that its error is raised). The two functions have no forward-mode
+derivative or vmap rule: forward-mode AD, ``torch.func``'s transforms and TorchScript do not pass through the
+product forms (vegan_scale applies none of them to these networks; ``torch.compile`` traces them).
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ class Conv2d(nn.Conv2d):
         if self._single_output(x.shape[-2], x.shape[-1]):
             return self._window_product(x)
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        if x.device.type == "cpu" and _in_bf16(x) and kh * kw <= TAPS_PER_INPUT * sh * sw:
-            return self._taps_product(x)
+        geometry = zip(x.shape[2:], self.padding, (kh, kw), (sh, sw), strict=True)
+        size = [(i + 2 * p - k) // s + 1 for i, p, k, s in geometry]  # the output's side
+        few_taps = kh * kw <= TAPS_PER_INPUT * sh * sw
+        if x.device.type == "cpu" and _in_bf16(x) and few_taps and min(size) > 0:  # else torch's, or its error
+            return self._taps_product(x, size)
         return super().forward(x)
 
     def _window_product(self, x: Tensor) -> Tensor:
@@ -55,10 +61,8 @@ class Conv2d(nn.Conv2d):
             window, weight = window.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1)
         return F.linear(window.flatten(1), weight.flatten(1), self.bias)[:, :, None, None]
 
-    def _taps_product(self, x: Tensor) -> Tensor:
+    def _taps_product(self, x: Tensor, size: list[int]) -> Tensor:
         n, (ph, pw) = x.shape[0], self.padding
-        geometry = zip(x.shape[2:], self.padding, self.kernel_size, self.stride, strict=True)
-        size = [(i + 2 * p - k) // s + 1 for i, p, k, s in geometry]  # the output's side
         grid = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # [n, H, W, C], zero-padded
         taps = _Collect.apply(grid, self.stride, size, self.kernel_size).flatten(3).flatten(0, 2)
         weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # [out, (row, column, in)]
@@ -85,10 +89,12 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         extra = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
         n, c, h, w = x.shape
         (kh, kw), (ph, pw) = self.kernel_size, self.padding
-        weight = self.weight.permute(0, 2, 3, 1).reshape(c, -1)  # [in, (row, column, out)]
-        taps = (x.permute(0, 2, 3, 1).reshape(n * h * w, c) @ weight).view(n, h, w, kh, kw, self.out_channels)
         reach = [(i - 1) * s + k for i, s, k in zip((h, w), self.stride, (kh, kw), strict=True)]  # what taps cover
         size = [r - 2 * p + e for r, p, e in zip(reach, self.padding, extra, strict=True)]  # the output's side
+        if min(size) < 1 or any(e >= s for e, s in zip(extra, self.stride, strict=True)):
+            return super().forward(x, output_size)  # torch's error says what is wrong with the geometry
+        weight = self.weight.permute(0, 2, 3, 1).reshape(c, -1)  # [in, (row, column, out)]
+        taps = (x.permute(0, 2, 3, 1).reshape(n * h * w, c) @ weight).view(n, h, w, kh, kw, self.out_channels)
         grid = [max(r, p + o) for r, p, o in zip(reach, self.padding, size, strict=True)]  # taps and output fit
         grid = _Spread.apply(taps, self.stride, grid)
         out = grid[:, ph : ph + size[0], pw : pw + size[1]]  # the padding cut away, as by torch

@@ -24,6 +24,7 @@ class AccessDenied(ShardMissing):
 
 
 REFUSED_HTTP = (401, 403)
+ABSENT_HTTP = (404, 410)  # the file is not there (a sizes.json or .idx may be; a shard must be)
 REFUSED = (
     "grant read access, or upload the file if it is missing (a bucket that may not be listed refuses files that do "
     "not exist too; vegan-scale index-shards DIRECTORY writes sizes.json and the .idx files)"

@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 from vegan_scale import retry
 from vegan_scale.data import s3
 from vegan_scale.data.faults import (
+    ABSENT_HTTP,
     CUT_SHORT,
     REFUSED,
     REFUSED_HTTP,
@@ -51,7 +52,7 @@ CHUNK = 1 << 20  # the largest single read
 MAX_MEMBER_BYTES = 1 << 30  # a tar member larger than this is damage, not an image
 OCTAL = re.compile(rb"[0-7]*")
 HTTP_TIMEOUT_S = 60.0
-PERMANENT_HTTP = (400, 404, 410)
+PERMANENT_HTTP = (400, *ABSENT_HTTP)  # a shard asked for wrongly or not there: retrying cannot help
 
 Sample = dict[str, object]  # {"__key__": str, "__url__": str, "<ext>": bytes, ...}
 

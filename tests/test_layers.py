@@ -139,3 +139,10 @@ def test_a_geometry_torch_refuses_is_refused_as_torch_does(layer, torch_layer, s
         torch_layer.forward(layer, x)
     with pytest.raises(RuntimeError, match=re.escape(str(theirs.value)[:40])):
         layer(x)
+
+
+def test_the_input_is_named_as_torch_names_it():
+    """``layer(input=x)``, as torch's layers take it."""
+    x = torch.randn(2, 3, 5, 5)
+    for layer in (Conv2d(3, 4, 4, 2, padding=1), ConvTranspose2d(3, 4, 3, 2, padding=1)):
+        torch.testing.assert_close(layer(input=x), layer(x))

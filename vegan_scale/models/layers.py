@@ -40,18 +40,18 @@ class Conv2d(nn.Conv2d):
     the second layer), and a stride-1 layer's sixteen copies of its input cost more than they saved.
     """
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not _plain(self, x):
-            return super().forward(x)
-        if self._single_output(x.shape[-2], x.shape[-1]):
-            return self._window_product(x)
+    def forward(self, input: Tensor) -> Tensor:
+        if not _plain(self, input):
+            return super().forward(input)
+        if self._single_output(input.shape[-2], input.shape[-1]):
+            return self._window_product(input)
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        geometry = zip(x.shape[2:], self.padding, (kh, kw), (sh, sw), strict=True)
+        geometry = zip(input.shape[2:], self.padding, (kh, kw), (sh, sw), strict=True)
         size = [(i + 2 * p - k) // s + 1 for i, p, k, s in geometry]  # the output's side
         few_taps = kh * kw <= TAPS_PER_INPUT * sh * sw
-        if x.device.type == "cpu" and _in_bf16(x) and few_taps and min(size) > 0:  # else torch's, or its error
-            return self._taps_product(x, size)
-        return super().forward(x)
+        if input.device.type == "cpu" and _in_bf16(input) and few_taps and min(size) > 0:  # else torch's or its error
+            return self._taps_product(input, size)
+        return super().forward(input)
 
     def _window_product(self, x: Tensor) -> Tensor:
         (kh, kw), (ph, pw) = self.kernel_size, self.padding
@@ -83,18 +83,20 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     too. The taps are summed in float32 (or wider), so autocast's only added rounding is the product's output.
     """
 
-    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
-        if x.device.type != "cpu" or not _plain(self, x):
-            return super().forward(x, output_size)
-        extra = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
-        n, c, h, w = x.shape
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if input.device.type != "cpu" or not _plain(self, input):
+            return super().forward(input, output_size)
+        geometry = (self.stride, self.padding, self.kernel_size, 2, self.dilation)
+        extra = self._output_padding(input, output_size, *geometry)
+        n, c, h, w = input.shape
         (kh, kw), (ph, pw) = self.kernel_size, self.padding
         reach = [(i - 1) * s + k for i, s, k in zip((h, w), self.stride, (kh, kw), strict=True)]  # what taps cover
         size = [r - 2 * p + e for r, p, e in zip(reach, self.padding, extra, strict=True)]  # the output's side
         if min(size) < 1 or any(e >= s for e, s in zip(extra, self.stride, strict=True)):
-            return super().forward(x, output_size)  # torch's error says what is wrong with the geometry
+            return super().forward(input, output_size)  # torch's error says what is wrong with the geometry
         weight = self.weight.permute(0, 2, 3, 1).reshape(c, -1)  # [in, (row, column, out)]
-        taps = (x.permute(0, 2, 3, 1).reshape(n * h * w, c) @ weight).view(n, h, w, kh, kw, self.out_channels)
+        taps = input.permute(0, 2, 3, 1).reshape(n * h * w, c) @ weight
+        taps = taps.view(n, h, w, kh, kw, self.out_channels)
         grid = [max(r, p + o) for r, p, o in zip(reach, self.padding, size, strict=True)]  # taps and output fit
         grid = _Spread.apply(taps, self.stride, grid)
         out = grid[:, ph : ph + size[0], pw : pw + size[1]]  # the padding cut away, as by torch

@@ -43,11 +43,11 @@ class Conv2d(nn.Conv2d):
     def forward(self, input: Tensor) -> Tensor:
         if not _plain(self, input):
             return super().forward(input)
-        if self._single_output(input.shape[-2], input.shape[-1]):
+        geometry = zip(input.shape[2:], self.padding, self.kernel_size, self.stride, strict=True)
+        size = [(i + 2 * p - k) // s + 1 for i, p, k, s in geometry]  # the output's side
+        if size == [1, 1]:  # the filter fits the padded input exactly once
             return self._window_product(input)
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        geometry = zip(input.shape[2:], self.padding, (kh, kw), (sh, sw), strict=True)
-        size = [(i + 2 * p - k) // s + 1 for i, p, k, s in geometry]  # the output's side
         few_taps = kh * kw <= TAPS_PER_INPUT * sh * sw
         if input.device.type == "cpu" and _in_bf16(input) and few_taps and min(size) > 0:  # else torch's or its error
             return self._taps_product(input, size)
@@ -67,11 +67,6 @@ class Conv2d(nn.Conv2d):
         taps = _Collect.apply(grid, self.stride, size, self.kernel_size).flatten(3).flatten(0, 2)
         weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # [out, (row, column, in)]
         return F.linear(taps, weight, self.bias).view(n, *size, self.out_channels).permute(0, 3, 1, 2)
-
-    def _single_output(self, height: int, width: int) -> bool:
-        """Whether the filter fits the padded input exactly once."""
-        sizes = zip((height, width), self.kernel_size, self.stride, self.padding, strict=True)
-        return all(size + 2 * p >= k and (size + 2 * p - k) // s == 0 for size, k, s, p in sizes)
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):

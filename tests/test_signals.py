@@ -38,6 +38,7 @@ from tests.runkit import (
     start,
     steps_logged,
     train_args,
+    two_ranks,
     wait_for_step,
     wait_until,
 )
@@ -98,18 +99,26 @@ def test_signal_to_the_whole_process_group(
     assert losses(run_dir) == losses(with_workers.parents[1])
 
 
-def test_a_stop_during_a_checkpoint_ends_the_run_on_that_checkpoint(tiny_shards_module: Path, tmp_path: Path) -> None:
-    """SIGTERM to the group while a periodic checkpoint is being written (its step_00000004 directory still under its
-    temporary name): the run ends right after that checkpoint, on it. It used to train on to its next check (here
-    the next checkpoint, step 8) and write another: twice the time a stop needs within a scheduler's grace. The
-    networks are wide (2048 units, about 150 MB with the optimizer's moments) so that the write takes a while."""
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_stop_during_a_checkpoint_ends_the_run_on_that_checkpoint(
+    ranks: int, tiny_shards_module: Path, tmp_path: Path
+) -> None:
+    """SIGTERM to every process of the job (each rank's process group, loader workers included, as srun delivers it)
+    while a periodic checkpoint is being written (its step_00000004 directory still under its temporary name): the
+    run ends right after that checkpoint, on it. It used to train on to its next check (here the next checkpoint,
+    step 8) and write another: twice the time a stop needs within a scheduler's grace. The networks are wide (2048
+    units, about 150 MB with the optimizer's moments) so that the write takes a while."""
     run_dir = tmp_path / "mnist" / "saving"
-    wide = ["model.mlp.hidden=[2048,2048]", "checkpoint.every_steps=4", "train.check_every=1000"]
-    proc = start(single(train_args(tiny_shards_module, tmp_path, "saving", "wae_mmd", *wide)))
+    wide = ["model.mlp.hidden=[2048,2048]", "checkpoint.every_steps=4", "train.check_every=1000", WORKERS]
+    args = train_args(tiny_shards_module, tmp_path, "saving", "wae_mmd", *wide)
+    procs = [start(single(args))] if ranks == 1 else two_ranks(args)
     writing = run_dir / "checkpoints" / f"step_00000004{TMP_SUFFIX}"
-    wait_until("the first checkpoint's writing", writing.exists, proc, every=0.001)
-    os.killpg(proc.pid, signal.SIGTERM)
-    status = _stopped_cleanly(*finish(proc), run_dir, 75)
+    wait_until("the first checkpoint's writing", writing.exists, procs[0], every=0.001)
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGTERM)
+    ended = [finish(proc) for proc in procs]
+    status = _stopped_cleanly(*ended[0], run_dir, 75)
+    assert all(code == 75 for code, _ in ended), [out[-3000:] for _, out in ended]
     assert status["step"] == 4, status
     assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_00000004"]
     assert [step for step, _ in metric_rows(run_dir)] == [1, 2, 3, 4]

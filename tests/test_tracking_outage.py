@@ -10,6 +10,7 @@ use the session's server (conftest's ``mlflow_server``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ from tests.paths import ROOT
 from tests.runkit import (
     MlflowServer,
     ddp,
+    env,
     exit_status,
     finish,
     free_port,
@@ -416,3 +418,67 @@ def test_an_evaluation_with_odd_values_is_sent_once(tmp_path: Path) -> None:
         run.send_evaluation(report)
     for key in ("final/fid", "final/mse", "final/kid", "final/real/fid"):
         assert len(client.get_metric_history(run.run_id, key)) == 1, key
+
+
+@contextlib.contextmanager
+def _health_only() -> Iterator[str]:
+    """A server that answers MLflow's health check and nothing else: every API request is accepted and held
+    unanswered (a server whose database is locked, a proxy that lets the health check through)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    released = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path != "/health":
+                released.wait()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        do_POST = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        released.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_python_api_does_not_wait_for_a_server_that_hangs_after_its_health_check(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    """The Python API leaves MLflow's client settings as the user has them (by default 120 s a request, 7 retries).
+    A server that passed the health check and then never answered held the run's first step for about a quarter of
+    an hour; the run now trains after waiting 20 s for it, ends within its close timeout, and says how to send it
+    all later."""
+    run_dir = tmp_path / "mnist" / "api"
+    args = _args(tiny_shards, tmp_path, "api", "URI", "tracking.close_timeout_s=1", "train.max_steps=20")[3:]
+    environment = {k: v for k, v in env().items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    script = "import sys, vegan_scale; vegan_scale.train(sys.argv[1], sys.argv[2:])"
+    with _health_only() as uri:
+        started = time.monotonic()
+        trained = subprocess.run(
+            [sys.executable, "-c", script, *[a.replace("URI", uri) for a in args]],
+            cwd=ROOT,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
+    assert trained.returncode == 0, (trained.stdout + trained.stderr)[-3000:]
+    assert time.monotonic() - started < 100
+    said = (run_dir / "train.log").read_text()  # the API's caller has the console; the run's log has it all
+    assert f"MLflow at {uri} has not answered the opening of the run in 20 s" in said, said[-3000:]
+    assert f"vegan-scale sync {run_dir}" in said, said[-3000:]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if '"train/loss"' in line] == list(range(1, 21))

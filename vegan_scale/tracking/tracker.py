@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SEND_BACKOFF = Backoff(attempts=None, backoff_s=1.0, max_wait_s=30.0)  # a send waits for the server for ever
 # Errors a retry cannot fix: the request itself is wrong.
 PERMANENT_ERRORS = ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE")
+OPEN_WAIT_S = 20.0  # how long the first step waits for a tracking server to open the run
 
 
 class Tracker:
@@ -65,21 +66,25 @@ class Tracker:
         self._rows_lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
-        # Opening the run (and, for a new sqlite store, creating its tables) happens before the first step: a
-        # process killed while MLflow migrates a sqlite file leaves it unusable, so that window stays out of training.
+        # The run is opened by the sending thread before the first step: a process killed while MLflow migrates a
+        # new sqlite store leaves it unusable, so a local store's opening stays out of training. A server is waited
+        # for at most OPEN_WAIT_S: one that answers its health check and hangs on the API would otherwise hold the
+        # first step for MLflow's own timeouts (120 s a request, 7 retries: a quarter of an hour by default).
         # MLflow logs each failed database call with its traceback before raising it: a store on a full disk would
         # print one at every retry, for the whole run. The tracker reports a failing store once, in one line.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-        open_run = self._opening = functools.partial(self._open_run, new, resume_notes)
-        if not answered:  # a server that hangs would hold the first step for a request's whole timeout
-            self._submit(open_run)
+        tried = threading.Event()  # the first attempt to open the run ended, opened or not
+        self._opening = functools.partial(_first_try, functools.partial(self._open_run, new, resume_notes), tried)
+        self._submit(self._opening)
+        if not answered:  # already said: the server is not waited for
             return
-        try:
-            open_run()
-        except Exception as e:  # a refusal is said by the sending thread, once
-            if not _refused(e):
-                log.warning("MLflow at %s cannot open the run yet (%s); retrying in the background", uri, _reason(e))
-            self._submit(open_run)
+        if not tried.wait(OPEN_WAIT_S if uri.startswith(("http://", "https://")) else None):
+            log.warning(
+                "MLflow at %s has not answered the opening of the run in %.0f s; training anyway, the run is opened "
+                "in the background",
+                uri,
+                OPEN_WAIT_S,
+            )
 
     @staticmethod
     def check(cfg: Any) -> None:
@@ -251,6 +256,14 @@ def _send(task: Callable[[], None], uri: str) -> Exception | None:
     if failing:
         log.warning("MLflow at %s answers again; sending what waited", uri)
     return None
+
+
+def _first_try(task: Callable[[], None], tried: threading.Event) -> None:
+    """``task``, and ``tried`` set once it has run, whatever the outcome (a retry sets it again)."""
+    try:
+        task()
+    finally:
+        tried.set()
 
 
 def _refused(error: BaseException) -> bool:

@@ -110,7 +110,7 @@ class _Spread(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return _collect(grad, ctx.stride, ctx.positions, ctx.kernel).to(ctx.dtype), None, None
+        return _collect(grad, ctx.stride, ctx.positions, ctx.kernel, ctx.dtype), None, None
 
 
 class _Collect(torch.autograd.Function):
@@ -136,9 +136,13 @@ def _spread(taps: Tensor, stride: Pair, size: Sequence[int]) -> Tensor:
     return grid
 
 
-def _collect(grid: Tensor, stride: Pair, positions: Sequence[int], kernel: Sequence[int]) -> Tensor:
+def _collect(
+    grid: Tensor, stride: Pair, positions: Sequence[int], kernel: Sequence[int], dtype: torch.dtype | None = None
+) -> Tensor:
+    """The taps, in ``dtype`` (the grid's by default): converted as they are copied, with no full-size temporary
+    (a float32 gradient's taps, then a bf16 copy of them, took 20 ms against 3.4 for the decoder's second layer)."""
     (h, w), (kh, kw) = positions, kernel
-    taps = grid.new_empty((grid.shape[0], h, w, kh, kw, grid.shape[3]))
+    taps = grid.new_empty((grid.shape[0], h, w, kh, kw, grid.shape[3]), dtype=dtype)
     for i in range(kh):
         for j in range(kw):
             taps[:, :, :, i, j] = grid[:, _every(i, h, stride[0]), _every(j, w, stride[1])]

@@ -22,13 +22,18 @@ class AccessDenied(ShardMissing):
 
     reason = "refused_shard"
 
+    @classmethod
+    def of(cls, url: str, how: str) -> AccessDenied:
+        """The refusal of ``url``, said as ``how`` (the server's status or code), with the two ways out."""
+        return cls(
+            f"{url} cannot be read {how}: grant read access, or upload the file if it is missing (a bucket that may "
+            "not be listed refuses files that do not exist too; vegan-scale index-shards DIRECTORY writes sizes.json "
+            "and the .idx files)"
+        )
+
 
 REFUSED_HTTP = (401, 403)
 ABSENT_HTTP = (404, 410)  # the file is not there (a sizes.json or .idx may be; a shard must be)
-REFUSED = (
-    "grant read access, or upload the file if it is missing (a bucket that may not be listed refuses files that do "
-    "not exist too; vegan-scale index-shards DIRECTORY writes sizes.json and the .idx files)"
-)
 
 
 class ShardCorrupt(ShardError):

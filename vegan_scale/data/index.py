@@ -31,7 +31,7 @@ import numpy as np
 
 from vegan_scale import retry, stored_json
 from vegan_scale.data import s3
-from vegan_scale.data.faults import ABSENT_HTTP, REFUSED, REFUSED_HTTP, AccessDenied, TransientReadError
+from vegan_scale.data.faults import ABSENT_HTTP, REFUSED_HTTP, AccessDenied, TransientReadError
 from vegan_scale.errors import DataError
 from vegan_scale.retry import Backoff
 
@@ -167,7 +167,7 @@ def _fetch(url: str, backoff: Backoff = FETCH_BACKOFF) -> bytes | None:
                     data = response.read(MAX_FETCH_BYTES + 1)
             except urllib.error.HTTPError as e:
                 if e.code in REFUSED_HTTP:
-                    raise AccessDenied(f"{url} cannot be read (HTTP {e.code}): {REFUSED}") from None
+                    raise AccessDenied.of(url, f"(HTTP {e.code})") from None
                 if e.code in ABSENT_HTTP:
                     return None
                 raise

@@ -22,7 +22,6 @@ from typing import Any
 
 from vegan_scale.data.faults import (
     CUT_SHORT,
-    REFUSED,
     AccessDenied,
     ShardError,
     ShardMissing,
@@ -97,7 +96,7 @@ def _failure(error: Exception, url: str) -> Exception:
         if code in MISSING:
             return ShardMissing(f"{url} does not exist ({code})")
         if code in DENIED:
-            return AccessDenied(f"{url} cannot be read with these credentials ({code}): {REFUSED}")
+            return AccessDenied.of(url, f"with these credentials ({code})")
         if code in CREDENTIALS:
             return DataError(f"the AWS credentials were refused reading {url} ({code}): renew or correct them")
         if code == "InvalidRange":  # no byte there: the object ends before the samples its .idx places

@@ -33,7 +33,6 @@ from vegan_scale.data import s3
 from vegan_scale.data.faults import (
     ABSENT_HTTP,
     CUT_SHORT,
-    REFUSED,
     REFUSED_HTTP,
     AccessDenied,
     ShardCorrupt,
@@ -111,7 +110,7 @@ def open_url(url: str, start: int = 0, end: int | None = None) -> tuple[BinaryIO
             return _HTTPBody(response, url), start == 0 or response.status == 206  # 200: the server ignored Range
         except urllib.error.HTTPError as e:
             if e.code in REFUSED_HTTP:
-                raise AccessDenied(f"shard {url} cannot be read (HTTP {e.code}): {REFUSED}") from None
+                raise AccessDenied.of(f"shard {url}", f"(HTTP {e.code})") from None
             if e.code in PERMANENT_HTTP:
                 raise ShardMissing(f"shard {url} does not exist (HTTP {e.code})") from None
             if e.code == 416:  # no byte there: the shard ends before the samples its .idx places

@@ -703,3 +703,25 @@ def test_every_results_row_has_a_command_that_resolves():
         config, *overrides = train.split()
         cfg = load_experiment(ROOT / config, overrides)
         assert Path(cfg.run.root) / cfg.run.experiment / cfg.run.name == Path(run_dir), train
+
+
+def test_the_python_api_checks_a_loaded_experiment_again_and_its_overrides(tmp_path: Path) -> None:
+    """A configuration loaded, then changed in Python, was trained as it was: a run name that left run.root
+    (``../../escape``), a negative step count (a run "finished" at step 0), an unknown network (a KeyError). Overrides
+    given as one string were read letter by letter; a number among them was an AttributeError."""
+    import vegan_scale
+
+    base = ["run.root=" + str(tmp_path / "runs"), "model.network=mlp"]
+    for section, key, value, words in [
+        ("run", "name", "../../escape", "run.name='../../escape' must be one directory name"),
+        ("train", "max_steps", -5, "train.max_steps=-5 is out of range"),
+        ("model", "network", "nonsense", "model.network='nonsense' is not one of"),
+    ]:
+        cfg = load_experiment(ROOT / "configs/mnist/wae_mmd.yaml", base)
+        setattr(getattr(cfg, section), key, value)
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            vegan_scale.train(cfg)
+    for overrides in ["train.max_steps=5", [5], None]:
+        with pytest.raises(ConfigError, match=r"overrides must be a list of key\.sub=value strings"):
+            vegan_scale.train(ROOT / "configs/mnist/wae_mmd.yaml", overrides)
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "runs").exists()

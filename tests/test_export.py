@@ -158,3 +158,29 @@ def test_an_export_among_other_files_is_refused_and_over_an_earlier_one_replaces
     export.write(exported, weights, dataclasses.asdict(cfg), 0)
     assert sorted(p.name for p in exported.iterdir()) == [export.MODEL_FILE, export.CONFIG_FILE]
     assert all(torch.equal(weights[k], v) for k, v in export.read(exported)[0].items())
+
+
+def test_a_fifo_in_place_of_the_weights_is_refused_not_waited_for(exported: Path) -> None:
+    """A FIFO (a named pipe left on shared storage) where the weights belong: opening it waited for a writer that
+    never came (holding the interpreter's lock, so in a process of its own here). It is refused by name, at once."""
+    import os
+    import subprocess
+
+    (exported / export.MODEL_FILE).unlink()
+    os.mkfifo(exported / export.MODEL_FILE)
+    script = "import sys, vegan_scale; vegan_scale.load(sys.argv[1])"
+    loaded = subprocess.run([sys.executable, "-c", script, str(exported)], capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 1
+    assert "model.safetensors is not a readable safetensors file (not a regular file" in loaded.stderr, loaded.stderr
+
+
+@pytest.mark.parametrize("device", ["cuda", "nonsense", "meta", ""])
+def test_a_device_that_cannot_be_used_is_refused_by_name_before_the_weights_are_read(
+    exported: Path, device: str
+) -> None:
+    """torch's AssertionError ("not compiled with CUDA") or RuntimeError came after the weights were read."""
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    (exported / export.MODEL_FILE).unlink()  # not read: the device is refused first
+    with pytest.raises(ConfigError, match=rf"device '{device}' cannot be used here \(.+\); use 'cpu'"):
+        vegan_scale.load(exported, device=device)

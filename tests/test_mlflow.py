@@ -378,3 +378,32 @@ def test_a_tracking_uri_that_cannot_work_is_refused_before_training(uri: str, wo
         check_uri(uri)
     for good in ("http://127.0.0.1:5000", "https://mlflow.example.org", "sqlite:///runs/mlflow.db", "databricks"):
         check_uri(good)
+
+
+def test_a_store_that_cannot_hold_the_model_is_refused_at_once(tmp_path: Path) -> None:
+    """`vegan_scale.load` of an MLflow model with the client's settings as the user has them (by default 120 s a
+    request, 7 retries): a server that refuses connections took 250 s to fail and one that accepts connections and
+    never answers longer than that; a sqlite URI of a file that does not exist was created, directory and all.
+    Each is now refused by name within the health check's 10 s, and creates nothing."""
+    import socket
+
+    from tests.runkit import free_port
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections are accepted by the kernel, and never answered
+    missing = tmp_path / "no" / "mlflow.db"
+    cases = [
+        (f"http://127.0.0.1:{free_port()}", "does not answer"),
+        (f"http://127.0.0.1:{silent.getsockname()[1]}", "does not answer"),
+        (f"sqlite:///{missing}", f"there is no MLflow store at {missing}"),
+    ]
+    try:
+        for uri, words in cases:
+            started = time.monotonic()
+            with pytest.raises(ConfigError, match=f"cannot download the model runs:/abc/model: .*{words}"):
+                vegan_scale.load("runs:/abc/model", tracking_uri=uri)
+            assert time.monotonic() - started < 15, uri
+    finally:
+        silent.close()
+    assert not (tmp_path / "no").exists()

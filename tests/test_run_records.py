@@ -114,3 +114,27 @@ def test_strangers_are_what_a_directory_without_a_run_holds_besides_a_run_s_entr
     assert run_dir.strangers() == ["data", "notes.txt"]
     run_dir.ranks.mkdir()  # an attempt took the lock: a run's directory
     assert run_dir.strangers() == []
+
+
+def test_two_runs_of_a_script_within_one_second_get_two_directories(tiny_shards: Path, tmp_path: Path) -> None:
+    """Without run.name, a run is named by its settings and the second it started: a script's second run within
+    that second (here the clock is held still) took the first run's directory, and with a longer train.max_steps
+    silently continued it. The second is now a new run beside it, named with -2."""
+    from tests.paths import ROOT
+    from tests.runkit import env, train_args
+
+    args = [a for a in train_args(tiny_shards, tmp_path, "unused")[3:] if not a.startswith("run.name=")]
+    script = (
+        "import sys, time, vegan_scale\n"
+        "time.strftime = lambda *a: '20260101-000000'\n"
+        "print('RUN', vegan_scale.train(sys.argv[1], [*sys.argv[2:], 'train.max_steps=4']))\n"
+        "print('RUN', vegan_scale.train(sys.argv[1], [*sys.argv[2:], 'train.max_steps=6']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = (Path(line[4:]) for line in done.stdout.splitlines() if line.startswith("RUN "))
+    assert first.name.endswith("-20260101-000000") and second.name == first.name + "-2"
+    for run_dir, steps in ((first, 4), (second, 6)):
+        trained = [row["step"] for row in metrics_log.read(run_dir / "metrics.jsonl") if "train/loss" in row]
+        assert trained == list(range(1, steps + 1)), run_dir

@@ -146,6 +146,8 @@ def _opened(file: Path) -> Iterator[Any]:
     """A safetensors file opened for reading; a ConfigError naming it when it cannot be read (a header cut short or
     damaged, a directory in its place), so that every reader of an export says the same."""
     try:
+        if file.exists() and not file.is_file():  # a FIFO would hold the opening until something writes to it
+            raise OSError(f"not a regular file: {file}")
         with safe_open(str(file), framework="pt") as f:
             yield f
     except (SafetensorError, OSError) as e:

@@ -74,9 +74,16 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [p for step, p in sorted((s, p) for s, p in found if s is not None) if p.is_dir() and is_complete(p)]
 
 
-def default_run_name(penalty: str, network: str, latent_dim: int, global_batch: int, lr: float) -> str:
-    """A name that says what ran and when, e.g. mmd-conv-z8-gb100-lr0.001-20250101-120000."""
-    return f"{penalty}-{network}-z{latent_dim}-gb{global_batch}-lr{lr:g}-{time.strftime('%Y%m%d-%H%M%S')}"
+def default_run_name(parent: Path, penalty: str, network: str, latent_dim: int, global_batch: int, lr: float) -> str:
+    """A name that says what ran and when, e.g. mmd-conv-z8-gb100-lr0.001-20250101-120000, that no directory in
+    ``parent`` has: a script's second run within the same second (-2, -3, ...) is a new run, not a continuation of
+    the first."""
+    first = f"{penalty}-{network}-z{latent_dim}-gb{global_batch}-lr{lr:g}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, taken = first, 1
+    while (parent / name).exists():
+        taken += 1
+        name = f"{first}-{taken}"
+    return name
 
 
 _ENTRIES: set[str] = set()  # the names a run writes at the top of its directory

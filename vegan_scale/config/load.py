@@ -33,6 +33,10 @@ def load_config(schema: type, path: str | Path | Mapping[str, Any] | None, overr
     ``path`` may also be the experiment itself, as nested mappings (the Python API's dict form); its ``inherit``
     files are then found relative to the working directory.
     """
+    if not isinstance(overrides, list | tuple) or not all(isinstance(item, str) for item in overrides):
+        raise ConfigError(
+            f"overrides must be a list of key.sub=value strings, e.g. ['train.max_steps=200'], got {overrides!r}"
+        )
     if isinstance(path, Mapping):
         sources = _with_parents(schema, dict(path), "the configuration passed in", Path.cwd(), ())
     else:

@@ -32,7 +32,8 @@ class RunConfig:
     name: str | None = param(
         None,
         "Run name (run directory and MLflow run); default '<penalty>-<network>-z<latent>-gb<global batch>-lr<lr>-"
-        "<timestamp>', e.g. mmd-conv-z8-gb100-lr0.001-20250101-120000. Letters, digits, '.', '_' and '-'.",
+        "<timestamp>', e.g. mmd-conv-z8-gb100-lr0.001-20250101-120000, with -2, -3, ... where a run of that second has "
+        "the name. Letters, digits, '.', '_' and '-'.",
     )
     seed: int = param(
         0,

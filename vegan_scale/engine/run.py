@@ -58,14 +58,14 @@ class Run:
 
 def _run_dir(cfg: Any, accelerator: Accelerator) -> RunDir:
     """The run directory; the main process picks the default name (it contains a timestamp) for everyone."""
-    m = cfg.model
-    default = rundir.default_run_name(
-        cfg.penalty.kind, m.network, m.latent_dim, cfg.train.global_batch_size, cfg.optim.lr
-    )
-    name = [cfg.run.name or default]
+    m, parent = cfg.model, Path(cfg.run.root) / cfg.run.experiment
+    name = [cfg.run.name]
+    if not name[0] and accelerator.is_main_process:
+        name = [rundir.default_run_name(parent, cfg.penalty.kind, m.network, m.latent_dim,
+                                        cfg.train.global_batch_size, cfg.optim.lr)]  # fmt: skip
     if accelerator.num_processes > 1:
         broadcast_object_list(name)
-    return RunDir(Path(cfg.run.root) / cfg.run.experiment / name[0])
+    return RunDir(parent / name[0])
 
 
 def _records(cfg: Any, run_dir: RunDir, accelerator: Accelerator, start_step: int, notes: list[str] | None) -> Records:

@@ -97,14 +97,8 @@ def check_reachable(uri: str, on_unreachable: str) -> bool:
     """A tracking server must answer at start, unless the user chose to train without it; whether it answered.
     A URI of no tracking store is refused either way (:func:`check_uri`)."""
     check_uri(uri)
-    if not uri.startswith(("http://", "https://")):
+    if (problem := unanswered(uri)) is None:
         return True
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
-            response.read()
-        return True
-    except (urllib.error.URLError, OSError) as e:
-        problem = f"the MLflow server at {uri} does not answer ({e})"
     if on_unreachable == "error":
         raise ConfigError(
             f"{problem}; start it, fix tracking.uri, or set tracking.on_unreachable=continue to train "
@@ -112,6 +106,19 @@ def check_reachable(uri: str, on_unreachable: str) -> bool:
         )
     log.warning("%s; training anyway and retrying in the background", problem)
     return False
+
+
+def unanswered(uri: str) -> str | None:
+    """Why the tracking server at ``uri`` does not answer its health check within 10 s; None when it does, or
+    when ``uri`` names no server."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
+            response.read()
+        return None
+    except (urllib.error.URLError, OSError) as e:
+        return f"the MLflow server at {uri} does not answer ({e})"
 
 
 @dataclass(frozen=True)

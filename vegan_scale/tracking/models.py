@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import numpy as np
 from vegan_scale import export, provenance
 from vegan_scale.config.yaml_file import read_yaml
 from vegan_scale.errors import ConfigError
+from vegan_scale.tracking.mlflow_run import unanswered
 
 MODEL_NAME = "model"
 CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -157,11 +159,25 @@ def _files_of(uri: str, tracking_uri: str | None) -> str:
     return model.artifact_location if model is not None else uri
 
 
+def _check_store(uri: str, store: str | None) -> None:
+    """Refuse, at once, a store that cannot hold the model: a server that does not answer (MLflow's client would
+    retry for minutes, by default seven times 120 s), a sqlite file that does not exist (MLflow would create it)."""
+    problem = unanswered(store) if store else None
+    if store and store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        problem = f"there is no MLflow store at {store.removeprefix('sqlite:///')}"
+    if problem is not None:
+        raise ConfigError(
+            f"cannot download the model {uri}: {problem}; check the tracking URI (tracking_uri=... or "
+            "$MLFLOW_TRACKING_URI) and that its server is running"
+        )
+
+
 def _download(uri: str, tracking_uri: str | None, into: Path) -> Path:
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
     where = tracking_uri or "the tracking URI in $MLFLOW_TRACKING_URI (or MLflow's default)"
+    _check_store(uri, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     try:
         source = _files_of(uri, tracking_uri)
         local = Path(

@@ -330,11 +330,19 @@ def test_diamond_inherit_is_not_circular(tmp_path):
         ("inherit:\nmodel: {latent_dim: 3}\n", None),
         ("inherit: 3\n", "inherit"),
         ("inherit: [3]\n", "inherit"),
+        (
+            "model: {latent_dim: 3}\nmodel: {latent_dim: 4}\n",
+            "key 'model' is written twice in one mapping (lines 1 and 2)",
+        ),
+        (
+            "model:\n  latent_dim: 3\n  latent_dim: 4\n",
+            "key 'latent_dim' is written twice in one mapping (lines 2 and 3)",
+        ),
     ],
 )
 def test_malformed_file(tmp_path, text, words):
-    """Invalid YAML (said on one line with its place), a non-mapping or a malformed inherit is a ConfigError naming
-    the file; an empty inherit is none."""
+    """Invalid YAML (said on one line with its place), a non-mapping, a malformed inherit or a key written twice (YAML
+    keeps the last without a word) is a ConfigError naming the file; an empty inherit is none."""
     path = write(tmp_path / "bad.yaml", text)
     if words is None:
         assert load(path).model.latent_dim == 3
@@ -631,18 +639,18 @@ def test_text_keys_take_the_override_as_typed():
 
 
 def test_text_keys_in_a_file_keep_the_text_as_written(tmp_path):
-    """YAML 1.1 reads plain 010 as 8, 0x10 as 16, no as false and 1:30 as 90: in a file, as on the command line, a
-    key that holds text keeps what was written (run 010 and run 8 shared a directory). Numbers stay numbers, and a
-    list stays a list (refused as a tag), in a file and in the files it inherits."""
+    """YAML 1.1 reads plain 010 as 8, 0x10 as 16, no as false, 1:30 as 90 and 2019-01-01 as a date: in a file, as
+    on the command line, a key that holds text keeps what was written (run 010 and run 8 shared a directory).
+    Numbers stay numbers, and a list stays a list (refused as a tag), in a file and in the files it inherits."""
     parent = write(tmp_path / "parent.yaml", f"inherit: {MNIST / 'quickstart.yaml'}\nrun: {{experiment: 0x10}}\n")
     child = write(
         tmp_path / "child.yaml",
-        "inherit: parent.yaml\nrun: {name: 010}\ntracking: {tags: {a: no, b: 1:30, c: 1_000, d: '07'}}\n"
+        "inherit: parent.yaml\nrun: {name: 010}\ntracking: {tags: {a: no, b: 1:30, c: 1_000, d: '07', e: 2019-01-01}}\n"
         "train: {max_steps: 010}\n",
     )
     cfg = load(child)
     assert (cfg.run.name, cfg.run.experiment, cfg.train.max_steps) == ("010", "0x10", 8)
-    assert cfg.tracking.tags == {"a": "no", "b": "1:30", "c": "1_000", "d": "07"}
+    assert cfg.tracking.tags == {"a": "no", "b": "1:30", "c": "1_000", "d": "07", "e": "2019-01-01"}
     assert parent.exists() and "tracking.tags.x must be text" in config_error(
         write(tmp_path / "list.yaml", "tracking: {tags: {x: [010]}}\n")
     )
@@ -708,7 +716,8 @@ def test_every_results_row_has_a_command_that_resolves():
 def test_the_python_api_checks_a_loaded_experiment_again_and_its_overrides(tmp_path: Path) -> None:
     """A configuration loaded, then changed in Python, was trained as it was: a run name that left run.root
     (``../../escape``), a negative step count (a run "finished" at step 0), an unknown network (a KeyError). Overrides
-    given as one string were read letter by letter; a number among them was an AttributeError."""
+    given as one string were read letter by letter; a number among them was an AttributeError. Loading changed the
+    caller's nested dicts."""
     import vegan_scale
 
     base = ["run.root=" + str(tmp_path / "runs"), "model.network=mlp"]
@@ -725,3 +734,6 @@ def test_the_python_api_checks_a_loaded_experiment_again_and_its_overrides(tmp_p
         with pytest.raises(ConfigError, match=r"overrides must be a list of key\.sub=value strings"):
             vegan_scale.train(ROOT / "configs/mnist/wae_mmd.yaml", overrides)
     assert not (tmp_path / "escape").exists() and not (tmp_path / "runs").exists()
+    given = {"inherit": [], "train": {"mixed_precision": False}}  # YAML's reading of `no`, put back as the word
+    assert load_experiment(given).train.mixed_precision == "no"
+    assert given == {"inherit": [], "train": {"mixed_precision": False}}  # the caller's dicts untouched

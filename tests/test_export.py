@@ -184,3 +184,10 @@ def test_a_device_that_cannot_be_used_is_refused_by_name_before_the_weights_are_
     (exported / export.MODEL_FILE).unlink()  # not read: the device is refused first
     with pytest.raises(ConfigError, match=rf"device '{device}' cannot be used here \(.+\); use 'cpu'"):
         vegan_scale.load(exported, device=device)
+
+
+def test_a_value_out_of_range_in_model_yaml_names_the_file(exported: Path) -> None:
+    """The error said "the configuration passed in", not which file to mend."""
+    doctor(exported, "model.latent_dim", -1)
+    with pytest.raises(ConfigError, match=rf"^{exported / export.CONFIG_FILE}: model.latent_dim=-1 is out of range"):
+        vegan_scale.load(exported)

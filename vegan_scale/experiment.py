@@ -69,10 +69,14 @@ def stall_timeout_s(cfg: Any) -> float:
     return cfg.data.stall_timeout_s or cfg.train.collective_timeout_s / 2
 
 
-def load_experiment(source: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Any:
-    """The experiment in ``source`` (a YAML file, nested dicts, or None for the defaults) with ``overrides``
-    applied, every value and rule checked (:func:`vegan_scale.config.load.load_config`)."""
-    return load_config(ExperimentConfig, source, overrides)
+def load_experiment(
+    source: str | Path | Mapping[str, Any] | None,
+    overrides: Sequence[str] = (),
+    name: str = "the configuration passed in",
+) -> Any:
+    """The experiment in ``source`` (a YAML file, nested dicts said in errors to be ``name``, or None for the
+    defaults) with ``overrides`` applied, every value and rule checked (:func:`vegan_scale.config.load.load_config`)."""
+    return load_config(ExperimentConfig, source, overrides, name)
 
 
 def text_key(key: str) -> bool:

@@ -87,8 +87,12 @@ def load_export(directory: str | Path, device: torch.device | str = "cpu") -> Au
     Nothing in the files is executed or interpolated (see :func:`vegan_scale.export.read_sections`), and the
     weights' shapes are checked before the network is built."""
     directory = Path(directory)
-    cfg = load_experiment(export.read_sections(directory))
-    return load_model(cfg, directory / export.MODEL_FILE, device)
+    return load_model(export_experiment(directory), directory / export.MODEL_FILE, device)
+
+
+def export_experiment(directory: Path) -> Any:
+    """The experiment an export's ``model.yaml`` describes, checked as a configuration file is (errors name it)."""
+    return load_experiment(export.read_sections(directory), name=str(directory / export.CONFIG_FILE))
 
 
 def build_penalty(cfg: Any) -> LatentPenalty:

@@ -26,23 +26,36 @@ from vegan_scale.errors import ConfigError
 INHERIT_KEY = "inherit"
 
 
-def load_config(schema: type, path: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Any:
+def load_config(
+    schema: type,
+    path: str | Path | Mapping[str, Any] | None,
+    overrides: Sequence[str] = (),
+    name: str = "the configuration passed in",
+) -> Any:
     """The experiment at ``path`` (or the schema defaults when None) with ``overrides`` applied, validated (every
     value, then the rules across keys: see :mod:`vegan_scale.config.validate`).
 
-    ``path`` may also be the experiment itself, as nested mappings (the Python API's dict form); its ``inherit``
-    files are then found relative to the working directory.
+    ``path`` may also be the experiment itself, as nested mappings (the Python API's dict form; ``name`` says where
+    they came from in errors); its ``inherit`` files are then found relative to the working directory.
     """
     if not isinstance(overrides, list | tuple) or not all(isinstance(item, str) for item in overrides):
         raise ConfigError(
             f"overrides must be a list of key.sub=value strings, e.g. ['train.max_steps=200'], got {overrides!r}"
         )
     if isinstance(path, Mapping):
-        sources = _with_parents(schema, dict(path), "the configuration passed in", Path.cwd(), ())
+        sources = _with_parents(schema, _own(path), name, Path.cwd(), ())
     else:
         sources = _file_chain(schema, Path(path), ()) if path is not None else []
     overridden = [(f"command-line override {item!r}", _parse_override(schema, item)) for item in overrides]
     return _compose(schema, [*sources, *overridden])
+
+
+def _own(data: Any) -> Any:
+    """A copy of nested mappings and lists, their leaves shared: loading changes the data it reads (a word YAML
+    took for a boolean put back, ``inherit`` taken out), never the caller's."""
+    if isinstance(data, Mapping):
+        return {key: _own(value) for key, value in data.items()}
+    return [_own(item) for item in data] if isinstance(data, list) else data
 
 
 def load_stored(schema: type, path: Path) -> Any:

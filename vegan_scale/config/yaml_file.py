@@ -10,8 +10,8 @@ a checkpoint named by mistake) is refused by its size or its bytes, not read who
 that is not a regular file (a device, a pipe) before anything is read.
 
 YAML 1.1 reads plain scalars by their look: ``010`` is the number 8, ``0x10`` 16, ``1_000`` 1000, ``no`` false,
-``1:30`` 90. Under a key that holds text (a run name, a tag) the reader keeps them as written, so that
-``run: {name: 010}`` does not name run 8.
+``1:30`` 90, ``2019-01-01`` a date. Under a key that holds text (a run name, a tag) the reader keeps them as
+written, so that ``run: {name: 010}`` does not name run 8. A key written twice in one mapping is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from vegan_scale.errors import ConfigError
 MAX_VALUES = 100_000  # with aliases expanded; a configuration holds a few hundred
 MAX_BYTES = 4 << 20  # a configuration is a few kilobytes of text
 STR_TAG = "tag:yaml.org,2002:str"
-RETYPED = {f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "bool")}  # by a plain scalar's look
+RETYPED = {f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "bool", "timestamp")}  # by a scalar's look
 
 
 def read_yaml(path: Path, takes_text: Callable[[str], bool] = lambda key: False) -> Any:
@@ -90,6 +90,7 @@ def _values(node: yaml.Node, sizes: dict[int, int | None], path: Path) -> int:
         return size
     sizes[id(node)] = None
     if isinstance(node, yaml.MappingNode):
+        _once_each(node, path)
         children = [child for pair in node.value for child in pair]
     elif isinstance(node, yaml.SequenceNode):
         children = node.value
@@ -98,6 +99,22 @@ def _values(node: yaml.Node, sizes: dict[int, int | None], path: Path) -> int:
     size = 1 + sum(_values(child, sizes, path) for child in children)
     sizes[id(node)] = size
     return size
+
+
+def _once_each(node: yaml.MappingNode, path: Path) -> None:
+    """Refuse a key written twice in one mapping: PyYAML keeps the last, so the first (perhaps the one a person
+    edited) would be dropped without a word."""
+    seen: dict[str, int] = {}
+    for name, _ in node.value:
+        if not isinstance(name, yaml.ScalarNode) or name.value == "<<":  # merge keys may repeat
+            continue
+        line = name.start_mark.line + 1
+        if name.value in seen:
+            raise ConfigError(
+                f"{path}: key {name.value!r} is written twice in one mapping (lines {seen[name.value]} and {line}); "
+                "keep one"
+            )
+        seen[name.value] = line
 
 
 def _keep_text(node: yaml.Node, key: str, takes_text: Callable[[str], bool]) -> None:

@@ -22,9 +22,9 @@ from vegan_scale import checkpoint, export
 from vegan_scale.data.images import load_images
 from vegan_scale.data.index import read_index
 from vegan_scale.errors import ConfigError
-from vegan_scale.experiment import image_shape, load_experiment, load_stored_experiment, stall_timeout_s
+from vegan_scale.experiment import image_shape, load_stored_experiment, stall_timeout_s
 from vegan_scale.models.autoencoder import AutoEncoder
-from vegan_scale.registry import load_model
+from vegan_scale.registry import export_experiment, load_model
 from vegan_scale.rundir import RunDir, is_complete, named_step
 
 
@@ -82,7 +82,7 @@ def _from_checkpoint(read: _Checkpoint, device: torch.device | str) -> ModelSour
 
 def _from_export(path: Path, device: torch.device | str) -> ModelSource:
     run_dir = RunDir(path.parent) if RunDir(path.parent).is_run() else None
-    config = load_stored_experiment(run_dir.config) if run_dir else load_experiment(export.read_sections(path))
+    config = load_stored_experiment(run_dir.config) if run_dir else export_experiment(path)
     step = export.step_of(path)
     if step is None and run_dir is not None and run_dir.newest_checkpoint() is not None:  # an export of old
         step = run_dir.read_newest(lambda newest: checkpoint.read_state(newest)["step"])

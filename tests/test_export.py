@@ -30,7 +30,17 @@ def exported(tmp_path: Path) -> Path:
     return export.write(tmp_path / "export", build_model(cfg).state_dict(), dataclasses.asdict(cfg), 0)
 
 
-def doctor(directory: Path, key: str, value: object) -> None:
+def doctor(directory: Path, key: str, value: object, unbind: bool = True) -> None:
+    """Set ``key`` in an export's model.yaml; ``unbind``: drop the weights' digest of model.yaml, as in an export of
+    a version before it (or one forged whole), so that the checks behind that digest are what is tested."""
+    if unbind:
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        file = directory / export.MODEL_FILE
+        with safe_open(str(file), framework="pt") as f:
+            metadata = {k: v for k, v in (f.metadata() or {}).items() if k != export.CONFIG_DIGEST_KEY}
+        save_file(load_file(file), file, metadata=metadata)
     sections = yaml.safe_load((directory / export.CONFIG_FILE).read_text())
     section, _, field = key.partition(".")
     *path, last = field.split(".")
@@ -191,3 +201,21 @@ def test_a_value_out_of_range_in_model_yaml_names_the_file(exported: Path) -> No
     doctor(exported, "model.latent_dim", -1)
     with pytest.raises(ConfigError, match=rf"^{exported / export.CONFIG_FILE}: model.latent_dim=-1 is out of range"):
         vegan_scale.load(exported)
+
+
+@pytest.mark.parametrize(("key", "value"), [("data.input_range", "symmetric"), ("prior.kind", "sphere")])
+def test_a_model_yaml_changed_beside_its_weights_is_refused(exported: Path, key: str, value: str) -> None:
+    """The decoder's output range or the prior changed in model.yaml: the weights still fit, and the model loaded
+    gave other reconstructions and samples, silently. The weights' metadata holds model.yaml's sha256; an export
+    written before it still loads."""
+
+    def samples() -> torch.Tensor:
+        torch.manual_seed(0)
+        return vegan_scale.load(exported).sample(2)
+
+    before = samples()
+    doctor(exported, key, value, unbind=False)
+    with pytest.raises(ConfigError, match=r"model.yaml: it differs from the model.yaml written with model.safetensors"):
+        vegan_scale.load(exported)
+    doctor(exported, key, value)  # an export of an earlier version: no digest to compare with
+    assert not torch.equal(samples(), before)

@@ -3,8 +3,9 @@
 An export directory holds ``model.safetensors`` (the auto-encoder's full weights, float32, whatever the run's
 precision and distribution mode) and ``model.yaml`` (the ``data``, ``model`` and ``prior`` sections of the run's
 configuration: a partial experiment file). Loading needs neither DeepSpeed nor accelerate and executes nothing
-from the files. The weights file's metadata holds the sha256 of its tensors, checked at every load: bytes damaged in
-place keep the file's size and its values finite.
+from the files. The weights file's metadata holds the sha256 of its tensors and of the model.yaml written with them,
+checked at every load: bytes damaged in place keep the file's size and its values finite, and a model.yaml changed
+(the decoder's output range, the prior) still fits the weights while rebuilding another model.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model.yaml"
 SECTIONS = ("data", "model", "prior")
 DIGEST_KEY, STEP_KEY = "sha256", "step"  # in the weights file's metadata
+CONFIG_DIGEST_KEY = "model_yaml_sha256"  # there too: the model.yaml written with the weights
 EVAL_FILE = "eval.json"  # what `vegan-scale eval` of an export outside a run writes beside it
 OWN_FILES = {name + suffix for name in (MODEL_FILE, CONFIG_FILE, EVAL_FILE) for suffix in ("", atomic.TMP_SUFFIX)}
 
@@ -58,9 +60,11 @@ def write(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str
     weights = {
         k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state_dict.items()
     }
+    text = yaml.safe_dump(model_sections(config), sort_keys=False)
+    metadata = {DIGEST_KEY: _digest(weights), STEP_KEY: str(step), CONFIG_DIGEST_KEY: _sha256(text.encode())}
     with atomic.writing(directory / MODEL_FILE) as tmp:
-        save_file(weights, tmp, metadata={DIGEST_KEY: _digest(weights), STEP_KEY: str(step)})
-    atomic.write_text(directory / CONFIG_FILE, yaml.safe_dump(model_sections(config), sort_keys=False))
+        save_file(weights, tmp, metadata=metadata)
+    atomic.write_text(directory / CONFIG_FILE, text)
     return directory
 
 
@@ -90,6 +94,10 @@ def step_of(directory: Path) -> int | None:
     with _opened(Path(directory) / MODEL_FILE) as f:
         step = (f.metadata() or {}).get(STEP_KEY)
     return int(step) if step is not None and step.isdigit() else None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -132,6 +140,14 @@ def read_sections(directory: Path) -> dict[str, Any]:
     if not isinstance(sections, dict) or set(sections) - set(SECTIONS):
         raise ConfigError(f"{path} must hold only the sections {', '.join(SECTIONS)}: it is not an export's")
     refuse_references(sections, path)
+    with _opened(directory / MODEL_FILE) as f:
+        written = (f.metadata() or {}).get(CONFIG_DIGEST_KEY)
+    if written is not None and _sha256(path.read_bytes()) != written:  # a regular file: read_yaml checked
+        raise ConfigError(
+            f"refusing {path}: it differs from the model.yaml written with {MODEL_FILE} (the sha256 in its metadata): "
+            "changed or damaged, it would rebuild another model around these weights; export the model again from "
+            "its checkpoint (`vegan-scale export CHECKPOINT --out DIR`)"
+        )
     return sections
 
 

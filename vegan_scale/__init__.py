@@ -14,12 +14,12 @@ __all__ = ["load", "train"]
 # The functions below import their implementation on use, so that `import vegan_scale` stays light.
 
 
-def train(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> Path:
-    """Train an experiment (a YAML file or nested dicts, then ``key.sub=value`` overrides) and return its run
-    directory (see :func:`vegan_scale.api.train`)."""
+def train(config: str | Path | Mapping[str, Any] | Any, overrides: Sequence[str] = (), stops: Any = None) -> Path:
+    """Train an experiment (a YAML file, nested dicts or one loaded, then ``key.sub=value`` overrides) and return its
+    run directory (see :func:`vegan_scale.api.train`)."""
     from vegan_scale.api import train as _train
 
-    return _train(config, overrides)
+    return _train(config, overrides, stops)
 
 
 def load(source: Any, device: str = "cpu", tracking_uri: str | None = None) -> Any:

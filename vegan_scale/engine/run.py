@@ -61,8 +61,8 @@ def _run_dir(cfg: Any, accelerator: Accelerator) -> RunDir:
     m, parent = cfg.model, Path(cfg.run.root) / cfg.run.experiment
     name = [cfg.run.name]
     if not name[0] and accelerator.is_main_process:
-        name = [rundir.default_run_name(parent, cfg.penalty.kind, m.network, m.latent_dim,
-                                        cfg.train.global_batch_size, cfg.optim.lr)]  # fmt: skip
+        batch, lr = cfg.train.global_batch_size, cfg.optim.lr
+        name = [rundir.default_run_name(parent, cfg.penalty.kind, m.network, m.latent_dim, batch, lr)]
     if accelerator.num_processes > 1:
         broadcast_object_list(name)
     return RunDir(parent / name[0])

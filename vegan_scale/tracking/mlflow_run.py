@@ -108,10 +108,15 @@ def check_reachable(uri: str, on_unreachable: str) -> bool:
     return False
 
 
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` names a tracking server (rather than a database MLflow opens itself)."""
+    return uri.startswith(("http://", "https://"))
+
+
 def unanswered(uri: str) -> str | None:
     """Why the tracking server at ``uri`` does not answer its health check within 10 s; None when it does, or
     when ``uri`` names no server."""
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return None
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
@@ -320,7 +325,7 @@ def final_status(exit_code: int) -> str:
 def ui_command(uri: str, experiment_id: str | None, run_id: str | None) -> str:
     """What shows a run in the MLflow UI, in the model-training view: MLflow 3's UI picks its view (GenAI or model
     training) from a UI-wide choice that starts at GenAI, or from the link's ``workflowType``."""
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         return f"open {ui_link(uri.rstrip('/'), experiment_id, run_id)}"
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     exe = str(mlflow_bin) if mlflow_bin.exists() else "mlflow"

@@ -163,8 +163,9 @@ def _check_store(uri: str, store: str | None) -> None:
     """Refuse, at once, a store that cannot hold the model: a server that does not answer (MLflow's client would
     retry for minutes, by default seven times 120 s), a sqlite file that does not exist (MLflow would create it)."""
     problem = unanswered(store) if store else None
-    if store and store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
-        problem = f"there is no MLflow store at {store.removeprefix('sqlite:///')}"
+    database = store.removeprefix("sqlite:///") if store and store.startswith("sqlite:///") else None
+    if database is not None and not Path(database).is_file():
+        problem = f"there is no MLflow store at {database}"
     if problem is not None:
         raise ConfigError(
             f"cannot download the model {uri}: {problem}; check the tracking URI (tracking_uri=... or "

@@ -23,7 +23,15 @@ from vegan_scale import retry
 from vegan_scale.retry import Backoff
 from vegan_scale.rundir import RunDir
 from vegan_scale.tracking import models
-from vegan_scale.tracking.mlflow_run import MlflowRun, NewRun, check_reachable, check_uri, resolve_uri, ui_command
+from vegan_scale.tracking.mlflow_run import (
+    MlflowRun,
+    NewRun,
+    check_reachable,
+    check_uri,
+    is_server,
+    resolve_uri,
+    ui_command,
+)
 from vegan_scale.tracking.system_metrics import SystemMetrics
 
 log = logging.getLogger(__name__)
@@ -78,7 +86,7 @@ class Tracker:
         self._submit(self._opening)
         if not answered:  # already said: the server is not waited for
             return
-        if not tried.wait(OPEN_WAIT_S if uri.startswith(("http://", "https://")) else None):
+        if not tried.wait(OPEN_WAIT_S if is_server(uri) else None):
             log.warning(
                 "MLflow at %s has not answered the opening of the run in %.0f s; training anyway, the run is opened "
                 "in the background",

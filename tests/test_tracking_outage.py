@@ -35,6 +35,7 @@ from tests.runkit import (
     run,
     single,
     start,
+    steps_logged,
     train_args,
     wait_for_step,
     wait_until,
@@ -420,38 +421,46 @@ def test_an_evaluation_with_odd_values_is_sent_once(tmp_path: Path) -> None:
         assert len(client.get_metric_history(run.run_id, key)) == 1, key
 
 
-@contextlib.contextmanager
-def _health_only() -> Iterator[str]:
+class HealthOnly:
     """A server that answers MLflow's health check and nothing else: every API request is accepted and held
-    unanswered (a server whose database is locked, a proxy that lets the health check through)."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    unanswered (a server whose database is locked, a proxy that lets the health check through). ``asked`` is set
+    at the first API request."""
 
-    released = threading.Event()
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path != "/health":
-                released.wait()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"OK")
+        released, self.asked = threading.Event(), threading.Event()
+        asked = self.asked
 
-        do_POST = do_GET
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path != "/health":
+                    asked.set()
+                    released.wait()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"OK")
 
-        def log_message(self, *args: object) -> None:
-            pass
+            do_POST = do_GET
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        released.set()
-        server.shutdown()
-        server.server_close()
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._released = released
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.uri = f"http://127.0.0.1:{self._server.server_port}"
+
+    def __enter__(self) -> HealthOnly:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._released.set()
+        self._server.shutdown()
+        self._server.server_close()
 
 
 def test_the_python_api_does_not_wait_for_a_server_that_hangs_after_its_health_check(
@@ -465,7 +474,8 @@ def test_the_python_api_does_not_wait_for_a_server_that_hangs_after_its_health_c
     args = _args(tiny_shards, tmp_path, "api", "URI", "tracking.close_timeout_s=1", "train.max_steps=20")[3:]
     environment = {k: v for k, v in env().items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
     script = "import sys, vegan_scale; vegan_scale.train(sys.argv[1], sys.argv[2:])"
-    with _health_only() as uri:
+    with HealthOnly() as server:
+        uri = server.uri
         started = time.monotonic()
         trained = subprocess.run(
             [sys.executable, "-c", script, *[a.replace("URI", uri) for a in args]],
@@ -482,3 +492,24 @@ def test_the_python_api_does_not_wait_for_a_server_that_hangs_after_its_health_c
     assert f"vegan-scale sync {run_dir}" in said, said[-3000:]
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines if '"train/loss"' in line] == list(range(1, 21))
+
+
+def test_sigterm_to_every_process_while_the_start_waits_for_a_server_that_hangs(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    """Under `accelerate launch` with 2 processes, the main one waits (at most 20 s) for a server that passed its
+    health check and holds every API request, the other at the first collective; SIGTERM reaches the launcher and
+    both ranks then. The job stops together before its first step, within the wait and a close timeout, and says
+    so in its exit status, with nothing trained and no checkpoint."""
+    run_dir = tmp_path / "mnist" / "waiting"
+    with HealthOnly() as server:
+        proc = start(ddp(_args(tiny_shards, tmp_path, "waiting", server.uri, "tracking.close_timeout_s=1")))
+        wait_until("the first API request", server.asked.is_set, proc, timeout=120)
+        signalled = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, out = finish(proc, timeout=120)
+    assert time.monotonic() - signalled < 45, out[-3000:]
+    status = exit_status(run_dir)
+    assert status["code"] == 75 and status["step"] == 0, (status, out[-3000:])
+    assert "before step 1" in status["reason"], status
+    assert not list((run_dir / "checkpoints").glob("step_*")) and steps_logged(run_dir) == 0

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -281,3 +282,52 @@ class MlflowServer:
 
         history = MlflowClient(self.uri).get_metric_history((run_dir / "mlflow_run_id").read_text().strip(), key)
         return sorted(m.step for m in history)
+
+
+class HoldsWrites:
+    """A server that answers MLflow's health check and holds every write unanswered (a server whose database is
+    locked for writing, by a migration or a backup): each read of the API is answered that its object does not
+    exist. ``reads=False`` holds reads too (a database out of reach; a proxy that lets the health check through).
+    ``asked`` is set at the first request held."""
+
+    def __init__(self, reads: bool = True) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        released, self.asked = threading.Event(), threading.Event()
+        asked = self.asked
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/health":
+                    self._answer(200, b"OK")
+                elif reads:
+                    self._answer(404, b'{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "none such"}')
+                else:
+                    self.do_POST()
+
+            def do_POST(self) -> None:
+                asked.set()
+                released.wait()
+
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._released = released
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.uri = f"http://127.0.0.1:{self._server.server_port}"
+
+    def __enter__(self) -> HoldsWrites:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._released.set()
+        self._server.shutdown()
+        self._server.server_close()

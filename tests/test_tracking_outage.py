@@ -26,6 +26,7 @@ import pytest
 
 from tests.paths import ROOT
 from tests.runkit import (
+    HoldsWrites,
     MlflowServer,
     ddp,
     env,
@@ -184,6 +185,22 @@ def test_unreachable_at_start(tiny_shards: Path, tmp_path: Path, link: Link) -> 
     assert code == 0, out[-3000:]
     assert "does not answer" in out and "cannot open the run yet" not in out, out[-3000:]
     assert link.server.steps(run_dir) == list(range(1, STEPS + 1))
+
+
+def test_a_server_that_answers_its_health_check_and_no_read_is_refused_at_start(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    """A server whose database is out of reach passes the health check and holds every request of the API: the run
+    started and waited 20 s at its first step for a run that could not be opened. One read of the API now belongs
+    to the start-up check, which refuses such a server by name (exit 2) within its two 10 s requests."""
+    with HoldsWrites(reads=False) as server:
+        started = time.monotonic()
+        refused = run(single(_args(tiny_shards, tmp_path, "held", server.uri)), timeout=120)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert time.monotonic() - started < 60
+    said = refused.stdout + refused.stderr
+    assert f"the MLflow server at {server.uri} answers its health check but not its API" in said, said[-3000:]
+    assert "tracking.on_unreachable=continue" in said and not (tmp_path / "mnist" / "held" / "metrics.jsonl").exists()
 
 
 def test_a_server_that_stops_answering_then_sigterm_to_every_process(
@@ -421,48 +438,6 @@ def test_an_evaluation_with_odd_values_is_sent_once(tmp_path: Path) -> None:
         assert len(client.get_metric_history(run.run_id, key)) == 1, key
 
 
-class HealthOnly:
-    """A server that answers MLflow's health check and nothing else: every API request is accepted and held
-    unanswered (a server whose database is locked, a proxy that lets the health check through). ``asked`` is set
-    at the first API request."""
-
-    def __init__(self) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        released, self.asked = threading.Event(), threading.Event()
-        asked = self.asked
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path != "/health":
-                    asked.set()
-                    released.wait()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"OK")
-
-            do_POST = do_GET
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._released = released
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.uri = f"http://127.0.0.1:{self._server.server_port}"
-
-    def __enter__(self) -> HealthOnly:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._released.set()
-        self._server.shutdown()
-        self._server.server_close()
-
-
 def test_the_python_api_does_not_wait_for_a_server_that_hangs_after_its_health_check(
     tiny_shards: Path, tmp_path: Path
 ) -> None:
@@ -474,7 +449,7 @@ def test_the_python_api_does_not_wait_for_a_server_that_hangs_after_its_health_c
     args = _args(tiny_shards, tmp_path, "api", "URI", "tracking.close_timeout_s=1", "train.max_steps=20")[3:]
     environment = {k: v for k, v in env().items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
     script = "import sys, vegan_scale; vegan_scale.train(sys.argv[1], sys.argv[2:])"
-    with HealthOnly() as server:
+    with HoldsWrites() as server:
         uri = server.uri
         started = time.monotonic()
         trained = subprocess.run(
@@ -502,7 +477,7 @@ def test_sigterm_to_every_process_while_the_start_waits_for_a_server_that_hangs(
     both ranks then. The job stops together before its first step, within the wait and a close timeout, and says
     so in its exit status, with nothing trained and no checkpoint."""
     run_dir = tmp_path / "mnist" / "waiting"
-    with HealthOnly() as server:
+    with HoldsWrites() as server:
         proc = start(ddp(_args(tiny_shards, tmp_path, "waiting", server.uri, "tracking.close_timeout_s=1")))
         wait_until("the first API request", server.asked.is_set, proc, timeout=120)
         signalled = time.monotonic()

@@ -41,6 +41,7 @@ CREATED_BY_TAG = "vegan_scale.created_by"  # the run directory's creation token 
 # reserved experiment tag, which MLflow's UI reads where its view is not chosen UI-wide).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 UI_VIEW = "machine_learning"  # the same choice as a link parameter (MLflow 3.17's UI reads this one)
+API_PROBE = "/api/2.0/mlflow/experiments/get?experiment_id=0"  # a read that needs the database
 
 
 def as_params(cfg: Any) -> dict[str, str]:
@@ -114,16 +115,31 @@ def is_server(uri: str) -> bool:
 
 
 def unanswered(uri: str) -> str | None:
-    """Why the tracking server at ``uri`` does not answer its health check within 10 s; None when it does, or
-    when ``uri`` names no server."""
+    """Why the tracking server at ``uri`` does not answer, each request given 10 s: its health check, then one read
+    of its API (a server whose database is locked passes the first and holds every request that needs the
+    database); None when both are answered, or when ``uri`` names no server."""
     if not is_server(uri):
         return None
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
-            response.read()
-        return None
+        _ask(base + "/health")
     except (urllib.error.URLError, OSError) as e:
         return f"the MLflow server at {uri} does not answer ({e})"
+    try:
+        _ask(base + API_PROBE)
+    except urllib.error.HTTPError:
+        pass  # an answer: the experiment, or why not (none such, not allowed)
+    except (urllib.error.URLError, OSError) as e:
+        return (
+            f"the MLflow server at {uri} answers its health check but not its API ({e}): the database behind it "
+            "may be locked or out of reach"
+        )
+    return None
+
+
+def _ask(url: str) -> None:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        response.read()
 
 
 @dataclass(frozen=True)

@@ -572,12 +572,16 @@ def test_every_numeric_key_has_a_range():
         ("penalty.weight=-10", ">= 0"),
         ("optim.weight_decay=-1", ">= 0"),
         ("model.conv.width=0", ">= 1"),
-        ("prior.scale=-1", "> 0"),
+        ("prior.scale=-1", "(0, "),
         ("data.num_workers=-1", ">= 0"),
         ("checkpoint.every_steps=-1", ">= 0"),
         ("optim.betas=[0.5,1.5]", "[0, 1)"),
         ("data.stall_timeout_s=900", "train.collective_timeout_s"),
         ("run.seed=4294967296", "[0, 4294967295]"),  # torch's CPU generator would run seed 0 again
+        ("train.collective_timeout_s=1e14", "(0, 1000000000]"),  # timedelta's OverflowError at the start
+        ("tracking.close_timeout_s=1e300", "(0, 1000000000]"),
+        ("prior.scale=1e39", "(0, 3.40282e+38]"),  # inf in float32: a RuntimeError in the kernel's sums
+        ("model.input_noise=1e39", "[0, 3.40282e+38]"),
     ],
 )
 def test_values_out_of_range_name_the_key(override, rule):
@@ -605,6 +609,13 @@ def test_values_out_of_range_name_the_key(override, rule):
         ("optim.betas=[0.5]", "two numbers"),
         ("optim.betas=[0.5,0.9,0.99]", "two numbers"),
         ("train.max_steps=", "write train.max_steps=null"),  # an unset shell variable must not lift the step cap
+        ("run.root=", "has no value: give it a value"),  # not optional: null would be refused next
+        ("optim.betas=" + "[" * 100 + "0.5" + "]" * 100, "nested more deeply"),  # OmegaConf's RecursionError
+        ("optim.betas=" + "[" * 20 + "0.5" + "]" * 20, "nested more than 16 levels"),
+        ("tracking.tags.t=\\${HOME}", "holds '${' once resolved"),  # read again as ${HOME} by every later load
+        ("optim.lr_milestones=[30,30]", "must be increasing"),
+        ("model.network=resnet", "needs a power-of-two data.image_size of at least 8 (data.image_size=28)"),
+        ("model.conv.kernel_size=29", "kernel_size of at most data.image_size"),  # 1000 asked for 62 GB
     ],
 )
 def test_hostile_overrides_are_one_line_errors(override, words):
@@ -621,12 +632,24 @@ def test_hostile_overrides_are_one_line_errors(override, words):
         ("train: {max_steps: 1" + "0" * 400 + "}\n", "more than 64 bits"),
         ("train: {max_steps: '${nowhere}'}\n", "nowhere"),
         ("tracking: {tags: {x: [1]}}\n", "tracking.tags.x must be text"),
+        ("train: " + "{a: " * 80 + "1" + "}" * 80 + "\n", "nested more than 16 levels"),  # a RecursionError
     ],
 )
 def test_hostile_values_in_a_file_name_the_file(tmp_path, text, words):
     path = write(tmp_path / "bad.yaml", text)
     msg = config_error(path)
     assert str(path) in msg and words in msg
+
+
+def test_a_network_that_cannot_take_the_images_is_refused_at_load():
+    """pythae's pair builds 28x28 images only, the residual network halves a power-of-two side down to 4: other
+    sizes passed the check and ended in torch's shape errors at the first step (or the residual network's
+    ValueError as it was built)."""
+    assert "takes data.image_size=28 only" in config_error(
+        MNIST / "wae_mmd.yaml", "model.network=pythae_conv", "data.image_size=64"
+    )
+    assert "power-of-two" in config_error(MNIST / "wae_mmd.yaml", "model.network=resnet", "data.image_size=48")
+    load(MNIST / "wae_mmd.yaml", "model.network=resnet", "data.image_size=32")
 
 
 def test_text_keys_take_the_override_as_typed():

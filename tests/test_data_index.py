@@ -32,6 +32,14 @@ def test_directory_and_brace_pattern(tiny_shards):
     assert part.counts == [100] * 3 and part.num_samples == 300 and part.image_shape == GREY
 
 
+@pytest.mark.parametrize("braces", ["{000000..999999999}", "{0..999}-{0..9999}", "{999999999..0..1}"])
+def test_a_brace_pattern_naming_millions_of_shards_is_refused_at_once(tmp_path: Path, braces: str) -> None:
+    """A range mistyped by a few digits was expanded whole before the first shard was looked for: memory ran out
+    after a minute and a half (the kernel killed the run). More than a million shards are refused by name."""
+    with pytest.raises(DataError, match=r"names more than 1,000,000 shards: check its brace ranges"):
+        read_index(f"{tmp_path}/s-{braces}.tar")
+
+
 def test_sources_joined_with_weights(tmp_path):
     """'::' joins sources in order with one weight each; wrong weight counts or non-positive weights are refused."""
     make_shards(tmp_path / "a", [3, 4])

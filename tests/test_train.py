@@ -148,6 +148,28 @@ def test_a_network_larger_than_memory_is_refused_naming_its_settings(tiny_shards
         train(cfg)
 
 
+def test_a_critic_larger_than_memory_is_refused_naming_its_settings(tiny_shards: Path, tmp_path: Path) -> None:
+    """The WAE-GAN critic counts too (it was built without a check, and torch asked for 400 TB): a 784-16-8 MLP
+    pair (12,560 + 136 + 144 + 13,328 = 26,168 parameters) with an 8-10**6-10**6-1 critic (8e6 + 1e6 + 1e12 + 1e6
+    + 1e6 + 1) is refused naming both networks' settings."""
+    cfg = load_experiment(
+        ROOT / "configs/mnist/wae_gan.yaml",
+        [
+            f"data.train={tiny_shards / 'train'}",
+            f"data.test={tiny_shards / 'test'}",
+            f"run.root={tmp_path}",
+            "model.network=mlp",
+            "model.mlp.hidden=[16]",
+            "penalty.adversarial.hidden=1000000",
+            "penalty.adversarial.layers=2",
+            "tracking.backend=none",
+        ],
+    )
+    count = 26_168 + 8 * 10**6 + 10**6 + 10**12 + 10**6 + 10**6 + 1
+    with pytest.raises(ConfigError, match=f"{count:,} parameters with the critic: .*penalty\\.adversarial"):
+        train(cfg)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains(precision: str, tiny_shards: Path, tmp_path: Path) -> None:
     """bf16 autocast and fp16 with a gradient scaler run a few WAE-MMD steps to finite losses."""

@@ -44,6 +44,9 @@ def _number(bound: float | None) -> str:
 
 
 POSITIVE = Range(0, low_inclusive=False)
+SECONDS = Range(0, 10**9, low_inclusive=False)  # a wait; Python's timers and timedelta refuse much longer ones
+FLOAT32_MAX = 3.4028234663852886e38
+POSITIVE_FLOAT32 = Range(0, FLOAT32_MAX, low_inclusive=False)  # a number that becomes part of a float32 tensor
 
 
 def at_least(low: float) -> Range:

@@ -7,6 +7,7 @@ came from, the dotted key, and a close match for a misspelt key. The result is a
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from vegan_scale.config.yaml_file import read_yaml
 from vegan_scale.errors import ConfigError
 
 INHERIT_KEY = "inherit"
+MAX_NESTING = 16  # the schema nests 3 deep; OmegaConf's merge runs out of Python's stack at about 80
 
 
 def load_config(
@@ -103,6 +105,12 @@ def _compose(schema: type, sources: list[tuple[str, dict]]) -> Any:
             f"schema_version {obj.schema_version} is newer than this vegan_scale understands ({SCHEMA_VERSION}); "
             "upgrade vegan_scale"
         )
+    if found := [key for key, text in _strings(dataclasses.asdict(obj)) if "${" in text]:
+        raise ConfigError(
+            f"{', '.join(found)} holds '${{' once resolved (an escaped interpolation, \\${{...}}): a run stores its "
+            "configuration resolved and reads it back as plain data, where it would be an interpolation; write the "
+            "value without '${'"
+        )
     check_values(schema, obj)
     check_experiment(obj)
     return obj
@@ -165,7 +173,8 @@ def _parse_override(schema: type, item: str) -> dict:
             "whole, e.g. optim.betas=[0.5,0.999]"
         )
     if not text:
-        raise ConfigError(f"override {item!r} has no value: write {key}=null to unset it")
+        unset = f"write {key}=null to unset it" if _kind(schema, key).endswith("| None") else "give it a value"
+        raise ConfigError(f"override {item!r} has no value: {unset}")
     if text[0] in "'\"" or text in ("null", "~") or not takes_text(schema, key):
         try:
             return OmegaConf.to_container(OmegaConf.from_dotlist([item]))
@@ -173,6 +182,10 @@ def _parse_override(schema: type, item: str) -> dict:
             raise ConfigError(f"override {item!r}: {_first_line(e)}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({_first_line(e)})") from None
+        except RecursionError:  # OmegaConf's parser of a value nested about 80 deep
+            raise ConfigError(
+                f"override {key}=...: its value is nested more deeply than a configuration can be"
+            ) from None
     value: Any = text
     for part in reversed(parts):
         value = {part: value}
@@ -181,16 +194,20 @@ def _parse_override(schema: type, item: str) -> dict:
 
 def takes_text(schema: type, key: str) -> bool:
     """Whether ``key`` holds text: a str key, or an entry of a dict[str, str] one (tracking.tags.<name>)."""
-    for name, field, _ in leaves(schema):
-        kind = type_name(field)
-        if name == key:
-            return kind in ("str", "str | None")
-        if key.rpartition(".")[0] == name:
-            return kind == "dict[str, str]"
-    return False
+    return _kind(schema, key) in ("str", "str | None") or _kind(schema, key.rpartition(".")[0]) == "dict[str, str]"
+
+
+def _kind(schema: type, key: str) -> str:
+    """The type of leaf ``key`` as written in the schema (``int | None``); empty for a key that is not a leaf."""
+    return next((type_name(field) for name, field, _ in leaves(schema) if name == key), "")
 
 
 def _merge(schema: type, cfg: DictConfig, data: dict, source: str) -> DictConfig:
+    if _deeper_than(MAX_NESTING, data):
+        raise ConfigError(
+            f"{source}: nested more than {MAX_NESTING} levels deep; no key of the configuration is (its keys are "
+            "listed by vegan-scale config --describe)"
+        )
     restore_words(schema, data)
     try:
         merged = OmegaConf.merge(cfg, data)
@@ -207,6 +224,13 @@ def _merge(schema: type, cfg: DictConfig, data: dict, source: str) -> DictConfig
     except (TypeError, ValueError) as e:  # OmegaConf's own, e.g. a mapping merged into a list
         raise ConfigError(f"{source}: {e}") from None
     return merged
+
+
+def _deeper_than(levels: int, data: Any) -> bool:
+    if levels < 0:
+        return True
+    children = data.values() if isinstance(data, Mapping) else data if isinstance(data, list) else ()
+    return any(_deeper_than(levels - 1, child) for child in children)
 
 
 def _close_match(schema: type, key: str) -> str | None:

@@ -12,7 +12,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from vegan_scale.config.fields import POSITIVE, Range, Requirement, at_least, param, section
+from vegan_scale.config.fields import (
+    FLOAT32_MAX,
+    POSITIVE,
+    POSITIVE_FLOAT32,
+    SECONDS,
+    Range,
+    Requirement,
+    at_least,
+    param,
+    section,
+)
 
 SCHEMA_VERSION = 1
 
@@ -81,7 +91,7 @@ class DataConfig:
         "Seconds a process may wait for its next batch (a read that never returns: a stuck network file system, a "
         "FIFO) before the run stops with the shard named (exit 69); below train.collective_timeout_s. null: half "
         "of train.collective_timeout_s.",
-        bounds=POSITIVE,
+        bounds=SECONDS,
     )
     image_size: int = param(28, "Side of the square images in the shards.", bounds=at_least(1))
     input_range: str = param(
@@ -107,7 +117,7 @@ class DataConfig:
 class PriorConfig:
     kind: str = param("gaussian", "Prior P_Z.", choices=("gaussian", "sphere", "box"))
     scale: float = param(
-        1.0, "gaussian: variance sigma^2 of each coordinate; sphere: radius; box: half-width.", bounds=POSITIVE
+        1.0, "gaussian: variance sigma^2 of each coordinate; sphere: radius; box: half-width.", bounds=POSITIVE_FLOAT32
     )
 
 
@@ -117,7 +127,7 @@ class CostConfig:
     scale: float | None = param(
         None,
         "Factor on the per-image cost; null uses the WAE code's (0.05 l2sq, 0.2 l2, 0.02 l1, 1 bernoulli).",
-        bounds=POSITIVE,
+        bounds=POSITIVE_FLOAT32,
     )
 
 
@@ -228,7 +238,7 @@ class TrainConfig:
         600.0,
         "Seconds a process waits in a collective before deciding another process is lost (exit 69); bounds the "
         "hang when a rank dies without a launcher that stops the others.",
-        bounds=POSITIVE,
+        bounds=SECONDS,
     )
 
 
@@ -284,7 +294,7 @@ class TrackingConfig:
     close_timeout_s: float = param(
         60.0,
         "At the end of a run, seconds to wait for updates the tracking server has not taken yet.",
-        bounds=at_least(0),
+        bounds=SECONDS,
     )
     on_unreachable: str = param(
         "error",
@@ -304,13 +314,13 @@ class ModelBase:
         0.0,
         "Deviation of the truncated normal noise added to the encoder's input while training (the official "
         "code's e_noise='add_noise': 0.01 in its MNIST and CelebA configs); 0: none.",
-        bounds=at_least(0),
+        bounds=Range(0, FLOAT32_MAX),
     )
     init_std: float | None = param(
         None,
         "Draw every weight from a normal of this deviation, biases zero (the official code's init_std, 0.0099999); "
         "null: PyTorch's default initialisation.",
-        bounds=POSITIVE,
+        bounds=POSITIVE_FLOAT32,
     )
 
 

@@ -8,6 +8,7 @@ penalties' own requirements when it assembles the schema).
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any
 
@@ -76,7 +77,8 @@ def check_experiment(obj: Any) -> None:
     o = obj.optim
     if len(o.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, Adam's beta1 and beta2 (got {list(o.betas)})")
-    if len(o.lr_milestones) != len(o.lr_factors) or list(o.lr_milestones) != sorted(o.lr_milestones):
+    milestones = list(o.lr_milestones)
+    if len(milestones) != len(o.lr_factors) or any(a >= b for a, b in itertools.pairwise(milestones)):
         raise ConfigError(
             "optim.lr_milestones must be increasing and as long as optim.lr_factors "
             f"(got {list(o.lr_milestones)} and {list(o.lr_factors)})"
@@ -86,6 +88,9 @@ def check_experiment(obj: Any) -> None:
             f"data.stall_timeout_s={obj.data.stall_timeout_s:g} must be below train.collective_timeout_s="
             f"{obj.train.collective_timeout_s:g}: a rank stalled on data must give up before the others give up on it"
         )
+    network = getattr(obj.model, obj.model.network, None)  # its options, which say what images it takes
+    if hasattr(network, "refuses") and (why := network.refuses(obj.data.image_size)):
+        raise ConfigError(f"model.network={obj.model.network} {why} (data.image_size={obj.data.image_size})")
     for rule in getattr(type(obj), "REQUIREMENTS", ()):
         if lookup(obj, rule.when) == rule.value and lookup(obj, rule.needs) not in rule.allowed:
             raise ConfigError(

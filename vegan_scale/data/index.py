@@ -16,9 +16,11 @@ Weights (one per source) set how often resampled mode draws from each source.
 from __future__ import annotations
 
 import http.client
+import itertools
 import logging
 import os
 import posixpath
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -37,6 +39,8 @@ from vegan_scale.retry import Backoff
 
 log = logging.getLogger("vegan_scale.data")
 T = TypeVar("T")
+NUMERIC_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")
+MAX_SHARDS = 1_000_000  # in one data.train or data.test pattern; the largest public image sets hold about 250,000
 
 SIZES_FILE = "sizes.json"
 INFO_FILE = "dataset.json"
@@ -146,9 +150,20 @@ def _older(index: Path, shard: os.stat_result) -> bool:
 
 
 def _expand(pattern: str) -> list[str]:
+    """The shards a brace pattern names, at most MAX_SHARDS of them: a range mistyped by a few digits
+    (``{000000..999999999}``) would take all memory before the first shard was looked for. braceexpand builds each
+    numeric range whole and combines them lazily, so the ranges are measured first and the combinations cut."""
     import braceexpand
 
-    return list(braceexpand.braceexpand(pattern))
+    ranges = NUMERIC_RANGE.findall(pattern)
+    widest = max((abs(int(b) - int(a)) // max(abs(int(step or 1)), 1) + 1 for a, b, step in ranges), default=0)
+    names = [] if widest > MAX_SHARDS else list(itertools.islice(braceexpand.braceexpand(pattern), MAX_SHARDS + 1))
+    if widest > MAX_SHARDS or len(names) > MAX_SHARDS:
+        raise DataError(
+            f"{pattern} names more than {MAX_SHARDS:,} shards: check its brace ranges (or write fewer, larger "
+            "shards with `vegan-scale shards`)"
+        )
+    return names
 
 
 def _is_url(spec: str) -> bool:

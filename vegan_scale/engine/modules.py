@@ -95,21 +95,25 @@ def build_modules(
 
 
 def _check_memory(cfg: Any, accelerator: Accelerator) -> None:
-    """Refuse a network whose parameters alone outgrow this machine's memory (every process of the node builds the
-    whole network, or its share under ZeRO-3), naming its settings: torch's own error names only the bytes it could
-    not allocate. Counted on the meta device, where building allocates nothing."""
+    """Refuse networks (the auto-encoder, and the penalty's critic if it has one) whose parameters alone outgrow
+    this machine's memory (every process of the node builds them whole, or its share under ZeRO-3), naming their
+    settings: torch's own error names only the bytes it could not allocate. Counted on the meta device, where
+    building allocates nothing."""
     with torch.device("meta"):
+        critic = build_penalty(cfg).critic
         count = sum(p.numel() for p in build_model(cfg).parameters())
+        count += sum(p.numel() for p in critic.parameters()) if critic is not None else 0
     per_node = processes_per_node(accelerator)
     share = count / accelerator.num_processes if _zero3(accelerator) else count
     need = share * per_node * DTYPES[cfg.train.dtype].itemsize
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > memory:
-        network = cfg.model.network
+        network, with_critic = cfg.model.network, critic is not None
         raise ConfigError(
-            f"model.network={network} with these settings has {count:,} parameters: {need / 2**30:,.1f} GiB on this "
-            f"machine ({per_node} process(es)), more than its {memory / 2**30:,.0f} GiB of memory; reduce "
-            f"model.{network} or model.latent_dim"
+            f"model.network={network} with these settings has {count:,} parameters"
+            f"{' with the critic' if with_critic else ''}: {need / 2**30:,.1f} GiB on this machine ({per_node} "
+            f"process(es)), more than its {memory / 2**30:,.0f} GiB of memory; reduce model.{network} or "
+            f"model.latent_dim{f', or penalty.{cfg.penalty.kind}' if with_critic else ''}"
         )
 
 

@@ -27,6 +27,13 @@ class ConvConfig:
     )
     batch_norm: bool = param(True, "Batch norm after every hidden convolution, as in the paper.")
 
+    def refuses(self, side: int) -> str | None:
+        """Why the network cannot take images of this side, if it cannot (a filter larger than the image would be
+        mostly padding, and a huge one exhausts memory after minutes)."""
+        if self.kernel_size > side:
+            return f"takes a model.conv.kernel_size of at most data.image_size, not {self.kernel_size}"
+        return None
+
 
 @dataclass
 class MLPConfig:
@@ -44,7 +51,15 @@ class ResNetConfig:
     max_multiplier: int = param(8, "Channels stop doubling at width * max_multiplier.", bounds=at_least(1))
     groups: int = param(32, "GroupNorm groups (fewer when a stage has fewer channels).", bounds=at_least(1))
 
+    def refuses(self, side: int) -> str | None:
+        """Why the network cannot take images of this side: its stages halve the side down to 4x4."""
+        return None if side >= 8 and not side & (side - 1) else "needs a power-of-two data.image_size of at least 8"
+
 
 @dataclass
 class PythaeConvConfig:
     """No options: the pair is fixed."""
+
+    def refuses(self, side: int) -> str | None:
+        """Why the network cannot take images of this side: its decoder grows 4x4 to 7, 14 and 28."""
+        return None if side == 28 else "is pythae's MNIST pair and takes data.image_size=28 only"

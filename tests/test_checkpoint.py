@@ -173,22 +173,39 @@ def test_a_checkpoint_linked_from_other_storage_is_pruned_by_its_link(tmp_path):
     assert not (root / "step_00000030.tmp").is_symlink() and elsewhere.is_dir()
 
 
-def test_resuming_from_an_older_checkpoint_of_the_run_is_refused_while_newer_ones_stay(tmp_path):
-    """train.resume=PATH naming one of the run's own checkpoints older than its newest: the continuation's new
-    checkpoints were pruned as soon as written (pruning keeps the newest steps), and a later resume=auto went back
-    to the old newest, past the new run's end. Refused, naming the newer ones and both ways out; the newest, or a
-    checkpoint of another directory, is taken."""
+def test_resuming_from_an_older_checkpoint_is_refused_while_newer_ones_of_the_run_stay(tmp_path):
+    """train.resume=PATH naming a checkpoint older than the run's newest, of the run or a copy elsewhere (a backup
+    a batch script names at every requeue): the continuation's new checkpoints were pruned as soon as written
+    (pruning keeps the newest steps), and a later resume=auto went back to the old newest, past the new run's end.
+    A copy outside the run was let through. Refused wherever it lies, naming the newer ones and both ways out (a
+    copy under a name of its own by the step its state holds); the newest, or a newer one, is taken."""
     from vegan_scale.engine.resume import _choose
     from vegan_scale.rundir import RunDir
 
     run = RunDir(tmp_path / "run")
     for step in (5, 10, 15):
         save(run.checkpoints, step, keep_last_k=3)
-    refused = _choose(str(run.checkpoints / "step_00000005"), run)
-    assert "older than the run's newest checkpoints (step_00000010, step_00000015)" in str(refused)
+    state = {"world_size": 1, "deepspeed": False}
+    backup = save(tmp_path / "backup" / "checkpoints", 5, state={"step": 5, **state})
+    renamed = backup.rename(backup.with_name("before-the-change"))
+    for older in (run.checkpoints / "step_00000005", save(tmp_path / "other" / "checkpoints", 5), renamed):
+        refused = _choose(str(older), run)
+        assert "older than the run's newest checkpoints (step_00000010, step_00000015)" in str(refused), older
     assert _choose(str(run.checkpoints / "step_00000015"), run) == [str(run.checkpoints / "step_00000015")]
-    other = save(tmp_path / "other" / "checkpoints", 5)
-    assert _choose(str(other), run) == [str(other)]
+    newer = save(tmp_path / "other" / "checkpoints", 20)
+    assert _choose(str(newer), run) == [str(newer)]
+
+
+def test_checkpoints_newer_than_the_one_written_are_not_counted_for_pruning(tmp_path):
+    """A run that fell back past a damaged newest checkpoint (step 30) writes older steps: with keep_last_k=1 the
+    damaged one, sorting last, made every new checkpoint be pruned as soon as written, so the run kept nothing but
+    the damage. Only checkpoints older than the one written are pruned."""
+    for step in (10, 30):
+        save(tmp_path, step, keep_last_k=5)
+    for step in (11, 12):
+        save(tmp_path, step, keep_last_k=1)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000012", "step_00000030"]
+    assert (tmp_path / "latest").read_text().strip() == "step_00000012"
 
 
 def test_keep_last_k_prunes_oldest(tmp_path):

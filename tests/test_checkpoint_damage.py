@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 from collections.abc import Callable
@@ -45,6 +46,11 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
     "rng file a planted pickle of the listed size": ("rng_rank0.pt", _plant_pickle),
     "state.json missing": ("state.json", lambda step: (step / "state.json").unlink()),
     "state.json garbage": ("state.json", lambda step: (step / "state.json").write_text("{not json")),
+    "state.json a pipe": ("state.json", lambda step: _replace(step / "state.json", os.mkfifo)),  # held open() for ever
+    "state.json a link to /dev/zero": (  # read until memory ran out
+        "state.json",
+        lambda step: _replace(step / "state.json", lambda path: path.symlink_to("/dev/zero")),
+    ),
     "config.yaml an alias bomb": ("config.yaml", lambda step: (step / "config.yaml").write_text(alias_bomb("model"))),
     "optimizer overwritten": (
         "autoencoder.optim.safetensors",
@@ -60,6 +66,12 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
         lambda step: _change(step / "critic.safetensors", 0.5),
     ),
 }
+
+
+def _replace(file: Path, make: Callable[[Path], None]) -> None:
+    """``file`` removed and something else made in its place."""
+    file.unlink()
+    make(file)
 
 
 def _change(file: Path, value: float) -> None:

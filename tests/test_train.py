@@ -235,3 +235,28 @@ def test_bf16_weights_copy_trains_like_float32_and_continues_exactly(tiny_shards
     for file in (whole / "checkpoints" / "step_00000060").glob("autoencoder*.safetensors"):
         assert {v.dtype for v in load_file(file).values()} <= {torch.float32, torch.int64}, file
     assert same_weights(continued / "export" / "model.safetensors", whole / "export" / "model.safetensors")
+
+
+def test_a_run_continued_without_a_checkpoint_says_it_starts_again(tiny_shards: Path, tmp_path: Path) -> None:
+    """A run directory whose run wrote no checkpoint (checkpoint.every_steps=0, or stopped before its first) was
+    trained again from step 1 without a word, its metrics and export replaced. It still starts again (there is
+    nothing to continue from), and its log says so."""
+    args = [
+        *SMALL,
+        f"data.train={tiny_shards / 'train'}",
+        f"data.test={tiny_shards / 'test'}",
+        f"run.root={tmp_path}",
+        "run.name=r",
+        "model.network=mlp",
+        "model.mlp.hidden=[16]",
+        "train.global_batch_size=20",
+        "tracking.backend=none",
+        "tracking.log_every=1",
+        "eval.every_steps=1000",
+        "checkpoint.every_steps=0",
+    ]
+    run_dir = train(load_experiment(ROOT / "configs/mnist/wae_mmd.yaml", [*args, "train.max_steps=2"]))
+    assert "no checkpoint to continue from" not in (run_dir / "train.log").read_text()
+    train(load_experiment(ROOT / "configs/mnist/wae_mmd.yaml", [*args, "train.max_steps=3"]))
+    assert f"{run_dir} holds a run but no checkpoint to continue from" in (run_dir / "train.log").read_text()
+    assert [m["step"] for m in _metrics(run_dir) if "train/loss" in m] == [1, 2, 3]

@@ -159,7 +159,7 @@ def _sha256(file: Path) -> str:
 
 def read_state(path: Path) -> dict[str, Any]:
     try:
-        state = stored_json.loads((path / STATE).read_bytes())
+        state = stored_json.load(path / STATE)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path / STATE} cannot be read ({e}): the checkpoint is damaged") from None
     expected = {"step": int, "world_size": int, "deepspeed": bool}
@@ -216,8 +216,10 @@ def commit(root: Path, step: int, keep_last_k: int) -> Path:
     (path / COMPLETE).write_bytes(b"")  # it counts once the directory has its final name, synced first
     final = atomic.publish_dir(path, root / checkpoint_name(step))
     atomic.write_text(root / LATEST, final.name + "\n")
-    complete = complete_checkpoints(root)
-    for old in complete[: max(0, len(complete) - max(1, keep_last_k))]:  # never the one just published
+    # Only checkpoints older than this one are pruned: a newer one is damaged (the run fell back past it) or of a
+    # branch continued from elsewhere, and counting it would remove the checkpoints written since.
+    older = [p for p in complete_checkpoints(root) if named_step(p) < step]
+    for old in older[: max(0, len(older) - (max(1, keep_last_k) - 1))]:
         try:
             _remove(old)
         except OSError as e:  # the checkpoint is written: an old one that stays is no reason to stop

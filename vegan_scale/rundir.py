@@ -222,7 +222,7 @@ class RunDir:
         """The exit status last written, or None when there is none, or none readable: a file damaged on storage
         is named in a warning and read as absent (the run's outcome unknown), rather than stop `sync` or a sweep."""
         try:
-            status = stored_json.loads(self.exit_status.read_bytes())
+            status = stored_json.load(self.exit_status)
         except FileNotFoundError:
             return None
         except (ValueError, OSError) as e:  # damaged, or a directory in its place
@@ -237,10 +237,10 @@ class RunDir:
         in a warning and read as absent, so that a new MLflow run is made and sent everything again from
         metrics.jsonl (the old one cannot be found without its id)."""
         try:
-            text: Any = self.mlflow_run_id.read_bytes().decode("ascii").strip()
+            text: Any = stored_json.read(self.mlflow_run_id).decode("ascii").strip()
         except FileNotFoundError:
             return None
-        except (OSError, UnicodeDecodeError) as e:
+        except (OSError, ValueError) as e:  # damaged: not ASCII, too large, no regular file
             text = e
         if isinstance(text, str) and re.fullmatch(r"[0-9a-f]{32}", text):  # MLflow's ids: a UUID's hex digits
             return text
@@ -254,8 +254,8 @@ class RunDir:
         the run is created: an attempt that never learnt the run's id (the answer lost, the process killed) finds
         the run by it rather than create a second."""
         try:
-            token = self.mlflow_create_token.read_text().strip()
-        except (OSError, UnicodeDecodeError):  # none yet (or unreadable: a new one serves as well)
+            token = stored_json.read(self.mlflow_create_token).decode().strip()
+        except (OSError, ValueError):  # none yet (or unreadable: a new one serves as well)
             token = ""
         if not re.fullmatch(r"[0-9a-f]{32}", token):
             token = uuid.uuid4().hex

@@ -16,14 +16,13 @@ written, so that ``run: {name: 010}`` does not name run 8. A key written twice i
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from vegan_scale import stored_json
 from vegan_scale.errors import ConfigError
 
 MAX_VALUES = 100_000  # with aliases expanded; a configuration holds a few hundred
@@ -40,15 +39,16 @@ def read_yaml(path: Path, takes_text: Callable[[str], bool] = lambda key: False)
     deeper than Python can follow, holds a value that contains itself, or stands for more than MAX_VALUES values
     once its aliases are expanded. OSError (a missing file) is left to the caller, which knows what the file is for.
     """
-    # Opened without blocking, so that a pipe with no writer (a FIFO named by mistake) is refused, not waited on.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ConfigError(f"{path} is not a regular file (a pipe, a device or a directory), so not a configuration")
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_BYTES + 1)
-    if len(data) > MAX_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_BYTES >> 20} MiB, so not a configuration; is it the right file?")
+    try:
+        data = stored_json.read(path, MAX_BYTES)
+    except stored_json.NotRegularFile:
+        raise ConfigError(
+            f"{path} is not a regular file (a pipe, a device or a directory), so not a configuration"
+        ) from None
+    except ValueError:
+        raise ConfigError(
+            f"{path}: larger than {MAX_BYTES >> 20} MiB, so not a configuration; is it the right file?"
+        ) from None
     try:
         loader = yaml.SafeLoader(data)
         node = loader.get_single_node()

@@ -234,8 +234,8 @@ def _fetch_json(url: str) -> object | None:
 
 def _read_json(path: Path) -> object:
     try:
-        return stored_json.loads(path.read_bytes())
-    except ValueError as e:
+        return stored_json.load(path)
+    except (OSError, ValueError) as e:  # damaged, or a pipe or directory in its place
         raise DataError(f"{path} is not valid JSON ({e}); rewrite the shards") from None
 
 

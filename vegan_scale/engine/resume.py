@@ -27,6 +27,7 @@ its results.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -90,10 +91,12 @@ def _choose(resume: str, run_dir: RunDir) -> list[str] | str:
             f"train.resume={resume} is not a complete checkpoint directory (…/checkpoints/step_N with a "
             f"{COMPLETE} file); half-written checkpoints are never loaded"
         )
-    path, newer, step = Path(resume), [], named_step(Path(resume))
-    if step is not None and path.resolve().parent == run_dir.checkpoints.resolve():  # one of this run's own
-        newer = [p.name for p in complete_checkpoints(run_dir.checkpoints) if named_step(p) > step]
-    if newer:  # pruning would take the new checkpoints, and resume=auto would go back to the old newest
+    path, step = Path(resume), named_step(Path(resume))
+    if step is None:  # a copy under a name of its own (a backup): its state says the step; damage is said later
+        with contextlib.suppress(CheckpointError):
+            step = checkpoint.read_state(path)["step"]
+    newer = [p.name for p in complete_checkpoints(run_dir.checkpoints) if step is not None and named_step(p) > step]
+    if newer:  # wherever it lies, pruning would take the new checkpoints, and resume=auto go back to the newest
         return (
             f"train.resume={resume} is older than the run's newest checkpoints ({', '.join(newer[-3:])}): a run "
             "continued from it writes its steps again while those stay the run's newest. Move them out of "

@@ -9,6 +9,7 @@ puts them in order.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from vegan_scale.metrics_log import MetricsLog
 from vegan_scale.rundir import RunDir
 from vegan_scale.tracking.system_metrics import SystemMetrics
 from vegan_scale.tracking.tracker import Tracker
+
+log = logging.getLogger("vegan_scale")
 
 
 @dataclass(kw_only=True)
@@ -187,6 +190,12 @@ def _assemble(
         records = _records(
             cfg, run_dir, accelerator, start_step, (resumed.notes if resumed else []) if continuing else None
         )
+        if continuing and resumed is None:
+            log.warning(
+                "%s holds a run but no checkpoint to continue from (checkpoint.every_steps=0, or it stopped before "
+                "its first): training starts again at step 1, and its metrics and export are replaced",
+                run_dir.path,
+            )
     records.node = _node_sampler(cfg, accelerator, records, continuing)
     job.shared_run_dir(run_dir, accelerator, cfg.train.collective_timeout_s / 10)
     return Run(

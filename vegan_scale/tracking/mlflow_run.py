@@ -300,7 +300,7 @@ class MlflowRun:
         sent again by sync, adds nothing), and the file among the artifacts."""
         from mlflow.entities import Metric
 
-        report = stored_json.loads(path.read_bytes())
+        report = stored_json.load(path)
         step, now = report.get("step") or 0, int(time.time() * 1000)
         values = {f"final/{k}": float(v) for k, v in report["model"].items()}  # a value that is no number: ValueError
         values |= {f"final/real/{k}": float(v) for k, v in report["real"].items()}

@@ -43,11 +43,12 @@ def test_classifier_accuracy_on_the_real_test_set(name: str) -> None:
     assert features.shape == (10, FEATURES)
 
 
-@pytest.mark.parametrize("damage", ["cut short", "another network", "a directory"])
+@pytest.mark.parametrize("damage", ["cut short", "another network", "a directory", "a NaN weight"])
 def test_weights_that_are_no_classifier_are_named(tmp_path, damage: str) -> None:
     """A classifier file cut short, another network's weights (an export's) or a directory named like a weight file
-    were tracebacks from safetensors or load_state_dict; each is one line naming the file and how to write one."""
-    from safetensors.torch import save_file
+    were tracebacks from safetensors or load_state_dict, and a NaN weight was taken; each is one line naming the file
+    and how to write one (not how to export a model)."""
+    from safetensors.torch import load_file, save_file
 
     from vegan_scale.errors import ConfigError
 
@@ -56,7 +57,11 @@ def test_weights_that_are_no_classifier_are_named(tmp_path, damage: str) -> None
         path.write_bytes(weights_path("mnist").read_bytes()[:300])
     elif damage == "another network":
         save_file({"encoder.weight": torch.zeros(3, 3)}, path)
+    elif damage == "a NaN weight":  # its FID was NaN or a LinAlgError traceback
+        weights = load_file(weights_path("mnist"))
+        next(iter(weights.values())).view(-1)[0] = float("nan")
+        save_file(weights, path)
     else:
         path.mkdir()
-    with pytest.raises(ConfigError, match=rf"{path}.*(not a readable safetensors|classifier's weights \(a LeNet)"):
+    with pytest.raises(ConfigError, match=rf"{path} does not hold the evaluation classifier's weights .*tools/train"):
         load_classifier(str(path))

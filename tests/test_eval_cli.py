@@ -160,6 +160,15 @@ def test_a_seed_out_of_range_is_a_usage_error(command: list[str], seed: str, cap
     assert info.value.code == 2 and option in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", [["eval", "RUN", "--test-data"], ["sample", "RUN", "--test-data"],
+                                    ["eval", "RUN", "--classifier"]])  # fmt: skip
+def test_an_empty_option_is_a_usage_error(option: list[str], capsys: pytest.CaptureFixture) -> None:
+    """`--test-data ''` (an unset shell variable) fell back to the run's data.test without a word."""
+    with pytest.raises(SystemExit) as info:
+        parser().parse_args([*option, " ", *(["--out", "X"] if option[0] == "sample" else [])])
+    assert info.value.code == 2 and f"{option[-1]}: is empty" in capsys.readouterr().err
+
+
 def test_sources_agree_and_refuse_other_directories(run_dir: Path, tmp_path: Path) -> None:
     """A run directory, its checkpoint and its export give the same weights; anything else is a ConfigError."""
     sources = [open_model(p) for p in (run_dir, run_dir / "checkpoints" / "step_00000020", run_dir / "export")]
@@ -169,6 +178,27 @@ def test_sources_agree_and_refuse_other_directories(run_dir: Path, tmp_path: Pat
             assert torch.equal(source.model.state_dict()[key], value)
     with pytest.raises(ConfigError, match="neither a run directory"):
         open_model(tmp_path)
+
+
+def test_a_run_whose_configuration_describes_another_network_than_its_export_is_refused(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """`eval RUN` built the export's weights into the network of the run's config.yaml, never reading the
+    export's model.yaml: an edited config.yaml (another prior scale) was scored as another model without a word.
+    The network comes from model.yaml (its digest checked), and a run configuration that disagrees is refused,
+    naming the key; the export alone still evaluates."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "eval.json").unlink(missing_ok=True)  # an earlier test's evaluation
+    config = copy / "config.yaml"
+    config.write_text(config.read_text().replace("  scale: 1.0\n", "  scale: 5.0\n", 1))
+    assert "scale: 5.0" in config.read_text()
+    done = runkit.run([sys.executable, "-m", "vegan_scale", "eval", str(copy), "--num-samples", "100"])
+    said = done.stdout + done.stderr
+    assert done.returncode == 2, said[-3000:]
+    assert f"{config} describes another network than the export {copy / 'export'}" in said
+    assert "prior.scale: export 1.0, config 5.0" in said and not (copy / "eval.json").exists()
+    assert open_model(run_dir / "export").config.prior.scale == 1.0
 
 
 def _copy_with(run_dir: Path, tmp_path: Path, name: str, change: Callable[[bytes], bytes], forged: bool) -> Path:

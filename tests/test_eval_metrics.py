@@ -3,6 +3,8 @@ closed form of the cubic-kernel MMD between Gaussians, scipy's k-d tree and Lapl
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -34,6 +36,14 @@ def test_frechet_distance_of_known_gaussians() -> None:
     m1, m2 = torch.zeros(3), torch.tensor([1.0, 2.0, 0.0])
     expected = 5.0 + ((a.sqrt() - b.sqrt()) ** 2).sum().item()
     assert metrics.frechet_distance(m1, torch.diag(a), m2, torch.diag(b)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_fid_of_features_that_are_not_finite_is_nan() -> None:
+    """A model whose outputs are NaN (an export with a negative batch-norm variance) ended `vegan-scale eval` in
+    torch's LinAlgError from eigh; its FID is NaN, as a collapsed model's is."""
+    good = torch.randn(50, 4, dtype=torch.float64)
+    assert math.isnan(metrics.fid(good, torch.full((50, 4), float("nan"), dtype=torch.float64)))
+    assert math.isnan(metrics.fid(good.clone().fill_(float("inf")), good))
 
 
 def _mmd2_double_loop(x: np.ndarray, y: np.ndarray) -> float:

@@ -184,7 +184,7 @@ def test_a_fifo_in_place_of_the_weights_is_refused_not_waited_for(exported: Path
     assert "model.safetensors is not a readable safetensors file (not a regular file" in loaded.stderr, loaded.stderr
 
 
-@pytest.mark.parametrize("device", ["cuda", "nonsense", "meta", ""])
+@pytest.mark.parametrize("device", ["cuda", "nonsense", "meta", "", "hpu"])  # hpu: torch imports torch.hpu
 def test_a_device_that_cannot_be_used_is_refused_by_name_before_the_weights_are_read(
     exported: Path, device: str
 ) -> None:
@@ -194,6 +194,19 @@ def test_a_device_that_cannot_be_used_is_refused_by_name_before_the_weights_are_
     (exported / export.MODEL_FILE).unlink()  # not read: the device is refused first
     with pytest.raises(ConfigError, match=rf"device '{device}' cannot be used here \(.+\); use 'cpu'"):
         vegan_scale.load(exported, device=device)
+
+
+def test_the_python_api_refuses_a_source_or_a_count_of_the_wrong_kind_by_name(exported: Path) -> None:
+    """`load(None)` and `load(5)` were TypeErrors from pathlib, `model.sample(-1)` torch's "negative dimension" and
+    `sample(2.5)` randn's TypeError, none naming the argument."""
+    for source in (None, 5, b"export"):
+        with pytest.raises(ConfigError, match="source must be an export directory or an MLflow model URI"):
+            vegan_scale.load(source)
+    model = vegan_scale.load(exported)
+    for n in (-1, 0, 2.5, float("nan"), "3", True):
+        with pytest.raises(ValueError, match=r"sample\(n\) takes a positive whole number of images"):
+            model.sample(n)
+    assert model.sample(2).shape[0] == 2
 
 
 def test_a_value_out_of_range_in_model_yaml_names_the_file(exported: Path) -> None:

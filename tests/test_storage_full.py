@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.runkit import ddp, exit_status, run, same_weights, single, train_args
 
@@ -85,6 +86,29 @@ def test_a_full_disk_at_the_export_names_the_command_that_writes_it(tiny_shards_
     assert export.returncode == 0, export.stderr[-3000:]
     final = run_dir / "checkpoints" / "step_00000005" / "autoencoder.safetensors"
     assert same_weights(run_dir / "export" / "model.safetensors", final)
+
+
+@pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")
+@pytest.mark.parametrize("command", [["export"], ["sample", "--grid", "12"]])
+def test_export_and_sample_on_a_full_disk_name_the_file_and_leave_no_part_of_it(
+    command: list[str], reference: Path, tmp_path: Path
+) -> None:
+    """`vegan-scale export` and `sample` writing to a disk without room for their files: export's weights writer
+    raised its own error (a traceback, exit 1), sample left a PNG of 0 bytes (or an earlier one cut short, beside
+    new ones). Both stop with exit 74 naming the file and the system's reason, and every file they leave is
+    whole."""
+    verb, *options = command
+    args = lambda disk: ["-m", "vegan_scale", verb, str(reference), "--out", str(disk / "out"), *options]  # noqa: E731
+    proc = _on_a_small_disk("64k", tmp_path, args)
+    assert proc.returncode == 74, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    named = re.search(r"error: (\S+): No space left on device", proc.stderr)
+    assert named and Path(named[1]).parent == tmp_path / "disk" / "out", proc.stderr[-3000:]
+    left = sorted((tmp_path / "root" / "out").iterdir())
+    assert not [p for p in left if p.suffix == ".tmp" or p.name == "model.safetensors"], left
+    for png in left:
+        with Image.open(png) as image:
+            image.load()  # whole: a file cut short raises here
 
 
 @pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")

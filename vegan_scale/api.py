@@ -55,6 +55,10 @@ def load(source: str | Path, device: str = "cpu", tracking_uri: str | None = Non
     MLflow model URI: ``runs:/<run_id>/model`` or ``models:/<name>/<version>`` (downloaded from ``tracking_uri``,
     else $MLFLOW_TRACKING_URI). Nothing in the files is executed or interpolated, and the weights' shapes are
     checked before the network is built."""
+    if not isinstance(source, str | Path):
+        raise ConfigError(
+            f"source must be an export directory or an MLflow model URI (runs:/, models:/), got {source!r}"
+        )
     device = _usable(device)
     if str(source).startswith(MODEL_URI_SCHEMES):
         from vegan_scale.tracking.models import downloaded_export  # MLflow only when asked for
@@ -72,7 +76,8 @@ def _usable(device: str | torch.device) -> torch.device:
         if device.type == "meta":
             raise RuntimeError("the meta device holds no values")
         torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, TypeError) as e:  # torch says "not compiled with CUDA" by an assertion
+    except (RuntimeError, AssertionError, TypeError, ImportError) as e:  # "not compiled with CUDA" is an assertion,
+        # and a device whose backend torch imports on first use (hpu) a missing module
         why = str(e).splitlines()[0][:200]
         raise ConfigError(f"device {str(device)!r} cannot be used here ({why}); use 'cpu'") from None
     return device

@@ -10,7 +10,9 @@ torchtitan's and open_clip's checkpointers guard against the same way).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,10 +63,10 @@ def writing(path: Path) -> Iterator[Path]:
     tmp = tmp_path(path)
     try:
         yield tmp
+        publish_file(tmp, path)  # (a directory in its place: the temporary file goes too)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    publish_file(tmp, path)
 
 
 @contextlib.contextmanager
@@ -77,6 +79,14 @@ def naming(path: Path) -> Iterator[None]:
         if e.filename is not None:
             raise
         raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def os_error_of(error: Exception, path: Path) -> OSError:
+    """A writer's own error for a failed system call (safetensors' "I/O error: No space left on device (os error
+    28)") as the OSError it was, naming ``path``: storage errors are then said as such (exit 74), not as a crash."""
+    found = re.search(r"os error (\d+)", str(error))
+    code = int(found[1]) if found else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
 
 
 def write_bytes(path: Path, data: bytes) -> Path:

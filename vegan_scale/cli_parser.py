@@ -23,6 +23,14 @@ def _seed(text: str) -> int:
     return value
 
 
+def _given(text: str) -> str:
+    """A value that is not empty: an unset shell variable ("--test-data $DIR") would fall back to the default
+    without a word."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?): give a value, or leave the option out")
+    return text
+
+
 def _local_directory(text: str) -> Path:
     """A directory on this machine: index-shards reads every shard whole, so a bucket's or a server's shards are
     indexed from a local copy (a URL read as a path became s3:/bucket/..., "no shards there")."""
@@ -78,7 +86,7 @@ def _add_export_and_sync(sub: Any) -> None:
 def _model_and_data(p: argparse.ArgumentParser) -> None:
     """The arguments ``eval`` and ``sample`` share: what to load, and which test images to use."""
     p.add_argument("source", type=Path, help="a run directory, a checkpoint (…/checkpoints/step_N) or an export")
-    p.add_argument("--test-data", help="test shards instead of the run's data.test")
+    p.add_argument("--test-data", type=_given, help="test shards instead of the run's data.test")
 
 
 def _add_eval_and_sample(sub: Any) -> None:
@@ -101,6 +109,7 @@ def _add_eval_and_sample(sub: Any) -> None:
     v.add_argument("--inception-samples", type=int, help="cap of the Inception sets (default 500 on CPU, all on GPU)")
     v.add_argument(
         "--classifier",
+        type=_given,
         help="feature network: mnist, fashion_mnist or a .safetensors file (default: by the test shards' data set)",
     )
     v.add_argument("--seed", type=_seed, default=0, help="seed of the split, the prior samples and KID's subsets")

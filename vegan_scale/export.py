@@ -63,7 +63,10 @@ def write(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str
     text = yaml.safe_dump(model_sections(config), sort_keys=False)
     metadata = {DIGEST_KEY: _digest(weights), STEP_KEY: str(step), CONFIG_DIGEST_KEY: _sha256(text.encode())}
     with atomic.writing(directory / MODEL_FILE) as tmp:
-        save_file(weights, tmp, metadata=metadata)
+        try:
+            save_file(weights, tmp, metadata=metadata)
+        except SafetensorError as e:
+            raise atomic.os_error_of(e, directory / MODEL_FILE) from e
     atomic.write_text(directory / CONFIG_FILE, text)
     return directory
 
@@ -173,15 +176,21 @@ def _opened(file: Path) -> Iterator[Any]:
         ) from None
 
 
-def check_compatible(directory: Path, config: dict[str, Any]) -> None:
-    """Refuse to start from an export whose network or prior differs from the configured one, naming the keys."""
-    saved = read_sections(directory)
-    wanted = model_sections(config)
-    diffs = [
-        f"{section}.{key}: export {saved[section].get(key)!r}, config {value!r}"
-        for section in SECTIONS
-        for key, value in flat_keys(wanted[section]).items()
-        if flat_keys(saved.get(section, {})).get(key) != value
-    ]
-    if diffs:
-        raise ConfigError(f"train.init_from={directory} was exported from a different network: " + "; ".join(diffs))
+def check_compatible(directory: Path, config: dict[str, Any], refusal: str) -> None:
+    """Refuse an export whose network or prior differs from the configured one (nested dicts): ``refusal`` says
+    what is refused, followed by each key that differs."""
+    if diffs := differences(read_sections(directory), model_sections(config)):
+        raise ConfigError(f"{refusal}: " + "; ".join(diffs))
+
+
+def differences(exported: dict[str, Any], configured: dict[str, Any]) -> list[str]:
+    """Where two sets of model sections (:func:`model_sections`) differ, key by key, as 'key: export X, config Y'."""
+    diffs = []
+    for section in SECTIONS:
+        held = flat_keys(exported.get(section, {}))
+        diffs += [
+            f"{section}.{key}: export {held.get(key)!r}, config {value!r}"
+            for key, value in flat_keys(configured[section]).items()
+            if held.get(key) != value
+        ]
+    return diffs

@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import DistributedType, gather_object
 from tqdm import tqdm
 
-from vegan_scale import atomic, checkpoint, export, logs
+from vegan_scale import checkpoint, export, logs
 from vegan_scale.config.load import to_yaml
 from vegan_scale.distributed.accelerator import distribution_mode
 from vegan_scale.distributed.agreement import Agreement, Flag
@@ -44,6 +44,7 @@ from vegan_scale.errors import (
     exit_status,
     in_the_way,
 )
+from vegan_scale.evaluation import grids
 from vegan_scale.experiment import stall_timeout_s
 from vegan_scale.rundir import checkpoint_name
 from vegan_scale.stops import Stop, StopRequests
@@ -241,8 +242,7 @@ def _evaluate(run: Run, step: int) -> None:
         return
     for key, image in result.figures.items():
         path = run.dir.figure(key, step)
-        with atomic.naming(path):
-            image.save(path)
+        grids.save(image, path)
         run.records.figure(step, key, path)
     log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
     run.records.metrics(step, result.metrics | {"perf/eval_s": time.perf_counter() - start})  # for the stop lead

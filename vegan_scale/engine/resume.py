@@ -222,7 +222,7 @@ def _apply(path: Path, read: tuple, modules: list[Trainable], accelerator: Accel
 
 def start_from_export(directory: Path, autoencoder: Trainable, config: dict[str, Any]) -> None:
     """Collective: a new run's auto-encoder takes the weights of an exported model of the same network."""
-    export.check_compatible(directory, config)
+    export.check_compatible(directory, config, f"train.init_from={directory} was exported from a different network")
     weights, _ = export.read(directory)
     autoencoder.load_weights(weights)
     log.info("starting from the exported weights in %s", directory)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from vegan_scale import export
+from vegan_scale import checkpoint, export
 from vegan_scale.errors import ConfigError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -69,10 +69,16 @@ def load_classifier(name: str, device: torch.device | str = "cpu") -> LeNet:
         raise ConfigError(f"classifier weights {path} not found; write them with tools/train_classifier.py")
     model = LeNet()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if export.weight_shapes(path) != expected:  # another network's weights (an export's, say)
+    try:
+        weights = export.load_weights(path) if export.weight_shapes(path) == expected else None
+    except ConfigError:  # not a safetensors file, or one cut short: its remedy is the classifier's, not an export's
+        weights = None
+    broken = checkpoint.first_non_finite(weights) if weights is not None else None
+    if weights is None or broken is not None:  # another network's weights (an export's, say), or damaged ones
         raise ConfigError(
-            f"{path} does not hold the evaluation classifier's weights (a LeNet for {IMAGE_SHAPE} images); write "
-            "them with tools/train_classifier.py"
+            f"{path} does not hold the evaluation classifier's weights (a LeNet for {IMAGE_SHAPE} images"
+            f"{f'; {broken} holds NaN or infinite values' if broken else ''}); write them with "
+            "tools/train_classifier.py"
         )
-    model.load_state_dict(export.load_weights(path))
+    model.load_state_dict(weights)
     return model.to(device).eval()

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vegan_scale import atomic
 from vegan_scale.errors import ConfigError
 from vegan_scale.models.autoencoder import AutoEncoder
 
@@ -89,5 +90,12 @@ def write_figures(model: AutoEncoder, images: Tensor, out: Path, grid: int, seed
     paths = []
     for name, image in figures(model, codes, images[:half], images[half : half + 2 * grid], grid).items():
         paths.append(out / f"{name}.png")
-        image.save(paths[-1])
+        save(image, paths[-1])
     return paths
+
+
+def save(image: Image.Image, path: Path) -> None:
+    """``image`` as the PNG file ``path``, whole or not at all (a full disk, a stop signal while it is written), in
+    place of a link or a pipe rather than through it; an error names the file."""
+    with atomic.writing(path) as tmp, atomic.naming(path):
+        image.save(tmp, format="PNG")

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,6 +39,8 @@ def _psd_sqrt(matrix: Tensor) -> Tensor:
 def frechet_distance(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor) -> float:
     """|m1 - m2|^2 + tr(C1) + tr(C2) - 2 tr((C1 C2)^(1/2)) between N(m1, C1) and N(m2, C2)."""
     mean1, cov1, mean2, cov2 = (t.double() for t in (mean1, cov1, mean2, cov2))
+    if not all(torch.isfinite(t).all() for t in (mean1, cov1, mean2, cov2)):
+        return math.nan  # features of a model whose outputs are not finite: eigh would not converge
     s = _psd_sqrt(cov1)
     middle = s @ cov2 @ s
     cross = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,13 +83,21 @@ def _from_checkpoint(read: _Checkpoint, device: torch.device | str) -> ModelSour
 
 def _from_export(path: Path, device: torch.device | str) -> ModelSource:
     run_dir = RunDir(path.parent) if RunDir(path.parent).is_run() else None
-    config = load_stored_experiment(run_dir.config) if run_dir else export_experiment(path)
+    network = export_experiment(path)  # the network its model.yaml describes, checked against its weights' digest
+    config = load_stored_experiment(run_dir.config) if run_dir else network
+    sections = [export.model_sections(dataclasses.asdict(c)) for c in (network, config)]
+    if diffs := export.differences(*sections):  # the run's configuration says the rest (cost, test data, tracking)
+        raise ConfigError(
+            f"{run_dir.config if run_dir else path} describes another network than the export {path} (edited "
+            f"since the run, or the export copied in): {'; '.join(diffs)}; evaluate the export alone with "
+            f"`vegan-scale eval {path} --test-data DIR`"
+        )
     step = export.step_of(path)
     if step is None and run_dir is not None and run_dir.newest_checkpoint() is not None:  # an export of old
         step = run_dir.read_newest(lambda newest: checkpoint.read_state(newest)["step"])
     run_path = run_dir.path if run_dir else None
     weights = path / export.MODEL_FILE
-    return ModelSource(load_model(config, weights, device), config, run_path, step, weights)
+    return ModelSource(load_model(network, weights, device), config, run_path, step, weights)
 
 
 def _newer_checkpoint(run_dir: RunDir) -> bool:

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vegan_scale import atomic
+from vegan_scale import atomic, stored_json
 from vegan_scale.costs import reconstruction_cost
 from vegan_scale.data.index import INFO_FILE
-from vegan_scale.errors import ConfigError
+from vegan_scale.errors import ConfigError, DataError
 from vegan_scale.evaluation import metrics
 from vegan_scale.evaluation.classifier import CLASSIFIERS, IMAGE_SHAPE, LeNet, load_classifier
 from vegan_scale.evaluation.inception import INSTALL, InceptionFeatures, load_inception
@@ -128,7 +128,12 @@ def pick_classifier(test_spec: str, shape: tuple[int, int, int]) -> str | None:
     info = Path(test_spec) / INFO_FILE
     if tuple(shape) != IMAGE_SHAPE or not info.exists():
         return None
-    name = json.loads(info.read_text()).get("source", "").split(":")[0].replace("-", "_")
+    try:
+        record = stored_json.load(info)
+    except (OSError, ValueError) as e:  # damaged, or a pipe in its place
+        raise DataError(f"{info} cannot be read ({e}); write the shards again") from None
+    source = record.get("source") if isinstance(record, dict) else None
+    name = source.split(":")[0].replace("-", "_") if isinstance(source, str) else None
     return name if name in CLASSIFIERS else None
 
 

@@ -133,6 +133,8 @@ class AutoEncoder(nn.Module):
         Decoded in eval mode, as evaluation does: in train mode batch norm would make each image depend on the
         others in the batch and would update its running statistics with prior codes.
         """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:  # randn's own errors name no argument
+            raise ValueError(f"sample(n) takes a positive whole number of images, got {n!r}")
         device = next(self.parameters()).device
         was_training = self.training
         self.eval()

@@ -184,7 +184,7 @@ def _download(uri: str, tracking_uri: str | None, into: Path) -> Path:
         local = Path(
             mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into), tracking_uri=tracking_uri)
         )
-    except (MlflowException, OSError) as e:
+    except (MlflowException, OSError, ImportError) as e:  # ImportError: the database driver of the store's URI
         raise ConfigError(
             f"cannot download the model {uri} from {where}: {str(e).splitlines()[0][:300]}; check the run id (or "
             "the registered name and version) and the tracking URI (tracking_uri=... or $MLFLOW_TRACKING_URI)"

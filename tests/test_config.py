@@ -616,6 +616,10 @@ def test_values_out_of_range_name_the_key(override, rule):
         ("optim.lr_milestones=[30,30]", "must be increasing"),
         ("model.network=resnet", "needs a power-of-two data.image_size of at least 8 (data.image_size=28)"),
         ("model.conv.kernel_size=29", "kernel_size of at most data.image_size"),  # 1000 asked for 62 GB
+        # names MLflow refuses, at the opening of the run: it trained untracked, and sync could not mend it
+        ("tracking.tags." + "k" * 237 + "=1", "an MLflow tag key is at most 236 characters"),
+        ("tracking.register_as=a/b:c", "is no MLflow model name"),
+        ("tracking.experiment=' '", "tracking.experiment is blank"),
     ],
 )
 def test_hostile_overrides_are_one_line_errors(override, words):
@@ -650,6 +654,13 @@ def test_a_network_that_cannot_take_the_images_is_refused_at_load():
     )
     assert "power-of-two" in config_error(MNIST / "wae_mmd.yaml", "model.network=resnet", "data.image_size=48")
     load(MNIST / "wae_mmd.yaml", "model.network=resnet", "data.image_size=32")
+
+
+def test_a_tag_key_mlflow_refuses_is_refused_at_load(tmp_path):
+    """A YAML key may hold what an override's may not ('?'), or name a path elsewhere ('../x')."""
+    for key in ("a:b?", "../x"):
+        path = write(tmp_path / "tags.yaml", yaml.safe_dump({"tracking": {"tags": {key: "x"}}}))
+        assert f"tracking.tags.{key}: an MLflow tag key" in config_error(path)
 
 
 def test_text_keys_take_the_override_as_typed():

@@ -79,11 +79,48 @@ def test_grid_values_of_text_keys_keep_the_text_as_written(tmp_path: Path) -> No
             },
             "makes 10,000,000,000 tasks",
         ),
+        # keys the sweep sets itself, or one key set twice: the grid's values were silently replaced
+        ({"name": "g", "configs": ["configs/mnist/wae_mmd.yaml"], "grid": {"run.name": ["a", "b"]}}, "run.name would"),
+        (
+            {"name": "g", "configs": ["configs/mnist/wae_mmd.yaml"], "overrides": ["tracking.tags.sweep=x"]},
+            "tracking.tags.sweep would be set twice",
+        ),
+        (
+            {
+                "name": "g",
+                "configs": ["configs/mnist/wae_mmd.yaml"],
+                "grid": {"run.seed": [0, 1]},
+                "overrides": ["run.seed=5"],
+            },
+            "run.seed would be set twice",
+        ),
     ],
 )
 def test_a_bad_grid_is_refused_before_anything_runs(tmp_path: Path, spec: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         sweep.tasks(_grid(tmp_path, **spec))
+
+
+def test_one_task_of_a_large_grid_is_given_without_loading_the_others(tmp_path: Path) -> None:
+    """`sweep --task N` (every array task of sweep.sbatch) and `--count` loaded and checked every task of the grid
+    first, about 0.1 s each: a 1,000-task array spent 100 s per task before training, minutes past 10,000. They now
+    expand the grid and load the one task asked for (its errors still named)."""
+    config = str(ROOT / "configs/mnist/wae_mmd.yaml")
+    grid = _grid(tmp_path, name="big", configs=[config], grid={"run.seed": list(range(5000))})
+    done = subprocess.run(
+        [sys.executable, "-m", "vegan_scale", "sweep", str(grid), "--task", "4321"],
+        capture_output=True, timeout=60, env=env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split(b"\0")[:2] == [config.encode(), b"run.seed=4321"]
+    counted = subprocess.run(
+        [sys.executable, "-m", "vegan_scale", "sweep", str(grid), "--count"], capture_output=True, timeout=60
+    )
+    assert counted.stdout.strip() == b"5000"
+    bad = _grid(tmp_path, name="bad", configs=[config], grid={"train.max_steps": [10, -1]})
+    assert [t.run_name for t in sweep.tasks(bad, only=0)] == ["bad-wae_mmd-max_steps10"]
+    with pytest.raises(ConfigError, match=r"task 1 .*train\.max_steps=-1"):
+        sweep.tasks(bad, only=1)
 
 
 def test_an_alias_bomb_grid_is_refused(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ Task ``i`` is the same on every machine (configs in order, then the grid's combi
 fastest). Its run is named ``<name>-<config>-<key><value>...`` (``mnist-seeds-wae_gan-seed1-weight10.0``), so a
 task that is run again (requeued, resubmitted, ``--run`` a second time) continues its own run, and it carries the
 MLflow tags ``sweep`` and ``sweep_task``: the MLflow UI groups a sweep with the filter ``tags.sweep = 'mnist-seeds'``.
-Every task is checked against the schema when the grid is read: a typo fails before anything is submitted.
+Listing the tasks (and ``--run``) checks every one against the schema: a typo fails before anything is submitted.
+An array task's ``--task N`` and ``--count`` load no other task (a thousand tasks took a minute and a half each).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 KEYS = {"name", "configs", "grid", "overrides"}
 MAX_TASKS = 10_000  # expanded and checked one by one before anything runs
+SET_BY_THE_SWEEP = {"run.name", "tracking.tags.sweep", "tracking.tags.sweep_task"}
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,54 @@ class Task:
         return self.run_dir.path.name
 
 
-def tasks(path: str | Path) -> list[Task]:
-    """The tasks of a grid file, each checked against the schema (a ConfigError names the file and the task)."""
+def tasks(path: str | Path, only: int | None = None) -> list[Task]:
+    """The tasks of a grid file, each checked against the schema (a ConfigError names the file and the task); with
+    ``only``, that task alone is loaded (a job array's task needs its own, not a thousand others' first)."""
+    found = points(path)
+    if only is not None:
+        if not 0 <= only < len(found):
+            raise ConfigError(f"{path} has tasks 0 to {len(found) - 1}, not {only}")
+        found = [found[only]]
+    return [_loaded(Path(path), *point) for point in found]
+
+
+def points(path: str | Path) -> list[tuple[int, str, tuple[str, ...]]]:
+    """The tasks of a grid file as (index, config, overrides), in order, their run names distinct; not loaded."""
     path = Path(path)
+    name, configs, grid, common = _read(path)
+    found = []
+    for config, combination in itertools.product(configs, itertools.product(*grid.values())):
+        point = dict(zip(grid, combination, strict=True))
+        run = "-".join([name, Path(config).stem, *(f"{key.rsplit('.', 1)[-1]}{_slug(v)}" for key, v in point.items())])
+        overrides = (
+            *common,
+            *(f"{key}={_text(value)}" for key, value in point.items()),
+            f"run.name={run}",
+            f"tracking.tags.sweep={name}",
+            f"tracking.tags.sweep_task={len(found)}",
+        )
+        found.append((len(found), str(config), overrides))
+    names = [_run_name(overrides) for _, _, overrides in found]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"{path}: grid points share run names ({', '.join(twice[:3])}): make the values differ")
+    return found
+
+
+def _run_name(overrides: tuple[str, ...]) -> str:
+    return next(o for o in overrides if o.startswith("run.name=")).removeprefix("run.name=")
+
+
+def _loaded(path: Path, index: int, config: str, overrides: tuple[str, ...]) -> Task:
+    try:
+        cfg = load_experiment(config, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: task {index} ({config} {' '.join(overrides)}): {e}") from None
+    return Task(index, config, overrides, RunDir(Path(cfg.run.root) / cfg.run.experiment / _run_name(overrides)))
+
+
+def _read(path: Path) -> tuple[str, list[str], dict[str, list[Any]], list[str]]:
+    """(name, configs, grid, common overrides) of a grid file, checked."""
     try:
         spec = read_yaml(path, lambda key: key.startswith("grid.") and text_key(key.removeprefix("grid.")))
     except OSError as e:
@@ -87,6 +134,13 @@ def tasks(path: str | Path) -> list[Task]:
         )
     if any(not isinstance(values, list) or not values for values in grid.values()):
         raise ConfigError(f"{path}: every grid key needs a list of values ({_HOWTO})")
+    set_twice = [key for key in [*grid, *(o.partition("=")[0] for o in common)] if key in SET_BY_THE_SWEEP]
+    set_twice += [o.partition("=")[0] for o in common if o.partition("=")[0] in grid]
+    if set_twice:
+        raise ConfigError(
+            f"{path}: {', '.join(sorted(set(set_twice)))} would be set twice: the sweep sets run.name and its "
+            "tags, and a grid key is not also a common override"
+        )
     count = math.prod(len(values) for values in grid.values()) * len(configs)
     if count > MAX_TASKS:
         raise ConfigError(
@@ -96,28 +150,7 @@ def tasks(path: str | Path) -> list[Task]:
     stems = [Path(c).stem for c in configs]
     if len(set(stems)) != len(stems):
         raise ConfigError(f"{path}: two configs are named {stems}: the run names would collide")
-    found = []
-    for config, combination in itertools.product(configs, itertools.product(*grid.values())):
-        point = dict(zip(grid, combination, strict=True))
-        run = "-".join([name, Path(config).stem, *(f"{key.rsplit('.', 1)[-1]}{_slug(v)}" for key, v in point.items())])
-        index = len(found)
-        overrides = (
-            *common,
-            *(f"{key}={_text(value)}" for key, value in point.items()),
-            f"run.name={run}",
-            f"tracking.tags.sweep={name}",
-            f"tracking.tags.sweep_task={index}",
-        )
-        try:
-            cfg = load_experiment(config, overrides)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: task {index} ({config} {' '.join(overrides)}): {e}") from None
-        found.append(Task(index, str(config), overrides, RunDir(Path(cfg.run.root) / cfg.run.experiment / run)))
-    names = [t.run_name for t in found]
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise ConfigError(f"{path}: grid points share run names ({', '.join(twice[:3])}): make the values differ")
-    return found
+    return name, configs, grid, common
 
 
 def _strings(items: Any) -> bool:
@@ -141,17 +174,15 @@ _HOWTO = "see vegan_scale/sweep.py or launch/slurm/README.md for the format"
 def command(grid: Path, count: bool = False, task: int | None = None, here: bool = False, jobs: int = 1) -> None:
     """``vegan-scale sweep``: list the tasks, print their number or one task (NUL-ended words, for a batch
     script), or run them here."""
-    found = tasks(grid)
     if count:
-        print(len(found))
+        print(len(points(grid)))
     elif task is not None:
-        if not 0 <= task < len(found):
-            raise ConfigError(f"{grid} has tasks 0 to {len(found) - 1}, not {task}")
-        sys.stdout.write("".join(f"{word}\0" for word in (found[task].config, *found[task].overrides)))
+        (one,) = tasks(grid, only=task)
+        sys.stdout.write("".join(f"{word}\0" for word in (one.config, *one.overrides)))
     elif here:
-        run_here(found, jobs)
+        run_here(tasks(grid), jobs)
     else:
-        for t in found:
+        for t in tasks(grid):
             print(f"{t.index:4d}  {t.run_name}  {t.config} {' '.join(t.overrides)}")
 
 

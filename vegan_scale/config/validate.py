@@ -9,6 +9,7 @@ penalties' own requirements when it assembles the schema).
 from __future__ import annotations
 
 import itertools
+import posixpath
 import re
 from typing import Any
 
@@ -88,6 +89,7 @@ def check_experiment(obj: Any) -> None:
             f"data.stall_timeout_s={obj.data.stall_timeout_s:g} must be below train.collective_timeout_s="
             f"{obj.train.collective_timeout_s:g}: a rank stalled on data must give up before the others give up on it"
         )
+    _check_tracking_names(obj.tracking)
     network = getattr(obj.model, obj.model.network, None)  # its options, which say what images it takes
     if hasattr(network, "refuses") and (why := network.refuses(obj.data.image_size)):
         raise ConfigError(f"model.network={obj.model.network} {why} (data.image_size={obj.data.image_size})")
@@ -97,6 +99,34 @@ def check_experiment(obj: Any) -> None:
                 f"{rule.when}={_word(rule.value)} needs {rule.needs}={'|'.join(map(_word, rule.allowed))} "
                 f"(got {rule.needs}={_word(lookup(obj, rule.needs))})"
             )
+
+
+# MLflow's rules for a tag key (letters, digits, '_', '-', '.', ' ', ':', '/'; a path that stays itself) and a tag is
+# also logged as the param tracking.tags.<key>, of at most 250 characters. Refused at load: MLflow refused the run at
+# its opening, after the run had started, and `vegan-scale sync` could not mend it.
+TAG_KEY = re.compile(r"[\w.\- :/]{1,236}")
+
+
+def _check_tracking_names(tracking: Any) -> None:
+    for key in tracking.tags:
+        if not TAG_KEY.fullmatch(key) or not _stays_itself(key):
+            raise ConfigError(
+                f"tracking.tags.{key[:60]}: an MLflow tag key is at most 236 characters of letters, digits, '_', '-', "
+                "'.', ' ', ':' and '/', and no path that leads elsewhere ('..', a leading '/')"
+            )
+    name = tracking.register_as
+    if name is not None and (not name.strip() or "/" in name or ":" in name or not _stays_itself(name)):
+        raise ConfigError(
+            f"tracking.register_as={name!r} is no MLflow model name: not blank, without '/' or ':' (MLflow's rule)"
+        )
+    if tracking.experiment is not None and not tracking.experiment.strip():
+        raise ConfigError("tracking.experiment is blank: name the MLflow experiment, or write null for the default")
+
+
+def _stays_itself(name: str) -> bool:
+    """Whether ``name``, read as a path, is itself (MLflow stores names as paths in places)."""
+    norm = posixpath.normpath(name)
+    return norm == name and norm != "." and not norm.startswith(("..", "/"))
 
 
 def lookup(obj: Any, key: str) -> Any:

@@ -265,3 +265,24 @@ def test_malicious_rank_state_refused(tmp_path, fmt):
     with pytest.raises(CheckpointError, match=r"autoencoder\.optim\.safetensors cannot be read"):
         read_optimizer(final, "autoencoder")
     assert not marker.exists()
+
+
+def test_a_temporary_file_an_earlier_attempt_left_is_replaced_not_written_through(tmp_path):
+    """Every file is written as NAME.tmp, then renamed. A NAME.tmp left as a pipe (storage damaged, a prank) held
+    the writer in open() for ever (`eval` after all its metrics were computed); one left as a link was written
+    through, into its target. It is removed first (in a process of its own, which a hang would not hold)."""
+    import os
+    import subprocess
+    import sys
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("theirs")
+    os.mkfifo(tmp_path / "eval.json.tmp")
+    (tmp_path / "sizes.json.tmp").symlink_to(outside)
+    script = (
+        "import sys; from pathlib import Path; from vegan_scale import atomic\n"
+        "for name in ('eval.json', 'sizes.json'): atomic.write_text(Path(sys.argv[1]) / name, name)"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=60)
+    assert (tmp_path / "eval.json").read_text() == "eval.json" and (tmp_path / "sizes.json").read_text() == "sizes.json"
+    assert outside.read_text() == "theirs" and not list(tmp_path.glob("*.tmp"))

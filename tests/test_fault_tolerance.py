@@ -399,3 +399,27 @@ def test_a_run_started_again_while_it_trains_is_refused_and_touches_nothing(
     assert code == 75, out[-3000:]
     steps, stop = [step for step, _ in metric_rows(run_dir)], exit_status(run_dir)["step"]
     assert steps == [*range(5, stop + 1, 5), *([stop] if stop % 5 else [])], steps  # and the stop's step
+
+
+def test_a_run_directory_another_training_made_while_this_one_started_is_refused(
+    tiny_shards_module: Path, tmp_path: Path
+) -> None:
+    """Two trainings of one new run started together: the second looked for checkpoints before the first made the
+    directory (nothing to lock yet), then took the directory over once the first had gone, trained from step 1
+    over the first's run, and pruned its new checkpoints under the first's newer ones. The main process's second
+    look (before the directory is first written) now finds the run the other made, and refuses, touching nothing."""
+    from types import SimpleNamespace
+
+    from vegan_scale.engine import job
+    from vegan_scale.errors import RunDirInUseError
+    from vegan_scale.rundir import RunDir
+
+    run_dir, main = RunDir(tmp_path / "mnist" / "race"), SimpleNamespace(is_main_process=True, num_processes=1)
+    assert job.own_run_dir(run_dir, main, held=None, create=False) is None  # new: nothing to lock yet
+    other = run(single(train_args(tiny_shards_module, tmp_path, "race", "wae_mmd", "train.max_steps=5")))
+    assert other.returncode == 0, other.stderr[-3000:]
+    written = lambda: sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.path.rglob("*") if p != run_dir.lock)  # noqa: E731
+    before = written()
+    with pytest.raises(RunDirInUseError, match="was new when this training started, and another training"):
+        job.own_run_dir(run_dir, main, held=None, create=True)
+    assert written() == before

@@ -61,6 +61,8 @@ def writing(path: Path) -> Iterator[Path]:
     """``with writing(path) as tmp:`` write ``tmp`` by any means (``torch.save``, ``save_file``); on leaving the
     block it is published as ``path``. On an exception the temporary file is removed and ``path`` is untouched."""
     tmp = tmp_path(path)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # one an earlier attempt left: were it a pipe it would hold the writer, a link be written through
     try:
         yield tmp
         publish_file(tmp, path)  # (a directory in its place: the temporary file goes too)

@@ -111,6 +111,8 @@ def own_run_dir(run_dir: RunDir, accelerator: Accelerator, held: IO[str] | None,
         if refusal[0] is None and (create or run_dir.path.is_dir()):
             lock, holder = run_dir.take_lock()
             refusal = [holder and _in_use(run_dir, holder)]
+            if refusal[0] is None and create and run_dir.holds_run():  # new at the first call: another made it since
+                refusal = [_made_meanwhile(run_dir)]
     if accelerator.num_processes > 1:
         broadcast_object_list(refusal)
     if refusal[0] is not None:
@@ -125,6 +127,14 @@ def _someone_elses(run_dir: RunDir) -> RunRefusedError | None:
     return RunRefusedError(
         f"run directory {run_dir.path} holds no run but other files ({', '.join(strangers[:5])}): a training "
         "would write its config.yaml and train.log among them; choose another run.root or run.name"
+    )
+
+
+def _made_meanwhile(run_dir: RunDir) -> RunDirInUseError:
+    return RunDirInUseError(
+        f"run directory {run_dir.path} was new when this training started, and another training of this run has "
+        "written it since (two started at once): this one chose where to start without seeing that run. Start it "
+        "again to continue that run (train.resume=auto), or choose another run.name"
     )
 
 

@@ -319,7 +319,8 @@ def _not_written(run: Run, partial: Path, what: str, reason: str, then: str, roo
     if run.accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     mend = (
-        "Free space there (or raise the quota; a lower checkpoint.keep_last_k keeps fewer)"
+        "Free space there (or raise the quota; a run needs room for checkpoint.keep_last_k checkpoints and one "
+        "more, written before the oldest goes)"
         if room
         else "Move away what the error names (something in the place the run writes to)"
     )

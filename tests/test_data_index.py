@@ -76,6 +76,11 @@ def test_missing_directory_and_empty_spec(tmp_path):
     assert str(missing / "sizes.json") in str(info.value) and "vegan-scale shards" in str(info.value)
     with pytest.raises(DataError, match="does not exist"):
         read_index(str(tmp_path / "absent"))
+    os.mkfifo(tmp_path / "pipe")  # a file or a pipe named by mistake was said not to exist
+    (tmp_path / "file").write_text("x")
+    for named in ("pipe", "file"):
+        with pytest.raises(DataError, match=f"{tmp_path / named} is not a directory"):
+            read_index(str(tmp_path / named))
     for spec in ("", "::", " :: "):
         with pytest.raises(DataError, match="empty"):
             read_index(spec)

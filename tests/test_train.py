@@ -237,26 +237,40 @@ def test_bf16_weights_copy_trains_like_float32_and_continues_exactly(tiny_shards
     assert same_weights(continued / "export" / "model.safetensors", whole / "export" / "model.safetensors")
 
 
-def test_a_run_continued_without_a_checkpoint_says_it_starts_again(tiny_shards: Path, tmp_path: Path) -> None:
-    """A run directory whose run wrote no checkpoint (checkpoint.every_steps=0, or stopped before its first) was
-    trained again from step 1 without a word, its metrics and export replaced. It still starts again (there is
-    nothing to continue from), and its log says so."""
-    args = [
+def _tiny_mlp(shards: Path, root: Path, *extra: str) -> list[str]:
+    """Overrides of a run "r" of a 784-16-8 MLP pair on tiny shards, untracked, without periodic evaluation."""
+    return [
         *SMALL,
-        f"data.train={tiny_shards / 'train'}",
-        f"data.test={tiny_shards / 'test'}",
-        f"run.root={tmp_path}",
+        f"data.train={shards / 'train'}",
+        f"data.test={shards / 'test'}",
+        f"run.root={root}",
         "run.name=r",
         "model.network=mlp",
         "model.mlp.hidden=[16]",
         "train.global_batch_size=20",
         "tracking.backend=none",
-        "tracking.log_every=1",
         "eval.every_steps=1000",
-        "checkpoint.every_steps=0",
+        *extra,
     ]
+
+
+def test_a_run_continued_without_a_checkpoint_says_it_starts_again(tiny_shards: Path, tmp_path: Path) -> None:
+    """A run directory whose run wrote no checkpoint (checkpoint.every_steps=0, or stopped before its first) was
+    trained again from step 1 without a word, its metrics and export replaced. It still starts again (there is
+    nothing to continue from), and its log says so."""
+    args = _tiny_mlp(tiny_shards, tmp_path, "tracking.log_every=1", "checkpoint.every_steps=0")
     run_dir = train(load_experiment(ROOT / "configs/mnist/wae_mmd.yaml", [*args, "train.max_steps=2"]))
     assert "no checkpoint to continue from" not in (run_dir / "train.log").read_text()
     train(load_experiment(ROOT / "configs/mnist/wae_mmd.yaml", [*args, "train.max_steps=3"]))
     assert f"{run_dir} holds a run but no checkpoint to continue from" in (run_dir / "train.log").read_text()
     assert [m["step"] for m in _metrics(run_dir) if "train/loss" in m] == [1, 2, 3]
+
+
+def test_a_run_continued_past_its_end_says_nothing_is_trained(tiny_shards: Path, tmp_path: Path) -> None:
+    """A run at step 3 continued with train.max_steps=2 ended "finished" without a word; it still ends (the export
+    holds step 3), and its log says so."""
+    args = _tiny_mlp(tiny_shards, tmp_path, "checkpoint.every_steps=3")
+    run_dir = train(load_experiment(ROOT / "configs/mnist/wae_mmd.yaml", [*args, "train.max_steps=3"]))
+    train(load_experiment(ROOT / "configs/mnist/wae_mmd.yaml", [*args, "train.max_steps=2"]))
+    said = (run_dir / "train.log").read_text()
+    assert "the run is at step 3, past its end at step 2" in said and "the export holds step 3" in said, said[-2000:]

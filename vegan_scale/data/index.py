@@ -269,7 +269,8 @@ def _local_source(spec: str, weight: float, skip_missing: bool) -> ShardSource:
     pattern = not path.is_dir() and (path.suffix == ".tar" or "{" in spec)
     directory = path.parent if pattern else path
     if not directory.is_dir():
-        raise DataError(f"no shards at {spec}: {directory} does not exist; {HOWTO}")
+        what = "is not a directory" if directory.exists() else "does not exist"  # a file, a pipe: not "missing"
+        raise DataError(f"no shards at {spec}: {directory} {what}; {HOWTO}")
     sizes_path = directory / SIZES_FILE
     sizes = _sizes(_read_json(sizes_path), str(sizes_path)) if sizes_path.exists() else None
     if not pattern and sizes is None:

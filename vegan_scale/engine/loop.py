@@ -115,6 +115,14 @@ def _lost_peer_reason(run: Run, error: Exception) -> str:
 
 def _fit(run: Run, stops: StopRequests) -> None:
     cfg, acc = run.cfg, run.accelerator
+    if run.steps.start > run.steps.total and acc.is_main_process:  # nothing to train: said, not taken for a finish
+        log.warning(
+            "the run is at step %d, past its end at step %d (train.max_steps or train.epochs): nothing is trained, "
+            "and the export holds step %d",
+            run.steps.start,
+            run.steps.total,
+            run.steps.start,
+        )
     agreement = Agreement(acc.device, acc.num_processes)
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     feed = DataFeed(

@@ -20,6 +20,7 @@ batches) and the per-row results are gathered in order, so the metrics cover the
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,8 @@ from vegan_scale.evaluation.inception import INSTALL, InceptionFeatures, load_in
 from vegan_scale.evaluation.model_source import ModelSource
 from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.penalties.kernel_mmd import mmd
+
+log = logging.getLogger(__name__)
 
 INCEPTION_CPU_CAP = 500
 # (key, label) in table order; the floor row has no reconstruction values
@@ -258,6 +261,9 @@ def evaluate_source(
     images = source.test_images(settings.num_samples, spec)
     if len(images) < (least := 2 * (settings.neighbours + 1)):  # each half holds more than `neighbours`
         raise ConfigError(f"the test data {spec} holds {len(images)} images; the evaluation needs at least {least}")
+    if len(images) < settings.num_samples:  # said: its metrics are not those of the number asked for
+        log.warning("the test data %s holds %d images, fewer than the %d asked for: all are used", spec, len(images),
+                    settings.num_samples)  # fmt: skip
     skipped: dict[str, str] = {}
     name = classifier or pick_classifier(spec, shape)
     if name is None:

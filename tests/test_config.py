@@ -551,6 +551,12 @@ def test_cli_config_describe_lists_every_key():
             assert "|".join(choices) in lines[key]
 
 
+def test_describe_with_a_configuration_is_a_usage_error():
+    """`config FILE --describe` listed the schema and ignored the file and its overrides without a word."""
+    assert_usage_error(cli("config", "configs/mnist/wae_mmd.yaml", "--describe"), "--describe and --reference")
+    assert_usage_error(cli("config", "--reference", "train.max_steps=3"), "leave out the file and overrides")
+
+
 def test_every_numeric_key_has_a_range():
     """Every int and float key (lists and optional ones too) states the numbers it allows, and its default is one."""
     for key, field, default in leaves(ExperimentConfig):
@@ -620,6 +626,8 @@ def test_values_out_of_range_name_the_key(override, rule):
         ("tracking.tags." + "k" * 237 + "=1", "an MLflow tag key is at most 236 characters"),
         ("tracking.register_as=a/b:c", "is no MLflow model name"),
         ("tracking.experiment=' '", "tracking.experiment is blank"),
+        ("data.epoch_samples=100", "applies to data.mode=resampled only"),  # epoch mode ignored it
+        ("data.train_weights=[]", "applies to data.mode=resampled only"),
     ],
 )
 def test_hostile_overrides_are_one_line_errors(override, words):
@@ -654,6 +662,13 @@ def test_a_network_that_cannot_take_the_images_is_refused_at_load():
     )
     assert "power-of-two" in config_error(MNIST / "wae_mmd.yaml", "model.network=resnet", "data.image_size=48")
     load(MNIST / "wae_mmd.yaml", "model.network=resnet", "data.image_size=32")
+
+
+def test_source_weights_match_the_sources_at_load():
+    """A weight list that matched no source was refused only once training had started."""
+    msg = config_error(MNIST / "wae_mmd.yaml", "data.mode=resampled", "data.train_weights=[1, 2]")
+    assert "holds 2 weight(s) for the 1 source(s) of data.train" in msg
+    load(MNIST / "wae_mmd.yaml", "data.mode=resampled", "data.train=a::b", "data.train_weights=[1, 3]")
 
 
 def test_a_tag_key_mlflow_refuses_is_refused_at_load(tmp_path):

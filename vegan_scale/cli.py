@@ -45,6 +45,11 @@ def _config(args: argparse.Namespace) -> None:
     from vegan_scale.config.load import to_yaml
     from vegan_scale.experiment import ExperimentConfig, load_experiment
 
+    if (args.reference or args.describe) and (args.config is not None or args.overrides):
+        raise ConfigError(
+            "--describe and --reference list every key of the schema, not a configuration's values: leave out the "
+            "file and overrides, or drop the option to print the resolved configuration"
+        )
     if args.reference:
         from vegan_scale.config.reference import markdown
 

@@ -90,6 +90,7 @@ def check_experiment(obj: Any) -> None:
             f"{obj.train.collective_timeout_s:g}: a rank stalled on data must give up before the others give up on it"
         )
     _check_tracking_names(obj.tracking)
+    _check_sampling(obj.data)
     network = getattr(obj.model, obj.model.network, None)  # its options, which say what images it takes
     if hasattr(network, "refuses") and (why := network.refuses(obj.data.image_size)):
         raise ConfigError(f"model.network={obj.model.network} {why} (data.image_size={obj.data.image_size})")
@@ -99,6 +100,21 @@ def check_experiment(obj: Any) -> None:
                 f"{rule.when}={_word(rule.value)} needs {rule.needs}={'|'.join(map(_word, rule.allowed))} "
                 f"(got {rule.needs}={_word(lookup(obj, rule.needs))})"
             )
+
+
+def _check_sampling(data: Any) -> None:
+    """The resampled mode's settings, given only with it: the training read silently past an epoch size, and
+    refused a weight list that matched no source only once it had started."""
+    sources = len([part for part in data.train.split("::") if part.strip()])
+    for key, value in (("data.train_weights", data.train_weights), ("data.epoch_samples", data.epoch_samples)):
+        if value is not None and data.mode != "resampled":
+            raise ConfigError(f"{key} is set, and applies to data.mode=resampled only (epoch mode reads every sample "
+                              f"once): set data.mode=resampled, or {key}=null")  # fmt: skip
+    if data.train_weights is not None and len(data.train_weights) != sources:
+        raise ConfigError(
+            f"data.train_weights holds {len(data.train_weights)} weight(s) for the {sources} source(s) of data.train "
+            "(joined by '::'): give one per source, or null to weigh them equally"
+        )
 
 
 # MLflow's rules for a tag key (letters, digits, '_', '-', '.', ' ', ':', '/'; a path that stays itself) and a tag is

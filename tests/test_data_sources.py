@@ -191,6 +191,18 @@ def test_load_npz_uint8_with_labels(tmp_path):
     assert data.labels is None and len(data) == 6
 
 
+@pytest.mark.parametrize(
+    "labels",
+    [[0, 1, float("nan"), 2], ["a", "b", "c", "d"], [[0, 1]] * 4, [2.7, 1, 1, 1], [1e30, 1, 1, 1], [-1, 1, 1, 1]],
+)
+def test_load_npz_refuses_labels_that_are_no_class_indices(tmp_path, labels):
+    """NaN, text or 2-D labels were tracebacks from int(), 2.7 was written as 2, 1e30 was written and then refused
+    sample by sample in training."""
+    np.savez(tmp_path / "a.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array(labels))
+    with pytest.raises(DataError, match=r"a.npz:labels must hold one whole number >= 0 per image"):
+        load_npz(tmp_path / "a.npz")
+
+
 def test_load_npz_floats_and_channel_order(tmp_path):
     """Floats in [0, 1] are rounded to bytes (x * 255); NCHW is transposed to NHWC, one channel dropped."""
     x = np.random.default_rng(1).random((4, 3, 5, 6)).astype(np.float32)

@@ -160,6 +160,16 @@ def test_a_seed_out_of_range_is_a_usage_error(command: list[str], seed: str, cap
     assert info.value.code == 2 and option in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", [["--max-shard-mb", "nan"], ["--max-shard-mb", "inf"], ["--size", "0"],
+                                    ["--size", "100000"], ["--crop", "-5"]])  # fmt: skip
+def test_a_shard_size_out_of_range_is_a_usage_error(option: list[str], capsys: pytest.CaptureFixture) -> None:
+    """NaN or infinite shard sizes were tracebacks; a side of 0 or a negative crop was blamed on the first image,
+    and a side of 100,000 ran out of memory."""
+    with pytest.raises(SystemExit) as info:
+        parser().parse_args(["shards", "folder", "--out", "X", *option])
+    assert info.value.code == 2 and f"{option[0]}: {option[1]} is out of range" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("option", [["eval", "RUN", "--test-data"], ["sample", "RUN", "--test-data"],
                                     ["eval", "RUN", "--classifier"]])  # fmt: skip
 def test_an_empty_option_is_a_usage_error(option: list[str], capsys: pytest.CaptureFixture) -> None:

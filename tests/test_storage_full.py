@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -109,6 +110,24 @@ def test_export_and_sample_on_a_full_disk_name_the_file_and_leave_no_part_of_it(
     for png in left:
         with Image.open(png) as image:
             image.load()  # whole: a file cut short raises here
+
+
+@pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")
+def test_shards_on_a_full_disk_name_the_shard_and_leave_no_part_of_it(tmp_path: Path) -> None:
+    """`vegan-scale shards` writing 1,000 images (800 kB) to a 256 kB disk: the tar writer's failure to write its
+    last blocks came again while the partial shard was discarded (a traceback, exit 1, its .tar.tmp left behind).
+    It stops with exit 74 naming the shard, and leaves no partial shard and no sizes.json."""
+    images = np.random.default_rng(0).integers(0, 256, (1000, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", images=images)
+    source = str(tmp_path / "images.npz")
+    args = lambda disk: ["-m", "vegan_scale", "shards", "npz", "--source", source, "--out", str(disk / "out"),  # noqa: E731
+                         "--samples-per-shard", "100", "--workers", "1"]  # fmt: skip
+    proc = _on_a_small_disk("256k", tmp_path, args)
+    assert proc.returncode == 74, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"error: \S+/out/train/npz-train-\d{6}\.tar: No space left on device", proc.stderr), proc.stderr
+    left = [p.name for p in (tmp_path / "root" / "out").rglob("*") if p.is_file()]
+    assert not [n for n in left if n.endswith(".tmp") or n == "sizes.json"], left
 
 
 @pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")

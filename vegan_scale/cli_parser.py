@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +13,24 @@ from vegan_scale.provenance import version
 MAX_SEED = 2**32 - 1  # run.seed's bound: torch's CPU generator keeps the low 32 bits of a seed
 
 
-def _seed(text: str) -> int:
-    """A seed argument, within run.seed's range: a larger one would repeat a smaller one's draws."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: a seed is in [0, {MAX_SEED}]")
-    return value
+def _within(kind: type, low: float, high: float, what: str) -> Callable[[str], Any]:
+    """An argument type: a number of ``kind`` in [low, high] (NaN and infinities are in no range), said as ``what``
+    when it is not one (a size of 0 was blamed on the first image, NaN was a traceback)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not low <= value <= high:  # False for NaN
+            bounds = ", ".join(str(b) if isinstance(b, int) else f"{b:g}" for b in (low, high))
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what} is in [{bounds}]")
+        return value
+
+    return parse
+
+
+_seed = _within(int, 0, MAX_SEED, "a seed")  # run.seed's range: a larger one would repeat a smaller one's draws
 
 
 def _given(text: str) -> str:
@@ -145,12 +155,16 @@ def _add_shards(sub: Any) -> None:
         help="image encoding (default npy; png for folders): npy needs no decoding, png/jpg are compact for photos",
     )
     s.add_argument("--samples-per-shard", type=int, default=10_000, help="shard size in samples")
-    s.add_argument("--max-shard-mb", type=float, help="shard size in megabytes instead of samples")
+    s.add_argument(
+        "--max-shard-mb",
+        type=_within(float, 1e-6, 1e6, "a shard's size"),
+        help="shard size in megabytes instead of samples",
+    )
     s.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="encoding processes")
-    s.add_argument("--size", type=int, default=64, help="folder: output side in pixels")
+    s.add_argument("--size", type=_within(int, 1, 16384, "a side"), default=64, help="folder: output side in pixels")
     s.add_argument(
         "--crop",
-        type=int,
+        type=_within(int, 0, 1 << 20, "a crop side"),
         default=0,
         help="folder: centre crop side before resizing (0: the largest "
         "square); the WAE paper's CelebA is --crop 140 --size 64",

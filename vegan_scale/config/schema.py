@@ -63,7 +63,7 @@ class DataConfig:
     train_weights: list[float] | None = param(
         None,
         "Sampling weight of each '::' source of data.train (resampled mode only); null weighs all equally.",
-        bounds=POSITIVE,
+        bounds=POSITIVE_FLOAT32,
     )
     test: str = param(".data/shards/mnist/test", "Test shards, same forms as data.train; used for evaluation.")
     mode: str = param(

@@ -104,15 +104,18 @@ class SequenceReader:
         count and double: little is read (and read again later) when few samples are bad, and a long run of bad
         ones takes few reads."""
         found, have, seen = [rest[rest.good]], int(rest.good.sum()), 0
-        total, chunk = self.order.samples, 2 * count
+        total, chunk, skipped = self.order.samples, 2 * count, {}
         while have < count:
             if seen >= total:
+                why = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
                 raise DataError(
-                    f"epoch {self.order.epoch}: no sample of {self.order.urls[0]} ... decodes (see the warnings above)"
+                    f"epoch {self.order.epoch}: too few samples of {self.order.urls[0]} ... decode to fill a batch "
+                    f"({have} of {count}; skipped: {why or 'none'}); rewrite the shards, or check data.channels and "
+                    "data.image_size against them"
                 )
             at = (position + seen) % total
             take = min(chunk, total - at, total - seen)
-            more = self.read(at, take, {})
+            more = self.read(at, take, skipped)
             found.append(more[more.good])
             have, seen, chunk = have + len(found[-1]), seen + take, 2 * chunk
         return Stretch.cat(found)[:count]

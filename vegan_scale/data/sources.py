@@ -166,7 +166,19 @@ def load_npz(path: Path, images_key: str = "images", labels_key: str | None = "l
         raise DataError(f"{path}:{images_key} has shape {images.shape}; expected [N, H, W] or [N, H, W, C]")
     if labels is not None and len(labels) != len(images):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
-    return ArraySource(images, labels)
+    return ArraySource(images, None if labels is None else _class_labels(labels, f"{path}:{labels_key}"))
+
+
+def _class_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    """Labels as int64 class indices: whole numbers in one dimension (a float 2.7 was written as 2, NaN or a string
+    ended in a traceback, 1e30 was written and refused by training)."""
+    numbers = labels.ndim == 1 and (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating))
+    if numbers and labels.size and np.issubdtype(labels.dtype, np.floating):
+        numbers = bool(np.isfinite(labels).all() and (labels == np.round(labels)).all())
+    if not numbers or (labels.size and not (labels.min() >= 0 and labels.max() < 2**63)):
+        raise DataError(f"{where} must hold one whole number >= 0 per image (class indices), got {labels.dtype} "
+                        f"{list(labels.shape)}; pass --labels-key for another array")  # fmt: skip
+    return labels.astype(np.int64)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

@@ -18,6 +18,7 @@ directory never mixes two writes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import multiprocessing
@@ -126,14 +127,16 @@ class _ShardFile:
         for ext, data in members:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o444
-            self.tar.addfile(info, io.BytesIO(data))
+            with atomic.naming(self.path):  # a full disk: the error names the shard
+                self.tar.addfile(info, io.BytesIO(data))
             self.bytes += _member_bytes(data)
         self.samples += 1
 
     def close(self) -> int:
         """Publish the shard, then its index of sample offsets (the end of the last sample closes the list)."""
         end = self.tar.offset
-        self.tar.close()
+        with atomic.naming(self.path):
+            self.tar.close()
         size = atomic.publish_file(self.tmp, self.path).stat().st_size
         atomic.write_bytes(offsets_path(self.path), np.asarray([*self.offsets, end], dtype="<u8").tobytes())
         return size
@@ -148,7 +151,8 @@ class _ShardFile:
 
     def discard(self) -> None:
         """Remove the shard being written: a write that failed leaves no part of it behind."""
-        self.tar.close()
+        with contextlib.suppress(OSError):  # its last blocks, which a full disk refuses again
+            self.tar.close()
         self.tmp.unlink(missing_ok=True)
 
 
@@ -193,11 +197,11 @@ def write_shards(
                 sizes[shard.path.name] = 0
             shard.add(f"{i:09d}", members)
             sizes[shard.path.name] += 1
+        total_bytes += shard.close()
     except BaseException:  # a source that fails, a full disk, Ctrl-C
         if shard is not None:
             shard.discard()
         raise
-    total_bytes += shard.close()
     _remove_stale(out_dir, prefix, sizes)
     info = {
         "num_samples": len(source),

@@ -58,7 +58,8 @@ def _raise_errors(run: Run, raised: dict[Flag, int], feed: DataFeed) -> None:
             raise error(f"stopped on a stop request while the data did not come ({text}); {kept(run)}")
         if Flag.DATA_STALL in raised:
             raise DataStallError(f"{text}; {kept(run)}")
-        raise DataError(f"{text} (data.on_error=skip would skip bad samples)")
+        skip = " (data.on_error=skip would skip bad samples)" if run.cfg.data.on_error == "raise" else ""
+        raise DataError(f"{text}{skip}")
     nonfinite = {flag: raised[flag] for flag in NONFINITE_TERMS if flag in raised}
     if nonfinite:
         first = min(nonfinite.values())

@@ -216,6 +216,8 @@ class _Handler(SimpleHTTPRequestHandler):
         elif self.headers.get("Range", "").startswith("bytes="):  # "bytes=N-" or "bytes=N-M" (M included)
             first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
             start, end = int(first), int(last) + 1 if last else None
+            if fault == "from0":  # a range that starts elsewhere than asked (a CDN aligning it), said truthfully
+                start = 0
             with self.state.lock:
                 self.state.ranges.append((name, start, end))
             whole = Path(self.translate_path(self.path)).read_bytes()
@@ -224,6 +226,7 @@ class _Handler(SimpleHTTPRequestHandler):
                 return
             body = whole[start:end]
             self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{len(whole)}")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -237,7 +240,8 @@ class _Handler(SimpleHTTPRequestHandler):
 class ShardServer:
     """Serves ``root`` on 127.0.0.1; ``faults[name]`` lists what the next requests of that file get: an HTTP
     error status ("503", "404", "403"), "half" (half the body, then the connection drops), "endless" (a body
-    without end), "trickle" (a byte at a time), "garbled" (no HTTP answer) or None (served normally, honouring
+    without end), "trickle" (a byte at a time), "garbled" (no HTTP answer), "from0" (a range asked for answered
+    from byte 0, as its Content-Range says) or None (served normally, honouring
     "Range: bytes=N-" and "bytes=N-M"). Records every request."""
 
     def __init__(self, root: Path) -> None:

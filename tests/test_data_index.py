@@ -40,6 +40,21 @@ def test_a_brace_pattern_naming_millions_of_shards_is_refused_at_once(tmp_path: 
         read_index(f"{tmp_path}/s-{braces}.tar")
 
 
+def test_every_joined_source_is_checked_against_the_configured_shape(tmp_path: Path) -> None:
+    """Only the first source with a dataset.json was compared: a grey source joined to an RGB one was refused
+    sample by sample in training (skip mode counted each as wrong_shape)."""
+    import numpy as np
+
+    from vegan_scale.data.sources import ArraySource
+    from vegan_scale.data.write import write_shards
+
+    for name, shape in (("grey", (8, 8, 8)), ("rgb", (8, 8, 8, 3))):
+        write_shards(ArraySource(np.zeros(shape, np.uint8)), tmp_path / name, prefix=name)
+    spec = f"{tmp_path / 'grey'}::{tmp_path / 'rgb'}"
+    with pytest.raises(DataError, match=r"holds images of shape \(3, 8, 8\) \(C, H, W\) in .*rgb but the config"):
+        read_index(spec, image_shape=(1, 8, 8), key="data.train")
+
+
 def test_sources_joined_with_weights(tmp_path):
     """'::' joins sources in order with one weight each; wrong weight counts or non-positive weights are refused."""
     make_shards(tmp_path / "a", [3, 4])

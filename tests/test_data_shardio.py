@@ -212,6 +212,19 @@ def test_http_window_with_drop(shard):
         assert as_pairs(read_samples(f"{server.url}/{path.name}", FAST, skip=10, take=15)) == expected[10:25]
 
 
+def test_a_range_answered_from_elsewhere_is_refused(tmp_path):
+    """A server that answers a range from another byte than asked (a CDN aligning ranges), as its Content-Range
+    says: the bytes were read as the samples asked for (a "malformed tar header", or the wrong samples trained on)."""
+    from vegan_scale.data.index import read_offsets
+
+    path = Path(make_shards(tmp_path, [30], side=16, offsets=True)[0])
+    offsets = read_offsets(str(path), 30)
+    with serve(path.parent) as server:
+        server.faults[path.name] = ["from0"]
+        with pytest.raises(DataError, match=r"sent bytes from 0 when asked for bytes from \d+ \(its Content-Range\)"):
+            list(read_samples(f"{server.url}/{path.name}", FAST, skip=7, take=9, offsets=offsets))
+
+
 def index_offsets(path: Path) -> list[int]:
     """A shard's sample offsets as tarfile finds them (an independent index): each sample's first member, then
     the end of the last member."""

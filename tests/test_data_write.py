@@ -247,3 +247,33 @@ def test_index_shards_refuses_an_empty_directory(tmp_path):
 
     with pytest.raises(DataError, match=r"no \*\.tar shards in"):
         index_shards(tmp_path)
+
+
+def test_ctrl_c_during_a_write_with_worker_processes_ends_it(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the process group) while `vegan-scale shards --workers 2` writes: a pool worker interrupted
+    too ended, and the parent waited for its results for ever (2 times in 25). The workers leave Ctrl-C to the
+    parent, which ends them: exit 130 every time, no partial shard and no sizes.json left."""
+    import os
+    import signal
+    import time
+
+    from tests.runkit import env
+
+    np.savez(tmp_path / "images.npz", images=np.random.default_rng(0).integers(0, 256, (60_000, 28, 28), np.uint8))
+    for attempt in range(4):
+        out = tmp_path / f"out{attempt}"
+        command = [sys.executable, "-m", "vegan_scale", "shards", "npz", "--source", str(tmp_path / "images.npz"),
+                   "--out", str(out), "--workers", "2", "--format", "png", "--samples-per-shard", "500"]  # fmt: skip
+        proc = subprocess.Popen(command, env=env(), start_new_session=True, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not list(out.glob("train/*.tar")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)  # writing: a shard is published
+        time.sleep(0.1 * attempt)
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 130, proc.stderr.read()[-2000:]
+        assert not list(out.rglob("*.tmp")) and not list(out.rglob("sizes.json"))

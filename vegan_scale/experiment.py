@@ -23,6 +23,7 @@ from vegan_scale.penalties.options import (
     PenaltyTraits,
     SlicedConfig,
 )
+from vegan_scale.retry import Backoff
 
 NETWORKS: dict[str, type] = {
     "conv": ConvConfig,
@@ -67,6 +68,12 @@ def stall_timeout_s(cfg: Any) -> float:
     """How long a read may go without returning a sample: data.stall_timeout_s, by default half the collective
     timeout (so that a stalled rank names its shard before its peers' collectives time out)."""
     return cfg.data.stall_timeout_s or cfg.train.collective_timeout_s / 2
+
+
+def read_retry(cfg: Any) -> Backoff:
+    """How a read of the data is tried again after a transient failure (data.read_attempts tries), wherever it is
+    read: the training stream, and the images read at start-up (pre-training pool, evaluation set)."""
+    return Backoff(attempts=cfg.data.read_attempts)
 
 
 def load_experiment(

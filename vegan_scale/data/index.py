@@ -373,9 +373,14 @@ def read_index(
     if not any(s.urls for s in sources):
         raise DataError(f"no shards found for {spec!r}; {HOWTO}")
     index = ShardIndex(sources)
-    if image_shape is not None and index.image_shape is not None and tuple(index.image_shape) != tuple(image_shape):
-        raise DataError(
-            f"{key}={spec} holds images of shape {tuple(index.image_shape)} (C, H, W) but the config "
-            f"says {tuple(image_shape)}; set data.channels and data.image_size to match"
-        )
+    for source in sources:  # each: joined sources of other shapes were refused sample by sample
+        if (
+            image_shape is not None
+            and source.image_shape is not None
+            and tuple(source.image_shape) != tuple(image_shape)
+        ):
+            raise DataError(
+                f"{key}={spec} holds images of shape {tuple(source.image_shape)} (C, H, W) in {source.spec} but the "
+                f"config says {tuple(image_shape)}; set data.channels and data.image_size to match"
+            )
     return index

@@ -107,6 +107,13 @@ def open_url(url: str, start: int = 0, end: int | None = None) -> tuple[BinaryIO
         request = urllib.request.Request(url, headers={"Range": wanted} if start or end is not None else {})
         try:
             response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)
+            sent = re.match(r"bytes (\d+)-", response.headers.get("Content-Range") or "")
+            if response.status == 206 and sent and int(sent[1]) != start:  # another range (aligned by a CDN)
+                response.close()
+                raise DataError(
+                    f"shard {url}: the server sent bytes from {sent[1]} when asked for bytes from {start} (its "
+                    "Content-Range): it does not serve the ranges asked for; serve the shards from one that does"
+                )
             return _HTTPBody(response, url), start == 0 or response.status == 206  # 200: the server ignored Range
         except urllib.error.HTTPError as e:
             if e.code in REFUSED_HTTP:

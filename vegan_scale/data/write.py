@@ -23,6 +23,7 @@ import io
 import json
 import multiprocessing
 import re
+import signal
 import tarfile
 import time
 from collections.abc import Iterator
@@ -81,8 +82,12 @@ def encode_image(image: np.ndarray, fmt: str) -> bytes:
 _worker_state: dict[str, Any] = {}
 
 
-def _init_worker(source: SampleSource, fmt: str) -> None:
+def _init_worker(source: SampleSource, fmt: str, pooled: bool = False) -> None:
+    """A worker's source and format. A pool's workers leave Ctrl-C to the parent, which ends the pool: a worker
+    interrupted too ended, and the parent waited for its results for ever."""
     _worker_state["source"], _worker_state["fmt"] = source, fmt
+    if pooled:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _encode(i: int) -> list[tuple[str, bytes]]:
@@ -99,7 +104,7 @@ def _encoded(source: SampleSource, fmt: str, workers: int) -> Iterator[list[tupl
         _init_worker(source, fmt)
         yield from map(_encode, range(len(source)))
         return
-    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (source, fmt)) as pool:
+    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (source, fmt, True)) as pool:
         yield from pool.imap(_encode, range(len(source)), chunksize=256)
 
 

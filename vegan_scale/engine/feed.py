@@ -28,8 +28,7 @@ from vegan_scale.data.pipeline import Batch, Readers, TrainStream
 from vegan_scale.distributed.accelerator import BatchLayout
 from vegan_scale.distributed.agreement import Agreement, Flag
 from vegan_scale.errors import DataError, DataStallError
-from vegan_scale.experiment import image_shape
-from vegan_scale.retry import Backoff
+from vegan_scale.experiment import image_shape, read_retry
 from vegan_scale.stops import ends_wait
 
 log = logging.getLogger("vegan_scale")
@@ -53,7 +52,7 @@ def open_stream(cfg: Any, accelerator: Accelerator, layout: BatchLayout) -> Trai
         d.mode,
         d.epoch_samples,
         d.on_error,
-        Backoff(attempts=d.read_attempts),
+        read_retry(cfg),
         Readers.create(max(1, d.num_workers)),
         layout.accumulation,
     )

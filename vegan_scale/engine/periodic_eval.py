@@ -21,7 +21,7 @@ from vegan_scale.data.images import load_images
 from vegan_scale.data.index import read_index
 from vegan_scale.engine.objective import Cost
 from vegan_scale.evaluation.grids import figures
-from vegan_scale.experiment import image_shape, stall_timeout_s
+from vegan_scale.experiment import image_shape, read_retry, stall_timeout_s
 from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.penalties.kernel_mmd import mmd
 from vegan_scale.priors import Prior
@@ -50,6 +50,7 @@ class EvalSet:
             index,
             shape,
             cfg.eval.num_samples,
+            read_retry(cfg),
             stall_timeout_s=stall_timeout_s(cfg),
             on_error=cfg.data.on_error,
             stopping=stopping,

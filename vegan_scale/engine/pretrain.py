@@ -22,7 +22,7 @@ from vegan_scale.data.images import load_images
 from vegan_scale.data.index import read_index
 from vegan_scale.distributed import deepspeed_support
 from vegan_scale.errors import NonFiniteLossError
-from vegan_scale.experiment import image_shape, stall_timeout_s
+from vegan_scale.experiment import image_shape, read_retry, stall_timeout_s
 from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.penalties.moments import moment_matching_loss
 
@@ -68,7 +68,13 @@ def pretrain(cfg: Any, model: AutoEncoder, stopping: Callable[[], bool] = lambda
     index = read_index(cfg.data.train, image_shape=shape, key="data.train", skip_missing=cfg.data.on_error == "skip")
     wanted = POOL_BATCHES * t.encoder_pretrain_batch
     pool = load_images(
-        index, shape, wanted, stall_timeout_s=stall_timeout_s(cfg), on_error=cfg.data.on_error, stopping=stopping
+        index,
+        shape,
+        wanted,
+        read_retry(cfg),
+        stall_timeout_s=stall_timeout_s(cfg),
+        on_error=cfg.data.on_error,
+        stopping=stopping,
     )[0]
     with deepspeed_support.gathered(model.encoder, modify=True):
         steps, loss = pretrain_encoder(

@@ -23,7 +23,7 @@ from vegan_scale import checkpoint, export
 from vegan_scale.data.images import load_images
 from vegan_scale.data.index import read_index
 from vegan_scale.errors import ConfigError
-from vegan_scale.experiment import image_shape, load_stored_experiment, stall_timeout_s
+from vegan_scale.experiment import image_shape, load_stored_experiment, read_retry, stall_timeout_s
 from vegan_scale.models.autoencoder import AutoEncoder
 from vegan_scale.registry import export_experiment, load_model
 from vegan_scale.rundir import RunDir, is_complete, named_step
@@ -45,7 +45,8 @@ class ModelSource:
         """The first ``limit`` images (uint8 [N, C, H, W]) of the run's test shards, or of ``test_data``; a read
         that stops returning samples is an error after the run's stall timeout, as in training."""
         index = read_index(test_data or self.config.data.test)
-        return load_images(index, self.image_shape, limit, stall_timeout_s=stall_timeout_s(self.config))[0]
+        retry, stall = read_retry(self.config), stall_timeout_s(self.config)
+        return load_images(index, self.image_shape, limit, retry, stall_timeout_s=stall)[0]
 
 
 @dataclass(frozen=True)

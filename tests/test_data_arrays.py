@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import vegan_scale.data.sequence as sequence
-import vegan_scale.data.shardio as shardio
+import vegan_scale.data.web as web
 from tests.shardkit import (
     group_samples,
     header_offsets,
@@ -224,7 +224,7 @@ def test_training_reads_clean_shards_as_arrays_and_damaged_ones_member_by_member
 def test_a_shard_server_that_never_answers_is_a_named_error_not_a_hang(tmp_path, monkeypatch):
     """A server that accepts connections and never sends a byte: the range read times out, is retried, and gives
     up with a DataError naming the shard, as the member-by-member read does; neither hangs."""
-    monkeypatch.setattr(shardio, "HTTP_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(web, "HTTP_TIMEOUT_S", 0.3)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()

@@ -23,22 +23,15 @@ import http.client
 import io
 import logging
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, BinaryIO
 
 from vegan_scale import retry
-from vegan_scale.data import s3
+from vegan_scale.data import s3, web
 from vegan_scale.data.faults import (
-    ABSENT_HTTP,
-    CUT_SHORT,
-    REFUSED_HTTP,
-    AccessDenied,
     ShardCorrupt,
     ShardError,
     ShardMissing,
-    ShortShard,
     TransientReadError,
 )
 from vegan_scale.errors import DataError
@@ -50,27 +43,8 @@ BLOCK = 512
 CHUNK = 1 << 20  # the largest single read
 MAX_MEMBER_BYTES = 1 << 30  # a tar member larger than this is damage, not an image
 OCTAL = re.compile(rb"[0-7]*")
-HTTP_TIMEOUT_S = 60.0
-PERMANENT_HTTP = (400, *ABSENT_HTTP)  # a shard asked for wrongly or not there: retrying cannot help
 
 Sample = dict[str, object]  # {"__key__": str, "__url__": str, "<ext>": bytes, ...}
-
-
-class _HTTPBody:
-    """A response body whose connection ending before Content-Length is a transient failure, not the end of the
-    tar (http.client returns b"" there, which would read as a shorter, valid shard)."""
-
-    def __init__(self, response: http.client.HTTPResponse, url: str) -> None:
-        self.response, self.url = response, url
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.response.read(None if n < 0 else n)
-        if not data and n and self.response.length:
-            raise TransientReadError(f"the connection for {self.url} closed {self.response.length} bytes early")
-        return data
-
-    def close(self) -> None:
-        self.response.close()
 
 
 class _Window(io.RawIOBase):
@@ -103,28 +77,7 @@ def open_url(url: str, start: int = 0, end: int | None = None) -> tuple[BinaryIO
     if s3.is_s3(url):
         return s3.open_object(url, start, end)
     if url.startswith(("http://", "https://")):
-        wanted = f"bytes={start}-{'' if end is None else end - 1}"
-        request = urllib.request.Request(url, headers={"Range": wanted} if start or end is not None else {})
-        try:
-            response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)
-            sent = re.match(r"bytes (\d+)-", response.headers.get("Content-Range") or "")
-            if response.status == 206 and sent and int(sent[1]) != start:  # another range (aligned by a CDN)
-                response.close()
-                raise DataError(
-                    f"shard {url}: the server sent bytes from {sent[1]} when asked for bytes from {start} (its "
-                    "Content-Range): it does not serve the ranges asked for; serve the shards from one that does"
-                )
-            return _HTTPBody(response, url), start == 0 or response.status == 206  # 200: the server ignored Range
-        except urllib.error.HTTPError as e:
-            if e.code in REFUSED_HTTP:
-                raise AccessDenied.of(f"shard {url}", f"(HTTP {e.code})") from None
-            if e.code in PERMANENT_HTTP:
-                raise ShardMissing(f"shard {url} does not exist (HTTP {e.code})") from None
-            if e.code == 416:  # no byte there: the shard ends before the samples its .idx places
-                raise ShortShard(f"shard {url} ends before byte {start} (HTTP 416): {CUT_SHORT}") from None
-            raise TransientReadError(f"HTTP {e.code} for {url}") from e
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            raise TransientReadError(f"cannot reach {url}: {e}") from e
+        return web.open_http(url, start, end)
     if not url.startswith("pipe:"):
         path = url.removeprefix("file://")
         try:

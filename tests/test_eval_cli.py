@@ -325,7 +325,7 @@ def test_a_sync_beside_another_holder_of_the_run_is_refused(
         assert holder.stdout.readline().strip() == "None"  # it holds the lock
         assert main(["sync", str(copy), "--uri", store]) == 2
         said = capsys.readouterr()
-        assert f"is in use by process {holder.pid} on" in said.out + said.err
+        assert f"is in use by a training, process {holder.pid} on" in said.out + said.err
         assert not (copy / "mlflow_run_id").exists()
     finally:
         holder.kill()

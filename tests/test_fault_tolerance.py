@@ -394,7 +394,7 @@ def test_a_run_started_again_while_it_trains_is_refused_and_touches_nothing(
     assert second.returncode != 0 and not re.search(r'File ".*/vegan_scale/', second.stderr), second.stderr[-3000:]
     refusals = [line for line in second.stderr.splitlines() if line.startswith("error: run directory")]
     assert len(refusals) == 2 and f"process {first.pid} on" in refusals[0], second.stderr[-3000:]
-    assert "in use by another training of this run" in refusals[0] and refusals[0] == refusals[1]
+    assert "in use by another process of this run (a training, process" in refusals[0] and refusals[0] == refusals[1]
     assert "continuing from" not in second.stdout + second.stderr  # refused before it read the first's checkpoints
     assert code == 75, out[-3000:]
     steps, stop = [step for step, _ in metric_rows(run_dir)], exit_status(run_dir)["step"]

@@ -74,7 +74,8 @@ EPOCH = 25  # steps in an epoch of the runkit's configuration (500 samples, glob
 
 
 @pytest.mark.parametrize(
-    ("sig", "expected", "at"), [("SIGTERM", 75, 7), ("SIGUSR1", 75, EPOCH + 2), ("SIGINT", 130, 7)]
+    ("sig", "expected", "at"),
+    [("SIGTERM", 75, 7), ("SIGUSR1", 75, EPOCH + 2), ("SIGQUIT", 75, 7), ("SIGINT", 130, 7)],
 )
 def test_signal_to_the_whole_process_group(
     sig: str, expected: int, at: int, tiny_shards_module: Path, with_workers: Path, tmp_path: Path

@@ -488,3 +488,74 @@ def test_sigterm_to_every_process_while_the_start_waits_for_a_server_that_hangs(
     assert status["code"] == 75 and status["step"] == 0, (status, out[-3000:])
     assert "before step 1" in status["reason"], status
     assert not list((run_dir / "checkpoints").glob("step_*")) and steps_logged(run_dir) == 0
+
+
+def test_a_continuation_that_makes_the_mlflow_run_sends_the_earlier_attempts(tiny_shards: Path, tmp_path: Path) -> None:
+    """The first attempt trained with its server away (tracking.on_unreachable=continue) and stopped; the second
+    made the MLflow run and sent only its own steps: the first attempt's were in metrics.jsonl and never reached the
+    store, and `vegan-scale sync` said it was up to date (it sends steps after the last one the store holds). The
+    run a continuation makes gets the earlier attempts' rows and figures first."""
+    from tests.runkit import local_mlflow
+
+    away = f"http://127.0.0.1:{free_port()}"
+    common = [
+        "tracking.close_timeout_s=1",
+        "tracking.on_unreachable=continue",
+        "eval.every_steps=5",
+        "checkpoint.every_steps=10",
+    ]
+    first = run(single(_args(tiny_shards, tmp_path, "late", away, *common, "train.max_steps=10")))
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "mnist" / "late"
+    assert not (run_dir / "mlflow_run_id").exists()
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    second = run(single(_args(tiny_shards, tmp_path, "late", store, *common, "train.max_steps=20")))
+    assert second.returncode == 0, second.stderr[-3000:]
+    client, run_id = local_mlflow(run_dir)
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, 21))
+    images = [a.path for a in client.list_artifacts(run_id, "images")]
+    assert [n for n in images if "+step+5+" in n] and [n for n in images if "+step+10+" in n], images
+
+
+def test_values_that_are_no_number_in_metrics_jsonl_are_left_out(tmp_path: Path) -> None:
+    """A row of metrics.jsonl holding null or text (storage damage, a hand edit) was a TypeError: `vegan-scale sync`
+    ended in a traceback and a continuation's sending thread retried it for ever, sending nothing after it. Such
+    values are left out with a warning; every number is sent."""
+    from mlflow.tracking import MlflowClient
+
+    from vegan_scale.rundir import RunDir
+    from vegan_scale.tracking.mlflow_run import MlflowRun
+
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.path.mkdir()
+    rows = [
+        {"step": 1, "train/loss": 0.5},
+        {"step": 2, "train/loss": None, "train/lr": "abc"},
+        {"step": 3, "train/loss": 0.25},
+    ]
+    run_dir.metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = MlflowRun(uri, client.create_run(client.create_experiment("e")).info.run_id, new=False)
+    run.send_run_dir(run_dir)
+    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "train/loss")] == [(1, 0.5), (3, 0.25)]
+    assert client.get_metric_history(run.run_id, "train/lr") == []
+
+
+def test_sync_of_a_run_the_store_does_not_hold_names_the_file_that_says_which_run(
+    reference: Path, tmp_path: Path
+) -> None:
+    """A run directory whose mlflow_run_id names a run of another store (a continuation given another
+    tracking.uri, a store made again): sync said to check that the server answers, which it did. It names the file
+    and both ways out."""
+    from mlflow.tracking import MlflowClient
+
+    copy = tmp_path / "run"
+    shutil.copytree(reference, copy)
+    (copy / "mlflow_run_id").write_text("0" * 32 + "\n")
+    store = f"sqlite:///{tmp_path / 'other.db'}"
+    MlflowClient(store).search_experiments()  # the store exists, without that run
+    done = run(single(["-m", "vegan_scale", "sync", str(copy), "--uri", store]))
+    assert done.returncode == 69, done.stderr[-3000:]
+    assert f"the MLflow run named in {copy / 'mlflow_run_id'} is not in the store at {store}" in done.stderr
+    assert "or remove that file to make a new run there" in done.stderr

@@ -176,10 +176,10 @@ class RunDir:
             "of a checkpoint"
         )
 
-    def take_lock(self) -> tuple[IO[str] | None, str | None]:
+    def take_lock(self, role: str = "a training") -> tuple[IO[str] | None, str | None]:
         """Lock the run directory for this process until it closes the file returned (or ends, however it ends):
-        (the file, None); or (None, who holds it) when another process does. A file system without locks (some
-        FUSE mounts, Lustre without its flock option) gives (None, None), with a warning."""
+        (the file, None); or (None, who holds it, said with its ``role``) when another process does. A file system
+        without locks (some FUSE mounts, Lustre without its flock option) gives (None, None), with a warning."""
         self.ranks.mkdir(parents=True, exist_ok=True)
         file = self.lock.open("a+")
         try:
@@ -194,7 +194,9 @@ class RunDir:
             file.close()
             return None, None
         file.truncate(0)
-        file.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        file.write(
+            f"{role}, process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        )
         file.flush()
         return file, None
 

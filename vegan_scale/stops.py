@@ -11,6 +11,8 @@ all of them, from the moment it starts (the CLI installs the handlers before any
 * SIGHUP, the terminal closing (an SSH session that drops): the same, as torchrun treats it, and the console that
   is a terminal is sent to /dev/null from then on, since writing to a closed terminal fails (the main process's
   train.log keeps the log);
+* SIGQUIT, which torchrun counts among the signals that shut a job down and forwards: the same (its default
+  ended every rank at once, with no checkpoint and no exit status);
 * SIGINT (Ctrl-C): the same, but the run exits 130; a second Ctrl-C interrupts at once.
 
 Handlers only record the request: a handler that exited in the middle of a collective would leave the other ranks
@@ -42,7 +44,7 @@ from vegan_scale.errors import ExitCode
 
 log = logging.getLogger("vegan_scale")
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGINT)
 STOP_PATIENCE_S = 10.0  # a wait for data this long when a stop is asked for: a stall the stop ends
 
 

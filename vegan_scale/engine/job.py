@@ -140,7 +140,7 @@ def _made_meanwhile(run_dir: RunDir) -> RunDirInUseError:
 
 def _in_use(run_dir: RunDir, holder: str) -> RunDirInUseError:
     return RunDirInUseError(
-        f"run directory {run_dir.path} is in use by another training of this run ({holder}): wait for it to end or "
+        f"run directory {run_dir.path} is in use by another process of this run ({holder}): wait for it to end or "
         "stop it, or choose another run.name. If that process is gone (its node failed, and the shared file system "
         f"still holds its lock, as NFSv3 can until the node returns), remove {run_dir.lock}"
     )

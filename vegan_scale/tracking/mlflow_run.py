@@ -311,16 +311,23 @@ class MlflowRun:
         self.client.log_artifact(self.run_id, str(path))
 
     def send_run_dir(self, run_dir: RunDir) -> None:
-        """Send the lines of a run directory's metrics.jsonl the server lacks."""
+        """Send what a run directory holds and the server lacks: the rows of its metrics.jsonl, then its figures."""
         lines = metrics_log.read(run_dir.metrics)
         named = [
-            (line["step"], {k: v for k, v in line.items() if k != "step" and METRIC_NAME.fullmatch(k)})
+            (line["step"], {k: v for k, v in line.items() if k != "step" and METRIC_NAME.fullmatch(k) and _number(v)})
             for line in lines
         ]
         left = sum(len(line) - 1 for line in lines) - sum(len(values) for _, values in named)
-        if left:  # a byte damaged inside a name: MLflow would refuse the whole batch
-            log.warning("%s: %d value(s) under names MLflow refuses left out", run_dir.metrics, left)
+        if left:  # a byte damaged inside a name or a value: MLflow would refuse the whole batch, at every retry
+            log.warning("%s: %d value(s) that are no number or under names MLflow refuses left out", run_dir.metrics,
+                        left)  # fmt: skip
         self.send_metrics(named)
+        for key, step, path in run_dir.saved_figures():
+            self.send_figure(step, key, path)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _stored(value: float, held: float) -> bool:

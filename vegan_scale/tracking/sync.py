@@ -28,7 +28,7 @@ def sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
 
     check_uri(uri)
     try:
-        lock, holder = run_dir.take_lock()
+        lock, holder = run_dir.take_lock("vegan-scale sync")
     except OSError:  # a directory it cannot write, where sync cannot keep a new run's id either (see _sync)
         lock, holder = None, None
     if holder is not None:
@@ -40,14 +40,23 @@ def sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
             f"cannot bring {run_dir.path} up to date in MLflow: {e}; mend or remove that file, then sync again"
         ) from None
     except (MlflowException, SQLAlchemyError) as e:  # a sqlite store's own errors are not all MLflow's
-        raise TrackingError(
-            f"cannot bring {run_dir.path} up to date in MLflow at {uri}: {str(e).strip().splitlines()[0][:300]}; "
-            "check the URI (--uri, else the run's tracking.uri) and that its server answers, then sync again: it "
-            "sends only what the store lacks"
-        ) from None
+        raise _unsynced(run_dir, uri, e) from None
     finally:
         if lock is not None:
             lock.close()
+
+
+def _unsynced(run_dir: RunDir, uri: str, e: Exception) -> TrackingError:
+    why = str(e).strip().splitlines()[0][:300]
+    if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST" and run_dir.read_mlflow_run_id() is not None:
+        return TrackingError(
+            f"the MLflow run named in {run_dir.mlflow_run_id} is not in the store at {uri} ({why}): sync to the store "
+            "that holds it (--uri), or remove that file to make a new run there with all the run directory holds"
+        )
+    return TrackingError(
+        f"cannot bring {run_dir.path} up to date in MLflow at {uri}: {why}; check the URI (--uri, else the run's "
+        "tracking.uri) and that its server answers, then sync again: it sends only what the store lacks"
+    )
 
 
 def _sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
@@ -64,8 +73,6 @@ def _sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
         run = MlflowRun(uri, run_id, new=False)
         run.send_params(params)
     run.send_run_dir(run_dir)
-    for key, step, path in run_dir.saved_figures():
-        run.send_figure(step, key, path)
     run.send_artifacts(run_dir.config, None)
     if run_dir.eval_json.is_file():  # `vegan-scale eval` whose logging failed, or a run the server never saw
         try:

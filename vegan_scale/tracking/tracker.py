@@ -38,7 +38,13 @@ log = logging.getLogger(__name__)
 
 SEND_BACKOFF = Backoff(attempts=None, backoff_s=1.0, max_wait_s=30.0)  # a send waits for the server for ever
 # Errors a retry cannot fix: the request itself is wrong.
-PERMANENT_ERRORS = ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE")
+PERMANENT_ERRORS = (
+    "INVALID_PARAMETER_VALUE",
+    "BAD_REQUEST",
+    "RESOURCE_ALREADY_EXISTS",
+    "INVALID_STATE",
+    "RESOURCE_DOES_NOT_EXIST",  # a run the store does not hold (another store than its first): it never will
+)
 OPEN_WAIT_S = 20.0  # how long the first step waits for a tracking server to open the run
 
 
@@ -160,6 +166,8 @@ class Tracker:
             self.mlflow = run
         else:
             self.mlflow = MlflowRun.create(self.uri, new, self.run_dir)
+            if resume_notes is not None:  # a continuation whose earlier attempts never reached the store
+                self.mlflow.send_run_dir(self.run_dir)
         if self.system_metrics:
             self._monitor = SystemMetrics(self.mlflow.run_id, self.uri, self.node_id, resume=resume_notes is not None)
 
@@ -238,11 +246,13 @@ class Tracker:
         if self.refused:
             log.warning(
                 "MLflow refused %d update(s) of this run%s; everything is in %s: mend the store (an experiment or run "
-                "deleted there: restore it, or name another with tracking.experiment) and send it with "
+                "deleted there: restore it, or name another with tracking.experiment; a run it does not hold, as in "
+                "another store than the run's first: remove %s to make a new one) and send it with "
                 "`vegan-scale sync %s`",
                 self.refused,
                 "" if self.mlflow else ", the opening of the run among them",
                 self.run_dir.path,
+                self.run_dir.mlflow_run_id,
                 self.run_dir.path,
             )
 

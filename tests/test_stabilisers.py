@@ -88,6 +88,15 @@ def test_pretraining_that_diverges_stops_with_the_nonfinite_loss_error() -> None
         pretrain_encoder(model, torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8), 50, 25, 1e12, (0.5, 0.999), 0)
 
 
+def test_pretraining_ends_at_a_stop_request() -> None:
+    """A stop asked for during pre-training (SIGTERM at start-up) waited for all its steps, 20 s with a large
+    network, close to a launcher's 30 s grace; it ends at the next pre-training step."""
+    model, asked = _tiny_autoencoder(), iter([False, False, True])
+    pool = torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8)
+    steps, _ = pretrain_encoder(model, pool, 50, 25, 1e-6, (0.5, 0.999), 0, stopping=lambda: next(asked))
+    assert steps == 3
+
+
 def test_p_trick_adds_the_official_log_density() -> None:
     """models.py z_adversary with gan_p_trick: logits - |z|^2 / 2 / sigma2 - log(2 pi) / 2 - d log(sigma2) / 2,
     each code's own density (the official code broadcasts it to an n x n matrix; see penalties/adversarial.py)."""

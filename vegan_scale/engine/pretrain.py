@@ -33,10 +33,18 @@ POOL_BATCHES = 20  # the pool of training images holds this many pre-training ba
 
 
 def pretrain_encoder(
-    model: AutoEncoder, pool: torch.Tensor, steps: int, batch: int, lr: float, betas: tuple[float, float], seed: int
+    model: AutoEncoder,
+    pool: torch.Tensor,
+    steps: int,
+    batch: int,
+    lr: float,
+    betas: tuple[float, float],
+    seed: int,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> tuple[int, float]:
     """Fit the encoder's code moments to the prior's on batches of ``pool`` (uint8 images); returns (steps taken,
-    last moment loss)."""
+    last moment loss). A stop asked for (``stopping``) ends it early: the run then stops before its first step,
+    with nothing saved, and a large network's pre-training took most of a launcher's 30 s grace."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.encoder.parameters(), lr=lr, betas=betas)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
@@ -54,7 +62,7 @@ def pretrain_encoder(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if loss.item() < TOLERANCE:
+        if loss.item() < TOLERANCE or stopping():
             return step, loss.item()
     return steps, loss.item()
 
@@ -85,5 +93,6 @@ def pretrain(cfg: Any, model: AutoEncoder, stopping: Callable[[], bool] = lambda
             cfg.optim.lr,
             tuple(cfg.optim.betas),
             cfg.run.seed,
+            stopping,
         )
     log.info("encoder pre-trained: %d step(s), moment loss %.4f (on %d images)", steps, loss, len(pool))

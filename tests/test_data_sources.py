@@ -419,3 +419,20 @@ def test_cli_shards_folder(tmp_path):
     }
     got = {image.tobytes(): label for image, label in train + test}
     assert got == expected
+
+
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit grey PNG (a ramp over 0-65535): Pillow's conversion to 8 bits clips at 255, and a folder written as
+    shards, or a png member read in training, was almost all white. Both scale it (the high byte)."""
+    import io
+
+    from vegan_scale.data.decode import decode_image
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32) * 16).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    expected = (ramp >> 8).astype(np.uint8)
+    image, _ = FolderSource.scan(tmp_path, size=64, channels=1)[0]
+    assert np.array_equal(image, expected)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    assert np.array_equal(decode_image("png", buffer.getvalue(), 1, (64, 64))[0].numpy(), expected)

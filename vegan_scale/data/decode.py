@@ -18,6 +18,7 @@ import torch
 from numpy.lib import format as npy_format
 from PIL import Image
 
+from vegan_scale.data.sources import in_channels
 from vegan_scale.errors import DataError
 
 IMAGE_EXTENSIONS = ("npy", "png", "jpg", "jpeg")
@@ -104,7 +105,7 @@ def decode_image(ext: str, data: bytes, channels: int, size: tuple[int, int] | N
     with Image.open(io.BytesIO(data)) as img:
         if size is not None and img.size != (size[1], size[0]):
             raise WrongSize((channels, img.size[1], img.size[0]))
-        return _to_chw(np.asarray(img.convert("L" if channels == 1 else "RGB")))
+        return _to_chw(np.asarray(in_channels(img, channels)))
 
 
 def decode_sample(sample: dict, shape: tuple[int, int, int]) -> tuple[torch.Tensor, int]:

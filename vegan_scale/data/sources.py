@@ -224,7 +224,7 @@ class FolderSource:
 
     def _read(self, i: int) -> np.ndarray:
         with Image.open(self.paths[i]) as img:
-            img = img.convert("L" if self.channels == 1 else "RGB")
+            img = in_channels(img, self.channels)
             w, h = img.size
             side = self.crop or min(w, h)
             if side > min(w, h):
@@ -234,6 +234,17 @@ class FolderSource:
             if side != self.size:
                 img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
             return np.asarray(img)
+
+
+WIDE_GREY = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # Pillow's modes of 16-bit grey (PNG, TIFF)
+
+
+def in_channels(img: Image.Image, channels: int) -> Image.Image:
+    """``img`` as 8-bit grey (``channels`` 1) or RGB. 16-bit grey is scaled to 8 bits: Pillow's conversion clips
+    it at 255, which made a 16-bit image almost all white."""
+    if img.mode in WIDE_GREY:
+        img = Image.fromarray((np.minimum(np.asarray(img, dtype=np.uint32), 65535) >> 8).astype(np.uint8), "L")
+    return img.convert("L" if channels == 1 else "RGB")
 
 
 @dataclass

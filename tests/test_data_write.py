@@ -249,6 +249,19 @@ def test_index_shards_refuses_an_empty_directory(tmp_path):
         index_shards(tmp_path)
 
 
+def test_index_shards_refuses_a_tar_whose_samples_are_split(tmp_path):
+    """A directory archived unsorted lists a sample's members apart (its image, other samples, then its label):
+    index-shards counted each part as a sample (40 samples as 80), and training failed later on "no image member".
+    It names the sample and how to write the tar."""
+    from vegan_scale.data.write import index_shards
+
+    image = sample_members(0, np.zeros((8, 8), np.uint8))[0][1]
+    write_tar(tmp_path / "a.tar", [("x/0.npy", image), ("x/1.npy", image), ("x/0.cls", b"3"), ("x/1.cls", b"4")])
+    with pytest.raises(DataError, match=r"the members of sample 'x/0' are not next to each other .*--sort=name"):
+        index_shards(tmp_path)
+    assert not (tmp_path / "sizes.json").exists()
+
+
 def test_ctrl_c_during_a_write_with_worker_processes_ends_it(tmp_path: Path) -> None:
     """Ctrl-C (SIGINT to the process group) while `vegan-scale shards --workers 2` writes: a pool worker interrupted
     too ended, and the parent waited for its results for ever (2 times in 25). The workers leave Ctrl-C to the

@@ -272,7 +272,7 @@ def sample_offsets(stream: BinaryIO, url: str) -> list[int]:
     """Where each sample of a tar stream starts (its first member's first header) and where the last one ends: a
     shard's .idx. Reads only the headers' blocks' worth of data it must pass over."""
     offsets: list[int] = []
-    last = None
+    last, seen = None, set()
     members = iter_members(stream, url, lambda name: False)
     while True:
         try:
@@ -281,8 +281,14 @@ def sample_offsets(stream: BinaryIO, url: str) -> list[int]:
             return [*offsets, done.value]
         key, ext = split_name(name)
         if _is_field(key, ext) and key != last:
+            if key in seen:  # its fields would be read as two samples, each missing the other's members
+                raise DataError(
+                    f"{url}: the members of sample {key!r} are not next to each other (a directory archived unsorted):"
+                    " write the tar with its members sorted (GNU tar --sort=name), or with `vegan-scale shards`"
+                )
             offsets.append(first)
             last = key
+            seen.add(key)
 
 
 def read_samples(

@@ -560,3 +560,22 @@ def test_sync_of_a_run_the_store_does_not_hold_names_the_file_that_says_which_ru
     assert done.returncode == 69, done.stderr[-3000:]
     assert f"the MLflow run named in {copy / 'mlflow_run_id'} is not in the store at {store}" in done.stderr
     assert "or remove that file to make a new run there" in done.stderr
+
+
+def test_an_experiment_another_task_creates_first_is_joined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two array tasks of a sweep starting together both found no experiment, and the second's creation was
+    refused (RESOURCE_ALREADY_EXISTS, a refusal the tracker does not retry): its run trained untracked. The
+    experiment the other made is joined. The race is made here: the look finds nothing, the store has it."""
+    from mlflow.tracking import MlflowClient
+
+    from vegan_scale.rundir import RunDir
+    from vegan_scale.tracking.mlflow_run import MlflowRun, NewRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    made = MlflowClient(uri).create_experiment("sweeps")
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", lambda self, name, _calls=[]: _calls.append(1) or (
+        None if len(_calls) == 1 else self.get_experiment(made)))  # fmt: skip
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.path.mkdir()
+    run = MlflowRun.create(uri, NewRun("sweeps", "t-1", {}, {}, None), run_dir)
+    assert run.experiment_id == made

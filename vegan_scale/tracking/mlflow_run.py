@@ -194,10 +194,7 @@ class MlflowRun:
             if EXPERIMENT_KIND[0] not in found.tags:  # a person's own choice of view is kept
                 client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
         else:
-            location = str(new.artifact_root / new.experiment) if new.artifact_root else None
-            experiment_id = client.create_experiment(
-                new.experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND])
-            )
+            experiment_id = _created_experiment(client, new)
         token = run_dir.mlflow_token()
         made = client.search_runs([experiment_id], f"tags.`{CREATED_BY_TAG}` = '{token}'", max_results=1)
         if made:
@@ -328,6 +325,23 @@ class MlflowRun:
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _created_experiment(client: Any, new: NewRun) -> str:
+    """The id of ``new``'s experiment, created here or, when another process (a job array's task starting at the
+    same moment) created it first, that one: the refusal left the run untracked."""
+    from mlflow.exceptions import MlflowException
+
+    location = str(new.artifact_root / new.experiment) if new.artifact_root else None
+    try:
+        return client.create_experiment(new.experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+    except MlflowException as e:
+        if (
+            e.error_code != "RESOURCE_ALREADY_EXISTS"
+            or (found := client.get_experiment_by_name(new.experiment)) is None
+        ):
+            raise
+        return found.experiment_id
 
 
 def _stored(value: float, held: float) -> bool:

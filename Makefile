@@ -81,6 +81,7 @@ bench-env: .venv-pythae/.installed
 bench: setup data bench-env
 	$(BIN)/python bench/vs_pythae.py
 	$(BIN)/python bench/flops.py
+	$(BIN)/python bench/layers.py
 	$(BIN)/python bench/mmd.py
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/scaling.py

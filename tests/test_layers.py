@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import torch
@@ -21,14 +22,18 @@ CASES = [  # (in, out, kernel, stride, padding, input side): the first three hav
 ]
 
 
+def _forced(monkeypatch: pytest.MonkeyPatch, products: bool) -> None:
+    """The product forms (or torch's kernels) wherever a layer may choose, whatever timing would say."""
+    monkeypatch.setattr(layers, "_products_pay", lambda *args, **kwargs: products)
+
+
 @pytest.mark.parametrize("product", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(("c_in", "c_out", "k", "s", "p", "side"), CASES)
 def test_conv2d_equals_the_convolution(c_in, c_out, k, s, p, side, channels_last, product, monkeypatch):
-    """Both ways, in float64: the taps gathered into one product (as in bf16 on CPU), and the choice made as in
-    float32 (torch's kernel where the filter meets the input more than once)."""
-    if product:
-        monkeypatch.setattr(layers, "_in_bf16", lambda x: True)
+    """Both ways, in float64: the taps gathered into one product, and torch's kernel (the filter meeting the
+    input once is a product either way)."""
+    _forced(monkeypatch, product)
     torch.manual_seed(0)
     layer = Conv2d(c_in, c_out, k, s, padding=p).double()
     x = torch.randn(6, c_in, side, side, dtype=torch.float64)
@@ -67,9 +72,13 @@ def _grads(out: torch.Tensor, grad: torch.Tensor, *tensors: torch.Tensor | None)
     return [t.grad for t in tensors if t is not None]
 
 
+@pytest.mark.parametrize("product", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(("c_in", "c_out", "k", "s", "p", "extra", "bias"), TRANSPOSED)
-def test_conv_transpose2d_equals_the_transposed_convolution(c_in, c_out, k, s, p, extra, bias, channels_last):
+def test_conv_transpose2d_equals_the_transposed_convolution(
+    c_in, c_out, k, s, p, extra, bias, channels_last, product, monkeypatch
+):
+    _forced(monkeypatch, product)
     torch.manual_seed(0)
     layer = ConvTranspose2d(c_in, c_out, k, s, padding=p, output_padding=extra, bias=bias).double()
     x = torch.randn(3, c_in, 5, 6, dtype=torch.float64)  # not square: rows and columns kept apart
@@ -90,9 +99,10 @@ def test_conv_transpose2d_equals_the_transposed_convolution(c_in, c_out, k, s, p
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_conv_transpose2d_takes_the_output_size_and_autocast_as_torch_does():
+def test_conv_transpose2d_takes_the_output_size_and_autocast_as_torch_does(monkeypatch):
     """An ``output_size`` picks the output padding; under bf16 autocast the output is bf16 as torch's is, while
     the weights' gradients keep their float32."""
+    _forced(monkeypatch, True)
     torch.manual_seed(0)
     layer = ConvTranspose2d(4, 3, 3, 2, padding=1)
     x = torch.randn(2, 4, 5, 5)
@@ -108,7 +118,7 @@ def test_conv_transpose2d_takes_the_output_size_and_autocast_as_torch_does():
 
 def test_an_empty_batch_passes_as_through_torch_s_layers(monkeypatch):
     """A batch of no samples (a last batch cut to nothing) gives the empty output of torch's shape, both ways."""
-    monkeypatch.setattr(layers, "_in_bf16", lambda x: True)
+    _forced(monkeypatch, True)
     for layer, torch_layer, x in (
         (Conv2d(3, 4, 4, 2, padding=1), torch.nn.Conv2d, torch.randn(0, 3, 6, 6, requires_grad=True)),
         (
@@ -133,7 +143,7 @@ def test_an_empty_batch_passes_as_through_torch_s_layers(monkeypatch):
 def test_a_geometry_torch_refuses_is_refused_as_torch_does(layer, torch_layer, shape, monkeypatch):
     """Where torch's layer raises on a geometry (the last: an output padding past the stride), the product forms
     raise the same error instead of returning an empty or padded-out output."""
-    monkeypatch.setattr(layers, "_in_bf16", lambda x: True)
+    _forced(monkeypatch, True)
     x = torch.randn(shape)
     with pytest.raises(RuntimeError) as theirs:
         torch_layer.forward(layer, x)
@@ -146,3 +156,58 @@ def test_the_input_is_named_as_torch_names_it():
     x = torch.randn(2, 3, 5, 5)
     for layer in (Conv2d(3, 4, 4, 2, padding=1), ConvTranspose2d(3, 4, 3, 2, padding=1)):
         torch.testing.assert_close(layer(input=x), layer(x))
+
+
+def _slowed(monkeypatch: pytest.MonkeyPatch, owner: type, name: str, calls: list[str]) -> None:
+    """``owner.name`` made 20 ms slower, each call recorded."""
+    original = getattr(owner, name)
+
+    def slow(*args, **kwargs):
+        calls.append(name)
+        time.sleep(0.02)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, slow)
+
+
+@pytest.mark.parametrize("slow", ["kernel", "products"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_faster_form_is_measured_once_and_kept(slow, transposed, monkeypatch):
+    """A CPU layer times both forms at its first call (of a signature) and computes with the faster from then
+    on, whichever the fixed rule would pick; the timing calls touch no gradient and no random stream, and the
+    result is the convolution's."""
+    monkeypatch.setattr(layers, "MEASURED", {})
+    layer = ConvTranspose2d(3, 4, 3, 2, padding=1) if transposed else Conv2d(3, 4, 4, 2, padding=1)
+    reference = torch.nn.ConvTranspose2d.forward if transposed else torch.nn.Conv2d.forward
+    calls: list[str] = []
+    if slow == "kernel":
+        _slowed(monkeypatch, F, "conv_transpose2d" if transposed else "conv2d", calls)
+    else:
+        _slowed(
+            monkeypatch,
+            ConvTranspose2d if transposed else Conv2d,
+            "_products" if transposed else "_taps_product",
+            calls,
+        )
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    rng = torch.get_rng_state()
+
+    outs = [layer(x) for _ in range(3)]
+    assert len(calls) == 1 + layers.TIMED_CALLS  # the slow form timed at the first call, then never computed with
+    assert layer.weight.grad is None and x.grad is None and torch.equal(torch.get_rng_state(), rng)
+    calls.clear()
+    for out in outs:
+        torch.testing.assert_close(out, reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic_algorithms_take_the_fixed_rule_untimed(monkeypatch):
+    """With deterministic algorithms asked for, no timing decides (two runs must round alike): the fixed rule,
+    the products for a transposed layer and torch's kernel for a float32 convolution."""
+    monkeypatch.setattr(layers, "MEASURED", {})
+    calls: list[str] = []
+    _slowed(monkeypatch, ConvTranspose2d, "_products", calls)
+    _slowed(monkeypatch, F, "conv2d", calls)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    ConvTranspose2d(3, 4, 3, 2, padding=1)(torch.randn(2, 3, 5, 5))
+    Conv2d(3, 4, 4, 2, padding=1)(torch.randn(2, 3, 6, 6))
+    assert calls == ["_products", "conv2d"] and not layers.MEASURED

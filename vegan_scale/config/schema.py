@@ -205,7 +205,11 @@ class TrainConfig:
     check_every: int = param(
         50, "Steps between the checks all processes agree on (stop, non-finite loss).", bounds=at_least(1)
     )
-    deterministic: bool = param(False, "Use deterministic algorithms (slower; for exact reproduction).")
+    deterministic: bool = param(
+        False,
+        "Use deterministic algorithms (slower; for exact reproduction). On CPU this also fixes each convolution's "
+        "form by rule instead of timing both forms at the first step (vegan_scale/models/layers.py).",
+    )
     channels_last: bool = param(
         False,
         "Keep images and convolution activations in channels-last memory layout (faster convolutions on CPUs "

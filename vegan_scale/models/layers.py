@@ -1,20 +1,27 @@
-"""Layers that compute what their torch.nn namesakes compute, faster where measurement showed a slow kernel.
+"""Layers that compute what their torch.nn namesakes compute, faster where measurement shows a slow kernel.
 
-On CPU, oneDNN's convolutions ran well below the matmul rate for the shipped networks' layers, most of all in bf16
-on a CPU with AMX (docs/performance.md). There the layers here write a convolution as one matrix product over
+On CPU, oneDNN's convolutions can run well below the matmul rate for the shipped networks' layers (most of all in
+bf16 on a CPU with AMX; docs/performance.md). The layers here can write a convolution as one matrix product over
 the filter's taps: a convolution gathers each output position's taps from the padded input and multiplies them by
 the weight; a transposed convolution multiplies the input by the weight and sums each tap into its output
 position. Gathering and summing taps are each other's adjoint (:class:`_Collect`, :class:`_Spread`), so each
-pass is one product plus strided copies, in channels-last, the layout the next layer reads without a copy. Each
-layer says where its form was measured to pay; elsewhere, and on GPUs (cuDNN), torch's kernels are used, as
-they are for a geometry torch refuses (so that its error is raised). The two functions have no forward-mode
+pass is one product plus strided copies, in channels-last, the layout the next layer reads without a copy.
+
+Which form is faster depends on the CPU and the layer: pythae's last decoder layer in float32 ran 2x faster as
+products on an Intel CPU with AMX and 1.6x slower on an AMD CPU with AVX-512 BF16. So, as cuDNN's benchmark mode
+does, a CPU layer times both forms at the first call of each signature (:func:`_products_pay`) and keeps the
+faster; with deterministic algorithms asked for, a fixed rule decides instead. On GPUs (cuDNN) torch's kernels are
+used, as they are for a geometry torch refuses (so that its error is raised). The two functions have no forward-mode
 derivative or vmap rule: forward-mode AD, ``torch.func``'s transforms and TorchScript do not pass through the
 product forms (vegan_scale applies none of them to these networks; ``torch.compile`` traces them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,22 +29,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Pair = tuple[int, int]
+Form = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]  # (input, weight, bias) -> output
 TAPS_PER_INPUT = 4  # a convolution's taps gathered are this many times its input at most (4x4 filters, stride 2)
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters, same result) computed as a matrix product where oneDNN's kernel was slow.
+    """``nn.Conv2d`` (same parameters, same result) computed as a matrix product where that is faster.
 
     Where the filter meets the input once (one output position), on any device: the last layer of a DCGAN encoder
     (4x4 filters, stride 2, 3x3 input, 1x1 output) is a linear map of the zero-padded input window, and oneDNN's
-    backward pass for that shape ran at about a tenth of the matmul peak. The weight enters the product as a view in
-    its own memory layout (contiguous or channels-last), so that neither pass copies anything the size of the
-    weight, and the arithmetic is the convolution's, padding taps included.
+    backward pass for that shape ran at about a tenth of the matmul peak (3.7-6x slower than the product on the
+    AMD and Intel CPUs). The weight enters the product as a view in its own memory layout (contiguous or
+    channels-last), so that neither pass copies anything the size of the weight, and the arithmetic is the
+    convolution's, padding taps included.
 
-    Elsewhere, on CPU in bf16, when the gathered taps are at most ``TAPS_PER_INPUT`` times the input: pythae's
-    encoder layers took 5, 40 and 25 ms forward and backward at batch 100 so, against 6-8, 56-60 and 125 ms in
-    oneDNN's AMX kernels. In float32 oneDNN's direct convolution was as fast or faster (70-75 against 102-114 ms for
-    the second layer), and a stride-1 layer's sixteen copies of its input cost more than they saved.
+    Elsewhere on CPU, the taps gathered into one product where they are at most ``TAPS_PER_INPUT`` times the input
+    (a stride-1 layer's sixteen copies of its input cost more memory traffic than they save), if measured faster
+    (:func:`_products_pay`; the fixed rule: in bf16, where pythae's encoder layers took 5, 40 and 25 ms forward
+    and backward at batch 100 against 6-8, 56-60 and 125 ms in oneDNN's AMX kernels).
     """
 
     def forward(self, input: Tensor) -> Tensor:
@@ -48,9 +57,10 @@ class Conv2d(nn.Conv2d):
         if size == [1, 1]:  # the filter fits the padded input exactly once
             return self._window_product(input)
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        few_taps = kh * kw <= TAPS_PER_INPUT * sh * sw
-        if input.device.type == "cpu" and _in_bf16(input) and few_taps and min(size) > 0:  # else torch's or its error
-            return self._taps_product(input, size)
+        if input.device.type == "cpu" and kh * kw <= TAPS_PER_INPUT * sh * sw and min(size) > 0:  # else torch's
+            products = partial(self._taps_product, size=size)
+            if _products_pay(self, input, size, products, self._conv_forward, default=_in_bf16(input)):
+                return products(input, self.weight, self.bias)
         return super().forward(input)
 
     def _window_product(self, x: Tensor) -> Tensor:
@@ -61,21 +71,23 @@ class Conv2d(nn.Conv2d):
             window, weight = window.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1)
         return F.linear(window.flatten(1), weight.flatten(1), self.bias)[:, :, None, None]
 
-    def _taps_product(self, x: Tensor, size: list[int]) -> Tensor:
+    def _taps_product(self, x: Tensor, weight: Tensor, bias: Tensor | None, size: list[int]) -> Tensor:
         n, (ph, pw) = x.shape[0], self.padding
         grid = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # [n, H, W, C], zero-padded
         taps = _Collect.apply(grid, self.stride, size, self.kernel_size).flatten(3).flatten(0, 2)
-        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # [out, (row, column, in)]
-        return F.linear(taps, weight, self.bias).view(n, *size, self.out_channels).permute(0, 3, 1, 2)
+        weight = weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # [out, (row, column, in)]
+        return F.linear(taps, weight, bias).view(n, *size, self.out_channels).permute(0, 3, 1, 2)
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
-    """``nn.ConvTranspose2d`` (same parameters, same result) that, on CPU, multiplies the input by every tap of the
-    filter in one matrix product and sums the taps into the output.
+    """``nn.ConvTranspose2d`` (same parameters, same result) that, on CPU where measured faster, multiplies the
+    input by every tap of the filter in one matrix product and sums the taps into the output.
 
-    The pythae decoder's first layer (1024 to 512 channels, batch 100, bf16, forward and backward, an Intel CPU
-    with AMX) took 175-380 ms in oneDNN's kernel and 64-79 ms so, the second 167 against 93 ms; float32 gained
-    too. The taps are summed in float32 (or wider), so autocast's only added rounding is the product's output.
+    The fixed rule takes the products: pythae's decoder's first layer (1024 to 512 channels, batch 100, bf16,
+    forward and backward, an Intel CPU with AMX) took 175-380 ms in oneDNN's kernel and 64-79 ms so, the second 167
+    against 93 ms; float32 gained too. On an AMD CPU with AVX-512 BF16 the products won in bf16 (1.0-1.6x) but
+    lost in float32 (0.6-1.0x). The taps are summed in float32 (or wider), so autocast's only added rounding is
+    the product's output.
     """
 
     def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
@@ -83,20 +95,75 @@ class ConvTranspose2d(nn.ConvTranspose2d):
             return super().forward(input, output_size)
         geometry = (self.stride, self.padding, self.kernel_size, 2, self.dilation)
         extra = self._output_padding(input, output_size, *geometry)
-        n, c, h, w = input.shape
-        (kh, kw), (ph, pw) = self.kernel_size, self.padding
-        reach = [(i - 1) * s + k for i, s, k in zip((h, w), self.stride, (kh, kw), strict=True)]  # what taps cover
+        reach = [(i - 1) * s + k for i, s, k in zip(input.shape[2:], self.stride, self.kernel_size, strict=True)]
         size = [r - 2 * p + e for r, p, e in zip(reach, self.padding, extra, strict=True)]  # the output's side
         if min(size) < 1 or any(e >= s for e, s in zip(extra, self.stride, strict=True)):
             return super().forward(input, output_size)  # torch's error says what is wrong with the geometry
-        weight = self.weight.permute(0, 2, 3, 1).reshape(c, -1)  # [in, (row, column, out)]
-        taps = input.permute(0, 2, 3, 1).reshape(n * h * w, c) @ weight
+
+        def kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+            return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, extra, self.groups, self.dilation)
+
+        form = partial(self._products, size=size)
+        form = form if _products_pay(self, input, size, form, kernel, default=True) else kernel
+        return form(input, self.weight, self.bias)
+
+    def _products(self, x: Tensor, weight: Tensor, bias: Tensor | None, size: list[int]) -> Tensor:
+        n, c, h, w = x.shape
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        reach = [(i - 1) * s + k for i, s, k in zip((h, w), self.stride, (kh, kw), strict=True)]  # what taps cover
+        weight = weight.permute(0, 2, 3, 1).reshape(c, -1)  # [in, (row, column, out)]
+        taps = x.permute(0, 2, 3, 1).reshape(n * h * w, c) @ weight
         taps = taps.view(n, h, w, kh, kw, self.out_channels)
         grid = [max(r, p + o) for r, p, o in zip(reach, self.padding, size, strict=True)]  # taps and output fit
         grid = _Spread.apply(taps, self.stride, grid)
         out = grid[:, ph : ph + size[0], pw : pw + size[1]]  # the padding cut away, as by torch
-        out = out + self.bias if self.bias is not None else out
+        out = out + bias if bias is not None else out
         return out.to(taps.dtype).permute(0, 3, 1, 2)
+
+
+MEASURED: dict[tuple[Any, ...], bool] = {}  # a call's signature -> whether its product form was the faster
+MAX_MEASURED = 256  # signatures measured per process; past them (ever-new batch sizes) the fixed rule decides
+TIMED_CALLS = 3  # per form, after one untimed call, the two forms alternating; each form's fastest call counts
+
+
+def _products_pay(layer: nn.Module, x: Tensor, size: list[int], products: Form, kernel: Form, default: bool) -> bool:
+    """Whether a CPU layer computes this call as products (else torch's kernel): timed once per signature (the
+    layer's geometry, the input's shape, type and layout, the weight's, autocast and grad mode), forward and, where
+    a gradient is wanted, backward, on detached copies, so that no gradient, hook or random stream sees it.
+
+    ``default`` (the fixed rule) decides where deterministic algorithms are asked for (a timing-made choice could
+    differ between two runs, and their rounding with it), under ``torch.compile``'s tracing, and past
+    ``MAX_MEASURED`` signatures.
+    """
+    if torch.are_deterministic_algorithms_enabled() or torch.compiler.is_compiling():
+        return default
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
+    weight = layer.weight
+    key = (type(layer), layer.extra_repr(), tuple(size), x.shape, x.stride(), x.dtype, weight.stride(), weight.dtype)
+    key += (autocast, torch.is_grad_enabled())
+    if key not in MEASURED:
+        if len(MEASURED) >= MAX_MEASURED:
+            return default
+        best = _fastest_calls((products, kernel), (x, weight, layer.bias))
+        MEASURED[key] = best[0] < best[1]
+    return MEASURED[key]
+
+
+def _fastest_calls(forms: Sequence[Form], tensors: tuple[Tensor, Tensor, Tensor | None]) -> list[float]:
+    """Each form's fastest of ``TIMED_CALLS`` calls in seconds, forward and (where wanted) backward."""
+    grad = torch.is_grad_enabled()
+    x, weight, bias = (t.detach().requires_grad_(grad and t.requires_grad) if t is not None else None for t in tensors)
+    wanted = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    best = [math.inf] * len(forms)
+    for call in range(1 + TIMED_CALLS):
+        for i, form in enumerate(forms):
+            start = time.perf_counter()
+            out = form(x, weight, bias)
+            if wanted:
+                torch.autograd.grad(out, wanted, torch.ones_like(out))
+            if call:
+                best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 class _Spread(torch.autograd.Function):

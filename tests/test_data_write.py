@@ -290,3 +290,31 @@ def test_ctrl_c_during_a_write_with_worker_processes_ends_it(tmp_path: Path) -> 
                 os.killpg(proc.pid, signal.SIGKILL)
         assert proc.returncode == 130, proc.stderr.read()[-2000:]
         assert not list(out.rglob("*.tmp")) and not list(out.rglob("sizes.json"))
+
+
+@pytest.mark.parametrize(("link", "words"), [("-s", "a symbolic link"), ("", "a hard link")])
+def test_index_shards_names_a_linked_member_and_how_to_archive_it(tmp_path, link, words):
+    """GNU tar archives a symbolic link, and the second name of a hard-linked file, as a link member with no
+    content; index-shards passed over such members (as webdataset does), so their samples vanished or lost their
+    image. It names the member and the tar options that store the content, and the tar so written indexes whole."""
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(3):
+        for name, data in sample_members(i, np.full((8, 8), i, np.uint8)):
+            (files / name).write_bytes(data)
+    (files / "00000001.npy").unlink()
+    subprocess.run(["ln", *([link] if link else []), "00000000.npy", "00000001.npy"], cwd=files, check=True)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    archive = ["tar", "--sort=name", "-cf", str(shards / "a.tar"), "-C", str(files), "."]
+    subprocess.run(archive, check=True)
+    index = [sys.executable, "-m", "vegan_scale", "index-shards", str(shards)]
+
+    refused = subprocess.run(index, capture_output=True, text=True)
+    message = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "'./00000001.npy'" in message and words in message, message
+    assert "--dereference --hard-dereference" in message and not (shards / "sizes.json").exists()
+
+    subprocess.run([*archive[:2], "--dereference", "--hard-dereference", *archive[2:]], check=True)
+    done = subprocess.run(index, capture_output=True, text=True)
+    assert done.returncode == 0 and json.loads((shards / "sizes.json").read_text()) == {"a.tar": 3}, done.stderr

@@ -43,6 +43,14 @@ BLOCK = 512
 CHUNK = 1 << 20  # the largest single read
 MAX_MEMBER_BYTES = 1 << 30  # a tar member larger than this is damage, not an image
 OCTAL = re.compile(rb"[0-7]*")
+NOT_CONTENT = {  # tar member types that hold no file content of their own
+    b"1": "a hard link",
+    b"2": "a symbolic link",
+    b"3": "a device",
+    b"4": "a device",
+    b"6": "a FIFO",
+    b"S": "a sparse file",
+}
 
 Sample = dict[str, object]  # {"__key__": str, "__url__": str, "<ext>": bytes, ...}
 
@@ -189,7 +197,8 @@ def iter_members(
     """(name, content, offset of its first header) of every regular file of a tar stream (which starts at byte
     ``at`` of the shard), content None where ``wanted(name)`` is false (the bytes are passed over); returns the
     offset where the members end. Raises ShardCorrupt, naming the shard and the byte offset, on truncation or a
-    damaged header."""
+    damaged header, and DataError for a sample's member that is a link, device or sparse file (webdataset passes
+    over those, and their samples lose a field or vanish)."""
     tar = _Tar(stream, url, at)
     long_name: str | None = None
     first: int | None = None  # the first header of the entry (a long name's header comes before the member's)
@@ -204,6 +213,12 @@ def iter_members(
         if long_name and kind not in (b"L", b"K", b"x"):  # it names the next entry, a directory or link too
             name, long_name = long_name, None
         padded, start = size + (-size % BLOCK), tar.offset - BLOCK  # the member's header
+        if kind in NOT_CONTENT and _is_field(*split_name(name)):  # its sample would be read without it
+            raise DataError(
+                f"shard {url}: member {name!r} (byte {start}) is {NOT_CONTENT[kind]}, which is not read: write the "
+                "tar with the files' contents (GNU tar --dereference --hard-dereference, without --sparse), or with "
+                "`vegan-scale shards`"
+            )
         first = start if first is None else first
         if regular and not wanted(name):
             if tar.skip(padded) < padded:

@@ -152,9 +152,10 @@ def test_a_run_moved_renamed_and_continued_with_other_workers_ends_as_the_uninte
     tiny_shards_module: Path, reference: Path, tmp_path: Path
 ) -> None:
     """A run killed mid-way, its directory moved under another experiment and name, and continued with two loader
-    workers where it had none: where the run lies and the worker count shape nothing (the batches are the same at
-    any worker count), so it ends with the uninterrupted run's weights, bit for bit. Both were refused as settings
-    that "shape the model, the optimisation or the data order"."""
+    workers where it had none, its shards read from a copy elsewhere (another cluster's storage, a laptop): where
+    the run and its data lie and the worker count shape nothing (the batches are the same at any worker count), so
+    it ends with the uninterrupted run's weights, bit for bit. All were refused as settings that "shape the model,
+    the optimisation or the data order"."""
     args = train_args(tiny_shards_module, tmp_path, "before", "wae_gan")
     proc = start(single(args))
     wait_for_step(proc, tmp_path / "mnist" / "before", 17)
@@ -162,7 +163,9 @@ def test_a_run_moved_renamed_and_continued_with_other_workers_ends_as_the_uninte
     finish(proc)
     (tmp_path / "moved").mkdir()
     (tmp_path / "mnist" / "before").rename(tmp_path / "moved" / "after")
-    moved = [*args, "run.name=after", "run.experiment=moved", "data.num_workers=2"]
+    copy = shutil.copytree(tiny_shards_module, tmp_path / "elsewhere" / "shards")
+    elsewhere = [f"data.train={copy / 'train'}", f"data.test={copy / 'test'}"]
+    moved = [*args, "run.name=after", "run.experiment=moved", "data.num_workers=2", *elsewhere]
     again = run(single(moved))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "continuing from" in again.stdout + again.stderr

@@ -16,6 +16,7 @@ import json
 import secrets
 import socket
 import time
+import urllib.parse
 from pathlib import Path
 from typing import IO, Any
 
@@ -62,11 +63,24 @@ def _facts(cfg: Any, stream: TrainStream) -> dict[str, str]:
 def training_data(stream: TrainStream) -> str:
     """The training shards as this process reads them, in a line: their number, their samples and a digest of
     their list and counts (what the data order follows)."""
+    return _described(stream, "digest", stream.index.urls)
+
+
+def training_shards(stream: TrainStream) -> str:
+    """The training shards wherever they lie, in a line: as :func:`training_data`, with a digest of their file
+    names (not their paths or URLs) and counts, so that the same shards copied to other storage (another
+    cluster's, a laptop's) are the same, and shards written again are not."""
+    paths = [urllib.parse.urlsplit(url).path if "://" in url else url for url in stream.index.urls]
+    names = [path.rpartition("/")[2] for path in paths]
+    return _described(stream, "names digest", names)
+
+
+def _described(stream: TrainStream, digest_of: str, urls: list[str]) -> str:
     index = stream.index
     counts = index.counts if index.has_counts else []
-    digest = hashlib.sha256(json.dumps([index.urls, counts]).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps([urls, counts]).encode()).hexdigest()[:12]
     samples = f"{sum(counts)} samples" if counts else "sample counts unknown"
-    return f"{len(index.urls)} shard(s), {samples}, digest {digest}"
+    return f"{len(index.urls)} shard(s), {samples}, {digest_of} {digest}"
 
 
 def shared_run_dir(run_dir: RunDir, accelerator: Accelerator, wait_s: float) -> None:

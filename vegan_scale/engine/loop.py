@@ -281,7 +281,7 @@ def _save_checkpoint(run: Run, step: int, epoch: int) -> None:
             "deepspeed": acc.distributed_type == DistributedType.DEEPSPEED,
             "mode": distribution_mode(acc),
             "mlflow_run_id": run.records.tracker.run_id if run.records.tracker else None,
-            "data": job.training_data(run.stream),
+            "data": job.training_shards(run.stream),
         }
         with _written(run, directory, what, RESUME):
             checkpoint.write_state(directory, state, to_yaml(run.cfg))

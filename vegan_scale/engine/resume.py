@@ -7,8 +7,9 @@ observe the run may change:
 * may change: ``train.max_steps``, ``train.epochs`` (how long), ``train.check_every``,
   ``train.collective_timeout_s``, ``train.resume``, ``train.init_from``, ``data.read_attempts``,
   ``data.stall_timeout_s``, ``data.num_workers`` (the batches are the same at any worker count), the ``eval``,
-  ``checkpoint`` and ``tracking`` settings, and where the run lies (``run.root``, ``run.experiment``, ``run.name``:
-  a run directory moved or renamed);
+  ``checkpoint`` and ``tracking`` settings, where the run lies (``run.root``, ``run.experiment``, ``run.name``:
+  a run directory moved or renamed), and where its data lies (``data.train``, when the shards are the same by name,
+  order and count: copied to another cluster's storage or a laptop; ``data.test``);
 * everything else is refused with the list of differing keys, notably the network, prior, penalty, optimizer,
   batch, precision, seed and data.
 
@@ -62,6 +63,8 @@ MAY_CHANGE = frozenset(
         "data.read_attempts",
         "data.stall_timeout_s",
         "data.num_workers",
+        "data.train",  # where the shards lie: same_data checks that they are the same shards
+        "data.test",  # what evaluations read
     }
 )
 
@@ -133,17 +136,19 @@ def check_policy(path: Path, config: dict[str, Any], world_size: int, mode: str)
     return notes
 
 
-def same_data(path: Path, state: dict[str, Any], data: str, on_error: str) -> None:
-    """The training shards must be those the checkpoint was written over (their list and counts): the data order
-    and the epochs' ends follow them, and shards written again in the same place (other shards, other counts)
-    would continue the run on another order without a word. Refused; in ``data.on_error=skip``, where shards
-    missing at start are passed over, a warning. Checkpoints of earlier versions record no data."""
+def same_data(path: Path, state: dict[str, Any], data: tuple[str, str], on_error: str) -> None:
+    """The training shards must be those the checkpoint was written over (their names, in order, and counts),
+    wherever they lie now: the data order and the epochs' ends follow them, and shards written again in the same
+    place (other shards, other counts) would continue the run on another order without a word. Refused; in
+    ``data.on_error=skip``, where shards missing at start are passed over, a warning. ``data``: the shards as
+    :func:`vegan_scale.engine.job.training_shards` and ``training_data`` describe them now (checkpoints of
+    earlier versions hold the second, by path, or nothing)."""
     written = state.get("data")
-    if written is None or written == data:
+    if written is None or written in data:
         return
     message = (
-        f"the training shards are not those {path.name} was written over (then {written}; now {data}): the data "
-        "order follows them"
+        f"the training shards are not those {path.name} was written over (then {written}; now {data[0]}): the "
+        "data order follows them"
     )
     if on_error == "skip":
         log.warning("%s; continuing (data.on_error=skip)", message)
@@ -168,12 +173,12 @@ def restore(
     modules: list[Trainable],
     accelerator: Accelerator,
     config: dict[str, Any],
-    data: str,
+    data: tuple[str, str],
 ) -> Resumed | None:
     """Collective: restore the first candidate that loads whole (see the module's docstring): every module's
     weights and optimizer state, this process's random generators and the gradient scaler. ``named``: the user
     named the one candidate (``train.resume=PATH``), which is then refused rather than passed over. ``data``: the
-    training shards as read now (:func:`vegan_scale.engine.job.training_data`), to compare with the checkpoint's."""
+    training shards as read now (:func:`same_data`), to compare with the checkpoint's."""
     mode = distribution_mode(accelerator)
     failures = []
     for path in candidates:

@@ -175,7 +175,8 @@ def _assemble(
     eval_set = EvalSet.load(cfg, accelerator, objective.prior, stopping)
     torch.manual_seed(cfg.run.seed + 1 + accelerator.process_index)  # what draws outside a step's StepNoise
     named = cfg.train.resume not in ("auto", "never")
-    resumed = resume.restore(candidates, named, list(modules), accelerator, config, job.training_data(stream))
+    data = (job.training_shards(stream), job.training_data(stream))
+    resumed = resume.restore(candidates, named, list(modules), accelerator, config, data)
     start_step = resumed.step if resumed else 0
     if resumed is not None:  # the adaptive lambda where the checkpoint left it
         objective.weight = resumed.state.get("penalty_weight", objective.weight)

@@ -405,3 +405,37 @@ def test_a_store_that_cannot_hold_the_model_is_refused_at_once(tmp_path: Path) -
                 vegan_scale.load("runs:/abc/model", tracking_uri=uri)
             assert time.monotonic() - started < 25, uri
     assert not (tmp_path / "no").exists()
+
+
+def test_a_copied_run_directory_gets_an_mlflow_run_of_its_own(tracked: TrackedRun, tmp_path: Path) -> None:
+    """A copy of a run directory (`cp -r`, rsync to another cluster) held its original's run id, so that syncing
+    it, or continuing its training, wrote into the original's MLflow run. Synced by a real `vegan-scale sync`, the
+    copy gets a run of its own with every step of train/loss, and the original's run is left as it was; moved
+    afterwards, the copy keeps its run."""
+    client = _client(tracked)
+    before = client.get_run(tracked.run_id)
+    original_losses = len(client.get_metric_history(tracked.run_id, "train/loss"))
+    copy, moved = tmp_path / "copy", tmp_path / "moved"
+    subprocess.run(["cp", "-r", str(tracked.run_dir), str(copy)], check=True)
+
+    def sync(run_dir: Path) -> subprocess.CompletedProcess:
+        args = single(["-m", "vegan_scale", "sync", str(run_dir), "--uri", tracked.server.uri])
+        done = subprocess.run(args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        return done
+
+    done = sync(copy)
+    said = done.stdout + done.stderr
+    assert f"{copy} is a copy of {tracked.run_dir.resolve()}: it gets an MLflow run of its own" in said
+    run_id = (copy / "mlflow_run_id").read_text().strip()
+    assert run_id != tracked.run_id
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert steps == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    after = client.get_run(tracked.run_id)
+    assert (after.data.metrics, after.info.end_time) == (before.data.metrics, before.info.end_time)
+    assert len(client.get_metric_history(tracked.run_id, "train/loss")) == original_losses
+
+    copy.rename(moved)
+    done = sync(moved)
+    assert "is a copy of" not in done.stdout + done.stderr
+    assert (moved / "mlflow_run_id").read_text().strip() == run_id

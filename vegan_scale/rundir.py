@@ -13,7 +13,9 @@
       ranks/             rank<R>.json: each process's last step and phase (a heartbeat at every agreement
                          check; after a collective's timeout, its report with rank<R>.stack.txt); shared: a
                          token the main process writes at start, which every process must read back; lock:
-                         locked by the main process of the training that writes the directory, which it names
+                         locked by the main process of the training that writes the directory, which it names;
+                         mlflow_create_token, mlflow_home: the token that tags its MLflow run, and where the
+                         directory lay when it last tracked (a copy is told by them)
       exit_status.json   {"code", "reason", "step"}: written last, read by batch scripts (launchers turn worker
                          exit codes into 1)
 
@@ -114,6 +116,7 @@ class RunDir:
     shared = _entry("ranks/shared")
     lock = _entry("ranks/lock")
     mlflow_create_token = _entry("ranks/mlflow_create_token")
+    mlflow_home = _entry("ranks/mlflow_home")
     exit_status = _entry("exit_status.json")
 
     @classmethod
@@ -264,6 +267,35 @@ class RunDir:
             self.ranks.mkdir(parents=True, exist_ok=True)
             atomic.write_text(self.mlflow_create_token, token + "\n")
         return token
+
+    def own_mlflow_record(self) -> None:
+        """Make the MLflow run this directory names its own. A copy (``cp -r``, rsync to another cluster) holds its
+        original's run id and creation token, so that its training or sync would write into the original's MLflow
+        run, two directories' metrics interleaved in one. The directory records where it lies; one that finds its
+        record naming another directory that still exists and holds the same token is a copy, and forgets the id
+        and the token (its next MLflow run is new and is sent everything from metrics.jsonl). A moved directory
+        (the recorded one gone, or the same directory under another mount) keeps its run. Called by the one process
+        that tracks the directory."""
+        here, copied_from = self.path.resolve(), None
+        try:
+            recorded = Path(stored_json.read(self.mlflow_home).decode().strip())
+            token = stored_json.read(self.mlflow_create_token)
+            elsewhere = recorded.is_absolute() and not recorded.samefile(here)
+            if elsewhere and stored_json.read(RunDir(recorded).mlflow_create_token) == token:
+                copied_from = recorded
+        except (OSError, ValueError):  # no record yet, the original gone or unreadable: not a copy
+            pass
+        try:
+            if copied_from is not None:
+                self.mlflow_run_id.unlink(missing_ok=True)
+                self.mlflow_create_token.unlink(missing_ok=True)
+            self.ranks.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self.mlflow_home, f"{here}\n")
+        except OSError as e:  # a directory that cannot be written keeps what it names (sync refuses to create there)
+            log.debug("cannot record where %s lies (%s)", self.path, e)
+            return
+        if copied_from is not None:
+            log.warning("%s is a copy of %s: it gets an MLflow run of its own", self.path, copied_from)
 
     def write_mlflow_run_id(self, run_id: str) -> None:
         atomic.write_text(self.mlflow_run_id, run_id + "\n")

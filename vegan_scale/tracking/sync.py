@@ -60,6 +60,7 @@ def _unsynced(run_dir: RunDir, uri: str, e: Exception) -> TrackingError:
 
 
 def _sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
+    run_dir.own_mlflow_record()
     run_id, params = run_dir.read_mlflow_run_id(), as_params(cfg)
     if run_id is None:
         if not os.access(run_dir.path, os.W_OK):  # the new run's id could not be kept: every try would make another

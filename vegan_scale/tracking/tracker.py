@@ -150,6 +150,7 @@ class Tracker:
     def _open_run(self, new: NewRun, resume_notes: list[str] | None) -> None:
         from mlflow.entities import RunTag
 
+        self.run_dir.own_mlflow_record()
         run_id = self.run_dir.read_mlflow_run_id()
         if resume_notes is not None and run_id is not None:
             run = MlflowRun(self.uri, run_id, new=False)  # kept once opened: a run deleted in the store refuses

@@ -58,8 +58,9 @@ $(MNIST_SHARDS): $(MNIST_WHEEL)
 $(DATA)/shards/fashion_mnist/train/sizes.json: | $(VENV)/.installed
 	$(BIN)/vegan-scale shards fashion-mnist --source $(FASHION_DIR) --out $(DATA)/shards/fashion_mnist
 
+# one process through launch/run.sh: on CPU with tcmalloc preloaded where it is installed (docs/launching.md)
 train: setup data
-	$(BIN)/vegan-scale train $(CONFIG) $(ARGS)
+	NPROC=1 PYTHON=$(BIN)/python launch/run.sh $(CONFIG) $(ARGS)
 
 $(DS_CPU_COMM_OP): | $(VENV)/.installed
 	TORCH_EXTENSIONS_DIR=$(DATA)/torch_extensions $(BIN)/python -c \

@@ -67,6 +67,9 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 40, device: str =
 
 
 def step_flops(step: object) -> int:
+    """The FLOPs of one step after the first: at its first call each CPU convolution times its two forms
+    (vegan_scale.models.layers), trial products the counter would add to the model's (8.6x on the conv pair)."""
+    step()
     with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()

@@ -12,6 +12,9 @@
 #   DEVICE       cpu or gpu (default: gpu when nvidia-smi lists a GPU); cpu forces the CPU launch files
 #   MASTER_PORT  rendezvous port (default 29500; set another to run two jobs at once)
 #   PYTHON       the interpreter with vegan_scale (default .venv/bin/python when present, else python3)
+#   ALLOCATOR    tcmalloc or system (glibc's malloc). Default on CPU: tcmalloc where libtcmalloc_minimal.so.4 is
+#                installed (Debian/Ubuntu: libtcmalloc-minimal4), preloaded into every process; glibc's malloc maps
+#                and unmaps the large tensors at each step (bench/allocator.py). A set LD_PRELOAD is kept as it is.
 #   DRY_RUN=1    print the command instead of running it
 set -euo pipefail
 
@@ -49,6 +52,24 @@ if ! [[ $nproc =~ ^[1-9][0-9]*$ ]]; then
   echo "NPROC=$nproc: a positive number of processes" >&2
   exit 2
 fi
+allocator=${ALLOCATOR:-$([[ $device == cpu ]] && echo tcmalloc || echo system)}
+if [[ $allocator != tcmalloc && $allocator != system ]]; then
+  echo "ALLOCATOR=$allocator: tcmalloc or system" >&2
+  exit 2
+fi
+preload=
+if [[ $allocator == tcmalloc && -z ${LD_PRELOAD:-} ]]; then
+  library=libtcmalloc_minimal.so.4
+  preload=$(PATH=$PATH:/sbin:/usr/sbin ldconfig -p 2>/dev/null | awk -v l=$library '$1 == l { print $NF; exit }')
+  if [[ -z $preload ]]; then
+    if [[ -n ${ALLOCATOR:-} ]]; then
+      echo "ALLOCATOR=tcmalloc: $library is not installed (Debian/Ubuntu: apt-get install" \
+        "libtcmalloc-minimal4); or ALLOCATOR=system" >&2
+      exit 2
+    fi
+    allocator=system # the default where it is not installed
+  fi
+fi
 port=${MASTER_PORT:-29500}
 if ! [[ $port =~ ^[1-9][0-9]{0,4}$ ]] || ((port > 65535)); then
   echo "MASTER_PORT=$port: a port number from 1 to 65535" >&2
@@ -69,10 +90,16 @@ else
     -m vegan_scale train "$@"
   )
 fi
+if [[ -n $preload ]]; then cmd=(env "LD_PRELOAD=$preload" "${cmd[@]}"); fi
 if [[ -n ${DRY_RUN:-} ]]; then
   printf '%q ' "${cmd[@]}"
   echo
   exit 0
 fi
-echo "launch/run.sh: $nproc process(es), $device, $mode ($file)" >&2
+case "${LD_PRELOAD:+set}/$allocator" in
+  set/*) memory="LD_PRELOAD as set" ;;
+  /tcmalloc) memory="tcmalloc preloaded" ;;
+  *) memory="the system's malloc" ;;
+esac
+echo "launch/run.sh: $nproc process(es), $device, $mode ($file), $memory" >&2
 exec "${cmd[@]}"

@@ -7,24 +7,42 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.paths import ROOT
+from tests.runkit import train_args
 
 SCRIPT = ROOT / "launch" / "run.sh"
 CONFIG = "configs/mnist/wae_mmd.yaml"
 # overrides that quoting could break: spaces, brackets, braces, a glob character, a shell variable
 OVERRIDES = ["train.max_steps=200", "model.mlp.hidden=[64, 32]", "data.train=/d/x-{000..009}.tar", "run.name=a*b $X"]
-SETTINGS = ("NPROC", "MODE", "DEVICE", "MASTER_PORT", "PYTHON", "DRY_RUN")
+SETTINGS = ("NPROC", "MODE", "DEVICE", "MASTER_PORT", "PYTHON", "DRY_RUN", "ALLOCATOR", "LD_PRELOAD")
+TCMALLOC = "libtcmalloc_minimal.so.4"
 
 
 def run_sh(*args: str, **settings: str) -> subprocess.CompletedProcess:
+    """launch/run.sh ARGS; a dry run with the system's malloc unless ``settings`` say otherwise."""
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
-    env |= {"DRY_RUN": "1", **settings}
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    env |= {"DRY_RUN": "1", "ALLOCATOR": "system", **settings}
+    env = {k: v for k, v in env.items() if v is not None}
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def installed_tcmalloc() -> str | None:
+    """The path ldconfig knows for tcmalloc (an independent lookup: the library files on the loader's paths)."""
+    for directory in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu", "/usr/lib64"):
+        if (Path(directory) / TCMALLOC).exists():
+            return str(Path(directory) / TCMALLOC)
+    return None
+
+
+needs_tcmalloc = pytest.mark.skipif(
+    installed_tcmalloc() is None, reason=f"{TCMALLOC} is not installed (.ci/run installs libtcmalloc-minimal4)"
+)
 
 
 def dry_run(*args: str, **settings: str) -> list[str]:
@@ -125,3 +143,45 @@ def test_a_batch_script_run_without_slurm_says_how_to_submit_it(script: str) -> 
     )
     assert done.returncode != 0 and "submit this script with sbatch" in done.stderr, done.stderr
     assert "without SLURM" in done.stderr and "unbound variable" not in done.stderr
+
+
+def test_cpu_runs_under_tcmalloc_where_it_is_installed() -> None:
+    """On CPU, glibc's malloc maps and unmaps every tensor of 32 MB or more at each step (tens of thousands of page
+    faults a step on pythae's conv pair, bench/allocator.py): the default preloads tcmalloc where it is installed,
+    and says nothing otherwise; a GPU launch, ALLOCATOR=system and a set LD_PRELOAD are left alone."""
+    cmd = dry_run(CONFIG, DEVICE="cpu", ALLOCATOR=None)
+    library = installed_tcmalloc()
+    if library is None:
+        assert cmd[0] != "env"
+    else:
+        assert cmd[:2] == ["env", f"LD_PRELOAD={library}"] and cmd[3:6] == ["-m", "vegan_scale", "train"]
+    assert dry_run(CONFIG, DEVICE="gpu", NPROC="1", ALLOCATOR=None)[0] != "env"
+    assert dry_run(CONFIG, DEVICE="cpu", ALLOCATOR="system")[0] != "env"
+    assert dry_run(CONFIG, DEVICE="cpu", ALLOCATOR="tcmalloc", LD_PRELOAD="/opt/mine.so")[0] != "env"
+
+
+def test_an_allocator_that_cannot_be_had_is_a_usage_error(tmp_path: Path) -> None:
+    proc = run_sh(CONFIG, DEVICE="cpu", ALLOCATOR="jemalloc")
+    assert proc.returncode == 2 and "ALLOCATOR=jemalloc: tcmalloc or system" in proc.stderr, proc.stderr
+    bare = tmp_path / "bin"  # a PATH whose ldconfig knows no library: tcmalloc asked for by name is refused
+    bare.mkdir()
+    (bare / "ldconfig").write_text("#!/bin/sh\nexit 0\n")
+    (bare / "ldconfig").chmod(0o755)
+    path = f"{bare}:{os.environ['PATH']}"
+    proc = run_sh(CONFIG, DEVICE="cpu", ALLOCATOR="tcmalloc", PATH=path)
+    assert proc.returncode == 2 and f"{TCMALLOC} is not installed" in proc.stderr and "ALLOCATOR=system" in proc.stderr
+    assert dry_run(CONFIG, DEVICE="cpu", ALLOCATOR=None, PATH=path)[0] != "env"  # the default falls back quietly
+
+
+@needs_tcmalloc
+def test_training_runs_with_tcmalloc_preloaded(tiny_shards: Path, tmp_path: Path) -> None:
+    """A real run through launch/run.sh on CPU: the trainer's process has tcmalloc mapped, and it trains."""
+    wrapper = tmp_path / "python"  # what run.sh starts as the interpreter: records the libraries it runs with
+    maps = tmp_path / "maps"
+    wrapper.write_text(f'#!/bin/sh\ngrep -c tcmalloc /proc/$$/maps > {maps}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    args = train_args(tiny_shards, tmp_path / "runs", "tc", "wae_mmd", "train.max_steps=4", "checkpoint.every_steps=4")
+    done = run_sh(*args[3:], DEVICE="cpu", ALLOCATOR=None, DRY_RUN=None, PYTHON=str(wrapper))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tcmalloc preloaded" in done.stderr and int(maps.read_text()) > 0
+    assert (tmp_path / "runs" / "mnist" / "tc" / "checkpoints" / "step_00000004").is_dir()  # experiment / run

@@ -14,7 +14,8 @@
 #   PYTHON       the interpreter with vegan_scale (default .venv/bin/python when present, else python3)
 #   ALLOCATOR    tcmalloc or system (glibc's malloc). Default on CPU: tcmalloc where libtcmalloc_minimal.so.4 is
 #                installed (Debian/Ubuntu: libtcmalloc-minimal4), preloaded into every process; glibc's malloc maps
-#                and unmaps the large tensors at each step (bench/allocator.py). A set LD_PRELOAD is kept as it is.
+#                and unmaps the large tensors at each step, page faults tcmalloc avoids (bench/allocator.py). A set
+#                LD_PRELOAD is kept as it is.
 #   DRY_RUN=1    print the command instead of running it
 set -euo pipefail
 
@@ -60,7 +61,7 @@ fi
 preload=
 if [[ $allocator == tcmalloc && -z ${LD_PRELOAD:-} ]]; then
   library=libtcmalloc_minimal.so.4
-  preload=$(PATH=$PATH:/sbin:/usr/sbin ldconfig -p 2>/dev/null | awk -v l=$library '$1 == l { print $NF; exit }')
+  preload=$(PATH=$PATH:/sbin:/usr/sbin ldconfig -p 2>/dev/null | awk -v l="$library" '$1 == l { print $NF; exit }')
   if [[ -z $preload ]]; then
     if [[ -n ${ALLOCATOR:-} ]]; then
       echo "ALLOCATOR=tcmalloc: $library is not installed (Debian/Ubuntu: apt-get install" \

@@ -146,9 +146,9 @@ def test_a_batch_script_run_without_slurm_says_how_to_submit_it(script: str) -> 
 
 
 def test_cpu_runs_under_tcmalloc_where_it_is_installed() -> None:
-    """On CPU, glibc's malloc maps and unmaps every tensor of 32 MB or more at each step (tens of thousands of page
-    faults a step on pythae's conv pair, bench/allocator.py): the default preloads tcmalloc where it is installed,
-    and says nothing otherwise; a GPU launch, ALLOCATOR=system and a set LD_PRELOAD are left alone."""
+    """On CPU, glibc's malloc maps and unmaps every tensor of 32 MB or more at each step (7,000-32,000 page faults
+    a step on pythae's conv pair, bench/allocator.py): the default preloads tcmalloc where it is installed, and
+    says nothing otherwise; a GPU launch, ALLOCATOR=system and a set LD_PRELOAD are left alone."""
     cmd = dry_run(CONFIG, DEVICE="cpu", ALLOCATOR=None)
     library = installed_tcmalloc()
     if library is None:

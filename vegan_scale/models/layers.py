@@ -206,14 +206,13 @@ def _spread(taps: Tensor, stride: Pair, size: Sequence[int]) -> Tensor:
 def _collect(
     grid: Tensor, stride: Pair, positions: Sequence[int], kernel: Sequence[int], dtype: torch.dtype | None = None
 ) -> Tensor:
-    """The taps, in ``dtype`` (the grid's by default): converted as they are copied, with no full-size temporary
-    (a float32 gradient's taps, then a bf16 copy of them, took 20 ms against 3.4 for the decoder's second layer)."""
+    """The taps, in ``dtype`` (the grid's by default): one copy from a strided view of every window (no
+    full-size temporary: a float32 gradient's taps, then a bf16 copy of them, took 20 ms against 3.4 for the
+    decoder's second layer; one copy per tap took 1.3-3.6x as long as this one)."""
     (h, w), (kh, kw) = positions, kernel
+    windows = grid.unfold(1, kh, stride[0]).unfold(2, kw, stride[1])[:, :h, :w]  # [n, h, w, C, kh, kw], a view
     taps = grid.new_empty((grid.shape[0], h, w, kh, kw, grid.shape[3]), dtype=dtype)
-    for i in range(kh):
-        for j in range(kw):
-            taps[:, :, :, i, j] = grid[:, _every(i, h, stride[0]), _every(j, w, stride[1])]
-    return taps
+    return taps.copy_(windows.permute(0, 1, 2, 4, 5, 3))
 
 
 def _plain(layer: nn.Conv2d | nn.ConvTranspose2d, x: Tensor) -> bool:

@@ -217,6 +217,7 @@ def test_bf16_weights_copy_trains_like_float32_and_continues_exactly(tiny_shards
             "tracking.log_every=10",
             "eval.every_steps=60",
             "checkpoint.every_steps=30",
+            "train.deterministic=true",  # each convolution's form by rule: bit-exact continuation, as documented
         ]
         return train(load_experiment(ROOT / "configs/mnist/wae_mmd.yaml", [*overrides, *precision]))
 

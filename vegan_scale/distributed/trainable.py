@@ -49,14 +49,16 @@ class LowPrecisionCopy:
         twin = copy.deepcopy(master, memo=dict(shared))  # the memo makes the copy reuse the norm layers
         copies = dict(twin.named_parameters())
         pairs = [(p, copies[name]) for name, p in master.named_parameters() if copies[name] is not p]
-        for _, low in pairs:
-            low.data = low.data.to(torch.bfloat16)
+        for _, low in pairs:  # a convolution's weight channels-last: the product forms read it as a view
+            layout = torch.channels_last if low.dim() == 4 else torch.preserve_format
+            low.data = low.data.to(torch.bfloat16, memory_format=layout)
         return cls(master, twin, pairs)
 
     def gradients_to_masters(self) -> None:
-        """Give each master its copy's gradient, in float32 (the copies' are cleared for the next step)."""
+        """Give each master its copy's gradient, in float32 and the master's layout (the copies' are cleared for
+        the next step)."""
         for high, low in self.pairs:
-            high.grad = None if low.grad is None else low.grad.to(high.dtype)
+            high.grad = None if low.grad is None else torch.empty_like(high).copy_(low.grad)
             low.grad = None
 
     @torch.no_grad()

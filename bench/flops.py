@@ -67,6 +67,11 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 40, device: str =
     return 2 * n**3 / min(times)
 
 
+def machine_peaks() -> dict[str, float]:
+    """The matmul peak of each precision the cases run in, by their labels' names."""
+    return {"float32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+
+
 def step_flops(step: object) -> int:
     """The FLOPs of one step after the first: at its first call each CPU convolution times its two forms
     (vegan_scale.models.layers), trial products the counter would add to the model's (8.6x on the conv pair)."""
@@ -103,7 +108,7 @@ def top_ops(step: object, rows: int = 8) -> tuple[str, float]:
 
 
 def main() -> None:
-    before = {"float32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    before = machine_peaks()
     results, profiles = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         images = Path(tmp) / "images.npy"
@@ -115,8 +120,8 @@ def main() -> None:
             results.append((label, flops, seconds, products))
     # Measured again after the cases: a host's slow stretch at the first measurement put the bf16 peak at 402
     # GFLOP/s against 660-810 in the runs around it, and a step at "107% of peak".
-    after = {"float32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    peaks = {dtype: max(before[dtype], after[dtype]) for dtype in before}
+    after = machine_peaks()
+    peaks = {precision: max(before[precision], after[precision]) for precision in before}
     print(
         f"matmul peak: float32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s "
         f"({torch.get_num_threads()} threads; the faster of before the cases, "

@@ -61,7 +61,8 @@ fi
 preload=
 if [[ $allocator == tcmalloc && -z ${LD_PRELOAD:-} ]]; then
   library=libtcmalloc_minimal.so.4
-  preload=$(PATH=$PATH:/sbin:/usr/sbin ldconfig -p 2>/dev/null | awk -v l="$library" '$1 == l { print $NF; exit }')
+  # awk reads the whole list: quitting at the match would end ldconfig by SIGPIPE, which pipefail makes fatal
+  preload=$(PATH=$PATH:/sbin:/usr/sbin ldconfig -p 2>/dev/null | awk -v l="$library" '$1 == l && !p { p = $NF } END { print p }')
   if [[ -z $preload ]]; then
     if [[ -n ${ALLOCATOR:-} ]]; then
       echo "ALLOCATOR=tcmalloc: $library is not installed (Debian/Ubuntu: apt-get install" \

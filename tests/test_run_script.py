@@ -173,6 +173,34 @@ def test_an_allocator_that_cannot_be_had_is_a_usage_error(tmp_path: Path) -> Non
     assert dry_run(CONFIG, DEVICE="cpu", ALLOCATOR=None, PATH=path)[0] != "env"  # the default falls back quietly
 
 
+def _listing_that_goes_on(directory: Path, name: str, first: str) -> str:
+    """A PATH whose ``name`` prints ``first``, then, after a pause, a thousand more lines: a reader that quits after
+    the first line kills it by SIGPIPE at its next write (a long ldconfig cache or node list does this by chance)."""
+    directory.mkdir()
+    more = 'i=0; while [ $i -lt 1000 ]; do echo "line $i"; i=$((i + 1)); done'
+    (directory / name).write_text(f"#!/bin/sh\necho '{first}'\nsleep 0.3\n{more}\n")
+    (directory / name).chmod(0o755)
+    return f"{directory}:{os.environ['PATH']}"
+
+
+def test_the_library_list_is_read_to_its_end(tmp_path: Path) -> None:
+    """run.sh runs under pipefail: had it stopped reading ldconfig's list at tcmalloc's line, ldconfig would die of
+    SIGPIPE and the launcher with it, silently (exit 141), as it once did in CI."""
+    path = _listing_that_goes_on(tmp_path / "bin", "ldconfig", f"\t{TCMALLOC} (libc6,x86-64) => /opt/t/{TCMALLOC}")
+    cmd = dry_run(CONFIG, DEVICE="cpu", ALLOCATOR=None, PATH=path)
+    assert cmd[:2] == ["env", f"LD_PRELOAD=/opt/t/{TCMALLOC}"]
+
+
+def test_the_batch_scripts_read_the_node_list_to_its_end(tmp_path: Path) -> None:
+    """The SLURM scripts' head node is the first of ``scontrol show hostnames``, read whole under pipefail."""
+    path = _listing_that_goes_on(tmp_path / "bin", "scontrol", "node-a")
+    lib = ROOT / "launch" / "slurm" / "lib.sh"
+    script = f"set -euo pipefail; source {shlex.quote(str(lib))}; head_node"
+    env = {**os.environ, "PATH": path, "SLURM_JOB_NODELIST": "node-[a-z]"}
+    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "node-a\n"), done.stderr
+
+
 @needs_tcmalloc
 def test_training_runs_with_tcmalloc_preloaded(tiny_shards: Path, tmp_path: Path) -> None:
     """A real run through launch/run.sh on CPU: the trainer's process has tcmalloc mapped, and it trains."""

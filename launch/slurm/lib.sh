@@ -57,7 +57,8 @@ processes_per_node() {
 # The first node of the allocation hosts the rendezvous; never fall back to localhost (the other nodes would hang).
 head_node() {
   local head
-  head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  head=$(scontrol show hostnames "$SLURM_JOB_NODELIST") # whole: `| head -n 1` could end scontrol by SIGPIPE
+  head=${head%%$'\n'*}
   if [[ -z $head ]]; then
     note "cannot name the head node of '$SLURM_JOB_NODELIST' (scontrol show hostnames)" >&2
     exit 1

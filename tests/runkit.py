@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -90,6 +92,22 @@ def ddp(args: list[str], config: str = "cpu_ddp.yaml", processes: int | None = N
         str(free_port()),
         *args,
     ]
+
+
+def namespaces_available() -> bool:
+    """Whether ``unshare -rm`` works here: a private mount namespace, no privileges needed, nothing left mounted."""
+    unshare = shutil.which("unshare")
+    return unshare is not None and subprocess.run([unshare, "-rm", "true"], capture_output=True).returncode == 0
+
+
+needs_namespaces = pytest.mark.skipif(
+    not namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted"
+)
+
+
+def read_only(path: Path) -> list[str]:
+    """A command prefix: what follows runs with ``path`` mounted read-only (in a namespace of its own)."""
+    return ["unshare", "-rm", "sh", "-c", 'mount --bind -o ro "$1" "$1" && shift && exec "$@"', "sh", str(path)]
 
 
 def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:

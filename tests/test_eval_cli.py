@@ -333,6 +333,34 @@ def test_a_sync_beside_another_holder_of_the_run_is_refused(
     assert main(["sync", str(copy), "--uri", store]) == 0
 
 
+@runkit.needs_namespaces
+def test_an_evaluation_that_could_not_be_written_is_refused_before_it_starts(run_dir: Path, tmp_path: Path) -> None:
+    """On a read-only run directory (a model store mounted read-only), eval.json failed to be written after the
+    evaluation's minutes: it is refused at once (exit 74), naming the file and --out, as is an --out that cannot be
+    a file. With --out the evaluation is written there, and the run's MLflow run gets its metrics."""
+    root = tmp_path / "root"  # the run and its MLflow store, copied: this test's evaluation is logged there
+    shutil.copytree(run_dir.parent.parent, root, ignore=shutil.ignore_patterns("eval.json"))
+    copy = root / run_dir.relative_to(run_dir.parent.parent)
+    command = [sys.executable, "-m", "vegan_scale", "eval", str(copy), "--num-samples", "100"]
+    refused = runkit.run([*runkit.read_only(copy), *command])
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == 74 and f"{copy / 'eval.json'} cannot be written (" in said, said[-3000:]
+    assert "read-only" in said and "--out FILE" in said and "FID" not in said and "Traceback" not in said
+    (tmp_path / "file").touch()
+    refused = runkit.run([*command, "--out", str(tmp_path / "file" / "eval.json")])
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == 74 and f"{tmp_path / 'file'} is not a directory" in said, said[-3000:]
+
+    out = tmp_path / "evals" / "short.json"
+    done = runkit.run([*runkit.read_only(copy), *command, "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["step"] == 20 and report["settings"]["set_size"] == 50 and not (copy / "eval.json").exists()
+    client, run_id = runkit.local_mlflow(copy)
+    logged = [m.value for m in client.get_metric_history(run_id, "final/fid") if m.step == 20]
+    assert report["model"]["fid"] in logged
+
+
 def test_a_run_that_trains_on_is_evaluated_and_exported_while_it_prunes_its_checkpoints(
     mnist_shards: Path, tmp_path: Path
 ) -> None:

@@ -33,3 +33,11 @@ def test_two_processes_give_the_whole_sets_metrics(results: list[dict]) -> None:
             assert rank_result[side].keys() == expected.keys()
             for key, value in expected.items():
                 assert rank_result[side][key] == pytest.approx(value, rel=1e-5, abs=1e-7), f"{side} {key}"
+
+
+def test_an_unwritable_eval_json_stops_every_process_before_the_evaluation(results: list[dict]) -> None:
+    """The main process finds that eval.json cannot be written; every process raises, none waits in a gather."""
+    main, other = (r["refusals"] for r in results)
+    assert "a_file is not a directory); nothing was evaluated. Pass --out FILE" in main[0]
+    assert "cannot be written (by the main process)" in other[0]
+    assert main[1] is None and other[1] is None

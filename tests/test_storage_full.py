@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.runkit import ddp, exit_status, run, same_weights, single, train_args
+from tests.runkit import ddp, exit_status, needs_namespaces, read_only, run, same_weights, single, train_args
 
 pytestmark = pytest.mark.distributed
 
@@ -31,12 +30,7 @@ ON_A_SMALL_DISK = (
 )
 
 
-def _namespaces_available() -> bool:
-    unshare = shutil.which("unshare")
-    return unshare is not None and subprocess.run([unshare, "-rm", "true"], capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")
+@needs_namespaces
 def test_a_full_disk_at_a_checkpoint_stops_the_run_cleanly_and_it_resumes_exactly(
     tiny_shards_module: Path, reference: Path, tmp_path: Path
 ) -> None:
@@ -65,7 +59,7 @@ def test_a_full_disk_at_a_checkpoint_stops_the_run_cleanly_and_it_resumes_exactl
     assert exit_status(run_dir)["code"] == 0
 
 
-@pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")
+@needs_namespaces
 def test_a_full_disk_at_the_export_names_the_command_that_writes_it(tiny_shards_module: Path, tmp_path: Path) -> None:
     """The final checkpoint fits, the export does not: exit 74, the error names the export and the command that
     writes it once there is room, no partial export is left; that command then writes the final checkpoint's
@@ -89,7 +83,7 @@ def test_a_full_disk_at_the_export_names_the_command_that_writes_it(tiny_shards_
     assert same_weights(run_dir / "export" / "model.safetensors", final)
 
 
-@pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")
+@needs_namespaces
 @pytest.mark.parametrize("command", [["export"], ["sample", "--grid", "12"]])
 def test_export_and_sample_on_a_full_disk_name_the_file_and_leave_no_part_of_it(
     command: list[str], reference: Path, tmp_path: Path
@@ -112,7 +106,7 @@ def test_export_and_sample_on_a_full_disk_name_the_file_and_leave_no_part_of_it(
             image.load()  # whole: a file cut short raises here
 
 
-@pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")
+@needs_namespaces
 def test_shards_on_a_full_disk_name_the_shard_and_leave_no_part_of_it(tmp_path: Path) -> None:
     """`vegan-scale shards` writing 1,000 images (800 kB) to a 256 kB disk: the tar writer's failure to write its
     last blocks came again while the partial shard was discarded (a traceback, exit 1, its .tar.tmp left behind).
@@ -130,7 +124,7 @@ def test_shards_on_a_full_disk_name_the_shard_and_leave_no_part_of_it(tmp_path: 
     assert not [n for n in left if n.endswith(".tmp") or n == "sizes.json"], left
 
 
-@pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")
+@needs_namespaces
 def test_a_full_disk_at_a_checkpoint_of_two_processes_ends_the_job_at_once(
     tiny_shards_module: Path, tmp_path: Path
 ) -> None:
@@ -155,7 +149,7 @@ STORE_ON_A_FULL_DISK = (
 )
 
 
-@pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")
+@needs_namespaces
 def test_a_tracking_store_on_a_full_disk_is_one_line_and_sync_sends_the_run_later(
     tiny_shards_module: Path, tmp_path: Path
 ) -> None:
@@ -188,7 +182,7 @@ def test_a_tracking_store_on_a_full_disk_is_one_line_and_sync_sends_the_run_late
     assert [m.step for m in client.get_metric_history(found.info.run_id, "train/loss")] == [5, 10]
 
 
-@pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")
+@needs_namespaces
 def test_sync_of_a_run_directory_it_cannot_write_creates_no_run(tiny_shards_module: Path, tmp_path: Path) -> None:
     """`vegan-scale sync` of a run the server never saw, its directory on a read-only mount: the MLflow run was
     created, then keeping its id failed (exit 2, "mend or remove that file"), and every try left another run in the
@@ -199,9 +193,8 @@ def test_sync_of_a_run_directory_it_cannot_write_creates_no_run(tiny_shards_modu
     assert run(single(train_args(tiny_shards_module, runs, "ro", "wae_mmd", "train.max_steps=2"))).returncode == 0
     run_dir, store = runs / "mnist" / "ro", f"sqlite:///{tmp_path / 'mlflow.db'}"
     sync = single(["-m", "vegan_scale", "sync", str(run_dir), "--uri", store])
-    read_only = ["unshare", "-rm", "sh", "-c", 'mount --bind -o ro "$1" "$1" && shift && exec "$@"', "sh", str(run_dir)]
     for _ in range(2):
-        proc = run([*read_only, *sync], timeout=300)
+        proc = run([*read_only(run_dir), *sync], timeout=300)
         assert proc.returncode == 74, proc.stderr[-3000:]
         said = proc.stdout + proc.stderr
         assert "cannot be written" in said and "no MLflow run was created" in said, said[-3000:]
@@ -239,7 +232,7 @@ def test_a_write_failing_on_one_process_stops_every_process_with_its_reason(
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == []
 
 
-@pytest.mark.skipif(not _namespaces_available(), reason="unshare -rm (user and mount namespaces) is not permitted")
+@needs_namespaces
 @pytest.mark.parametrize("free_kb", [4, 12, 24])
 def test_a_disk_with_almost_no_room_names_the_file_it_could_not_write(
     free_kb: int, tiny_shards_module: Path, tmp_path: Path

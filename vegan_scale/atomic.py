@@ -91,6 +91,22 @@ def os_error_of(error: Exception, path: Path) -> OSError:
     return OSError(code, os.strerror(code), str(path))
 
 
+def unwritable(path: Path) -> str | None:
+    """Why ``path`` could not be published (its directory is created if missing), or None: asked before work whose
+    result a failed write would lose, such as an evaluation's minutes."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return f"{path.parent} is not a directory"
+    except OSError as e:
+        return f"{e.filename}: {e.strerror}"
+    if path.is_dir():
+        return "a directory is in its place"
+    if not os.access(path.parent, os.W_OK):
+        return "a read-only file system, or no permission to write there"
+    return None
+
+
 def write_bytes(path: Path, data: bytes) -> Path:
     """Publish ``data`` as ``path``, atomically and durably."""
     with naming(path), writing(path) as tmp, open(tmp, "wb") as f:

@@ -18,6 +18,7 @@ from vegan_scale.errors import (
     ExitCode,
     InterruptedRunError,
     PreemptedError,
+    StorageError,
     VeganError,
     storage_error,
 )
@@ -140,6 +141,9 @@ def _eval(args: argparse.Namespace) -> None:
     accelerator = build_accelerator("no")  # under `accelerate launch`, every process evaluates its share
     try:
         source = open_model(args.source, accelerator.device)
+        run_dir = RunDir(source.run_dir) if source.run_dir else None
+        out = args.out or (run_dir.eval_json if run_dir else args.source / export.EVAL_FILE)
+        _refuse_unwritable(out, accelerator)
         settings = EvalSettings(num_samples=args.num_samples, seed=args.seed, inception_samples=args.inception_samples)
         shares = Shares(accelerator.process_index, accelerator.num_processes, accelerator.gather)
         result = evaluate_source(
@@ -150,22 +154,34 @@ def _eval(args: argparse.Namespace) -> None:
     if not accelerator.is_main_process:
         return
     print(f"{source.weights} (step {source.step}):\n{result.table()}")
-    extra = {"weights": str(source.weights), "step": source.step}
-    run_dir = RunDir(source.run_dir) if source.run_dir else None
-    out = result.write(run_dir.eval_json if run_dir else args.source / export.EVAL_FILE, extra)
-    print(f"wrote {out}")
+    print(f"wrote {result.write(out, {'weights': str(source.weights), 'step': source.step})}")
     if run_dir is not None and source.config.tracking.backend != "none":
-        _log_eval(source, run_dir)
+        _log_eval(source, run_dir, out)
 
 
-def _log_eval(source: Any, run_dir: Any) -> None:
-    """The evaluation's eval.json, into the run's MLflow run."""
+def _refuse_unwritable(out: Path, accelerator: Any) -> None:
+    """Refuses, on every process together, an eval.json the main process could not write, before the evaluation:
+    the write comes after minutes of it, and a read-only run directory or model store failed only then."""
+    import torch
+
+    from vegan_scale.atomic import unwritable
+
+    why = unwritable(out) if accelerator.is_main_process else None
+    if accelerator.gather(torch.tensor([int(why is not None)], device=accelerator.device)).any():
+        raise StorageError(
+            f"{out} cannot be written ({why or 'by the main process'}); nothing was evaluated. Pass --out FILE to "
+            "write the evaluation elsewhere (a run's MLflow run gets its metrics all the same)"
+        )
+
+
+def _log_eval(source: Any, run_dir: Any, report: Path) -> None:
+    """The evaluation's ``report`` (eval.json), into the run's MLflow run."""
     from vegan_scale.tracking.mlflow_run import resolve_uri
     from vegan_scale.tracking.sync import log_evaluation
 
     uri = resolve_uri(source.config.tracking.uri, run_dir.path.parent.parent)  # <run.root>/<experiment>/<name>
     try:
-        run_id = log_evaluation(run_dir, uri)
+        run_id = log_evaluation(run_dir, uri, report)
     except Exception as e:  # eval.json holds everything; a tracking failure must not hide the result
         logs.say(
             f"warning: metrics not logged to MLflow at {uri}: {str(e).splitlines()[0][:300]}; "

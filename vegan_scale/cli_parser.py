@@ -105,8 +105,8 @@ def _add_eval_and_sample(sub: Any) -> None:
         help="evaluate a trained model: FID/KID/precision/recall, sharpness, reconstruction, latent MMD",
         description="Evaluate a run (its export/, else its newest checkpoint) or a checkpoint on the run's test "
         "shards, beside the real-vs-real values at the same sample size; print a table, write eval.json into the "
-        "run directory and log the metrics to the run's MLflow run. Under 'accelerate launch ... -m vegan_scale "
-        "eval' every process evaluates its share.",
+        "run directory (or --out) and log the metrics to the run's MLflow run. Under 'accelerate launch ... -m "
+        "vegan_scale eval' every process evaluates its share.",
     )
     _model_and_data(v)
     v.add_argument(
@@ -123,6 +123,12 @@ def _add_eval_and_sample(sub: Any) -> None:
         help="feature network: mnist, fashion_mnist or a .safetensors file (default: by the test shards' data set)",
     )
     v.add_argument("--seed", type=_seed, default=0, help="seed of the split, the prior samples and KID's subsets")
+    v.add_argument(
+        "--out",
+        type=Path,
+        help="where eval.json goes (default: the run directory, or beside an export), for a read-only store; a "
+        "run's MLflow run gets the metrics either way, 'vegan-scale sync' sends only the run directory's",
+    )
 
     m = sub.add_parser(
         "sample",

@@ -31,4 +31,24 @@ def eval_over_two_processes(ctx: Context) -> dict:
     shares = Shares(ctx.rank, ctx.world_size, ctx.accelerator.gather)
     rows = shares.rows(lambda x: torch.stack([x, x * x], dim=1), torch.arange(7, dtype=torch.float64), batch_size=2)
     result = evaluate_tiny(shares)
-    return {"model": result.model, "real": result.real, "rows": rows.tolist()}
+    return {"model": result.model, "real": result.real, "rows": rows.tolist(), "refusals": _refusals(ctx)}
+
+
+def _refusals(ctx: Context) -> list[str | None]:
+    """`vegan-scale eval`'s check of where eval.json goes, made by the main process and heard by every process: the
+    message each process raises for a place under a file, then for a writable place (None: no error)."""
+    from vegan_scale.cli import _refuse_unwritable
+    from vegan_scale.errors import StorageError
+
+    blocker = ctx.shared_dir / "a_file"
+    if ctx.rank == 0:
+        blocker.write_text("")
+    ctx.accelerator.wait_for_everyone()
+    said: list[str | None] = []
+    for out in (blocker / "eval.json", ctx.shared_dir / "evals" / "eval.json"):
+        try:
+            _refuse_unwritable(out, ctx.accelerator)
+            said.append(None)
+        except StorageError as e:
+            said.append(str(e))
+    return said

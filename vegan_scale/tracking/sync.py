@@ -4,10 +4,11 @@ lacks, the run created when the server never saw it) and ``vegan-scale eval``'s 
 from __future__ import annotations
 
 import logging
-import os
+from pathlib import Path
 from typing import Any
 
 from vegan_scale import export
+from vegan_scale.atomic import unwritable
 from vegan_scale.errors import ConfigError, DataError, RunDirInUseError, StorageError, TrackingError
 from vegan_scale.rundir import RunDir
 from vegan_scale.tracking import models
@@ -63,9 +64,10 @@ def _sync(run_dir: RunDir, cfg: Any, uri: str) -> str:
     run_dir.own_mlflow_record()
     run_id, params = run_dir.read_mlflow_run_id(), as_params(cfg)
     if run_id is None:
-        if not os.access(run_dir.path, os.W_OK):  # the new run's id could not be kept: every try would make another
+        why = unwritable(run_dir.mlflow_run_id)  # the new run's id could not be kept: every try would make another
+        if why is not None:
             raise StorageError(
-                f"{run_dir.path} cannot be written (a read-only file system, or no permission): sync keeps the MLflow "
+                f"{run_dir.path} cannot be written ({why}): sync keeps the MLflow "
                 f"run it creates in {run_dir.mlflow_run_id.name} there, and would create another at every try. Make "
                 "the directory writable (or sync a copy of it), then sync again; no MLflow run was created"
             )
@@ -110,10 +112,10 @@ def _send_model(run: MlflowRun, run_dir: RunDir, cfg: Any, params: dict[str, str
     models.log_model(run.client, run.run_id, run_dir.export, run_dir.config, params, step, cfg.tracking.register_as)
 
 
-def log_evaluation(run_dir: RunDir, uri: str) -> str:
-    """Send what ``vegan-scale eval`` wrote in the run's eval.json to its existing MLflow run, finished or not
-    (:meth:`MlflowRun.send_evaluation`); returns the run id. Sent once, without retries: eval.json keeps the values,
-    and ``vegan-scale sync`` sends them later."""
+def log_evaluation(run_dir: RunDir, uri: str, report: Path | None = None) -> str:
+    """Send what ``vegan-scale eval`` wrote in the run's eval.json (or in ``report``, its --out) to its existing
+    MLflow run, finished or not (:meth:`MlflowRun.send_evaluation`); returns the run id. Sent once, without retries:
+    the file keeps the values, and ``vegan-scale sync`` sends the run's eval.json later."""
     run = MlflowRun.of_run_dir(uri, run_dir)
-    run.send_evaluation(run_dir.eval_json)
+    run.send_evaluation(report or run_dir.eval_json)
     return run.run_id

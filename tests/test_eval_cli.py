@@ -337,7 +337,8 @@ def test_a_sync_beside_another_holder_of_the_run_is_refused(
 def test_an_evaluation_that_could_not_be_written_is_refused_before_it_starts(run_dir: Path, tmp_path: Path) -> None:
     """On a read-only run directory (a model store mounted read-only), eval.json failed to be written after the
     evaluation's minutes: it is refused at once (exit 74), naming the file and --out, as is an --out that cannot be
-    a file. With --out the evaluation is written there, and the run's MLflow run gets its metrics."""
+    a file or that holds another file than an evaluation. With --out the evaluation is written there (and can be
+    written there again), and the run's MLflow run gets its metrics."""
     root = tmp_path / "root"  # the run and its MLflow store, copied: this test's evaluation is logged there
     shutil.copytree(run_dir.parent.parent, root, ignore=shutil.ignore_patterns("eval.json"))
     copy = root / run_dir.relative_to(run_dir.parent.parent)
@@ -350,6 +351,12 @@ def test_an_evaluation_that_could_not_be_written_is_refused_before_it_starts(run
     refused = runkit.run([*command, "--out", str(tmp_path / "file" / "eval.json")])
     said = refused.stdout + refused.stderr
     assert refused.returncode == 74 and f"{tmp_path / 'file'} is not a directory" in said, said[-3000:]
+    weights = copy / "export" / "model.safetensors"  # an --out mistyped onto another file would have replaced it
+    kept = weights.read_bytes()
+    refused = runkit.run([*command, "--out", str(weights)])
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == 74 and "a file that is no evaluation is there" in said and "FID" not in said, said
+    assert weights.read_bytes() == kept
 
     out = tmp_path / "evals" / "short.json"
     done = runkit.run([*runkit.read_only(copy), *command, "--out", str(out)])
@@ -359,6 +366,9 @@ def test_an_evaluation_that_could_not_be_written_is_refused_before_it_starts(run
     client, run_id = runkit.local_mlflow(copy)
     logged = [m.value for m in client.get_metric_history(run_id, "final/fid") if m.step == 20]
     assert report["model"]["fid"] in logged
+    from vegan_scale.cli import _an_evaluation
+
+    assert _an_evaluation(out)  # the next evaluation may replace it
 
 
 def test_a_run_that_trains_on_is_evaluated_and_exported_while_it_prunes_its_checkpoints(

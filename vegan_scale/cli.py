@@ -143,7 +143,7 @@ def _eval(args: argparse.Namespace) -> None:
         source = open_model(args.source, accelerator.device)
         run_dir = RunDir(source.run_dir) if source.run_dir else None
         out = args.out or (run_dir.eval_json if run_dir else args.source / export.EVAL_FILE)
-        _refuse_unwritable(out, accelerator)
+        _refuse_unwritable(out, accelerator, replaces_only_an_evaluation=args.out is not None)
         settings = EvalSettings(num_samples=args.num_samples, seed=args.seed, inception_samples=args.inception_samples)
         shares = Shares(accelerator.process_index, accelerator.num_processes, accelerator.gather)
         result = evaluate_source(
@@ -159,19 +159,35 @@ def _eval(args: argparse.Namespace) -> None:
         _log_eval(source, run_dir, out)
 
 
-def _refuse_unwritable(out: Path, accelerator: Any) -> None:
+def _refuse_unwritable(out: Path, accelerator: Any, replaces_only_an_evaluation: bool) -> None:
     """Refuses, on every process together, an eval.json the main process could not write, before the evaluation:
-    the write comes after minutes of it, and a read-only run directory or model store failed only then."""
+    the write comes after minutes of it, and a read-only run directory or model store failed only then. An --out
+    (``replaces_only_an_evaluation``) may replace an earlier evaluation, never another file (a checkpoint's)."""
     import torch
 
     from vegan_scale.atomic import unwritable
 
     why = unwritable(out) if accelerator.is_main_process else None
+    if why is None and replaces_only_an_evaluation and accelerator.is_main_process and not _an_evaluation(out):
+        why = "a file that is no evaluation is there; name a new file or an earlier evaluation's"
     if accelerator.gather(torch.tensor([int(why is not None)], device=accelerator.device)).any():
         raise StorageError(
             f"{out} cannot be written ({why or 'by the main process'}); nothing was evaluated. Pass --out FILE to "
             "write the evaluation elsewhere (a run's MLflow run gets its metrics all the same)"
         )
+
+
+def _an_evaluation(path: Path) -> bool:
+    """Whether ``path`` is absent or holds an evaluation (eval.json: its "model" and "real" metrics)."""
+    from vegan_scale import stored_json
+
+    if not os.path.lexists(path):
+        return True
+    try:
+        record = stored_json.load(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"model", "real"} <= record.keys()
 
 
 def _log_eval(source: Any, run_dir: Any, report: Path) -> None:

@@ -47,7 +47,7 @@ def _refusals(ctx: Context) -> list[str | None]:
     said: list[str | None] = []
     for out in (blocker / "eval.json", ctx.shared_dir / "evals" / "eval.json"):
         try:
-            _refuse_unwritable(out, ctx.accelerator)
+            _refuse_unwritable(out, ctx.accelerator, replaces_only_an_evaluation=False)
             said.append(None)
         except StorageError as e:
             said.append(str(e))

@@ -227,6 +227,13 @@ class _Handler(SimpleHTTPRequestHandler):
             body = whole[start:end]
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{len(whole)}")
+            if fault == "unannounced":  # no length: the body ends with the connection, here where a member begins
+                with tarfile.open(self.translate_path(self.path)) as tar:
+                    cut = next(m.offset for m in tar.getmembers() if m.offset > start + len(body) // 2) - start
+                self.end_headers()
+                self.wfile.write(body[:cut])
+                self.close_connection = True
+                return
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -241,7 +248,8 @@ class ShardServer:
     """Serves ``root`` on 127.0.0.1; ``faults[name]`` lists what the next requests of that file get: an HTTP
     error status ("503", "404", "403"), "half" (half the body, then the connection drops), "endless" (a body
     without end), "trickle" (a byte at a time), "garbled" (no HTTP answer), "from0" (a range asked for answered
-    from byte 0, as its Content-Range says) or None (served normally, honouring
+    from byte 0, as its Content-Range says), "unannounced" (a range answered without Content-Length, the connection
+    closed where a member begins, halfway) or None (served normally, honouring
     "Range: bytes=N-" and "bytes=N-M"). Records every request."""
 
     def __init__(self, root: Path) -> None:

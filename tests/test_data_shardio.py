@@ -177,6 +177,23 @@ def test_http_dropped_connection_resumes(shard, caplog):
     assert any("retrying" in r.getMessage() for r in caplog.records)
 
 
+def test_http_body_without_length_cut_at_a_member_is_resumed(tmp_path, caplog):
+    """A range answered without Content-Length (its body ends with the connection) that ended early exactly where a
+    member begins read as a shorter, valid window: its Content-Range says how long it is, so the early end is
+    retried and resumed like a dropped connection, no sample lost or repeated."""
+    from vegan_scale.data.index import read_offsets
+
+    path = Path(make_shards(tmp_path, [30], side=16, offsets=True)[0])
+    expected = as_pairs(read_samples(str(path), FAST))
+    with serve(path.parent) as server:
+        server.faults[path.name] = ["unannounced"]
+        with caplog.at_level(logging.WARNING, logger="vegan_scale.data"):
+            got = read_samples(f"{server.url}/{path.name}", FAST, skip=7, take=20, offsets=read_offsets(str(path), 30))
+            got = as_pairs(got)
+        assert server.count(path.name) == 2 and got == expected[7:27]
+    assert any("bytes early" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize(
     ("status", "words"),
     [("404", r"does not exist \(HTTP 404\)"), ("403", r"cannot be read \(HTTP 403\): grant read access, or upload")],

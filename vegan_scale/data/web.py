@@ -30,16 +30,20 @@ PERMANENT_HTTP = (400, *ABSENT_HTTP)  # a shard asked for wrongly or not there: 
 
 
 class _Body:
-    """A response body whose connection ending before Content-Length is a transient failure, not the end of the
-    tar (http.client returns b"" there, which would read as a shorter, valid shard)."""
+    """A response body whose connection ends before its announced length is a transient failure, not the end of the
+    tar (http.client returns b"" there, which at a member boundary would read as a shorter, valid shard). The length
+    is Content-Length's, else that of the range Content-Range names (a body delimited by the connection's end)."""
 
-    def __init__(self, response: http.client.HTTPResponse, url: str) -> None:
-        self.response, self.url = response, url
+    def __init__(self, response: http.client.HTTPResponse, url: str, ranged: int | None) -> None:
+        self.response, self.url, self.left = response, url, ranged
 
     def read(self, n: int = -1) -> bytes:
         data = self.response.read(None if n < 0 else n)
-        if not data and n and self.response.length:
-            raise TransientReadError(f"the connection for {self.url} closed {self.response.length} bytes early")
+        if self.left is not None:
+            self.left -= len(data)
+        missing = self.response.length or self.left or 0
+        if not data and n and missing > 0:
+            raise TransientReadError(f"the connection for {self.url} closed {missing} bytes early")
         return data
 
     def close(self) -> None:
@@ -62,11 +66,12 @@ def open_http(url: str, start: int, end: int | None) -> tuple[BinaryIO, bool]:
         raise TransientReadError(f"HTTP {e.code} for {url}") from e
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         raise TransientReadError(f"cannot reach {url}: {e}") from e
-    sent = re.match(r"bytes (\d+)-", response.headers.get("Content-Range") or "")
+    sent = re.match(r"bytes (\d+)-(\d+)", response.headers.get("Content-Range") or "")
     if response.status == 206 and sent and int(sent[1]) != start:
         response.close()
         raise DataError(
             f"shard {url}: the server sent bytes from {sent[1]} when asked for bytes from {start} (its "
             "Content-Range): it does not serve the ranges asked for; serve the shards from one that does"
         )
-    return _Body(response, url), start == 0 or response.status == 206  # 200: the server ignored Range
+    ranged = int(sent[2]) - int(sent[1]) + 1 if response.status == 206 and sent else None
+    return _Body(response, url, ranged), start == 0 or response.status == 206  # 200: the server ignored Range

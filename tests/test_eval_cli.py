@@ -337,8 +337,8 @@ def test_a_sync_beside_another_holder_of_the_run_is_refused(
 def test_an_evaluation_that_could_not_be_written_is_refused_before_it_starts(run_dir: Path, tmp_path: Path) -> None:
     """On a read-only run directory (a model store mounted read-only), eval.json failed to be written after the
     evaluation's minutes: it is refused at once (exit 74), naming the file and --out, as is an --out that cannot be
-    a file or that holds another file than an evaluation. With --out the evaluation is written there (and can be
-    written there again), and the run's MLflow run gets its metrics."""
+    a file; an --out that holds another file than an evaluation is a usage error (2). With --out the evaluation is
+    written there (and can be written there again), and the run's MLflow run gets its metrics."""
     root = tmp_path / "root"  # the run and its MLflow store, copied: this test's evaluation is logged there
     shutil.copytree(run_dir.parent.parent, root, ignore=shutil.ignore_patterns("eval.json"))
     copy = root / run_dir.relative_to(run_dir.parent.parent)
@@ -355,7 +355,7 @@ def test_an_evaluation_that_could_not_be_written_is_refused_before_it_starts(run
     kept = weights.read_bytes()
     refused = runkit.run([*command, "--out", str(weights)])
     said = refused.stdout + refused.stderr
-    assert refused.returncode == 74 and "a file that is no evaluation is there" in said and "FID" not in said, said
+    assert refused.returncode == 2 and "a file that is no evaluation is there" in said and "FID" not in said, said
     assert weights.read_bytes() == kept
 
     out = tmp_path / "evals" / "short.json"

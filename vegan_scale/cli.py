@@ -167,11 +167,16 @@ def _refuse_unwritable(out: Path, accelerator: Any, replaces_only_an_evaluation:
 
     from vegan_scale.atomic import unwritable
 
-    why = unwritable(out) if accelerator.is_main_process else None
-    if why is None and replaces_only_an_evaluation and accelerator.is_main_process and not _an_evaluation(out):
-        why = "a file that is no evaluation is there; name a new file or an earlier evaluation's"
-    if accelerator.gather(torch.tensor([int(why is not None)], device=accelerator.device)).any():
-        raise StorageError(
+    why, error = None, 0  # the main process's reason, and which refusal: 1 the storage, 2 the file named
+    if accelerator.is_main_process:
+        why = unwritable(out)
+        if why is None and replaces_only_an_evaluation and not _an_evaluation(out):
+            why, error = "a file that is no evaluation is there; name a new file or an earlier evaluation's", 2
+        error = error or int(why is not None)
+    error = int(accelerator.gather(torch.tensor([error], device=accelerator.device)).max())
+    if error:
+        refusal = StorageError if error == 1 else ConfigError
+        raise refusal(
             f"{out} cannot be written ({why or 'by the main process'}); nothing was evaluated. Pass --out FILE to "
             "write the evaluation elsewhere (a run's MLflow run gets its metrics all the same)"
         )

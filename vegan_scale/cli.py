@@ -167,16 +167,16 @@ def _refuse_unwritable(out: Path, accelerator: Any, replaces_only_an_evaluation:
 
     from vegan_scale.atomic import unwritable
 
-    why, error = None, 0  # the main process's reason, and which refusal: 1 the storage, 2 the file named
+    refusals = (None, StorageError, ConfigError)  # the verdict: an index here, the main process's
+    why, verdict = None, 0
     if accelerator.is_main_process:
         why = unwritable(out)
+        verdict = 0 if why is None else 1
         if why is None and replaces_only_an_evaluation and not _an_evaluation(out):
-            why, error = "a file that is no evaluation is there; name a new file or an earlier evaluation's", 2
-        error = error or int(why is not None)
-    error = int(accelerator.gather(torch.tensor([error], device=accelerator.device)).max())
-    if error:
-        refusal = StorageError if error == 1 else ConfigError
-        raise refusal(
+            why, verdict = "a file that is no evaluation is there; name a new file or an earlier evaluation's", 2
+    verdict = int(accelerator.gather(torch.tensor([verdict], device=accelerator.device)).max())
+    if verdict:
+        raise refusals[verdict](
             f"{out} cannot be written ({why or 'by the main process'}); nothing was evaluated. Pass --out FILE to "
             "write the evaluation elsewhere (a run's MLflow run gets its metrics all the same)"
         )

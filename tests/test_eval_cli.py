@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -337,8 +338,9 @@ def test_a_sync_beside_another_holder_of_the_run_is_refused(
 def test_an_evaluation_that_could_not_be_written_is_refused_before_it_starts(run_dir: Path, tmp_path: Path) -> None:
     """On a read-only run directory (a model store mounted read-only), eval.json failed to be written after the
     evaluation's minutes: it is refused at once (exit 74), naming the file and --out, as is an --out that cannot be
-    a file; an --out that holds another file than an evaluation is a usage error (2). With --out the evaluation is
-    written there (and can be written there again), and the run's MLflow run gets its metrics."""
+    a file; an --out that holds another file than an evaluation (weights, a pipe, a damaged report) is a usage
+    error (2). With --out the evaluation is written there (and can be written there again), and the run's MLflow
+    run gets its metrics."""
     root = tmp_path / "root"  # the run and its MLflow store, copied: this test's evaluation is logged there
     shutil.copytree(run_dir.parent.parent, root, ignore=shutil.ignore_patterns("eval.json"))
     copy = root / run_dir.relative_to(run_dir.parent.parent)
@@ -357,6 +359,10 @@ def test_an_evaluation_that_could_not_be_written_is_refused_before_it_starts(run
     said = refused.stdout + refused.stderr
     assert refused.returncode == 2 and "a file that is no evaluation is there" in said and "FID" not in said, said
     assert weights.read_bytes() == kept
+    fifo = tmp_path / "pipe.json"  # a pipe in its place: reading it to see what it holds must not wait for ever
+    os.mkfifo(fifo)
+    refused = runkit.run([*command, "--out", str(fifo)], timeout=120)
+    assert refused.returncode == 2 and "a file that is no evaluation is there" in refused.stderr, refused.stderr
 
     out = tmp_path / "evals" / "short.json"
     done = runkit.run([*runkit.read_only(copy), *command, "--out", str(out)])
@@ -369,6 +375,8 @@ def test_an_evaluation_that_could_not_be_written_is_refused_before_it_starts(run
     from vegan_scale.cli import _an_evaluation
 
     assert _an_evaluation(out)  # the next evaluation may replace it
+    out.write_bytes(out.read_bytes()[:40])  # cut short (a copy interrupted): no longer taken for an evaluation
+    assert not _an_evaluation(out)
 
 
 def test_a_run_that_trains_on_is_evaluated_and_exported_while_it_prunes_its_checkpoints(

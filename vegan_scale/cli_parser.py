@@ -10,6 +10,7 @@ from typing import Any
 
 from vegan_scale.provenance import version
 
+MAX_WORKERS = 256  # shards --workers: beyond any machine's cores a process each, and far below a fork bomb
 MAX_SEED = 2**32 - 1  # run.seed's bound: torch's CPU generator keeps the low 32 bits of a seed
 
 
@@ -160,13 +161,23 @@ def _add_shards(sub: Any) -> None:
         choices=["npy", "png", "jpg"],
         help="image encoding (default npy; png for folders): npy needs no decoding, png/jpg are compact for photos",
     )
-    s.add_argument("--samples-per-shard", type=int, default=10_000, help="shard size in samples")
+    s.add_argument(
+        "--samples-per-shard",
+        type=_within(int, 1, 1 << 30, "a shard's samples"),
+        default=10_000,
+        help="shard size in samples",
+    )
     s.add_argument(
         "--max-shard-mb",
         type=_within(float, 1e-6, 1e6, "a shard's size"),
         help="shard size in megabytes instead of samples",
     )
-    s.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="encoding processes")
+    s.add_argument(  # bounded: 100,000 workers forked for ever on a 2-core machine, for a 50-image file
+        "--workers",
+        type=_within(int, 1, MAX_WORKERS, "the encoding processes"),
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="encoding processes",
+    )
     s.add_argument("--size", type=_within(int, 1, 16384, "a side"), default=64, help="folder: output side in pixels")
     s.add_argument(
         "--crop",

@@ -190,7 +190,8 @@ def run_here(found: list[Task], jobs: int = 1) -> None:
     """Run the tasks on this machine, ``jobs`` at a time, each as its own ``vegan-scale train`` process (its output
     in its run directory's train.log). A task whose run already finished is skipped; one that stopped continues.
     SIGTERM or SIGUSR1 to this process is passed to the running tasks, which stop after a checkpoint (75), and no
-    new task starts. Raises a VeganError naming the tasks that did not finish, with the exit code of the first."""
+    new task starts. Raises a VeganError naming the tasks that did not finish, with the exit code of the first (69
+    for one killed by a signal: the code of a process that died, where Popen's negative code is no exit code)."""
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: run at least one task at a time")
     pending = []
@@ -233,9 +234,20 @@ def run_here(found: list[Task], jobs: int = 1) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if failed:
-        names = ", ".join(f"{t.index} ({t.run_name}, exit {code})" for t, code in failed)
+        names = ", ".join(f"{t.index} ({t.run_name}, {_ending(code)})" for t, code in failed)
         error = VeganError(
             f"{len(failed)} of {len(found)} task(s) did not finish: {names}; run the sweep again to continue them"
         )
-        error.exit_code = failed[0][1]
+        error.exit_code = failed[0][1] if failed[0][1] > 0 else ExitCode.LOST_RANK
         raise error
+
+
+def _ending(returncode: int) -> str:
+    """How a task's process ended, for a person: its exit code, or the signal that killed it (Popen's negative
+    code: SIGKILL is most often the out-of-memory killer), which the sweep reports as a process that died (69)."""
+    if returncode >= 0:
+        return f"exit {returncode}"
+    try:
+        return f"killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"killed by signal {-returncode}"

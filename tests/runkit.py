@@ -105,6 +105,12 @@ needs_namespaces = pytest.mark.skipif(
 )
 
 
+def permissions_held() -> list[str]:
+    """A command prefix under which file permissions hold, for root too (the capabilities that override them
+    dropped, as setpriv does); none for another user, whom they bind already."""
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+
+
 def read_only(path: Path) -> list[str]:
     """A command prefix: what follows runs with ``path`` mounted read-only (in a namespace of its own)."""
     return ["unshare", "-rm", "sh", "-c", 'mount --bind -o ro "$1" "$1" && shift && exec "$@"', "sh", str(path)]

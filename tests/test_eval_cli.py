@@ -30,21 +30,20 @@ from vegan_scale.evaluation.protocol import EvalSettings
 
 pytestmark = pytest.mark.data
 NUM_SAMPLES = 300
+RUN_OVERRIDES = [
+    "train.max_steps=20",
+    "eval.every_steps=20",
+    "checkpoint.every_steps=20",
+    "tracking.log_every=10",
+    "tracking.backend=mlflow",
+]
 
 
 @pytest.fixture(scope="module")
 def run_dir(mnist_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """WAE-MMD with a small MLP, 20 steps on real MNIST, tracked in a local MLflow store."""
     root = tmp_path_factory.mktemp("eval_runs")
-    args = [
-        *runkit.train_args(mnist_shards, root, "short", "wae_mmd"),
-        "train.max_steps=20",
-        "eval.every_steps=20",
-        "checkpoint.every_steps=20",
-        "tracking.log_every=10",
-        "tracking.backend=mlflow",
-    ]
-    done = runkit.run(runkit.single(args))
+    done = runkit.run(runkit.single([*runkit.train_args(mnist_shards, root, "short", "wae_mmd"), *RUN_OVERRIDES]))
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "mnist" / "short"
 
@@ -379,6 +378,49 @@ def test_an_evaluation_that_could_not_be_written_is_refused_before_it_starts(run
     assert _an_evaluation(out)  # the next evaluation may replace it
     out.write_bytes(out.read_bytes()[:40])  # cut short (a copy interrupted): no longer taken for an evaluation
     assert not _an_evaluation(out)
+
+
+def test_grids_and_evaluations_are_kept_out_of_an_export(run_dir: Path, mnist_shards: Path, tmp_path: Path) -> None:
+    """`sample --out RUN/export` wrote its grids among the export's files, and the run's next export (training
+    again, at the end of its budget) refused the directory with exit 2, advising another output directory, which a
+    run cannot choose. The grids, and an evaluation under another name than eval.json, are refused from an export
+    or a run's export to be (exit 2, nothing written); the run's own export, finding other files, says to move them
+    and how to write it."""
+    root = tmp_path / "root"
+    shutil.copytree(run_dir.parent.parent, root)
+    copy = root / run_dir.relative_to(run_dir.parent.parent)
+    elsewhere = tmp_path / "exported"
+    shutil.copytree(copy / "export", elsewhere)
+    kept = sorted(p.name for p in (copy / "export").iterdir())
+    for out, what in ((copy / "export", f"the export of the run {copy}"), (elsewhere, "an export")):
+        refused = runkit.run([sys.executable, "-m", "vegan_scale", "sample", str(copy), "--out", str(out)])
+        assert refused.returncode == 2 and f"--out {out} is {what}, for an export's own files" in refused.stderr, (
+            refused.stderr[-2000:]
+        )
+    command = [sys.executable, "-m", "vegan_scale", "eval", str(copy), "--num-samples", "100"]
+    refused = runkit.run([*command, "--out", str(copy / "export" / "short.json")])
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == 2 and "is the export of the run" in said and "FID" not in said, said[-2000:]
+    assert sorted(p.name for p in (copy / "export").iterdir()) == kept and not (elsewhere / "samples.png").exists()
+
+    (copy / "export" / "notes.txt").write_text("mine")  # put there by hand: the run's export keeps it, and says so
+    again = runkit.run(runkit.single([*runkit.train_args(mnist_shards, root, "short", "wae_mmd"), *RUN_OVERRIDES]))
+    assert again.returncode == 2 and "holds other files (notes.txt)" in again.stderr, again.stderr[-2000:]
+    assert f"move them out of it (the run's export is its own); `vegan-scale export {copy} --out" in again.stderr
+    assert (copy / "export" / "notes.txt").read_text() == "mine"
+
+
+def test_weights_this_user_may_not_read_are_named_so(run_dir: Path, tmp_path: Path) -> None:
+    """An export's weights that this user may not read were called "damaged or cut short (No such file ...)":
+    safetensors reports a refused opening so. The system's reason is named, and what to do about it."""
+    export = tmp_path / "export"
+    shutil.copytree(run_dir / "export", export)
+    (export / "model.safetensors").chmod(0)
+    command = [sys.executable, "-m", "vegan_scale", "sample", str(export), "--out", str(tmp_path / "grids")]
+    refused = runkit.run([*runkit.permissions_held(), *command])
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "model.safetensors cannot be opened (Permission denied); make it readable to this user" in refused.stderr
+    assert "damaged" not in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_a_run_that_trains_on_is_evaluated_and_exported_while_it_prunes_its_checkpoints(

@@ -162,10 +162,12 @@ def _eval(args: argparse.Namespace) -> None:
 def _refuse_unwritable(out: Path, accelerator: Any, replaces_only_an_evaluation: bool) -> None:
     """Refuses, on every process together, an eval.json the main process could not write, before the evaluation:
     the write comes after minutes of it, and a read-only run directory or model store failed only then. An --out
-    (``replaces_only_an_evaluation``) may replace an earlier evaluation, never another file (a checkpoint's)."""
+    (``replaces_only_an_evaluation``) may replace an earlier evaluation, never another file (a checkpoint's), nor
+    add a file to an export."""
     import torch
 
     from vegan_scale.atomic import unwritable
+    from vegan_scale.export import EVAL_FILE
 
     refusals = (None, StorageError, ConfigError)  # the verdict: an index here, the main process's
     why, verdict = None, 0
@@ -174,12 +176,32 @@ def _refuse_unwritable(out: Path, accelerator: Any, replaces_only_an_evaluation:
         verdict = 0 if why is None else 1
         if why is None and replaces_only_an_evaluation and not _an_evaluation(out):
             why, verdict = "a file that is no evaluation is there; name a new file or an earlier evaluation's", 2
+        elif why is None and replaces_only_an_evaluation and out.name != EVAL_FILE and (what := _an_export(out.parent)):
+            why, verdict = f"{out.parent} is {what}, {_EXPORT_ONLY}", 2
     verdict = int(accelerator.gather(torch.tensor([verdict], device=accelerator.device)).max())
     if verdict:
         raise refusals[verdict](
             f"{out} cannot be written ({why or 'by the main process'}); nothing was evaluated. Pass --out FILE to "
             "write the evaluation elsewhere (a run's MLflow run gets its metrics all the same)"
         )
+
+
+_EXPORT_ONLY = (
+    "for an export's own files only: any other file there makes the next export into it refuse the directory (a "
+    "run's, at the end of its training)"
+)
+
+
+def _an_export(directory: Path) -> str:
+    """What ``directory`` is, if it is an export or a run directory's export to be ("" otherwise): an export holds
+    only its own files (export.write), so that nothing else is read as part of it."""
+    from vegan_scale import export
+    from vegan_scale.rundir import RunDir
+
+    run = RunDir(directory.resolve().parent)
+    if run.is_run() and run.export == directory.resolve():
+        return f"the export of the run {run.path}"
+    return "an export" if any(os.path.lexists(directory / f) for f in (export.MODEL_FILE, export.CONFIG_FILE)) else ""
 
 
 def _an_evaluation(path: Path) -> bool:
@@ -216,6 +238,8 @@ def _sample(args: argparse.Namespace) -> None:
     from vegan_scale.evaluation.grids import test_images_needed, write_figures
     from vegan_scale.evaluation.model_source import open_model
 
+    if what := _an_export(args.out):
+        raise ConfigError(f"--out {args.out} is {what}, {_EXPORT_ONLY}; choose another directory")
     source = open_model(args.source)
     images = source.test_images(test_images_needed(args.grid), args.test_data)
     for path in write_figures(source.model, images.float() / 255, args.out, args.grid, args.seed):

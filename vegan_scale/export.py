@@ -10,7 +10,9 @@ checked at every load: bytes damaged in place keep the file's size and its value
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,19 +43,25 @@ def model_sections(config: dict[str, Any]) -> dict[str, Any]:
     return {"data": data, "model": config["model"], "prior": config["prior"]}
 
 
-def write(directory: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any], step: int) -> Path:
+def write(
+    directory: Path,
+    state_dict: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    step: int,
+    remedy: str = "choose another output directory",
+) -> Path:
     """Write an export, each file atomically and durably, into a new or empty directory or over an earlier export
     (never among other files, which would read as part of it). model.yaml marks an export, so it goes last, and a
     previous export's is removed first: an export replaced in place and interrupted between its two files is no
     export, never new weights read with the old configuration. The previous export's evaluation (``eval.json``)
     goes too: it measured other weights. ``step``: the training step of the weights, kept in the weights file's
-    metadata (:func:`step_of`)."""
+    metadata (:func:`step_of`). ``remedy``: what to do about other files, said in the ConfigError."""
     directory.mkdir(parents=True, exist_ok=True)
     others = sorted(p.name for p in directory.iterdir() if p.name not in OWN_FILES)
     if others:
         raise ConfigError(
             f"{directory} holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}): an export "
-            "goes into a new or empty directory, or over an earlier export; choose another output directory"
+            f"goes into a new or empty directory, or over an earlier export; {remedy}"
         )
     (directory / CONFIG_FILE).unlink(missing_ok=True)
     (directory / EVAL_FILE).unlink(missing_ok=True)
@@ -163,9 +171,18 @@ def weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 @contextmanager
 def _opened(file: Path) -> Iterator[Any]:
     """A safetensors file opened for reading; a ConfigError naming it when it cannot be read (a header cut short or
-    damaged, a directory in its place), so that every reader of an export says the same."""
+    damaged, a directory in its place, or the system's reason, such as a permission), so that every reader of an
+    export says the same."""
+    try:  # first opened here: safetensors said "No such file" for a file this user may not read
+        os.close(os.open(file, os.O_RDONLY | os.O_NONBLOCK))  # without waiting, were a FIFO in its place
+    except OSError as e:
+        access = "make it readable to this user, or " if e.errno in (errno.EACCES, errno.EPERM) else ""
+        raise ConfigError(
+            f"{file} cannot be opened ({e.strerror}); {access}export the model again from its checkpoint "
+            "(`vegan-scale export CHECKPOINT --out DIR`)"
+        ) from None
     try:
-        if file.exists() and not file.is_file():  # a FIFO would hold the opening until something writes to it
+        if not file.is_file():  # a FIFO would hold the opening until something writes to it
             raise OSError(f"not a regular file: {file}")
         with safe_open(str(file), framework="pt") as f:
             yield f

@@ -350,7 +350,8 @@ def _export(run: Run) -> None:
             else "train again: with checkpoint.every_steps=0 the export was the only copy of the weights"
         )
         with _written(run, run.dir.export, "the export", then):
-            path = export.write(run.dir.export, weights, dataclasses.asdict(run.cfg), run.step)
+            remedy = f"move them out of it (the run's export is its own); {then}"
+            path = export.write(run.dir.export, weights, dataclasses.asdict(run.cfg), run.step, remedy)
         log.info("model exported to %s", path)
         run.records.export(run.step, path)
     run.accelerator.wait_for_everyone()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -247,6 +248,29 @@ def test_index_shards_refuses_an_empty_directory(tmp_path):
 
     with pytest.raises(DataError, match=r"no \*\.tar shards in"):
         index_shards(tmp_path)
+
+
+@pytest.mark.parametrize("cut", [1024, 4096])
+def test_index_shards_refuses_a_tar_cut_where_a_member_ends(tmp_path, cut):
+    """A tar cut short on a member's boundary (a copy interrupted at a 512-byte block) read as a shorter, whole tar:
+    sample 0 indexed without its label (cut at 1024), or 2 samples of 5 (at 4096). Without the closing blocks of
+    zeros it is refused, naming the shard. A FIFO named .tar was called "empty (0 bytes)"."""
+    from vegan_scale.data.write import index_shards
+
+    members = [member for i in range(5) for member in sample_members(i, np.full((8, 8), i, np.uint8))]
+    write_tar(tmp_path / "whole.tar", members)
+    cut_dir, pipe_dir = tmp_path / "cut", tmp_path / "pipe"
+    cut_dir.mkdir()
+    (cut_dir / "a.tar").write_bytes((tmp_path / "whole.tar").read_bytes()[:cut])
+    with tarfile.open(tmp_path / "whole.tar") as tar, tarfile.open(cut_dir / "a.tar") as cut_short:
+        assert cut in {m.offset for m in tar.getmembers()} and cut_short.getmembers()  # tarfile reads it too
+    with pytest.raises(DataError, match=r"a\.tar ends without the tar's closing blocks of zeros"):
+        index_shards(cut_dir)
+    assert not (cut_dir / "sizes.json").exists()
+    pipe_dir.mkdir()
+    os.mkfifo(pipe_dir / "b.tar")
+    with pytest.raises(DataError, match=r"b\.tar is not a regular file"):
+        index_shards(pipe_dir)
 
 
 def test_index_shards_refuses_a_tar_whose_samples_are_split(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.shardkit import make_shards, serve
+from vegan_scale.data import order
 from vegan_scale.data.index import offsets_path, read_index, read_offsets
 from vegan_scale.data.order import epoch_order
 from vegan_scale.data.pipeline import TrainStream
@@ -231,6 +232,19 @@ def test_resampled_shards_that_hold_no_samples_are_refused(tmp_path: Path) -> No
     (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": 0}))
     with pytest.raises(DataError, match="hold no samples"):
         epoch_order(read_index(str(tmp_path)), 0, 0, "resampled", 1000, 10, 100)
+
+
+def test_a_resampled_epoch_of_too_many_shard_draws_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.epoch_samples=10^12 drew shards one by one at start-up (9 us each: hours), memory growing, deaf to
+    SIGTERM. An epoch of more than order.MAX_DRAWS expected draws is refused at once, naming the most it takes."""
+    make_shards(tmp_path, [6, 6])
+    index = read_index(str(tmp_path))
+    with pytest.raises(DataError, match=r"data\.epoch_samples=1000000000000 would draw about 1\.67e\+11 shards"):
+        epoch_order(index, 0, 0, "resampled", 10**12, 10, 100)
+    monkeypatch.setattr(order, "MAX_DRAWS", 10)
+    assert sum(epoch_order(index, 0, 0, "resampled", 60, 10, 100).counts) == 60  # the most it names
+    with pytest.raises(DataError, match="use at most 60 "):
+        epoch_order(index, 0, 0, "resampled", 61, 10, 100)
 
 
 def test_an_offsets_index_older_than_its_shard_or_past_its_end_is_not_used(tmp_path: Path) -> None:

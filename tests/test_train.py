@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -146,6 +147,32 @@ def test_a_network_larger_than_memory_is_refused_naming_its_settings(tiny_shards
     )
     with pytest.raises(ConfigError, match=r"158,600,000,000,792 parameters: 590,831\.0 GiB .*reduce model\.mlp"):
         train(cfg)
+
+
+def test_an_mmd_estimate_of_one_code_is_refused_before_the_run_starts(tiny_shards: Path, tmp_path: Path) -> None:
+    """A micro-batch of one sample (local MMD) passed every check, made the run directory and ended at the first
+    step in a traceback ("the unbiased MMD estimate needs at least 2 samples"). It is refused as the batch is
+    shared, before the run directory exists. A global MMD over processes counts their codes together."""
+    cfg = load_experiment(
+        ROOT / "configs/mnist/wae_mmd.yaml",
+        [
+            f"data.train={tiny_shards / 'train'}",
+            f"data.test={tiny_shards / 'test'}",
+            f"run.root={tmp_path / 'runs'}",
+            "model.network=mlp",
+            "model.mlp.hidden=[16]",
+            "train.global_batch_size=20",
+            "train.micro_batch_size=1",
+            "penalty.mmd.scope=local",
+            "tracking.backend=none",
+        ],
+    )
+    words = r"needs at least 2 codes per estimate \(penalty\.mmd\.scope=local: a process's micro-batch\), not 1"
+    with pytest.raises(ConfigError, match=words + r": raise .* or train\.micro_batch_size \(now 1\)"):
+        train(cfg)
+    assert not (tmp_path / "runs").exists()
+    assert cfg.penalty.mmd.too_few(1, 1) and not cfg.penalty.mmd.too_few(2, 1)
+    assert dataclasses.replace(cfg.penalty.mmd, scope="global").too_few(1, 2) is None  # two codes over two processes
 
 
 def test_a_critic_larger_than_memory_is_refused_naming_its_settings(tiny_shards: Path, tmp_path: Path) -> None:

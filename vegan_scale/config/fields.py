@@ -46,7 +46,9 @@ def _number(bound: float | None) -> str:
 POSITIVE = Range(0, low_inclusive=False)
 SECONDS = Range(0, 10**9, low_inclusive=False)  # a wait; Python's timers and timedelta refuse much longer ones
 FLOAT32_MAX = 3.4028234663852886e38
-POSITIVE_FLOAT32 = Range(0, FLOAT32_MAX, low_inclusive=False)  # a number that becomes part of a float32 tensor
+FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number: below it, a factor rounds towards 0
+POSITIVE_FLOAT32 = Range(FLOAT32_TINY, FLOAT32_MAX)  # a scale that becomes part of a float32 tensor
+FLOAT32 = Range(0, FLOAT32_MAX)  # the same where 0 has a meaning (no penalty, weights left as they are)
 
 
 def at_least(low: float) -> Range:

@@ -216,8 +216,7 @@ def _merge(schema: type, cfg: DictConfig, data: dict, source: str) -> DictConfig
         check_values(schema, merged, f"{source}: ")
     except ConfigKeyError as e:
         key = e.full_key or str(e.key)
-        hint = _close_match(schema, key)
-        raise ConfigError(f"{source}: unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else "")) from None
+        raise ConfigError(f"{source}: unknown key '{key}'{_hint(schema, key)}") from None
     except OmegaConfBaseException as e:
         where = f"key '{e.full_key}': " if e.full_key else ""
         raise ConfigError(f"{source}: {where}{_first_line(e)}") from None
@@ -233,11 +232,33 @@ def _deeper_than(levels: int, data: Any) -> bool:
     return any(_deeper_than(levels - 1, child) for child in children)
 
 
-def _close_match(schema: type, key: str) -> str | None:
+ALIASES = {  # what other trainers and the WAE code call a key (by its last part), where spelling finds another
+    "batch_size": "train.global_batch_size",  # else train.micro_batch_size: a cap, the batch silently unchanged
+    "batch": "train.global_batch_size",
+    "learning_rate": "optim.lr",
+    "lambda": "penalty.weight",
+    "reg_weight": "penalty.weight",
+    "zdim": "model.latent_dim",
+    "z_dim": "model.latent_dim",
+    "num_epochs": "train.epochs",
+    "epoch_num": "train.epochs",
+}
+
+
+def _hint(schema: type, key: str) -> str:
+    """What to say after "unknown key": how a file writes a dotted key, or the key most likely meant. A key of that
+    name in another section comes before spelling (``train.lr`` is ``optim.lr``, not ``train``), and the names
+    of other trainers before both (``train.batch_size`` was taken for ``train.micro_batch_size``)."""
     known = [row[0] for row in describe(schema)]
     sections = {k.rsplit(".", 1)[0] for k in known if "." in k}
+    if key in known or key in sections:  # a YAML file read "train.max_steps" as one name, in no section
+        nested = key.split(".")
+        return f"; a file nests keys: write {': {'.join(nested)}: VALUE{'}' * (len(nested) - 1)}"
+    leaf = key.rsplit(".", 1)[-1]
+    namesakes = sorted((k for k in known if k.rsplit(".", 1)[-1] == leaf), key=lambda k: (k.count("."), k))
     matches = difflib.get_close_matches(key, [*known, *sections], n=1, cutoff=0.6)
-    return matches[0] if matches else None
+    hint = ALIASES.get(leaf.lower()) or next(iter(namesakes), None) or next(iter(matches), None)
+    return f"; did you mean '{hint}'?" if hint else ""
 
 
 def _first_line(e: Exception) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vegan_scale.config.fields import (
+    FLOAT32,
     FLOAT32_MAX,
     POSITIVE,
     POSITIVE_FLOAT32,
@@ -134,7 +135,7 @@ class CostConfig:
 @dataclass
 class OptimConfig:
     lr: float = param(
-        1e-3, "Adam learning rate of the auto-encoder (0 leaves the weights as they are).", bounds=at_least(0)
+        1e-3, "Adam learning rate of the auto-encoder (0 leaves the weights as they are).", bounds=FLOAT32
     )
     betas: list[float] = param(
         [0.5, 0.999], "Adam betas (the WAE recipes use beta1 = 0.5).", bounds=Range(0, 1, high_inclusive=False)
@@ -165,7 +166,12 @@ class TrainConfig:
         "several micro-batches. null: no accumulation.",
         bounds=at_least(1),
     )
-    epochs: float = param(100.0, "Length of the run in passes over the training set.", bounds=POSITIVE)
+    epochs: float = param(  # bounded: 1e308 overflowed counting the steps, even beside train.max_steps
+        100.0,
+        "Length of the run in passes over the training set (at most 1e12: more than any run; train.max_steps "
+        "alone sets a run's length).",
+        bounds=Range(0, 1e12, low_inclusive=False),
+    )
     max_steps: int | None = param(
         None,
         "Upper bound on optimizer steps; the run ends at whichever of train.epochs and train.max_steps comes first.",
@@ -255,7 +261,9 @@ class EvalConfig:
         bounds=at_least(1),
     )
     num_samples: int = param(
-        1000, "Test images used for the reconstruction error at each evaluation.", bounds=at_least(1)
+        1000,
+        "Test images used for the reconstruction error and the latent MMD (which needs two) at each evaluation.",
+        bounds=at_least(2),
     )
     grid_size: int = param(8, "Rows and columns of the sample and reconstruction grids.", bounds=Range(1, 100))
 
@@ -330,7 +338,7 @@ class ModelBase:
 
 @dataclass
 class PenaltyBase:
-    weight: float = param(10.0, "Weight lambda of the latent penalty (0: a plain auto-encoder).", bounds=at_least(0))
+    weight: float = param(10.0, "Weight lambda of the latent penalty (0: a plain auto-encoder).", bounds=FLOAT32)
     weight_schedule: str = param(
         "constant",
         "constant: lambda stays penalty.weight; adaptive: every penalty.adaptive_every steps lambda <- 0.5 lambda + "

@@ -91,6 +91,7 @@ def check_experiment(obj: Any) -> None:
         )
     _check_tracking_names(obj.tracking)
     _check_sampling(obj.data)
+    check_batch(obj, obj.train.global_batch_size, 1)  # the most a micro-step can hold, whatever the processes
     network = getattr(obj.model, obj.model.network, None)  # its options, which say what images it takes
     if hasattr(network, "refuses") and (why := network.refuses(obj.data.image_size)):
         raise ConfigError(f"model.network={obj.model.network} {why} (data.image_size={obj.data.image_size})")
@@ -100,6 +101,20 @@ def check_experiment(obj: Any) -> None:
                 f"{rule.when}={_word(rule.value)} needs {rule.needs}={'|'.join(map(_word, rule.allowed))} "
                 f"(got {rule.needs}={_word(lookup(obj, rule.needs))})"
             )
+
+
+def check_batch(obj: Any, micro: int, processes: int) -> None:
+    """The penalty's rule on the batch as it is shared (micro-batches of ``micro`` samples on each of ``processes``
+    processes), if it has one: the MMD's estimate needs two codes."""
+    options = getattr(obj.penalty, obj.penalty.kind, None)
+    if hasattr(options, "too_few") and (why := options.too_few(micro, processes)):
+        t = obj.train
+        over = f", over {processes} processes" if processes > 1 else ""
+        cap = f" or train.micro_batch_size (now {t.micro_batch_size})" if t.micro_batch_size is not None else ""
+        raise ConfigError(
+            f"penalty.kind={obj.penalty.kind} {why}: raise train.global_batch_size (now {t.global_batch_size}{over})"
+            f"{cap}"
+        )
 
 
 def _check_sampling(data: Any) -> None:

@@ -28,6 +28,8 @@ from vegan_scale.data.index import ShardIndex
 from vegan_scale.errors import DataError
 from vegan_scale.seeds import mix_seed
 
+MAX_DRAWS = 1_000_000  # shards drawn for one resampled epoch, its order built whole at its start (about 10 s)
+
 Piece = tuple[str, int, int]  # (shard url, samples to pass over, samples to take)
 
 
@@ -113,6 +115,14 @@ def epoch_order(
             "are all 0): nothing can be drawn in resampled mode; write the shards again, or check their sizes.json"
         )
     weights = np.array([src.weight for src in sources]) / sum(src.weight for src in sources)
+    per_draw = sum(w * sum(src.counts) / len(src.urls) for w, src in zip(weights, sources, strict=True))
+    if wanted / per_draw > MAX_DRAWS:  # 10^12 samples drew shards for hours, deaf to a stop, memory growing
+        raise DataError(
+            f"data.epoch_samples={wanted} would draw about {wanted / per_draw:.3g} shards for every epoch (of "
+            f"{per_draw:.3g} samples on average), more than {MAX_DRAWS:,}: an epoch's order is made whole when it "
+            f"starts; use at most {math.floor(MAX_DRAWS * per_draw)} (an epoch is only what the schedule counts: "
+            "train.max_steps sets the run's length)"
+        )
     drawn: list[tuple[str, int]] = []
     total = 0
     while total < wanted:

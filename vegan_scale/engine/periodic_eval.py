@@ -20,6 +20,7 @@ from PIL import Image
 from vegan_scale.data.images import load_images
 from vegan_scale.data.index import read_index
 from vegan_scale.engine.objective import Cost
+from vegan_scale.errors import ConfigError
 from vegan_scale.evaluation.grids import figures
 from vegan_scale.experiment import image_shape, read_retry, stall_timeout_s
 from vegan_scale.models.autoencoder import AutoEncoder
@@ -56,6 +57,12 @@ class EvalSet:
             stopping=stopping,
         )[0]
         usable = len(images) - len(images) % world
+        if usable < 2:  # the latent MMD's estimate needs two codes: it failed at the first evaluation, after training
+            raise ConfigError(
+                f"evaluations need at least 2 test images, shared equally over {world} process(es); there are "
+                f"{usable} of the {len(images)} read (eval.num_samples={cfg.eval.num_samples}, data.test="
+                f"{cfg.data.test}): raise eval.num_samples, or give a larger test set"
+            )
         images = images[:usable].to(accelerator.device).float() / 255
         grid = cfg.eval.grid_size
         noise_rng = torch.Generator(accelerator.device).manual_seed(cfg.run.seed)

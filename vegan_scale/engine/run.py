@@ -21,6 +21,7 @@ from accelerate.utils import broadcast_object_list
 
 from vegan_scale import metrics_log, rundir
 from vegan_scale.config.load import to_yaml
+from vegan_scale.config.validate import check_batch
 from vegan_scale.data.pipeline import TrainStream
 from vegan_scale.distributed.accelerator import BatchLayout, apply_layout, build_accelerator, launch_tags, node_of
 from vegan_scale.distributed.whereabouts import Whereabouts, lost_peer
@@ -120,6 +121,7 @@ def build_run(cfg: Any, started_at: float, stopping: Callable[[], bool] = lambda
         # step on a CPU (0.4 s). The computations are deterministic without the fill.
         torch.utils.deterministic.fill_uninitialized_memory = False
     layout = BatchLayout.derive(cfg.train.global_batch_size, accelerator.num_processes, cfg.train.micro_batch_size)
+    check_batch(cfg, layout.micro, layout.world_size)
     apply_layout(accelerator, layout, cfg.train.mixed_precision)
     run_dir = _run_dir(cfg, accelerator)
     try:

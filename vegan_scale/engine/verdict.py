@@ -66,6 +66,6 @@ def _raise_errors(run: Run, raised: dict[Flag, int], feed: DataFeed) -> None:
         terms = ", ".join(NONFINITE_TERMS[f] for f, s in nonfinite.items() if s == first)
         raise NonFiniteLossError(
             f"{terms} became NaN or infinite at step {first}; {kept(run)}. Try a lower optim.lr or "
-            "penalty.weight, or train.mixed_precision=no; check scales set far from 1 (prior.scale, cost.scale, "
-            "model.init_std)"
+            "penalty.weight, or train.mixed_precision=no; check values set far from their defaults (prior.scale, "
+            "cost.scale, model.init_std, penalty.adversarial.init_std, penalty.sliced.p)"
         )

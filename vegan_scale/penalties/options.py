@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vegan_scale.config.fields import POSITIVE, Requirement, at_least, param
+from vegan_scale.config.fields import POSITIVE_FLOAT32, Requirement, at_least, param
 
 KERNELS = ("imq", "rbf")
 BANDWIDTHS = ("prior", "median")
@@ -52,6 +52,15 @@ class MMDConfig:
         choices=("global", "local"),
     )
 
+    def too_few(self, micro: int, processes: int) -> str | None:
+        """Why micro-batches of ``micro`` samples on each of ``processes`` processes are too few for the unbiased
+        estimate, which needs two codes (a micro-batch of one ended the run at its first step), if they are."""
+        codes = micro * processes if self.scope == "global" else micro
+        if codes >= 2:
+            return None
+        where = "the codes of a micro-step over all processes" if self.scope == "global" else "a process's micro-batch"
+        return f"needs at least 2 codes per estimate (penalty.mmd.scope={self.scope}: {where}), not {codes}"
+
 
 @dataclass
 class AdversarialConfig:
@@ -64,7 +73,7 @@ class AdversarialConfig:
     lr: float = param(
         5e-4,
         "Adam learning rate of the critic (WAE MNIST recipe: 5e-4); follows the same schedule as the auto-encoder's.",
-        bounds=POSITIVE,
+        bounds=POSITIVE_FLOAT32,
     )
     p_trick: bool = param(
         False,
@@ -74,7 +83,9 @@ class AdversarialConfig:
         False, "The critic's step sees the codes encoded again after the auto-encoder's step (the official order)."
     )
     init_std: float | None = param(
-        None, "Normal initialisation of the critic's weights, biases zero (official: 0.0099999).", bounds=POSITIVE
+        None,
+        "Normal initialisation of the critic's weights, biases zero (official: 0.0099999).",
+        bounds=POSITIVE_FLOAT32,
     )
 
 

@@ -612,6 +612,8 @@ def test_every_numeric_key_has_a_range():
         ("train.epochs=1e308", "(0, 1e+12]"),  # an OverflowError counting the steps, even beside max_steps
         ("eval.num_samples=1", ">= 2"),  # the latent MMD failed at the first evaluation, after training
         ("train.global_batch_size=1", "needs at least 2 codes per estimate"),  # the MMD failed at the first step
+        ("train.deterministic=10", "is not a boolean: write true or false"),  # OmegaConf took it for true
+        ("train.channels_last=-1", "is not a boolean: write true or false"),
     ],
 )
 def test_values_out_of_range_name_the_key(override, rule):

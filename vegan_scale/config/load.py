@@ -208,7 +208,7 @@ def _merge(schema: type, cfg: DictConfig, data: dict, source: str) -> DictConfig
             f"{source}: nested more than {MAX_NESTING} levels deep; no key of the configuration is (its keys are "
             "listed by vegan-scale config --describe)"
         )
-    restore_words(schema, data)
+    restore_words(schema, data, f"{source}: ")
     try:
         merged = OmegaConf.merge(cfg, data)
         # Every earlier source passed this check, so a value out of bounds now came from this one. The check

@@ -42,18 +42,24 @@ def check_values(schema: type, obj: Any, where: str = "") -> None:
 YAML_BOOLEANS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
 
 
-def restore_words(schema: type, data: dict) -> None:
+def restore_words(schema: type, data: dict, where: str = "") -> None:
     """Put back the word YAML took for a boolean where the key's choices are words: YAML 1.1 reads ``no``, ``off``,
-    ``yes`` and ``on`` as booleans, so ``train.mixed_precision=no`` (accelerate's spelling) would arrive as False."""
+    ``yes`` and ``on`` as booleans, so ``train.mixed_precision=no`` (accelerate's spelling) would arrive as False.
+    Refuse a number other than 0 or 1 for a boolean key, which OmegaConf takes for true (``train.deterministic=10``,
+    or ``=-1``)."""
     for key, field, _ in leaves(schema):
         *parents, leaf = key.split(".")
         node: Any = data
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
-        choices = field.metadata.get("choices") or ()
-        if isinstance(node, dict) and isinstance(node.get(leaf), bool):
-            words = [word for word in YAML_BOOLEANS[node[leaf]] if word in choices]
-            node[leaf] = words[0] if words else node[leaf]
+        if not isinstance(node, dict):
+            continue
+        choices, value = field.metadata.get("choices") or (), node.get(leaf)
+        if isinstance(value, bool):
+            words = [word for word in YAML_BOOLEANS[value] if word in choices]
+            node[leaf] = words[0] if words else value
+        elif type_name(field).startswith("bool") and isinstance(value, int) and value not in (0, 1):
+            raise ConfigError(f"{where}{key}={value} is not a boolean: write true or false")
 
 
 # A name that becomes one directory: no separator, no "..", no hidden file, within every file system's limit.

@@ -383,20 +383,24 @@ def test_an_evaluation_that_could_not_be_written_is_refused_before_it_starts(run
 def test_grids_and_evaluations_are_kept_out_of_an_export(run_dir: Path, mnist_shards: Path, tmp_path: Path) -> None:
     """`sample --out RUN/export` wrote its grids among the export's files, and the run's next export (training
     again, at the end of its budget) refused the directory with exit 2, advising another output directory, which a
-    run cannot choose. The grids, and an evaluation under another name than eval.json, are refused from an export
-    or a run's export to be (exit 2, nothing written); the run's own export, finding other files, says to move them
-    and how to write it."""
+    run cannot choose; into a checkpoint, they were deleted with it as the run trained on. The grids, and an
+    evaluation under another name than eval.json, are refused from an export, a run's export to be and a checkpoint
+    (exit 2, nothing written); the run's own export, finding other files, says to move them and how to write it."""
     root = tmp_path / "root"
     shutil.copytree(run_dir.parent.parent, root)
     copy = root / run_dir.relative_to(run_dir.parent.parent)
     elsewhere = tmp_path / "exported"
     shutil.copytree(copy / "export", elsewhere)
     kept = sorted(p.name for p in (copy / "export").iterdir())
-    for out, what in ((copy / "export", f"the export of the run {copy}"), (elsewhere, "an export")):
+    checkpoint = copy / "checkpoints" / "step_00000020"  # pruned whole, grids and all, as its run trains on
+    for out, what in (
+        (copy / "export", f"the export of the run {copy}, for an export's own files"),
+        (elsewhere, "an export, for an export's own files"),
+        (checkpoint, "a checkpoint, which its run deletes whole when it keeps only its newest"),
+    ):
         refused = runkit.run([sys.executable, "-m", "vegan_scale", "sample", str(copy), "--out", str(out)])
-        assert refused.returncode == 2 and f"--out {out} is {what}, for an export's own files" in refused.stderr, (
-            refused.stderr[-2000:]
-        )
+        assert refused.returncode == 2 and f"--out {out} is {what}" in refused.stderr, refused.stderr[-2000:]
+        assert not (out / "samples.png").exists()
     command = [sys.executable, "-m", "vegan_scale", "eval", str(copy), "--num-samples", "100"]
     refused = runkit.run([*command, "--out", str(copy / "export" / "short.json")])
     said = refused.stdout + refused.stderr

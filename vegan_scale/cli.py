@@ -163,21 +163,19 @@ def _refuse_unwritable(out: Path, accelerator: Any, replaces_only_an_evaluation:
     """Refuses, on every process together, an eval.json the main process could not write, before the evaluation:
     the write comes after minutes of it, and a read-only run directory or model store failed only then. An --out
     (``replaces_only_an_evaluation``) may replace an earlier evaluation, never another file (a checkpoint's), nor
-    add a file to an export."""
+    add a file to an export or a checkpoint."""
     import torch
 
     from vegan_scale.atomic import unwritable
-    from vegan_scale.export import EVAL_FILE
 
     refusals = (None, StorageError, ConfigError)  # the verdict: an index here, the main process's
     why, verdict = None, 0
     if accelerator.is_main_process:
         why = unwritable(out)
         verdict = 0 if why is None else 1
-        if why is None and replaces_only_an_evaluation and not _an_evaluation(out):
-            why, verdict = "a file that is no evaluation is there; name a new file or an earlier evaluation's", 2
-        elif why is None and replaces_only_an_evaluation and out.name != EVAL_FILE and (what := _an_export(out.parent)):
-            why, verdict = f"{out.parent} is {what}, {_EXPORT_ONLY}", 2
+        if why is None and replaces_only_an_evaluation:
+            why = _not_for_an_evaluation(out)
+            verdict = 2 if why else 0
     verdict = int(accelerator.gather(torch.tensor([verdict], device=accelerator.device)).max())
     if verdict:
         raise refusals[verdict](
@@ -192,16 +190,32 @@ _EXPORT_ONLY = (
 )
 
 
-def _an_export(directory: Path) -> str:
-    """What ``directory`` is, if it is an export or a run directory's export to be ("" otherwise): an export holds
-    only its own files (export.write), so that nothing else is read as part of it."""
-    from vegan_scale import export
-    from vegan_scale.rundir import RunDir
+def _not_for_an_evaluation(out: Path) -> str | None:
+    """Why an evaluation may not be written at ``out`` (an --out), if it may not."""
+    if not _an_evaluation(out):
+        return "a file that is no evaluation is there; name a new file or an earlier evaluation's"
+    if what := _kept_by_training(out.parent, out.name):
+        return f"{out.parent} is {what}"
+    return None
 
-    run = RunDir(directory.resolve().parent)
-    if run.is_run() and run.export == directory.resolve():
-        return f"the export of the run {run.path}"
-    return "an export" if any(os.path.lexists(directory / f) for f in (export.MODEL_FILE, export.CONFIG_FILE)) else ""
+
+def _kept_by_training(directory: Path, name: str = "") -> str:
+    """Why other files (or the file ``name``) may not go into ``directory`` ("" where they may): an export holds
+    only its own files (export.write), so that nothing else is read as part of it, and a checkpoint is deleted whole
+    when its run keeps only its newest (grids written there were lost without a word)."""
+    from vegan_scale import export
+    from vegan_scale.rundir import RunDir, is_complete
+
+    place, own = directory.resolve(), name in export.OWN_FILES  # an export's evaluation goes beside it
+    run = RunDir(place.parent)
+    if run.is_run() and run.export == place and not own:
+        return f"the export of the run {run.path}, {_EXPORT_ONLY}"
+    if any(os.path.lexists(directory / f) for f in (export.MODEL_FILE, export.CONFIG_FILE)) and not own:
+        return f"an export, {_EXPORT_ONLY}"
+    run = RunDir(place.parent.parent)
+    if is_complete(place) or (run.is_run() and run.checkpoints == place.parent):
+        return "a checkpoint, which its run deletes whole when it keeps only its newest (checkpoint.keep_last_k)"
+    return ""
 
 
 def _an_evaluation(path: Path) -> bool:
@@ -238,8 +252,8 @@ def _sample(args: argparse.Namespace) -> None:
     from vegan_scale.evaluation.grids import test_images_needed, write_figures
     from vegan_scale.evaluation.model_source import open_model
 
-    if what := _an_export(args.out):
-        raise ConfigError(f"--out {args.out} is {what}, {_EXPORT_ONLY}; choose another directory")
+    if what := _kept_by_training(args.out):
+        raise ConfigError(f"--out {args.out} is {what}; choose another directory")
     source = open_model(args.source)
     images = source.test_images(test_images_needed(args.grid), args.test_data)
     for path in write_figures(source.model, images.float() / 255, args.out, args.grid, args.seed):

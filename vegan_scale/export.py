@@ -23,7 +23,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from vegan_scale import atomic
+from vegan_scale import atomic, stored_json
 from vegan_scale.config.load import flat_keys, refuse_references
 from vegan_scale.config.yaml_file import read_yaml
 from vegan_scale.errors import ConfigError
@@ -173,8 +173,10 @@ def _opened(file: Path) -> Iterator[Any]:
     """A safetensors file opened for reading; a ConfigError naming it when it cannot be read (a header cut short or
     damaged, a directory in its place, or the system's reason, such as a permission), so that every reader of an
     export says the same."""
-    try:  # first opened here: safetensors said "No such file" for a file this user may not read
-        os.close(os.open(file, os.O_RDONLY | os.O_NONBLOCK))  # without waiting, were a FIFO in its place
+    try:  # opened here first, without waiting were a FIFO in its place: safetensors said "No such file" for a file
+        os.close(stored_json.open_regular(file))  # this user may not read
+    except stored_json.NotRegularFile as e:
+        raise _not_safetensors(file, e.strerror) from None
     except OSError as e:
         access = "make it readable to this user, or " if e.errno in (errno.EACCES, errno.EPERM) else ""
         raise ConfigError(
@@ -182,15 +184,17 @@ def _opened(file: Path) -> Iterator[Any]:
             "(`vegan-scale export CHECKPOINT --out DIR`)"
         ) from None
     try:
-        if not file.is_file():  # a FIFO would hold the opening until something writes to it
-            raise OSError(f"not a regular file: {file}")
         with safe_open(str(file), framework="pt") as f:
             yield f
     except (SafetensorError, OSError) as e:
-        raise ConfigError(
-            f"{file} is not a readable safetensors file ({str(e)[:200]}): damaged or cut short; export the model "
-            "again from its checkpoint (`vegan-scale export CHECKPOINT --out DIR`)"
-        ) from None
+        raise _not_safetensors(file, str(e)[:200]) from None
+
+
+def _not_safetensors(file: Path, reason: str) -> ConfigError:
+    return ConfigError(
+        f"{file} is not a readable safetensors file ({reason}): damaged or cut short; export the model again from "
+        "its checkpoint (`vegan-scale export CHECKPOINT --out DIR`)"
+    )
 
 
 def check_compatible(directory: Path, config: dict[str, Any], refusal: str) -> None:

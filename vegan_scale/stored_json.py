@@ -24,14 +24,20 @@ class NotRegularFile(OSError):
     """A pipe, a device or a directory where a file was expected."""
 
 
-def read(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
-    """The bytes of the regular file at ``path``: NotRegularFile (an OSError) for anything else, ValueError when it
-    holds more than ``max_bytes``; the other OSErrors (a missing file) as ``open`` raises them."""
+def open_regular(path: Path) -> int:
+    """A descriptor of the regular file at ``path``, opened for reading without blocking: NotRegularFile (an
+    OSError) for anything else; the other OSErrors (a missing file, a permission) as ``open`` raises them."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise NotRegularFile(errno.EINVAL, "not a regular file (a pipe, a device or a directory)", str(path))
-    with os.fdopen(fd, "rb") as f:
+    return fd
+
+
+def read(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
+    """The bytes of the regular file at ``path`` (:func:`open_regular`), ValueError when it holds more than
+    ``max_bytes``."""
+    with os.fdopen(open_regular(path), "rb") as f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ValueError(f"{path} holds more than {max_bytes >> 20} MiB, far more than any record")

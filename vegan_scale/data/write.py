@@ -248,11 +248,12 @@ def index_shards(directory: Path) -> dict[str, int]:
     for shard in shards:
         if not shard.is_file():  # a pipe would hold the reading for ever
             raise DataError(f"{shard} is not a regular file (a directory, a pipe or a device): move it away")
-        if shard.stat().st_size == 0:  # even a tar without members ends in two blocks of zeros
+        size = shard.stat().st_size
+        if size == 0:  # even a tar without members ends in two blocks of zeros
             raise DataError(f"{shard} is empty (0 bytes), not a tar: write it again or remove it")
         with shard.open("rb") as stream:
             offsets = sample_offsets(stream, str(shard))
-        if offsets[-1] >= shard.stat().st_size:  # the members run to the end: no block of zeros closes them
+        if offsets[-1] >= size:  # the members run to the end: no block of zeros closes them
             raise DataError(
                 f"{shard} ends without the tar's closing blocks of zeros, right after a member: cut short (a copy "
                 "interrupted), its last sample maybe missing members; copy or write it again"
